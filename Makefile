@@ -1,0 +1,31 @@
+# bigtrain: `make smoke` trains the smoke config; `make test` runs the suite. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# CPU build of torch; GPU users install their CUDA build first (see README), which this leaves alone.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup smoke test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install --no-build-isolation "deepspeed>=0.19,<0.20"
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+smoke: setup
+	$(PY) launch/train.py --config configs/smoke.yaml $(ARGS)
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
