@@ -1,0 +1,160 @@
+"""Cross-field rules of the configuration, checked at load time.
+
+Each failed rule raises `ConfigError` naming the key(s), the value(s) and what is allowed.
+"""
+
+from __future__ import annotations
+
+from bigtrain.config.schema import Config
+from bigtrain.errors import ConfigError
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(name: str, value: int | float) -> None:
+    _require(value > 0, f"Config key '{name}' must be positive, got {value}.")
+
+
+def _fraction(name: str, value: float, low_open: bool = False, high_open: bool = True) -> None:
+    lo_ok = value > 0 if low_open else value >= 0
+    hi_ok = value < 1 if high_open else value <= 1
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    _require(lo_ok and hi_ok, f"Config key '{name}' must lie in {lo}0, 1{hi}, got {value}.")
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """World size divided by the model-parallel sizes (tensor * pipeline)."""
+    p = cfg.parallel
+    model_parallel = p.tensor * p.pipeline
+    _require(world_size % model_parallel == 0,
+             f"parallel.tensor ({p.tensor}) * parallel.pipeline ({p.pipeline}) = {model_parallel} "
+             f"does not divide the world size {world_size}. Choose sizes whose product divides it.")
+    dp = world_size // model_parallel
+    if p.data is not None:
+        _require(p.data == dp, f"parallel.data={p.data} but world size {world_size} / (tensor {p.tensor} "
+                 f"* pipeline {p.pipeline}) = {dp}. Set parallel.data={dp} or leave it null.")
+    return dp
+
+
+def check_model(cfg: Config) -> None:
+    m = cfg.model
+    for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "vocab_multiple"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.vocab_size is not None:
+        _positive("model.vocab_size", m.vocab_size)
+    if m.n_decoder_layers is not None:
+        _positive("model.n_decoder_layers", m.n_decoder_layers)
+    _require(m.d_model % m.n_heads == 0,
+             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; each head gets "
+             f"d_model / n_heads dimensions. Pick n_heads from the divisors of {m.d_model}.")
+    if m.n_kv_heads is not None:
+        _positive("model.n_kv_heads", m.n_kv_heads)
+        _require(m.n_heads % m.n_kv_heads == 0,
+                 f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+                 f"grouped-query attention shares each key/value head among n_heads / n_kv_heads heads.")
+    head_dim = m.d_model // m.n_heads
+    if m.positions == "rotary":
+        _require(head_dim % 2 == 0, f"model.positions='rotary' needs an even head size, but d_model "
+                 f"{m.d_model} / n_heads {m.n_heads} = {head_dim}.")
+    if m.positions == "sinusoidal":
+        _require(m.d_model % 2 == 0, f"model.positions='sinusoidal' needs an even model.d_model, "
+                 f"got {m.d_model}.")
+    _fraction("model.dropout", m.dropout)
+    if m.attention_dropout is not None:
+        _fraction("model.attention_dropout", m.attention_dropout)
+    _positive("model.init_std", m.init_std)
+    _positive("model.norm_eps", m.norm_eps)
+    _positive("model.rope_theta", m.rope_theta)
+    if m.family != "seq2seq":
+        _require(m.n_decoder_layers is None, f"model.n_decoder_layers is only used by "
+                 f"model.family='seq2seq'; remove it for family '{m.family}'.")
+
+
+def check_parallel(cfg: Config, world_size: int) -> None:
+    p = cfg.parallel
+    _positive("parallel.tensor", p.tensor)
+    _positive("parallel.pipeline", p.pipeline)
+    _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}.")
+    data_parallel_size(cfg, world_size)
+    # The single-device spine runs without DeepSpeed; these arrive with the scale-out work.
+    for key, value, default in (("tensor", p.tensor, 1), ("pipeline", p.pipeline, 1),
+                                ("zero_stage", p.zero_stage, 0)):
+        _require(value == default, f"parallel.{key}={value} is not supported by this version of bigtrain "
+                 f"yet (single-device training only); set parallel.{key}={default}.")
+    _require(world_size == 1, f"This version of bigtrain trains on one device, but the launcher started "
+             f"{world_size} ranks. Run `python launch/train.py` without a launcher.")
+
+
+def check_training(cfg: Config, world_size: int) -> None:
+    t = cfg.train
+    _positive("train.steps", t.steps)
+    _positive("train.global_batch_size", t.global_batch_size)
+    _positive("train.micro_batch_size", t.micro_batch_size)
+    dp = data_parallel_size(cfg, world_size)
+    per_step = t.micro_batch_size * dp
+    _require(t.global_batch_size % per_step == 0,
+             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+             f"{t.micro_batch_size} * data-parallel size {dp} = {per_step}. Use a global batch that is a "
+             f"multiple of {per_step}, or a micro batch that divides {t.global_batch_size // dp}.")
+    _require(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}.")
+    _positive("train.eval_batches", t.eval_batches)
+    _require(t.early_stop_patience >= 0, f"train.early_stop_patience must be >= 0, got "
+             f"{t.early_stop_patience}.")
+    _require(t.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {t.sample_tokens}.")
+    if t.threads is not None:
+        _positive("train.threads", t.threads)
+
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    _fraction("optim.beta1", o.beta1)
+    _fraction("optim.beta2", o.beta2)
+    _positive("optim.eps", o.eps)
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
+    _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}.")
+    if o.lamb_max_trust_ratio is not None:
+        _positive("optim.lamb_max_trust_ratio", o.lamb_max_trust_ratio)
+
+    s = cfg.schedule
+    _require(s.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}.")
+    if s.name == "noam":
+        _require(s.warmup_steps > 0, "schedule.name='noam' divides by schedule.warmup_steps; set it > 0.")
+        _positive("schedule.noam_scale", s.noam_scale)
+    _fraction("schedule.min_lr_ratio", s.min_lr_ratio, high_open=False)
+    _fraction("schedule.decay_fraction", s.decay_fraction, low_open=True, high_open=False)
+
+    c, lg = cfg.checkpoint, cfg.log
+    _require(c.every >= 0, f"checkpoint.every must be >= 0 (0 = only at the end), got {c.every}.")
+    _positive("checkpoint.keep", c.keep)
+    _positive("log.every", lg.every)
+    if lg.peak_tflops is not None:
+        _positive("log.peak_tflops", lg.peak_tflops)
+
+
+def check_data(cfg: Config) -> None:
+    d, m = cfg.data, cfg.model
+    _require(d.seq_len >= 2, f"data.seq_len must be at least 2, got {d.seq_len}.")
+    _fraction("data.holdout_fraction", d.holdout_fraction, low_open=True)
+    _fraction("data.mask_prob", d.mask_prob, low_open=True)
+    _positive("data.max_bytes", d.max_bytes)
+    _positive("data.bucket_size", d.bucket_size)
+    _positive("data.task_samples", d.task_samples)
+    _require(1 <= d.task_min_len <= d.task_max_len,
+             f"data.task_min_len={d.task_min_len} and data.task_max_len={d.task_max_len} must satisfy "
+             f"1 <= task_min_len <= task_max_len.")
+    _require(d.seq_len <= m.max_seq_len,
+             f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; the model has no "
+             f"positions beyond that. Lower data.seq_len or raise model.max_seq_len.")
+    if d.source in ("reverse", "sort"):
+        _require(m.family == "seq2seq", f"data.source='{d.source}' is a generated seq2seq task; it needs "
+                 f"model.family='seq2seq' (got '{m.family}').")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Run every cross-field rule; raise ConfigError on the first that fails."""
+    check_model(cfg)
+    check_parallel(cfg, world_size)
+    check_training(cfg, world_size)
+    check_data(cfg)

@@ -1,0 +1,166 @@
+"""The configuration schema: one dataclass per section, one documented field per key.
+
+Only the shape and per-field types live here; `bigtrain.config.checks` holds the rules that relate
+fields to each other, and `bigtrain.config.loader` turns YAML and `section.key=value` overrides into
+these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help text (shown by `--help-config`)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["causal", "masked", "seq2seq"] = opt(
+        "causal", "causal: decoder-only LM (GPT); masked: encoder-only masked LM (BERT); "
+        "seq2seq: encoder-decoder (T5 / the original Transformer)")
+    vocab_size: int | None = opt(
+        None, "vocabulary size; null = the tokenizer's size rounded up to `vocab_multiple`")
+    vocab_multiple: int = opt(64, "pad an automatic vocabulary size up to a multiple of this")
+    d_model: int = opt(512, "width of the residual stream")
+    n_layers: int = opt(6, "number of blocks (for seq2seq: encoder blocks)")
+    n_decoder_layers: int | None = opt(None, "seq2seq only: decoder blocks; null = n_layers")
+    n_heads: int = opt(8, "attention heads")
+    n_kv_heads: int | None = opt(
+        None, "key/value heads for grouped-query attention; null = n_heads (multi-head attention)")
+    d_ff: int = opt(2048, "hidden width of the position-wise feed-forward network")
+    max_seq_len: int = opt(512, "longest sequence the model accepts (size of position tables)")
+    positions: Literal["sinusoidal", "learned", "rotary", "none"] = opt(
+        "sinusoidal", "position information: the guide's sinusoidal table, a learned table, "
+        "rotary embeddings applied to queries and keys, or none")
+    rope_theta: float = opt(10000.0, "rotary base frequency")
+    norm_position: Literal["post", "pre"] = opt(
+        "post", "post: the guide's Add & Norm, x = norm(x + sublayer(x)); pre: x = x + sublayer(norm(x))")
+    norm: Literal["layernorm", "rmsnorm"] = opt("layernorm", "normalization layer")
+    norm_eps: float = opt(1e-5, "epsilon of the normalization layers")
+    activation: Literal["relu", "gelu", "swiglu"] = opt(
+        "relu", "feed-forward activation; swiglu uses a gated pair of input projections")
+    scale_embeddings: bool = opt(True, "multiply token embeddings by sqrt(d_model), as in the guide")
+    tie_embeddings: bool = opt(True, "share the input embedding matrix with the output head")
+    bias: bool = opt(True, "biases in linear layers and norms")
+    dropout: float = opt(0.1, "dropout on embeddings, sublayer outputs and the FFN hidden layer")
+    attention_dropout: float | None = opt(None, "dropout on attention weights; null = model.dropout")
+    init: Literal["normal", "xavier"] = opt(
+        "normal", "normal: N(0, init_std) with GPT-2's 1/sqrt(2L) scaling of residual projections; "
+        "xavier: Xavier-uniform for linears")
+    init_std: float = opt(0.02, "standard deviation of the normal init")
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = opt(1, "tensor-parallel size (Megatron-style)")
+    pipeline: int = opt(1, "pipeline-parallel size (stages)")
+    data: int | None = opt(None, "data-parallel size; null = world size / (tensor * pipeline)")
+    zero_stage: int = opt(0, "ZeRO optimizer sharding stage, 0-3")
+    activation_checkpointing: Literal["none", "full", "selective"] = opt(
+        "none", "recompute activations in backward: none, full blocks, or only the attention core")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "lamb"] = opt("adamw", "optimizer")
+    lr: float = opt(1e-3, "peak learning rate (the `noam` schedule computes its own)")
+    beta1: float = opt(0.9, "Adam/LAMB first-moment decay")
+    beta2: float = opt(0.95, "Adam/LAMB second-moment decay")
+    eps: float = opt(1e-8, "Adam/LAMB denominator epsilon")
+    weight_decay: float = opt(0.1, "decoupled weight decay (never applied to biases, norms or embeddings' "
+                              "position tables)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 disables clipping")
+    lamb_max_trust_ratio: float | None = opt(
+        10.0, "LAMB: upper bound on the per-tensor trust ratio ||w||/||update||; null = unbounded")
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["noam", "cosine", "linear", "constant", "wsd"] = opt(
+        "cosine", "noam: the guide's d_model^-0.5 * min(step^-0.5, step * warmup^-1.5); "
+        "cosine / linear: warmup then decay to min_lr_ratio * lr; constant: warmup then flat; "
+        "wsd: warmup, stable, then linear decay over the last decay_fraction of steps")
+    warmup_steps: int = opt(100, "linear warmup steps")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of optim.lr (cosine, linear, wsd)")
+    decay_fraction: float = opt(0.2, "wsd: fraction of train.steps spent decaying")
+    noam_scale: float = opt(1.0, "noam: multiplier on the guide's formula")
+
+
+@dataclass
+class DataConfig:
+    source: str = opt(
+        "embedded", "embedded: the Python standard library's source (no download); seq2seq tasks "
+        "`reverse` / `sort` are generated; otherwise a path to a .txt / .jsonl / .parquet file or a "
+        "directory of them")
+    format: Literal["auto", "text", "jsonl", "parquet"] = opt("auto", "file format; auto = from the suffix")
+    text_field: str = opt("text", "JSONL/Parquet column holding the text")
+    source_field: str = opt("source", "seq2seq files: column holding the input text")
+    target_field: str = opt("target", "seq2seq files: column holding the output text")
+    tokenizer: str = opt("byte", "byte: byte-level (256 bytes + specials); or a path to a tokenizer.json")
+    seq_len: int = opt(128, "tokens per training sequence (causal: block length)")
+    max_bytes: int = opt(4_000_000, "cap on the embedded corpus size in bytes")
+    holdout_fraction: float = opt(0.02, "fraction of the data held out for evaluation")
+    mask_prob: float = opt(0.15, "masked LM: fraction of tokens selected for prediction")
+    task_samples: int = opt(20000, "generated seq2seq tasks: number of examples")
+    task_min_len: int = opt(4, "generated seq2seq tasks: shortest sequence")
+    task_max_len: int = opt(16, "generated seq2seq tasks: longest sequence")
+    cache_dir: str = opt(".cache/bigtrain", "where tokenized corpora are cached as memory-mapped files")
+    bucket_size: int = opt(64, "padded families: batches are formed from windows of this many global "
+                           "batches sorted by length (1 disables bucketing)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(1000, "optimizer steps")
+    seed: int = opt(1234, "seed of weights, data order, masks and dropout")
+    global_batch_size: int = opt(32, "sequences per optimizer step, over all data-parallel ranks")
+    micro_batch_size: int = opt(32, "sequences per forward/backward on one rank")
+    precision: Literal["fp32", "bf16", "fp16"] = opt(
+        "fp32", "fp32; bf16 autocast; fp16 autocast with dynamic loss scaling (CUDA only)")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda if available, else cpu")
+    eval_every: int = opt(200, "steps between evaluations; 0 = only at the end")
+    eval_batches: int = opt(16, "held-out batches per evaluation (fewer if the split is smaller)")
+    early_stop_patience: int = opt(0, "stop after this many evaluations without improvement; 0 = off")
+    on_nonfinite: Literal["stop", "skip"] = opt(
+        "stop", "a NaN/inf loss or gradient: stop with an error, or skip that step's update")
+    sample_tokens: int = opt(200, "causal LM: tokens of text sampled at the end of the run; 0 = none")
+    sample_prompt: str = opt("def ", "causal LM: prompt of the final sample")
+    threads: int | None = opt(None, "CPU threads for torch; null = torch's default")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(500, "steps between checkpoints; 0 = only at the end")
+    keep: int = opt(2, "complete checkpoints kept on disk (older ones are deleted)")
+    resume: bool = opt(True, "resume from run.dir's latest checkpoint if there is one")
+
+
+@dataclass
+class LogConfig:
+    every: int = opt(10, "steps between training lines (console and metrics.jsonl)")
+    tensorboard: bool = opt(True, "write TensorBoard events (with per-layer gradient norms) to run.dir")
+    progress: bool = opt(True, "show a live progress bar when the output is a terminal")
+    peak_tflops: float | None = opt(
+        None, "peak FLOP/s (in TFLOP/s) of one device for MFU; null = looked up for known GPUs")
+
+
+@dataclass
+class RunConfig:
+    dir: str = opt("runs/smoke", "where the run writes config.yaml, metrics.jsonl, checkpoints/, "
+                   "tensorboard/; re-running with the same dir resumes")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)

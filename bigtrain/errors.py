@@ -1,0 +1,24 @@
+"""Errors that reach the user as one clear paragraph instead of a traceback."""
+
+
+class BigtrainError(Exception):
+    """A problem the user can fix (bad config, missing file, unsupported combination).
+
+    The launcher prints the message alone and exits with status 2.
+    """
+
+
+class ConfigError(BigtrainError):
+    """An invalid configuration: the message names the key, the value and what is allowed."""
+
+
+class DataError(BigtrainError):
+    """Missing, empty or malformed training data."""
+
+
+class CheckpointError(BigtrainError):
+    """A checkpoint that cannot be read or does not match the run."""
+
+
+class TrainingError(BigtrainError):
+    """Training cannot go on (for example a non-finite loss)."""

@@ -1,0 +1,57 @@
+"""One Transformer block: self-attention, optional cross-attention, feed-forward, each wrapped in a residual.
+
+post-norm (the guide's Add & Norm): x = norm(x + dropout(sublayer(x)))
+pre-norm:                            x = x + dropout(sublayer(norm(x)))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from bigtrain.config import ModelConfig
+from bigtrain.models.attention import Attention
+from bigtrain.models.layers import FeedForward, Rotary, make_norm
+
+
+class Block(nn.Module):
+    """Encoder block (bidirectional), decoder-only block (causal) or encoder-decoder decoder block (causal +
+    cross-attention), chosen by `causal` and `cross_attention`."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool, cross_attention: bool,
+                 rotary: Rotary | None = None) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        kv_heads = cfg.n_kv_heads or cfg.n_heads
+        attn_dropout = cfg.dropout if cfg.attention_dropout is None else cfg.attention_dropout
+
+        def norm() -> nn.Module:
+            return make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+
+        self.self_attn = Attention(cfg.d_model, cfg.n_heads, kv_heads, cfg.bias, attn_dropout, causal, rotary)
+        self.self_attn_norm = norm()
+        self.cross_attn = self.cross_attn_norm = None
+        if cross_attention:
+            self.cross_attn = Attention(cfg.d_model, cfg.n_heads, kv_heads, cfg.bias, attn_dropout, False)
+            self.cross_attn_norm = norm()
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias, cfg.dropout)
+        self.ffn_norm = norm()
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _residual(self, x: torch.Tensor, norm: nn.Module,
+                  sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.dropout(sublayer(norm(x)))
+        return norm(x + self.dropout(sublayer(x)))
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None,
+                memory_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, d]; padding_mask: bool [B, T] (True = real token); memory: encoder output [B, S, d]."""
+        x = self._residual(x, self.self_attn_norm, lambda h: self.self_attn(h, key_padding=padding_mask))
+        if self.cross_attn is not None:
+            x = self._residual(x, self.cross_attn_norm,
+                               lambda h: self.cross_attn(h, key_padding=memory_padding_mask, memory=memory))
+        return self._residual(x, self.ffn_norm, self.ffn)
