@@ -70,8 +70,7 @@ class OptimConfig:
     beta1: float = opt(0.9, "Adam/LAMB first-moment decay")
     beta2: float = opt(0.95, "Adam/LAMB second-moment decay")
     eps: float = opt(1e-8, "Adam/LAMB denominator epsilon")
-    weight_decay: float = opt(0.1, "decoupled weight decay (never applied to biases, norms or embeddings' "
-                              "position tables)")
+    weight_decay: float = opt(0.1, "decoupled weight decay on matrices (never on biases or norm weights)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 disables clipping")
     lamb_max_trust_ratio: float | None = opt(
         10.0, "LAMB: upper bound on the per-tensor trust ratio ||w||/||update||; null = unbounded")

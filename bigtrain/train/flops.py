@@ -1,0 +1,45 @@
+"""Model FLOPs per token and utilization (MFU).
+
+Training FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B):  6·N + 12·L·H·Q·T
+  N: parameters that take part in matrix multiplies — every parameter except the input token and
+     position tables, with the output head counted once (even when tied to the embedding);
+  L: blocks (encoder + decoder), H·Q = d_model (heads × head size), T = sequence length.
+6·N counts forward (2N) + backward (4N) of the dense layers; 12·L·H·Q·T the attention scores and mixing.
+MFU = achieved FLOP/s / peak FLOP/s of the device (log.peak_tflops, or the table below for known GPUs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bigtrain.models import TransformerLM
+
+# Dense bf16/fp16 tensor-core peaks, TFLOP/s (vendor data sheets, no sparsity).
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0,
+                   "4090": 165.0, "3090": 71.0}
+
+
+def matmul_parameters(model: TransformerLM) -> int:
+    params = {id(p): p for p in model.parameters()}
+    for table in (model.embed.tokens.weight, getattr(model.embed.positions, "weight", None)):
+        if table is not None:
+            params.pop(id(table), None)
+    return sum(p.numel() for p in params.values()) + model.head.weight.numel() * model.cfg.tie_embeddings
+
+
+def flops_per_token(model: TransformerLM, seq_len: int) -> float:
+    n_blocks = sum(len(stack) for stack in model.stacks())
+    return 6.0 * matmul_parameters(model) + 12.0 * n_blocks * model.cfg.d_model * seq_len
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    """Peak FLOP/s of one device, or None where unknown (CPUs: report achieved FLOP/s only)."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None

@@ -1,0 +1,31 @@
+"""Token-level cross-entropy, summed so that micro-batches and ranks can be combined exactly."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Everything the model's forward takes: the batch without its labels."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ_t -log softmax(logits_t)[label_t] over targets (labels == -100 are skipped), in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def correct_predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int, int]:
+    """(correct tokens, target tokens, fully correct sequences, sequences) for accuracy reports."""
+    valid = labels != IGNORE_INDEX
+    hit = (logits.argmax(-1) == labels) & valid
+    seq_ok = (hit | ~valid).all(-1) & valid.any(-1)
+    return int(hit.sum()), int(valid.sum()), int(seq_ok.sum()), int(valid.any(-1).sum())

@@ -1,0 +1,111 @@
+"""Where numbers go: `metrics.jsonl` (one JSON object per line), TensorBoard, and the console."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class MetricsLog:
+    """Appends one JSON line per record to run.dir/metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self._truncate_after(resume_step)
+        self.file = open(self.path, "a")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events logged after the checkpoint by a run that was interrupted.
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines of steps after the checkpoint: they are recomputed (and a torn last line)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            prefix = "eval" if "eval_loss" in record else "train"
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and value is not None:
+                    self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def scalars(self, tag: str, values: dict[str, float], step: int) -> None:
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(f"{tag}/{key}", value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.1f}"
+
+
+class Progress:
+    """Console progress: a live bar on a terminal, plus a plain line every `log.every` steps."""
+
+    def __init__(self, total_steps: int, start_step: int, live: bool) -> None:
+        self.total, self.start = total_steps, start_step
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, leave=False,
+                        disable=not (live and sys.stdout.isatty()))
+
+    def eta(self, step: int) -> float:
+        done = step - self.start
+        return (time.perf_counter() - self.t0) / done * (self.total - step) if done else float("nan")
+
+    def update(self, step: int, record: dict[str, Any], print_line: bool) -> None:
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             tok_s=_si(record["tokens_per_s"]), refresh=False)
+        if print_line:
+            parts = [f"step {step}/{self.total}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}",
+                     f"grad_norm {record['grad_norm']:.3f}", f"{_si(record['tokens_per_s'])} tok/s",
+                     f"{_si(record['flops_per_s'])}FLOP/s"]
+            if record.get("mfu") is not None:
+                parts.append(f"MFU {100 * record['mfu']:.1f}%")
+            parts.append(f"ETA {_duration(self.eta(step))}")
+            self.write(" | ".join(parts))
+
+    def write(self, line: str) -> None:
+        self.bar.write(line) if not self.bar.disable else print(line, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()

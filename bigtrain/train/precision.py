@@ -1,0 +1,40 @@
+"""Device choice and mixed precision: autocast for bf16/fp16, dynamic loss scaling for fp16."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from bigtrain.config import TrainConfig
+from bigtrain.errors import ConfigError
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but no CUDA GPU is visible. Use train.device=cpu (or auto), or "
+                          "install a CUDA build of torch (see README).")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision='fp16' needs a CUDA GPU (fp16 autocast and loss scaling are GPU "
+                          "features). On CPU use train.precision=bf16 or fp32.")
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed-precision region for forward passes; fp32 runs without autocast."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """Dynamic loss scaling for fp16: scale the loss up, skip steps with inf/NaN gradients, adapt the scale."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)

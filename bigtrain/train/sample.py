@@ -1,0 +1,31 @@
+"""Text sampling from a causal LM (temperature + top-k), for the sample printed at the end of a run."""
+
+from __future__ import annotations
+
+import torch
+
+from bigtrain.models import CausalLM
+
+
+@torch.no_grad()
+def sample(model: CausalLM, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
+           top_k: int | None = 40, seed: int = 0, vocab_limit: int | None = None) -> list[int]:
+    """Draw tokens one at a time from softmax(logits / temperature) restricted to the top k; the context
+    is cropped to model.max_seq_len; ids >= vocab_limit (padding rows of the embedding) are never drawn.
+    Returns prompt + new tokens."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        context = torch.tensor([ids[-model.cfg.max_seq_len:]], device=device)
+        logits = model(context)[0, -1].float().cpu() / max(temperature, 1e-6)
+        if vocab_limit is not None:
+            logits[vocab_limit:] = float("-inf")
+        if top_k is not None and top_k < logits.numel():
+            kth = torch.topk(logits, top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        ids.append(int(torch.multinomial(logits.softmax(-1), 1, generator=gen)))
+    model.train(was_training)
+    return ids
