@@ -17,11 +17,13 @@ from bigtrain.models.layers import Rotary
 
 
 def build_mask(query_len: int, key_padding: torch.Tensor | None, causal: bool,
-               device: torch.device) -> torch.Tensor | None:
+               device: torch.device, self_attention: bool = True) -> torch.Tensor | None:
     """Boolean mask [batch or 1, 1, query, key], True where attention is allowed; None = no mask needed.
 
-    Padding keys are excluded. A query may always attend to its own position, so that rows of padded
-    queries are never fully masked (which would give NaN); unpadded rows are unaffected by this.
+    Padding keys are excluded. In self-attention a query may always attend to its own position, so that
+    rows of padded queries are never fully masked (which would give NaN); unpadded rows are unaffected by
+    this. Not in cross-attention: there query t and key t are different sequences, and a real decoder
+    query must not see a padded encoder position just because the two lengths happen to be equal.
     """
     if key_padding is None:
         return None
@@ -29,7 +31,7 @@ def build_mask(query_len: int, key_padding: torch.Tensor | None, causal: bool,
     mask = key_padding[:, None, None, :].bool()
     if causal:
         mask = mask & torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril()
-    if query_len == key_len:
+    if self_attention and query_len == key_len:
         mask = mask | torch.eye(query_len, dtype=torch.bool, device=device)
     return mask
 
@@ -85,7 +87,7 @@ class Attention(nn.Module):
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(source)), self._heads(self.v_proj(source))
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        mask = build_mask(x.shape[1], key_padding, self.causal, x.device)
+        mask = build_mask(x.shape[1], key_padding, self.causal, x.device, self_attention=memory is None)
         dropout = self.dropout if self.training else 0.0
         out, weights = self.core(q, k, v, mask, self.causal, dropout, self.record_weights)
         self.weights = weights

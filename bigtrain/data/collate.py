@@ -1,0 +1,43 @@
+"""Stack samples into a batch, padding each field to the longest sample (dynamic padding).
+
+Inputs are padded with pad_id, labels with -100 (ignored by the loss). Padded families also get
+boolean attention masks, True at real tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bigtrain.errors import DataError
+
+IGNORE = -100
+
+
+def pad_stack(seqs: list[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(padded [B, T] int64, mask [B, T] bool) for 1-D tensors, T = the longest length."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    out = torch.full((len(seqs), int(lengths.max())), value, dtype=torch.long)
+    for row, seq in zip(out, seqs, strict=True):
+        row[:len(seq)] = seq
+    return out, torch.arange(out.shape[1]) < lengths[:, None]
+
+
+def collate(samples: list[dict], family: str, pad_id: int) -> dict[str, torch.Tensor]:
+    """The batch of `samples` for model.family `family`."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    def field(name: str) -> list[torch.Tensor]:
+        return [s[name] for s in samples]
+
+    input_ids, attention_mask = pad_stack(field("input_ids"), pad_id)
+    labels, _ = pad_stack(field("labels"), IGNORE)
+    if family == "causal":
+        return {"input_ids": input_ids, "labels": labels}
+    if family == "masked":
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if family == "seq2seq":
+        decoder_input_ids, decoder_attention_mask = pad_stack(field("decoder_input_ids"), pad_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask,
+                "labels": labels}
+    raise DataError(f"model.family: unknown family '{family}'; expected 'causal', 'masked' or 'seq2seq'.")

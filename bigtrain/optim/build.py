@@ -1,0 +1,41 @@
+"""Build the optimizer from `OptimConfig`, with weight decay only on matrices.
+
+Two parameter groups, always both present (so the state-dict layout does not depend on the model):
+`decay` holds every trainable parameter with ndim >= 2 (linear and embedding weights) and gets
+`cfg.weight_decay`; `no_decay` holds those with ndim < 2 (biases, norm gains) and gets 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bigtrain.config.schema import OptimConfig
+from bigtrain.errors import ConfigError
+from bigtrain.optim.lamb import Lamb
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The `decay` / `no_decay` groups of `model`'s trainable parameters, each tied tensor once."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # deduplicates tied parameters
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters to optimize")
+    return [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW or LAMB over `param_groups(model, cfg.weight_decay)` with `cfg`'s lr, betas and eps."""
+    groups = param_groups(model, cfg.weight_decay)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    if cfg.name == "lamb":
+        return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, max_trust_ratio=cfg.lamb_max_trust_ratio)
+    raise ConfigError(f"optim.name={cfg.name!r} is not a known optimizer; choose 'adamw' or 'lamb'.")

@@ -1,0 +1,48 @@
+"""Shared helpers: tiny configs that train in seconds on a 2-core CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bigtrain.config import Config, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.dropout=0.0",
+              "model.max_seq_len=64"]
+
+
+def tiny_overrides(run_dir: Path, family: str = "causal", *extra: str) -> list[str]:
+    """A small model and short run in `run_dir`, for the given family."""
+    data = {
+        "causal": ["data.source=embedded", "data.max_bytes=300000", "data.seq_len=32"],
+        "masked": ["data.source=embedded", "data.max_bytes=300000", "data.seq_len=32"],
+        "seq2seq": ["data.source=reverse", "data.task_samples=2000", "data.task_min_len=3",
+                    "data.task_max_len=8", "data.seq_len=16"],
+    }[family]
+    return [f"model.family={family}", *TINY_MODEL, *data, f"data.cache_dir={run_dir.parent / 'cache'}",
+            "train.steps=20", "train.global_batch_size=8", "train.micro_batch_size=8", "train.eval_every=0",
+            "train.eval_batches=4", "train.sample_tokens=0", "train.threads=1", "optim.lr=3e-3",
+            "schedule.warmup_steps=2", "checkpoint.every=0", "log.every=1", "log.tensorboard=false",
+            f"run.dir={run_dir}", *extra]
+
+
+def tiny_config(run_dir: Path, family: str = "causal", *extra: str) -> Config:
+    return load_config(None, tiny_overrides(run_dir, family, *extra))
+
+
+def run_launcher(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`python launch/train.py ARGS` in a subprocess; returns the completed process (text output)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO, **kwargs)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"
