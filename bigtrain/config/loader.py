@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -36,11 +37,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# YAML 1.2 floats that PyYAML (YAML 1.1) reads as strings because they lack a dot: 1e-3, 3E+4, 5e2.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it (ints become floats where floats are due)."""
     origin = get_origin(tp)
     bad = ConfigError(f"Config key '{key}' must be {_type_name(tp)}, got {value!r} "
                       f"({type(value).__name__}). Fix it in the YAML file or override it as {key}=VALUE.")
+    if tp in (int, float) and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value)
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -131,13 +138,21 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"Config path '{path}' is a directory; pass a YAML file to --config (for example "
+                          f"{path / 'smoke.yaml'}).")
     if not path.is_file():
         raise ConfigError(f"Config file '{path}' does not exist. Pass an existing YAML file to --config "
                           f"(the shipped ones are in configs/).")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from None
+        # PyYAML's own message spans several lines (with a source excerpt); keep one paragraph.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"Config file '{path}' is not valid YAML{where}: {problem}. Fix the syntax; the file "
+                          f"holds sections (model:, train:, ...) of indented `key: value` lines.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
