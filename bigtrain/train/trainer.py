@@ -146,6 +146,7 @@ class Trainer:
             progress.write(f"resumed from {self.resumed_from} (step {state.step})")
         last_eval, stopped_early = None, False
         window_tokens, window_t0 = 0, time.perf_counter()
+        run_t0 = window_t0
         try:
             while state.step < t.steps:
                 batches = self.micro_batches(state.step)
@@ -172,7 +173,7 @@ class Trainer:
                               "tokens": state.tokens, "tokens_per_s": tokens_per_s,
                               "flops_per_s": tokens_per_s * self.flops_per_token,
                               "mfu": tokens_per_s * self.flops_per_token / self.peak if self.peak else None,
-                              "skipped": result.skipped}
+                              "skipped": result.skipped, "elapsed_s": time.perf_counter() - run_t0}
                     metrics.write(record)
                     metrics.scalars("grad_norm", result.layer_grad_norms or {}, state.step)
                     progress.update(state.step, record, print_line=True)

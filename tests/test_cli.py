@@ -1,0 +1,85 @@
+"""The command line: --print-config, the console script, and one-paragraph errors for bad input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bigtrain.cli import run_train
+from tests.conftest import REPO, run_launcher, tiny_overrides
+
+
+def test_print_config_applies_overrides(capsys):
+    assert run_train(["--config", str(REPO / "configs/smoke.yaml"), "--print-config", "train.steps=7",
+                      "model.dropout=0.25"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["steps"] == 7 and printed["model"]["dropout"] == 0.25
+    assert set(printed) == {"model", "parallel", "optim", "schedule", "data", "train", "checkpoint", "log", "run"}
+
+
+def test_no_config_means_smoke(capsys):
+    assert run_train(["--print-config"]) == 0
+    smoke = yaml.safe_load((REPO / "configs/smoke.yaml").read_text())
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["d_model"] == smoke["model"]["d_model"]
+
+
+def test_help_config_lists_every_key(capsys):
+    assert run_train(["--help-config"]) == 0
+    out = capsys.readouterr().out
+    for key in ("train.global_batch_size", "parallel.zero_stage", "run.dir", "model.n_kv_heads"):
+        assert key in out
+
+
+def test_console_script():
+    exe = shutil.which("bigtrain", path=str(Path(__file__).resolve().parent.parent / ".venv" / "bin")) or \
+        shutil.which("bigtrain")
+    if exe is None:
+        pytest.skip("the bigtrain console script is not installed (run `make setup`)")
+    out = subprocess.run([exe, "train", "--print-config", "train.steps=3"], capture_output=True, text=True,
+                         check=True).stdout
+    assert yaml.safe_load(out)["train"]["steps"] == 3
+
+
+MISTAKES = [
+    (["train.step=5"], "Did you mean 'steps'"),
+    (["trian.steps=5"], "Did you mean 'train'"),
+    (["model.d_model=100", "model.n_heads=3"], "d_model=100 is not divisible by model.n_heads=3"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "global_batch_size=10 is not divisible"),
+    (["optim.name=sgd"], "Allowed values: 'adamw', 'lamb'"),
+    (["train.precision=fp16"], "fp16' needs a CUDA GPU"),
+    (["train.steps=many"], "'train.steps' must be int"),
+    (["data.source=/nonexistent/corpus.jsonl"], "data.source"),
+    (["data.tokenizer=/nonexistent/tokenizer.json"], "data.tokenizer"),
+    (["data.seq_len=512"], "exceeds model.max_seq_len"),
+    (["parallel.tensor=2"], "parallel.tensor"),
+    (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the tokenizer"),
+    (["data.source=reverse"], "model.family='seq2seq'"),
+    (["schedule.name=noam", "schedule.warmup_steps=0"], "warmup_steps"),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", MISTAKES, ids=[m[1][:30] for m in MISTAKES])
+def test_bad_input_gives_one_paragraph(run_dir, capsys, overrides, expected):
+    code = run_train(tiny_overrides(run_dir, "causal") + overrides)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("bigtrain: error: ") and expected in err, err
+    assert err.count("\n") == 1, f"not one paragraph: {err!r}"
+    assert "Traceback" not in err
+
+
+def test_empty_corpus_file(tmp_path, capsys):
+    corpus = tmp_path / "empty.txt"
+    corpus.write_text("")
+    assert run_train(tiny_overrides(tmp_path / "run", "causal", f"data.source={corpus}")) == 2
+    assert "data.source" in capsys.readouterr().err
+
+
+def test_launcher_error_has_no_traceback(tmp_path):
+    proc = run_launcher(["--config", str(tmp_path / "missing.yaml")])
+    assert proc.returncode == 2
+    assert "missing.yaml' does not exist" in proc.stderr and "Traceback" not in proc.stderr
