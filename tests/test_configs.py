@@ -170,7 +170,9 @@ def test_overrides_apply() -> None:
     assert (cfg.train.steps, cfg.model.dropout, cfg.optim.name) == (50, 0.2, "lamb")
     assert (cfg.run.dir, cfg.model.vocab_size, cfg.log.tensorboard) == ("runs/x", 512, False)
     # Everything not overridden keeps the file's values.
-    assert (cfg.model.d_model, cfg.optim.lr, cfg.schedule.warmup_steps) == (256, 3e-3, 30)
+    smoke = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    assert (cfg.model.d_model, cfg.optim.lr, cfg.schedule.warmup_steps) == (
+        smoke["model"]["d_model"], smoke["optim"]["lr"], smoke["schedule"]["warmup_steps"])
 
 
 def test_override_null_and_nested_dict() -> None:

@@ -297,3 +297,25 @@ def test_count_parameters_by_hand() -> None:
     norms = 2 * (2 * D)
     assert count_parameters(model) == V * D + attn + ffn + norms
     assert count_parameters(model, exclude_embeddings=True) == attn + ffn + norms
+
+
+def test_attention_maps_match_the_fused_path():
+    """The weights path returns softmax rows that sum to 1, respect causality, and give the same logits."""
+    from bigtrain.config import load_config
+    from bigtrain.models import build_model
+    from bigtrain.models.inspect import attention_maps
+
+    cfg = load_config(None, ["model.d_model=32", "model.n_heads=4", "model.d_ff=64", "model.n_layers=2",
+                             "model.max_seq_len=16", "data.seq_len=16", "model.dropout=0.0"])
+    model = build_model(cfg.model, 64, "cpu", seed=0).eval()
+    ids = torch.randint(0, 64, (2, 10))
+    fused = model(ids)
+    with attention_maps(model) as maps:
+        explicit = model(ids)
+    assert sorted(maps) == ["blocks.0.self_attn", "blocks.1.self_attn"]
+    assert (fused - explicit).abs().max() <= 1e-5
+    weights = maps["blocks.1.self_attn"]
+    assert weights.shape == (2, 4, 10, 10)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 4, 10), atol=1e-6)
+    assert weights.triu(1).abs().max() == 0  # no weight on future positions
+    assert all(not m.record_weights and m.weights is None for m in model.modules() if hasattr(m, "record_weights"))

@@ -82,7 +82,9 @@ def _records(run_dir):
 @pytest.mark.parametrize("family,extra", [
     ("causal", ()),
     ("masked", ("train.steps=60",)),
-    ("seq2seq", ("train.steps=150", "optim.lr=1e-2", "schedule.warmup_steps=10")),
+    # Reverse a string: the original Transformer's Xavier init, which suits this narrow model better than 0.02.
+    ("seq2seq", ("train.steps=300", "schedule.warmup_steps=20", "model.d_model=64", "model.init=xavier",
+                 "train.global_batch_size=32", "train.micro_batch_size=32")),
 ])
 def test_each_family_trains(run_dir, family, extra, capsys):
     """Held-out loss falls for every family; accuracy is reported for masked and seq2seq."""
@@ -99,6 +101,7 @@ def test_each_family_trains(run_dir, family, extra, capsys):
         assert "token accuracy" in out
         assert final["eval_accuracy"] > initial["eval_accuracy"] + 0.1
     if family == "seq2seq":
+        assert final["eval_accuracy"] > 0.6
         print(f"seq2seq reverse: token accuracy {final['eval_accuracy']:.3f}, "
               f"sequence accuracy {final['eval_sequence_accuracy']:.3f}")
 

@@ -17,6 +17,15 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
+def count_input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens fed to the model: encoder and decoder inputs."""
+    total = 0
+    for ids, mask in (("input_ids", "attention_mask"), ("decoder_input_ids", "decoder_attention_mask")):
+        if ids in batch:
+            total += int(batch[mask].sum()) if mask in batch else batch[ids].numel()
+    return total
+
+
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Σ_t -log softmax(logits_t)[label_t] over targets (labels == -100 are skipped), in fp32."""
     return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,

@@ -26,6 +26,7 @@ from bigtrain.parallel import apply_activation_checkpointing
 from bigtrain.train import checkpoint as ckpt
 from bigtrain.train.evaluate import evaluate
 from bigtrain.train.flops import flops_per_token, peak_flops
+from bigtrain.train.loss import count_input_tokens
 from bigtrain.train.metrics import MetricsLog, Progress
 from bigtrain.train.precision import autocast, check_precision, grad_scaler, resolve_device
 from bigtrain.train.sample import sample
@@ -161,8 +162,7 @@ class Trainer:
                         f"Non-finite loss or gradient at step {state.step} (loss {result.loss}, grad_norm "
                         f"{result.grad_norm}); no update was applied. Lower optim.lr, check the data, or set "
                         f"train.on_nonfinite=skip to skip such steps.")
-                step_tokens = sum(int(b["input_ids"].numel() if "attention_mask" not in b
-                                      else b["attention_mask"].sum()) for b in batches)
+                step_tokens = sum(count_input_tokens(b) for b in batches)
                 state.tokens += step_tokens
                 window_tokens += step_tokens
 
