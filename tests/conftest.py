@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bigtrain.config import Config, load_config
 
@@ -41,6 +42,15 @@ def run_launcher(args: list[str], timeout: float = 300, **kwargs) -> subprocess.
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=REPO, **kwargs)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models: one intra-op thread is much faster than several competing for a 2-core CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

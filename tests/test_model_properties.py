@@ -15,15 +15,6 @@ from bigtrain.models.layers import Rotary, sinusoidal_table
 V, D, H, FF, MAX_LEN = 37, 32, 4, 64, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is much faster than several competing for a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg(**kw: object) -> ModelConfig:
     base: dict[str, object] = dict(d_model=D, n_heads=H, d_ff=FF, n_layers=2, max_seq_len=MAX_LEN, dropout=0.0)
     base.update(kw)

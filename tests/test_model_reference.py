@@ -19,15 +19,6 @@ from bigtrain.models.layers import RMSNorm, sinusoidal_table
 D, H, FF = 32, 4, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is much faster than several competing for a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg(**kw: object) -> ModelConfig:
     """The guide's options: post-norm, ReLU, sinusoidal, scaled embeddings, biases, LayerNorm, no dropout."""
     base: dict[str, object] = dict(d_model=D, n_heads=H, d_ff=FF, n_layers=2, max_seq_len=32, dropout=0.0,

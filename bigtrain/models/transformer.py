@@ -50,48 +50,39 @@ class TransformerLM(nn.Module):
         raise NotImplementedError
 
 
-class CausalLM(TransformerLM):
+class _EncoderOrDecoderLM(TransformerLM):
+    """One stack of blocks with self-attention only; `causal` decides the mask."""
+
+    causal: bool = True
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__(cfg, vocab_size)
+        rotary = _rotary(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, causal=self.causal, cross_attention=False, rotary=rotary)
+                                    for _ in range(cfg.n_layers))
+        self.final_norm = _final_norm(cfg)
+
+    def stacks(self) -> list[nn.ModuleList]:
+        return [self.blocks]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: [B, T]; attention_mask: bool [B, T], True at real tokens -> logits [B, T, vocab]."""
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, padding_mask=attention_mask)
+        return self.head(self.final_norm(x))
+
+
+class CausalLM(_EncoderOrDecoderLM):
     """Decoder-only language model (GPT): logits[t] predict token t + 1 from tokens ≤ t."""
 
-    family = "causal"
-
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
-        super().__init__(cfg, vocab_size)
-        rotary = _rotary(cfg)
-        self.blocks = nn.ModuleList(Block(cfg, causal=True, cross_attention=False, rotary=rotary)
-                                    for _ in range(cfg.n_layers))
-        self.final_norm = _final_norm(cfg)
-
-    def stacks(self) -> list[nn.ModuleList]:
-        return [self.blocks]
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, padding_mask=attention_mask)
-        return self.head(self.final_norm(x))
+    family, causal = "causal", True
 
 
-class MaskedLM(TransformerLM):
+class MaskedLM(_EncoderOrDecoderLM):
     """Encoder-only masked language model (BERT): bidirectional blocks, logits at every position."""
 
-    family = "masked"
-
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
-        super().__init__(cfg, vocab_size)
-        rotary = _rotary(cfg)
-        self.blocks = nn.ModuleList(Block(cfg, causal=False, cross_attention=False, rotary=rotary)
-                                    for _ in range(cfg.n_layers))
-        self.final_norm = _final_norm(cfg)
-
-    def stacks(self) -> list[nn.ModuleList]:
-        return [self.blocks]
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, padding_mask=attention_mask)
-        return self.head(self.final_norm(x))
+    family, causal = "masked", False
 
 
 class Seq2SeqLM(TransformerLM):
