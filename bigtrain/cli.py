@@ -21,6 +21,9 @@ def config_help() -> str:
     for section in dataclasses.fields(Config):
         lines.append(f"{section.name}:")
         obj = section.default_factory()
+        if not dataclasses.is_dataclass(obj):  # the free-form deepspeed: passthrough
+            lines.append(f"  {section.metadata.get('help', '')}")
+            continue
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
             lines.append(f"  {section.name}.{f.name} = {getattr(obj, f.name)!r}  [{hints[f.name]}]\n"
@@ -33,6 +36,7 @@ def train_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", help=f"YAML config file (default: {SMOKE_CONFIG})")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser
 
@@ -42,27 +46,62 @@ def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
     if args.help_config:
         print(config_help())
         return 0
+    rank = 0
     try:
-        cfg = load_config(args.config or SMOKE_CONFIG, args.overrides)
+        from bigtrain.distributed import detect_env
+
+        env = detect_env()
+        rank = env.rank
+        cfg = load_config(args.config or SMOKE_CONFIG, args.overrides, world_size=env.world_size)
         if args.print_config:
-            print(dump_config(cfg), end="")
+            if env.is_main:
+                print(dump_config(cfg), end="")
             return 0
         from bigtrain.train.trainer import train  # heavy imports only when training
 
-        result = train(cfg)
+        result = train(cfg, env)
     except BigtrainError as err:
-        print(f"bigtrain: error: {err}", file=sys.stderr)
-        return 2
+        return fail(f"{err}", rank, env_world(), traceback_text=None)
     except KeyboardInterrupt:
         print("bigtrain: interrupted; the latest complete checkpoint is kept and a re-run resumes from it.",
               file=sys.stderr)
         return 130
-    if result.last_eval is not None:
-        print(f"done: step {result.state.step}, eval_loss {result.last_eval['eval_loss']:.4f}, "
-              f"run.dir {result.run_dir}")
-    else:
-        print(f"done: step {result.state.step} (nothing left to train), run.dir {result.run_dir}")
+    except Exception as err:  # a bug or an environment failure: keep the traceback, and never hang
+        import traceback
+
+        return fail(f"{type(err).__name__}: {err}", rank, env_world(), traceback_text=traceback.format_exc())
+    if rank == 0:
+        if result.last_eval is not None:
+            print(f"done: step {result.state.step}, eval_loss {result.last_eval['eval_loss']:.4f}, "
+                  f"run.dir {result.run_dir}")
+        else:
+            print(f"done: step {result.state.step} (nothing left to train), run.dir {result.run_dir}")
     return 0
+
+
+def env_world() -> int:
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def fail(message: str, rank: int, world_size: int, traceback_text: str | None) -> int:
+    """Report an error and exit. With several ranks, exit the process at once (os._exit): the other ranks
+    may be blocked in a collective that would otherwise keep this one waiting at interpreter shutdown; the
+    launcher sees the non-zero status and stops them, and their next collective fails fast."""
+    where = f"rank {rank}: " if world_size > 1 else ""
+    if traceback_text:
+        print(traceback_text, file=sys.stderr, end="")
+    print(f"bigtrain: {where}error: {message}", file=sys.stderr, flush=True)
+    if world_size > 1:
+        import os
+
+        sys.stdout.flush()
+        os._exit(1)
+    return 1 if traceback_text else 2
 
 
 def main(argv: list[str] | None = None) -> int:

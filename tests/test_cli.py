@@ -18,7 +18,8 @@ def test_print_config_applies_overrides(capsys):
                       "model.dropout=0.25"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["steps"] == 7 and printed["model"]["dropout"] == 0.25
-    assert set(printed) == {"model", "parallel", "optim", "schedule", "data", "train", "checkpoint", "log", "run"}
+    assert set(printed) == {"model", "parallel", "optim", "schedule", "data", "train", "checkpoint", "log", "run",
+                            "deepspeed"}
 
 
 def test_no_config_means_smoke(capsys):

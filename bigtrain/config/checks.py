@@ -73,19 +73,44 @@ def check_model(cfg: Config) -> None:
                  f"model.family='seq2seq'; remove it for family '{m.family}'.")
 
 
+def uses_deepspeed(cfg: Config, world_size: int) -> bool:
+    """parallel.engine=auto picks DeepSpeed when several ranks run or ZeRO is asked for."""
+    p = cfg.parallel
+    if p.engine == "auto":
+        return world_size > 1 or p.zero_stage > 0
+    return p.engine == "deepspeed"
+
+
 def check_parallel(cfg: Config, world_size: int) -> None:
     p = cfg.parallel
     _positive("parallel.tensor", p.tensor)
     _positive("parallel.pipeline", p.pipeline)
+    _positive("parallel.checkpoint_every_n_layers", p.checkpoint_every_n_layers)
     _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}.")
-    data_parallel_size(cfg, world_size)
-    # The single-device spine runs without DeepSpeed; these arrive with the scale-out work.
-    for key, value, default in (("tensor", p.tensor, 1), ("pipeline", p.pipeline, 1),
-                                ("zero_stage", p.zero_stage, 0)):
-        _require(value == default, f"parallel.{key}={value} is not supported by this version of bigtrain "
-                 f"yet (single-device training only); set parallel.{key}={default}.")
-    _require(world_size == 1, f"This version of bigtrain trains on one device, but the launcher started "
-             f"{world_size} ranks. Run `python launch/train.py` without a launcher.")
+    dp = data_parallel_size(cfg, world_size)
+    # Tensor and pipeline parallelism arrive with the next roadmap steps.
+    for key, value in (("tensor", p.tensor), ("pipeline", p.pipeline)):
+        _require(value == 1, f"parallel.{key}={value} is not supported by this version of bigtrain yet (data "
+                 f"parallelism and ZeRO only); set parallel.{key}=1.")
+    if p.engine == "torch":
+        _require(world_size == 1 and p.zero_stage == 0,
+                 f"parallel.engine='torch' runs one process without ZeRO, but the world size is {world_size} and "
+                 f"parallel.zero_stage={p.zero_stage}. Use parallel.engine=auto (or deepspeed).")
+    if p.offload_optimizer:
+        _require(p.zero_stage >= 1, "parallel.offload_optimizer=true needs ZeRO: set parallel.zero_stage to 1, 2 "
+                 "or 3.")
+    if cfg.optim.name == "lamb" and uses_deepspeed(cfg, world_size):
+        _require(p.zero_stage in (0, 1, 2),
+                 f"optim.name='lamb' with parallel.zero_stage={p.zero_stage} is refused: ZeRO-3 partitions "
+                 f"parameters so that bigtrain cannot compute LAMB's per-tensor trust ratios exactly. Use "
+                 f"parallel.zero_stage=1 or 2 (exact), or optim.name=adamw.")
+    if uses_deepspeed(cfg, world_size):
+        from bigtrain.engine.ds_config import derive_deepspeed_config
+
+        derive_deepspeed_config(cfg, dp)  # raises on a contradicting deepspeed: passthrough
+    else:
+        _require(not cfg.deepspeed, "The deepspeed: section is set but this run does not use DeepSpeed (one "
+                 "process, zero_stage 0). Set parallel.engine=deepspeed, or remove the deepspeed: section.")
 
 
 def check_training(cfg: Config, world_size: int) -> None:

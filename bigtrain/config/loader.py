@@ -105,11 +105,25 @@ def _merge_section(obj: Any, data: Any, prefix: str) -> Any:
             where = f"section '{prefix}'" if prefix else "the top level"
             raise ConfigError(f"Unknown config key '{full}' in {where}.{_nearest(str(key), names)}")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if isinstance(current, dict):  # free-form passthrough section (deepspeed:)
+            if not isinstance(value, dict):
+                raise ConfigError(f"Config section '{full}' must be a mapping of keys to values, got {value!r}.")
+            updates[key] = _deep_merge(current, value)
+        elif dataclasses.is_dataclass(current):
             updates[key] = _merge_section(current, value, full)
         else:
             updates[key] = _coerce(full, value, hints[key])
     return dataclasses.replace(obj, **updates)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -61,6 +61,11 @@ class ParallelConfig:
     zero_stage: int = opt(0, "ZeRO optimizer sharding stage, 0-3")
     activation_checkpointing: Literal["none", "full", "selective"] = opt(
         "none", "recompute activations in backward: none, full blocks, or only the attention core")
+    checkpoint_every_n_layers: int = opt(1, "full activation checkpointing: checkpoint every n-th block")
+    offload_optimizer: bool = opt(False, "ZeRO 1-3: keep optimizer state and its update on the CPU (GPU runs)")
+    engine: Literal["auto", "torch", "deepspeed"] = opt(
+        "auto", "auto: DeepSpeed when several ranks run or zero_stage > 0, else plain PyTorch; deepspeed: "
+        "always DeepSpeed (also for one process); torch: plain PyTorch, one process only")
 
 
 @dataclass
@@ -163,3 +168,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict, metadata={"help": (
+        "advanced DeepSpeed config keys, merged into the config bigtrain derives (e.g. "
+        "zero_optimization.reduce_bucket_size); keys that bigtrain sets from its own config must not "
+        "contradict it")})

@@ -30,12 +30,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW or LAMB over `param_groups(model, cfg.weight_decay)` with `cfg`'s lr, betas and eps."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lamb_class: type[Lamb] = Lamb) -> torch.optim.Optimizer:
+    """AdamW or LAMB over `param_groups(model, cfg.weight_decay)` with `cfg`'s lr, betas and eps.
+
+    `lamb_class` lets an engine substitute a LAMB that reduces its norms across shards.
+    """
     groups = param_groups(model, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     if cfg.name == "lamb":
-        return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, max_trust_ratio=cfg.lamb_max_trust_ratio)
+        return lamb_class(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, max_trust_ratio=cfg.lamb_max_trust_ratio)
     raise ConfigError(f"optim.name={cfg.name!r} is not a known optimizer; choose 'adamw' or 'lamb'.")

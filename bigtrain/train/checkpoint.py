@@ -62,19 +62,32 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(directory: Path, step: int, parts: dict[str, Any], config_yaml: str, keep: int) -> Path:
-    """Write `parts` (name -> state object) as `<name>.pt` plus config.yaml; then point `latest` at it."""
+def begin_checkpoint(directory: Path, step: int) -> Path:
+    """A fresh temporary directory for the checkpoint of `step` (every rank writes its files there)."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / step_dir_name(step)
-    tmp = directory / (final.name + ".tmp")
+    tmp = directory / (step_dir_name(step) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name, obj in parts.items():
-        with open(tmp / f"{name}.pt", "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+    return tmp
+
+
+def write_part(tmp: Path, name: str, obj: Any) -> None:
+    """Save one state object as `<name>.pt`, flushed to disk."""
+    with open(tmp / f"{name}.pt", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def commit_checkpoint(tmp: Path, config_yaml: str, keep: int) -> Path:
+    """Make a fully written temporary checkpoint visible: rename it, then move the `latest` pointer."""
+    directory = tmp.parent
+    final = directory / tmp.name.removesuffix(".tmp")
     (tmp / "config.yaml").write_text(config_yaml)
+    for path in tmp.rglob("*"):  # DeepSpeed writes its own files; make sure all of them are on disk
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. a re-run); replace it
         shutil.rmtree(final)
@@ -83,6 +96,14 @@ def save_checkpoint(directory: Path, step: int, parts: dict[str, Any], config_ya
     _write_atomic(directory / LATEST, final.name + "\n")
     _prune(directory, keep, protect=final.name)
     return final
+
+
+def save_checkpoint(directory: Path, step: int, parts: dict[str, Any], config_yaml: str, keep: int) -> Path:
+    """Write `parts` (name -> state object) as `<name>.pt` plus config.yaml; then point `latest` at it."""
+    tmp = begin_checkpoint(directory, step)
+    for name, obj in parts.items():
+        write_part(tmp, name, obj)
+    return commit_checkpoint(tmp, config_yaml, keep)
 
 
 def _prune(directory: Path, keep: int, protect: str) -> None:

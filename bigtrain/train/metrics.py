@@ -16,11 +16,13 @@ from tqdm import tqdm
 class MetricsLog:
     """Appends one JSON line per record to run.dir/metrics.jsonl and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int) -> None:
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int, enabled: bool = True) -> None:
+        self.path, self.enabled = run_dir / "metrics.jsonl", enabled
+        self.file, self.tb = None, None
+        if not enabled:  # ranks other than 0 write nothing
+            return
         self._truncate_after(resume_step)
         self.file = open(self.path, "a")
-        self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -44,6 +46,8 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
@@ -59,7 +63,8 @@ class MetricsLog:
                 self.tb.add_scalar(f"{tag}/{key}", value, step)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -81,17 +86,19 @@ def _si(x: float) -> str:
 class Progress:
     """Console progress: a live bar on a terminal, plus a plain line every `log.every` steps."""
 
-    def __init__(self, total_steps: int, start_step: int, live: bool) -> None:
-        self.total, self.start = total_steps, start_step
+    def __init__(self, total_steps: int, start_step: int, live: bool, enabled: bool = True) -> None:
+        self.total, self.start, self.enabled = total_steps, start_step, enabled
         self.t0 = time.perf_counter()
         self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, leave=False,
-                        disable=not (live and sys.stdout.isatty()))
+                        disable=not (enabled and live and sys.stdout.isatty()))
 
     def eta(self, step: int) -> float:
         done = step - self.start
         return (time.perf_counter() - self.t0) / done * (self.total - step) if done else float("nan")
 
     def update(self, step: int, record: dict[str, Any], print_line: bool) -> None:
+        if not self.enabled:
+            return
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                              tok_s=_si(record["tokens_per_s"]), refresh=False)
@@ -105,6 +112,8 @@ class Progress:
             self.write(" | ".join(parts))
 
     def write(self, line: str) -> None:
+        if not self.enabled:
+            return
         self.bar.write(line) if not self.bar.disable else print(line, flush=True)
 
     def close(self) -> None:

@@ -10,13 +10,16 @@ from bigtrain.config import TrainConfig
 from bigtrain.errors import ConfigError
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
+def resolve_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
+    """The device of this rank: cuda:<local rank> on GPU machines, else the CPU."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but no CUDA GPU is visible. Use train.device=cpu (or auto), or "
                           "install a CUDA build of torch (see README).")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 def check_precision(precision: str, device: torch.device) -> None:

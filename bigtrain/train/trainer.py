@@ -11,26 +11,28 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 
 from bigtrain.config import Config, dump_config
+from bigtrain.config.checks import uses_deepspeed
 from bigtrain.config.loader import config_from_dict
 from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate, eval_batch_indices
+from bigtrain.distributed import DistEnv, detect_env, init_process_group
+from bigtrain.engine import Engine
+from bigtrain.engine.local import LocalEngine
 from bigtrain.errors import CheckpointError, TrainingError
 from bigtrain.models import build_model, count_parameters, resolve_vocab_size
-from bigtrain.optim import build_optimizer, build_schedule, set_lr
+from bigtrain.optim import build_schedule
 from bigtrain.parallel import apply_activation_checkpointing
 from bigtrain.train import checkpoint as ckpt
 from bigtrain.train.evaluate import evaluate
 from bigtrain.train.flops import flops_per_token, peak_flops
 from bigtrain.train.loss import count_input_tokens
 from bigtrain.train.metrics import MetricsLog, Progress
-from bigtrain.train.precision import autocast, check_precision, grad_scaler, resolve_device
+from bigtrain.train.precision import autocast, check_precision, resolve_device
 from bigtrain.train.sample import sample
-from bigtrain.train.step import train_step
 
 
 @dataclass
@@ -52,33 +54,55 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, env: DistEnv | None = None) -> None:
         self.cfg = cfg
+        self.env = env = env or detect_env()
         t = cfg.train
         if t.threads is not None:
             torch.set_num_threads(t.threads)
-        self.device = resolve_device(t)
+        self.device = resolve_device(t, env.local_rank)
         check_precision(t.precision, self.device)
         self.run_dir = Path(cfg.run.dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.is_main = env.is_main
+        distributed = uses_deepspeed(cfg, env.world_size)
+        if distributed:
+            init_process_group(env, self.device)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
 
         self.tokenizer = build_tokenizer(cfg.data)
+        # Rank 0 tokenizes and caches the corpus first; the others then read the cache.
+        if distributed and not self.is_main:
+            torch.distributed.barrier()
         self.train_set, self.heldout_set = build_datasets(cfg, self.tokenizer)
+        if distributed and self.is_main:
+            torch.distributed.barrier()
         bucket = cfg.data.bucket_size if cfg.model.family != "causal" else 1
         self.sampler = GlobalBatchSampler(self.train_set, t.global_batch_size, t.seed, bucket_size=bucket)
 
         vocab = resolve_vocab_size(cfg.model, self.tokenizer.vocab_size)
-        self.model = build_model(cfg.model, vocab, self.device, seed=t.seed)
-        apply_activation_checkpointing(self.model, cfg.parallel.activation_checkpointing)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.lr_at = build_schedule(cfg.schedule, cfg.optim.lr, t.steps, cfg.model.d_model)
-        self.scaler = grad_scaler(t.precision, self.device)
+        model = build_model(cfg.model, vocab, self.device, seed=t.seed)
+        apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing,
+                                       cfg.parallel.checkpoint_every_n_layers)
         self.autocast = lambda: autocast(t.precision, self.device)
+        torch.manual_seed(t.seed + env.rank)  # dropout stream per rank; restored exactly on resume
+        self.engine: Engine
+        if distributed:
+            from bigtrain.engine.deepspeed_engine import DeepSpeedEngine
+
+            self.engine = DeepSpeedEngine(cfg, model, env)
+            if self.is_main:
+                (self.run_dir / "deepspeed_config.json").write_text(self.engine.describe() + "\n")
+                print(f"bigtrain: DeepSpeed config (also in {self.run_dir / 'deepspeed_config.json'}):\n"
+                      f"{self.engine.describe()}", flush=True)
+        else:
+            self.engine = LocalEngine(cfg, model, self.device, self.autocast)
+        self.model = self.engine.model
+        self.lr_at = build_schedule(cfg.schedule, cfg.optim.lr, t.steps, cfg.model.d_model)
         self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len)
         self.peak = peak_flops(self.device, cfg.log.peak_tflops)
 
-        torch.manual_seed(t.seed)  # dropout stream; restored exactly on resume
         self.state = TrainState()
         self.resumed_from: Path | None = None
         if cfg.checkpoint.resume:
@@ -89,14 +113,18 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """The global batch of 0-based step `step`, cut into consecutive micro-batches."""
+        """This rank's share of the global batch of 0-based step `step`, cut into micro-batches: the global
+        batch is split into contiguous equal slices by data-parallel rank."""
         indices = self.sampler.indices(step)
+        share = len(indices) // self.engine.dp_size
+        indices = indices[self.engine.dp_rank * share:(self.engine.dp_rank + 1) * share]
         size = self.cfg.train.micro_batch_size
         return [self._to_device(collate([self.train_set[i] for i in indices[s:s + size]],
                                         self.cfg.model.family, self.tokenizer.pad_id))
                 for s in range(0, len(indices), size)]
 
     def eval_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The held-out batches; every rank evaluates all of them (ZeRO-3 needs every rank in each forward)."""
         groups = eval_batch_indices(len(self.heldout_set), self.cfg.train.micro_batch_size,
                                     self.cfg.train.eval_batches)
         return [self._to_device(collate([self.heldout_set[i] for i in g], self.cfg.model.family,
@@ -107,62 +135,57 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.ckpt_dir)
         if path is None:
             return
-        saved_cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+        saved_cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()),
+                                     world_size=self.env.world_size)
         if saved_cfg.model != self.cfg.model:
             diff = [f"model.{f.name}: {getattr(saved_cfg.model, f.name)!r} -> {getattr(self.cfg.model, f.name)!r}"
                     for f in dataclasses.fields(self.cfg.model)
                     if getattr(saved_cfg.model, f.name) != getattr(self.cfg.model, f.name)]
             raise CheckpointError(f"run.dir {self.run_dir} holds a checkpoint of a different model "
                                   f"({'; '.join(diff)}). Use a new run.dir, or restore those model settings.")
-        self.model.load_state_dict(ckpt.load_part(path, "model", self.device))
-        self.optimizer.load_state_dict(ckpt.load_part(path, "optimizer", self.device))
-        trainer = ckpt.load_part(path, "trainer")
-        self.state = TrainState(**trainer["state"])
-        if self.scaler is not None and trainer.get("scaler"):
-            self.scaler.load_state_dict(trainer["scaler"])
-        ckpt.set_rng_state(trainer["rng"])
+        self.state = TrainState(**self.engine.load(path))
         self.resumed_from = path
 
     def save(self) -> Path:
-        parts: dict[str, Any] = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "trainer": {"state": dataclasses.asdict(self.state), "rng": ckpt.rng_state(),
-                        "scaler": self.scaler.state_dict() if self.scaler is not None else None},
-        }
-        return ckpt.save_checkpoint(self.ckpt_dir, self.state.step, parts, dump_config(self.cfg),
-                                    self.cfg.checkpoint.keep)
+        return self.engine.save(self.ckpt_dir, self.state.step, dataclasses.asdict(self.state),
+                                dump_config(self.cfg), self.cfg.checkpoint.keep)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, t, state = self.cfg, self.cfg.train, self.state
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        metrics = MetricsLog(self.run_dir, cfg.log.tensorboard, resume_step=state.step)
-        progress = Progress(t.steps, state.step, cfg.log.progress)
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        metrics = MetricsLog(self.run_dir, cfg.log.tensorboard, resume_step=state.step, enabled=self.is_main)
+        progress = Progress(t.steps, state.step, cfg.log.progress, enabled=self.is_main)
         n_params = count_parameters(self.model)
         progress.write(f"bigtrain: {cfg.model.family} model, {n_params / 1e6:.2f}M parameters, "
                        f"{len(self.train_set)} training / {len(self.heldout_set)} held-out samples, "
+                       f"{self.env.world_size} rank(s) (launcher: {self.env.launcher}), {type(self.engine).__name__}, "
                        f"device {self.device}, {t.precision}, run.dir {self.run_dir}")
         if self.resumed_from is not None:
             progress.write(f"resumed from {self.resumed_from} (step {state.step})")
-        last_eval, stopped_early = None, False
+        last_eval, stopped_early, memory_reported = None, False, False
         window_tokens, window_t0 = 0, time.perf_counter()
         run_t0 = window_t0
         try:
             while state.step < t.steps:
                 batches = self.micro_batches(state.step)
                 lr = self.lr_at(state.step + 1)
-                set_lr(self.optimizer, lr)
                 log_now = (state.step + 1) % cfg.log.every == 0 or state.step + 1 == t.steps
-                result = train_step(self.model, self.optimizer, batches, self.autocast, cfg.optim.grad_clip,
-                                    self.scaler, layer_norms=log_now and cfg.log.tensorboard)
+                result = self.engine.train_step(batches, lr, layer_norms=log_now and cfg.log.tensorboard)
                 state.step += 1
-                if not result.finite and self.scaler is None and t.on_nonfinite == "stop":
+                if not memory_reported:
+                    report = self.engine.memory_report()
+                    memory_reported = True
+                    if report is not None:
+                        progress.write(report)
+                        (self.run_dir / "memory.txt").write_text(report + "\n")
+                if not result.finite and t.precision != "fp16" and t.on_nonfinite == "stop":
                     raise TrainingError(
                         f"Non-finite loss or gradient at step {state.step} (loss {result.loss}, grad_norm "
                         f"{result.grad_norm}); no update was applied. Lower optim.lr, check the data, or set "
                         f"train.on_nonfinite=skip to skip such steps.")
-                step_tokens = sum(count_input_tokens(b) for b in batches)
+                step_tokens = round(self.engine.all_reduce_sum(sum(count_input_tokens(b) for b in batches)))
                 state.tokens += step_tokens
                 window_tokens += step_tokens
 
@@ -223,9 +246,10 @@ class Trainer:
             return
         prompt = self.tokenizer.encode(t.sample_prompt)
         ids = sample(self.model, prompt, t.sample_tokens, seed=t.seed, vocab_limit=self.tokenizer.vocab_size)
-        print(f"--- sample ({t.sample_tokens} tokens after {t.sample_prompt!r}) ---\n"
-              f"{self.tokenizer.decode(ids)}\n---", flush=True)
+        if self.is_main:
+            print(f"--- sample ({t.sample_tokens} tokens after {t.sample_prompt!r}) ---\n"
+                  f"{self.tokenizer.decode(ids)}\n---", flush=True)
 
 
-def train(cfg: Config) -> TrainResult:
-    return Trainer(cfg).run()
+def train(cfg: Config, env: DistEnv | None = None) -> TrainResult:
+    return Trainer(cfg, env).run()

@@ -1,0 +1,164 @@
+"""The DeepSpeed engine: data parallelism and ZeRO 0-3 over a process group (gloo on CPU, nccl on GPU).
+
+Loss scaling keeps the logged loss and the gradient those of the whole global batch: each rank counts its
+target tokens, one all-reduce gives N (global), and each micro-batch backpropagates Σ ce / N · N_d with
+DeepSpeed's division by gradient-accumulation steps turned off; DeepSpeed's data-parallel averaging then
+divides by N_d, so every rank's gradient is ∇(Σ_global ce / N) — the single-device gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bigtrain.config import Config
+from bigtrain.distributed import DistEnv
+from bigtrain.engine.ds_config import derive_deepspeed_config
+from bigtrain.engine.memory import (
+    ModelStateBytes,
+    format_report,
+    measure_grads,
+    measure_optimizer,
+    measure_params,
+    zero_formula,
+)
+from bigtrain.engine.zero_lamb import ZeroLamb
+from bigtrain.errors import CheckpointError, ConfigError
+from bigtrain.models import TransformerLM, count_parameters
+from bigtrain.optim import build_optimizer, set_lr
+from bigtrain.train import checkpoint as ckpt
+from bigtrain.train.loss import count_targets, cross_entropy_sum, model_inputs
+from bigtrain.train.step import StepResult, per_layer_grad_norms
+
+
+class DeepSpeedEngine:
+    def __init__(self, cfg: Config, model: TransformerLM, env: DistEnv) -> None:
+        import deepspeed
+
+        self.cfg, self.env = cfg, env
+        self.rank = self.dp_rank = env.rank
+        self.dp_size = env.world_size  # tensor and pipeline sizes are 1 in this version
+        self.group = dist.group.WORLD
+        self.ds_config = derive_deepspeed_config(cfg, self.dp_size)
+        optimizer = build_optimizer(model, cfg.optim, lamb_class=ZeroLamb)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 config=self.ds_config)
+        self.model: TransformerLM = self.engine.module
+        self.base_optimizer = optimizer
+        # Without a ZeRO / mixed-precision wrapper DeepSpeed clips fp32 gradients but does not report the
+        # norm; bigtrain then measures it on the all-reduced gradients just before the update.
+        self.unwrapped = self.optimizer is optimizer
+        if isinstance(optimizer, ZeroLamb) and not self.unwrapped:
+            if not hasattr(self.optimizer, "single_partition_of_fp32_groups"):
+                raise ConfigError(
+                    f"optim.name='lamb' cannot be made exact with DeepSpeed's {type(self.optimizer).__name__} "
+                    f"(zero_stage={cfg.parallel.zero_stage}, precision={cfg.train.precision}). Use "
+                    f"parallel.zero_stage=1 or 2, or optim.name=adamw.")
+            optimizer.attach_zero_partitions(self.optimizer, self.group)
+        self.n_params = count_parameters(self.model)
+        self.last_grad_bytes: int | None = None
+
+    # ---- collectives ---------------------------------------------------------------------------------
+    def all_reduce_sum(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(t, group=self.group)
+        return float(t)
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool
+                   ) -> StepResult:
+        set_lr(self.optimizer, lr)
+        n_targets = self.all_reduce_sum(sum(count_targets(b) for b in micro_batches))
+        total = torch.zeros((), dtype=torch.float32, device=self.engine.device)
+        grad_norm, layer_grad_norms = math.nan, None
+        last = len(micro_batches) - 1
+        for i, batch in enumerate(micro_batches):
+            logits = self.engine(**model_inputs(batch))
+            loss = cross_entropy_sum(logits, batch["labels"]) / n_targets
+            self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
+            total += loss.detach()
+            if i == last:
+                loss_value = self.all_reduce_sum(float(total))
+                if not math.isfinite(loss_value) and self.cfg.train.precision != "fp16":
+                    # Leave the update undone; the trainer stops with the step number.
+                    return StepResult(loss=loss_value, grad_norm=math.nan, skipped=True, finite=False)
+                if self.unwrapped:  # gradients are complete and averaged here (ZeRO-0 all-reduces in backward)
+                    self.last_grad_bytes = measure_grads(self.model, self.optimizer)
+                    grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                    grad_norm = float(torch.nn.utils.get_total_norm(grads, foreach=True))
+                    if layer_norms:
+                        layer_grad_norms = per_layer_grad_norms(self.model)
+                else:
+                    self.last_grad_bytes = measure_grads(self.model, self.optimizer)
+            self.engine.step()
+        if not self.unwrapped:
+            norm = self.engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else math.nan
+        skipped = not self.engine.was_step_applied()
+        return StepResult(loss=loss_value, grad_norm=grad_norm, skipped=skipped,
+                          finite=math.isfinite(loss_value) and math.isfinite(grad_norm),
+                          layer_grad_norms=layer_grad_norms)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def save(self, directory: Path, step: int, trainer_state: dict[str, Any], config_yaml: str,
+             keep: int) -> Path:
+        """DeepSpeed writes its sharded files into `step_N.tmp/`, every rank adds its RNG state, and rank 0
+        makes the directory visible only after all ranks are done."""
+        tmp = directory / (ckpt.step_dir_name(step) + ".tmp")
+        if self.rank == 0:
+            ckpt.begin_checkpoint(directory, step)
+        self.barrier()
+        self.engine.save_checkpoint(str(directory), tag=tmp.name, client_state={}, save_latest=False)
+        ckpt.write_part(tmp, f"trainer_rank{self.rank:05d}",
+                        {"state": trainer_state, "rng": ckpt.rng_state(), "world_size": self.env.world_size})
+        self.barrier()
+        final = directory / ckpt.step_dir_name(step)
+        if self.rank == 0:
+            ckpt.commit_checkpoint(tmp, config_yaml, keep)
+        self.barrier()
+        return final
+
+    def load(self, checkpoint: Path) -> dict[str, Any]:
+        part = f"trainer_rank{self.rank:05d}"
+        if not (checkpoint / f"{part}.pt").exists():
+            raise CheckpointError(
+                f"Checkpoint {checkpoint} has no {part}.pt: it was written by a run with another number of ranks "
+                f"or by the single-process engine. Resume with the layout that wrote it (resuming under a "
+                f"different layout is not supported yet), or start a new run.dir.")
+        load_path, _ = self.engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {checkpoint}.")
+        trainer = ckpt.load_part(checkpoint, part)
+        ckpt.set_rng_state(trainer["rng"])
+        return trainer["state"]
+
+    # ---- memory --------------------------------------------------------------------------------------
+    def measure(self) -> ModelStateBytes:
+        return ModelStateBytes(params=measure_params(self.model), grads=self.last_grad_bytes or 0,
+                               optimizer=measure_optimizer(self.optimizer))
+
+    def memory_report(self) -> str | None:
+        """Gathers every rank's measured bytes (collective); the text on rank 0, None elsewhere."""
+        mine = self.measure()
+        gathered: list[ModelStateBytes | None] = [None] * self.dp_size
+        dist.all_gather_object(gathered, mine, group=self.group)
+        if self.rank != 0:
+            return None
+        p, t = self.cfg.parallel, self.cfg.train
+        master = not self.unwrapped
+        formula = zero_formula(self.n_params, p.zero_stage, self.dp_size, t.precision, master_copy=master)
+        title = (f"model-state memory per rank after step 1 (ZeRO-{p.zero_stage}, {self.dp_size} data-parallel "
+                 f"ranks, {t.precision}, Ψ = {self.n_params} parameters, K = {12 if master else 8} bytes)")
+        return format_report(gathered, formula, title)
+
+    def describe(self) -> str:
+        return json.dumps(self.ds_config, indent=2, sort_keys=True)

@@ -1,0 +1,70 @@
+"""The DeepSpeed config, derived from bigtrain's config (the single source of truth).
+
+Batch arithmetic: train_batch_size = global_batch_size = micro_batch_size × gradient_accumulation_steps ×
+data-parallel size. Precision, ZeRO stage and offload, and gradient clipping come from bigtrain's keys; the
+`deepspeed:` section may add keys DeepSpeed has but bigtrain does not, and may not contradict derived ones.
+This module does not import deepspeed, so configs are checked at load time without it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from bigtrain.config.schema import Config
+from bigtrain.errors import ConfigError
+
+# Derived DeepSpeed keys and the bigtrain keys they come from (for error messages).
+SOURCES = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size * data-parallel size)",
+    "gradient_clipping": "optim.grad_clip",
+    "zero_optimization.stage": "parallel.zero_stage",
+    "zero_optimization.offload_optimizer": "parallel.offload_optimizer",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+}
+# DeepSpeed sections that bigtrain owns outright: its own optimizer, schedule and checkpointing are used.
+OWNED = {"optimizer": "optim", "scheduler": "schedule", "activation_checkpointing": "parallel.activation_checkpointing",
+         "amp": "train.precision"}
+
+
+def derive_deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for `dp_size` data-parallel ranks, passthrough keys merged in."""
+    t, p = cfg.train, cfg.parallel
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    derived: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp_size),
+        # DeepSpeed 0.19 defaults this to 1.0: always set it from bigtrain (0 = no clipping).
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,  # bigtrain hands over its own AdamW / LAMB
+        "steps_per_print": 2**31 - 1,  # bigtrain logs progress itself
+        "wall_clock_breakdown": False,
+    }
+    return _merge_passthrough(derived, cfg.deepspeed)
+
+
+def _merge_passthrough(derived: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    merged = copy.deepcopy(derived)
+    for key, value in extra.items():
+        path = f"{prefix}{key}"
+        if not prefix and key in OWNED:
+            raise ConfigError(f"deepspeed.{key} is not allowed: bigtrain configures it through its "
+                              f"'{OWNED[key]}' settings. Remove deepspeed.{key} and set those instead.")
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge_passthrough(merged[key], value, path + ".")
+        elif key in merged and merged[key] != value:
+            source = SOURCES.get(path, "bigtrain's own settings")
+            raise ConfigError(f"deepspeed.{path}={value!r} contradicts the value {merged[key]!r} that bigtrain "
+                              f"derives from {source}. Remove deepspeed.{path} and set {source} instead.")
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,62 @@
+"""The single-process engine: plain PyTorch, no process group."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigtrain.config import Config
+from bigtrain.models import TransformerLM
+from bigtrain.optim import build_optimizer, set_lr
+from bigtrain.train import checkpoint as ckpt
+from bigtrain.train.precision import grad_scaler
+from bigtrain.train.step import StepResult, train_step
+
+
+class LocalEngine:
+    rank = dp_rank = 0
+    dp_size = 1
+
+    def __init__(self, cfg: Config, model: TransformerLM, device: torch.device,
+                 autocast: Callable[[], object]) -> None:
+        self.model, self.autocast, self.device = model, autocast, device
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scaler = grad_scaler(cfg.train.precision, device)
+        self.grad_clip = cfg.optim.grad_clip
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool
+                   ) -> StepResult:
+        set_lr(self.optimizer, lr)
+        return train_step(self.model, self.optimizer, micro_batches, self.autocast, self.grad_clip, self.scaler,
+                          layer_norms=layer_norms)
+
+    def save(self, directory: Path, step: int, trainer_state: dict[str, Any], config_yaml: str,
+             keep: int) -> Path:
+        parts = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "trainer": {"state": trainer_state, "rng": ckpt.rng_state(),
+                        "scaler": self.scaler.state_dict() if self.scaler is not None else None},
+        }
+        return ckpt.save_checkpoint(directory, step, parts, config_yaml, keep)
+
+    def load(self, checkpoint: Path) -> dict[str, Any]:
+        self.model.load_state_dict(ckpt.load_part(checkpoint, "model", self.device))
+        self.optimizer.load_state_dict(ckpt.load_part(checkpoint, "optimizer", self.device))
+        trainer = ckpt.load_part(checkpoint, "trainer")
+        if self.scaler is not None and trainer.get("scaler"):
+            self.scaler.load_state_dict(trainer["scaler"])
+        ckpt.set_rng_state(trainer["rng"])
+        return trainer["state"]
+
+    def all_reduce_sum(self, value: float) -> float:
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+    def memory_report(self) -> str | None:
+        return None
