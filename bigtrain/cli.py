@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -104,15 +105,54 @@ def fail(message: str, rank: int, world_size: int, traceback_text: str | None) -
     return 1 if traceback_text else 2
 
 
+def run_consolidate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bigtrain consolidate",
+                                     description="Gather a (ZeRO-sharded) checkpoint into one full set of weights.")
+    parser.add_argument("run_dir", type=Path, help="the run.dir of the training run")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/consolidated/step_N)")
+    args = parser.parse_args(argv)
+    try:
+        from bigtrain.engine.consolidate import consolidate
+
+        out = consolidate(args.run_dir, args.step, args.out)
+    except BigtrainError as err:
+        return fail(str(err), 0, 1, traceback_text=None)
+    print(f"consolidated weights: {out / 'model.pt'} (config: {out / 'config.yaml'})")
+    return 0
+
+
+def run_evaluate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bigtrain evaluate",
+                                     description="Held-out loss of consolidated weights on one device.")
+    parser.add_argument("weights_dir", type=Path, help="a directory written by `bigtrain consolidate`")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    args = parser.parse_args(argv)
+    try:
+        from bigtrain.train.evaluate import evaluate_weights
+
+        result = evaluate_weights(args.weights_dir, args.overrides)
+    except BigtrainError as err:
+        return fail(str(err), 0, 1, traceback_text=None)
+    print(json.dumps(result))
+    return 0
+
+
+COMMANDS = {"train": run_train, "consolidate": run_consolidate, "evaluate": run_evaluate}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: bigtrain train --config FILE [--print-config] [section.key=value ...]")
+        print("usage: bigtrain {train,consolidate,evaluate} ...\n"
+              "  train --config FILE [--print-config] [section.key=value ...]\n"
+              "  consolidate RUN_DIR [--step N] [--out DIR]\n"
+              "  evaluate WEIGHTS_DIR [section.key=value ...]")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        return run_train(rest)
-    print(f"bigtrain: error: unknown command '{command}'. Available: train.", file=sys.stderr)
+    if command in COMMANDS:
+        return COMMANDS[command](rest)
+    print(f"bigtrain: error: unknown command '{command}'. Available: {', '.join(COMMANDS)}.", file=sys.stderr)
     return 2
 
 

@@ -44,6 +44,38 @@ def run_launcher(args: list[str], timeout: float = 300, **kwargs) -> subprocess.
                           text=True, timeout=timeout, env=env, cwd=REPO, **kwargs)
 
 
+def launch_ranks(n: int, overrides: list[str], launcher: str = "torchrun", script: Path | None = None,
+                 timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Start `n` CPU ranks of `launch/train.py` (or `script`) under torchrun or DeepSpeed's launcher."""
+    script = script or REPO / "launch" / "train.py"
+    bin_dir = Path(sys.executable).parent
+    port = str(_free_port())
+    if launcher == "torchrun":
+        cmd = [str(bin_dir / "torchrun"), f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
+               f"--master_port={port}", str(script)]
+    else:
+        cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(n), "--master_port", port, str(script)]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([*cmd, *overrides], capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=REPO)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
+    """(training lines by step, evaluation lines by step) of run_dir/metrics.jsonl."""
+    import json
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return ({r["step"]: r for r in records if "loss" in r}, {r["step"]: r for r in records if "eval_loss" in r})
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Tiny models: one intra-op thread is much faster than several competing for a 2-core CPU."""

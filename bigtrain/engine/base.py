@@ -33,5 +33,5 @@ class Engine(Protocol):
 
     def barrier(self) -> None: ...
 
-    def memory_report(self) -> str | None:
+    def memory_report(self, run_dir: Path | None = None) -> str | None:
         """Measured bytes of parameters, gradients and optimizer state next to the ZeRO formula."""

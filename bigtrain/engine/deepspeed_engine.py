@@ -8,6 +8,7 @@ divides by N_d, so every rank's gradient is ∇(Σ_global ce / N) — the single
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -62,6 +63,7 @@ class DeepSpeedEngine:
             optimizer.attach_zero_partitions(self.optimizer, self.group)
         self.n_params = count_parameters(self.model)
         self.last_grad_bytes: int | None = None
+        self.measure_grads = True  # only for the first step, which the memory report describes
 
     # ---- collectives ---------------------------------------------------------------------------------
     def all_reduce_sum(self, value: float) -> float:
@@ -85,19 +87,18 @@ class DeepSpeedEngine:
             loss = cross_entropy_sum(logits, batch["labels"]) / n_targets
             self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
             total += loss.detach()
+            if self.measure_grads:  # peak gradient bytes over the step (ZeRO-1 frees full gradients at the end)
+                self.last_grad_bytes = max(self.last_grad_bytes or 0, measure_grads(self.model, self.optimizer))
             if i == last:
                 loss_value = self.all_reduce_sum(float(total))
                 if not math.isfinite(loss_value) and self.cfg.train.precision != "fp16":
                     # Leave the update undone; the trainer stops with the step number.
                     return StepResult(loss=loss_value, grad_norm=math.nan, skipped=True, finite=False)
                 if self.unwrapped:  # gradients are complete and averaged here (ZeRO-0 all-reduces in backward)
-                    self.last_grad_bytes = measure_grads(self.model, self.optimizer)
                     grads = [p.grad for p in self.model.parameters() if p.grad is not None]
                     grad_norm = float(torch.nn.utils.get_total_norm(grads, foreach=True))
                     if layer_norms:
                         layer_grad_norms = per_layer_grad_norms(self.model)
-                else:
-                    self.last_grad_bytes = measure_grads(self.model, self.optimizer)
             self.engine.step()
         if not self.unwrapped:
             norm = self.engine.get_global_grad_norm()
@@ -146,9 +147,11 @@ class DeepSpeedEngine:
         return ModelStateBytes(params=measure_params(self.model), grads=self.last_grad_bytes or 0,
                                optimizer=measure_optimizer(self.optimizer))
 
-    def memory_report(self) -> str | None:
-        """Gathers every rank's measured bytes (collective); the text on rank 0, None elsewhere."""
+    def memory_report(self, run_dir: Path | None = None) -> str | None:
+        """Gathers every rank's measured bytes (collective); the text on rank 0, None elsewhere. Rank 0 also
+        writes the numbers to run_dir/memory.json."""
         mine = self.measure()
+        self.measure_grads = False
         gathered: list[ModelStateBytes | None] = [None] * self.dp_size
         dist.all_gather_object(gathered, mine, group=self.group)
         if self.rank != 0:
@@ -156,8 +159,14 @@ class DeepSpeedEngine:
         p, t = self.cfg.parallel, self.cfg.train
         master = not self.unwrapped
         formula = zero_formula(self.n_params, p.zero_stage, self.dp_size, t.precision, master_copy=master)
-        title = (f"model-state memory per rank after step 1 (ZeRO-{p.zero_stage}, {self.dp_size} data-parallel "
-                 f"ranks, {t.precision}, Ψ = {self.n_params} parameters, K = {12 if master else 8} bytes)")
+        if run_dir is not None:
+            (run_dir / "memory.json").write_text(json.dumps({
+                "zero_stage": p.zero_stage, "dp_size": self.dp_size, "precision": t.precision,
+                "n_params": self.n_params, "formula": dataclasses.asdict(formula),
+                "ranks": [dataclasses.asdict(m) for m in gathered]}, indent=1) + "\n")
+        title = (f"model-state memory per rank in step 1 (gradients: peak over its micro-batches)\n"
+                 f"ZeRO-{p.zero_stage}, {self.dp_size} data-parallel ranks, {t.precision}, "
+                 f"Ψ = {self.n_params} parameters, K = {12 if master else 8} bytes")
         return format_report(gathered, formula, title)
 
     def describe(self) -> str:

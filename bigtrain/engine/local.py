@@ -58,5 +58,5 @@ class LocalEngine:
     def barrier(self) -> None:
         pass
 
-    def memory_report(self) -> str | None:
+    def memory_report(self, run_dir: Path | None = None) -> str | None:
         return None

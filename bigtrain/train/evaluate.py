@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
+from bigtrain.config import Config
+from bigtrain.data import Tokenizer, collate, eval_batch_indices
+from bigtrain.errors import CheckpointError
 from bigtrain.models import TransformerLM
 from bigtrain.train.loss import correct_predictions, cross_entropy_sum, model_inputs
 
@@ -28,3 +33,33 @@ def evaluate(model: TransformerLM, batches: list[dict[str, torch.Tensor]],
     loss = loss_sum / max(targets, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_accuracy": correct / max(targets, 1),
             "eval_sequence_accuracy": seq_ok / max(seqs, 1), "eval_tokens": targets}
+
+
+def heldout_batches(cfg: Config, tokenizer: Tokenizer, heldout: Dataset, device: torch.device
+                    ) -> list[dict[str, torch.Tensor]]:
+    """The first train.eval_batches held-out batches of train.micro_batch_size samples, in order."""
+    groups = eval_batch_indices(len(heldout), cfg.train.micro_batch_size, cfg.train.eval_batches)
+    return [{k: v.to(device) for k, v in collate([heldout[i] for i in g], cfg.model.family,
+                                                 tokenizer.pad_id).items()} for g in groups]
+
+
+def evaluate_weights(weights_dir: Path, overrides: list[str] | None = None) -> dict[str, float]:
+    """Held-out metrics of consolidated weights (`model.pt` + `config.yaml`) on one device."""
+    from bigtrain.config import load_config
+    from bigtrain.data import build_datasets, build_tokenizer
+    from bigtrain.models import build_model, resolve_vocab_size
+    from bigtrain.train.precision import autocast, resolve_device
+
+    for name in ("model.pt", "config.yaml"):
+        if not (weights_dir / name).exists():
+            raise CheckpointError(f"{weights_dir} has no {name}; pass a directory written by `bigtrain "
+                                  f"consolidate`.")
+    cfg = load_config(weights_dir / "config.yaml", overrides)
+    device = resolve_device(cfg.train)
+    tokenizer = build_tokenizer(cfg.data)
+    _, heldout = build_datasets(cfg, tokenizer)
+    model = build_model(cfg.model, resolve_vocab_size(cfg.model, tokenizer.vocab_size), device)
+    state = torch.load(weights_dir / "model.pt", map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    return evaluate(model, heldout_batches(cfg, tokenizer, heldout, device),
+                    lambda: autocast(cfg.train.precision, device))

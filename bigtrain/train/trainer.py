@@ -18,7 +18,7 @@ import yaml
 from bigtrain.config import Config, dump_config
 from bigtrain.config.checks import uses_deepspeed
 from bigtrain.config.loader import config_from_dict
-from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate, eval_batch_indices
+from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate
 from bigtrain.distributed import DistEnv, detect_env, init_process_group
 from bigtrain.engine import Engine
 from bigtrain.engine.local import LocalEngine
@@ -27,7 +27,7 @@ from bigtrain.models import build_model, count_parameters, resolve_vocab_size
 from bigtrain.optim import build_schedule
 from bigtrain.parallel import apply_activation_checkpointing
 from bigtrain.train import checkpoint as ckpt
-from bigtrain.train.evaluate import evaluate
+from bigtrain.train.evaluate import evaluate, heldout_batches
 from bigtrain.train.flops import flops_per_token, peak_flops
 from bigtrain.train.loss import count_input_tokens
 from bigtrain.train.metrics import MetricsLog, Progress
@@ -125,10 +125,7 @@ class Trainer:
 
     def eval_batches(self) -> list[dict[str, torch.Tensor]]:
         """The held-out batches; every rank evaluates all of them (ZeRO-3 needs every rank in each forward)."""
-        groups = eval_batch_indices(len(self.heldout_set), self.cfg.train.micro_batch_size,
-                                    self.cfg.train.eval_batches)
-        return [self._to_device(collate([self.heldout_set[i] for i in g], self.cfg.model.family,
-                                        self.tokenizer.pad_id)) for g in groups]
+        return heldout_batches(self.cfg, self.tokenizer, self.heldout_set, self.device)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -175,7 +172,7 @@ class Trainer:
                 result = self.engine.train_step(batches, lr, layer_norms=log_now and cfg.log.tensorboard)
                 state.step += 1
                 if not memory_reported:
-                    report = self.engine.memory_report()
+                    report = self.engine.memory_report(self.run_dir)
                     memory_reported = True
                     if report is not None:
                         progress.write(report)
