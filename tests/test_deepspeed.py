@@ -174,5 +174,7 @@ def test_passthrough_may_not_contradict():
         load_config(None, [*base, "deepspeed.optimizer.type=Adam"], world_size=2)
     with pytest.raises(ConfigError, match=r"lamb.*zero_stage=3 is refused"):
         load_config(None, [*base, "optim.name=lamb", "parallel.zero_stage=3"], world_size=2)
+    with pytest.raises(ConfigError, match=r"lamb.*precision=bf16 and parallel.zero_stage=0 is refused"):
+        load_config(None, [*base, "optim.name=lamb", "train.precision=bf16"], world_size=2)
     cfg = load_config(None, [*base, "deepspeed.zero_optimization.reduce_bucket_size=1000"], world_size=2)
     assert cfg.deepspeed == {"zero_optimization": {"reduce_bucket_size": 1000}}

@@ -104,6 +104,10 @@ def check_parallel(cfg: Config, world_size: int) -> None:
                  f"optim.name='lamb' with parallel.zero_stage={p.zero_stage} is refused: ZeRO-3 partitions "
                  f"parameters so that bigtrain cannot compute LAMB's per-tensor trust ratios exactly. Use "
                  f"parallel.zero_stage=1 or 2 (exact), or optim.name=adamw.")
+        _require(p.zero_stage > 0 or cfg.train.precision == "fp32",
+                 f"optim.name='lamb' with train.precision={cfg.train.precision} and parallel.zero_stage=0 is refused: "
+                 f"DeepSpeed's mixed-precision optimizer flattens all parameters, so the per-tensor trust ratios "
+                 f"would be wrong. Use parallel.zero_stage=1 or 2 (exact), or train.precision=fp32.")
     if uses_deepspeed(cfg, world_size):
         from bigtrain.engine.ds_config import derive_deepspeed_config
 
