@@ -127,18 +127,20 @@ def test_resume_at_two_ranks_and_consolidate(tmp_path, stage):
     assert single["eval_loss"] == pytest.approx(resumed_evals[20]["eval_loss"], rel=1e-6)
 
 
-def test_optimizer_state_halves_with_two_ranks(tmp_path):
-    """ZeRO-1: optimizer-state bytes per rank with 2 ranks are half the 1-rank figure (within 5%), and every
-    measured figure is within 5% of the ZeRO formula."""
+@pytest.mark.parametrize("stage", [1, 3])
+def test_optimizer_state_halves_with_two_ranks(tmp_path, stage):
+    """ZeRO-1/3: optimizer-state bytes per rank with 2 ranks are half the 1-rank figure (within 5%), and every
+    measured figure is within 5% of the ZeRO formula (fp32: b = 4, K = 12)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _launch_ok(1, _overrides(one, "parallel.zero_stage=1", "train.steps=2"))
-    out = _launch_ok(2, _overrides(two, "parallel.zero_stage=1", "train.steps=2"))
+    _launch_ok(1, _overrides(one, f"parallel.zero_stage={stage}", "train.steps=2"))
+    out = _launch_ok(2, _overrides(two, f"parallel.zero_stage={stage}", "train.steps=2"))
     assert "formula" in out and "optim MiB" in out
     m1, m2 = (json.loads((d / "memory.json").read_text()) for d in (one, two))
     single = m1["ranks"][0]["optimizer"]
     for rank in m2["ranks"]:
         assert rank["optimizer"] == pytest.approx(single / 2, rel=0.05)
     for m in (m1, m2):
+        assert m["n_params"] == 27392
         for rank in m["ranks"]:
             for key in ("params", "grads", "optimizer"):
                 assert rank[key] == pytest.approx(m["formula"][key], rel=0.05), (key, m)

@@ -46,6 +46,7 @@ class DeepSpeedEngine:
         self.dp_size = env.world_size  # tensor and pipeline sizes are 1 in this version
         self.group = dist.group.WORLD
         self.ds_config = derive_deepspeed_config(cfg, self.dp_size)
+        self.n_params = count_parameters(model)  # before ZeRO-3 replaces parameters by empty placeholders
         optimizer = build_optimizer(model, cfg.optim, lamb_class=ZeroLamb)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
@@ -61,7 +62,6 @@ class DeepSpeedEngine:
                     f"(zero_stage={cfg.parallel.zero_stage}, precision={cfg.train.precision}). Use "
                     f"parallel.zero_stage=1 or 2, or optim.name=adamw.")
             optimizer.attach_zero_partitions(self.optimizer, self.group)
-        self.n_params = count_parameters(self.model)
         self.last_grad_bytes: int | None = None
         self.measure_grads = True  # only for the first step, which the memory report describes
 

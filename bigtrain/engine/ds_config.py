@@ -36,6 +36,8 @@ def derive_deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    # bigtrain's own AdamW/LAMB then steps the CPU partitions (DeepSpeedCPUAdam would be faster, but is a
+    # compiled op and not LAMB).
     derived: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -46,6 +48,7 @@ def derive_deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,  # bigtrain hands over its own AdamW / LAMB
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,  # bigtrain logs progress itself
         "wall_clock_breakdown": False,
     }

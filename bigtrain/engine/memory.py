@@ -19,12 +19,14 @@ import torch
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
-    """Bytes of distinct tensors (views of one buffer, or one tensor reached twice, count once)."""
-    seen: dict[tuple[int, int], int] = {}
+    """Bytes of the distinct storages behind `tensors`: views into one flat buffer (as ZeRO keeps them) count
+    the buffer once, whole."""
+    seen: dict[int, int] = {}
     for t in tensors:
         if t is None or not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.numel() == 0:
             continue
-        seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 

@@ -50,6 +50,9 @@ class ZeroLamb(Lamb):
         squares = torch.zeros(2, n, dtype=torch.float32, device=p.device)
         squares[0].scatter_add_(0, seg, p.float().square())
         squares[1].scatter_add_(0, seg, update.float().square())
-        dist.all_reduce(squares, group=self.group)
-        norms = squares.sqrt()
+        # With optimizer offload the partition lives on the CPU, but nccl reduces only GPU tensors.
+        on_gpu = dist.get_backend(self.group) == "nccl"
+        reduced = squares.cuda() if on_gpu else squares
+        dist.all_reduce(reduced, group=self.group)
+        norms = reduced.to(p.device).sqrt()
         return norms[0][seg], norms[1][seg]
