@@ -47,12 +47,12 @@ def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
     if args.help_config:
         print(config_help())
         return 0
-    rank = 0
+    rank, world = 0, env_world()
     try:
         from bigtrain.distributed import detect_env
 
         env = detect_env()
-        rank = env.rank
+        rank, world = env.rank, env.world_size
         cfg = load_config(args.config or SMOKE_CONFIG, args.overrides, world_size=env.world_size)
         if args.print_config:
             if env.is_main:
@@ -62,7 +62,7 @@ def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
 
         result = train(cfg, env)
     except BigtrainError as err:
-        return fail(f"{err}", rank, env_world(), traceback_text=None)
+        return fail(f"{err}", rank, world, traceback_text=None)
     except KeyboardInterrupt:
         print("bigtrain: interrupted; the latest complete checkpoint is kept and a re-run resumes from it.",
               file=sys.stderr)
@@ -70,7 +70,11 @@ def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
     except Exception as err:  # a bug or an environment failure: keep the traceback, and never hang
         import traceback
 
-        return fail(f"{type(err).__name__}: {err}", rank, env_world(), traceback_text=traceback.format_exc())
+        return fail(f"{type(err).__name__}: {err}", rank, world, traceback_text=traceback.format_exc())
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     if rank == 0:
         if result.last_eval is not None:
             print(f"done: step {result.state.step}, eval_loss {result.last_eval['eval_loss']:.4f}, "
@@ -81,6 +85,7 @@ def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
 
 
 def env_world() -> int:
+    """WORLD_SIZE as the launcher set it (1 without a launcher or when unreadable)."""
     import os
 
     try:

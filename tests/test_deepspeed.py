@@ -67,6 +67,14 @@ def test_zero_stage_matches_single_process(reference, tmp_path, stage):
     assert json.loads((run_dir / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == stage
 
 
+@pytest.mark.parametrize("mode,stage", [("full", 3), ("selective", 2)])
+def test_activation_checkpointing_under_zero(reference, tmp_path, mode, stage):
+    """Recomputation in backward (ZeRO-3 re-gathers parameters for it) leaves the curve unchanged."""
+    run_dir = tmp_path / "run"
+    _launch_ok(2, _overrides(run_dir, f"parallel.zero_stage={stage}", f"parallel.activation_checkpointing={mode}"))
+    _assert_same_curve(reference, run_dir, rel=1e-5)
+
+
 def test_untied_embeddings_zero2(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     _single_process(_overrides(ref_dir, "model.tie_embeddings=false"))

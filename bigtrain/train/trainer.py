@@ -1,8 +1,12 @@
-"""The training loop on one device: build everything from the config, then step, log, evaluate, save.
+"""The training loop: build everything from the config, then step, log, evaluate, save.
 
     for step in steps:
-        global batch (same samples whatever the layout) -> micro-batches -> forward/backward -> clip -> update
+        global batch (same samples whatever the layout) -> this rank's slice -> micro-batches
+            -> engine.train_step (forward/backward, clip, update; plain PyTorch or DeepSpeed)
         log every log.every, evaluate every train.eval_every, checkpoint every checkpoint.every
+
+Rank 0 writes metrics, TensorBoard and the console; every rank runs the same evaluation and sampling (ZeRO-3
+needs all ranks in every forward).
 """
 
 from __future__ import annotations
