@@ -102,15 +102,23 @@ def test_bf16_zero2_reused_parameters_match_one_rank(tmp_path):
     assert losses[20]["loss"] < losses[1]["loss"] - 0.5  # it trains
 
 
+LAMB = ("optim.name=lamb", "train.steps=10", "optim.lr=2e-2")
+
+
+@pytest.fixture(scope="module")
+def lamb_reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("lamb") / "run"
+    _single_process(_overrides(run_dir, *LAMB))
+    return run_dir
+
+
 @pytest.mark.parametrize("stage", [1, 2])
-def test_lamb_exact_under_zero(tmp_path, stage):
+def test_lamb_exact_under_zero(lamb_reference, tmp_path, stage):
     """LAMB's per-tensor trust ratios survive ZeRO's flat partitions: 10 steps within 1e-5 of single-process
     LAMB (a per-shard ratio would differ at the first step, see tests/test_zero_lamb.py)."""
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    lamb = ("optim.name=lamb", "train.steps=10", "optim.lr=2e-2")
-    _single_process(_overrides(ref_dir, *lamb))
-    _launch_ok(2, _overrides(run_dir, *lamb, f"parallel.zero_stage={stage}"))
-    _assert_same_curve(ref_dir, run_dir, rel=1e-5, steps=10)
+    run_dir = tmp_path / "run"
+    _launch_ok(2, _overrides(run_dir, *LAMB, f"parallel.zero_stage={stage}"))
+    _assert_same_curve(lamb_reference, run_dir, rel=1e-5, steps=10)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -186,5 +194,7 @@ def test_passthrough_may_not_contradict():
         load_config(None, [*base, "optim.name=lamb", "parallel.zero_stage=3"], world_size=2)
     with pytest.raises(ConfigError, match=r"lamb.*precision=bf16 and parallel.zero_stage=0 is refused"):
         load_config(None, [*base, "optim.name=lamb", "train.precision=bf16"], world_size=2)
+    with pytest.raises(ConfigError, match=r"on_nonfinite='skip' is available with the plain PyTorch engine only"):
+        load_config(None, [*base, "train.on_nonfinite=skip"], world_size=2)
     cfg = load_config(None, [*base, "deepspeed.zero_optimization.reduce_bucket_size=1000"], world_size=2)
     assert cfg.deepspeed == {"zero_optimization": {"reduce_bucket_size": 1000}}

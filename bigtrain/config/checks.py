@@ -109,6 +109,10 @@ def check_parallel(cfg: Config, world_size: int) -> None:
                  f"DeepSpeed's mixed-precision optimizer flattens all parameters, so the per-tensor trust ratios "
                  f"would be wrong. Use parallel.zero_stage=1 or 2 (exact), or train.precision=fp32.")
     if uses_deepspeed(cfg, world_size):
+        _require(cfg.train.on_nonfinite == "stop",
+                 "train.on_nonfinite='skip' is available with the plain PyTorch engine only: DeepSpeed cannot drop "
+                 "one update from its gradient-accumulation cycle. DeepSpeed runs stop on a non-finite loss (fp16 "
+                 "overflow steps are still skipped by its loss scaler); set train.on_nonfinite=stop.")
         from bigtrain.engine.ds_config import derive_deepspeed_config
 
         derive_deepspeed_config(cfg, dp)  # raises on a contradicting deepspeed: passthrough
