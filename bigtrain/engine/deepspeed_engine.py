@@ -51,7 +51,6 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.model: TransformerLM = self.engine.module
-        self.base_optimizer = optimizer
         # Without a ZeRO / mixed-precision wrapper DeepSpeed clips fp32 gradients but does not report the
         # norm; bigtrain then measures it on the all-reduced gradients just before the update.
         self.unwrapped = self.optimizer is optimizer
