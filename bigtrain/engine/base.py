@@ -28,10 +28,5 @@ class Engine(Protocol):
     def load(self, checkpoint: Path) -> dict[str, Any]:
         """Restore model, optimizer and RNG from `checkpoint`; return the trainer state saved with it."""
 
-    def all_reduce_sum(self, value: float) -> float:
-        """Σ over data-parallel ranks."""
-
-    def barrier(self) -> None: ...
-
     def memory_report(self, run_dir: Path | None = None) -> str | None:
         """Measured bytes of parameters, gradients and optimizer state next to the ZeRO formula."""

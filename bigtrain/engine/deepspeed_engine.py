@@ -33,7 +33,7 @@ from bigtrain.errors import CheckpointError, ConfigError
 from bigtrain.models import TransformerLM, count_parameters
 from bigtrain.optim import build_optimizer, set_lr
 from bigtrain.train import checkpoint as ckpt
-from bigtrain.train.loss import count_targets, cross_entropy_sum, model_inputs
+from bigtrain.train.loss import count_input_tokens, count_targets, cross_entropy_sum, model_inputs
 from bigtrain.train.step import StepResult, per_layer_grad_norms
 
 
@@ -65,10 +65,11 @@ class DeepSpeedEngine:
         self.measure_grads = True  # only for the first step, which the memory report describes
 
     # ---- collectives ---------------------------------------------------------------------------------
-    def all_reduce_sum(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.engine.device)
+    def all_reduce_sum(self, *values: float) -> list[float]:
+        """Σ over the data-parallel ranks of a few numbers, in one collective."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(t, group=self.group)
-        return float(t)
+        return t.tolist()
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
@@ -77,7 +78,8 @@ class DeepSpeedEngine:
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool
                    ) -> StepResult:
         set_lr(self.optimizer, lr)
-        n_targets = self.all_reduce_sum(sum(count_targets(b) for b in micro_batches))
+        n_targets, n_tokens = self.all_reduce_sum(sum(count_targets(b) for b in micro_batches),
+                                                  sum(count_input_tokens(b) for b in micro_batches))
         total = torch.zeros((), dtype=torch.float32, device=self.engine.device)
         grad_norm, layer_grad_norms = math.nan, None
         last = len(micro_batches) - 1
@@ -89,10 +91,11 @@ class DeepSpeedEngine:
             if self.measure_grads:  # peak gradient bytes over the step (ZeRO-1 frees full gradients at the end)
                 self.last_grad_bytes = max(self.last_grad_bytes or 0, measure_grads(self.model, self.optimizer))
             if i == last:
-                loss_value = self.all_reduce_sum(float(total))
+                (loss_value,) = self.all_reduce_sum(float(total))
                 if not math.isfinite(loss_value) and self.cfg.train.precision != "fp16":
                     # Leave the update undone; the trainer stops with the step number.
-                    return StepResult(loss=loss_value, grad_norm=math.nan, skipped=True, finite=False)
+                    return StepResult(loss=loss_value, grad_norm=math.nan, skipped=True, finite=False,
+                                      tokens=round(n_tokens))
                 if self.unwrapped:  # gradients are complete and averaged here (ZeRO-0 all-reduces in backward)
                     grads = [p.grad for p in self.model.parameters() if p.grad is not None]
                     grad_norm = float(torch.nn.utils.get_total_norm(grads, foreach=True))
@@ -105,7 +108,7 @@ class DeepSpeedEngine:
         skipped = not self.engine.was_step_applied()
         return StepResult(loss=loss_value, grad_norm=grad_norm, skipped=skipped,
                           finite=math.isfinite(loss_value) and math.isfinite(grad_norm),
-                          layer_grad_norms=layer_grad_norms)
+                          layer_grad_norms=layer_grad_norms, tokens=round(n_tokens))
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def save(self, directory: Path, step: int, trainer_state: dict[str, Any], config_yaml: str,

@@ -52,11 +52,5 @@ class LocalEngine:
         ckpt.set_rng_state(trainer["rng"])
         return trainer["state"]
 
-    def all_reduce_sum(self, value: float) -> float:
-        return value
-
-    def barrier(self) -> None:
-        pass
-
     def memory_report(self, run_dir: Path | None = None) -> str | None:
         return None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from bigtrain.models import TransformerLM
-from bigtrain.train.loss import count_targets, cross_entropy_sum, model_inputs
+from bigtrain.train.loss import count_input_tokens, count_targets, cross_entropy_sum, model_inputs
 
 
 @dataclass
@@ -25,6 +25,7 @@ class StepResult:
     skipped: bool  # update not applied (non-finite loss or gradient, or an fp16 overflow)
     finite: bool  # loss and gradient norm are finite (fp16 overflows are normal and handled by the scaler)
     layer_grad_norms: dict[str, float] | None = None
+    tokens: int = 0  # real input tokens of the whole global batch (all ranks)
 
 
 def per_layer_grad_norms(model: TransformerLM) -> dict[str, float]:
@@ -68,4 +69,4 @@ def train_step(model: TransformerLM, optimizer: torch.optim.Optimizer, micro_bat
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=float(total), grad_norm=grad_norm, skipped=skipped, finite=finite,
-                      layer_grad_norms=layer_grad_norms)
+                      layer_grad_norms=layer_grad_norms, tokens=sum(count_input_tokens(b) for b in micro_batches))

@@ -33,7 +33,6 @@ from bigtrain.parallel import apply_activation_checkpointing
 from bigtrain.train import checkpoint as ckpt
 from bigtrain.train.evaluate import evaluate, heldout_batches
 from bigtrain.train.flops import flops_per_token, peak_flops
-from bigtrain.train.loss import count_input_tokens
 from bigtrain.train.metrics import MetricsLog, Progress
 from bigtrain.train.precision import autocast, check_precision, resolve_device
 from bigtrain.train.sample import sample
@@ -186,9 +185,8 @@ class Trainer:
                         f"Non-finite loss or gradient at step {state.step} (loss {result.loss}, grad_norm "
                         f"{result.grad_norm}); no update was applied. Lower optim.lr, check the data, or set "
                         f"train.on_nonfinite=skip to skip such steps.")
-                step_tokens = round(self.engine.all_reduce_sum(sum(count_input_tokens(b) for b in batches)))
-                state.tokens += step_tokens
-                window_tokens += step_tokens
+                state.tokens += result.tokens
+                window_tokens += result.tokens
 
                 if log_now:
                     elapsed = time.perf_counter() - window_t0
