@@ -59,7 +59,8 @@ def test_zero_lamb_matches_per_tensor_lamb(gloo_world_of_one):
     zero = ZeroLamb([sharded], **kw)
     fake = types.SimpleNamespace(single_partition_of_fp32_groups=[sharded], partition_size=[flat.numel()],
                                  round_robin_bit16_offsets=[offsets],
-                                 round_robin_bit16_meta=[[torch.empty(t.shape, device="meta") for t in tensors]])
+                                 round_robin_bit16_meta=[[torch.empty(t.shape, device="meta") for t in tensors]],
+                                 round_robin_bit16_groups=[tensors])
     zero.attach_zero_partitions(fake, gloo_world_of_one)
     _run(zero, [sharded], flat_grads)
 

@@ -27,16 +27,33 @@ def _fraction(name: str, value: float, low_open: bool = False, high_open: bool =
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     """World size divided by the model-parallel sizes (tensor * pipeline)."""
+    from bigtrain.parallel.layout import Layout  # bigtrain.parallel imports the models, which import config
+
     p = cfg.parallel
-    model_parallel = p.tensor * p.pipeline
-    _require(world_size % model_parallel == 0,
-             f"parallel.tensor ({p.tensor}) * parallel.pipeline ({p.pipeline}) = {model_parallel} "
-             f"does not divide the world size {world_size}. Choose sizes whose product divides it.")
-    dp = world_size // model_parallel
-    if p.data is not None:
-        _require(p.data == dp, f"parallel.data={p.data} but world size {world_size} / (tensor {p.tensor} "
-                 f"* pipeline {p.pipeline}) = {dp}. Set parallel.data={dp} or leave it null.")
-    return dp
+    return Layout.for_world(p.tensor, p.pipeline, world_size, p.data).data
+
+
+def check_tensor_parallel(cfg: Config) -> None:
+    """The model must split evenly over parallel.tensor ranks; checked before the world size matters."""
+    p, m = cfg.parallel, cfg.model
+    if p.tensor == 1:
+        _require(not p.sequence_parallel, "parallel.sequence_parallel=true cuts the sequence over the tensor-"
+                 "parallel ranks, but parallel.tensor=1. Set parallel.tensor > 1 or sequence_parallel=false.")
+        return
+    from bigtrain.parallel.tensor import check_divisible
+
+    problems = check_divisible(m, m.vocab_size, p.tensor)
+    if m.vocab_size is None and m.vocab_multiple % p.tensor:
+        problems.append(f"model.vocab_multiple={m.vocab_multiple} (the automatic vocabulary size is a multiple "
+                        f"of it) is not divisible by parallel.tensor={p.tensor}")
+    _require(not problems, f"The model does not split over parallel.tensor={p.tensor} ranks: "
+             f"{'; '.join(problems)}. Choose a tensor size that divides each of them (or change the model).")
+    if p.sequence_parallel:
+        longest = -(-cfg.data.seq_len // p.tensor) * p.tensor
+        _require(longest <= m.max_seq_len,
+                 f"parallel.sequence_parallel pads sequences to a multiple of parallel.tensor={p.tensor}: "
+                 f"data.seq_len={cfg.data.seq_len} becomes {longest} > model.max_seq_len={m.max_seq_len}. "
+                 f"Raise model.max_seq_len to {longest} or pick a data.seq_len divisible by {p.tensor}.")
 
 
 def check_model(cfg: Config) -> None:
@@ -87,11 +104,11 @@ def check_parallel(cfg: Config, world_size: int) -> None:
     _positive("parallel.pipeline", p.pipeline)
     _positive("parallel.checkpoint_every_n_layers", p.checkpoint_every_n_layers)
     _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}.")
+    check_tensor_parallel(cfg)
     dp = data_parallel_size(cfg, world_size)
-    # Tensor and pipeline parallelism arrive with the next roadmap steps.
-    for key, value in (("tensor", p.tensor), ("pipeline", p.pipeline)):
-        _require(value == 1, f"parallel.{key}={value} is not supported by this version of bigtrain yet (data "
-                 f"parallelism and ZeRO only); set parallel.{key}=1.")
+    # Pipeline parallelism arrives with the next roadmap step.
+    _require(p.pipeline == 1, f"parallel.pipeline={p.pipeline} is not supported by this version of bigtrain yet "
+             f"(data, tensor and ZeRO parallelism); set parallel.pipeline=1.")
     if p.engine == "torch":
         _require(world_size == 1 and p.zero_stage == 0,
                  f"parallel.engine='torch' runs one process without ZeRO, but the world size is {world_size} and "

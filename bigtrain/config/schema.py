@@ -55,7 +55,10 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor: int = opt(1, "tensor-parallel size (Megatron-style)")
+    tensor: int = opt(1, "tensor-parallel size (Megatron-style): heads, FFN width and vocabulary split over "
+                      "this many ranks")
+    sequence_parallel: bool = opt(
+        False, "with tensor > 1: norms and residual dropout run on sequence shards (Korthikanti et al. 2022)")
     pipeline: int = opt(1, "pipeline-parallel size (stages)")
     data: int | None = opt(None, "data-parallel size; null = world size / (tensor * pipeline)")
     zero_stage: int = opt(0, "ZeRO optimizer sharding stage, 0-3")

@@ -13,30 +13,32 @@ from bigtrain.errors import DataError
 IGNORE = -100
 
 
-def pad_stack(seqs: list[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(padded [B, T] int64, mask [B, T] bool) for 1-D tensors, T = the longest length."""
+def pad_stack(seqs: list[torch.Tensor], value: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(padded [B, T] int64, mask [B, T] bool) for 1-D tensors, T = the longest length rounded up to a
+    multiple of `multiple` (sequence parallelism cuts T into equal shards)."""
     lengths = torch.tensor([len(s) for s in seqs])
-    out = torch.full((len(seqs), int(lengths.max())), value, dtype=torch.long)
+    longest = int(lengths.max())
+    out = torch.full((len(seqs), -(-longest // multiple) * multiple), value, dtype=torch.long)
     for row, seq in zip(out, seqs, strict=True):
         row[:len(seq)] = seq
     return out, torch.arange(out.shape[1]) < lengths[:, None]
 
 
-def collate(samples: list[dict], family: str, pad_id: int) -> dict[str, torch.Tensor]:
-    """The batch of `samples` for model.family `family`."""
+def collate(samples: list[dict], family: str, pad_id: int, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """The batch of `samples` for model.family `family`; lengths padded to a multiple of `pad_multiple`."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     def field(name: str) -> list[torch.Tensor]:
         return [s[name] for s in samples]
 
-    input_ids, attention_mask = pad_stack(field("input_ids"), pad_id)
-    labels, _ = pad_stack(field("labels"), IGNORE)
+    input_ids, attention_mask = pad_stack(field("input_ids"), pad_id, pad_multiple)
+    labels, _ = pad_stack(field("labels"), IGNORE, pad_multiple)
     if family == "causal":
         return {"input_ids": input_ids, "labels": labels}
     if family == "masked":
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     if family == "seq2seq":
-        decoder_input_ids, decoder_attention_mask = pad_stack(field("decoder_input_ids"), pad_id)
+        decoder_input_ids, decoder_attention_mask = pad_stack(field("decoder_input_ids"), pad_id, pad_multiple)
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask,
                 "labels": labels}

@@ -4,11 +4,15 @@ Loss scaling keeps the logged loss and the gradient those of the whole global ba
 target tokens, one all-reduce gives N (global), and each micro-batch backpropagates Σ ce / N · N_d with
 DeepSpeed's division by gradient-accumulation steps turned off; DeepSpeed's data-parallel averaging then
 divides by N_d, so every rank's gradient is ∇(Σ_global ce / N) — the single-device gradient.
+
+The process groups come from one `ParallelGroups` (also DeepSpeed's `mpu`): data parallelism and ZeRO act
+over the data group; under tensor parallelism each rank of a tensor group holds one shard of the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -32,24 +36,30 @@ from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import CheckpointError, ConfigError
 from bigtrain.models import TransformerLM, count_parameters
 from bigtrain.optim import build_optimizer, set_lr
+from bigtrain.parallel.grad_norm import global_grad_norm
+from bigtrain.parallel.layout import ParallelGroups
 from bigtrain.train import checkpoint as ckpt
-from bigtrain.train.loss import count_input_tokens, count_targets, cross_entropy_sum, model_inputs
+from bigtrain.train.loss import Criterion, count_input_tokens, count_targets, model_inputs
 from bigtrain.train.step import StepResult, per_layer_grad_norms
 
 
 class DeepSpeedEngine:
-    def __init__(self, cfg: Config, model: TransformerLM, env: DistEnv) -> None:
+    def __init__(self, cfg: Config, model: TransformerLM, env: DistEnv, groups: ParallelGroups,
+                 criterion: Criterion | None = None) -> None:
         import deepspeed
 
-        self.cfg, self.env = cfg, env
-        self.rank = self.dp_rank = env.rank
-        self.dp_size = env.world_size  # tensor and pipeline sizes are 1 in this version
-        self.group = dist.group.WORLD
+        self.cfg, self.env, self.groups = cfg, env, groups
+        self.criterion = criterion or Criterion()
+        self.rank = env.rank
+        self.dp_rank, self.dp_size = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
+        self.group = groups.data_group
         self.ds_config = derive_deepspeed_config(cfg, self.dp_size)
         self.n_params = count_parameters(model)  # before ZeRO-3 replaces parameters by empty placeholders
-        optimizer = build_optimizer(model, cfg.optim, lamb_class=ZeroLamb)
+        tensor_group = groups.tensor_group if groups.layout.tensor > 1 else None
+        optimizer = build_optimizer(model, cfg.optim,
+                                    lamb_class=functools.partial(ZeroLamb, tensor_group=tensor_group))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 config=self.ds_config)
+                                                                 config=self.ds_config, mpu=groups)
         self.model: TransformerLM = self.engine.module
         # Without a ZeRO / mixed-precision wrapper DeepSpeed clips fp32 gradients but does not report the
         # norm; bigtrain then measures it on the all-reduced gradients just before the update.
@@ -85,7 +95,7 @@ class DeepSpeedEngine:
         last = len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
             logits = self.engine(**model_inputs(batch))
-            loss = cross_entropy_sum(logits, batch["labels"]) / n_targets
+            loss = self.criterion.loss_sum(logits, batch["labels"]) / n_targets
             self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
             total += loss.detach()
             if self.measure_grads:  # peak gradient bytes over the step (ZeRO-1 frees full gradients at the end)
@@ -97,8 +107,7 @@ class DeepSpeedEngine:
                     return StepResult(loss=loss_value, grad_norm=math.nan, skipped=True, finite=False,
                                       tokens=round(n_tokens))
                 if self.unwrapped:  # gradients are complete and averaged here (ZeRO-0 all-reduces in backward)
-                    grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                    grad_norm = float(torch.nn.utils.get_total_norm(grads, foreach=True))
+                    grad_norm = global_grad_norm(self.model.parameters(), self.groups)
                     if layer_norms:
                         layer_grad_norms = per_layer_grad_norms(self.model)
             self.engine.step()
@@ -166,7 +175,9 @@ class DeepSpeedEngine:
                 "zero_stage": p.zero_stage, "dp_size": self.dp_size, "precision": t.precision,
                 "n_params": self.n_params, "formula": dataclasses.asdict(formula),
                 "ranks": [dataclasses.asdict(m) for m in gathered]}, indent=1) + "\n")
-        title = (f"model-state memory per rank in step 1 (gradients: peak over its micro-batches)\n"
+        shard = (f", tensor-parallel shard {self.groups.layout.tensor}-way (Ψ = this rank's share)"
+                 if self.groups.layout.tensor > 1 else "")
+        title = (f"model-state memory per rank in step 1 (gradients: peak over its micro-batches){shard}\n"
                  f"ZeRO-{p.zero_stage}, {self.dp_size} data-parallel ranks, {t.precision}, "
                  f"Ψ = {self.n_params} parameters, K = {12 if master else 8} bytes")
         return format_report(gathered, formula, title)

@@ -1,4 +1,4 @@
-"""LAMB that stays exact when DeepSpeed's ZeRO-1/2 flattens parameters into one fp32 partition per rank.
+"""LAMB that stays exact when parameters are cut into pieces: ZeRO-1/2 partitions and tensor-parallel shards.
 
 ZeRO hands the optimizer one flat tensor per parameter group: this rank's slice of the concatenation of the
 group's parameters (with alignment padding). A plain LAMB would compute one trust ratio for that slice. Here
@@ -6,6 +6,10 @@ every element is labelled with the parameter it belongs to (a segment id); per-p
 w and of the update are computed with scatter_add over this rank's slice and all-reduced over the
 data-parallel group, giving ||w|| and ||r|| of every whole parameter, so each element gets its parameter's
 ratio ||w|| / ||r|| exactly as unsharded LAMB does (up to floating-point summation order).
+
+Under tensor parallelism a parameter's shards live on the ranks of the tensor group: for parameters marked
+`tensor_model_parallel` the sums of squares are also all-reduced over that group (replicated parameters are
+whole on every rank and are not).
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bigtrain.optim.lamb import Lamb
+from bigtrain.parallel.tensor import is_tensor_parallel
 
 
 class ZeroLamb(Lamb):
-    """LAMB whose norms of flat ZeRO partitions are per original parameter, reduced over ranks."""
+    """LAMB whose norms of flat ZeRO partitions and of tensor shards are those of whole parameters."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, tensor_group: dist.ProcessGroup | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.segments: dict[int, tuple[Tensor, int]] = {}
+        self.segments: dict[int, tuple[Tensor, int, Tensor]] = {}
         self.group: dist.ProcessGroup | None = None
+        self.tensor_group = tensor_group
 
     def attach_zero_partitions(self, zero_optimizer: object, group: dist.ProcessGroup) -> None:
         """Label the elements of each flat partition of a DeepSpeedZeroOptimizer (stage 1 or 2)."""
@@ -33,6 +39,7 @@ class ZeroLamb(Lamb):
             size = zero_optimizer.partition_size[i]
             offsets = zero_optimizer.round_robin_bit16_offsets[i]
             metas = zero_optimizer.round_robin_bit16_meta[i]
+            params = zero_optimizer.round_robin_bit16_groups[i]
             n = len(metas)
             seg = torch.full((flat.numel(),), n, dtype=torch.long, device=flat.device)  # n = padding
             lo, hi = rank * size, rank * size + flat.numel()
@@ -40,19 +47,31 @@ class ZeroLamb(Lamb):
                 a, b = max(offset, lo), min(offset + meta.numel(), hi)
                 if a < b:
                     seg[a - lo:b - lo] = j
-            self.segments[id(flat)] = (seg, n + 1)
+            sharded = torch.tensor([is_tensor_parallel(p) for p in params] + [False], device=flat.device)
+            self.segments[id(flat)] = (seg, n + 1, sharded)
+
+    def _all_reduce(self, t: Tensor, group: dist.ProcessGroup) -> Tensor:
+        # With optimizer offload the partition lives on the CPU, but nccl reduces only GPU tensors.
+        on_gpu = dist.get_backend(group) == "nccl"
+        reduced = t.cuda() if on_gpu else t
+        dist.all_reduce(reduced, group=group)
+        return reduced.to(t.device)
 
     def _tensor_norms(self, p: Tensor, update: Tensor) -> tuple[Tensor, Tensor]:
         info = self.segments.get(id(p))
-        if info is None:
-            return super()._tensor_norms(p, update)
-        seg, n = info
+        if info is None:  # a whole parameter, or its tensor shard (no ZeRO partitioning)
+            if self.tensor_group is None or not is_tensor_parallel(p):
+                return super()._tensor_norms(p, update)
+            squares = torch.stack([p.float().square().sum(), update.float().square().sum()])
+            norms = self._all_reduce(squares, self.tensor_group).sqrt()
+            return norms[0], norms[1]
+        seg, n, sharded = info
         squares = torch.zeros(2, n, dtype=torch.float32, device=p.device)
         squares[0].scatter_add_(0, seg, p.float().square())
         squares[1].scatter_add_(0, seg, update.float().square())
-        # With optimizer offload the partition lives on the CPU, but nccl reduces only GPU tensors.
-        on_gpu = dist.get_backend(self.group) == "nccl"
-        reduced = squares.cuda() if on_gpu else squares
-        dist.all_reduce(reduced, group=self.group)
-        norms = reduced.to(p.device).sqrt()
+        squares = self._all_reduce(squares, self.group)
+        if self.tensor_group is not None and bool(sharded.any()):
+            across = self._all_reduce(squares * sharded, self.tensor_group)
+            squares = torch.where(sharded, across, squares)
+        norms = squares.sqrt()
         return norms[0][seg], norms[1][seg]

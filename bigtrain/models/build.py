@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from bigtrain.config import ModelConfig
-from bigtrain.models.init import init_weights
+from bigtrain.models.init import Shard, init_weights
 from bigtrain.models.transformer import MODEL_CLASSES, TransformerLM
 
 
@@ -23,16 +25,22 @@ def resolve_vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:
     return (tokenizer_vocab + m - 1) // m * m
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, device: str | torch.device = "cpu",
-                seed: int = 0) -> TransformerLM:
-    """The model for `cfg.family`; on device 'meta' only shapes exist (no memory, no init)."""
+def build_model(cfg: ModelConfig, vocab_size: int, device: str | torch.device = "cpu", seed: int = 0,
+                transform: Callable[[TransformerLM], dict[str, Shard]] | None = None) -> TransformerLM:
+    """The model for `cfg.family`; on device 'meta' only shapes exist (no memory, no init).
+
+    `transform` rewrites the model while it is still on the meta device (tensor parallelism replaces
+    layers by their shards) and returns which parameters it sharded, so that initialization draws the
+    full tensors and keeps this rank's slices.
+    """
     with torch.device("meta"):
         model = MODEL_CLASSES[cfg.family](cfg, vocab_size)
+    shards = transform(model) if transform is not None else None
     if torch.device(device).type == "meta":
         return model
     model.to_empty(device=device)
     model.tie_weights()
-    init_weights(model, seed)
+    init_weights(model, seed, shards)
     return model
 
 

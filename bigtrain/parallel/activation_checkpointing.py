@@ -22,6 +22,7 @@ def _checkpointed(fn):
     @functools.wraps(fn)
     def run(*args, **kwargs):
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    run.recomputed = True
     return run
 
 
@@ -40,4 +41,4 @@ def apply_activation_checkpointing(model: TransformerLM, mode: str, every_n_laye
 
 
 def is_checkpointed(module: nn.Module) -> bool:
-    return hasattr(module.forward, "__wrapped__")
+    return getattr(module.forward, "recomputed", False)

@@ -13,21 +13,22 @@ from bigtrain.config import Config
 from bigtrain.data import Tokenizer, collate, eval_batch_indices
 from bigtrain.errors import CheckpointError
 from bigtrain.models import TransformerLM
-from bigtrain.train.loss import correct_predictions, cross_entropy_sum, model_inputs
+from bigtrain.train.loss import Criterion, correct_predictions, model_inputs
 
 
 @torch.no_grad()
 def evaluate(model: TransformerLM, batches: list[dict[str, torch.Tensor]],
-             autocast: Callable[[], object]) -> dict[str, float]:
+             autocast: Callable[[], object], criterion: Criterion | None = None) -> dict[str, float]:
     """eval_loss = Σ token losses / Σ target tokens over all held-out batches (not a mean of batch means)."""
+    criterion = criterion or Criterion()
     was_training = model.training
     model.eval()
     loss_sum, correct, targets, seq_ok, seqs = 0.0, 0, 0, 0, 0
     for batch in batches:
         with autocast():
             logits = model(**model_inputs(batch))
-        loss_sum += float(cross_entropy_sum(logits, batch["labels"]))
-        c, t, s, n = correct_predictions(logits, batch["labels"])
+        loss_sum += float(criterion.loss_sum(logits, batch["labels"]))
+        c, t, s, n = correct_predictions(criterion.predictions(logits), batch["labels"])
         correct, targets, seq_ok, seqs = correct + c, targets + t, seq_ok + s, seqs + n
     model.train(was_training)
     loss = loss_sum / max(targets, 1)
@@ -35,12 +36,12 @@ def evaluate(model: TransformerLM, batches: list[dict[str, torch.Tensor]],
             "eval_sequence_accuracy": seq_ok / max(seqs, 1), "eval_tokens": targets}
 
 
-def heldout_batches(cfg: Config, tokenizer: Tokenizer, heldout: Dataset, device: torch.device
-                    ) -> list[dict[str, torch.Tensor]]:
+def heldout_batches(cfg: Config, tokenizer: Tokenizer, heldout: Dataset, device: torch.device,
+                    pad_multiple: int = 1) -> list[dict[str, torch.Tensor]]:
     """The first train.eval_batches held-out batches of train.micro_batch_size samples, in order."""
     groups = eval_batch_indices(len(heldout), cfg.train.micro_batch_size, cfg.train.eval_batches)
-    return [{k: v.to(device) for k, v in collate([heldout[i] for i in g], cfg.model.family,
-                                                 tokenizer.pad_id).items()} for g in groups]
+    return [{k: v.to(device) for k, v in collate([heldout[i] for i in g], cfg.model.family, tokenizer.pad_id,
+                                                 pad_multiple).items()} for g in groups]
 
 
 def evaluate_weights(weights_dir: Path, overrides: list[str] | None = None) -> dict[str, float]:

@@ -32,9 +32,27 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
                            reduction="sum")
 
 
-def correct_predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int, int]:
-    """(correct tokens, target tokens, fully correct sequences, sequences) for accuracy reports."""
+def correct_predictions(predictions: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int, int]:
+    """(correct tokens, target tokens, fully correct sequences, sequences) for accuracy reports;
+    predictions: [B, T] token ids (the argmax of the logits)."""
     valid = labels != IGNORE_INDEX
-    hit = (logits.argmax(-1) == labels) & valid
+    hit = (predictions == labels) & valid
     seq_ok = (hit | ~valid).all(-1) & valid.any(-1)
     return int(hit.sum()), int(valid.sum()), int(seq_ok.sum()), int(valid.any(-1).sum())
+
+
+class Criterion:
+    """What the trainer does with a model's logits: the summed loss, predictions, and full logits.
+
+    This one reads logits over the whole vocabulary; tensor parallelism substitutes
+    `bigtrain.parallel.cross_entropy.VocabParallelCriterion`, whose logits are vocabulary shards.
+    """
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_sum(logits, labels)
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1)
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits

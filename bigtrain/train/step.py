@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from bigtrain.models import TransformerLM
-from bigtrain.train.loss import count_input_tokens, count_targets, cross_entropy_sum, model_inputs
+from bigtrain.train.loss import Criterion, count_input_tokens, count_targets, model_inputs
 
 
 @dataclass
@@ -41,14 +41,16 @@ def per_layer_grad_norms(model: TransformerLM) -> dict[str, float]:
 
 def train_step(model: TransformerLM, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, torch.Tensor]],
                autocast: Callable[[], object], grad_clip: float,
-               scaler: torch.amp.GradScaler | None = None, layer_norms: bool = False) -> StepResult:
+               scaler: torch.amp.GradScaler | None = None, layer_norms: bool = False,
+               criterion: Criterion | None = None) -> StepResult:
     """Forward/backward every micro-batch, clip the global gradient norm, and apply one update."""
+    criterion = criterion or Criterion()
     n_targets = sum(count_targets(b) for b in micro_batches)
     total = torch.zeros((), dtype=torch.float32, device=micro_batches[0]["labels"].device)
     for batch in micro_batches:
         with autocast():
             logits = model(**model_inputs(batch))
-        loss = cross_entropy_sum(logits, batch["labels"]) / n_targets
+        loss = criterion.loss_sum(logits, batch["labels"]) / n_targets
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()  # stays on the device: one sync per step, below
     if scaler is not None:

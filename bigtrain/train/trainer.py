@@ -30,9 +30,13 @@ from bigtrain.errors import CheckpointError, TrainingError
 from bigtrain.models import build_model, count_parameters, resolve_vocab_size
 from bigtrain.optim import build_schedule
 from bigtrain.parallel import apply_activation_checkpointing
+from bigtrain.parallel.cross_entropy import VocabParallelCriterion
+from bigtrain.parallel.layout import Layout, ParallelGroups
+from bigtrain.parallel.tensor import TensorParallel, build_tensor_parallel_model
 from bigtrain.train import checkpoint as ckpt
 from bigtrain.train.evaluate import evaluate, heldout_batches
 from bigtrain.train.flops import flops_per_token, peak_flops
+from bigtrain.train.loss import Criterion
 from bigtrain.train.metrics import MetricsLog, Progress
 from bigtrain.train.precision import autocast, check_precision, resolve_device
 from bigtrain.train.sample import sample
@@ -68,9 +72,13 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.is_main = env.is_main
+        p = cfg.parallel
+        self.layout = Layout.for_world(p.tensor, p.pipeline, env.world_size, p.data)
         distributed = uses_deepspeed(cfg, env.world_size)
+        self.groups: ParallelGroups | None = None
         if distributed:
             init_process_group(env, self.device)
+            self.groups = ParallelGroups(self.layout, env.rank)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -85,16 +93,27 @@ class Trainer:
         self.sampler = GlobalBatchSampler(self.train_set, t.global_batch_size, t.seed, bucket_size=bucket)
 
         vocab = resolve_vocab_size(cfg.model, self.tokenizer.vocab_size)
-        model = build_model(cfg.model, vocab, self.device, seed=t.seed)
-        apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing,
-                                       cfg.parallel.checkpoint_every_n_layers)
+        self.full_model = build_model(cfg.model, vocab, "meta")  # shapes only: parameter count and FLOPs
+        self.criterion, self.pad_multiple = Criterion(), 1
+        if self.layout.tensor > 1:
+            assert self.groups is not None
+            tp = TensorParallel(self.groups.tensor_group, self.groups.get_tensor_model_parallel_rank(),
+                                self.layout.tensor, p.sequence_parallel)
+            model, _ = build_tensor_parallel_model(cfg.model, vocab, self.device, t.seed, tp)
+            self.criterion = VocabParallelCriterion(tp.group, tp.rank, tp.size)
+            self.pad_multiple = tp.size if tp.sequence_parallel else 1
+        else:
+            model = build_model(cfg.model, vocab, self.device, seed=t.seed)
+        apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n_layers)
         self.autocast = lambda: autocast(t.precision, self.device)
-        torch.manual_seed(t.seed + env.rank)  # dropout stream per rank; restored exactly on resume
+        # Dropout stream per replica (equal on the tensor ranks of one replica); restored exactly on resume.
+        torch.manual_seed(t.seed + self.layout.seed_offset(env.rank))
         self.engine: Engine
         if distributed:
             from bigtrain.engine.deepspeed_engine import DeepSpeedEngine
 
-            self.engine = DeepSpeedEngine(cfg, model, env)
+            assert self.groups is not None
+            self.engine = DeepSpeedEngine(cfg, model, env, self.groups, self.criterion)
             if self.is_main:
                 (self.run_dir / "deepspeed_config.json").write_text(self.engine.describe() + "\n")
                 print(f"bigtrain: DeepSpeed config (also in {self.run_dir / 'deepspeed_config.json'}):\n"
@@ -103,8 +122,9 @@ class Trainer:
             self.engine = LocalEngine(cfg, model, self.device, self.autocast)
         self.model = self.engine.model
         self.lr_at = build_schedule(cfg.schedule, cfg.optim.lr, t.steps, cfg.model.d_model)
-        self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len)
-        self.peak = peak_flops(self.device, cfg.log.peak_tflops)
+        self.flops_per_token = flops_per_token(self.full_model, cfg.data.seq_len)
+        peak = peak_flops(self.device, cfg.log.peak_tflops)
+        self.peak = peak * env.world_size if peak else None  # tokens/s counts every rank's tokens
 
         self.state = TrainState()
         self.resumed_from: Path | None = None
@@ -123,12 +143,12 @@ class Trainer:
         indices = indices[self.engine.dp_rank * share:(self.engine.dp_rank + 1) * share]
         size = self.cfg.train.micro_batch_size
         return [self._to_device(collate([self.train_set[i] for i in indices[s:s + size]],
-                                        self.cfg.model.family, self.tokenizer.pad_id))
+                                        self.cfg.model.family, self.tokenizer.pad_id, self.pad_multiple))
                 for s in range(0, len(indices), size)]
 
     def eval_batches(self) -> list[dict[str, torch.Tensor]]:
         """The held-out batches; every rank evaluates all of them (ZeRO-3 needs every rank in each forward)."""
-        return heldout_batches(self.cfg, self.tokenizer, self.heldout_set, self.device)
+        return heldout_batches(self.cfg, self.tokenizer, self.heldout_set, self.device, self.pad_multiple)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -137,6 +157,15 @@ class Trainer:
             return
         saved_cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()),
                                      world_size=self.env.world_size)
+        saved, now = saved_cfg.parallel, self.cfg.parallel
+        if (saved.tensor, saved.pipeline, saved.sequence_parallel) != (now.tensor, now.pipeline,
+                                                                       now.sequence_parallel):
+            raise CheckpointError(
+                f"run.dir {self.run_dir} holds a checkpoint written with parallel.tensor={saved.tensor}, "
+                f"pipeline={saved.pipeline}, sequence_parallel={saved.sequence_parallel}, but this run uses "
+                f"tensor={now.tensor}, pipeline={now.pipeline}, sequence_parallel={now.sequence_parallel}. Resume "
+                f"with the layout that wrote it (`bigtrain consolidate` turns it into single-device weights), or "
+                f"use a new run.dir.")
         if saved_cfg.model != self.cfg.model:
             diff = [f"model.{f.name}: {getattr(saved_cfg.model, f.name)!r} -> {getattr(self.cfg.model, f.name)!r}"
                     for f in dataclasses.fields(self.cfg.model)
@@ -157,10 +186,11 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         metrics = MetricsLog(self.run_dir, cfg.log.tensorboard, resume_step=state.step, enabled=self.is_main)
         progress = Progress(t.steps, state.step, cfg.log.progress, enabled=self.is_main)
-        n_params = count_parameters(self.model)
+        n_params = count_parameters(self.full_model)
         progress.write(f"bigtrain: {cfg.model.family} model, {n_params / 1e6:.2f}M parameters, "
                        f"{len(self.train_set)} training / {len(self.heldout_set)} held-out samples, "
-                       f"{self.env.world_size} rank(s) (launcher: {self.env.launcher}), {type(self.engine).__name__}, "
+                       f"{self.env.world_size} rank(s) (launcher: {self.env.launcher}; {self.layout.describe()}), "
+                       f"{type(self.engine).__name__}, "
                        f"device {self.device}, {t.precision}, run.dir {self.run_dir}")
         if self.resumed_from is not None:
             progress.write(f"resumed from {self.resumed_from} (step {state.step})")
@@ -221,7 +251,7 @@ class Trainer:
         return TrainResult(state=state, last_eval=last_eval, run_dir=self.run_dir, stopped_early=stopped_early)
 
     def _evaluate(self, metrics: MetricsLog, progress: Progress) -> dict[str, float]:
-        result = evaluate(self.model, self.eval_batches(), self.autocast)
+        result = evaluate(self.model, self.eval_batches(), self.autocast, self.criterion)
         metrics.write({"step": self.state.step, **result})
         acc = "" if self.cfg.model.family == "causal" else (
             f" | token accuracy {100 * result['eval_accuracy']:.1f}%"
@@ -244,7 +274,8 @@ class Trainer:
         if self.cfg.model.family != "causal" or not t.sample_tokens:
             return
         prompt = self.tokenizer.encode(t.sample_prompt)
-        ids = sample(self.model, prompt, t.sample_tokens, seed=t.seed, vocab_limit=self.tokenizer.vocab_size)
+        ids = sample(self.model, prompt, t.sample_tokens, seed=t.seed, vocab_limit=self.tokenizer.vocab_size,
+                     criterion=self.criterion, pad_multiple=self.pad_multiple)
         if self.is_main:
             print(f"--- sample ({t.sample_tokens} tokens after {t.sample_prompt!r}) ---\n"
                   f"{self.tokenizer.decode(ids)}\n---", flush=True)
