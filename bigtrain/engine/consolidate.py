@@ -1,22 +1,24 @@
 """Turn a checkpoint of any engine into one full set of fp32 weights that single-device bigtrain loads.
 
 ZeRO-1/2/3 checkpoints hold the fp32 master weights in per-rank partitions; DeepSpeed's `zero_to_fp32`
-reassembles them. ZeRO-0 and single-process checkpoints already hold the whole model. The result is
+reassembles them. ZeRO-0 and single-process checkpoints already hold the whole model. Under tensor
+parallelism every tensor rank r has its own files (`*mp_rank_{r:02d}*`): each is reassembled on its own,
+then the shards are concatenated along the dimension the split cut (`shard_plan`). The result is
 `model.pt` (a plain state dict, loadable with `weights_only=True`) and the run's `config.yaml`.
 """
 
 from __future__ import annotations
 
-import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
+from bigtrain.config import ModelConfig, dump_config
+from bigtrain.config.loader import config_from_dict
 from bigtrain.errors import CheckpointError
 from bigtrain.train import checkpoint as ckpt
-
-DS_MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
@@ -34,29 +36,66 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     return path
 
 
+def _deepspeed_state(checkpoint: Path, stage: int, tensor_rank: int) -> dict[str, torch.Tensor]:
+    """The whole (unsplit by ZeRO) state of one tensor rank's files in a DeepSpeed checkpoint."""
+    if stage == 0:
+        # bigtrain's own checkpoint (DeepSpeed pickles its module state): trusted like any run.dir file.
+        path = checkpoint / f"mp_rank_{tensor_rank:02d}_model_states.pt"
+        return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # zero_to_fp32 reads every *_model_states.pt / *_optim_states.pt of a tag: give it this rank's only.
+    with tempfile.TemporaryDirectory() as tmp:
+        view = Path(tmp) / checkpoint.name
+        view.mkdir()
+        for f in checkpoint.glob(f"*mp_rank_{tensor_rank:02d}_*states.pt"):
+            (view / f.name).symlink_to(f.resolve())
+        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=checkpoint.name)
+
+
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     if (checkpoint / "model.pt").exists():  # single-process engine
         state = ckpt.load_part(checkpoint, "model")
     elif list(checkpoint.glob("*model_states.pt")):  # DeepSpeed (ZeRO-3 names its files per rank)
-        stage = yaml.safe_load((checkpoint / "config.yaml").read_text())["parallel"]["zero_stage"]
-        if stage == 0:
-            # bigtrain's own checkpoint (DeepSpeed pickles its module state): trusted like any run.dir file.
-            state = torch.load(checkpoint / DS_MODEL_STATES, map_location="cpu", weights_only=False)["module"]
-        else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        cfg = config_from_dict(yaml.safe_load((checkpoint / "config.yaml").read_text()),
+                               world_size=_world_size(checkpoint))
+        tensor = cfg.parallel.tensor
+        shards = [_deepspeed_state(checkpoint, cfg.parallel.zero_stage, r) for r in range(tensor)]
+        if cfg.model.tie_embeddings:
+            # zero_to_fp32 restores tied names only where DeepSpeed recorded the sharing (not on every rank).
+            for s in shards:
+                s.setdefault("head.weight", s["embed.tokens.weight"])
+        state = merge_tensor_shards(shards, cfg.model) if tensor > 1 else shards[0]
     else:
         raise CheckpointError(f"{checkpoint} is neither a bigtrain single-process checkpoint (model.pt) nor a "
                               f"DeepSpeed one (*model_states.pt).")
     return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
 
 
+def _world_size(checkpoint: Path) -> int:
+    """The number of ranks that wrote a DeepSpeed checkpoint (one trainer file each)."""
+    return max(1, len(list(checkpoint.glob("trainer_rank*.pt"))))
+
+
+def merge_tensor_shards(shards: list[dict[str, torch.Tensor]], model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """One state dict from the tensor ranks' state dicts: split parameters concatenated along their dim."""
+    from bigtrain.parallel.tensor import shard_plan
+
+    vocab = shards[0]["embed.tokens.weight"].shape[0] * len(shards)
+    plan = shard_plan(model_cfg, vocab, len(shards))
+    return {name: torch.cat([s[name] for s in shards], dim=plan[name].dim) if name in plan else value
+            for name, value in shards[0].items()}
+
+
 def consolidate(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
-    """Write `<out>/model.pt` and `<out>/config.yaml`; default out: run_dir/consolidated/step_N."""
+    """Write `<out>/model.pt` and `<out>/config.yaml`; default out: run_dir/consolidated/step_N.
+
+    The config is the run's with a one-device layout (tensor = pipeline = 1), as the weights now are."""
     checkpoint = find_checkpoint(run_dir, step)
     out = out or run_dir / "consolidated" / checkpoint.name
     out.mkdir(parents=True, exist_ok=True)
     torch.save(consolidated_state_dict(checkpoint), out / "model.pt")
-    shutil.copyfile(checkpoint / "config.yaml", out / "config.yaml")
+    raw = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    raw.setdefault("parallel", {}).update(tensor=1, pipeline=1, data=None, sequence_parallel=False)
+    (out / "config.yaml").write_text(dump_config(config_from_dict(raw)))
     return out
