@@ -322,3 +322,23 @@ def test_dump_config_round_trip(path: Path | None, tmp_path: Path) -> None:
     assert config_from_dict(yaml.safe_load(text)) == cfg
     # The dump is itself a loadable config file (what run.dir/config.yaml holds).
     assert load_config(_write(tmp_path, text, "config.yaml")) == cfg
+
+
+# --- tensor-parallel plans of the presets ----------------------------------------------------------------
+@pytest.mark.parametrize("name,tensor", [("gpt3-6.7b", 8), ("gpt3-175b", 8), ("t5-base", 4), ("bert-base", 2)])
+def test_preset_splits_over_tensor_ranks(name: str, tensor: int) -> None:
+    """The preset's model split `tensor` ways on the meta device: each rank holds 1/tensor of every split
+    parameter, replicated ones (norms, biases of row-parallel layers, positions) whole."""
+    from bigtrain.parallel.tensor import TensorParallel, apply_tensor_parallel
+
+    cfg, full = _built(name)
+    split = build_model(cfg.model, _vocab(cfg), "meta")
+    plan = apply_tensor_parallel(split, TensorParallel(group=None, rank=0, size=tensor))
+    full_params = dict(full.named_parameters())
+    for pname, p in split.named_parameters():
+        expected = plan[pname].full_shape(p.shape) if pname in plan else p.shape
+        assert tuple(expected) == tuple(full_params[pname].shape), pname
+    sharded = sum(p.numel() for n, p in split.named_parameters() if n in plan)
+    replicated = count_parameters(split) - sharded
+    assert sharded * tensor + replicated == _n_params(name)
+    assert replicated < 0.01 * _n_params(name)  # almost everything is split

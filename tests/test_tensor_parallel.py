@@ -57,6 +57,7 @@ def test_split_model_matches_unsplit(parity, case, sequence_parallel):
     worst = max(r["grads"], key=r["grads"].get)
     assert r["grads"][worst] <= TOL, f"{worst}: {r['grads'][worst]}"
     assert len(r["grads"]) == r["n_params"] and r["n_sharded"] > 0
+    assert r["grad_norm"] <= TOL and r["piece_norms"] <= TOL
     assert r["local_logits_width"] == 32  # vocabulary of 64 split in two: full logits never built
     # Sequence parallelism: the residual stream between sublayers holds half of the tokens.
     assert r["residual_tokens"] == r["input_tokens"] // (2 if sequence_parallel else 1)

@@ -36,11 +36,11 @@ from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import CheckpointError, ConfigError
 from bigtrain.models import TransformerLM, count_parameters
 from bigtrain.optim import build_optimizer, set_lr
-from bigtrain.parallel.grad_norm import global_grad_norm
+from bigtrain.parallel.grad_norm import global_grad_norm, piece_grad_norms
 from bigtrain.parallel.layout import ParallelGroups
 from bigtrain.train import checkpoint as ckpt
 from bigtrain.train.loss import Criterion, count_input_tokens, count_targets, model_inputs
-from bigtrain.train.step import StepResult, per_layer_grad_norms
+from bigtrain.train.step import StepResult
 
 
 class DeepSpeedEngine:
@@ -109,7 +109,7 @@ class DeepSpeedEngine:
                 if self.unwrapped:  # gradients are complete and averaged here (ZeRO-0 all-reduces in backward)
                     grad_norm = global_grad_norm(self.model.parameters(), self.groups)
                     if layer_norms:
-                        layer_grad_norms = per_layer_grad_norms(self.model)
+                        layer_grad_norms = piece_grad_norms(self.model, self.groups)
             self.engine.step()
         if not self.unwrapped:
             norm = self.engine.get_global_grad_norm()

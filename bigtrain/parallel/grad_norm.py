@@ -12,22 +12,38 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from bigtrain.parallel.layout import ParallelGroups
 from bigtrain.parallel.tensor import is_tensor_parallel
+from bigtrain.train.step import model_piece
+
+
+def _squares(parameters: Iterable[torch.Tensor], groups: ParallelGroups) -> torch.Tensor:
+    """This rank's share of Σ‖g‖² (float64 scalar): its shards, plus replicated parameters on tensor rank 0."""
+    count_replicated = groups.get_tensor_model_parallel_rank() == 0
+    total = torch.zeros((), dtype=torch.float64)
+    for p in {id(p): p for p in parameters if p.grad is not None}.values():
+        if is_tensor_parallel(p) or count_replicated:
+            total += p.grad.detach().float().square().sum().double().cpu()
+    return total
+
+
+def _sum_over_model(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    if groups.get_model_parallel_world_size() > 1:
+        dist.all_reduce(t, group=groups.get_model_parallel_group())
+    return t
 
 
 def global_grad_norm(parameters: Iterable[torch.Tensor], groups: ParallelGroups) -> float:
-    unique = {id(p): p for p in parameters if p.grad is not None}.values()
-    count_replicated = groups.get_tensor_model_parallel_rank() == 0
-    squares = None
-    for p in unique:
-        if is_tensor_parallel(p) or count_replicated:
-            s = p.grad.detach().float().square().sum()
-            squares = s if squares is None else squares + s
-    if squares is None:
-        squares = torch.zeros((), dtype=torch.float32)
-    total = squares.double().reshape(1)
-    if groups.get_model_parallel_world_size() > 1:
-        dist.all_reduce(total, group=groups.get_model_parallel_group())
-    return float(total.sqrt())
+    return float(_sum_over_model(_squares(parameters, groups).reshape(1), groups).sqrt())
+
+
+def piece_grad_norms(model: nn.Module, groups: ParallelGroups) -> dict[str, float]:
+    """‖g‖ of each piece of the model (embed, every block, head), whole across the tensor group."""
+    by_piece: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        by_piece.setdefault(model_piece(name), []).append(p)
+    keys = sorted(by_piece)
+    squares = torch.stack([_squares(by_piece[k], groups) for k in keys])
+    return dict(zip(keys, _sum_over_model(squares, groups).sqrt().tolist(), strict=True))

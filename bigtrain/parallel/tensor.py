@@ -129,7 +129,9 @@ def check_divisible(cfg: ModelConfig, vocab_size: int | None, tensor: int) -> li
         if value is not None and value % tensor:
             problems.append(f"{key}={value} is not divisible by parallel.tensor={tensor}")
     if vocab_size is not None and vocab_size % tensor:
-        problems.append(f"the vocabulary of {vocab_size} ids is not divisible by parallel.tensor={tensor}")
+        padded = -(-vocab_size // tensor) * tensor
+        problems.append(f"the vocabulary of {vocab_size} ids is not divisible by parallel.tensor={tensor} (pad it "
+                        f"with model.vocab_size={padded})")
     return problems
 
 

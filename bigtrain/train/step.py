@@ -28,13 +28,18 @@ class StepResult:
     tokens: int = 0  # real input tokens of the whole global batch (all ranks)
 
 
+def model_piece(parameter_name: str) -> str:
+    """The piece of the model a parameter belongs to: 'embed', 'blocks.3', 'decoder_blocks.0', 'head', ..."""
+    parts = parameter_name.split(".")
+    return ".".join(parts[:2]) if parts[0].endswith("blocks") else parts[0]
+
+
 def per_layer_grad_norms(model: TransformerLM) -> dict[str, float]:
     """‖g‖ per piece of the model (embed, each block, head), for TensorBoard."""
     sums: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
-            parts = name.split(".")
-            key = ".".join(parts[:2]) if parts[0].endswith("blocks") else parts[0]
+            key = model_piece(name)
             sums[key] = sums.get(key, 0.0) + p.grad.float().pow(2).sum()
     return {k: float(v) ** 0.5 for k, v in sums.items()}
 

@@ -4,7 +4,8 @@ group of 2 ranks (gloo). Every rank builds both from the same seed, runs the sam
   init       every shard equals the slice of the unsplit parameter (bitwise)
   logits     gathered vocabulary shards vs unsplit logits; predictions (global argmax)
   loss       vocabulary-parallel cross-entropy vs torch's
-  grads      every gradient, sharded ones gathered along their split dimension
+  grads      every gradient, sharded ones gathered along their split dimension; the global gradient norm
+             and the norm of each piece (embed, every block, head) from the shards
   dropout    replicated regions: same mask on both ranks and as the unsplit model; sharded regions: a
              different mask per rank; activation checkpointing replays the masks
 
@@ -23,9 +24,11 @@ from bigtrain.config import load_config
 from bigtrain.models import build_model
 from bigtrain.parallel import apply_activation_checkpointing
 from bigtrain.parallel.cross_entropy import VocabParallelCriterion
+from bigtrain.parallel.grad_norm import global_grad_norm, piece_grad_norms
 from bigtrain.parallel.layout import Layout, ParallelGroups
 from bigtrain.parallel.tensor import TensorParallel, build_tensor_parallel_model
 from bigtrain.train.loss import Criterion, model_inputs
+from bigtrain.train.step import per_layer_grad_norms
 
 VOCAB, SEED = 64, 1234
 BASE = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.max_seq_len=32",
@@ -102,7 +105,13 @@ def compare(name: str, overrides: list[str], tp: TensorParallel, groups: Paralle
     for n, p in sharded.named_parameters():
         g = gather(p.grad, plan[n].dim, tp.group) if n in plan else p.grad
         grads[n] = rel(g, full_params[n].grad, floor)
+    full_norm = float(torch.nn.utils.get_total_norm([p.grad for p in full_params.values()]))
+    pieces_ref = per_layer_grad_norms(full)
+    pieces = piece_grad_norms(sharded, groups)
+    assert sorted(pieces) == sorted(pieces_ref), (sorted(pieces), sorted(pieces_ref))
     return {"case": name, "sequence_parallel": tp.sequence_parallel, "init_exact": init_exact,
+            "grad_norm": abs(global_grad_norm(sharded.parameters(), groups) - full_norm) / full_norm,
+            "piece_norms": max(abs(pieces[k] - pieces_ref[k]) / pieces_ref[k] for k in pieces),
             "logits": rel(gathered, logits_ref), "loss": rel(loss.detach(), loss_ref.detach()),
             "predictions_equal": bool(torch.equal(criterion.predictions(logits), logits_ref.argmax(-1))),
             "grads": grads, "n_sharded": len(plan), "n_params": len(full_params),
