@@ -58,7 +58,7 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         state = ckpt.load_part(checkpoint, "model")
     elif list(checkpoint.glob("*model_states.pt")):  # DeepSpeed (ZeRO-3 names its files per rank)
         cfg = config_from_dict(yaml.safe_load((checkpoint / "config.yaml").read_text()),
-                               world_size=_world_size(checkpoint))
+                               world_size=ckpt.ranks_that_wrote(checkpoint))
         tensor = cfg.parallel.tensor
         shards = [_deepspeed_state(checkpoint, cfg.parallel.zero_stage, r) for r in range(tensor)]
         if cfg.model.tie_embeddings:
@@ -70,11 +70,6 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{checkpoint} is neither a bigtrain single-process checkpoint (model.pt) nor a "
                               f"DeepSpeed one (*model_states.pt).")
     return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
-
-
-def _world_size(checkpoint: Path) -> int:
-    """The number of ranks that wrote a DeepSpeed checkpoint (one trainer file each)."""
-    return max(1, len(list(checkpoint.glob("trainer_rank*.pt"))))
 
 
 def merge_tensor_shards(shards: list[dict[str, torch.Tensor]], model_cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -138,3 +138,8 @@ def load_part(checkpoint: Path, name: str, map_location: str | torch.device = "c
     except Exception as exc:  # corrupt file, or pickled objects that weights_only refuses
         raise CheckpointError(f"Cannot read {path}: {exc}. The file is corrupt or was not written by "
                               f"bigtrain.") from None
+
+
+def ranks_that_wrote(checkpoint: Path) -> int:
+    """How many ranks wrote a checkpoint: one `trainer_rankNNNNN.pt` each (multi-rank engines), else 1."""
+    return max(1, len(list(checkpoint.glob("trainer_rank*.pt"))))

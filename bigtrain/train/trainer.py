@@ -155,8 +155,8 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.ckpt_dir)
         if path is None:
             return
-        saved_cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()),
-                                     world_size=self.env.world_size)
+        raw = yaml.safe_load((path / "config.yaml").read_text())
+        saved_cfg = config_from_dict(raw, world_size=ckpt.ranks_that_wrote(path))  # as validated when written
         saved, now = saved_cfg.parallel, self.cfg.parallel
         if (saved.tensor, saved.pipeline, saved.sequence_parallel) != (now.tensor, now.pipeline,
                                                                        now.sequence_parallel):
