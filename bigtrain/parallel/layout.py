@@ -114,6 +114,10 @@ class ParallelGroups:
                 group = dist.new_group(ranks=ranks)  # collective: every rank creates every group
                 if rank in ranks:
                     self._groups[kind] = (group, ranks)
+        # Connect every group now (kinds in the same order on all ranks; groups of one kind are disjoint):
+        # a lazily connected group would leave a survivor waiting for a dead peer instead of failing fast.
+        for kind in ("tensor", "data", "pipeline", "model"):
+            dist.barrier(group=self.group(kind))
 
     def group(self, kind: str):
         return self._groups[kind][0]
