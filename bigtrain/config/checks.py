@@ -106,9 +106,12 @@ def check_parallel(cfg: Config, world_size: int) -> None:
     _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}.")
     check_tensor_parallel(cfg)
     dp = data_parallel_size(cfg, world_size)
-    # Pipeline parallelism arrives with the next roadmap step.
-    _require(p.pipeline == 1, f"parallel.pipeline={p.pipeline} is not supported by this version of bigtrain yet "
-             f"(data, tensor and ZeRO parallelism); set parallel.pipeline=1.")
+    if p.pipeline > 1:
+        _require(p.zero_stage <= 1, f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline} is "
+                 f"refused: DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only (ZeRO-2/3 would shard "
+                 f"gradients or parameters that the pipeline schedule keeps per micro-batch). Use "
+                 f"parallel.zero_stage=1.")
+        check_pipeline_stages(cfg)
     if p.engine == "torch":
         _require(world_size == 1 and p.zero_stage == 0,
                  f"parallel.engine='torch' runs one process without ZeRO, but the world size is {world_size} and "
@@ -138,6 +141,23 @@ def check_parallel(cfg: Config, world_size: int) -> None:
                  "process, zero_stage 0). Set parallel.engine=deepspeed, or remove the deepspeed: section.")
 
 
+def check_pipeline_stages(cfg: Config) -> None:
+    """Every stage must get at least one layer; checked with DeepSpeed's own partitioning on the meta model
+    (vocabulary as configured, or the byte tokenizer's size: the balance is re-checked at start-up)."""
+    method = cfg.parallel.partition_method
+    _require(method in ("parameters", "uniform") or method.startswith("type:"),
+             f"parallel.partition_method={method!r} is not known; use 'parameters', 'uniform' or "
+             f"'type:<regex of a layer class>' (e.g. 'type:BlockPipe').")
+    from bigtrain.models import build_model
+    from bigtrain.parallel.pipeline import layer_specs
+    from bigtrain.parallel.pipeline_module import check_stages
+
+    m = cfg.model
+    vocab = m.vocab_size or -(-260 // m.vocab_multiple) * m.vocab_multiple
+    model = build_model(m, vocab, "meta")
+    check_stages(layer_specs(model, lambda piece: None), cfg.parallel.pipeline, method)
+
+
 def check_training(cfg: Config, world_size: int) -> None:
     t = cfg.train
     _positive("train.steps", t.steps)
@@ -149,6 +169,13 @@ def check_training(cfg: Config, world_size: int) -> None:
              f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
              f"{t.micro_batch_size} * data-parallel size {dp} = {per_step}. Use a global batch that is a "
              f"multiple of {per_step}, or a micro batch that divides {t.global_batch_size // dp}.")
+    m_b = cfg.parallel.micro_batches
+    if m_b is not None:
+        steps = t.global_batch_size // per_step
+        _require(m_b == steps, f"parallel.micro_batches={m_b} but train.global_batch_size={t.global_batch_size} / "
+                 f"(train.micro_batch_size={t.micro_batch_size} * data-parallel size {dp}) = {steps} micro-batches "
+                 f"per step. Set parallel.micro_batches={steps} or null (it follows from the batch sizes), or "
+                 f"change train.micro_batch_size so that the division gives {m_b}.")
     _require(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}.")
     _positive("train.eval_batches", t.eval_batches)
     _require(t.early_stop_patience >= 0, f"train.early_stop_patience must be >= 0, got "

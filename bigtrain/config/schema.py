@@ -59,7 +59,13 @@ class ParallelConfig:
                       "this many ranks")
     sequence_parallel: bool = opt(
         False, "with tensor > 1: norms and residual dropout run on sequence shards (Korthikanti et al. 2022)")
-    pipeline: int = opt(1, "pipeline-parallel size (stages)")
+    pipeline: int = opt(1, "pipeline-parallel size (stages, DeepSpeed's pipeline engine, 1F1B schedule)")
+    partition_method: str = opt(
+        "parameters", "how layers are cut into pipeline stages: parameters (balance parameter counts), uniform "
+        "(balance layer counts) or type:<regex> (balance layers whose class matches, e.g. type:BlockPipe)")
+    micro_batches: int | None = opt(
+        None, "micro-batches per optimizer step on each data-parallel rank (the gradient-accumulation steps; "
+        "with pipeline > 1, the micro-batches in flight); null = global_batch_size / (micro_batch_size * data)")
     data: int | None = opt(None, "data-parallel size; null = world size / (tensor * pipeline)")
     zero_stage: int = opt(0, "ZeRO optimizer sharding stage, 0-3")
     activation_checkpointing: Literal["none", "full", "selective"] = opt(

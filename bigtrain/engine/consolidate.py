@@ -3,7 +3,8 @@
 ZeRO-1/2/3 checkpoints hold the fp32 master weights in per-rank partitions; DeepSpeed's `zero_to_fp32`
 reassembles them. ZeRO-0 and single-process checkpoints already hold the whole model. Under tensor
 parallelism every tensor rank r has its own files (`*mp_rank_{r:02d}*`): each is reassembled on its own,
-then the shards are concatenated along the dimension the split cut (`shard_plan`). The result is
+then the shards are concatenated along the dimension the split cut (`shard_plan`). Pipeline checkpoints
+hold one file per layer (and tensor rank), whose keys are already the unsplit model's parameter names. The result is
 `model.pt` (a plain state dict, loadable with `weights_only=True`) and the run's `config.yaml`.
 """
 
@@ -53,6 +54,16 @@ def _deepspeed_state(checkpoint: Path, stage: int, tensor_rank: int) -> dict[str
         return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=checkpoint.name)
 
 
+def _pipeline_state(checkpoint: Path, tensor: int, tensor_rank: int) -> dict[str, torch.Tensor]:
+    """Union of one tensor rank's pipeline layer files: the layers use the unsplit model's parameter names."""
+    pattern = f"layer_*-model_{tensor_rank:02d}-model_states.pt" if tensor > 1 else "layer_*-model_states.pt"
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(checkpoint.glob(pattern)):
+        # bigtrain's own checkpoint, written by DeepSpeed with pickle: trusted like any run.dir file.
+        state.update(torch.load(path, map_location="cpu", weights_only=False))
+    return state
+
+
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     if (checkpoint / "model.pt").exists():  # single-process engine
         state = ckpt.load_part(checkpoint, "model")
@@ -60,7 +71,12 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         cfg = config_from_dict(yaml.safe_load((checkpoint / "config.yaml").read_text()),
                                world_size=ckpt.ranks_that_wrote(checkpoint))
         tensor = cfg.parallel.tensor
-        shards = [_deepspeed_state(checkpoint, cfg.parallel.zero_stage, r) for r in range(tensor)]
+        if cfg.parallel.pipeline > 1:
+            # Layer files hold the module weights: exactly the trained weights in fp32; under bf16/fp16 the
+            # 16-bit copies (DeepSpeed keeps the fp32 masters in its optimizer partitions).
+            shards = [_pipeline_state(checkpoint, tensor, r) for r in range(tensor)]
+        else:
+            shards = [_deepspeed_state(checkpoint, cfg.parallel.zero_stage, r) for r in range(tensor)]
         if cfg.model.tie_embeddings:
             # zero_to_fp32 restores tied names only where DeepSpeed recorded the sharing (not on every rank).
             for s in shards:

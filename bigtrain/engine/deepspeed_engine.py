@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from bigtrain.config import Config
 from bigtrain.distributed import DistEnv
@@ -44,7 +45,9 @@ from bigtrain.train.step import StepResult
 
 
 class DeepSpeedEngine:
-    def __init__(self, cfg: Config, model: TransformerLM, env: DistEnv, groups: ParallelGroups,
+    uses_mpu = True  # the pipeline engine's PipelineModule brings DeepSpeed its own grid instead
+
+    def __init__(self, cfg: Config, model: nn.Module, env: DistEnv, groups: ParallelGroups,
                  criterion: Criterion | None = None) -> None:
         import deepspeed
 
@@ -59,7 +62,8 @@ class DeepSpeedEngine:
         optimizer = build_optimizer(model, cfg.optim,
                                     lamb_class=functools.partial(ZeroLamb, tensor_group=tensor_group))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 config=self.ds_config, mpu=groups)
+                                                                 config=self.ds_config,
+                                                                 mpu=groups if self.uses_mpu else None)
         self.model: TransformerLM = self.engine.module
         # Without a ZeRO / mixed-precision wrapper DeepSpeed clips fp32 gradients but does not report the
         # norm; bigtrain then measures it on the all-reduced gradients just before the update.

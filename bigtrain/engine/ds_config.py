@@ -52,6 +52,14 @@ def derive_deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # bigtrain logs progress itself
         "wall_clock_breakdown": False,
     }
+    if p.pipeline > 1:
+        # Activations cross stages whole on every tensor rank (DeepSpeed's partitioned sends assume one
+        # floating tensor per boundary; encoder-decoder models send two).
+        derived["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+        if p.zero_stage == 0 and t.precision == "fp32":
+            # The pipeline engine steps a plain torch optimizer here and reports no gradient norm: bigtrain
+            # measures and clips in the optimizer's pre-step hook instead (same formula as DeepSpeed's).
+            derived["gradient_clipping"] = 0.0
     return _merge_passthrough(derived, cfg.deepspeed)
 
 

@@ -5,14 +5,18 @@ normal: every linear and embedding weight ~ N(0, σ), σ = init_std; residual ou
 does not grow with depth. xavier: linears ~ U(±sqrt(6 / (fan_in + fan_out))), embeddings ~ N(0, d^-0.5)
 (the original Transformer, whose embeddings are then scaled by sqrt(d)). Biases 0, norm weights 1.
 
-A sharded model (tensor parallelism) passes `shards`: each listed parameter holds one slice of the full
-tensor. The full tensor is drawn from the same generator at the same point of the stream and the slice
-kept, so a sharded model built from seed S holds exactly the shards of the unsharded model from seed S.
+Every parameter draws from a CPU generator of its own, seeded from (seed, parameter name), so its values
+depend on neither the device nor the layout, and any subset of the model can be initialized on its own:
+parameters still on the meta device are skipped (a pipeline stage materializes and initializes only its
+layers). A sharded model (tensor parallelism) passes `shards`: each listed parameter holds one slice of the
+full tensor; the full tensor is drawn and the slice kept, so a sharded model built from seed S holds exactly
+the shards of the unsharded model from seed S.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -40,42 +44,56 @@ class Shard:
         return full.chunk(self.count, dim=self.dim)[self.index]
 
 
+def parameter_generator(seed: int, name: str) -> torch.Generator:
+    """The CPU generator of one parameter: seeded from the run's seed and the parameter's name."""
+    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def _materialized(t: torch.Tensor | None) -> bool:
+    return t is not None and t.device.type != "meta"
+
+
 @torch.no_grad()
-def init_weights(model: TransformerLM, seed: int, shards: dict[str, Shard] | None = None) -> None:
+def init_weights(model: TransformerLM, seed: int, shards: dict[str, Shard] | None = None,
+                 only: nn.Module | None = None) -> None:
+    """Initialize the materialized parameters of `model` (of its submodule `only`, when given)."""
     cfg = model.cfg
     shards = shards or {}
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    inside = {id(m) for m in only.modules()} if only is not None else None
     n_blocks = sum(len(stack) for stack in model.stacks())
     residual_std = cfg.init_std / math.sqrt(2 * n_blocks)
     seen: set[int] = set()
 
     def fill(name: str, t: torch.Tensor, draw) -> None:
-        # Draw on the CPU from one generator so the values do not depend on the device or layout.
         shard = shards.get(name)
         cpu = torch.empty(shard.full_shape(t.shape) if shard else t.shape, dtype=torch.float32)
-        draw(cpu)
+        draw(cpu, parameter_generator(seed, name))
         t.copy_(shard.take(cpu) if shard else cpu)
 
     for name, module in model.named_modules():
+        if inside is not None and id(module) not in inside:
+            continue
         if isinstance(module, nn.Linear | nn.Embedding):
-            if id(module.weight) in seen:  # tied weight: initialized once
+            if id(module.weight) in seen or not _materialized(module.weight):  # tied: initialized once
                 continue
             seen.add(id(module.weight))
             if cfg.init == "xavier":
                 if isinstance(module, nn.Embedding):
                     std = cfg.d_model ** -0.5
-                    fill(f"{name}.weight", module.weight, lambda c, s=std: c.normal_(0.0, s, generator=gen))
+                    fill(f"{name}.weight", module.weight, lambda c, g, s=std: c.normal_(0.0, s, generator=g))
                 else:
-                    fill(f"{name}.weight", module.weight, lambda c: nn.init.xavier_uniform_(c, generator=gen))
+                    fill(f"{name}.weight", module.weight, lambda c, g: nn.init.xavier_uniform_(c, generator=g))
             else:
                 std = residual_std if name.rsplit(".", 1)[-1] in RESIDUAL_PROJECTIONS else cfg.init_std
-                fill(f"{name}.weight", module.weight, lambda c, s=std: c.normal_(0.0, s, generator=gen))
-            if isinstance(module, nn.Linear) and module.bias is not None:
+                fill(f"{name}.weight", module.weight, lambda c, g, s=std: c.normal_(0.0, s, generator=g))
+            if isinstance(module, nn.Linear) and _materialized(module.bias):
                 module.bias.zero_()
         elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
-            module.weight.fill_(1.0)  # norms
-            if getattr(module, "bias", None) is not None:
+            if _materialized(module.weight):
+                module.weight.fill_(1.0)  # norms
+            if _materialized(getattr(module, "bias", None)):
                 module.bias.zero_()
-    for module in model.modules():
-        if hasattr(module, "reset_buffers"):
+    for module in model.modules() if only is None else only.modules():
+        buffers = list(module.buffers(recurse=False))
+        if hasattr(module, "reset_buffers") and not any(b.device.type == "meta" for b in buffers):
             module.reset_buffers()

@@ -24,10 +24,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             (decay if p.ndim >= 2 else no_decay).append(p)
     if not decay and not no_decay:
         raise ValueError(f"{type(model).__name__} has no trainable parameters to optimize")
-    return [
+    groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]  # a pipeline stage may hold no tensors of one kind
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lamb_class: type[Lamb] = Lamb) -> torch.optim.Optimizer:

@@ -4,6 +4,8 @@
 
 Sharded parameters (marked `tensor_model_parallel`) are summed over every rank of the model-parallel group;
 replicated ones are identical on all tensor ranks and counted once, on tensor rank 0 (DeepSpeed's rule).
+Copies of a tied module on later pipeline stages (DeepSpeed marks them `ds_pipe_replicated`) are skipped:
+the first stage that holds it counts it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def _squares(parameters: Iterable[torch.Tensor], groups: ParallelGroups) -> torc
     count_replicated = groups.get_tensor_model_parallel_rank() == 0
     total = torch.zeros((), dtype=torch.float64)
     for p in {id(p): p for p in parameters if p.grad is not None}.values():
+        if getattr(p, "ds_pipe_replicated", False):
+            continue
         if is_tensor_parallel(p) or count_replicated:
             total += p.grad.detach().float().square().sum().double().cpu()
     return total
@@ -37,6 +41,20 @@ def _sum_over_model(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
 
 def global_grad_norm(parameters: Iterable[torch.Tensor], groups: ParallelGroups) -> float:
     return float(_sum_over_model(_squares(parameters, groups).reshape(1), groups).sqrt())
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float, groups: ParallelGroups) -> float:
+    """Scale gradients by min(1, max_norm / (‖g‖ + 1e-6)) as torch.nn.utils.clip_grad_norm_ does, with ‖g‖
+    the whole model's norm; returns ‖g‖ before clipping. max_norm <= 0 only measures."""
+    norm = global_grad_norm(parameters, groups)
+    if max_norm > 0:
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for p in parameters:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return norm
 
 
 def piece_grad_norms(model: nn.Module, groups: ParallelGroups) -> dict[str, float]:

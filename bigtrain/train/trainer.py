@@ -95,25 +95,34 @@ class Trainer:
         vocab = resolve_vocab_size(cfg.model, self.tokenizer.vocab_size)
         self.full_model = build_model(cfg.model, vocab, "meta")  # shapes only: parameter count and FLOPs
         self.criterion, self.pad_multiple = Criterion(), 1
+        shards: dict = {}
+        # Pipeline stages materialize only their own layers: the model stays on the meta device until then.
+        build_on = "meta" if self.layout.pipeline > 1 else self.device
         if self.layout.tensor > 1:
             assert self.groups is not None
             tp = TensorParallel(self.groups.tensor_group, self.groups.get_tensor_model_parallel_rank(),
                                 self.layout.tensor, p.sequence_parallel)
-            model, _ = build_tensor_parallel_model(cfg.model, vocab, self.device, t.seed, tp)
+            model, shards = build_tensor_parallel_model(cfg.model, vocab, build_on, t.seed, tp)
             self.criterion = VocabParallelCriterion(tp.group, tp.rank, tp.size)
             self.pad_multiple = tp.size if tp.sequence_parallel else 1
         else:
-            model = build_model(cfg.model, vocab, self.device, seed=t.seed)
+            model = build_model(cfg.model, vocab, build_on, seed=t.seed)
         apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n_layers)
         self.autocast = lambda: autocast(t.precision, self.device)
         # Dropout stream per replica (equal on the tensor ranks of one replica); restored exactly on resume.
         torch.manual_seed(t.seed + self.layout.seed_offset(env.rank))
         self.engine: Engine
-        if distributed:
+        if distributed and self.layout.pipeline > 1:
+            from bigtrain.engine.pipeline_engine import PipelineEngine
+
+            assert self.groups is not None
+            self.engine = PipelineEngine(cfg, model, env, self.groups, self.criterion, self.device, t.seed, shards)
+        elif distributed:
             from bigtrain.engine.deepspeed_engine import DeepSpeedEngine
 
             assert self.groups is not None
             self.engine = DeepSpeedEngine(cfg, model, env, self.groups, self.criterion)
+        if distributed:
             if self.is_main:
                 (self.run_dir / "deepspeed_config.json").write_text(self.engine.describe() + "\n")
                 print(f"bigtrain: DeepSpeed config (also in {self.run_dir / 'deepspeed_config.json'}):\n"
@@ -251,7 +260,10 @@ class Trainer:
         return TrainResult(state=state, last_eval=last_eval, run_dir=self.run_dir, stopped_early=stopped_early)
 
     def _evaluate(self, metrics: MetricsLog, progress: Progress) -> dict[str, float]:
-        result = evaluate(self.model, self.eval_batches(), self.autocast, self.criterion)
+        if hasattr(self.engine, "evaluate"):  # the pipeline runs the model stage by stage
+            result = self.engine.evaluate(self.eval_batches())
+        else:
+            result = evaluate(self.model, self.eval_batches(), self.autocast, self.criterion)
         metrics.write({"step": self.state.step, **result})
         acc = "" if self.cfg.model.family == "causal" else (
             f" | token accuracy {100 * result['eval_accuracy']:.1f}%"
@@ -272,6 +284,11 @@ class Trainer:
     def _print_sample(self) -> None:
         t = self.cfg.train
         if self.cfg.model.family != "causal" or not t.sample_tokens:
+            return
+        if self.layout.pipeline > 1:
+            if self.is_main:
+                print("--- no sample: sampling through pipeline stages is not supported yet (consolidate the "
+                      "checkpoint and sample on one device) ---", flush=True)
             return
         prompt = self.tokenizer.encode(t.sample_prompt)
         ids = sample(self.model, prompt, t.sample_tokens, seed=t.seed, vocab_limit=self.tokenizer.vocab_size,

@@ -1,0 +1,117 @@
+"""The pipeline engine: DeepSpeed's `PipelineEngine` (1F1B schedule) behind bigtrain's engine interface.
+
+One optimizer step runs `train_batch` over this data-parallel rank's micro-batches (all stages get the same
+iterator; the first reads inputs, the last labels). The loss stays the global batch's mean token loss:
+the last stage returns Σ ce · (N_d · m) / N for each micro-batch; DeepSpeed divides by the m
+gradient-accumulation steps in backward and averages over the N_d data-parallel ranks, so gradients are
+∇(Σ_global ce / N), and its reported loss (mean over micro-batches, averaged over data ranks) is Σ ce / N.
+
+Evaluation runs `eval_batch` over the held-out batches; the last stage returns per micro-batch the summed
+loss and the accuracy counts, and broadcasts their totals to the other stages of its pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bigtrain.config import Config
+from bigtrain.distributed import DistEnv
+from bigtrain.engine.deepspeed_engine import DeepSpeedEngine
+from bigtrain.models import TransformerLM
+from bigtrain.models.init import Shard, init_weights
+from bigtrain.optim import set_lr
+from bigtrain.parallel.grad_norm import clip_grad_norm
+from bigtrain.parallel.layout import ParallelGroups
+from bigtrain.parallel.pipeline import pipeline_inputs
+from bigtrain.parallel.tensor import mark_tensor_parallel
+from bigtrain.train.loss import Criterion, correct_predictions, count_input_tokens, count_targets
+from bigtrain.train.step import StepResult
+
+
+class PipelineLoss:
+    """loss_fn of the last stage: scaled summed cross-entropy in training, summed metrics in evaluation."""
+
+    def __init__(self, criterion: Criterion) -> None:
+        self.criterion, self.scale, self.evaluating = criterion, 1.0, False
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss_sum = self.criterion.loss_sum(logits, labels)
+        if not self.evaluating:
+            return loss_sum * self.scale
+        counts = correct_predictions(self.criterion.predictions(logits), labels)
+        return torch.tensor([float(loss_sum), *counts], dtype=torch.float64, device=logits.device)
+
+
+class PipelineEngine(DeepSpeedEngine):
+    uses_mpu = False
+
+    def __init__(self, cfg: Config, model: TransformerLM, env: DistEnv, groups: ParallelGroups,
+                 criterion: Criterion, device: torch.device, seed: int, shards: dict[str, Shard]) -> None:
+        from bigtrain.parallel.pipeline_module import build_pipeline_module
+
+        def materialize(piece: nn.Module) -> None:
+            piece.to_empty(device=device)
+            init_weights(model, seed, shards, only=piece)
+
+        self.family = model.family
+        self.loss_fn = PipelineLoss(criterion)
+        pipe = build_pipeline_module(model, groups.layout, cfg.parallel.partition_method, materialize,
+                                     self.loss_fn)
+        mark_tensor_parallel(model, shards)
+        super().__init__(cfg, pipe, env, groups, criterion)
+        self.measure_grads = False
+        self.stage = groups.get_pipeline_model_parallel_rank()
+        self.last_stage = groups.layout.pipeline - 1
+        c = groups.coords
+        self.last_stage_rank = groups.layout.rank_of(self.last_stage, c.data, c.tensor)
+        self.measured_norm: float | None = None
+        if self.unwrapped:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            self.optimizer.register_step_pre_hook(lambda *_: self._clip(params))
+
+    def _clip(self, params: list[torch.Tensor]) -> None:
+        self.measured_norm = clip_grad_norm(params, self.cfg.optim.grad_clip, self.groups)
+
+    def _batches(self, micro_batches: list[dict[str, torch.Tensor]]):
+        return iter([(pipeline_inputs(b, self.family), b["labels"]) for b in micro_batches])
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool
+                   ) -> StepResult:
+        set_lr(self.optimizer, lr)
+        n_targets, n_tokens = self.all_reduce_sum(sum(count_targets(b) for b in micro_batches),
+                                                  sum(count_input_tokens(b) for b in micro_batches))
+        self.loss_fn.scale = self.dp_size * len(micro_batches) / n_targets
+        loss_value = float(self.engine.train_batch(self._batches(micro_batches)))
+        norm = self.measured_norm if self.unwrapped else self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else math.nan
+        return StepResult(loss=loss_value, grad_norm=grad_norm, skipped=not self.engine.was_step_applied(),
+                          finite=math.isfinite(loss_value) and math.isfinite(grad_norm), tokens=round(n_tokens))
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Held-out metrics through the pipeline (every rank returns the same numbers)."""
+        self.loss_fn.evaluating = True
+        self.engine.total_loss = None  # DeepSpeed accumulates eval outputs onto the last training loss
+        try:
+            outputs = self.engine.eval_batch(self._batches(batches), compute_loss=True, reduce_output=None,
+                                             bcast_loss=False, num_micro_batches=len(batches))
+        finally:
+            self.loss_fn.evaluating = False
+            self.engine.total_loss = None
+            self.engine.module.train()
+        totals = torch.zeros(5, dtype=torch.float64, device=self.engine.device)
+        if self.stage == self.last_stage:
+            totals = torch.stack(list(outputs)).sum(0)
+        dist.broadcast(totals, src=self.last_stage_rank, group=self.groups.group("pipeline"))
+        loss_sum, correct, targets, seq_ok, seqs = totals.tolist()
+        loss = loss_sum / max(targets, 1)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_accuracy": correct / max(targets, 1),
+                "eval_sequence_accuracy": seq_ok / max(seqs, 1), "eval_tokens": int(targets)}
+
+    def memory_report(self, run_dir: Any = None) -> str | None:
+        return None  # per-stage model-state memory is not reported yet
