@@ -353,3 +353,17 @@ def test_preset_splits_over_tensor_ranks(name: str, tensor: int) -> None:
     replicated = count_parameters(split) - sharded
     assert sharded * tensor + replicated == _n_params(name)
     assert replicated < 0.01 * _n_params(name)  # almost everything is split
+
+
+def test_gpt3_175b_pipeline_partition() -> None:
+    """GPT-3 175B cut into 16 stages by parameters (DeepSpeed's balance, on the meta model): no stage is
+    empty, and every stage holds 5 or 6 of the 96 blocks (the embedding and head weigh about one block)."""
+    from bigtrain.parallel.pipeline import BlockPipe, layer_specs
+    from bigtrain.parallel.pipeline_module import check_stages
+
+    cfg, model = _built("gpt3-175b")
+    specs = layer_specs(model, lambda piece: None)
+    bounds = check_stages(specs, 16, "parameters")
+    blocks = [sum(1 for s in specs[a:b] if getattr(s, "typename", None) is BlockPipe)
+              for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    assert sum(blocks) == 96 and min(blocks) >= 5 and max(blocks) <= 6, blocks
