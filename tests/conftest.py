@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,64 @@ def launch_ranks(n: int, overrides: list[str], launcher: str = "torchrun", scrip
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([*cmd, *overrides], capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=REPO)
+
+
+def launch_ok(n: int, overrides: list[str], **kwargs) -> str:
+    """`launch_ranks` that must succeed; returns its stdout."""
+    proc = launch_ranks(n, overrides, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def single_process(overrides: list[str]) -> None:
+    """`python launch/train.py …` without a launcher: the plain PyTorch engine, same CLI path as the ranks."""
+    proc = run_launcher(overrides)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def assert_same_curve(ref_dir: Path, run_dir: Path, rel: float, steps: int = 20,
+                      eval_rel: float | None = None) -> None:
+    """Steps 1..steps of `loss` and `grad_norm` within `rel` of the reference run, same token counts; with
+    `eval_rel`, the same evaluation steps and `eval_loss` within it."""
+    (ref, ref_evals), (run, run_evals) = read_metrics(ref_dir), read_metrics(run_dir)
+    assert sorted(run) == sorted(ref) == list(range(1, steps + 1))
+    for step in ref:
+        for key in ("loss", "grad_norm"):
+            a, b = ref[step][key], run[step][key]
+            assert abs(a - b) <= rel * abs(a), f"step {step} {key}: reference {a} vs {b}"
+        assert run[step]["tokens"] == ref[step]["tokens"]
+    if eval_rel is not None:
+        assert sorted(run_evals) == sorted(ref_evals) and ref_evals
+        for step in ref_evals:
+            a, b = ref_evals[step]["eval_loss"], run_evals[step]["eval_loss"]
+            assert abs(a - b) <= eval_rel * a, f"eval at step {step}: reference {a} vs {b}"
+            assert run_evals[step]["eval_tokens"] == ref_evals[step]["eval_tokens"]
+
+
+def assert_resume_is_exact(n: int, args: list[str], run_dir: Path) -> dict[int, dict]:
+    """Train 20 steps (checkpoint at 10), roll the run back to its step-10 checkpoint, train steps 11-20 again:
+    every `loss` line and the final eval must be bitwise equal. Returns the eval lines by step."""
+    launch_ok(n, args)
+    straight, straight_evals = read_metrics(run_dir)
+    ckpt = run_dir / "checkpoints"
+    shutil.rmtree(ckpt / "step_00000020")
+    (ckpt / "latest").write_text("step_00000010\n")
+    out = launch_ok(n, args)
+    assert "resumed from" in out and "(step 10)" in out
+    resumed, resumed_evals = read_metrics(run_dir)
+    assert {s: r["loss"] for s, r in resumed.items()} == {s: r["loss"] for s, r in straight.items()}
+    assert resumed_evals[20]["eval_loss"] == straight_evals[20]["eval_loss"]
+    return resumed_evals
+
+
+def consolidated_eval_loss(run_dir: Path) -> float:
+    """`bigtrain consolidate RUN_DIR`, then the held-out loss of the one-device weights."""
+    from bigtrain.train.evaluate import evaluate_weights
+
+    proc = subprocess.run([str(Path(sys.executable).parent / "bigtrain"), "consolidate", str(run_dir)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return evaluate_weights(run_dir / "consolidated" / "step_00000020")["eval_loss"]
 
 
 def _free_port() -> int:

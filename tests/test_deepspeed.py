@@ -5,9 +5,6 @@ checkpoints resume exactly and consolidate, memory matches the ZeRO formulas, an
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,8 +12,17 @@ import pytest
 
 from bigtrain.config import load_config
 from bigtrain.errors import ConfigError
-from bigtrain.train.evaluate import evaluate_weights
-from tests.conftest import REPO, launch_ranks, read_metrics, run_launcher, tiny_overrides
+from tests.conftest import (
+    REPO,
+    assert_resume_is_exact,
+    assert_same_curve,
+    consolidated_eval_loss,
+    launch_ok,
+    launch_ranks,
+    read_metrics,
+    single_process,
+    tiny_overrides,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,60 +34,38 @@ def _overrides(run_dir: Path, *extra: str) -> list[str]:
     return tiny_overrides(run_dir, "causal", *LAYOUT, *extra)
 
 
-def _assert_same_curve(ref_dir: Path, run_dir: Path, rel: float, steps: int = 20) -> None:
-    ref, run = read_metrics(ref_dir)[0], read_metrics(run_dir)[0]
-    assert sorted(run) == sorted(ref) == list(range(1, steps + 1))
-    for step in ref:
-        for key in ("loss", "grad_norm"):
-            a, b = ref[step][key], run[step][key]
-            assert abs(a - b) <= rel * abs(a), f"step {step} {key}: single {a} vs distributed {b}"
-        assert run[step]["tokens"] == ref[step]["tokens"]
-
-
-def _launch_ok(n: int, overrides: list[str], **kwargs) -> str:
-    proc = launch_ranks(n, overrides, **kwargs)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc.stdout
-
-
-def _single_process(overrides: list[str]) -> None:
-    """`python launch/train.py …` without a launcher: the plain PyTorch engine, same CLI path as the ranks."""
-    proc = run_launcher(overrides)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The single-process run every layout is compared with."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    _single_process(_overrides(run_dir))
+    single_process(_overrides(run_dir))
     return run_dir
 
 
 @pytest.mark.parametrize("stage,launcher", [(0, "torchrun"), (1, "deepspeed"), (2, "torchrun"), (3, "torchrun")])
-def test_zero_stage_matches_single_process(reference, tmp_path, stage, launcher):
+def test_zero_stage_matchessingle_process(reference, tmp_path, stage, launcher):
     """2 data-parallel ranks, ZeRO-0..3, tied embeddings: 20 steps of loss and grad_norm within 1e-5 of one
     process. Stage 1 runs under `deepspeed --num_gpus 2` (CPU ranks), the others under torchrun."""
     run_dir = tmp_path / "run"
-    out = _launch_ok(2, _overrides(run_dir, f"parallel.zero_stage={stage}"), launcher=launcher)
+    out = launch_ok(2, _overrides(run_dir, f"parallel.zero_stage={stage}"), launcher=launcher)
     assert f"launcher: {launcher}" in out
-    _assert_same_curve(reference, run_dir, rel=1e-5)
+    assert_same_curve(reference, run_dir, rel=1e-5)
     assert json.loads((run_dir / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == stage
 
 
 def test_activation_checkpointing_under_zero3(reference, tmp_path):
     """Full recomputation in backward (ZeRO-3 re-gathers parameters for it) leaves the curve unchanged."""
     run_dir = tmp_path / "run"
-    _launch_ok(2, _overrides(run_dir, "parallel.zero_stage=3", "parallel.activation_checkpointing=full"))
-    _assert_same_curve(reference, run_dir, rel=1e-5)
+    launch_ok(2, _overrides(run_dir, "parallel.zero_stage=3", "parallel.activation_checkpointing=full"))
+    assert_same_curve(reference, run_dir, rel=1e-5)
 
 
 def test_untied_embeddings_selective_checkpointing_zero2(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    _single_process(_overrides(ref_dir, "model.tie_embeddings=false"))
-    _launch_ok(2, _overrides(run_dir, "model.tie_embeddings=false", "parallel.zero_stage=2",
+    single_process(_overrides(ref_dir, "model.tie_embeddings=false"))
+    launch_ok(2, _overrides(run_dir, "model.tie_embeddings=false", "parallel.zero_stage=2",
                              "parallel.activation_checkpointing=selective"))
-    _assert_same_curve(ref_dir, run_dir, rel=1e-5)
+    assert_same_curve(ref_dir, run_dir, rel=1e-5)
 
 
 def test_bf16_zero2_reused_parameters_match_one_rank(tmp_path):
@@ -92,12 +76,12 @@ def test_bf16_zero2_reused_parameters_match_one_rank(tmp_path):
     steps within 1e-2 (bf16 rounding compounds; measured: up to ~4e-3). A wrong gradient is far off both."""
     one, two = tmp_path / "one", tmp_path / "two"
     common = (*LAYOUT, "train.precision=bf16", "parallel.zero_stage=2")
-    _launch_ok(1, tiny_overrides(one, "seq2seq", *common))
-    _launch_ok(2, tiny_overrides(two, "seq2seq", *common))
+    launch_ok(1, tiny_overrides(one, "seq2seq", *common))
+    launch_ok(2, tiny_overrides(two, "seq2seq", *common))
     first_one, first_two = read_metrics(one)[0][1], read_metrics(two)[0][1]
     for key in ("loss", "grad_norm"):
         assert first_two[key] == pytest.approx(first_one[key], rel=2e-3)
-    _assert_same_curve(one, two, rel=1e-2)
+    assert_same_curve(one, two, rel=1e-2)
     losses = read_metrics(two)[0]
     assert losses[20]["loss"] < losses[1]["loss"] - 0.5  # it trains
 
@@ -108,7 +92,7 @@ LAMB = ("optim.name=lamb", "train.steps=10", "optim.lr=2e-2")
 @pytest.fixture(scope="module")
 def lamb_reference(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("lamb") / "run"
-    _single_process(_overrides(run_dir, *LAMB))
+    single_process(_overrides(run_dir, *LAMB))
     return run_dir
 
 
@@ -117,8 +101,8 @@ def test_lamb_exact_under_zero(lamb_reference, tmp_path, stage):
     """LAMB's per-tensor trust ratios survive ZeRO's flat partitions: 10 steps within 1e-5 of single-process
     LAMB (a per-shard ratio would differ at the first step, see tests/test_zero_lamb.py)."""
     run_dir = tmp_path / "run"
-    _launch_ok(2, _overrides(run_dir, *LAMB, f"parallel.zero_stage={stage}"))
-    _assert_same_curve(lamb_reference, run_dir, rel=1e-5, steps=10)
+    launch_ok(2, _overrides(run_dir, *LAMB, f"parallel.zero_stage={stage}"))
+    assert_same_curve(lamb_reference, run_dir, rel=1e-5, steps=10)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -128,23 +112,8 @@ def test_resume_at_two_ranks_and_consolidate(tmp_path, stage):
     run_dir = tmp_path / "run"
     args = _overrides(run_dir, f"parallel.zero_stage={stage}", "checkpoint.every=10", "train.eval_every=10",
                       "model.dropout=0.1")
-    _launch_ok(2, args)
-    straight, straight_evals = read_metrics(run_dir)
-    # Roll the run back to its step-10 checkpoint and train steps 11-20 again from there.
-    ckpt = run_dir / "checkpoints"
-    shutil.rmtree(ckpt / "step_00000020")
-    (ckpt / "latest").write_text("step_00000010\n")
-    out = _launch_ok(2, args)
-    assert "resumed from" in out and "(step 10)" in out
-    resumed, resumed_evals = read_metrics(run_dir)
-    assert {s: r["loss"] for s, r in resumed.items()} == {s: r["loss"] for s, r in straight.items()}
-    assert resumed_evals[20]["eval_loss"] == straight_evals[20]["eval_loss"]
-
-    proc = subprocess.run([str(Path(sys.executable).parent / "bigtrain"),
-                                         "consolidate", str(run_dir)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    single = evaluate_weights(run_dir / "consolidated" / "step_00000020")
-    assert single["eval_loss"] == pytest.approx(resumed_evals[20]["eval_loss"], rel=1e-6)
+    evals = assert_resume_is_exact(2, args, run_dir)
+    assert consolidated_eval_loss(run_dir) == pytest.approx(evals[20]["eval_loss"], rel=1e-6)
 
     memory = json.loads((run_dir / "memory.json").read_text())  # ZeRO-2/3 model-state bytes vs the formula
     for rank in memory["ranks"]:
@@ -156,8 +125,8 @@ def test_optimizer_state_halves_with_two_ranks(tmp_path, stage=1):
     """ZeRO-1: optimizer-state bytes per rank with 2 ranks are half the 1-rank figure (within 5%), and every
     measured figure is within 5% of the ZeRO formula (fp32: b = 4, K = 12)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _launch_ok(1, _overrides(one, f"parallel.zero_stage={stage}", "train.steps=2"))
-    out = _launch_ok(2, _overrides(two, f"parallel.zero_stage={stage}", "train.steps=2"))
+    launch_ok(1, _overrides(one, f"parallel.zero_stage={stage}", "train.steps=2"))
+    out = launch_ok(2, _overrides(two, f"parallel.zero_stage={stage}", "train.steps=2"))
     assert "formula" in out and "optim MiB" in out
     m1, m2 = (json.loads((d / "memory.json").read_text()) for d in (one, two))
     single = m1["ranks"][0]["optimizer"]

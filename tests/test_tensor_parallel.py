@@ -9,15 +9,24 @@ parallelism, and LAMB, against the single-process run; exact resume; consolidati
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bigtrain.train.evaluate import evaluate_weights
-from tests.conftest import REPO, _free_port, launch_ranks, read_metrics, run_launcher, tiny_overrides
+from tests.conftest import (
+    REPO,
+    _free_port,
+    assert_resume_is_exact,
+    assert_same_curve,
+    consolidated_eval_loss,
+    launch_ok,
+    launch_ranks,
+    run_launcher,
+    single_process,
+    tiny_overrides,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -76,31 +85,10 @@ def test_dropout_streams(parity):
 
 
 # --- training level ---------------------------------------------------------------------------------------
-def _assert_same_curve(ref_dir: Path, run_dir: Path, steps: int = 20) -> None:
-    ref, run = read_metrics(ref_dir)[0], read_metrics(run_dir)[0]
-    assert sorted(run) == sorted(ref) == list(range(1, steps + 1))
-    for step in ref:
-        for key in ("loss", "grad_norm"):
-            a, b = ref[step][key], run[step][key]
-            assert abs(a - b) <= TOL * abs(a), f"step {step} {key}: single {a} vs tensor-parallel {b}"
-        assert run[step]["tokens"] == ref[step]["tokens"]
-
-
-def _launch_ok(n: int, overrides: list[str], **kwargs) -> str:
-    proc = launch_ranks(n, overrides, **kwargs)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc.stdout
-
-
-def _single_process(overrides: list[str]) -> None:
-    proc = run_launcher(overrides)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    _single_process(tiny_overrides(run_dir, "causal", *LAYOUT))
+    single_process(tiny_overrides(run_dir, "causal", *LAYOUT))
     return run_dir
 
 
@@ -115,18 +103,18 @@ def test_training_matches_single_device(reference, tmp_path, ranks, extra, launc
     """20 steps of `loss` and `grad_norm` within 1e-5 of the single-process run (grad_norm is the whole
     model's: sharded parameters summed over the tensor group, replicated ones counted once)."""
     run_dir = tmp_path / "run"
-    out = _launch_ok(ranks, tiny_overrides(run_dir, "causal", *LAYOUT, *extra), launcher=launcher)
+    out = launch_ok(ranks, tiny_overrides(run_dir, "causal", *LAYOUT, *extra), launcher=launcher)
     assert f"tensor 2 × pipeline 1 × data {ranks // 2}" in out
-    _assert_same_curve(reference, run_dir)
+    assert_same_curve(reference, run_dir, TOL)
 
 
 def test_seq2seq_sequence_parallel_matches_single_device(tmp_path):
     """Encoder-decoder with padded, variable-length batches: sequence parallelism pads them to a multiple
     of the tensor size (padding is masked and ignored by the loss), so the curve is unchanged."""
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    _single_process(tiny_overrides(ref_dir, "seq2seq", *LAYOUT))
-    _launch_ok(2, tiny_overrides(run_dir, "seq2seq", *LAYOUT, "parallel.tensor=2", "parallel.sequence_parallel=true"))
-    _assert_same_curve(ref_dir, run_dir)
+    single_process(tiny_overrides(ref_dir, "seq2seq", *LAYOUT))
+    launch_ok(2, tiny_overrides(run_dir, "seq2seq", *LAYOUT, "parallel.tensor=2", "parallel.sequence_parallel=true"))
+    assert_same_curve(ref_dir, run_dir, TOL)
 
 
 def test_lamb_exact_under_tensor_and_zero1(tmp_path):
@@ -134,9 +122,9 @@ def test_lamb_exact_under_tensor_and_zero1(tmp_path):
     10 steps within 1e-5 of single-process LAMB (with per-shard ratios the error is ~1.6e-3)."""
     lamb = (*LAYOUT, "optim.name=lamb", "train.steps=10", "optim.lr=2e-2")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    _single_process(tiny_overrides(ref_dir, "causal", *lamb))
-    _launch_ok(4, tiny_overrides(run_dir, "causal", *lamb, "parallel.tensor=2", "parallel.zero_stage=1"))
-    _assert_same_curve(ref_dir, run_dir, steps=10)
+    single_process(tiny_overrides(ref_dir, "causal", *lamb))
+    launch_ok(4, tiny_overrides(run_dir, "causal", *lamb, "parallel.tensor=2", "parallel.zero_stage=1"))
+    assert_same_curve(ref_dir, run_dir, TOL, steps=10)
 
 
 def test_resume_with_tensor_parallelism_and_consolidate(tmp_path):
@@ -146,22 +134,8 @@ def test_resume_with_tensor_parallelism_and_consolidate(tmp_path):
     run_dir = tmp_path / "run"
     args = tiny_overrides(run_dir, "causal", *LAYOUT, "parallel.tensor=2", "parallel.sequence_parallel=true",
                           "checkpoint.every=10", "train.eval_every=10", "model.dropout=0.1")
-    _launch_ok(2, args)
-    straight, straight_evals = read_metrics(run_dir)
-    ckpt = run_dir / "checkpoints"
-    shutil.rmtree(ckpt / "step_00000020")
-    (ckpt / "latest").write_text("step_00000010\n")
-    out = _launch_ok(2, args)
-    assert "resumed from" in out and "(step 10)" in out
-    resumed, resumed_evals = read_metrics(run_dir)
-    assert {s: r["loss"] for s, r in resumed.items()} == {s: r["loss"] for s, r in straight.items()}
-    assert resumed_evals[20]["eval_loss"] == straight_evals[20]["eval_loss"]
-
-    proc = subprocess.run([str(Path(sys.executable).parent / "bigtrain"), "consolidate", str(run_dir)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = evaluate_weights(run_dir / "consolidated" / "step_00000020")
-    assert metrics["eval_loss"] == pytest.approx(straight_evals[20]["eval_loss"], rel=1e-6)
+    evals = assert_resume_is_exact(2, args, run_dir)
+    assert consolidated_eval_loss(run_dir) == pytest.approx(evals[20]["eval_loss"], rel=1e-6)
 
     # The same run.dir under data parallelism instead: refused before any step, naming both layouts.
     proc = launch_ranks(2, [*args, "parallel.tensor=1", "parallel.sequence_parallel=false", "train.steps=30"])

@@ -157,14 +157,23 @@ def _shard_dropout(dropout: nn.Dropout, tp: TensorParallel) -> None:
     dropout.forward = rank_rng_when(dropout.forward, tp.rank, lambda *a, **k: dropout.training and dropout.p > 0)
 
 
-def _parallelize_attention(attn: Attention, prefix: str, tp: TensorParallel, plan: dict[str, Shard]) -> None:
-    for name in ("q_proj", "k_proj", "v_proj"):
-        setattr(attn, name, ColumnParallelLinear(*_linear_args(getattr(attn, name)), tp))
+def _split_linears(module: nn.Module, prefix: str, columns: tuple[str, ...], row: str, tp: TensorParallel,
+                   plan: dict[str, Shard]) -> None:
+    """Replace the `columns` linears of `module` by column-parallel ones (weight and bias cut by output) and
+    the `row` linear by a row-parallel one (weight cut by input, bias whole); record the cuts in `plan`."""
+    for name in columns:
+        if getattr(module, name) is None:  # e.g. no gate without SwiGLU
+            continue
+        setattr(module, name, ColumnParallelLinear(*_linear_args(getattr(module, name)), tp))
         plan[f"{prefix}.{name}.weight"] = tp.shard(0)
-        if getattr(attn, name).bias is not None:
+        if getattr(module, name).bias is not None:
             plan[f"{prefix}.{name}.bias"] = tp.shard(0)
-    attn.o_proj = RowParallelLinear(*_linear_args(attn.o_proj), tp)
-    plan[f"{prefix}.o_proj.weight"] = tp.shard(1)
+    setattr(module, row, RowParallelLinear(*_linear_args(getattr(module, row)), tp))
+    plan[f"{prefix}.{row}.weight"] = tp.shard(1)
+
+
+def _parallelize_attention(attn: Attention, prefix: str, tp: TensorParallel, plan: dict[str, Shard]) -> None:
+    _split_linears(attn, prefix, ("q_proj", "k_proj", "v_proj"), "o_proj", tp, plan)
     forward = attn.forward
 
     def sharded_forward(x: torch.Tensor, key_padding: torch.Tensor | None = None,
@@ -177,14 +186,7 @@ def _parallelize_attention(attn: Attention, prefix: str, tp: TensorParallel, pla
 
 
 def _parallelize_ffn(ffn: FeedForward, prefix: str, tp: TensorParallel, plan: dict[str, Shard]) -> None:
-    for name in ("up", "gate"):
-        if getattr(ffn, name) is not None:
-            setattr(ffn, name, ColumnParallelLinear(*_linear_args(getattr(ffn, name)), tp))
-            plan[f"{prefix}.{name}.weight"] = tp.shard(0)
-            if getattr(ffn, name).bias is not None:
-                plan[f"{prefix}.{name}.bias"] = tp.shard(0)
-    ffn.down = RowParallelLinear(*_linear_args(ffn.down), tp)
-    plan[f"{prefix}.down.weight"] = tp.shard(1)
+    _split_linears(ffn, prefix, ("up", "gate"), "down", tp, plan)
     forward = ffn.forward
     ffn.forward = lambda x: forward(tp.enter(x))
     _shard_dropout(ffn.dropout, tp)  # on this rank's hidden units
