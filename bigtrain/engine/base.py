@@ -12,7 +12,8 @@ from bigtrain.train.step import StepResult
 
 
 class Engine(Protocol):
-    model: TransformerLM  # the module to run for evaluation and sampling
+    model: TransformerLM  # the module to run for evaluation and sampling (the pipeline engine, whose
+    # module is one stage, evaluates through its own `evaluate(batches)` instead)
     rank: int
     dp_rank: int
     dp_size: int

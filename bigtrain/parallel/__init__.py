@@ -1,4 +1,5 @@
-"""Functions that change how an unchanged model runs: activation checkpointing now, tensor/pipeline later."""
+"""Functions that change how an unchanged model runs: activation checkpointing, tensor and sequence
+parallelism (`tensor.py`), pipeline stages (`pipeline.py`), over the process groups of one layout (`layout.py`)."""
 
 from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 
