@@ -73,7 +73,7 @@ def test_lamb_exact_across_stages(tmp_path):
 
 def test_bf16_pipeline_trains_close_to_fp32(reference, tmp_path):
     """bf16 with ZeRO-1 on a 2-stage pipeline: the curve stays within bf16 rounding of the fp32 run (2e-2;
-    measured ~3e-3)."""
+    measured 2.7e-3)."""
     run_dir = tmp_path / "run"
     launch_ok(2, tiny_overrides(run_dir, "causal", *LAYOUT, "parallel.pipeline=2", "parallel.zero_stage=1",
                                  "train.precision=bf16"))

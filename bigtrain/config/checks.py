@@ -148,12 +148,13 @@ def check_pipeline_stages(cfg: Config) -> None:
     _require(method in ("parameters", "uniform") or method.startswith("type:"),
              f"parallel.partition_method={method!r} is not known; use 'parameters', 'uniform' or "
              f"'type:<regex of a layer class>' (e.g. 'type:BlockPipe').")
+    from bigtrain.data.tokenizer import ByteTokenizer
     from bigtrain.models import build_model
     from bigtrain.parallel.pipeline import layer_specs
     from bigtrain.parallel.pipeline_module import check_stages
 
     m = cfg.model
-    vocab = m.vocab_size or -(-260 // m.vocab_multiple) * m.vocab_multiple
+    vocab = m.vocab_size or -(-ByteTokenizer.vocab_size // m.vocab_multiple) * m.vocab_multiple
     model = build_model(m, vocab, "meta")
     check_stages(layer_specs(model, lambda piece: None), cfg.parallel.pipeline, method)
 

@@ -29,6 +29,7 @@ from bigtrain.parallel.grad_norm import clip_grad_norm
 from bigtrain.parallel.layout import ParallelGroups
 from bigtrain.parallel.pipeline import pipeline_inputs
 from bigtrain.parallel.tensor import mark_tensor_parallel
+from bigtrain.train.evaluate import eval_metrics
 from bigtrain.train.loss import Criterion, correct_predictions, count_input_tokens, count_targets
 from bigtrain.train.step import StepResult
 
@@ -108,10 +109,7 @@ class PipelineEngine(DeepSpeedEngine):
         if self.stage == self.last_stage:
             totals = torch.stack(list(outputs)).sum(0)
         dist.broadcast(totals, src=self.last_stage_rank, group=self.groups.group("pipeline"))
-        loss_sum, correct, targets, seq_ok, seqs = totals.tolist()
-        loss = loss_sum / max(targets, 1)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_accuracy": correct / max(targets, 1),
-                "eval_sequence_accuracy": seq_ok / max(seqs, 1), "eval_tokens": int(targets)}
+        return eval_metrics(*totals.tolist())
 
     def memory_report(self, run_dir: Any = None) -> str | None:
         return None  # per-stage model-state memory is not reported yet

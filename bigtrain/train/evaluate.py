@@ -31,9 +31,15 @@ def evaluate(model: TransformerLM, batches: list[dict[str, torch.Tensor]],
         c, t, s, n = correct_predictions(criterion.predictions(logits), batch["labels"])
         correct, targets, seq_ok, seqs = correct + c, targets + t, seq_ok + s, seqs + n
     model.train(was_training)
+    return eval_metrics(loss_sum, correct, targets, seq_ok, seqs)
+
+
+def eval_metrics(loss_sum: float, correct: float, targets: float, seq_ok: float, seqs: float
+                 ) -> dict[str, float]:
+    """The evaluation record from summed token loss and counts over all held-out batches."""
     loss = loss_sum / max(targets, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_accuracy": correct / max(targets, 1),
-            "eval_sequence_accuracy": seq_ok / max(seqs, 1), "eval_tokens": targets}
+            "eval_sequence_accuracy": seq_ok / max(seqs, 1), "eval_tokens": int(targets)}
 
 
 def heldout_batches(cfg: Config, tokenizer: Tokenizer, heldout: Dataset, device: torch.device,
