@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install --no-build-isolation "deepspeed>=0.19,<0.20"
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,mpi]"
+	$(PY) -c "from mpi4py import MPI" 2>/dev/null || $(PIP) install mpich  # MPICH from PyPI where no MPI is found
 	touch $@
 
 smoke: setup

@@ -47,7 +47,10 @@ def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
     if args.help_config:
         print(config_help())
         return 0
-    rank, world = 0, env_world()
+    rank, world = 0, 1  # until the launcher's environment is read (no collective can be waiting before that)
+    from bigtrain.train.preemption import StopRequest, exit_status
+
+    stop = StopRequest().install()  # from the start: a signal during start-up stops after the first step
     try:
         from bigtrain.distributed import detect_env
 
@@ -60,7 +63,7 @@ def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
             return 0
         from bigtrain.train.trainer import train  # heavy imports only when training
 
-        result = train(cfg, env)
+        result = train(cfg, env, stop)
     except BigtrainError as err:
         return fail(f"{err}", rank, world, traceback_text=None)
     except KeyboardInterrupt:
@@ -75,6 +78,12 @@ def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    stop.uninstall()
+    if result.stopped_by:
+        if rank == 0:
+            print(f"stopped: step {result.state.step} of {cfg.train.steps}, checkpoint saved; run the same command "
+                  f"(same run.dir) to continue. run.dir {result.run_dir}", flush=True)
+        return exit_status(result.stopped_by)
     if rank == 0:
         if result.last_eval is not None:
             print(f"done: step {result.state.step}, eval_loss {result.last_eval['eval_loss']:.4f}, "
@@ -82,16 +91,6 @@ def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
         else:
             print(f"done: step {result.state.step} (nothing left to train), run.dir {result.run_dir}")
     return 0
-
-
-def env_world() -> int:
-    """WORLD_SIZE as the launcher set it (1 without a launcher or when unreadable)."""
-    import os
-
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
 
 
 def fail(message: str, rank: int, world_size: int, traceback_text: str | None) -> int:

@@ -34,6 +34,36 @@ def tiny_overrides(run_dir: Path, family: str = "causal", *extra: str) -> list[s
             f"run.dir={run_dir}", *extra]
 
 
+LAUNCH_STEPS = 24
+
+
+def launcher_args(run_dir: Path) -> list[str]:
+    """`--config configs/smoke.yaml` at test size, for the launcher tests (Slurm, MPI, accelerate, hostfile):
+    2 ranks through DeepSpeed, an evaluation every 8 steps, steps slow enough (the smoke model's width) that a
+    signal lands mid-run."""
+    return ["--config", str(REPO / "configs" / "smoke.yaml"),
+            *tiny_overrides(run_dir, "causal", "model.d_model=128", "model.d_ff=512", "data.seq_len=64",
+                            "train.global_batch_size=16", "train.micro_batch_size=8",
+                            f"train.steps={LAUNCH_STEPS}", "train.eval_every=8")]
+
+
+@pytest.fixture(scope="session")
+def torchrun_reference(tmp_path_factory) -> Path:
+    """The run.dir of `launcher_args` under torchrun with 2 ranks: what every other launcher must reproduce."""
+    run_dir = tmp_path_factory.mktemp("torchrun") / "run"
+    launch_ok(2, launcher_args(run_dir))
+    return run_dir
+
+
+def assert_same_losses(ref: Path, run: Path, steps: int = LAUNCH_STEPS) -> None:
+    """Every step's `loss` and `grad_norm`, and every `eval_loss`, bitwise equal to the reference run's."""
+    (a, a_eval), (b, b_eval) = read_metrics(ref), read_metrics(run)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for step in a:
+        assert (a[step]["loss"], a[step]["grad_norm"]) == (b[step]["loss"], b[step]["grad_norm"]), step
+    assert {s: r["eval_loss"] for s, r in a_eval.items()} == {s: r["eval_loss"] for s, r in b_eval.items()}
+
+
 def tiny_config(run_dir: Path, family: str = "causal", *extra: str) -> Config:
     return load_config(None, tiny_overrides(run_dir, family, *extra))
 

@@ -1,21 +1,42 @@
-"""Which rank this process is, from the launcher's environment, and the process group set-up.
+"""Which rank this process is, from whatever started it, and the process group set-up.
 
-DeepSpeed's launcher and torchrun both export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
-No launcher means one process: world size 1 (DeepSpeed still gets a one-rank group when it is used).
+One function reads every launcher's environment; the first that matches wins:
+
+    torchrun, DeepSpeed's launcher, accelerate   RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (+ LOCAL_RANK)
+    mpirun / mpiexec                             OMPI_COMM_WORLD_*, PMI_RANK/PMI_SIZE, MV2_COMM_WORLD_*, PMIX_RANK;
+                                                 the rendezvous through mpi4py (bigtrain.distributed.mpi)
+    srun (a Slurm job step)                      SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the first host of
+                                                 SLURM_STEP_NODELIST is the rendezvous
+    nothing                                      one process
+
+MPI comes before Slurm: `mpirun` inside an allocation runs its ranks in srun steps of its own daemons, whose
+SLURM_PROCID counts nodes, not ranks. A half-set environment (RANK without WORLD_SIZE, PMI_RANK without
+PMI_SIZE, ...) is an error naming the missing variable.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
+from bigtrain.distributed.hostlist import expand_hostlist
 from bigtrain.errors import ConfigError
 
-REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TORCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# (rank, world size, local rank) variables of each MPI family; PMIx exports no size (mpi4py supplies it).
+MPI_VARS = {
+    "Open MPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    "MPICH / Intel MPI": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    "MVAPICH": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"),
+    "PMIx": ("PMIX_RANK", None, None),
+}
+SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000  # MASTER_PORT under srun: 15000 + job id mod 20000
 
 
 @dataclass(frozen=True)
@@ -23,39 +44,122 @@ class DistEnv:
     rank: int
     local_rank: int
     world_size: int
-    launcher: str
+    launcher: str  # torchrun | deepspeed | accelerate | env | mpi | slurm | none
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: one process, a free port is picked at start-up
+    note: str | None = None  # something rank 0 tells the user (e.g. a Slurm batch shell without srun)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def describe(self) -> str:
+        if self.world_size == 1 and self.launcher == "none":
+            return "launcher: none"
+        return f"launcher: {self.launcher}, rendezvous {self.master_addr}:{self.master_port}"
 
-def _launcher_name() -> str:
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    def torch_env(self) -> dict[str, str]:
+        """The variables torch.distributed's env:// rendezvous and DeepSpeed read."""
+        return {"RANK": str(self.rank), "LOCAL_RANK": str(self.local_rank), "WORLD_SIZE": str(self.world_size),
+                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+
+
+def _ints(env: Mapping[str, str], names: dict[str, str | None]) -> dict[str, int]:
+    """The named variables as integers (an unset optional one is left out)."""
+    out = {}
+    for key, name in names.items():
+        if name is None or name not in env:
+            continue
+        try:
+            out[key] = int(env[name])
+        except ValueError:
+            raise ConfigError(f"{name}={env[name]!r} is not an integer; the launcher sets it to this process's "
+                              f"{key.replace('_', ' ')}. Unset it, or start the job through the launcher.") from None
+    return out
+
+
+def _check_rank(rank: int, world: int, rank_var: str, world_var: str) -> None:
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"{rank_var}={rank} is outside [0, {world_var}={world}): the launcher's variables "
+                          f"disagree. Start the job through the launcher, or unset them to run as one process.")
+
+
+def _missing(env: Mapping[str, str], required: tuple[str, ...], present_hint: str, fix: str) -> None:
+    missing = [k for k in required if k not in env]
+    if missing:
+        raise ConfigError(f"The environment sets {present_hint} but not {', '.join(missing)}: {fix}")
+
+
+def _torch_launcher_name(env: Mapping[str, str]) -> str:
+    if any(k.startswith("ACCELERATE_") for k in env):
+        return "accelerate"
+    if "TORCHELASTIC_RUN_ID" in env:
         return "torchrun"
-    if "CROSS_RANK" in os.environ or "DS_ACCELERATOR" in os.environ or "PDSH_RCMD_TYPE" in os.environ:
+    if "CROSS_RANK" in env or "DS_ACCELERATOR" in env or "PDSH_RCMD_TYPE" in env:
         return "deepspeed"
     return "env"
 
 
-def detect_env() -> DistEnv:
-    """The rank layout from the environment; a half-set environment is an error naming what is missing."""
-    present = [k for k in REQUIRED if k in os.environ]
-    if not present:
-        return DistEnv(rank=0, local_rank=0, world_size=1, launcher="none")
-    missing = [k for k in REQUIRED if k not in os.environ]
-    if missing:
-        raise ConfigError(f"The environment sets {', '.join(present)} but not {', '.join(missing)}: a launcher "
-                          f"(deepspeed, torchrun) sets all of {', '.join(REQUIRED)}. Start the job through a "
-                          f"launcher, or unset {', '.join(present)} to run as one process.")
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", rank))
-    except ValueError as exc:
-        raise ConfigError(f"RANK, LOCAL_RANK and WORLD_SIZE must be integers: {exc}.") from None
-    if not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} is outside [0, WORLD_SIZE={world}).")
-    return DistEnv(rank=rank, local_rank=local, world_size=world, launcher=_launcher_name())
+def _from_torch_vars(env: Mapping[str, str]) -> DistEnv:
+    present = [k for k in TORCH_VARS if k in env]
+    _missing(env, TORCH_VARS, ", ".join(present),
+             f"a launcher (torchrun, deepspeed, accelerate) sets all of {', '.join(TORCH_VARS)}. Start the job "
+             f"through a launcher, export the missing variable, or unset {', '.join(present)} to run as one "
+             f"process.")
+    v = _ints(env, {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK",
+                    "master_port": "MASTER_PORT"})
+    _check_rank(v["rank"], v["world_size"], "RANK", "WORLD_SIZE")
+    return DistEnv(rank=v["rank"], local_rank=v.get("local_rank", v["rank"]), world_size=v["world_size"],
+                   launcher=_torch_launcher_name(env), master_addr=env["MASTER_ADDR"], master_port=v["master_port"])
+
+
+def _from_mpi(env: Mapping[str, str], family: str) -> DistEnv:
+    from bigtrain.distributed.mpi import mpi_rendezvous
+
+    rank_var, size_var, local_var = MPI_VARS[family]
+    if size_var is not None:
+        _missing(env, (size_var,), rank_var, f"{family}'s mpirun sets both. Start the job with mpirun/mpiexec, "
+                                             f"or unset {rank_var} to run as one process.")
+    v = _ints(env, {"rank": rank_var, "world_size": size_var, "local_rank": local_var})
+    if "world_size" in v:
+        _check_rank(v["rank"], v["world_size"], rank_var, size_var or "")
+    return mpi_rendezvous(env, family, v)
+
+
+def _from_slurm(env: Mapping[str, str]) -> DistEnv:
+    _missing(env, SLURM_VARS, "SLURM_STEP_ID and SLURM_PROCID (an srun step)",
+             "srun sets all of " + ", ".join(SLURM_VARS) + ". Start the ranks with srun inside an allocation "
+             "(slurm/train.sbatch does), or unset SLURM_PROCID to run as one process.")
+    v = _ints(env, {"rank": "SLURM_PROCID", "world_size": "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env
+                    else "SLURM_NTASKS", "local_rank": "SLURM_LOCALID", "job_id": "SLURM_JOB_ID"})
+    _check_rank(v["rank"], v["world_size"], "SLURM_PROCID", "SLURM_NTASKS")
+    nodes = expand_hostlist(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else SLURM_PORT_BASE + v["job_id"] % SLURM_PORT_SPAN
+    return DistEnv(rank=v["rank"], local_rank=v["local_rank"], world_size=v["world_size"], launcher="slurm",
+                   master_addr=env.get("MASTER_ADDR", nodes[0]), master_port=port)
+
+
+def _single(env: Mapping[str, str]) -> DistEnv:
+    note = None
+    tasks = env.get("SLURM_NTASKS", "1")
+    if "SLURM_JOB_ID" in env and tasks.isdigit() and int(tasks) > 1:
+        note = (f"running in the batch shell of Slurm job {env['SLURM_JOB_ID']} (SLURM_NTASKS={tasks}) without "
+                f"srun: this is one process. Start one process per task with `srun python launch/train.py ...` "
+                f"(slurm/train.sbatch does).")
+    return DistEnv(rank=0, local_rank=0, world_size=1, launcher="none", note=note)
+
+
+def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """This process's rank, local rank, world size and rendezvous, from the launcher that started it."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return _from_torch_vars(env)
+    for family, (rank_var, _, _) in MPI_VARS.items():
+        if rank_var in env:
+            return _from_mpi(env, family)
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        return _from_slurm(env)
+    return _single(env)
 
 
 def _free_port() -> int:
@@ -65,14 +169,15 @@ def _free_port() -> int:
 
 
 def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> None:
-    """Start the default process group through DeepSpeed: gloo on CPU, nccl on GPU."""
+    """Start the default process group through DeepSpeed (gloo on CPU, nccl on GPU) at the rendezvous that
+    `detect_env` found; the variables are exported so DeepSpeed and torch read the same values."""
     import deepspeed
 
     if torch.distributed.is_initialized():
         return
-    if env.launcher == "none":  # one process without a launcher: a one-rank group on a free local port
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    if env.master_port is None:  # one process without a launcher: a one-rank group on a free local port
+        env = DistEnv(0, 0, 1, env.launcher, "127.0.0.1", _free_port())
+    os.environ.update(env.torch_env())
     backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))

@@ -12,6 +12,7 @@ needs all ranks in every forward).
 from __future__ import annotations
 
 import dataclasses
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from bigtrain.train.flops import flops_per_token, peak_flops
 from bigtrain.train.loss import Criterion
 from bigtrain.train.metrics import MetricsLog, Progress
 from bigtrain.train.precision import autocast, check_precision, resolve_device
+from bigtrain.train.preemption import StopRequest
 from bigtrain.train.sample import sample
 
 
@@ -58,12 +60,14 @@ class TrainResult:
     last_eval: dict[str, float] | None
     run_dir: Path
     stopped_early: bool = False
+    stopped_by: int = 0  # the signal (SIGUSR1 / SIGTERM) that stopped the run before train.steps, after a save
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv | None = None) -> None:
+    def __init__(self, cfg: Config, env: DistEnv | None = None, stop: StopRequest | None = None) -> None:
         self.cfg = cfg
         self.env = env = env or detect_env()
+        self.stop = stop  # None: run() listens for the stop signals itself
         t = cfg.train
         if t.threads is not None:
             torch.set_num_threads(t.threads)
@@ -198,14 +202,17 @@ class Trainer:
         n_params = count_parameters(self.full_model)
         progress.write(f"bigtrain: {cfg.model.family} model, {n_params / 1e6:.2f}M parameters, "
                        f"{len(self.train_set)} training / {len(self.heldout_set)} held-out samples, "
-                       f"{self.env.world_size} rank(s) (launcher: {self.env.launcher}; {self.layout.describe()}), "
+                       f"{self.env.world_size} rank(s) ({self.env.describe()}; {self.layout.describe()}), "
                        f"{type(self.engine).__name__}, "
                        f"device {self.device}, {t.precision}, run.dir {self.run_dir}")
+        if self.env.note:
+            progress.write(f"note: {self.env.note}")
         if self.resumed_from is not None:
             progress.write(f"resumed from {self.resumed_from} (step {state.step})")
-        last_eval, stopped_early, memory_reported = None, False, False
+        last_eval, stopped_early, stopped_by, memory_reported = None, False, 0, False
         window_tokens, window_t0 = 0, time.perf_counter()
         run_t0 = window_t0
+        stop = self.stop or StopRequest().install()
         try:
             while state.step < t.steps:
                 batches = self.micro_batches(state.step)
@@ -246,18 +253,30 @@ class Trainer:
                 if (t.eval_every and state.step % t.eval_every == 0) or state.step == t.steps:
                     last_eval = self._evaluate(metrics, progress)
                     stopped_early = self._should_stop_early(last_eval)
-                if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step == t.steps \
-                        or stopped_early:
+                saved = (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or \
+                    state.step == t.steps or stopped_early
+                if saved:
                     self.save()
                 if stopped_early:
                     progress.write(f"early stop at step {state.step}: eval_loss did not improve for "
                                    f"{t.early_stop_patience} evaluations")
                     break
+                signum = stop.agreed(self.device if self.groups is not None else None)
+                if signum and state.step < t.steps:
+                    stopped_by = signum
+                    path = self.ckpt_dir / ckpt.step_dir_name(state.step) if saved else self.save()
+                    progress.write(f"stopped by {signal.Signals(stopped_by).name} after step {state.step}: "
+                                   f"checkpoint {path}; the same command resumes from it")
+                    break
         finally:
+            if self.stop is None:
+                stop.uninstall()
             progress.close()
             metrics.close()
-        self._print_sample()
-        return TrainResult(state=state, last_eval=last_eval, run_dir=self.run_dir, stopped_early=stopped_early)
+        if not stopped_by:
+            self._print_sample()
+        return TrainResult(state=state, last_eval=last_eval, run_dir=self.run_dir, stopped_early=stopped_early,
+                           stopped_by=stopped_by)
 
     def _evaluate(self, metrics: MetricsLog, progress: Progress) -> dict[str, float]:
         if hasattr(self.engine, "evaluate"):  # the pipeline runs the model stage by stage
@@ -298,5 +317,5 @@ class Trainer:
                   f"{self.tokenizer.decode(ids)}\n---", flush=True)
 
 
-def train(cfg: Config, env: DistEnv | None = None) -> TrainResult:
-    return Trainer(cfg, env).run()
+def train(cfg: Config, env: DistEnv | None = None, stop: StopRequest | None = None) -> TrainResult:
+    return Trainer(cfg, env, stop).run()

@@ -1,0 +1,129 @@
+"""Every launcher starts the same training: mpiexec (MPICH from PyPI, rendezvous through mpi4py), accelerate,
+DeepSpeed's launcher with a hostfile, each bitwise equal to torchrun's 2 ranks; a half-set environment fails at
+once naming the missing variable; SIGUSR1 / SIGTERM stop a run after a step with a checkpoint it resumes from
+exactly. (Slurm: tests/test_slurm.py.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, _free_port, assert_same_losses, launcher_args, read_metrics, tiny_overrides
+
+BIN = Path(sys.executable).parent
+
+
+def run_ranks(cmd: list[str], run_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, str(REPO / "launch" / "train.py"), *launcher_args(run_dir)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc
+
+
+def mpiexec() -> str:
+    path = shutil.which("mpiexec", path=f"{BIN}:{os.environ.get('PATH', '')}")
+    if path is None:
+        pytest.skip("no mpiexec: `make setup` installs MPICH from PyPI (pip install mpich)")
+    pytest.importorskip("mpi4py", reason="mpi4py is the optional extra: pip install -e .[mpi]")
+    return path
+
+
+@pytest.mark.slow
+def test_mpiexec_trains_like_torchrun(torchrun_reference, tmp_path):
+    proc = run_ranks([mpiexec(), "-n", "2", sys.executable], tmp_path / "run")
+    assert "launcher: mpi, rendezvous 127.0.0.1:" in proc.stdout
+    assert_same_losses(torchrun_reference, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_accelerate_launch_trains_like_torchrun(torchrun_reference, tmp_path):
+    """On a machine without GPUs accelerate starts several processes only when told --multi_gpu (with GPUs it
+    picks that itself); it then runs torch's elastic launcher and exports ACCELERATE_* beside RANK & co."""
+    pytest.importorskip("accelerate")
+    proc = run_ranks([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                      "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                      "--main_process_port", str(_free_port())], tmp_path / "run")
+    assert "2 rank(s) (launcher: accelerate" in proc.stdout
+    assert_same_losses(torchrun_reference, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_deepspeed_hostfile_trains_like_torchrun(torchrun_reference, tmp_path):
+    """`deepspeed --hostfile` naming localhost with 2 slots (no ssh to localhost: --no_ssh_check, and the
+    rendezvous given, as on a cluster node)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    proc = run_ranks([str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr",
+                      "127.0.0.1", "--master_port", str(_free_port())], tmp_path / "run")
+    assert "2 rank(s) (launcher: deepspeed" in proc.stdout
+    assert_same_losses(torchrun_reference, tmp_path / "run")
+
+
+@pytest.mark.parametrize("env,missing", [
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT"),
+    ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_JOB_ID": "7"}, "SLURM_NTASKS"),
+])
+def test_half_set_environment_fails_at_once(run_dir, env, missing):
+    """Through the real command line: exit 2 within seconds, one message naming the missing variable (every
+    launcher's cases: tests/test_dist_env.py)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_", "MV2_", "PMIX_"))
+             and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *tiny_overrides(run_dir)],
+                          capture_output=True, text=True, timeout=60, env={**clean, **env}, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert f"but not {missing}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert time.monotonic() - t0 < 30 and not run_dir.exists()
+
+
+def _signal_when(run_dir: Path, step: int, signum: int) -> threading.Thread:
+    """Send `signum` to this process once run_dir/metrics.jsonl has `step` training lines."""
+    def watch() -> None:
+        metrics = run_dir / "metrics.jsonl"
+        while not metrics.exists() or sum('"loss"' in line for line in metrics.read_text().splitlines()) < step:
+            time.sleep(0.002)
+        os.kill(os.getpid(), signum)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_signals_stop_after_a_step_save_and_resume_exactly(tmp_path, capsys):
+    """One process, through the command line in this process (signals reach the main thread): SIGUSR1 stops
+    after the current step with a checkpoint and exit status 3; the same command resumes; SIGTERM stops again,
+    status 143; the last run finishes. Every loss equals an uninterrupted run's."""
+    from bigtrain.cli import run_train
+
+    steps = 40
+    extra = ("model.d_model=128", "model.d_ff=512", "data.seq_len=64", "train.global_batch_size=16",
+             f"train.steps={steps}", "checkpoint.every=1000")
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert run_train(tiny_overrides(ref, "causal", *extra)) == 0
+    args = tiny_overrides(run, "causal", *extra)
+
+    _signal_when(run, 3, signal.SIGUSR1)
+    assert run_train(args) == 3
+    first = max(read_metrics(run)[0])
+    _signal_when(run, first + 3, signal.SIGTERM)
+    assert run_train(args) == 128 + signal.SIGTERM
+    second = max(read_metrics(run)[0])
+    assert run_train(args) == 0
+    out = capsys.readouterr()
+    assert f"stopped by SIGUSR1 after step {first}" in out.out and f"stopped by SIGTERM after step {second}" in \
+        out.out
+    assert f"(step {first})" in out.out and f"(step {second})" in out.out  # the resume lines
+    assert 3 <= first < second < steps
+    assert_same_losses(ref, run, steps=steps)
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handlers removed after the run
+    print(f"\nstopped after steps {first} (SIGUSR1) and {second} (SIGTERM), resumed: every loss bitwise equal")
