@@ -12,6 +12,9 @@ from pathlib import Path
 from bigtrain.config import Config, dump_config, load_config
 from bigtrain.errors import BigtrainError
 
+if typing.TYPE_CHECKING:
+    from bigtrain.train.preemption import StopRequest
+
 # The repository's configs/ (the package is installed editable from a checkout).
 SMOKE_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
 
@@ -47,10 +50,20 @@ def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
     if args.help_config:
         print(config_help())
         return 0
-    rank, world = 0, 1  # until the launcher's environment is read (no collective can be waiting before that)
-    from bigtrain.train.preemption import StopRequest, exit_status
+    from bigtrain.train.preemption import StopRequest
 
     stop = StopRequest().install()  # from the start: a signal during start-up stops after the first step
+    try:
+        return _train(args, stop)
+    finally:
+        stop.uninstall()
+
+
+def _train(args: argparse.Namespace, stop: StopRequest) -> int:
+    """Detect the launcher, load the config, train; the exit status (2: bad input, 3 / 143: stopped by a signal)."""
+    from bigtrain.train.preemption import exit_status
+
+    rank, world = 0, 1  # until the launcher's environment is read (no collective can be waiting before that)
     try:
         from bigtrain.distributed import detect_env
 
@@ -78,7 +91,6 @@ def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    stop.uninstall()
     if result.stopped_by:
         if rank == 0:
             print(f"stopped: step {result.state.step} of {cfg.train.steps}, checkpoint saved; run the same command "

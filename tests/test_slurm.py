@@ -64,7 +64,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, torchrun_referen
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
-        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), job_log(run_dir, job)[-3000:]
+        assert cluster.job(job).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), job_log(run_dir, job)[-3000:]
         time.sleep(0.2)
     cluster.scancel("--signal=USR1", job)
     end = cluster.wait(job, timeout=300, until=("COMPLETED", "FAILED", "TIMEOUT"))  # not the requeue itself
