@@ -8,6 +8,14 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup smoke test lint clean
 
+define PREBUILD_SHM_OP
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if get_accelerator().device_name() == "cpu" and builder is not None:
+    builder.load()
+endef
+export PREBUILD_SHM_OP
+
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -16,6 +24,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install --no-build-isolation "deepspeed>=0.19,<0.20"
 	$(PIP) install -e ".[dev,mpi]"
 	$(PY) -c "from mpi4py import MPI" 2>/dev/null || $(PIP) install mpich  # MPICH from PyPI where no MPI is found
+	@# DeepSpeed JIT-builds its CPU shared-memory all-reduce op on the first multi-rank CPU run (~1 min, cached
+	@# in ~/.cache/torch_extensions): build it once here rather than inside whichever run comes first.
+	$(PY) -c "$$PREBUILD_SHM_OP" 2>&1 | grep -v WARNING || true
 	touch $@
 
 smoke: setup

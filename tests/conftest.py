@@ -77,13 +77,22 @@ def run_launcher(args: list[str], timeout: float = 300, **kwargs) -> subprocess.
 
 def launch_ranks(n: int, overrides: list[str], launcher: str = "torchrun", script: Path | None = None,
                  timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Start `n` CPU ranks of `launch/train.py` (or `script`) under torchrun or DeepSpeed's launcher."""
+    """Start `n` CPU ranks of `launch/train.py` (or `script`) under torchrun, DeepSpeed's launcher
+    (`deepspeed --num_gpus n`), or DeepSpeed's launcher with a hostfile naming `localhost slots=n`
+    ("deepspeed-hostfile": no ssh to localhost, so --no_ssh_check and the rendezvous given)."""
     script = script or REPO / "launch" / "train.py"
     bin_dir = Path(sys.executable).parent
     port = str(_free_port())
     if launcher == "torchrun":
         cmd = [str(bin_dir / "torchrun"), f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
                f"--master_port={port}", str(script)]
+    elif launcher == "deepspeed-hostfile":
+        import tempfile
+
+        hostfile = Path(tempfile.mkdtemp(prefix="bigtrain-hostfile-")) / "hostfile"
+        hostfile.write_text(f"localhost slots={n}\n")
+        cmd = [str(bin_dir / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr",
+               "127.0.0.1", "--master_port", port, str(script)]
     else:
         cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(n), "--master_port", port, str(script)]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}

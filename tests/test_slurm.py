@@ -37,42 +37,50 @@ def job_log(run_dir: Path, job: str) -> str:
     return (run_dir.parent / f"slurm-{job}.out").read_text()
 
 
-@pytest.mark.parametrize("script,layout", [("train.sbatch", ["--ntasks-per-node=2"]),
-                                           ("train_deepspeed.sbatch", ["--cpus-per-task=2"])])
-def test_sbatch_trains_like_torchrun(cluster, torchrun_reference, tmp_path, script, layout):
-    """2 ranks through srun (one task each), or through DeepSpeed's launcher with the hostfile the script builds
-    from the node list (`localhost slots=2`): the same metrics, bitwise, as torchrun's 2 ranks."""
+# How each script gets 2 CPU ranks on the local node: 2 srun tasks, or 1 task whose DeepSpeed launcher reads
+# the hostfile the script builds from the node list (`localhost slots=2`).
+LAYOUTS = {"train.sbatch": ["--ntasks-per-node=2"],
+           "train_deepspeed.sbatch": ["--cpus-per-task=2", "--export=ALL,GPUS_PER_NODE=2"]}
+
+
+def test_sbatch_trains_like_torchrun(cluster, torchrun_reference, tmp_path):
+    """`sbatch slurm/train.sbatch` with 2 tasks: every rank finds itself from srun's variables, the job
+    completes, and its metrics are bitwise torchrun's."""
     run_dir = tmp_path / "run"
-    extra = ["--export=ALL,GPUS_PER_NODE=2"] if script == "train_deepspeed.sbatch" else []
-    job = submit(cluster, script, run_dir, *layout, *extra)
+    job = submit(cluster, "train.sbatch", run_dir, *LAYOUTS["train.sbatch"])
     end = cluster.wait(job)
     log = job_log(run_dir, job)
     assert (end.state, end.exit_code) == ("COMPLETED", "0:0"), log[-4000:]
-    assert "launcher: slurm" in log if script == "train.sbatch" else "launcher: deepspeed" in log
-    if script == "train_deepspeed.sbatch":
-        assert "localhost slots=2" in log
+    assert "2 rank(s) (launcher: slurm, rendezvous localhost:" in log
     assert_same_losses(torchrun_reference, run_dir)
 
 
-def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, torchrun_reference, tmp_path):
+@pytest.mark.parametrize("script", LAYOUTS)
+def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, torchrun_reference, tmp_path, script):
     """`scancel --signal=USR1` mid-run: the ranks finish the step, save, exit 3; the script requeues the job;
-    the requeued job resumes the same run.dir and every step's loss equals the uninterrupted run's."""
+    the requeued job resumes the same run.dir and completes, every step's loss and eval loss bitwise equal to
+    torchrun's uninterrupted run. For train_deepspeed.sbatch this is also its plain test (hostfile, per-node
+    DeepSpeed launcher, same metrics as torchrun)."""
     run_dir = tmp_path / "run"
-    job = submit(cluster, "train.sbatch", run_dir, "--ntasks-per-node=2")
+    job = submit(cluster, script, run_dir, *LAYOUTS[script])
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # wait until training is under way, then signal the ranks
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
-        assert cluster.job(job).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), job_log(run_dir, job)[-3000:]
+        state = cluster.job(job).get("JobState")
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job} is {state} before training started"
         time.sleep(0.2)
     cluster.scancel("--signal=USR1", job)
     end = cluster.wait(job, timeout=300, until=("COMPLETED", "FAILED", "TIMEOUT"))  # not the requeue itself
     log = job_log(run_dir, job)
     assert (end.state, end.exit_code, end.restarts) == ("COMPLETED", "0:0", 1), log[-5000:]
     assert "received SIGUSR1" in log and "requeueing job" in log, log[-5000:]
+    if script == "train_deepspeed.sbatch":
+        assert "localhost slots=2" in log and "2 rank(s) (launcher: deepspeed" in log
     stopped = int(log.split("stopped by SIGUSR1 after step ")[1].split(":")[0])
     assert 1 <= stopped < LAUNCH_STEPS
     assert "resumed from" in log and f"(step {stopped})" in log
     assert_same_losses(torchrun_reference, run_dir)
-    print(f"\nstopped after step {stopped} of {LAUNCH_STEPS}, requeued, resumed: every loss bitwise equal")
+    print(f"\n{script}: stopped after step {stopped} of {LAUNCH_STEPS}, requeued, resumed: every loss bitwise "
+          f"equal to torchrun's")
