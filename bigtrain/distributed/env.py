@@ -131,10 +131,11 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv:
              "srun sets all of " + ", ".join(SLURM_VARS) + ". Start the ranks with srun inside an allocation "
              "(slurm/train.sbatch does), or unset SLURM_PROCID to run as one process.")
     v = _ints(env, {"rank": "SLURM_PROCID", "world_size": "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env
-                    else "SLURM_NTASKS", "local_rank": "SLURM_LOCALID", "job_id": "SLURM_JOB_ID"})
+                    else "SLURM_NTASKS", "local_rank": "SLURM_LOCALID", "job_id": "SLURM_JOB_ID",
+                    "master_port": "MASTER_PORT"})
     _check_rank(v["rank"], v["world_size"], "SLURM_PROCID", "SLURM_NTASKS")
     nodes = expand_hostlist(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
-    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else SLURM_PORT_BASE + v["job_id"] % SLURM_PORT_SPAN
+    port = v.get("master_port", SLURM_PORT_BASE + v["job_id"] % SLURM_PORT_SPAN)
     return DistEnv(rank=v["rank"], local_rank=v["local_rank"], world_size=v["world_size"], launcher="slurm",
                    master_addr=env.get("MASTER_ADDR", nodes[0]), master_port=port)
 
@@ -162,9 +163,10 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     return _single(env)
 
 
-def _free_port() -> int:
+def free_port(bind: str = "127.0.0.1") -> int:
+    """A TCP port that is free now on `bind` ("" = every interface, for a rendezvous other nodes reach)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((bind, 0))
         return s.getsockname()[1]
 
 
@@ -176,7 +178,7 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
     if torch.distributed.is_initialized():
         return
     if env.master_port is None:  # one process without a launcher: a one-rank group on a free local port
-        env = DistEnv(0, 0, 1, env.launcher, "127.0.0.1", _free_port())
+        env = DistEnv(0, 0, 1, env.launcher, "127.0.0.1", free_port())
     os.environ.update(env.torch_env())
     backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,

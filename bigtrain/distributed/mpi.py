@@ -10,18 +10,15 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping
 
-from bigtrain.distributed.env import DistEnv
+from bigtrain.distributed.env import DistEnv, free_port
 from bigtrain.errors import ConfigError
 
 
-def _local_address() -> str:
-    return socket.gethostname()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def _master_port(env: Mapping[str, str]) -> int:
+    try:
+        return int(env["MASTER_PORT"])
+    except ValueError:
+        raise ConfigError(f"MASTER_PORT={env['MASTER_PORT']!r} is not a port number.") from None
 
 
 def mpi_rendezvous(env: Mapping[str, str], family: str, from_env: dict[str, int]) -> DistEnv:
@@ -46,8 +43,8 @@ def mpi_rendezvous(env: Mapping[str, str], family: str, from_env: dict[str, int]
     local_rank, local_size = node.Get_rank(), node.Get_size()
     node.Free()
     if rank == 0:
-        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if local_size == size else _local_address())
-        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if local_size == size else socket.gethostname())
+        port = _master_port(env) if "MASTER_PORT" in env else free_port(bind="")
         rendezvous = (addr, port)
     else:
         rendezvous = None
@@ -65,10 +62,6 @@ def _without_mpi4py(env: Mapping[str, str], family: str, from_env: dict[str, int
             f"Install mpi4py (`pip install -e .[mpi]`; `pip install mpich` where no MPI is installed), or "
             f"export MASTER_ADDR and MASTER_PORT to every rank (mpiexec -genv MASTER_ADDR <host> -genv "
             f"MASTER_PORT <port>).")
-    try:
-        port = int(env["MASTER_PORT"])
-    except ValueError:
-        raise ConfigError(f"MASTER_PORT={env['MASTER_PORT']!r} is not a port number.") from None
     return DistEnv(rank=from_env["rank"], local_rank=from_env.get("local_rank", from_env["rank"]),
                    world_size=from_env["world_size"], launcher="mpi", master_addr=env["MASTER_ADDR"],
-                   master_port=port)
+                   master_port=_master_port(env))
