@@ -34,7 +34,7 @@ def tiny_overrides(run_dir: Path, family: str = "causal", *extra: str) -> list[s
             f"run.dir={run_dir}", *extra]
 
 
-LAUNCH_STEPS = 24
+LAUNCH_STEPS = 16
 
 
 def launcher_args(run_dir: Path) -> list[str]:
