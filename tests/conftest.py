@@ -34,6 +34,28 @@ def tiny_overrides(run_dir: Path, family: str = "causal", *extra: str) -> list[s
             f"run.dir={run_dir}", *extra]
 
 
+# Global batch 8 = 2 data-parallel ranks × 2 micro-batches × 2 sequences: data parallelism and accumulation at once.
+DP_LAYOUT = ("train.global_batch_size=8", "train.micro_batch_size=2")
+LAMB = ("optim.name=lamb", "train.steps=10", "optim.lr=2e-2")
+
+
+@pytest.fixture(scope="session")
+def causal_reference(tmp_path_factory) -> Path:
+    """The single-process tiny GPT (DP_LAYOUT, tied embeddings) that the ZeRO and tensor-parallel layouts are
+    compared with (tests/test_deepspeed.py, tests/test_tensor_parallel.py)."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    single_process(tiny_overrides(run_dir, "causal", *DP_LAYOUT))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def lamb_reference(tmp_path_factory) -> Path:
+    """The same with LAMB for 10 steps."""
+    run_dir = tmp_path_factory.mktemp("lamb") / "run"
+    single_process(tiny_overrides(run_dir, "causal", *DP_LAYOUT, *LAMB))
+    return run_dir
+
+
 LAUNCH_STEPS = 16
 
 

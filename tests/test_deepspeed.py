@@ -13,6 +13,8 @@ import pytest
 from bigtrain.config import load_config
 from bigtrain.errors import ConfigError
 from tests.conftest import (
+    DP_LAYOUT,
+    LAMB,
     REPO,
     assert_resume_is_exact,
     assert_same_curve,
@@ -26,40 +28,29 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.slow
 
-# Global batch 8 = 2 ranks × 2 micro-batches × 2 sequences: data parallelism and accumulation at once.
-LAYOUT = ("train.global_batch_size=8", "train.micro_batch_size=2")
-
 
 def _overrides(run_dir: Path, *extra: str) -> list[str]:
-    return tiny_overrides(run_dir, "causal", *LAYOUT, *extra)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The single-process run every layout is compared with."""
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    single_process(_overrides(run_dir))
-    return run_dir
+    return tiny_overrides(run_dir, "causal", *DP_LAYOUT, *extra)
 
 
 @pytest.mark.parametrize("stage,launcher", [(0, "torchrun"), (1, "deepspeed-hostfile"), (2, "torchrun"),
                                             (3, "torchrun")])
-def test_zero_stage_matchessingle_process(reference, tmp_path, stage, launcher):
+def test_zero_stage_matchessingle_process(causal_reference, tmp_path, stage, launcher):
     """2 data-parallel ranks, ZeRO-0..3, tied embeddings: 20 steps of loss and grad_norm within 1e-5 of one
     process. Stage 1 runs under DeepSpeed's launcher with a hostfile naming localhost with 2 slots (CPU
     ranks), the others under torchrun."""
     run_dir = tmp_path / "run"
     out = launch_ok(2, _overrides(run_dir, f"parallel.zero_stage={stage}"), launcher=launcher)
     assert f"launcher: {launcher.removesuffix('-hostfile')}" in out
-    assert_same_curve(reference, run_dir, rel=1e-5)
+    assert_same_curve(causal_reference, run_dir, rel=1e-5)
     assert json.loads((run_dir / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == stage
 
 
-def test_activation_checkpointing_under_zero3(reference, tmp_path):
+def test_activation_checkpointing_under_zero3(causal_reference, tmp_path):
     """Full recomputation in backward (ZeRO-3 re-gathers parameters for it) leaves the curve unchanged."""
     run_dir = tmp_path / "run"
     launch_ok(2, _overrides(run_dir, "parallel.zero_stage=3", "parallel.activation_checkpointing=full"))
-    assert_same_curve(reference, run_dir, rel=1e-5)
+    assert_same_curve(causal_reference, run_dir, rel=1e-5)
 
 
 def test_untied_embeddings_selective_checkpointing_zero2(tmp_path):
@@ -77,7 +68,7 @@ def test_bf16_zero2_reused_parameters_match_one_rank(tmp_path):
     (same weights, only bf16 rounding differs) loss and grad_norm within 2e-3 (measured: ~3e-5); over 20
     steps within 1e-2 (bf16 rounding compounds; measured: up to ~4e-3). A wrong gradient is far off both."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = (*LAYOUT, "train.precision=bf16", "parallel.zero_stage=2")
+    common = (*DP_LAYOUT, "train.precision=bf16", "parallel.zero_stage=2")
     launch_ok(1, tiny_overrides(one, "seq2seq", *common))
     launch_ok(2, tiny_overrides(two, "seq2seq", *common))
     first_one, first_two = read_metrics(one)[0][1], read_metrics(two)[0][1]
@@ -86,16 +77,6 @@ def test_bf16_zero2_reused_parameters_match_one_rank(tmp_path):
     assert_same_curve(one, two, rel=1e-2)
     losses = read_metrics(two)[0]
     assert losses[20]["loss"] < losses[1]["loss"] - 0.5  # it trains
-
-
-LAMB = ("optim.name=lamb", "train.steps=10", "optim.lr=2e-2")
-
-
-@pytest.fixture(scope="module")
-def lamb_reference(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("lamb") / "run"
-    single_process(_overrides(run_dir, *LAMB))
-    return run_dir
 
 
 @pytest.mark.parametrize("stage", [1, 2])

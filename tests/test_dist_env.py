@@ -84,6 +84,7 @@ def test_mpi_without_mpi4py(monkeypatch):
     ({k: v for k, v in SRUN.items() if k != "SLURM_LOCALID"}, "but not SLURM_LOCALID"),
     ({**SRUN, "SLURM_JOB_NODELIST": "gpu[1-", "SLURM_STEP_NODELIST": ""}, "Slurm host list"),
     ({**SRUN, "MASTER_PORT": "auto"}, "MASTER_PORT='auto' is not an integer"),
+    ({"PMI_RANK": "0", "PMI_SIZE": "2", "MASTER_PORT": "auto"}, "MASTER_PORT='auto' is not an integer"),
 ])
 def test_half_set_or_inconsistent_environment_is_named(env, message):
     with pytest.raises(ConfigError, match=message):

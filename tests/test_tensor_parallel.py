@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
+    DP_LAYOUT,
+    LAMB,
     REPO,
     _free_port,
     assert_resume_is_exact,
@@ -30,8 +32,6 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.slow
 
-# Global batch 8 = data-parallel ranks × micro-batches × 2 sequences.
-LAYOUT = ("train.global_batch_size=8", "train.micro_batch_size=2")
 TOL = 1e-5
 
 
@@ -87,13 +87,6 @@ def test_dropout_streams(parity):
 
 
 # --- training level ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    single_process(tiny_overrides(run_dir, "causal", *LAYOUT))
-    return run_dir
-
-
 @pytest.mark.parametrize("ranks,extra,launcher", [
     (2, ["parallel.tensor=2"], "torchrun"),
     (4, ["parallel.tensor=2", "parallel.zero_stage=1"], "deepspeed"),
@@ -101,32 +94,30 @@ def reference(tmp_path_factory) -> Path:
     (2, ["parallel.tensor=2", "parallel.activation_checkpointing=full"], "torchrun"),
     (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"], "torchrun"),
 ], ids=["tp2", "tp2-dp2-zero1", "tp2-dp2-zero2", "tp2-checkpointing", "tp2-sequence-parallel"])
-def test_training_matches_single_device(reference, tmp_path, ranks, extra, launcher):
+def test_training_matches_single_device(causal_reference, tmp_path, ranks, extra, launcher):
     """20 steps of `loss` and `grad_norm` within 1e-5 of the single-process run (grad_norm is the whole
     model's: sharded parameters summed over the tensor group, replicated ones counted once)."""
     run_dir = tmp_path / "run"
-    out = launch_ok(ranks, tiny_overrides(run_dir, "causal", *LAYOUT, *extra), launcher=launcher)
+    out = launch_ok(ranks, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *extra), launcher=launcher)
     assert f"tensor 2 × pipeline 1 × data {ranks // 2}" in out
-    assert_same_curve(reference, run_dir, TOL)
+    assert_same_curve(causal_reference, run_dir, TOL)
 
 
 def test_seq2seq_sequence_parallel_matches_single_device(tmp_path):
     """Encoder-decoder with padded, variable-length batches: sequence parallelism pads them to a multiple
     of the tensor size (padding is masked and ignored by the loss), so the curve is unchanged."""
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    single_process(tiny_overrides(ref_dir, "seq2seq", *LAYOUT))
-    launch_ok(2, tiny_overrides(run_dir, "seq2seq", *LAYOUT, "parallel.tensor=2", "parallel.sequence_parallel=true"))
+    single_process(tiny_overrides(ref_dir, "seq2seq", *DP_LAYOUT))
+    launch_ok(2, tiny_overrides(run_dir, "seq2seq", *DP_LAYOUT, "parallel.tensor=2", "parallel.sequence_parallel=true"))
     assert_same_curve(ref_dir, run_dir, TOL)
 
 
-def test_lamb_exact_under_tensor_and_zero1(tmp_path):
+def test_lamb_exact_under_tensor_and_zero1(lamb_reference, tmp_path):
     """LAMB's per-tensor trust ratios over tensor shards and ZeRO partitions at once (TP=2 × DP=2, ZeRO-1):
     10 steps within 1e-5 of single-process LAMB (tests/test_zero_lamb.py: a per-shard ratio is off by > 1e-3)."""
-    lamb = (*LAYOUT, "optim.name=lamb", "train.steps=10", "optim.lr=2e-2")
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    single_process(tiny_overrides(ref_dir, "causal", *lamb))
-    launch_ok(4, tiny_overrides(run_dir, "causal", *lamb, "parallel.tensor=2", "parallel.zero_stage=1"))
-    assert_same_curve(ref_dir, run_dir, TOL, steps=10)
+    run_dir = tmp_path / "run"
+    launch_ok(4, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *LAMB, "parallel.tensor=2", "parallel.zero_stage=1"))
+    assert_same_curve(lamb_reference, run_dir, TOL, steps=10)
 
 
 def test_resume_with_tensor_parallelism_and_consolidate(tmp_path):
@@ -134,7 +125,7 @@ def test_resume_with_tensor_parallelism_and_consolidate(tmp_path):
     from the step-10 checkpoint, 10 more == 20 straight steps, bitwise. The checkpoint's shards consolidate
     into one-device weights with the run's final eval loss; a resume under another layout is refused."""
     run_dir = tmp_path / "run"
-    args = tiny_overrides(run_dir, "causal", *LAYOUT, "parallel.tensor=2", "parallel.sequence_parallel=true",
+    args = tiny_overrides(run_dir, "causal", *DP_LAYOUT, "parallel.tensor=2", "parallel.sequence_parallel=true",
                           "checkpoint.every=10", "train.eval_every=10", "model.dropout=0.1")
     evals = assert_resume_is_exact(2, args, run_dir)
     assert consolidated_eval_loss(run_dir) == pytest.approx(evals[20]["eval_loss"], rel=1e-6)

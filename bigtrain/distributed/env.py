@@ -120,7 +120,7 @@ def _from_mpi(env: Mapping[str, str], family: str) -> DistEnv:
     if size_var is not None:
         _missing(env, (size_var,), rank_var, f"{family}'s mpirun sets both. Start the job with mpirun/mpiexec, "
                                              f"or unset {rank_var} to run as one process.")
-    v = _ints(env, {"rank": rank_var, "world_size": size_var, "local_rank": local_var})
+    v = _ints(env, {"rank": rank_var, "world_size": size_var, "local_rank": local_var, "master_port": "MASTER_PORT"})
     if "world_size" in v:
         _check_rank(v["rank"], v["world_size"], rank_var, size_var or "")
     return mpi_rendezvous(env, family, v)

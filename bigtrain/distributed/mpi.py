@@ -14,16 +14,9 @@ from bigtrain.distributed.env import DistEnv, free_port
 from bigtrain.errors import ConfigError
 
 
-def _master_port(env: Mapping[str, str]) -> int:
-    try:
-        return int(env["MASTER_PORT"])
-    except ValueError:
-        raise ConfigError(f"MASTER_PORT={env['MASTER_PORT']!r} is not a port number.") from None
-
-
 def mpi_rendezvous(env: Mapping[str, str], family: str, from_env: dict[str, int]) -> DistEnv:
-    """The DistEnv of this MPI rank. `from_env` holds what the launcher's variables say (rank, maybe world_size
-    and local_rank); mpi4py, when installed, must agree with them."""
+    """The DistEnv of this MPI rank. `from_env` holds what the variables say, as integers (rank; world_size,
+    local_rank and master_port when set); mpi4py, when installed, must agree with them."""
     try:
         from mpi4py import MPI
     except ImportError:
@@ -44,7 +37,7 @@ def mpi_rendezvous(env: Mapping[str, str], family: str, from_env: dict[str, int]
     node.Free()
     if rank == 0:
         addr = env.get("MASTER_ADDR") or ("127.0.0.1" if local_size == size else socket.gethostname())
-        port = _master_port(env) if "MASTER_PORT" in env else free_port(bind="")
+        port = from_env.get("master_port") or free_port(bind="")
         rendezvous = (addr, port)
     else:
         rendezvous = None
@@ -64,4 +57,4 @@ def _without_mpi4py(env: Mapping[str, str], family: str, from_env: dict[str, int
             f"MASTER_PORT <port>).")
     return DistEnv(rank=from_env["rank"], local_rank=from_env.get("local_rank", from_env["rank"]),
                    world_size=from_env["world_size"], launcher="mpi", master_addr=env["MASTER_ADDR"],
-                   master_port=_master_port(env))
+                   master_port=from_env["master_port"])
