@@ -1,0 +1,50 @@
+"""Checkpoints written by an earlier bigtrain (tests/fixtures/main_d0e41f9, see its README) still resume: the
+plain engine's files and a tensor-parallel DeepSpeed run's, with parameter names and module structure as they
+were then. Steps 3-4 after the resume equal the uninterrupted run that wrote them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, launch_ok, read_metrics, run_launcher
+
+FIXTURES = REPO / "tests" / "fixtures" / "main_d0e41f9"
+
+
+def _copy(name: str, tmp_path: Path) -> tuple[Path, list[str]]:
+    run_dir = tmp_path / name
+    shutil.copytree(FIXTURES / name, run_dir)
+    saved = run_dir / "checkpoints" / "step_00000002" / "config.yaml"
+    overrides = [f"run.dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}"]
+    return run_dir, ["--config", str(saved), *overrides]
+
+
+def _assert_continues(run_dir: Path, output: str) -> None:
+    assert "resumed from" in output and "(step 2)" in output, output[-2000:]
+    straight = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.straight.jsonl").read_text().splitlines())
+                if "loss" in r}
+    resumed, _ = read_metrics(run_dir)
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "grad_norm"):
+            a, b = straight[step][key], resumed[step][key]
+            assert b == pytest.approx(a, rel=1e-5), (step, key, a, b)
+    print(f"\nresumed at step 2; steps 3-4 loss {resumed[3]['loss']:.6f}, {resumed[4]['loss']:.6f} "
+          f"(written: {straight[3]['loss']:.6f}, {straight[4]['loss']:.6f})")
+
+
+def test_single_process_checkpoint_from_main_resumes(tmp_path):
+    run_dir, args = _copy("single", tmp_path)
+    proc = run_launcher(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_continues(run_dir, proc.stdout)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_deepspeed_checkpoint_from_main_resumes(tmp_path):
+    run_dir, args = _copy("tp2", tmp_path)
+    _assert_continues(run_dir, launch_ok(2, args))
