@@ -1,4 +1,6 @@
-# bigtrain: `make smoke` trains the smoke config; `make test` runs the suite. Both set up .venv first.
+# bigtrain: `make smoke` trains the smoke config; `make test` runs the whole suite (what .ci/run calls);
+# `make test-fast` the unit and single-process tests (no `slow` mark: no launcher, no multi-rank run). All set up
+# .venv first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # CPU build of torch; GPU users install their CUDA build first (see README), which this leaves alone.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup smoke test lint clean
+.PHONY: setup smoke test test-fast lint clean
 
 define PREBUILD_SHM_OP
 from deepspeed.accelerator import get_accelerator
@@ -35,6 +37,10 @@ smoke: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

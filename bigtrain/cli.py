@@ -9,7 +9,7 @@ import sys
 import typing
 from pathlib import Path
 
-from bigtrain.config import Config, dump_config, load_config
+from bigtrain.config import Config, dump_config
 from bigtrain.errors import BigtrainError
 
 if typing.TYPE_CHECKING:
@@ -69,7 +69,9 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> int:
 
         env = detect_env()
         rank, world = env.rank, env.world_size
-        cfg = load_config(args.config or SMOKE_CONFIG, args.overrides, world_size=env.world_size)
+        from bigtrain.engine.validate import load_run_config  # the file's keys, then the layout and engine checks
+
+        cfg = load_run_config(args.config or SMOKE_CONFIG, args.overrides, world_size=env.world_size)
         if args.print_config:
             if env.is_main:
                 print(dump_config(cfg), end="")

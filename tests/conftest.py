@@ -15,6 +15,27 @@ from bigtrain.config import Config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
+def require(available: bool, reason: str) -> None:
+    """Skip a test whose tool (Slurm, MPI, accelerate, ...) is missing, saying why; under CI=true fail instead:
+    CI must run every test, so a missing tool means a broken CI set-up, never a green run."""
+    if available:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} -- CI=true: a test that CI must run may not skip; fix .ci/run's set-up",
+                    pytrace=False)
+    pytest.skip(reason)
+
+
+def require_module(name: str, reason: str):
+    """`pytest.importorskip`, but a failure under CI=true (see `require`)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        require(False, reason)
+
+
 TINY_MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.dropout=0.0",
               "model.max_seq_len=64"]
 

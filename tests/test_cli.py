@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from bigtrain.cli import run_train
-from tests.conftest import REPO, run_launcher, tiny_overrides
+from tests.conftest import REPO, require, run_launcher, tiny_overrides
 
 
 def test_print_config_applies_overrides(capsys):
@@ -38,8 +38,7 @@ def test_help_config_lists_every_key(capsys):
 def test_console_script():
     exe = shutil.which("bigtrain", path=str(Path(__file__).resolve().parent.parent / ".venv" / "bin")) or \
         shutil.which("bigtrain")
-    if exe is None:
-        pytest.skip("the bigtrain console script is not installed (run `make setup`)")
+    require(exe is not None, "the bigtrain console script is not installed (run `make setup`)")
     out = subprocess.run([exe, "train", "--print-config", "train.steps=3"], capture_output=True, text=True,
                          check=True).stdout
     assert yaml.safe_load(out)["train"]["steps"] == 3

@@ -17,6 +17,7 @@ import yaml
 
 from bigtrain.config import Config, dump_config, load_config, parse_overrides
 from bigtrain.config.loader import config_from_dict
+from bigtrain.engine.validate import load_run_config
 from bigtrain.errors import ConfigError
 from bigtrain.models.build import build_model, count_parameters
 
@@ -32,7 +33,7 @@ def _vocab(cfg: Config) -> int:
 @functools.cache
 def _built(name: str) -> tuple[Config, torch.nn.Module]:
     """The preset's config and its model on the meta device (built once per test session)."""
-    cfg = load_config(CONFIG_DIR / f"{name}.yaml")
+    cfg = load_run_config(CONFIG_DIR / f"{name}.yaml")
     return cfg, build_model(cfg.model, _vocab(cfg), "meta")
 
 
@@ -311,8 +312,8 @@ def test_bad_config_is_one_clear_paragraph(how: Any, match: str, tmp_path: Path)
         path = _write(tmp_path, spec["yaml"])
     elif "path" in spec:
         path = tmp_path / spec["path"]
-    with pytest.raises(ConfigError, match=match) as info:
-        load_config(path, spec.get("overrides"), world_size=spec.get("world_size", 1))
+    with pytest.raises(ConfigError, match=match) as info:  # what a command runs before it starts work
+        load_run_config(path, spec.get("overrides"), world_size=spec.get("world_size", 1))
     message = str(info.value)
     assert "\n" not in message, message
     assert message.endswith((".", "?")), message

@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, _free_port, assert_same_losses, launcher_args, read_metrics, tiny_overrides
+from tests.conftest import (
+    REPO,
+    _free_port,
+    assert_same_losses,
+    launcher_args,
+    read_metrics,
+    require,
+    require_module,
+    tiny_overrides,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -32,9 +41,8 @@ def run_ranks(cmd: list[str], run_dir: Path, timeout: float = 300) -> subprocess
 
 def mpiexec() -> str:
     path = shutil.which("mpiexec", path=f"{BIN}:{os.environ.get('PATH', '')}")
-    if path is None:
-        pytest.skip("no mpiexec: `make setup` installs MPICH from PyPI (pip install mpich)")
-    pytest.importorskip("mpi4py", reason="mpi4py is the optional extra: pip install -e .[mpi]")
+    require(path is not None, "no mpiexec: `make setup` installs MPICH from PyPI (pip install mpich)")
+    require_module("mpi4py", "mpi4py is the optional extra: pip install -e .[mpi]")
     return path
 
 
@@ -49,7 +57,7 @@ def test_mpiexec_trains_like_torchrun(torchrun_reference, tmp_path):
 def test_accelerate_launch_trains_like_torchrun(torchrun_reference, tmp_path):
     """On a machine without GPUs accelerate starts several processes only when told --multi_gpu (with GPUs it
     picks that itself); it then runs torch's elastic launcher and exports ACCELERATE_* beside RANK & co."""
-    pytest.importorskip("accelerate")
+    require_module("accelerate", "accelerate is in the dev extra: pip install -e .[dev]")
     proc = run_ranks([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
                       "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                       "--main_process_port", str(_free_port())], tmp_path / "run")
@@ -62,16 +70,15 @@ def test_accelerate_launch_trains_like_torchrun(torchrun_reference, tmp_path):
     ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_JOB_ID": "7"}, "SLURM_NTASKS"),
 ])
 def test_half_set_environment_fails_at_once(run_dir, env, missing):
-    """Through the real command line: exit 2 within seconds, one message naming the missing variable (every
+    """Through the real command line: exit 2 before any work, one message naming the missing variable (every
     launcher's cases: tests/test_dist_env.py)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_", "MV2_", "PMIX_"))
              and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    t0 = time.monotonic()
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *tiny_overrides(run_dir)],
                           capture_output=True, text=True, timeout=60, env={**clean, **env}, cwd=REPO)
     assert proc.returncode == 2, proc.stderr
     assert f"but not {missing}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert time.monotonic() - t0 < 30 and not run_dir.exists()
+    assert not run_dir.exists()  # failed before any work (the time it takes: `python bench/wallclock.py`)
 
 
 def _signal_when(run_dir: Path, step: int, signum: int) -> threading.Thread:

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
+from bigtrain.components import checkpoint as ckpt
 from bigtrain.errors import CheckpointError
-from bigtrain.train import checkpoint as ckpt
 from bigtrain.train.trainer import Trainer, train
 from tests.conftest import REPO, run_launcher, tiny_config, tiny_overrides
 

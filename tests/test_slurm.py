@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LAUNCH_STEPS, REPO, assert_same_losses, launcher_args
+from tests.conftest import LAUNCH_STEPS, REPO, assert_same_losses, launcher_args, require
 from tests.helpers.local_slurm import LocalSlurm, unavailable_reason
 
 pytestmark = pytest.mark.slow
@@ -18,8 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster():
     reason = unavailable_reason()
-    if reason:
-        pytest.skip(f"no local Slurm: {reason}")
+    require(not reason, f"no local Slurm: {reason} (.ci/run installs it with tests/helpers/install_slurm.sh)")
     cluster = LocalSlurm.start()
     yield cluster
     cluster.stop()

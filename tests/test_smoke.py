@@ -1,5 +1,5 @@
-"""`make smoke`'s promise: the smoke config trains on a 2-core CPU in under 3 minutes of training to a
-held-out loss of at most 2.3 nats per byte, then prints a sample."""
+"""`make smoke`'s promise: the smoke config trains to a held-out loss of at most 2.3 nats per byte, then prints
+a sample. (Its speed, under 3 minutes of training on a 2-core CPU, is a figure of `python bench/wallclock.py`.)"""
 
 from __future__ import annotations
 
@@ -26,5 +26,4 @@ def test_smoke_config_reaches_target(tmp_path):
           f"{seconds:.0f} s of training, {mean_tps:.0f} tokens/s")
     assert final_eval["step"] == training[-1]["step"] == 140
     assert final_eval["eval_loss"] <= 2.3
-    assert seconds < 180
     assert "--- sample" in proc.stdout

@@ -86,6 +86,28 @@ def test_dropout_streams(parity):
     assert r["checkpoint_replays"]
 
 
+def test_parallel_modules_are_visible_and_copyable(parity):
+    """`print(model)` of a TP=2 model (sequence parallelism; full or selective activation checkpointing) names
+    the parallel classes; the state-dict names are the unsplit model's; a copy.deepcopy computes with its own
+    weights (same output at first, no shared storage, the original unaffected by changes to the copy, gradients
+    land in the copy only)."""
+    r = parity[("structure", False)]
+    encoder_decoder, modern = map(set, r["classes"])
+    common = {"TensorParallelEmbedding", "VocabParallelEmbedding", "VocabParallelHead", "TensorParallelAttention",
+              "ColumnParallelLinear", "RowParallelLinear", "TensorParallelFeedForward", "ShardedDropout",
+              "ActivationCheckpoint"}
+    assert common | {"SequenceParallelLayerNorm", "ShardedAttentionCore"} <= encoder_decoder, encoder_decoder
+    assert common | {"SequenceParallelRMSNorm"} <= modern, modern
+    assert "LayerNorm" not in encoder_decoder and "RMSNorm" not in modern  # every norm runs on sequence shards
+    assert "recomputes Block in backward" in r["repr"][0]
+    assert "(core): ActivationCheckpoint(recomputes ShardedAttentionCore in backward)" in r["repr"][1]
+    print("\n" + r["repr"][1][:1500])
+    assert r["names_equal"] == [True, True]
+    for copied in r["copy"]:
+        assert copied == {"same_at_first": True, "shares_storage": False, "original_unchanged": True,
+                          "copy_changed": True, "grads_in_copy_only": True}
+
+
 # --- training level ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ranks,extra,launcher", [
     (2, ["parallel.tensor=2"], "torchrun"),

@@ -1,11 +1,15 @@
 """Cross-field rules of the configuration, checked at load time.
 
-Each failed rule raises `ConfigError` naming the key(s), the value(s) and what is allowed.
+Each failed rule raises `ConfigError` naming the key(s), the value(s) and what is allowed. These rules read
+the config alone (arithmetic on its values): nothing here imports torch, the models or DeepSpeed. Rules that
+need a built model or an engine's derived settings (pipeline stages, the DeepSpeed passthrough) run after
+loading, in the layer that owns them (`bigtrain.engine.validate.validate_run`).
 """
 
 from __future__ import annotations
 
-from bigtrain.config.schema import Config
+from bigtrain.config.layout import Layout
+from bigtrain.config.schema import Config, ModelConfig
 from bigtrain.errors import ConfigError
 
 
@@ -27,10 +31,22 @@ def _fraction(name: str, value: float, low_open: bool = False, high_open: bool =
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     """World size divided by the model-parallel sizes (tensor * pipeline)."""
-    from bigtrain.parallel.layout import Layout  # bigtrain.parallel imports the models, which import config
-
     p = cfg.parallel
     return Layout.for_world(p.tensor, p.pipeline, world_size, p.data).data
+
+
+def tensor_split_problems(cfg: ModelConfig, vocab_size: int | None, tensor: int) -> list[str]:
+    """Problems that stop a model from splitting over `tensor` ranks, each naming both numbers."""
+    problems = []
+    sizes = [("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.n_kv_heads), ("model.d_ff", cfg.d_ff)]
+    for key, value in sizes:
+        if value is not None and value % tensor:
+            problems.append(f"{key}={value} is not divisible by parallel.tensor={tensor}")
+    if vocab_size is not None and vocab_size % tensor:
+        padded = -(-vocab_size // tensor) * tensor
+        problems.append(f"the vocabulary of {vocab_size} ids is not divisible by parallel.tensor={tensor} (pad it "
+                        f"with model.vocab_size={padded})")
+    return problems
 
 
 def check_tensor_parallel(cfg: Config) -> None:
@@ -40,9 +56,7 @@ def check_tensor_parallel(cfg: Config) -> None:
         _require(not p.sequence_parallel, "parallel.sequence_parallel=true cuts the sequence over the tensor-"
                  "parallel ranks, but parallel.tensor=1. Set parallel.tensor > 1 or sequence_parallel=false.")
         return
-    from bigtrain.parallel.tensor import check_divisible
-
-    problems = check_divisible(m, m.vocab_size, p.tensor)
+    problems = tensor_split_problems(m, m.vocab_size, p.tensor)
     if m.vocab_size is None and m.vocab_multiple % p.tensor:
         problems.append(f"model.vocab_multiple={m.vocab_multiple} (the automatic vocabulary size is a multiple "
                         f"of it) is not divisible by parallel.tensor={p.tensor}")
@@ -105,13 +119,16 @@ def check_parallel(cfg: Config, world_size: int) -> None:
     _positive("parallel.checkpoint_every_n_layers", p.checkpoint_every_n_layers)
     _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}.")
     check_tensor_parallel(cfg)
-    dp = data_parallel_size(cfg, world_size)
+    data_parallel_size(cfg, world_size)  # the layout divides the world
     if p.pipeline > 1:
         _require(p.zero_stage <= 1, f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline} is "
                  f"refused: DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only (ZeRO-2/3 would shard "
                  f"gradients or parameters that the pipeline schedule keeps per micro-batch). Use "
                  f"parallel.zero_stage=1.")
-        check_pipeline_stages(cfg)
+        method = p.partition_method
+        _require(method in ("parameters", "uniform") or method.startswith("type:"),
+                 f"parallel.partition_method={method!r} is not known; use 'parameters', 'uniform' or "
+                 f"'type:<regex of a layer class>' (e.g. 'type:BlockPipe').")
     if p.engine == "torch":
         _require(world_size == 1 and p.zero_stage == 0,
                  f"parallel.engine='torch' runs one process without ZeRO, but the world size is {world_size} and "
@@ -133,30 +150,9 @@ def check_parallel(cfg: Config, world_size: int) -> None:
                  "train.on_nonfinite='skip' is available with the plain PyTorch engine only: DeepSpeed cannot drop "
                  "one update from its gradient-accumulation cycle. DeepSpeed runs stop on a non-finite loss (fp16 "
                  "overflow steps are still skipped by its loss scaler); set train.on_nonfinite=stop.")
-        from bigtrain.engine.ds_config import derive_deepspeed_config
-
-        derive_deepspeed_config(cfg, dp)  # raises on a contradicting deepspeed: passthrough
     else:
         _require(not cfg.deepspeed, "The deepspeed: section is set but this run does not use DeepSpeed (one "
                  "process, zero_stage 0). Set parallel.engine=deepspeed, or remove the deepspeed: section.")
-
-
-def check_pipeline_stages(cfg: Config) -> None:
-    """Every stage must get at least one layer; checked with DeepSpeed's own partitioning on the meta model
-    (vocabulary as configured, or the byte tokenizer's size: the balance is re-checked at start-up)."""
-    method = cfg.parallel.partition_method
-    _require(method in ("parameters", "uniform") or method.startswith("type:"),
-             f"parallel.partition_method={method!r} is not known; use 'parameters', 'uniform' or "
-             f"'type:<regex of a layer class>' (e.g. 'type:BlockPipe').")
-    from bigtrain.data.tokenizer import ByteTokenizer
-    from bigtrain.models import build_model
-    from bigtrain.parallel.pipeline import layer_specs
-    from bigtrain.parallel.pipeline_module import check_stages
-
-    m = cfg.model
-    vocab = m.vocab_size or -(-ByteTokenizer.vocab_size // m.vocab_multiple) * m.vocab_multiple
-    model = build_model(m, vocab, "meta")
-    check_stages(layer_specs(model, lambda piece: None), cfg.parallel.pipeline, method)
 
 
 def check_training(cfg: Config, world_size: int) -> None:

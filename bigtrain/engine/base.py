@@ -7,8 +7,8 @@ from typing import Any, Protocol
 
 import torch
 
+from bigtrain.components.step_result import StepResult
 from bigtrain.models import TransformerLM
-from bigtrain.train.step import StepResult
 
 
 class Engine(Protocol):

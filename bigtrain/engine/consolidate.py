@@ -16,10 +16,16 @@ from pathlib import Path
 import torch
 import yaml
 
+from bigtrain.compat.deepspeed import (
+    fp32_state_dict_from_zero,
+    model_states_file,
+    pipeline_layer_files,
+    tensor_rank_files,
+)
+from bigtrain.components import checkpoint as ckpt
 from bigtrain.config import ModelConfig, dump_config
 from bigtrain.config.loader import config_from_dict
 from bigtrain.errors import CheckpointError
-from bigtrain.train import checkpoint as ckpt
 
 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
@@ -41,24 +47,21 @@ def _deepspeed_state(checkpoint: Path, stage: int, tensor_rank: int) -> dict[str
     """The whole (unsplit by ZeRO) state of one tensor rank's files in a DeepSpeed checkpoint."""
     if stage == 0:
         # bigtrain's own checkpoint (DeepSpeed pickles its module state): trusted like any run.dir file.
-        path = checkpoint / f"mp_rank_{tensor_rank:02d}_model_states.pt"
+        path = checkpoint / model_states_file(tensor_rank)
         return torch.load(path, map_location="cpu", weights_only=False)["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     # zero_to_fp32 reads every *_model_states.pt / *_optim_states.pt of a tag: give it this rank's only.
     with tempfile.TemporaryDirectory() as tmp:
         view = Path(tmp) / checkpoint.name
         view.mkdir()
-        for f in checkpoint.glob(f"*mp_rank_{tensor_rank:02d}_*states.pt"):
+        for f in checkpoint.glob(tensor_rank_files(tensor_rank)):
             (view / f.name).symlink_to(f.resolve())
-        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=checkpoint.name)
+        return fp32_state_dict_from_zero(Path(tmp), tag=checkpoint.name)
 
 
 def _pipeline_state(checkpoint: Path, tensor: int, tensor_rank: int) -> dict[str, torch.Tensor]:
     """Union of one tensor rank's pipeline layer files: the layers use the unsplit model's parameter names."""
-    pattern = f"layer_*-model_{tensor_rank:02d}-model_states.pt" if tensor > 1 else "layer_*-model_states.pt"
     state: dict[str, torch.Tensor] = {}
-    for path in sorted(checkpoint.glob(pattern)):
+    for path in sorted(checkpoint.glob(pipeline_layer_files(tensor, tensor_rank))):
         # bigtrain's own checkpoint, written by DeepSpeed with pickle: trusted like any run.dir file.
         state.update(torch.load(path, map_location="cpu", weights_only=False))
     return state

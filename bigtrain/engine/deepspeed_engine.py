@@ -20,8 +20,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
+from bigtrain.compat.deepspeed import has_zero_partitions
+from bigtrain.components import checkpoint as ckpt
+from bigtrain.components.loss import count_input_tokens, count_targets, model_inputs
+from bigtrain.components.step_result import StepResult
 from bigtrain.config import Config
 from bigtrain.distributed import DistEnv
 from bigtrain.engine.ds_config import derive_deepspeed_config
@@ -37,22 +40,20 @@ from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import CheckpointError, ConfigError
 from bigtrain.models import TransformerLM, count_parameters
 from bigtrain.optim import build_optimizer, set_lr
+from bigtrain.parallel import ParallelModel
 from bigtrain.parallel.grad_norm import global_grad_norm, piece_grad_norms
-from bigtrain.parallel.layout import ParallelGroups
-from bigtrain.train import checkpoint as ckpt
-from bigtrain.train.loss import Criterion, count_input_tokens, count_targets, model_inputs
-from bigtrain.train.step import StepResult
+from bigtrain.parallel.groups import ParallelGroups
 
 
 class DeepSpeedEngine:
     uses_mpu = True  # the pipeline engine's PipelineModule brings DeepSpeed its own grid instead
 
-    def __init__(self, cfg: Config, model: nn.Module, env: DistEnv, groups: ParallelGroups,
-                 criterion: Criterion | None = None) -> None:
+    def __init__(self, cfg: Config, parallel: ParallelModel, env: DistEnv, groups: ParallelGroups) -> None:
         import deepspeed
 
         self.cfg, self.env, self.groups = cfg, env, groups
-        self.criterion = criterion or Criterion()
+        self.criterion = parallel.criterion
+        model = parallel.module
         self.rank = env.rank
         self.dp_rank, self.dp_size = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
         self.group = groups.data_group
@@ -69,7 +70,7 @@ class DeepSpeedEngine:
         # norm; bigtrain then measures it on the all-reduced gradients just before the update.
         self.unwrapped = self.optimizer is optimizer
         if isinstance(optimizer, ZeroLamb) and not self.unwrapped:
-            if not hasattr(self.optimizer, "single_partition_of_fp32_groups"):
+            if not has_zero_partitions(self.optimizer):
                 raise ConfigError(
                     f"optim.name='lamb' cannot be made exact with DeepSpeed's {type(self.optimizer).__name__} "
                     f"(zero_stage={cfg.parallel.zero_stage}, precision={cfg.train.precision}). Use "

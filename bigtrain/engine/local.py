@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bigtrain.components import checkpoint as ckpt
+from bigtrain.components.precision import autocast, grad_scaler
+from bigtrain.components.step_result import StepResult
 from bigtrain.config import Config
-from bigtrain.models import TransformerLM
+from bigtrain.engine.step import train_step
 from bigtrain.optim import build_optimizer, set_lr
-from bigtrain.train import checkpoint as ckpt
-from bigtrain.train.precision import grad_scaler
-from bigtrain.train.step import StepResult, train_step
+from bigtrain.parallel import ParallelModel
 
 
 class LocalEngine:
     rank = dp_rank = 0
     dp_size = 1
 
-    def __init__(self, cfg: Config, model: TransformerLM, device: torch.device,
-                 autocast: Callable[[], object]) -> None:
-        self.model, self.autocast, self.device = model, autocast, device
-        self.optimizer = build_optimizer(model, cfg.optim)
+    def __init__(self, cfg: Config, parallel: ParallelModel, device: torch.device) -> None:
+        self.model, self.device = parallel.model, device
+        self.autocast = lambda: autocast(cfg.train.precision, device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scaler = grad_scaler(cfg.train.precision, device)
         self.grad_clip = cfg.optim.grad_clip
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bigtrain.compat.deepspeed import GRAD_ATTRS, MASTER_ATTRS, local_partition
+
 
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     """Bytes of the distinct storages behind `tensors`: views into one flat buffer (as ZeRO keeps them) count
@@ -69,15 +71,9 @@ def _attr_tensors(obj: object, names: Iterable[str]) -> list[torch.Tensor]:
     return found
 
 
-# Where DeepSpeed's optimizer wrappers keep fp32 master partitions and gradient partitions.
-MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
-GRAD_ATTRS = ("averaged_gradients", "grads_in_partition", "grad_partitions_flat_buffer",
-              "fp32_groups_gradients_flat")
-
-
 def measure_params(model: torch.nn.Module) -> int:
     """Parameter bytes on this rank; ZeRO-3 keeps only a partition (`ds_tensor`) of each parameter."""
-    return tensor_bytes(getattr(p, "ds_tensor", p) for p in model.parameters())
+    return tensor_bytes(local_partition(p) for p in model.parameters())
 
 
 def measure_grads(model: torch.nn.Module, optimizer: object) -> int:

@@ -17,21 +17,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
+from bigtrain.compat.deepspeed import reset_eval_loss
+from bigtrain.components.loss import Criterion, correct_predictions, count_input_tokens, count_targets, eval_metrics
+from bigtrain.components.step_result import StepResult
 from bigtrain.config import Config
 from bigtrain.distributed import DistEnv
 from bigtrain.engine.deepspeed_engine import DeepSpeedEngine
-from bigtrain.models import TransformerLM
-from bigtrain.models.init import Shard, init_weights
 from bigtrain.optim import set_lr
+from bigtrain.parallel import ParallelModel
 from bigtrain.parallel.grad_norm import clip_grad_norm
-from bigtrain.parallel.layout import ParallelGroups
+from bigtrain.parallel.groups import ParallelGroups
 from bigtrain.parallel.pipeline import pipeline_inputs
-from bigtrain.parallel.tensor import mark_tensor_parallel
-from bigtrain.train.evaluate import eval_metrics
-from bigtrain.train.loss import Criterion, correct_predictions, count_input_tokens, count_targets
-from bigtrain.train.step import StepResult
 
 
 class PipelineLoss:
@@ -51,20 +48,13 @@ class PipelineLoss:
 class PipelineEngine(DeepSpeedEngine):
     uses_mpu = False
 
-    def __init__(self, cfg: Config, model: TransformerLM, env: DistEnv, groups: ParallelGroups,
-                 criterion: Criterion, device: torch.device, seed: int, shards: dict[str, Shard]) -> None:
-        from bigtrain.parallel.pipeline_module import build_pipeline_module
-
-        def materialize(piece: nn.Module) -> None:
-            piece.to_empty(device=device)
-            init_weights(model, seed, shards, only=piece)
-
-        self.family = model.family
-        self.loss_fn = PipelineLoss(criterion)
-        pipe = build_pipeline_module(model, groups.layout, cfg.parallel.partition_method, materialize,
-                                     self.loss_fn)
-        mark_tensor_parallel(model, shards)
-        super().__init__(cfg, pipe, env, groups, criterion)
+    def __init__(self, cfg: Config, parallel: ParallelModel, env: DistEnv, groups: ParallelGroups) -> None:
+        if parallel.stage is None:
+            raise ValueError("the pipeline engine runs a pipeline stage: parallelize with parallel.pipeline > 1")
+        self.family = parallel.model.family
+        self.loss_fn = PipelineLoss(parallel.criterion)
+        parallel.stage.loss_fn = self.loss_fn  # read by DeepSpeed on the last stage of every micro-batch
+        super().__init__(cfg, parallel, env, groups)
         self.measure_grads = False
         self.stage = groups.get_pipeline_model_parallel_rank()
         self.last_stage = groups.layout.pipeline - 1
@@ -97,13 +87,13 @@ class PipelineEngine(DeepSpeedEngine):
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Held-out metrics through the pipeline (every rank returns the same numbers)."""
         self.loss_fn.evaluating = True
-        self.engine.total_loss = None  # DeepSpeed accumulates eval outputs onto the last training loss
+        reset_eval_loss(self.engine)
         try:
             outputs = self.engine.eval_batch(self._batches(batches), compute_loss=True, reduce_output=None,
                                              bcast_loss=False, num_micro_batches=len(batches))
         finally:
             self.loss_fn.evaluating = False
-            self.engine.total_loss = None
+            reset_eval_loss(self.engine)
             self.engine.module.train()
         totals = torch.zeros(5, dtype=torch.float64, device=self.engine.device)
         if self.stage == self.last_stage:

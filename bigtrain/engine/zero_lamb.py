@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bigtrain.compat.deepspeed import zero_partitions
 from bigtrain.optim.lamb import Lamb
 from bigtrain.parallel.tensor import is_tensor_parallel
 
@@ -35,19 +36,15 @@ class ZeroLamb(Lamb):
         """Label the elements of each flat partition of a DeepSpeedZeroOptimizer (stage 1 or 2)."""
         rank = dist.get_rank(group=group)
         self.group = group
-        for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
-            size = zero_optimizer.partition_size[i]
-            offsets = zero_optimizer.round_robin_bit16_offsets[i]
-            metas = zero_optimizer.round_robin_bit16_meta[i]
-            params = zero_optimizer.round_robin_bit16_groups[i]
-            n = len(metas)
+        for part in zero_partitions(zero_optimizer):
+            flat, n = part.flat, len(part.numels)
             seg = torch.full((flat.numel(),), n, dtype=torch.long, device=flat.device)  # n = padding
-            lo, hi = rank * size, rank * size + flat.numel()
-            for j, (offset, meta) in enumerate(zip(offsets, metas, strict=True)):
-                a, b = max(offset, lo), min(offset + meta.numel(), hi)
+            lo, hi = rank * part.size, rank * part.size + flat.numel()
+            for j, (offset, numel) in enumerate(zip(part.offsets, part.numels, strict=True)):
+                a, b = max(offset, lo), min(offset + numel, hi)
                 if a < b:
                     seg[a - lo:b - lo] = j
-            sharded = torch.tensor([is_tensor_parallel(p) for p in params] + [False], device=flat.device)
+            sharded = torch.tensor([is_tensor_parallel(p) for p in part.params] + [False], device=flat.device)
             self.segments[id(flat)] = (seg, n + 1, sharded)
 
     def _all_reduce(self, t: Tensor, group: dist.ProcessGroup) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigtrain.compat.torch import sdpa
 from bigtrain.models.layers import Rotary
 
 
@@ -42,10 +43,7 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """q: [B, H, T, d], k/v: [B, H_kv, S, d] with H a multiple of H_kv -> ([B, H, T, d], weights or None)."""
     groups = q.shape[1] // k.shape[1]
     if not return_weights:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None,
-            enable_gqa=groups > 1)
-        return out, None
+        return sdpa(q, k, v, mask, dropout, is_causal=causal and mask is None), None
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
@@ -55,6 +53,15 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
     return F.dropout(weights, dropout) @ v, weights
+
+
+class AttentionCore(nn.Module):
+    """softmax(Q Kᵀ / √d + mask) V as a module of its own (no parameters), so that it can be recomputed
+    (selective activation checkpointing wraps it) or given a per-rank dropout stream (tensor parallelism)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                causal: bool, dropout: float, return_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return attention_core(q, k, v, mask, causal, dropout, return_weights)
 
 
 class Attention(nn.Module):
@@ -69,7 +76,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
-        self.core = attention_core  # replaced by a recomputing wrapper under selective checkpointing
+        self.core = AttentionCore()
         self.record_weights = False  # set by `bigtrain.models.inspect.attention_maps`
         self.weights: torch.Tensor | None = None
 

@@ -1,10 +1,10 @@
-"""`build_model`: construct on the meta device, allocate on the target device, initialize from the seed."""
+"""`build_model`: construct on the meta device, then (unless the device is meta) allocate on the target device
+and initialize from the seed with `materialize`, the one initialization path of every layout."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+from torch import nn
 
 from bigtrain.config import ModelConfig
 from bigtrain.models.init import Shard, init_weights
@@ -25,23 +25,32 @@ def resolve_vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:
     return (tokenizer_vocab + m - 1) // m * m
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, device: str | torch.device = "cpu", seed: int = 0,
-                transform: Callable[[TransformerLM], dict[str, Shard]] | None = None) -> TransformerLM:
+def build_model(cfg: ModelConfig, vocab_size: int, device: str | torch.device = "cpu", seed: int = 0
+                ) -> TransformerLM:
     """The model for `cfg.family`; on device 'meta' only shapes exist (no memory, no init).
 
-    `transform` rewrites the model while it is still on the meta device (tensor parallelism replaces
-    layers by their shards) and returns which parameters it sharded, so that initialization draws the
-    full tensors and keeps this rank's slices.
+    Parallel layouts build on 'meta', let `bigtrain.parallel.parallelize` rewrite the model, and materialize
+    afterwards: every layout initializes through `materialize`.
     """
     with torch.device("meta"):
         model = MODEL_CLASSES[cfg.family](cfg, vocab_size)
-    shards = transform(model) if transform is not None else None
-    if torch.device(device).type == "meta":
-        return model
-    model.to_empty(device=device)
-    model.tie_weights()
-    init_weights(model, seed, shards)
+    if torch.device(device).type != "meta":
+        materialize(model, device, seed)
     return model
+
+
+def materialize(model: TransformerLM, device: str | torch.device, seed: int, shards: dict[str, Shard] | None = None,
+                piece: nn.Module | None = None) -> None:
+    """Allocate `model` (or only its submodule `piece`) on `device` and initialize it from `seed`.
+
+    Parameters listed in `shards` hold one slice of the full tensor (tensor parallelism): the full tensor is
+    drawn from the parameter's own generator and the slice kept, so any layout holds exactly the pieces of the
+    single-device model built from the same seed.
+    """
+    (piece or model).to_empty(device=device)
+    if piece is None:
+        model.tie_weights()
+    init_weights(model, seed, shards, only=piece)
 
 
 def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:

@@ -1,15 +1,18 @@
-"""Activation checkpointing applied to an unchanged model.
+"""Activation checkpointing applied to an unchanged model, as a wrapper module.
 
 full: each block keeps only its input and recomputes everything inside during backward.
 selective (Korthikanti et al. 2022): only the attention core softmax(QKᵀ/√d)V is recomputed — the part
 whose activations grow with sequence² while costing few FLOPs to redo.
 Uses torch.utils.checkpoint (non-reentrant), which restores the RNG so dropout masks are identical.
-The forward is replaced per instance, so parameter names and checkpoints are unchanged.
+
+`ActivationCheckpoint` takes the place of the module it wraps (a block, or an attention core), so
+`print(model)` shows which pieces recompute. Parameter names stay those of the unwrapped model: the wrapper
+registers the wrapped module's children as its own (the wrapped module is kept as a plain attribute, not
+as a child), so `blocks.3.self_attn.q_proj.weight` is the same name with or without checkpointing and
+checkpoints, initialization seeds and tensor-parallel plans are unaffected.
 """
 
 from __future__ import annotations
-
-import functools
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -18,12 +21,29 @@ from bigtrain.models.attention import Attention
 from bigtrain.models.transformer import TransformerLM
 
 
-def _checkpointed(fn):
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-    run.recomputed = True
-    return run
+class ActivationCheckpoint(nn.Module):
+    """Runs `module` under torch.utils.checkpoint: its activations are recomputed in backward."""
+
+    def __init__(self, module: nn.Module) -> None:
+        if next(module.parameters(recurse=False), None) is not None or \
+                next(module.buffers(recurse=False), None) is not None:
+            raise ValueError(f"ActivationCheckpoint wraps modules whose tensors live in their children; "
+                             f"{type(module).__name__} holds parameters or buffers itself")
+        super().__init__()
+        object.__setattr__(self, "wrapped", module)  # not a child: its children are ours, under the same names
+        for name, child in module.named_children():
+            self.add_module(name, child)
+
+    def forward(self, *args, **kwargs):
+        return checkpoint(self.wrapped, *args, use_reentrant=False, **kwargs)
+
+    def train(self, mode: bool = True) -> ActivationCheckpoint:
+        super().train(mode)
+        self.wrapped.training = mode  # its children are ours and already switched
+        return self
+
+    def extra_repr(self) -> str:
+        return f"recomputes {type(self.wrapped).__name__} in backward"
 
 
 def apply_activation_checkpointing(model: TransformerLM, mode: str, every_n_layers: int = 1) -> None:
@@ -33,12 +53,12 @@ def apply_activation_checkpointing(model: TransformerLM, mode: str, every_n_laye
     for stack in model.stacks():
         for index, block in enumerate(stack):
             if mode == "full" and index % every_n_layers == 0:
-                block.forward = _checkpointed(block.forward)
+                stack[index] = ActivationCheckpoint(block)
             elif mode == "selective":
                 for module in block.modules():
                     if isinstance(module, Attention):
-                        module.core = _checkpointed(module.core)
+                        module.core = ActivationCheckpoint(module.core)
 
 
 def is_checkpointed(module: nn.Module) -> bool:
-    return getattr(module.forward, "recomputed", False)
+    return isinstance(module, ActivationCheckpoint)

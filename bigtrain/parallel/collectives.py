@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from bigtrain.compat.torch import all_gather_into, reduce_scatter_into
+
 
 def _size(group) -> int:
     return dist.get_world_size(group=group)
@@ -26,7 +28,7 @@ def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = _size(group)
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((n * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_single(out, moved, group=group)
+    all_gather_into(out, moved, group)
     return out.movedim(0, dim)
 
 
@@ -36,7 +38,7 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     if moved.shape[0] % n:
         raise ValueError(f"dimension {dim} of size {moved.shape[0]} does not split into {n} equal chunks")
     out = torch.empty((moved.shape[0] // n, *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_single(out, moved, group=group)
+    reduce_scatter_into(out, moved, group)
     return out.movedim(0, dim)
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from bigtrain.components.loss import IGNORE_INDEX, Criterion
 from bigtrain.parallel.collectives import gather_last_dim
-from bigtrain.train.loss import IGNORE_INDEX, Criterion
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

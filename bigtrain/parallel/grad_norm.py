@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bigtrain.parallel.layout import ParallelGroups
+from bigtrain.compat.deepspeed import is_tied_copy
+from bigtrain.models.inspect import model_piece
+from bigtrain.parallel.groups import ParallelGroups
 from bigtrain.parallel.tensor import is_tensor_parallel
-from bigtrain.train.step import model_piece
 
 
 def _squares(parameters: Iterable[torch.Tensor], groups: ParallelGroups) -> torch.Tensor:
@@ -26,7 +27,7 @@ def _squares(parameters: Iterable[torch.Tensor], groups: ParallelGroups) -> torc
     count_replicated = groups.get_tensor_model_parallel_rank() == 0
     total = torch.zeros((), dtype=torch.float64)
     for p in {id(p): p for p in parameters if p.grad is not None}.values():
-        if getattr(p, "ds_pipe_replicated", False):
+        if is_tied_copy(p):
             continue
         if is_tensor_parallel(p) or count_replicated:
             total += p.grad.detach().float().square().sum().double().cpu()

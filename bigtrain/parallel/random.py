@@ -16,7 +16,6 @@ recomputation (which restores the default generators) redraws s and so the same 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -45,16 +44,3 @@ def run_with_rank_rng(fn: Callable, rank: int, args: tuple, kwargs: dict):
     with torch.random.fork_rng(devices=devices, device_type=device_type):
         torch.manual_seed(mix_seed(seed, rank))
         return fn(*args, **kwargs)
-
-
-def rank_rng_when(fn: Callable, rank: int, active: Callable[..., bool]) -> Callable:
-    """Wrap fn: calls for which `active(*args, **kwargs)` is true run under the rank's own RNG stream.
-    Inactive calls (no dropout, evaluation) draw nothing, exactly like the unsharded model."""
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        if active(*args, **kwargs):
-            return run_with_rank_rng(fn, rank, args, kwargs)
-        return fn(*args, **kwargs)
-
-    return run

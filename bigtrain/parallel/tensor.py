@@ -19,8 +19,13 @@ reduce-scatter on exit (same bytes as one all-reduce), and parameters used on se
 row-parallel biases) sum their gradients over the tensor group.
 
 Dropout in sharded regions draws a mask per tensor rank, in replicated regions the same mask on every rank
-(`bigtrain.parallel.random`). Works on the meta device: apply first, then materialize and initialize
-(`build_tensor_parallel_model`), so a rank never holds more than one full parameter at a time.
+(`bigtrain.parallel.random`).
+
+Every piece is a module class of its own (a subclass of the layer it replaces), so `print(model)` shows
+the split: `TensorParallelAttention`, `ColumnParallelLinear`, `SequenceParallelLayerNorm`, ... Subclasses
+keep their parent's attribute names, so parameter names and checkpoints are those of the unsplit model.
+`apply_tensor_parallel` works on the meta device; `bigtrain.models.materialize` then draws each shard as a
+slice of the full tensor, so a rank never holds more than one full parameter at a time.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.config import ModelConfig
-from bigtrain.models import TransformerLM, build_model
-from bigtrain.models.attention import Attention
+from bigtrain.config.checks import tensor_split_problems
+from bigtrain.models import TransformerLM
+from bigtrain.models.attention import Attention, AttentionCore
 from bigtrain.models.blocks import Block
 from bigtrain.models.embedding import Embedding
 from bigtrain.models.init import Shard
@@ -46,7 +52,7 @@ from bigtrain.parallel.collectives import (
     reduce_scatter_sequence,
     split_sequence,
 )
-from bigtrain.parallel.random import rank_rng_when
+from bigtrain.parallel.random import run_with_rank_rng
 
 
 @dataclass(frozen=True)
@@ -71,23 +77,27 @@ class TensorParallel:
     def shard(self, dim: int) -> Shard:
         return Shard(dim=dim, index=self.rank, count=self.size)
 
+    def __deepcopy__(self, memo: dict) -> TensorParallel:
+        # A process group is a communicator, not state: a copied model talks to the same group.
+        return self
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.size}" + (", sequence-parallel" if self.sequence_parallel else "")
+
 
 class ColumnParallelLinear(nn.Linear):
     """y_r = x W_rᵀ + b_r with W_r = rows [r·n/T, (r+1)·n/T) of W: this rank's output features.
 
-    With `enter_region` the input first enters the tensor region (used by the output head); Q/K/V and the
-    FFN input projections leave that to their sublayer, which enters once for all of them.
+    The input must already be in the tensor region (the sublayer enters once for Q, K and V, or for up and
+    gate).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel,
-                 enter_region: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> None:
         super().__init__(in_features, out_features // tp.size, bias=bias, device="meta")
-        self.tp, self.enter_region = tp, enter_region
+        self.tp = tp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enter_region:
-            x = self.tp.enter(x)
-        return F.linear(x, self.weight, self.bias)
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.tp.describe()}"
 
 
 class RowParallelLinear(nn.Linear):
@@ -103,6 +113,9 @@ class RowParallelLinear(nn.Linear):
             return y
         # Under sequence parallelism each rank adds b to its own tokens: the gradient of b is a partial sum.
         return y + (copy_to_tensor_region(self.bias, self.tp.group) if self.tp.sequence_parallel else self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.tp.describe()}"
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -120,115 +133,191 @@ class VocabParallelEmbedding(nn.Embedding):
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tensor_region(out, self.tp.group)
 
-
-def check_divisible(cfg: ModelConfig, vocab_size: int | None, tensor: int) -> list[str]:
-    """Problems that stop a model from splitting over `tensor` ranks, each naming both numbers."""
-    problems = []
-    sizes = [("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.n_kv_heads), ("model.d_ff", cfg.d_ff)]
-    for key, value in sizes:
-        if value is not None and value % tensor:
-            problems.append(f"{key}={value} is not divisible by parallel.tensor={tensor}")
-    if vocab_size is not None and vocab_size % tensor:
-        padded = -(-vocab_size // tensor) * tensor
-        problems.append(f"the vocabulary of {vocab_size} ids is not divisible by parallel.tensor={tensor} (pad it "
-                        f"with model.vocab_size={padded})")
-    return problems
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ids from {self.start}, {self.tp.describe()}"
 
 
-def _linear_args(linear: nn.Linear) -> tuple[int, int, bool]:
-    return linear.in_features, linear.out_features, linear.bias is not None
+class VocabParallelHead(ColumnParallelLinear):
+    """The output head: logits of this rank's vocabulary slice; its input enters the tensor region here."""
+
+    def __init__(self, d_model: int, vocab_size: int, tp: TensorParallel) -> None:
+        super().__init__(d_model, vocab_size, bias=False, tp=tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.tp.enter(x), self.weight)
 
 
-def _sequence_parallel_norm(norm: nn.Module, tp: TensorParallel) -> None:
-    """The norm runs on a sequence shard: its weight and bias enter the region so their gradients sum."""
-    def param(p: torch.Tensor | None) -> torch.Tensor | None:
-        return None if p is None else copy_to_tensor_region(p, tp.group)
+class ShardedDropout(nn.Dropout):
+    """Dropout on a sharded activation (FFN hidden units, a sequence shard): a mask of this tensor rank's own."""
 
+    def __init__(self, p: float, rank: int) -> None:
+        super().__init__(p)
+        self.rank = rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.p > 0:
+            return run_with_rank_rng(super().forward, self.rank, (x,), {})
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mask of tensor rank {self.rank}"
+
+
+class ShardedAttentionCore(AttentionCore):
+    """The attention core over this rank's heads: attention-probability dropout draws a mask of its own."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def forward(self, q, k, v, mask, causal, dropout, return_weights):
+        args = (q, k, v, mask, causal, dropout, return_weights)
+        if dropout > 0:
+            return run_with_rank_rng(super().forward, self.rank, args, {})
+        return super().forward(*args)
+
+    def extra_repr(self) -> str:
+        return f"heads of tensor rank {self.rank}"
+
+
+class TensorParallelAttention(Attention):
+    """Attention over this rank's heads: Q, K, V column-parallel, the output row-parallel; the input (and the
+    memory of cross-attention) enters the tensor region once for all three projections."""
+
+    def __init__(self, attn: Attention, tp: TensorParallel) -> None:
+        d = attn.q_proj.in_features
+        bias = attn.q_proj.bias is not None
+        super().__init__(d, attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim,
+                         bias, attn.dropout, attn.causal, attn.rotary)
+        self.tp = tp
+        self.q_proj = ColumnParallelLinear(d, attn.q_proj.out_features, bias, tp)
+        self.k_proj = ColumnParallelLinear(d, attn.k_proj.out_features, bias, tp)
+        self.v_proj = ColumnParallelLinear(d, attn.v_proj.out_features, bias, tp)
+        self.o_proj = RowParallelLinear(attn.o_proj.in_features, d, bias, tp)
+        self.core = ShardedAttentionCore(tp.rank)
+
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(self.tp.enter(x), key_padding, None if memory is None else self.tp.enter(memory))
+
+
+class TensorParallelFeedForward(FeedForward):
+    """FFN over this rank's d_ff / T hidden units: up (and gate) column-parallel, down row-parallel, the hidden
+    dropout with a mask of this rank's own."""
+
+    def __init__(self, ffn: FeedForward, tp: TensorParallel) -> None:
+        d, d_ff, bias = ffn.up.in_features, ffn.up.out_features, ffn.up.bias is not None
+        super().__init__(d, d_ff, ffn.activation, bias, ffn.dropout.p)
+        self.tp = tp
+        self.up = ColumnParallelLinear(d, d_ff, bias, tp)
+        if self.gate is not None:
+            self.gate = ColumnParallelLinear(d, d_ff, bias, tp)
+        self.down = RowParallelLinear(d_ff, d, bias, tp)
+        self.dropout = ShardedDropout(ffn.dropout.p, tp.rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.tp.enter(x))
+
+
+class TensorParallelEmbedding(Embedding):
+    """The input embedding with a vocabulary-parallel token table; under sequence parallelism its output
+    (replicated, one dropout mask on every rank) is cut into this rank's sequence shard."""
+
+    def __init__(self, model: TransformerLM, tp: TensorParallel) -> None:
+        super().__init__(model.cfg, model.vocab_size)
+        self.tp = tp
+        self.tokens = VocabParallelEmbedding(model.vocab_size, model.cfg.d_model, tp)
+
+    def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        x = super().forward(ids, offset)
+        return split_sequence(x, self.tp.group) if self.tp.sequence_parallel else x
+
+    def extra_repr(self) -> str:
+        return "output cut along the sequence" if self.tp.sequence_parallel else ""
+
+
+def _enter(p: torch.Tensor | None, tp: TensorParallel) -> torch.Tensor | None:
+    return None if p is None else copy_to_tensor_region(p, tp.group)
+
+
+class SequenceParallelLayerNorm(nn.LayerNorm):
+    """LayerNorm on this rank's sequence shard: weight and bias enter the tensor region, so their gradients
+    sum over the shards."""
+
+    def __init__(self, norm: nn.LayerNorm, tp: TensorParallel) -> None:
+        super().__init__(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                         bias=norm.bias is not None)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, _enter(self.weight, self.tp), _enter(self.bias, self.tp),
+                            self.eps)
+
+
+class SequenceParallelRMSNorm(RMSNorm):
+    """RMSNorm on this rank's sequence shard (its weight's gradient sums over the shards)."""
+
+    def __init__(self, norm: RMSNorm, tp: TensorParallel) -> None:
+        super().__init__(norm.weight.shape[0], norm.eps)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, _enter(self.weight, self.tp), self.eps)
+
+
+def _sequence_parallel_norm(norm: nn.Module, tp: TensorParallel) -> nn.Module:
     if isinstance(norm, nn.LayerNorm):
-        norm.forward = lambda x: F.layer_norm(x, norm.normalized_shape, param(norm.weight), param(norm.bias),
-                                              norm.eps)
-    elif isinstance(norm, RMSNorm):
-        norm.forward = lambda x: rms_norm(x, param(norm.weight), norm.eps)
-    elif not isinstance(norm, nn.Identity):
-        raise TypeError(f"sequence parallelism does not know the norm {type(norm).__name__}")
+        return SequenceParallelLayerNorm(norm, tp)
+    if isinstance(norm, RMSNorm):
+        return SequenceParallelRMSNorm(norm, tp)
+    if isinstance(norm, nn.Identity):
+        return norm
+    raise TypeError(f"sequence parallelism does not know the norm {type(norm).__name__}")
 
 
-def _shard_dropout(dropout: nn.Dropout, tp: TensorParallel) -> None:
-    dropout.forward = rank_rng_when(dropout.forward, tp.rank, lambda *a, **k: dropout.training and dropout.p > 0)
-
-
-def _split_linears(module: nn.Module, prefix: str, columns: tuple[str, ...], row: str, tp: TensorParallel,
-                   plan: dict[str, Shard]) -> None:
-    """Replace the `columns` linears of `module` by column-parallel ones (weight and bias cut by output) and
-    the `row` linear by a row-parallel one (weight cut by input, bias whole); record the cuts in `plan`."""
+def _plan_sublayer(plan: dict[str, Shard], prefix: str, module: nn.Module, columns: tuple[str, ...], row: str,
+                   tp: TensorParallel) -> None:
+    """Column-parallel linears are cut by output (weight and bias), the row-parallel one by input (its bias
+    stays whole)."""
     for name in columns:
-        if getattr(module, name) is None:  # e.g. no gate without SwiGLU
+        linear = getattr(module, name)
+        if linear is None:  # e.g. no gate without SwiGLU
             continue
-        setattr(module, name, ColumnParallelLinear(*_linear_args(getattr(module, name)), tp))
         plan[f"{prefix}.{name}.weight"] = tp.shard(0)
-        if getattr(module, name).bias is not None:
+        if linear.bias is not None:
             plan[f"{prefix}.{name}.bias"] = tp.shard(0)
-    setattr(module, row, RowParallelLinear(*_linear_args(getattr(module, row)), tp))
     plan[f"{prefix}.{row}.weight"] = tp.shard(1)
 
 
-def _parallelize_attention(attn: Attention, prefix: str, tp: TensorParallel, plan: dict[str, Shard]) -> None:
-    _split_linears(attn, prefix, ("q_proj", "k_proj", "v_proj"), "o_proj", tp, plan)
-    forward = attn.forward
-
-    def sharded_forward(x: torch.Tensor, key_padding: torch.Tensor | None = None,
-                        memory: torch.Tensor | None = None) -> torch.Tensor:
-        return forward(tp.enter(x), key_padding, None if memory is None else tp.enter(memory))
-
-    attn.forward = sharded_forward
-    # Attention-probability dropout acts on this rank's heads: a mask of its own.
-    attn.core = rank_rng_when(attn.core, tp.rank, lambda q, k, v, mask, causal, dropout, weights: dropout > 0)
-
-
-def _parallelize_ffn(ffn: FeedForward, prefix: str, tp: TensorParallel, plan: dict[str, Shard]) -> None:
-    _split_linears(ffn, prefix, ("up", "gate"), "down", tp, plan)
-    forward = ffn.forward
-    ffn.forward = lambda x: forward(tp.enter(x))
-    _shard_dropout(ffn.dropout, tp)  # on this rank's hidden units
-
-
 def apply_tensor_parallel(model: TransformerLM, tp: TensorParallel) -> dict[str, Shard]:
-    """Rewrite `model` (on the meta device) into this rank's shard; returns {parameter name: Shard}."""
-    problems = check_divisible(model.cfg, model.vocab_size, tp.size)
+    """Replace the layers of `model` (on the meta device) by this rank's parallel ones; returns which
+    parameters are shards, {parameter name: Shard}."""
+    problems = tensor_split_problems(model.cfg, model.vocab_size, tp.size)
     if problems:
         raise ValueError("cannot split the model over the tensor group: " + "; ".join(problems))
     if any(p.device.type != "meta" for p in model.parameters()):
-        raise ValueError("apply_tensor_parallel works on a model on the meta device (see "
-                         "build_tensor_parallel_model); initialization then draws the shards")
+        raise ValueError("apply_tensor_parallel works on a model on the meta device (built with "
+                         "build_model(..., 'meta')); `materialize` then draws the shards")
     plan: dict[str, Shard] = {}
-    modules = dict(model.named_modules())
-    for name, module in modules.items():
-        if isinstance(module, Attention):
-            _parallelize_attention(module, name, tp, plan)
-        elif isinstance(module, FeedForward):
-            _parallelize_ffn(module, name, tp, plan)
-
-    embed: Embedding = model.embed
-    embed.tokens = VocabParallelEmbedding(embed.tokens.num_embeddings, embed.tokens.embedding_dim, tp)
+    with torch.device("meta"):
+        for parent_name, parent in list(model.named_modules()):
+            prefix = f"{parent_name}." if parent_name else ""
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Attention):
+                    setattr(parent, name, TensorParallelAttention(child, tp))
+                    _plan_sublayer(plan, prefix + name, child, ("q_proj", "k_proj", "v_proj"), "o_proj", tp)
+                elif isinstance(child, FeedForward):
+                    setattr(parent, name, TensorParallelFeedForward(child, tp))
+                    _plan_sublayer(plan, prefix + name, child, ("up", "gate"), "down", tp)
+                elif tp.sequence_parallel and isinstance(child, nn.LayerNorm | RMSNorm):
+                    setattr(parent, name, _sequence_parallel_norm(child, tp))
+                elif tp.sequence_parallel and isinstance(parent, Block) and name == "dropout":
+                    setattr(parent, name, ShardedDropout(child.p, tp.rank))  # the residual's sequence shard
+        model.embed = TensorParallelEmbedding(model, tp)
+        model.head = VocabParallelHead(model.cfg.d_model, model.vocab_size, tp)
     plan["embed.tokens.weight"] = tp.shard(0)
-    model.head = ColumnParallelLinear(*_linear_args(model.head), tp, enter_region=True)
     plan["head.weight"] = tp.shard(0)
     model.tie_weights()
-
-    if tp.sequence_parallel:
-        # Embedding output (replicated, one dropout mask everywhere) is cut into sequence shards; blocks and
-        # final norms then run on shards; the head gathers the sequence again.
-        embed_forward = embed.forward
-        embed.forward = lambda ids, offset=0: split_sequence(embed_forward(ids, offset), tp.group)
-        for module in modules.values():
-            if isinstance(module, Block):
-                _shard_dropout(module.dropout, tp)
-                for norm in (module.self_attn_norm, module.cross_attn_norm, module.ffn_norm):
-                    if norm is not None:
-                        _sequence_parallel_norm(norm, tp)
-        for name in ("final_norm", "encoder_norm"):
-            if hasattr(model, name):
-                _sequence_parallel_norm(getattr(model, name), tp)
     return plan
 
 
@@ -246,22 +335,9 @@ def is_tensor_parallel(p: torch.Tensor) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False))
 
 
-def build_tensor_parallel_model(cfg: ModelConfig, vocab_size: int, device: str | torch.device, seed: int,
-                                tp: TensorParallel) -> tuple[TransformerLM, dict[str, Shard]]:
-    """This rank's shard of the model that `build_model(cfg, vocab_size, seed=seed)` builds whole."""
-    plan: dict[str, Shard] = {}
-
-    def transform(model: TransformerLM) -> dict[str, Shard]:
-        plan.update(apply_tensor_parallel(model, tp))
-        return plan
-
-    model = build_model(cfg, vocab_size, device, seed, transform=transform)
-    if torch.device(device).type != "meta":
-        mark_tensor_parallel(model, plan)
-    return model, plan
-
-
 def shard_plan(cfg: ModelConfig, vocab_size: int, tensor: int) -> dict[str, Shard]:
     """Which parameters a `tensor`-way split cuts, and along which dimension (no process group needed)."""
+    from bigtrain.models import build_model
+
     model = build_model(cfg, vocab_size, "meta")
     return apply_tensor_parallel(model, TensorParallel(group=None, rank=0, size=tensor))

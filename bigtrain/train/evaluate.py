@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
+from bigtrain.components.loss import Criterion, correct_predictions, eval_metrics, model_inputs
 from bigtrain.config import Config
 from bigtrain.data import Tokenizer, collate, eval_batch_indices
 from bigtrain.errors import CheckpointError
 from bigtrain.models import TransformerLM
-from bigtrain.train.loss import Criterion, correct_predictions, model_inputs
 
 
 @torch.no_grad()
@@ -34,14 +33,6 @@ def evaluate(model: TransformerLM, batches: list[dict[str, torch.Tensor]],
     return eval_metrics(loss_sum, correct, targets, seq_ok, seqs)
 
 
-def eval_metrics(loss_sum: float, correct: float, targets: float, seq_ok: float, seqs: float
-                 ) -> dict[str, float]:
-    """The evaluation record from summed token loss and counts over all held-out batches."""
-    loss = loss_sum / max(targets, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_accuracy": correct / max(targets, 1),
-            "eval_sequence_accuracy": seq_ok / max(seqs, 1), "eval_tokens": int(targets)}
-
-
 def heldout_batches(cfg: Config, tokenizer: Tokenizer, heldout: Dataset, device: torch.device,
                     pad_multiple: int = 1) -> list[dict[str, torch.Tensor]]:
     """The first train.eval_batches held-out batches of train.micro_batch_size samples, in order."""
@@ -52,10 +43,10 @@ def heldout_batches(cfg: Config, tokenizer: Tokenizer, heldout: Dataset, device:
 
 def evaluate_weights(weights_dir: Path, overrides: list[str] | None = None) -> dict[str, float]:
     """Held-out metrics of consolidated weights (`model.pt` + `config.yaml`) on one device."""
+    from bigtrain.components.precision import autocast, resolve_device
     from bigtrain.config import load_config
     from bigtrain.data import build_datasets, build_tokenizer
     from bigtrain.models import build_model, resolve_vocab_size
-    from bigtrain.train.precision import autocast, resolve_device
 
     for name in ("model.pt", "config.yaml"):
         if not (weights_dir / name).exists():

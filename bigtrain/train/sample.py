@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from bigtrain.components.loss import Criterion
 from bigtrain.models import CausalLM
-from bigtrain.train.loss import Criterion
 
 
 @torch.no_grad()

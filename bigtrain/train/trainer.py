@@ -20,26 +20,24 @@ from pathlib import Path
 import torch
 import yaml
 
+from bigtrain.components import checkpoint as ckpt
+from bigtrain.components.precision import autocast, check_precision, resolve_device
 from bigtrain.config import Config, dump_config
 from bigtrain.config.checks import uses_deepspeed
+from bigtrain.config.layout import Layout
 from bigtrain.config.loader import config_from_dict
 from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate
 from bigtrain.distributed import DistEnv, detect_env, init_process_group
-from bigtrain.engine import Engine
-from bigtrain.engine.local import LocalEngine
+from bigtrain.engine import Engine, build_engine
+from bigtrain.engine.validate import validate_run
 from bigtrain.errors import CheckpointError, TrainingError
 from bigtrain.models import build_model, count_parameters, resolve_vocab_size
 from bigtrain.optim import build_schedule
-from bigtrain.parallel import apply_activation_checkpointing
-from bigtrain.parallel.cross_entropy import VocabParallelCriterion
-from bigtrain.parallel.layout import Layout, ParallelGroups
-from bigtrain.parallel.tensor import TensorParallel, build_tensor_parallel_model
-from bigtrain.train import checkpoint as ckpt
+from bigtrain.parallel import parallelize
+from bigtrain.parallel.groups import ParallelGroups
 from bigtrain.train.evaluate import evaluate, heldout_batches
 from bigtrain.train.flops import flops_per_token, peak_flops
-from bigtrain.train.loss import Criterion
 from bigtrain.train.metrics import MetricsLog, Progress
-from bigtrain.train.precision import autocast, check_precision, resolve_device
 from bigtrain.train.preemption import StopRequest
 from bigtrain.train.sample import sample
 
@@ -67,6 +65,7 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv | None = None, stop: StopRequest | None = None) -> None:
         self.cfg = cfg
         self.env = env = env or detect_env()
+        validate_run(cfg, env.world_size)  # before any process group, allocation or data
         self.stop = stop  # None: run() listens for the stop signals itself
         t = cfg.train
         if t.threads is not None:
@@ -98,41 +97,15 @@ class Trainer:
 
         vocab = resolve_vocab_size(cfg.model, self.tokenizer.vocab_size)
         self.full_model = build_model(cfg.model, vocab, "meta")  # shapes only: parameter count and FLOPs
-        self.criterion, self.pad_multiple = Criterion(), 1
-        shards: dict = {}
-        # Pipeline stages materialize only their own layers: the model stays on the meta device until then.
-        build_on = "meta" if self.layout.pipeline > 1 else self.device
-        if self.layout.tensor > 1:
-            assert self.groups is not None
-            tp = TensorParallel(self.groups.tensor_group, self.groups.get_tensor_model_parallel_rank(),
-                                self.layout.tensor, p.sequence_parallel)
-            model, shards = build_tensor_parallel_model(cfg.model, vocab, build_on, t.seed, tp)
-            self.criterion = VocabParallelCriterion(tp.group, tp.rank, tp.size)
-            self.pad_multiple = tp.size if tp.sequence_parallel else 1
-        else:
-            model = build_model(cfg.model, vocab, build_on, seed=t.seed)
-        apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n_layers)
+        # The one path from the single-device model to this rank's part of the layout, then its engine.
+        self.parallel = parallelize(build_model(cfg.model, vocab, "meta"), cfg, self.groups, self.device)
+        self.criterion, self.pad_multiple = self.parallel.criterion, self.parallel.pad_multiple
         self.autocast = lambda: autocast(t.precision, self.device)
-        # Dropout stream per replica (equal on the tensor ranks of one replica); restored exactly on resume.
-        torch.manual_seed(t.seed + self.layout.seed_offset(env.rank))
-        self.engine: Engine
-        if distributed and self.layout.pipeline > 1:
-            from bigtrain.engine.pipeline_engine import PipelineEngine
-
-            assert self.groups is not None
-            self.engine = PipelineEngine(cfg, model, env, self.groups, self.criterion, self.device, t.seed, shards)
-        elif distributed:
-            from bigtrain.engine.deepspeed_engine import DeepSpeedEngine
-
-            assert self.groups is not None
-            self.engine = DeepSpeedEngine(cfg, model, env, self.groups, self.criterion)
-        if distributed:
-            if self.is_main:
-                (self.run_dir / "deepspeed_config.json").write_text(self.engine.describe() + "\n")
-                print(f"bigtrain: DeepSpeed config (also in {self.run_dir / 'deepspeed_config.json'}):\n"
-                      f"{self.engine.describe()}", flush=True)
-        else:
-            self.engine = LocalEngine(cfg, model, self.device, self.autocast)
+        self.engine: Engine = build_engine(cfg, self.parallel, env, self.groups, self.device)
+        if distributed and self.is_main:
+            (self.run_dir / "deepspeed_config.json").write_text(self.engine.describe() + "\n")
+            print(f"bigtrain: DeepSpeed config (also in {self.run_dir / 'deepspeed_config.json'}):\n"
+                  f"{self.engine.describe()}", flush=True)
         self.model = self.engine.model
         self.lr_at = build_schedule(cfg.schedule, cfg.optim.lr, t.steps, cfg.model.d_model)
         self.flops_per_token = flops_per_token(self.full_model, cfg.data.seq_len)

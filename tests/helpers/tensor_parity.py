@@ -8,27 +8,30 @@ group of 2 ranks (gloo). Every rank builds both from the same seed, runs the sam
              and the norm of each piece (embed, every block, head) from the shards
   dropout    replicated regions: same mask on both ranks and as the unsplit model; sharded regions: a
              different mask per rank; activation checkpointing replays the masks
+  structure  the parallel modules are visible in print(model), parameter names are the unsplit model's, and
+             a copy.deepcopy of the parallel model computes with its own weights
 
 Rank 0 writes one JSON line per case to the file given as the first argument.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import sys
 
 import torch
 import torch.distributed as dist
 
+from bigtrain.components.loss import Criterion, model_inputs
 from bigtrain.config import load_config
+from bigtrain.config.layout import Layout
 from bigtrain.models import build_model
-from bigtrain.parallel import apply_activation_checkpointing
-from bigtrain.parallel.cross_entropy import VocabParallelCriterion
+from bigtrain.models.inspect import per_layer_grad_norms
+from bigtrain.parallel import ParallelModel, parallelize
 from bigtrain.parallel.grad_norm import global_grad_norm, piece_grad_norms
-from bigtrain.parallel.layout import Layout, ParallelGroups
-from bigtrain.parallel.tensor import TensorParallel, build_tensor_parallel_model
-from bigtrain.train.loss import Criterion, model_inputs
-from bigtrain.train.step import per_layer_grad_norms
+from bigtrain.parallel.groups import ParallelGroups
 
 VOCAB, SEED = 64, 1234
 BASE = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.max_seq_len=32",
@@ -80,11 +83,19 @@ def forward_loss(model, batch, criterion):
     return logits, criterion.loss_sum(logits, batch["labels"]) / n
 
 
-def compare(name: str, overrides: list[str], tp: TensorParallel, groups: ParallelGroups) -> dict:
+def split(overrides: list[str], groups: ParallelGroups, *parallel: str) -> ParallelModel:
+    """The model of `overrides` through `parallelize` with parallel.tensor=2 (and the `parallel` keys given)."""
+    cfg = load_config(None, [*BASE, *overrides, f"train.seed={SEED}", "parallel.tensor=2", *parallel],
+                      world_size=2)
+    return parallelize(build_model(cfg.model, VOCAB, "meta"), cfg, groups, "cpu")
+
+
+def compare(name: str, overrides: list[str], sequence_parallel: bool, groups: ParallelGroups) -> dict:
     cfg = load_config(None, [*BASE, *overrides]).model
     full = build_model(cfg, VOCAB, "cpu", seed=SEED)
-    sharded, plan = build_tensor_parallel_model(cfg, VOCAB, "cpu", SEED, tp)
-    criterion = VocabParallelCriterion(tp.group, tp.rank, tp.size)
+    result = split(overrides, groups, f"parallel.sequence_parallel={sequence_parallel}")
+    sharded, plan, criterion = result.model, result.shards, result.criterion
+    tp_group = groups.tensor_group
     full_params = dict(full.named_parameters())
     init_exact = all(torch.equal(p, plan[n].take(full_params[n]) if n in plan else full_params[n])
                      for n, p in sharded.named_parameters())
@@ -103,13 +114,13 @@ def compare(name: str, overrides: list[str], tp: TensorParallel, groups: Paralle
     floor = 1e-3 * max(float(p.grad.abs().max()) for p in full_params.values())
     grads = {}
     for n, p in sharded.named_parameters():
-        g = gather(p.grad, plan[n].dim, tp.group) if n in plan else p.grad
+        g = gather(p.grad, plan[n].dim, tp_group) if n in plan else p.grad
         grads[n] = rel(g, full_params[n].grad, floor)
-    full_norm = float(torch.nn.utils.get_total_norm([p.grad for p in full_params.values()]))
+    full_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in full_params.values()])))
     pieces_ref = per_layer_grad_norms(full)
     pieces = piece_grad_norms(sharded, groups)
     assert sorted(pieces) == sorted(pieces_ref), (sorted(pieces), sorted(pieces_ref))
-    return {"case": name, "sequence_parallel": tp.sequence_parallel, "init_exact": init_exact,
+    return {"case": name, "sequence_parallel": sequence_parallel, "init_exact": init_exact,
             "grad_norm": abs(global_grad_norm(sharded.parameters(), groups) - full_norm) / full_norm,
             "piece_norms": max(abs(pieces[k] - pieces_ref[k]) / pieces_ref[k] for k in pieces),
             "logits": rel(gathered, logits_ref), "loss": rel(loss.detach(), loss_ref.detach()),
@@ -119,12 +130,13 @@ def compare(name: str, overrides: list[str], tp: TensorParallel, groups: Paralle
             "input_tokens": batch["input_ids"].shape[1]}
 
 
-def dropout_checks(tp: TensorParallel) -> dict:
+def dropout_checks(groups: ParallelGroups) -> dict:
     """Dropout 0.1 everywhere; TP=2 without sequence parallelism."""
-    cfg = load_config(None, [*BASE, "model.family=causal", "model.dropout=0.1"]).model
+    overrides = ["model.family=causal", "model.dropout=0.1"]
+    cfg = load_config(None, [*BASE, *overrides]).model
     batch = batch_for("causal", torch.Generator().manual_seed(3))
-    sharded, _ = build_tensor_parallel_model(cfg, VOCAB, "cpu", SEED, tp)
-    criterion = VocabParallelCriterion(tp.group, tp.rank, tp.size)
+    result = split(overrides, groups)
+    sharded, criterion, group, size = result.model, result.criterion, groups.tensor_group, 2
     seen: dict[str, torch.Tensor] = {}
     sharded.embed.register_forward_hook(lambda m, a, out: seen.__setitem__("embed", out.detach()))
     sharded.blocks[0].ffn.dropout.register_forward_hook(
@@ -133,15 +145,14 @@ def dropout_checks(tp: TensorParallel) -> dict:
     logits, loss = forward_loss(sharded, batch, criterion)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in sharded.named_parameters()}
-    embed_same = bool(torch.equal(*gather(seen["embed"][None], 0, tp.group)))
-    ffn_masks = gather(seen["ffn"][None], 0, tp.group)
+    embed_same = bool(torch.equal(*gather(seen["embed"][None], 0, group)))
+    ffn_masks = gather(seen["ffn"][None], 0, group)
     ffn_differ = not torch.equal(ffn_masks[0], ffn_masks[1])
     hidden = sharded.blocks[0].ffn.dropout  # fraction dropped among nonzero (post-ReLU) units
-    ffn_rate = float(ffn_masks.sum()) / max(1, int(seen["ffn_nonzero"].sum()) * tp.size) if hidden else 0.0
+    ffn_rate = float(ffn_masks.sum()) / max(1, int(seen["ffn_nonzero"].sum()) * size) if hidden else 0.0
 
     # The same run with full activation checkpointing: recomputation replays every mask.
-    again, _ = build_tensor_parallel_model(cfg, VOCAB, "cpu", SEED, tp)
-    apply_activation_checkpointing(again, "full")
+    again = split(overrides, groups, "parallel.activation_checkpointing=full").model
     torch.manual_seed(11)
     _, loss_ckpt = forward_loss(again, batch, criterion)
     loss_ckpt.backward()
@@ -149,7 +160,7 @@ def dropout_checks(tp: TensorParallel) -> dict:
 
     # Dropout only in replicated regions (embedding and residual): the unsplit model draws the same masks.
     full = build_model(cfg, VOCAB, "cpu", seed=SEED)
-    only_replicated, _ = build_tensor_parallel_model(cfg, VOCAB, "cpu", SEED, tp)
+    only_replicated = split(overrides, groups).model
     for model in (full, only_replicated):
         for block in model.blocks:
             block.ffn.dropout.p = 0.0
@@ -163,6 +174,40 @@ def dropout_checks(tp: TensorParallel) -> dict:
             "replicated_like_unsplit": rel(criterion.full_logits(logits_rep), logits_ref)}
 
 
+def structure_checks(groups: ParallelGroups) -> dict:
+    """TP=2 with sequence parallelism: an encoder-decoder (LayerNorm, cross-attention) with full activation
+    checkpointing, and a modern GPT (RMSNorm, SwiGLU, grouped-query) with selective checkpointing."""
+    record: dict = {"case": "structure", "classes": [], "repr": [], "names_equal": [], "copy": []}
+    for overrides, checkpointing in ((CASES["seq2seq"], "full"), (CASES["causal-modern-gqa"], "selective")):
+        cfg = load_config(None, [*BASE, *overrides]).model
+        result = split(overrides, groups, "parallel.sequence_parallel=true",
+                       f"parallel.activation_checkpointing={checkpointing}")
+        model = result.model
+        record["repr"].append(repr(model))
+        record["classes"].append(sorted(set(re.findall(r"\): (?:\d+ x )?([A-Za-z]+)\(", repr(model)))))
+        record["names_equal"].append(sorted(model.state_dict()) == sorted(build_model(cfg, VOCAB, "meta").state_dict()))
+
+        batch = batch_for(cfg.family, torch.Generator().manual_seed(5))
+        twin = copy.deepcopy(model)
+        out = model(**model_inputs(batch))
+        same_at_first = torch.equal(twin(**model_inputs(batch)), out)
+        storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        shares_storage = any(p.untyped_storage().data_ptr() in storages for p in twin.parameters())
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.mul_(0.5)
+        original_unchanged = torch.equal(model(**model_inputs(batch)), out)
+        twin_changed = not torch.equal(twin(**model_inputs(batch)), out)
+        loss = result.criterion.loss_sum(twin(**model_inputs(batch)), batch["labels"])
+        loss.backward()
+        grads_in_twin_only = all(p.grad is not None for p in twin.parameters()) and \
+            all(p.grad is None for p in model.parameters())
+        record["copy"].append({"same_at_first": same_at_first, "shares_storage": shares_storage,
+                               "original_unchanged": original_unchanged, "copy_changed": twin_changed,
+                               "grads_in_copy_only": grads_in_twin_only})
+    return record
+
+
 def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -170,10 +215,10 @@ def main() -> None:
     groups = ParallelGroups(layout, dist.get_rank())
     results = []
     for sp in (False, True):
-        tp = TensorParallel(groups.tensor_group, groups.get_tensor_model_parallel_rank(), 2, sequence_parallel=sp)
         for name, overrides in CASES.items():
-            results.append(compare(name, overrides, tp, groups))
-    results.append(dropout_checks(TensorParallel(groups.tensor_group, groups.get_tensor_model_parallel_rank(), 2)))
+            results.append(compare(name, overrides, sp, groups))
+    results.append(dropout_checks(groups))
+    results.append(structure_checks(groups))
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             for r in results:

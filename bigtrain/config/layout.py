@@ -1,4 +1,4 @@
-"""The parallel layout: how the world's ranks split into tensor, data and pipeline groups.
+"""The parallel layout: how the world's ranks split into tensor, data and pipeline groups (pure arithmetic).
 
 Ranks are numbered in Megatron's order, tensor innermost, then data, then pipeline:
 
@@ -8,9 +8,9 @@ which is the order of DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, da
 pipeline engine sees the same coordinates. Tensor groups are consecutive ranks (one node, fast links);
 data groups hold the replicas of one model shard; pipeline groups the stages of one replica.
 
-`Layout` is pure arithmetic (checked at config load, no process group needed); `ParallelGroups` creates
-the process groups once the job runs and answers DeepSpeed's `mpu` questions. Nothing is module-global:
-the trainer passes the one `ParallelGroups` object to whatever needs a group.
+`Layout` is checked at config load and needs no process group; `bigtrain.parallel.groups.ParallelGroups`
+creates the groups once the job runs. Nothing is module-global: the trainer passes the one `ParallelGroups`
+object to whatever needs a group.
 """
 
 from __future__ import annotations
@@ -92,86 +92,3 @@ class Layout:
 
     def describe(self) -> str:
         return f"tensor {self.tensor} × pipeline {self.pipeline} × data {self.data} = {self.world_size} ranks"
-
-
-class ParallelGroups:
-    """The process groups of a `Layout` for one rank, plus the `mpu` interface DeepSpeed expects.
-
-    Every rank must construct this at the same point (torch creates groups collectively, in the same order
-    on all ranks). "Model parallel" in DeepSpeed's sense is tensor × pipeline: its gradient-norm code counts
-    replicated parameters on model-parallel rank 0 and sums over that group.
-    """
-
-    def __init__(self, layout: Layout, rank: int) -> None:
-        import torch.distributed as dist
-
-        self.layout, self.rank = layout, rank
-        self.coords = layout.coordinates(rank)
-        self._groups: dict[str, tuple[object, list[int]]] = {}
-        for kind, all_ranks in (("tensor", layout.tensor_groups()), ("data", layout.data_groups()),
-                                ("pipeline", layout.pipeline_groups()), ("model", layout.model_groups())):
-            for ranks in all_ranks:
-                group = dist.new_group(ranks=ranks)  # collective: every rank creates every group
-                if rank in ranks:
-                    self._groups[kind] = (group, ranks)
-        # Connect every group now (kinds in the same order on all ranks; groups of one kind are disjoint):
-        # a lazily connected group would leave a survivor waiting for a dead peer instead of failing fast.
-        for kind in ("tensor", "data", "pipeline", "model"):
-            dist.barrier(group=self.group(kind))
-
-    def group(self, kind: str):
-        return self._groups[kind][0]
-
-    def ranks(self, kind: str) -> list[int]:
-        return self._groups[kind][1]
-
-    @property
-    def tensor_group(self):
-        return self.group("tensor")
-
-    @property
-    def data_group(self):
-        return self.group("data")
-
-    # ---- DeepSpeed's mpu interface --------------------------------------------------------------------
-    def get_tensor_model_parallel_group(self):
-        return self.group("tensor")
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.coords.tensor
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.layout.tensor
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.ranks("tensor")[0]
-
-    def get_pipeline_model_parallel_group(self):
-        return self.group("pipeline")
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.coords.pipe
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.layout.pipeline
-
-    def get_model_parallel_group(self):
-        return self.group("model")
-
-    def get_model_parallel_rank(self) -> int:
-        return self.ranks("model").index(self.rank)
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.layout.tensor * self.layout.pipeline
-
-    def get_data_parallel_group(self):
-        return self.group("data")
-
-    def get_data_parallel_rank(self) -> int:
-        return self.coords.data
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.layout.data
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return list(self.ranks("data"))

@@ -1,6 +1,9 @@
-"""Token-level cross-entropy, summed so that micro-batches and ranks can be combined exactly."""
+"""Token-level cross-entropy, summed so that micro-batches and ranks can be combined exactly; accuracy counts
+and the evaluation record built from those sums."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,14 @@ def correct_predictions(predictions: torch.Tensor, labels: torch.Tensor) -> tupl
     hit = (predictions == labels) & valid
     seq_ok = (hit | ~valid).all(-1) & valid.any(-1)
     return int(hit.sum()), int(valid.sum()), int(seq_ok.sum()), int(valid.any(-1).sum())
+
+
+def eval_metrics(loss_sum: float, correct: float, targets: float, seq_ok: float, seqs: float
+                 ) -> dict[str, float]:
+    """The evaluation record from summed token loss and counts over all held-out batches."""
+    loss = loss_sum / max(targets, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_accuracy": correct / max(targets, 1),
+            "eval_sequence_accuracy": seq_ok / max(seqs, 1), "eval_tokens": int(targets)}
 
 
 class Criterion:

@@ -10,38 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from bigtrain.components.loss import Criterion, count_input_tokens, count_targets, model_inputs
+from bigtrain.components.step_result import StepResult
 from bigtrain.models import TransformerLM
-from bigtrain.train.loss import Criterion, count_input_tokens, count_targets, model_inputs
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    skipped: bool  # update not applied (non-finite loss or gradient, or an fp16 overflow)
-    finite: bool  # loss and gradient norm are finite (fp16 overflows are normal and handled by the scaler)
-    layer_grad_norms: dict[str, float] | None = None
-    tokens: int = 0  # real input tokens of the whole global batch (all ranks)
-
-
-def model_piece(parameter_name: str) -> str:
-    """The piece of the model a parameter belongs to: 'embed', 'blocks.3', 'decoder_blocks.0', 'head', ..."""
-    parts = parameter_name.split(".")
-    return ".".join(parts[:2]) if parts[0].endswith("blocks") else parts[0]
-
-
-def per_layer_grad_norms(model: TransformerLM) -> dict[str, float]:
-    """‖g‖ per piece of the model (embed, each block, head), for TensorBoard."""
-    sums: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            key = model_piece(name)
-            sums[key] = sums.get(key, 0.0) + p.grad.float().pow(2).sum()
-    return {k: float(v) ** 0.5 for k, v in sums.items()}
+from bigtrain.models.inspect import per_layer_grad_norms
 
 
 def train_step(model: TransformerLM, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, torch.Tensor]],

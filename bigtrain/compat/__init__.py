@@ -1,0 +1,3 @@
+"""What depends on the installed versions of torch and DeepSpeed, in one place: `compat.torch` (APIs that differ
+between torch releases) and `compat.deepspeed` (every DeepSpeed internal bigtrain touches, with a check that
+names the ones an installed release lacks)."""

@@ -1,0 +1,68 @@
+"""torch APIs that differ between the releases bigtrain supports (pyproject.toml declares the floor; the code
+paths for older releases were run on that floor, see docs/architecture.md).
+
+    all_gather_into       torch.distributed.all_gather_single (new name) / all_gather_into_tensor (before)
+    reduce_scatter_into   reduce_scatter_single / reduce_scatter_tensor, or all-reduce + own chunk where the
+                          backend has no reduce-scatter (gloo before the new names)
+    sdpa                  scaled_dot_product_attention with grouped-query heads: enable_gqa where it exists
+                          (torch >= 2.5), else key/value heads repeated to the query heads
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+
+def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    """output = the ranks' `tensor`s concatenated along dimension 0 (output has world × its rows)."""
+    import torch.distributed as dist  # here, not at the top: the model files import `sdpa` from this module
+
+    gather = getattr(dist, "all_gather_single", None)
+    if gather is not None:
+        gather(output, tensor, group=group)
+    else:
+        dist.all_gather_into_tensor(output, tensor, group=group)
+
+
+def reduce_scatter_into(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    """output = this rank's chunk (along dimension 0) of the sum over ranks of `tensor`."""
+    import torch.distributed as dist
+
+    scatter = getattr(dist, "reduce_scatter_single", None)
+    if scatter is not None:
+        scatter(output, tensor, group=group)
+    elif dist.get_backend(group) == "gloo":
+        total = tensor.clone()
+        dist.all_reduce(total, group=group)
+        output.copy_(total.chunk(dist.get_world_size(group), dim=0)[dist.get_rank(group)])
+    else:
+        dist.reduce_scatter_tensor(output, tensor, group=group)
+
+
+def _sdpa_has_gqa() -> bool:
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a Python signature: ask by calling
+        q = torch.zeros(1, 2, 1, 2)
+        try:
+            F.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True)
+            return True
+        except TypeError:
+            return False
+
+
+SDPA_HAS_GQA = _sdpa_has_gqa()
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float,
+         is_causal: bool) -> torch.Tensor:
+    """softmax(q kᵀ / √d + mask) v; k / v may have fewer heads than q (a divisor: grouped-query attention)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and not SDPA_HAS_GQA:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        groups = 1
+    extra = {"enable_gqa": True} if groups > 1 else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, **extra)

@@ -1,0 +1,28 @@
+"""`build_engine`: the engine that runs a parallelized model's steps and checkpoints, chosen by the layout."""
+
+from __future__ import annotations
+
+import torch
+
+from bigtrain.config import Config
+from bigtrain.distributed import DistEnv
+from bigtrain.engine.base import Engine
+from bigtrain.parallel import ParallelModel
+from bigtrain.parallel.groups import ParallelGroups
+
+
+def build_engine(cfg: Config, parallel: ParallelModel, env: DistEnv, groups: ParallelGroups | None,
+                 device: torch.device) -> Engine:
+    """Plain PyTorch on one process (no process groups), DeepSpeed's pipeline engine when the layout has
+    pipeline stages, else DeepSpeed data parallelism / ZeRO."""
+    if groups is None:
+        from bigtrain.engine.local import LocalEngine
+
+        return LocalEngine(cfg, parallel, device)
+    if parallel.layout.pipeline > 1:
+        from bigtrain.engine.pipeline_engine import PipelineEngine
+
+        return PipelineEngine(cfg, parallel, env, groups)
+    from bigtrain.engine.deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(cfg, parallel, env, groups)

@@ -1,0 +1,98 @@
+"""`parallelize`: the one place where the unchanged single-device model becomes its parallel form.
+
+In a fixed order, as torchtitan's `parallelize_llama`:
+
+    1. tensor and sequence parallelism   layers replaced by their shards (`tensor.py`), vocabulary-parallel loss
+    2. activation checkpointing          blocks or attention cores wrapped (`activation_checkpointing.py`)
+    3. torch.compile                     (its place in the order; the `train.compile` option comes with the
+                                         speed work)
+    4. pipeline split or materialize     a pipeline stage allocates and initializes only its own layers; any
+                                         other layout allocates and initializes the whole (sharded) model
+
+Weights are initialized in step 4 and only there, through `bigtrain.models.materialize`, whatever the layout:
+each parameter (or its shard) is drawn from its own generator, so every layout starts from exactly the weights
+of the single-device model. The engine (`bigtrain.engine.build_engine`) then wraps the result: plain PyTorch,
+DeepSpeed data parallelism / ZeRO, or DeepSpeed's pipeline engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bigtrain.components.loss import Criterion
+from bigtrain.config import Config
+from bigtrain.config.layout import Layout
+from bigtrain.models import TransformerLM, materialize
+from bigtrain.models.init import Shard
+from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
+from bigtrain.parallel.groups import ParallelGroups
+from bigtrain.parallel.tensor import TensorParallel, apply_tensor_parallel, mark_tensor_parallel
+
+
+@dataclass
+class ParallelModel:
+    """A model in its parallel form on this rank, and what engines and the trainer need to run it.
+
+    model: the whole model's structure with this rank's shards; under pipeline parallelism only this stage's
+    layers are allocated (the rest stay on the meta device) and `stage` is the DeepSpeed `PipelineModule` that
+    runs them. criterion: the loss over this rank's logits (vocabulary shards under tensor parallelism).
+    pad_multiple: sequences are padded to a multiple of this (the tensor size under sequence parallelism).
+    """
+
+    model: TransformerLM
+    criterion: Criterion
+    layout: Layout
+    shards: dict[str, Shard] = field(default_factory=dict)
+    pad_multiple: int = 1
+    stage: nn.Module | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        """What an engine wraps: the pipeline stage, or the model."""
+        return self.stage if self.stage is not None else self.model
+
+
+def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups | None,
+                device: str | torch.device) -> ParallelModel:
+    """Turn `model` (built on the meta device) into this rank's part of `groups.layout` on `device`; with
+    `groups` None, the single-device model. Also seeds the default generators for dropout: equal across the
+    tensor ranks of a replica, distinct across data replicas and pipeline stages."""
+    from bigtrain.parallel.cross_entropy import VocabParallelCriterion
+
+    if any(p.device.type != "meta" for p in model.parameters()):
+        raise ValueError("parallelize takes a model on the meta device: build_model(cfg.model, vocab, 'meta')")
+    p, seed = cfg.parallel, cfg.train.seed
+    layout, rank = (groups.layout, groups.rank) if groups is not None else (Layout(), 0)
+    result = ParallelModel(model=model, criterion=Criterion(), layout=layout)
+
+    # 1. tensor and sequence parallelism
+    if layout.tensor > 1:
+        assert groups is not None
+        tp = TensorParallel(groups.tensor_group, groups.get_tensor_model_parallel_rank(), layout.tensor,
+                            p.sequence_parallel)
+        result.shards = apply_tensor_parallel(model, tp)
+        result.criterion = VocabParallelCriterion(tp.group, tp.rank, tp.size)
+        result.pad_multiple = tp.size if tp.sequence_parallel else 1
+
+    # 2. activation checkpointing
+    apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n_layers)
+
+    # 3. torch.compile would wrap the blocks here (after checkpointing, before the pipeline split).
+
+    torch.manual_seed(seed + layout.seed_offset(rank))
+
+    # 4. the one initialization path: per pipeline stage, or the whole model
+    def materialize_piece(piece: nn.Module) -> None:
+        materialize(model, device, seed, result.shards, piece=piece)
+
+    if layout.pipeline > 1:
+        from bigtrain.parallel.pipeline_module import build_pipeline_module
+
+        result.stage = build_pipeline_module(model, layout, p.partition_method, materialize_piece)
+    else:
+        materialize(model, device, seed, result.shards)
+    mark_tensor_parallel(model, result.shards)
+    return result
