@@ -89,10 +89,9 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> int:
         import traceback
 
         return fail(f"{type(err).__name__}: {err}", rank, world, traceback_text=traceback.format_exc())
-    import torch.distributed as dist
+    from bigtrain.distributed import shutdown_process_group
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_process_group()
     if result.stopped_by:
         if rank == 0:
             print(f"stopped: step {result.state.step} of {cfg.train.steps}, checkpoint saved; run the same command "

@@ -33,13 +33,14 @@ class Internal:
 
     kind: `method` / `function` (exists on the class / module), `instance` (an attribute the class's code
     assigns to `self`), `parameter` (an attribute the module's code sets on parameters), `argument` (a keyword
-    of the method `owner.name`, given as `name:argument`).
+    of the method `owner.name`, given as `name:argument`), `text` (a piece of a file name the module's code
+    writes).
     """
 
     module: str
     owner: str
     name: str
-    kind: Literal["method", "function", "instance", "parameter", "argument"]
+    kind: Literal["method", "function", "instance", "parameter", "argument", "text"]
     why: str
 
     def present(self) -> bool:
@@ -48,6 +49,8 @@ class Internal:
             return hasattr(module, self.name)
         if self.kind == "parameter":
             return re.search(rf"\.{self.name}\s*=", inspect.getsource(module)) is not None
+        if self.kind == "text":
+            return self.name in inspect.getsource(module)
         cls = getattr(module, self.owner, None)
         if cls is None:
             return False
@@ -95,6 +98,9 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("deepspeed.runtime.utils", "", "partition_balanced", "function", "pipeline stage boundaries"),
     Internal("deepspeed.utils.zero_to_fp32", "", "get_fp32_state_dict_from_zero_checkpoint", "function",
              "consolidate ZeRO checkpoints"),
+    Internal("deepspeed.runtime.engine", "", "_model_states.pt", "text", "checkpoint files: mp_rank_XX_model_states"),
+    Internal("deepspeed.runtime.engine", "", "_optim_states.pt", "text", "checkpoint files: ZeRO optimizer states"),
+    Internal(_PIPE, "", "-model_states.pt", "text", "checkpoint files: layer_XX-model_states of a pipeline"),
 )
 
 

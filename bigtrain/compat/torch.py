@@ -1,5 +1,5 @@
-"""torch APIs that differ between the releases bigtrain supports (pyproject.toml declares the floor; the code
-paths for older releases were run on that floor, see docs/architecture.md).
+"""torch APIs that differ between the releases bigtrain supports (pyproject.toml declares the floor, torch 2.4; the
+code paths for older releases were run on 2.4.1 and 2.5.1: docs/deepspeed.md, "Versions").
 
     all_gather_into       torch.distributed.all_gather_single (new name) / all_gather_into_tensor (before)
     reduce_scatter_into   reduce_scatter_single / reduce_scatter_tensor, or all-reduce + own chunk where the

@@ -183,3 +183,17 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
     backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
+
+
+def shutdown_process_group() -> None:
+    """End a run's process groups while the interpreter is still whole: collect the garbage that may still hold
+    communication buffers (an engine in a reference cycle), wait for every rank, then destroy the groups.
+    Left to interpreter shutdown, gloo's worker threads can abort a rank after a successful run ("terminate
+    called without an active exception")."""
+    if not torch.distributed.is_initialized():
+        return
+    import gc
+
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

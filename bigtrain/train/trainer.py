@@ -142,16 +142,18 @@ class Trainer:
         if path is None:
             return
         raw = yaml.safe_load((path / "config.yaml").read_text())
-        saved_cfg = config_from_dict(raw, world_size=ckpt.ranks_that_wrote(path))  # as validated when written
+        saved_world = ckpt.ranks_that_wrote(path)
+        saved_cfg = config_from_dict(raw, world_size=saved_world)  # as validated when written
         saved, now = saved_cfg.parallel, self.cfg.parallel
-        if (saved.tensor, saved.pipeline, saved.sequence_parallel) != (now.tensor, now.pipeline,
-                                                                       now.sequence_parallel):
+        saved_layout = Layout.for_world(saved.tensor, saved.pipeline, saved_world)
+        if (saved_layout, saved.sequence_parallel) != (self.layout, now.sequence_parallel):
             raise CheckpointError(
                 f"run.dir {self.run_dir} holds a checkpoint written with parallel.tensor={saved.tensor}, "
-                f"pipeline={saved.pipeline}, sequence_parallel={saved.sequence_parallel}, but this run uses "
-                f"tensor={now.tensor}, pipeline={now.pipeline}, sequence_parallel={now.sequence_parallel}. Resume "
-                f"with the layout that wrote it (`bigtrain consolidate` turns it into single-device weights), or "
-                f"use a new run.dir.")
+                f"pipeline={saved.pipeline}, sequence_parallel={saved.sequence_parallel} on {saved_world} rank(s) "
+                f"({saved_layout.describe()}), but this run uses tensor={now.tensor}, pipeline={now.pipeline}, "
+                f"sequence_parallel={now.sequence_parallel} on {self.env.world_size} ({self.layout.describe()}). "
+                f"Resume with the layout that wrote it (`bigtrain consolidate` turns it into single-device "
+                f"weights), or use a new run.dir.")
         if saved_cfg.model != self.cfg.model:
             diff = [f"model.{f.name}: {getattr(saved_cfg.model, f.name)!r} -> {getattr(self.cfg.model, f.name)!r}"
                     for f in dataclasses.fields(self.cfg.model)
