@@ -46,3 +46,21 @@ def test_ci_run_runs_the_suite_when_the_install_works(tmp_path):
     proc = _ci_copy(tmp_path, install_status=0)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "tests-ran").exists()
+
+
+def test_install_script_fails_when_apt_get_cannot_install(tmp_path):
+    """The real tests/helpers/install_slurm.sh with no Slurm on PATH and an apt-get that fails: it exits non-zero
+    naming what is missing, instead of reporting an install (a failing `apt-get update && ...` inside `||` used
+    to slip past `set -e`)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool in ("bash", "id"):
+        (fake / tool).symlink_to(shutil.which(tool))
+    (fake / "apt-get").write_text("#!/bin/bash\necho 'apt-get: no mirror' >&2\nexit 100\n")
+    (fake / "apt-get").chmod(0o755)
+    proc = subprocess.run([str(fake / "bash"), str(REPO / "tests" / "helpers" / "install_slurm.sh")],
+                          capture_output=True, text=True, timeout=60, env={"PATH": str(fake)})
+    assert proc.returncode != 0
+    assert "installed" not in proc.stdout
+    if os.geteuid() == 0:
+        assert "could not install slurmctld slurmd slurm-client munge (sbatch is missing afterwards" in proc.stderr
