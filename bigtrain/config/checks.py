@@ -117,6 +117,7 @@ def check_parallel(cfg: Config, world_size: int) -> None:
     _positive("parallel.tensor", p.tensor)
     _positive("parallel.pipeline", p.pipeline)
     _positive("parallel.checkpoint_every_n_layers", p.checkpoint_every_n_layers)
+    _positive("parallel.collective_timeout", p.collective_timeout)
     _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}.")
     check_tensor_parallel(cfg)
     data_parallel_size(cfg, world_size)  # the layout divides the world
@@ -180,6 +181,8 @@ def check_training(cfg: Config, world_size: int) -> None:
     _require(t.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {t.sample_tokens}.")
     if t.threads is not None:
         _positive("train.threads", t.threads)
+    _positive("train.max_skipped_steps", t.max_skipped_steps)
+    _require(t.hang_timeout >= 0, f"train.hang_timeout must be >= 0 seconds (0 = no watchdog), got {t.hang_timeout}.")
 
     o = cfg.optim
     _positive("optim.lr", o.lr)

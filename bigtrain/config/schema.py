@@ -72,6 +72,8 @@ class ParallelConfig:
         "none", "recompute activations in backward: none, full blocks, or only the attention core")
     checkpoint_every_n_layers: int = opt(1, "full activation checkpointing: checkpoint every n-th block")
     offload_optimizer: bool = opt(False, "ZeRO 1-3: keep optimizer state and its update on the CPU (GPU runs)")
+    collective_timeout: float = opt(
+        600.0, "seconds a collective (all-reduce, barrier, ...) may wait for the other ranks before it fails")
     engine: Literal["auto", "torch", "deepspeed"] = opt(
         "auto", "auto: DeepSpeed when several ranks run or zero_stage > 0, else plain PyTorch; deepspeed: "
         "always DeepSpeed (also for one process); torch: plain PyTorch, one process only")
@@ -123,6 +125,9 @@ class DataConfig:
     cache_dir: str = opt(".cache/bigtrain", "where tokenized corpora are cached as memory-mapped files")
     bucket_size: int = opt(64, "padded families: batches are formed from windows of this many global "
                            "batches sorted by length (1 disables bucketing)")
+    encoding_errors: Literal["strict", "replace"] = opt(
+        "strict", "text that is not valid UTF-8: strict = stop, naming the file and byte offset; replace = "
+        "replace undecodable bytes by U+FFFD and warn with their count")
 
 
 @dataclass
@@ -139,6 +144,11 @@ class TrainConfig:
     early_stop_patience: int = opt(0, "stop after this many evaluations without improvement; 0 = off")
     on_nonfinite: Literal["stop", "skip"] = opt(
         "stop", "a NaN/inf loss or gradient: stop with an error, or skip that step's update")
+    max_skipped_steps: int = opt(
+        10, "with on_nonfinite=skip: stop with an error after this many skipped steps in a row")
+    hang_timeout: float = opt(
+        1800.0, "seconds a step may take (start-up and evaluation included) before the watchdog writes every "
+        "thread's stack to run.dir and exits the rank with an error; 0 = no watchdog")
     sample_tokens: int = opt(200, "causal LM: tokens of text sampled at the end of the run; 0 = none")
     sample_prompt: str = opt("def ", "causal LM: prompt of the final sample")
     threads: int | None = opt(None, "CPU threads for torch; null = torch's default")
