@@ -22,3 +22,7 @@ class CheckpointError(BigtrainError):
 
 class TrainingError(BigtrainError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+class RunDirError(BigtrainError):
+    """A run.dir that cannot be used: not writable, too long, a file, or held by another run."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bigtrain.components import checkpoint as ckpt
+from bigtrain.components.integrity import read_latest
 from bigtrain.errors import CheckpointError
 from bigtrain.train.trainer import Trainer, train
 from tests.conftest import REPO, run_launcher, tiny_config, tiny_overrides
@@ -68,7 +69,7 @@ def test_crash_during_checkpoint_write_keeps_previous(run_dir, monkeypatch, cras
     trainer = Trainer(tiny_config(run_dir, "causal", "train.steps=2"))
     trainer.run()  # final checkpoint at step 2
     ckpt_dir = run_dir / "checkpoints"
-    good = ckpt.latest_checkpoint(ckpt_dir)
+    good = read_latest(ckpt_dir)[0]
     weights = ckpt.load_part(good, "model")
 
     class Crash(Exception):
@@ -98,7 +99,7 @@ def test_crash_during_checkpoint_write_keeps_previous(run_dir, monkeypatch, cras
         trainer.save()
     monkeypatch.undo()
 
-    assert ckpt.latest_checkpoint(ckpt_dir) == good
+    assert read_latest(ckpt_dir)[0] == good
     for name, tensor in ckpt.load_part(good, "model").items():
         assert torch.equal(tensor, weights[name])
     resumed = Trainer(tiny_config(run_dir, "causal", "train.steps=4"))
@@ -119,7 +120,9 @@ def test_resume_refuses_a_different_model(run_dir):
 
 
 def test_corrupt_checkpoint_is_a_clear_error(run_dir):
+    """The only checkpoint damaged: a clear error naming the file; the checkpoint is moved aside, not deleted."""
     train(tiny_config(run_dir, "causal", "train.steps=2"))
-    (ckpt.latest_checkpoint(run_dir / "checkpoints") / "model.pt").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="corrupt"):
+    (read_latest(run_dir / "checkpoints")[0] / "model.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"No intact checkpoint .*step_00000002 \(model.pt has 7 bytes"):
         Trainer(tiny_config(run_dir, "causal", "train.steps=4"))
+    assert (run_dir / "checkpoints" / "step_00000002.damaged" / "model.pt").read_bytes() == b"garbage"

@@ -34,18 +34,18 @@ class Internal:
     kind: `method` / `function` (exists on the class / module), `instance` (an attribute the class's code
     assigns to `self`), `parameter` (an attribute the module's code sets on parameters), `argument` (a keyword
     of the method `owner.name`, given as `name:argument`), `text` (a piece of a file name the module's code
-    writes).
+    writes), `class` (a class the module defines; instances are pickled into its checkpoints).
     """
 
     module: str
     owner: str
     name: str
-    kind: Literal["method", "function", "instance", "parameter", "argument", "text"]
+    kind: Literal["method", "function", "instance", "parameter", "argument", "text", "class"]
     why: str
 
     def present(self) -> bool:
         module = importlib.import_module(self.module)
-        if self.kind == "function":
+        if self.kind in ("function", "class"):
             return hasattr(module, self.name)
         if self.kind == "parameter":
             return re.search(rf"\.{self.name}\s*=", inspect.getsource(module)) is not None
@@ -101,6 +101,10 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("deepspeed.runtime.engine", "", "_model_states.pt", "text", "checkpoint files: mp_rank_XX_model_states"),
     Internal("deepspeed.runtime.engine", "", "_optim_states.pt", "text", "checkpoint files: ZeRO optimizer states"),
     Internal(_PIPE, "", "-model_states.pt", "text", "checkpoint files: layer_XX-model_states of a pipeline"),
+    *(Internal(module, "", name, "class", "pickled into checkpoints; rebuilt by the weights-only loader")
+      for module, name in (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                           ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                           ("deepspeed.utils.tensor_fragment", "fragment_address"))),
 )
 
 
@@ -197,6 +201,19 @@ def pipeline_module_class() -> type:
 
 
 # ---- checkpoint files ------------------------------------------------------------------------------------
+def checkpoint_classes() -> list[type]:
+    """The plain data classes DeepSpeed pickles into its checkpoint files (a loss scaler's settings, the ZeRO
+    stage enum, fragment addresses): what the weights-only loader may rebuild besides tensors."""
+    return [getattr(importlib.import_module(item.module), item.name) for item in INTERNALS if item.kind == "class"]
+
+
+def safe_checkpoint_loading():
+    """A context in which DeepSpeed's own loads of its checkpoint files run code from none of them."""
+    from bigtrain.compat.torch import weights_only_loading
+
+    return weights_only_loading(checkpoint_classes())
+
+
 def model_states_file(tensor_rank: int) -> str:
     """DeepSpeed's module file of one tensor rank (ZeRO-0/1/2; ZeRO-3 adds per-rank files)."""
     return f"mp_rank_{tensor_rank:02d}_model_states.pt"

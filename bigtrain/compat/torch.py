@@ -6,11 +6,16 @@ code paths for older releases were run on 2.4.1 and 2.5.1: docs/deepspeed.md, "V
                           backend has no reduce-scatter (gloo before the new names)
     sdpa                  scaled_dot_product_attention with grouped-query heads: enable_gqa where it exists
                           (torch >= 2.5), else key/value heads repeated to the query heads
+    weights_only_loading  every torch.load inside the block unpickles tensors and plain containers only, also
+                          where a library (DeepSpeed) passes weights_only=False: TORCH_FORCE_WEIGHTS_ONLY_LOAD
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -66,3 +71,25 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         groups = 1
     extra = {"enable_gqa": True} if groups > 1 else {}
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, **extra)
+
+
+_FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+@contextlib.contextmanager
+def weights_only_loading(allowed: list[type] | tuple[type, ...] = ()) -> Iterator[None]:
+    """Within the block no torch.load can run code from a file: torch's restricted unpickler is forced on every
+    call (torch reads TORCH_FORCE_WEIGHTS_ONLY_LOAD at each load, 2.4 and later), and only the plain data classes
+    in `allowed` may be rebuilt besides tensors and containers. A file that needs anything else fails to load
+    (`pickle.UnpicklingError`)."""
+    if allowed:
+        torch.serialization.add_safe_globals(list(allowed))
+    before = os.environ.get(_FORCE)
+    os.environ[_FORCE] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_FORCE, None)
+        else:
+            os.environ[_FORCE] = before

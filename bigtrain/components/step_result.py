@@ -13,3 +13,4 @@ class StepResult:
     finite: bool  # loss and gradient norm are finite (fp16 overflows are normal and handled by the scaler)
     layer_grad_norms: dict[str, float] | None = None
     tokens: int = 0  # real input tokens of the whole global batch (all ranks)
+    nonfinite_rank: int | None = None  # the lowest rank whose own loss was not finite (when one was)

@@ -8,9 +8,63 @@ loading, in the layer that owns them (`bigtrain.engine.validate.validate_run`).
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import reprlib
+from typing import Any
+
 from bigtrain.config.layout import Layout
 from bigtrain.config.schema import Config, ModelConfig
 from bigtrain.errors import ConfigError
+
+# Integers go to torch, NumPy and C APIs as signed 64-bit values; a few keys have a narrower range.
+INT64 = (-(2**63), 2**63, "be an integer in [-2**63, 2**63) (64 bits)")
+INT_RANGES: dict[str, tuple[int, int, str]] = {
+    "train.seed": (0, 2**32, "lie in [0, 2**32) = [0, 4294967295] (the seed of every random generator)"),
+}
+# Every float key must be finite; where infinity would mean something, the message names the finite way to say it.
+FINITE_HINTS: dict[str, str] = {
+    "train.hang_timeout": " train.hang_timeout=0 turns the watchdog off.",
+    "parallel.collective_timeout": " Collectives cannot wait forever; give a number of seconds.",
+    "optim.grad_clip": " optim.grad_clip=0 disables clipping.",
+    "optim.lamb_max_trust_ratio": " optim.lamb_max_trust_ratio=null leaves the trust ratio unbounded.",
+    "log.peak_tflops": " log.peak_tflops=null looks the peak up for known GPUs.",
+}
+MAX_TIMEOUT = 1e9  # seconds (about 31 years); timedelta, thread waits and NCCL refuse much larger values
+PATH_KEYS = ("data.source", "data.tokenizer", "data.cache_dir", "run.dir")
+
+
+class _Short(reprlib.Repr):
+    """reprlib with short limits and integers too long for `repr` (over 4300 digits) described by size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset = 3, 4, 6, 6, 6
+        self.maxstring, self.maxother, self.maxlong = 80, 80, 60
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() <= 1000:
+            return super().repr_int(x, level)
+        digits = int(x.bit_length() * math.log10(2))
+        digits += abs(x) >= 10**digits
+        return f"{'a negative' if x < 0 else 'an'} integer of {digits} digits"
+
+
+_SHORT = _Short()
+
+
+def show(value: Any) -> str:
+    """A short one-line repr of a config value for messages (bounded for huge, deep or self-referencing values)."""
+    return _SHORT.repr(value)
+
+
+def show_key(key: Any, limit: int = 80) -> str:
+    """A key (or path) as written, with control characters escaped and, beyond `limit` characters, shortened
+    (to quote in a message)."""
+    text = key if isinstance(key, str) else show(key)
+    if len(text) > limit:
+        text = f"{text[:limit * 5 // 8]}...{text[-(limit // 4):]}"
+    return repr(text)[1:-1]
 
 
 def _require(ok: bool, message: str) -> None:
@@ -70,6 +124,37 @@ def check_tensor_parallel(cfg: Config) -> None:
                  f"Raise model.max_seq_len to {longest} or pick a data.seq_len divisible by {p.tensor}.")
 
 
+def check_numbers(cfg: Config) -> None:
+    """Every integer key fits its range (64 bits unless narrower), every float key is finite."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for f in dataclasses.fields(values):
+            key, value = f"{section.name}.{f.name}", getattr(values, f.name)
+            if isinstance(value, bool) or value is None:
+                continue
+            if isinstance(value, int):
+                low, high, allowed = INT_RANGES.get(key, INT64)
+                _require(low <= value < high, f"Config key '{key}' must {allowed}, got {show(value)}.")
+            elif isinstance(value, float):
+                _require(math.isfinite(value), f"Config key '{key}' must be a finite number, got {value}."
+                         f"{FINITE_HINTS.get(key, '')}")
+
+
+def check_paths(cfg: Config) -> None:
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(isinstance(value, str) and value != "" and "\x00" not in value,
+                 f"Config key '{key}' must be a non-empty path without NUL characters, got {show(value)}.")
+
+
+def _timeout(name: str, value: float) -> None:
+    _require(value <= MAX_TIMEOUT, f"Config key '{name}' must be at most {MAX_TIMEOUT:g} seconds (about 31 years), "
+             f"got {value}.")
+
+
 def check_model(cfg: Config) -> None:
     m = cfg.model
     for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "vocab_multiple"):
@@ -118,6 +203,7 @@ def check_parallel(cfg: Config, world_size: int) -> None:
     _positive("parallel.pipeline", p.pipeline)
     _positive("parallel.checkpoint_every_n_layers", p.checkpoint_every_n_layers)
     _positive("parallel.collective_timeout", p.collective_timeout)
+    _timeout("parallel.collective_timeout", p.collective_timeout)
     _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}.")
     check_tensor_parallel(cfg)
     data_parallel_size(cfg, world_size)  # the layout divides the world
@@ -128,7 +214,7 @@ def check_parallel(cfg: Config, world_size: int) -> None:
                  f"parallel.zero_stage=1.")
         method = p.partition_method
         _require(method in ("parameters", "uniform") or method.startswith("type:"),
-                 f"parallel.partition_method={method!r} is not known; use 'parameters', 'uniform' or "
+                 f"parallel.partition_method={show(method)} is not known; use 'parameters', 'uniform' or "
                  f"'type:<regex of a layer class>' (e.g. 'type:BlockPipe').")
     if p.engine == "torch":
         _require(world_size == 1 and p.zero_stage == 0,
@@ -146,12 +232,7 @@ def check_parallel(cfg: Config, world_size: int) -> None:
                  f"optim.name='lamb' with train.precision={cfg.train.precision} and parallel.zero_stage=0 is refused: "
                  f"DeepSpeed's mixed-precision optimizer flattens all parameters, so the per-tensor trust ratios "
                  f"would be wrong. Use parallel.zero_stage=1 or 2 (exact), or train.precision=fp32.")
-    if uses_deepspeed(cfg, world_size):
-        _require(cfg.train.on_nonfinite == "stop",
-                 "train.on_nonfinite='skip' is available with the plain PyTorch engine only: DeepSpeed cannot drop "
-                 "one update from its gradient-accumulation cycle. DeepSpeed runs stop on a non-finite loss (fp16 "
-                 "overflow steps are still skipped by its loss scaler); set train.on_nonfinite=stop.")
-    else:
+    if not uses_deepspeed(cfg, world_size):
         _require(not cfg.deepspeed, "The deepspeed: section is set but this run does not use DeepSpeed (one "
                  "process, zero_stage 0). Set parallel.engine=deepspeed, or remove the deepspeed: section.")
 
@@ -183,6 +264,7 @@ def check_training(cfg: Config, world_size: int) -> None:
         _positive("train.threads", t.threads)
     _positive("train.max_skipped_steps", t.max_skipped_steps)
     _require(t.hang_timeout >= 0, f"train.hang_timeout must be >= 0 seconds (0 = no watchdog), got {t.hang_timeout}.")
+    _timeout("train.hang_timeout", t.hang_timeout)
 
     o = cfg.optim
     _positive("optim.lr", o.lr)
@@ -230,7 +312,11 @@ def check_data(cfg: Config) -> None:
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
-    """Run every cross-field rule; raise ConfigError on the first that fails."""
+    """Run every rule; raise ConfigError on the first that fails."""
+    _require(isinstance(world_size, int) and world_size >= 1, f"The world size must be at least 1, got "
+             f"{show(world_size)}.")
+    check_numbers(cfg)
+    check_paths(cfg)
     check_model(cfg)
     check_parallel(cfg, world_size)
     check_training(cfg, world_size)

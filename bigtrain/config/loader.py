@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -17,13 +18,13 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from bigtrain.config.checks import validate
+from bigtrain.config.checks import INT64, show, show_key, validate
 from bigtrain.config.schema import Config
 from bigtrain.errors import ConfigError
 
 
 def _nearest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5) if len(name) <= 100 else []
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return f"{hint} Valid keys: {', '.join(sorted(choices))}."
 
@@ -38,16 +39,21 @@ def _type_name(tp: Any) -> str:
 
 
 # YAML 1.2 floats that PyYAML (YAML 1.1) reads as strings because they lack a dot: 1e-3, 3E+4, 5e2.
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# (No nested quantifiers over the same digits: the pattern stays linear on long strings of digits.)
+_EXPONENT_FLOAT = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d+")
+
+
+def _bad_type(key: str, value: Any, tp: Any) -> ConfigError:
+    return ConfigError(f"Config key '{key}' must be {_type_name(tp)}, got {show(value)} ({type(value).__name__}). "
+                       f"Fix it in the YAML file or override it as {key}=VALUE.")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it (ints become floats where floats are due)."""
     origin = get_origin(tp)
-    bad = ConfigError(f"Config key '{key}' must be {_type_name(tp)}, got {value!r} "
-                      f"({type(value).__name__}). Fix it in the YAML file or override it as {key}=VALUE.")
-    if tp in (int, float) and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
-        value = float(value)
+    if tp in (int, float) and isinstance(value, str) and len(value) <= 100 and _EXPONENT_FLOAT.fullmatch(
+            value.strip()):
+        value = float(value)  # inf when out of range, refused by the checks
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -59,35 +65,30 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError:
                 pass
-        raise bad
+        raise _bad_type(key, value, tp)
     if origin is Literal:
         if value not in get_args(tp):
             allowed = ", ".join(repr(a) for a in get_args(tp))
-            close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
+            close = (difflib.get_close_matches(value, [str(a) for a in get_args(tp)], n=1)
+                     if isinstance(value, str) and len(value) <= 100 else [])
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"Config key '{key}' has value {value!r}, which is not allowed.{hint} "
+            raise ConfigError(f"Config key '{key}' has value {show(value)}, which is not allowed.{hint} "
                               f"Allowed values: {allowed}.")
         return value
-    if tp is bool:
-        if isinstance(value, bool):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        if tp is bool and isinstance(value, bool):
             return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
+        if tp is int and number and (isinstance(value, int) or value.is_integer()):
             return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
+        if tp is float and number:
+            return float(value)  # OverflowError for an int beyond the float range
+        if tp is str and (isinstance(value, str) or number):
+            return value if isinstance(value, str) else str(value)  # ValueError for an int of over 4300 digits
+    except (OverflowError, ValueError):
+        pass
+    if tp in (bool, int, float, str):
+        raise _bad_type(key, value, tp)
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a schema bug, not a user error
 
 
@@ -95,25 +96,66 @@ def _merge_section(obj: Any, data: Any, prefix: str) -> Any:
     """Return a copy of dataclass `obj` with the keys in `data` applied (recursively)."""
     if not isinstance(data, dict):
         raise ConfigError(f"Config section '{prefix}' must be a mapping of keys to values, "
-                          f"got {data!r}.")
+                          f"got {show(data)}.")
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     updates = {}
     for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             where = f"section '{prefix}'" if prefix else "the top level"
-            raise ConfigError(f"Unknown config key '{full}' in {where}.{_nearest(str(key), names)}")
+            shown = show_key(key)
+            raise ConfigError(f"Unknown config key '{prefix + '.' if prefix else ''}{shown}' in {where}."
+                              f"{_nearest(shown, names)}")
+        full = f"{prefix}.{key}" if prefix else key
         current = getattr(obj, key)
         if isinstance(current, dict):  # free-form passthrough section (deepspeed:)
             if not isinstance(value, dict):
-                raise ConfigError(f"Config section '{full}' must be a mapping of keys to values, got {value!r}.")
-            updates[key] = _deep_merge(current, value)
+                raise ConfigError(f"Config section '{full}' must be a mapping of keys to values, got {show(value)}.")
+            merged = _deep_merge(current, value)
+            _check_plain(full, merged)
+            updates[key] = merged
         elif dataclasses.is_dataclass(current):
             updates[key] = _merge_section(current, value, full)
         else:
             updates[key] = _coerce(full, value, hints[key])
     return dataclasses.replace(obj, **updates)
+
+
+_MAX_PLAIN_VALUES = 10_000  # values in a passthrough section, counted as a tree (aliases repeat what they name)
+_MAX_PLAIN_DEPTH = 32
+
+
+def _check_plain(section: str, data: dict[str, Any]) -> None:
+    """A passthrough section holds JSON-like data: string keys, lists, strings, finite numbers, booleans, null;
+    no alias bomb or cycle (which would hang or overflow when the config is copied or dumped)."""
+    budget = _MAX_PLAIN_VALUES
+
+    def walk(where: str, value: Any, depth: int) -> None:
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"Config section '{section}' holds more than {_MAX_PLAIN_VALUES} values (counting "
+                              f"each use of a YAML alias); is it an alias bomb or does it refer to itself?")
+        if depth > _MAX_PLAIN_DEPTH:
+            raise ConfigError(f"Config section '{section}' nests lists or mappings deeper than {_MAX_PLAIN_DEPTH} "
+                              f"levels (at {show_key(where)}); does it refer to itself?")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise ConfigError(f"Config section '{section}' keys must be strings, got {show(key)} "
+                                      f"({type(key).__name__}) at {where}.")
+                walk(f"{where}.{show_key(key)}", item, depth + 1)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(f"{where}[{index}]", item, depth + 1)
+        elif not (value is None or isinstance(value, (bool, str))
+                  or (isinstance(value, int) and INT64[0] <= value < INT64[1])
+                  or (isinstance(value, float) and math.isfinite(value))):
+            raise ConfigError(f"Config key '{show_key(where)}' must be plain data (a mapping with string keys, a "
+                              f"list, a string, a finite number, a 64-bit integer, true/false or null), got "
+                              f"{show(value)} ({type(value).__name__}).")
+
+    walk(section, data, 0)
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -126,51 +168,140 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_MAX_MERGED = 10_000  # entries a mapping may get from merge keys (<<)
+# What PyYAML's constructors raise on scalars they cannot build: `!!int abc`, `2020-13-45`, `!!bool maybe`,
+# `!!int ''`, an int of over 4300 digits, `!!timestamp x`.
+_BUILD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses duplicate keys and turns values it cannot build into YAML errors
+    with a position (instead of a ValueError or KeyError from deep inside PyYAML)."""
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple[str, str], yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
+                first = seen.setdefault((key_node.tag, key_node.value), key_node.start_mark)
+                if first is not key_node.start_mark:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"duplicate key {show(key_node.value)} (first at line {first.line + 1})",
+                        key_node.start_mark)
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except _BUILD_ERRORS as exc:
+            kind = node.tag.rsplit(":", 1)[-1]
+            what = show(node.value) if isinstance(node, yaml.ScalarNode) else f"this {node.id}"
+            detail = f" ({' '.join(str(exc).split())[:120]})" if isinstance(exc, (ValueError, OverflowError)) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot build {'an' if kind[:1] in 'aeiou' else 'a'} {kind} from {what}{detail}",
+                node.start_mark) from None
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        super().flatten_mapping(node)  # older PyYAML doubles the entries of each `<<: [*a, *a]` level
+        if len(node.value) > _MAX_MERGED:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"merge keys (<<) expand this mapping to more than {_MAX_MERGED} entries",
+                node.start_mark)
+
+
+def _parse(text: str) -> Any:
+    """One YAML document (raises yaml.YAMLError, or RecursionError on absurd nesting)."""
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _override_value(raw: str) -> Any:
+    """An override's value, parsed as YAML; text that YAML cannot read stays a string."""
+    if not raw.strip():
+        return ""
+    try:
+        return _parse(raw)
+    except (yaml.YAMLError, RecursionError, *_BUILD_ERRORS):
+        return raw
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ['train.steps=50', 'model.dropout=0.0'] into a nested dict (values parsed as YAML)."""
     nested: dict[str, Any] = {}
     for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"Override {show(item)} is not a string; write section.key=value.")
         if "=" not in item:
-            raise ConfigError(f"Override '{item}' is not of the form section.key=value "
+            raise ConfigError(f"Override {show(item)} is not of the form section.key=value "
                               f"(for example train.steps=50).")
         dotted, raw = item.split("=", 1)
         parts = dotted.strip().split(".")
         if any(not p for p in parts):
-            raise ConfigError(f"Override '{item}' has an empty key; write section.key=value.")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+            raise ConfigError(f"Override {show(item)} has an empty key; write section.key=value.")
+        value = _override_value(raw)
         node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"Override '{item}' sets a key inside '{part}', which is a value.")
+                raise ConfigError(f"Override {show(item)} sets a key inside '{show_key(part)}', which is a value.")
         node[parts[-1]] = value
     return nested
 
 
+def _line_column(text: str | bytes, offset: int) -> str:
+    newline = "\n" if isinstance(text, str) else b"\n"
+    line = text.count(newline, 0, offset) + 1
+    return f"line {line}, column {offset - text.rfind(newline, 0, offset)}"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"Config path '{path}' is a directory; pass a YAML file to --config (for example "
-                          f"{path / 'smoke.yaml'}).")
-    if not path.is_file():
-        raise ConfigError(f"Config file '{path}' does not exist. Pass an existing YAML file to --config "
-                          f"(the shipped ones are in configs/).")
+    shown = show_key(str(path), limit=1000)
     try:
-        data = yaml.safe_load(path.read_text())
+        if path.is_dir():
+            raise ConfigError(f"Config path '{shown}' is a directory; pass a YAML file to --config (for example "
+                              f"{show_key(str(path / 'smoke.yaml'), limit=1000)}).")
+        if not path.exists():
+            raise ConfigError(f"Config file '{shown}' does not exist. Pass an existing YAML file to --config "
+                              f"(the shipped ones are in configs/).")
+        if not path.is_file():
+            raise ConfigError(f"Config path '{shown}' is not a regular file; pass a YAML file to --config.")
+        raw = path.read_bytes()
+    except OSError as exc:  # permissions, a name too long, an I/O error
+        raise ConfigError(f"Config file '{shown}' cannot be read: {exc.strerror or exc}. Pass a readable YAML "
+                          f"file to --config.") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte order mark is fine
+    except UnicodeDecodeError as exc:  # positions count from after a byte order mark
+        body, at = exc.object, exc.start
+        raise ConfigError(f"Config file '{shown}' is not UTF-8 text: byte 0x{body[at]:02x} at "
+                          f"{_line_column(body, at)} (offset {len(raw) - len(body) + at}) cannot be decoded. Save "
+                          f"the file as UTF-8.") from None
+    try:
+        data = _parse(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (NUL, most control characters)
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise ConfigError(f"Config file '{shown}' is not valid YAML at {_line_column(text, exc.position)}: "
+                          f"unacceptable character #x{code:04x}: {exc.reason}. Remove it; the "
+                          f"file holds sections (model:, train:, ...) of indented `key: value` lines.") from None
     except yaml.YAMLError as exc:
         # PyYAML's own message spans several lines (with a source excerpt); keep one paragraph.
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
-        raise ConfigError(f"Config file '{path}' is not valid YAML{where}: {problem}. Fix the syntax; the file "
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())[:300]
+        raise ConfigError(f"Config file '{shown}' is not valid YAML{where}: {problem}. Fix the syntax; the file "
                           f"holds sections (model:, train:, ...) of indented `key: value` lines.") from None
+    except RecursionError:
+        raise ConfigError(f"Config file '{shown}' nests lists or mappings deeper than the YAML parser can follow; "
+                          f"a config file needs a few levels only.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file '{path}' must hold a mapping of sections (model:, train:, ...), "
+        raise ConfigError(f"Config file '{shown}' must hold a mapping of sections (model:, train:, ...), "
                           f"got {type(data).__name__}.")
     return data
 

@@ -147,8 +147,8 @@ class TrainConfig:
     max_skipped_steps: int = opt(
         10, "with on_nonfinite=skip: stop with an error after this many skipped steps in a row")
     hang_timeout: float = opt(
-        1800.0, "seconds a step may take (start-up and evaluation included) before the watchdog writes every "
-        "thread's stack to run.dir and exits the rank with an error; 0 = no watchdog")
+        1800.0, "seconds a training step, evaluation or checkpoint save may take before the watchdog writes every "
+        "thread's stack to run.dir and exits the rank (status 4); 0 = no watchdog (start-up is not watched)")
     sample_tokens: int = opt(200, "causal LM: tokens of text sampled at the end of the run; 0 = none")
     sample_prompt: str = opt("def ", "causal LM: prompt of the final sample")
     threads: int | None = opt(None, "CPU threads for torch; null = torch's default")

@@ -2,14 +2,20 @@
 
 `data.source` is a file or a directory; a directory contributes its files (recursively, in sorted
 order) whose suffix matches `data.format` (any known suffix when it is `auto`). Formats:
-- text (`.txt`): each file is one document (put many documents in one file as JSONL instead);
+- text (`.txt`): each file is one document (put many documents in one file as JSONL instead). It must be
+  UTF-8: undecodable bytes stop the run naming the file and offset (`data.encoding_errors=strict`), or are
+  replaced by U+FFFD with one warning per file (`replace`). A file holding a NUL byte or starting with a
+  known binary signature (PNG, zip, ...) is refused in both modes: it is not text, whatever its name;
 - jsonl (`.jsonl`, `.json`) and parquet (`.parquet`): one document per row, read with Hugging Face
   `datasets`; its Arrow cache goes under `data.cache_dir`/hf.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +23,23 @@ from bigtrain.errors import DataError
 
 _SUFFIXES = {".txt": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 _BATCH_ROWS = 1024
+# Leading bytes of common binary formats (that may hold no NUL early on, or be renamed .txt).
+_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF87a": "a GIF image",
+               b"GIF89a": "a GIF image", b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip file",
+               b"\xfd7zXZ\x00": "an xz file", b"\x28\xb5\x2f\xfd": "a zstd file", b"%PDF-": "a PDF document",
+               b"\x7fELF": "an ELF executable", b"7z\xbc\xaf\x27\x1c": "a 7-Zip archive"}
+_REPLACED = threading.local()  # undecodable bytes counted by the "bigtrain.count_replace" error handler
+
+
+def _count_replace(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: like "replace" (one U+FFFD per undecodable sequence), counting the bytes."""
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    _REPLACED.count = getattr(_REPLACED, "count", 0) + exc.end - exc.start
+    return "\ufffd", exc.end
+
+
+codecs.register_error("bigtrain.count_replace", _count_replace)
 
 
 def resolve_files(source: str, fmt: str) -> list[tuple[Path, str]]:
@@ -57,16 +80,54 @@ def file_identity(files: list[tuple[Path, str]]) -> list[list]:
     return out
 
 
-def read_documents(files: list[tuple[Path, str]], text_field: str, cache_dir: str) -> Iterator[str]:
-    """Every non-empty document of the files, in order."""
+def read_documents(files: list[tuple[Path, str]], text_field: str, cache_dir: str,
+                   encoding_errors: str = "strict") -> Iterator[str]:
+    """Every non-empty document of the files, in order; `encoding_errors` is data.encoding_errors."""
     for path, fmt in files:
         if fmt == "text":
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = read_text(path, encoding_errors)
             if text:
                 yield text
             continue
         for rows in read_rows(path, fmt, [text_field], "data.text_field", cache_dir):
             yield from (t for t in rows[text_field] if isinstance(t, str) and t)
+
+
+def read_text(path: Path, encoding_errors: str = "strict") -> str:
+    """A .txt file's text, refusing binary files and treating invalid UTF-8 as data.encoding_errors says."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"data.source: cannot read '{path}' ({exc}). Make it readable, or point data.source "
+                        f"elsewhere.") from exc
+    _refuse_binary(path, data)
+    if encoding_errors != "replace":
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"data.source: '{path}' is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+                f"cannot be decoded. Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8), or set "
+                f"data.encoding_errors=replace to replace undecodable bytes.") from exc
+    _REPLACED.count = 0
+    text = data.decode("utf-8", errors="bigtrain.count_replace")
+    if _REPLACED.count:
+        print(f"bigtrain: warning: data.source: '{path}' had {_REPLACED.count} undecodable bytes, replaced by "
+              f"U+FFFD (data.encoding_errors=replace)", file=sys.stderr, flush=True)
+    return text
+
+
+def _refuse_binary(path: Path, data: bytes) -> None:
+    """DataError when the bytes are not text: a NUL byte anywhere, or a known binary signature."""
+    signs = [f"it starts like {name}" for magic, name in _SIGNATURES.items() if data.startswith(magic)]
+    nul = data.find(b"\0")
+    if nul >= 0:
+        signs.append(f"its first NUL byte is at offset {nul}")
+    if signs:
+        raise DataError(
+            f"data.source: '{path}' looks like a binary file, not text ({'; '.join(signs)}). Point data.source "
+            f"at text files, or remove or filter such files out of the directory (UTF-16 text must be "
+            f"converted to UTF-8).")
 
 
 def read_rows(path: Path, fmt: str, fields: list[str], key: str, cache_dir: str) -> Iterator[dict[str, list]]:

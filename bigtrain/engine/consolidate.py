@@ -14,41 +14,49 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 from bigtrain.compat.deepspeed import (
     fp32_state_dict_from_zero,
     model_states_file,
     pipeline_layer_files,
+    safe_checkpoint_loading,
     tensor_rank_files,
 )
 from bigtrain.components import checkpoint as ckpt
-from bigtrain.config import ModelConfig, dump_config
+from bigtrain.components.integrity import read_latest, step_dirs, verify
+from bigtrain.config import ModelConfig, config_to_dict, dump_config
 from bigtrain.config.loader import config_from_dict
 from bigtrain.errors import CheckpointError
 
 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
+    """The checkpoint of `step` (default: the one `latest` names, else the newest), verified against its
+    manifest; nothing on disk is changed (resuming moves damaged checkpoints aside, reading does not)."""
     directory = run_dir / "checkpoints"
+    available = ", ".join(p.name for p in step_dirs(directory)) or "none"
     if step is None:
-        path = ckpt.latest_checkpoint(directory)
+        path, problem = read_latest(directory)
+        if path is None and step_dirs(directory):
+            path = step_dirs(directory)[-1]
         if path is None:
-            raise CheckpointError(f"{directory} holds no checkpoint (no 'latest' pointer). Train first, or pass "
-                                  f"the run.dir of a run that saved one.")
-        return path
-    path = directory / ckpt.step_dir_name(step)
-    if not path.is_dir():
-        steps = ", ".join(p.name for p in sorted(directory.glob("step_*"))) or "none"
-        raise CheckpointError(f"No checkpoint for step {step} in {directory}; available: {steps}.")
+            raise CheckpointError(f"{directory} holds no checkpoint{f' ({problem})' if problem else ''}. Train "
+                                  f"first, or pass the run.dir of a run that saved one.")
+    else:
+        path = directory / ckpt.step_dir_name(step)
+        if not path.is_dir():
+            raise CheckpointError(f"No checkpoint for step {step} in {directory}; available: {available}.")
+    reason = verify(path)
+    if reason is not None:
+        raise CheckpointError(f"Checkpoint {path} is damaged: {reason}. Pick another with --step (available: "
+                              f"{available}).")
     return path
 
 
 def _deepspeed_state(checkpoint: Path, stage: int, tensor_rank: int) -> dict[str, torch.Tensor]:
     """The whole (unsplit by ZeRO) state of one tensor rank's files in a DeepSpeed checkpoint."""
     if stage == 0:
-        # bigtrain's own checkpoint (DeepSpeed pickles its module state): trusted like any run.dir file.
         path = checkpoint / model_states_file(tensor_rank)
-        return torch.load(path, map_location="cpu", weights_only=False)["module"]
+        return torch.load(path, map_location="cpu", weights_only=True)["module"]
     # zero_to_fp32 reads every *_model_states.pt / *_optim_states.pt of a tag: give it this rank's only.
     with tempfile.TemporaryDirectory() as tmp:
         view = Path(tmp) / checkpoint.name
@@ -62,17 +70,30 @@ def _pipeline_state(checkpoint: Path, tensor: int, tensor_rank: int) -> dict[str
     """Union of one tensor rank's pipeline layer files: the layers use the unsplit model's parameter names."""
     state: dict[str, torch.Tensor] = {}
     for path in sorted(checkpoint.glob(pipeline_layer_files(tensor, tensor_rank))):
-        # bigtrain's own checkpoint, written by DeepSpeed with pickle: trusted like any run.dir file.
-        state.update(torch.load(path, map_location="cpu", weights_only=False))
+        state.update(torch.load(path, map_location="cpu", weights_only=True))
     return state
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """One full fp32 state dict from `checkpoint`; every file is read by the weights-only unpickler (DeepSpeed's
+    zero_to_fp32 included), so no code stored in a file runs."""
+    try:
+        with safe_checkpoint_loading():
+            return _consolidated_state_dict(checkpoint)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a refused pickle, a truncated or foreign file
+        reason = " ".join(str(exc).split())[:400]
+        raise CheckpointError(f"Cannot read the checkpoint {checkpoint} ({type(exc).__name__}: {reason}). Its files "
+                              f"are damaged, were not written by bigtrain, or hold objects that are not plain data "
+                              f"(refused).") from None
+
+
+def _consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     if (checkpoint / "model.pt").exists():  # single-process engine
         state = ckpt.load_part(checkpoint, "model")
     elif list(checkpoint.glob("*model_states.pt")):  # DeepSpeed (ZeRO-3 names its files per rank)
-        cfg = config_from_dict(yaml.safe_load((checkpoint / "config.yaml").read_text()),
-                               world_size=ckpt.ranks_that_wrote(checkpoint))
+        cfg, _ = ckpt.saved_config(checkpoint)
         tensor = cfg.parallel.tensor
         if cfg.parallel.pipeline > 1:
             # Layer files hold the module weights: exactly the trained weights in fp32; under bf16/fp16 the
@@ -106,10 +127,12 @@ def consolidate(run_dir: Path, step: int | None = None, out: Path | None = None)
 
     The config is the run's with a one-device layout (tensor = pipeline = 1), as the weights now are."""
     checkpoint = find_checkpoint(run_dir, step)
+    saved, _ = ckpt.saved_config(checkpoint)
+    state = consolidated_state_dict(checkpoint)
     out = out or run_dir / "consolidated" / checkpoint.name
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(consolidated_state_dict(checkpoint), out / "model.pt")
-    raw = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    raw.setdefault("parallel", {}).update(tensor=1, pipeline=1, data=None, sequence_parallel=False)
+    torch.save(state, out / "model.pt")
+    raw = config_to_dict(saved)
+    raw["parallel"].update(tensor=1, pipeline=1, data=None, sequence_parallel=False)
     (out / "config.yaml").write_text(dump_config(config_from_dict(raw)))
     return out

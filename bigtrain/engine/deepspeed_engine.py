@@ -15,13 +15,14 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from bigtrain.compat.deepspeed import has_zero_partitions
+from bigtrain.compat.deepspeed import has_zero_partitions, safe_checkpoint_loading
 from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.loss import count_input_tokens, count_targets, model_inputs
 from bigtrain.components.step_result import StepResult
@@ -41,7 +42,7 @@ from bigtrain.errors import CheckpointError, ConfigError
 from bigtrain.models import TransformerLM, count_parameters
 from bigtrain.optim import build_optimizer, set_lr
 from bigtrain.parallel import ParallelModel
-from bigtrain.parallel.grad_norm import global_grad_norm, piece_grad_norms
+from bigtrain.parallel.grad_norm import clip_grad_norm, global_grad_norm, piece_grad_norms
 from bigtrain.parallel.groups import ParallelGroups
 
 
@@ -78,6 +79,32 @@ class DeepSpeedEngine:
             optimizer.attach_zero_partitions(self.optimizer, self.group)
         self.last_grad_bytes: int | None = None
         self.measure_grads = True  # only for the first step, which the memory report describes
+        # A non-finite step never changes the weights or the optimizer state: just before the (inner) optimizer
+        # updates, `_before_update` drops every gradient when the step was found non-finite, so the update is a
+        # no-op while DeepSpeed's own bookkeeping (accumulation boundaries, counters) goes on as usual.
+        self.drop_update, self.dropped = False, False
+        self.clip_before_update = False  # the pipeline engine clips (and measures) here when DeepSpeed does not
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_update(opt))
+
+    def _before_update(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.clip_before_update:
+            self.measured_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip, self.groups)
+            self.drop_update |= not math.isfinite(self.measured_norm)
+        if self.drop_update:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # torch optimizers (and bigtrain's LAMB) leave parameters without a gradient alone
+            self.dropped = True
+
+    def first_nonfinite_rank(self, locally_finite: bool) -> int | None:
+        """The lowest rank whose own loss was not finite (one all-reduce over all ranks, so every rank decides
+        the same), or None."""
+        flag = torch.tensor([self.env.world_size if locally_finite else self.rank], dtype=torch.int64,
+                            device=self.engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        first = int(flag.item())
+        return None if first == self.env.world_size else first
 
     # ---- collectives ---------------------------------------------------------------------------------
     def all_reduce_sum(self, *values: float) -> list[float]:
@@ -107,22 +134,22 @@ class DeepSpeedEngine:
                 self.last_grad_bytes = max(self.last_grad_bytes or 0, measure_grads(self.model, self.optimizer))
             if i == last:
                 (loss_value,) = self.all_reduce_sum(float(total))
-                if not math.isfinite(loss_value) and self.cfg.train.precision != "fp16":
-                    # Leave the update undone; the trainer stops with the step number.
-                    return StepResult(loss=loss_value, grad_norm=math.nan, skipped=True, finite=False,
-                                      tokens=round(n_tokens))
+                first_bad = self.first_nonfinite_rank(math.isfinite(float(total)))
+                self.drop_update = first_bad is not None or not math.isfinite(loss_value)
                 if self.unwrapped:  # gradients are complete and averaged here (ZeRO-0 all-reduces in backward)
                     grad_norm = global_grad_norm(self.model.parameters(), self.groups)
+                    self.drop_update |= not math.isfinite(grad_norm)
                     if layer_norms:
                         layer_grad_norms = piece_grad_norms(self.model, self.groups)
             self.engine.step()
+        dropped, self.drop_update, self.dropped = self.dropped, False, False
         if not self.unwrapped:
             norm = self.engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else math.nan
-        skipped = not self.engine.was_step_applied()
+        skipped = dropped or not self.engine.was_step_applied()
         return StepResult(loss=loss_value, grad_norm=grad_norm, skipped=skipped,
                           finite=math.isfinite(loss_value) and math.isfinite(grad_norm),
-                          layer_grad_norms=layer_grad_norms, tokens=round(n_tokens))
+                          layer_grad_norms=layer_grad_norms, tokens=round(n_tokens), nonfinite_rank=first_bad)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def save(self, directory: Path, step: int, trainer_state: dict[str, Any], config_yaml: str,
@@ -133,9 +160,14 @@ class DeepSpeedEngine:
         if self.rank == 0:
             ckpt.begin_checkpoint(directory, step)
         self.barrier()
-        self.engine.save_checkpoint(str(directory), tag=tmp.name, client_state={}, save_latest=False)
-        ckpt.write_part(tmp, f"trainer_rank{self.rank:05d}",
-                        {"state": trainer_state, "rng": ckpt.rng_state(), "world_size": self.env.world_size})
+        try:
+            with ckpt.writing(tmp / "(DeepSpeed's files)"):
+                self.engine.save_checkpoint(str(directory), tag=tmp.name, client_state={}, save_latest=False)
+            ckpt.write_part(tmp, f"trainer_rank{self.rank:05d}",
+                            {"state": trainer_state, "rng": ckpt.rng_state(), "world_size": self.env.world_size})
+        except CheckpointError:
+            shutil.rmtree(tmp, ignore_errors=True)  # the other ranks stop at their next collective
+            raise
         self.barrier()
         final = directory / ckpt.step_dir_name(step)
         if self.rank == 0:
@@ -145,13 +177,25 @@ class DeepSpeedEngine:
 
     def load(self, checkpoint: Path) -> dict[str, Any]:
         part = f"trainer_rank{self.rank:05d}"
+        if (checkpoint / "model.pt").exists():
+            raise CheckpointError(
+                f"{checkpoint} was written by the plain PyTorch engine (one process), and this run uses DeepSpeed. "
+                f"Resume it with one process and parallel.engine=torch (parallel.zero_stage=0), or use a new "
+                f"run.dir.")
         if not (checkpoint / f"{part}.pt").exists():
             raise CheckpointError(
-                f"Checkpoint {checkpoint} has no {part}.pt: it was written by a run with another number of ranks "
-                f"or by the single-process engine. Resume with the layout that wrote it (resuming under a "
-                f"different layout is not supported yet), or start a new run.dir.")
-        load_path, _ = self.engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+                f"Checkpoint {checkpoint} has no {part}.pt: it was written by a run with fewer ranks. Resume with "
+                f"the layout that wrote it, or use a new run.dir.")
+        try:
+            with safe_checkpoint_loading():  # DeepSpeed's own torch.load calls: no code from any file runs
+                load_path, _ = self.engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
+                                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+        except Exception as exc:  # a refused pickle, a truncated or foreign file
+            reason = " ".join(str(exc).split())[:400]
+            raise CheckpointError(
+                f"DeepSpeed could not load the checkpoint in {checkpoint} ({type(exc).__name__}: {reason}). Its "
+                f"files are damaged, were not written by bigtrain, or hold objects that are not plain data (which "
+                f"are refused). Point {checkpoint.parent / 'latest'} at an older step, or use a new run.dir.") from None
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {checkpoint}.")
         trainer = ckpt.load_part(checkpoint, part)

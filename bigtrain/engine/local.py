@@ -12,6 +12,7 @@ from bigtrain.components.precision import autocast, grad_scaler
 from bigtrain.components.step_result import StepResult
 from bigtrain.config import Config
 from bigtrain.engine.step import train_step
+from bigtrain.errors import CheckpointError
 from bigtrain.optim import build_optimizer, set_lr
 from bigtrain.parallel import ParallelModel
 
@@ -44,7 +45,12 @@ class LocalEngine:
         return ckpt.save_checkpoint(directory, step, parts, config_yaml, keep)
 
     def load(self, checkpoint: Path) -> dict[str, Any]:
-        self.model.load_state_dict(ckpt.load_part(checkpoint, "model", self.device))
+        if not (checkpoint / "model.pt").exists() and list(checkpoint.glob("trainer_rank*.pt")):
+            raise CheckpointError(
+                f"{checkpoint} was written by the DeepSpeed engine, and this run uses the plain PyTorch engine "
+                f"(one process, parallel.zero_stage=0). Resume it with parallel.engine=deepspeed (and the same "
+                f"ZeRO stage), or use a new run.dir.")
+        ckpt.load_into(self.model, ckpt.load_part(checkpoint, "model", self.device), checkpoint / "model.pt")
         self.optimizer.load_state_dict(ckpt.load_part(checkpoint, "optimizer", self.device))
         trainer = ckpt.load_part(checkpoint, "trainer")
         if self.scaler is not None and trainer.get("scaler"):

@@ -26,7 +26,6 @@ from bigtrain.distributed import DistEnv
 from bigtrain.engine.deepspeed_engine import DeepSpeedEngine
 from bigtrain.optim import set_lr
 from bigtrain.parallel import ParallelModel
-from bigtrain.parallel.grad_norm import clip_grad_norm
 from bigtrain.parallel.groups import ParallelGroups
 from bigtrain.parallel.pipeline import pipeline_inputs
 
@@ -36,10 +35,12 @@ class PipelineLoss:
 
     def __init__(self, criterion: Criterion) -> None:
         self.criterion, self.scale, self.evaluating = criterion, 1.0, False
+        self.finite = True  # every training micro-batch's loss on this (last) stage was finite
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss_sum = self.criterion.loss_sum(logits, labels)
         if not self.evaluating:
+            self.finite = self.finite and bool(torch.isfinite(loss_sum))
             return loss_sum * self.scale
         counts = correct_predictions(self.criterion.predictions(logits), labels)
         return torch.tensor([float(loss_sum), *counts], dtype=torch.float64, device=logits.device)
@@ -61,12 +62,9 @@ class PipelineEngine(DeepSpeedEngine):
         c = groups.coords
         self.last_stage_rank = groups.layout.rank_of(self.last_stage, c.data, c.tensor)
         self.measured_norm: float | None = None
-        if self.unwrapped:
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            self.optimizer.register_step_pre_hook(lambda *_: self._clip(params))
-
-    def _clip(self, params: list[torch.Tensor]) -> None:
-        self.measured_norm = clip_grad_norm(params, self.cfg.optim.grad_clip, self.groups)
+        # DeepSpeed's pipeline engine steps a plain optimizer here without measuring the norm: measure and clip
+        # just before the update (`_before_update`), which also drops a non-finite update.
+        self.clip_before_update = self.unwrapped
 
     def _batches(self, micro_batches: list[dict[str, torch.Tensor]]):
         return iter([(pipeline_inputs(b, self.family), b["labels"]) for b in micro_batches])
@@ -77,11 +75,15 @@ class PipelineEngine(DeepSpeedEngine):
         n_targets, n_tokens = self.all_reduce_sum(sum(count_targets(b) for b in micro_batches),
                                                   sum(count_input_tokens(b) for b in micro_batches))
         self.loss_fn.scale = self.dp_size * len(micro_batches) / n_targets
+        self.loss_fn.finite = True
         loss_value = float(self.engine.train_batch(self._batches(micro_batches)))
+        dropped, self.drop_update, self.dropped = self.dropped, False, False
+        first_bad = self.first_nonfinite_rank(self.loss_fn.finite)
         norm = self.measured_norm if self.unwrapped else self.engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else math.nan
-        return StepResult(loss=loss_value, grad_norm=grad_norm, skipped=not self.engine.was_step_applied(),
-                          finite=math.isfinite(loss_value) and math.isfinite(grad_norm), tokens=round(n_tokens))
+        return StepResult(loss=loss_value, grad_norm=grad_norm, skipped=dropped or not self.engine.was_step_applied(),
+                          finite=math.isfinite(loss_value) and math.isfinite(grad_norm), tokens=round(n_tokens),
+                          nonfinite_rank=first_bad)
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -51,4 +51,5 @@ def train_step(model: TransformerLM, optimizer: torch.optim.Optimizer, micro_bat
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=float(total), grad_norm=grad_norm, skipped=skipped, finite=finite,
-                      layer_grad_norms=layer_grad_norms, tokens=sum(count_input_tokens(b) for b in micro_batches))
+                      layer_grad_norms=layer_grad_norms, tokens=sum(count_input_tokens(b) for b in micro_batches),
+                      nonfinite_rank=None if finite else 0)

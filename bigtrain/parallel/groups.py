@@ -17,16 +17,20 @@ class ParallelGroups:
     replicated parameters on model-parallel rank 0 and sums over that group.
     """
 
-    def __init__(self, layout: Layout, rank: int) -> None:
+    def __init__(self, layout: Layout, rank: int, timeout_s: float | None = None) -> None:
+        """`timeout_s`: how long a collective of these groups may wait (parallel.collective_timeout)."""
+        from datetime import timedelta
+
         import torch.distributed as dist
 
+        timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
         self.layout, self.rank = layout, rank
         self.coords = layout.coordinates(rank)
         self._groups: dict[str, tuple[object, list[int]]] = {}
         for kind, all_ranks in (("tensor", layout.tensor_groups()), ("data", layout.data_groups()),
                                 ("pipeline", layout.pipeline_groups()), ("model", layout.model_groups())):
             for ranks in all_ranks:
-                group = dist.new_group(ranks=ranks)  # collective: every rank creates every group
+                group = dist.new_group(ranks=ranks, timeout=timeout)  # collective: every rank creates all
                 if rank in ranks:
                     self._groups[kind] = (group, ranks)
         # Connect every group now (kinds in the same order on all ranks; groups of one kind are disjoint):

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.loss import Criterion, correct_predictions, eval_metrics, model_inputs
 from bigtrain.config import Config
 from bigtrain.data import Tokenizer, collate, eval_batch_indices
@@ -57,7 +58,12 @@ def evaluate_weights(weights_dir: Path, overrides: list[str] | None = None) -> d
     tokenizer = build_tokenizer(cfg.data)
     _, heldout = build_datasets(cfg, tokenizer)
     model = build_model(cfg.model, resolve_vocab_size(cfg.model, tokenizer.vocab_size), device)
-    state = torch.load(weights_dir / "model.pt", map_location=device, weights_only=True)
-    model.load_state_dict(state)
+    try:
+        state = torch.load(weights_dir / "model.pt", map_location=device, weights_only=True)
+    except Exception as exc:  # a damaged file, or objects the weights-only unpickler refuses
+        reason = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"Cannot read {weights_dir / 'model.pt'} ({type(exc).__name__}: {reason}). Write it "
+                              f"again with `bigtrain consolidate`.") from None
+    ckpt.load_into(model, state, weights_dir / "model.pt")
     return evaluate(model, heldout_batches(cfg, tokenizer, heldout, device),
                     lambda: autocast(cfg.train.precision, device))

@@ -1,13 +1,17 @@
-"""Stop cleanly on SIGUSR1 / SIGTERM: finish the current step, save a checkpoint, exit.
+"""Stop cleanly on SIGUSR1 / SIGTERM / SIGINT: finish the current step, save a checkpoint, exit.
 
 Clusters warn a job before they end it: Slurm sends `--signal=USR1@<seconds>` before the time limit (and
 `scancel --signal=USR1`), and SIGTERM on preemption or cancellation, SIGKILL `KillWait` seconds later. The
 handler only records the signal; the training loop asks at every step boundary whether any rank got one (one
 all-reduce of a single integer), so all ranks stop after the same step and write one checkpoint together.
 
+Ctrl-C (SIGINT) is handled like SIGTERM: the run saves at the end of the current step. A second Ctrl-C aborts at
+once (KeyboardInterrupt), and the command says that nothing new was saved and which checkpoint is the latest.
+
 Exit status of a run stopped this way: REQUEUE_EXIT (3) after SIGUSR1 -- "saved, requeue me", which
-slurm/train.sbatch answers with `scontrol requeue` -- and 128 + 15 after SIGTERM, the status of a process
-ended by SIGTERM, so a cancelled job stays cancelled. Re-running the same command resumes from the checkpoint.
+slurm/train.sbatch answers with `scontrol requeue` -- and 128 + N after signal N (143 after SIGTERM, 130 after
+SIGINT), the status of a process ended by it, so a cancelled job stays cancelled. Re-running the same command
+resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Iterable
 
 import torch
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 REQUEUE_EXIT = 3
 
 
@@ -28,8 +32,15 @@ class StopRequest:
 
     def __init__(self, signals: Iterable[signal.Signals] = STOP_SIGNALS) -> None:
         self.signals = tuple(signals)
-        self.received: int = 0  # the last signal number received; 0: none
+        self.received: int = 0  # the highest signal number received; 0: none
+        self.interrupts = 0  # SIGINTs received
+        self.aborted = False  # a second Ctrl-C raised KeyboardInterrupt (wherever it landed, even inside a save)
         self._previous: dict[int, object] = {}
+        self.saved_note = "No checkpoint of this run exists yet: a re-run starts over."
+
+    def note_checkpoint(self, step: int, path: object) -> None:
+        """Record the latest complete checkpoint, for the message of an abort."""
+        self.saved_note = f"The latest complete checkpoint is step {step} ({path}); the same command resumes from it."
 
     def install(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -43,9 +54,15 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                self.aborted = True
+                raise KeyboardInterrupt  # the second Ctrl-C: abort now, without saving
         if not self.received:
-            print(f"bigtrain: received {signal.Signals(signum).name}: stopping after the current step and saving "
-                  f"a checkpoint", file=sys.stderr, flush=True)
+            again = "; press Ctrl-C again to abort without saving" if signum == signal.SIGINT else ""
+            _say(f"bigtrain: received {signal.Signals(signum).name}: stopping after the current step and saving a "
+                 f"checkpoint{again}")
         self.received = max(self.received, signum)
 
     def agreed(self, device: torch.device | None) -> int:
@@ -57,6 +74,13 @@ class StopRequest:
         flag = torch.tensor([self.received], dtype=torch.int32, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
+
+
+def _say(message: str) -> None:
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:  # a closed stderr must not turn a stop into a crash
+        pass
 
 
 def exit_status(signum: int) -> int:

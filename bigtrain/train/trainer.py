@@ -18,19 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.precision import autocast, check_precision, resolve_device
+from bigtrain.components.step_result import StepResult
 from bigtrain.config import Config, dump_config
 from bigtrain.config.checks import uses_deepspeed
 from bigtrain.config.layout import Layout
-from bigtrain.config.loader import config_from_dict
 from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate
 from bigtrain.distributed import DistEnv, detect_env, init_process_group
+from bigtrain.distributed.agree import on_main
 from bigtrain.engine import Engine, build_engine
+from bigtrain.engine.preflight import check_memory
 from bigtrain.engine.validate import validate_run
-from bigtrain.errors import CheckpointError, TrainingError
+from bigtrain.errors import TrainingError
 from bigtrain.models import build_model, count_parameters, resolve_vocab_size
 from bigtrain.optim import build_schedule
 from bigtrain.parallel import parallelize
@@ -39,7 +40,13 @@ from bigtrain.train.evaluate import evaluate, heldout_batches
 from bigtrain.train.flops import flops_per_token, peak_flops
 from bigtrain.train.metrics import MetricsLog, Progress
 from bigtrain.train.preemption import StopRequest
+from bigtrain.train.resume import ResumeCheck, agreed_choice, check_fits, check_tokenizer
+from bigtrain.train.run_dir import RunLock, prepare_run_dir
 from bigtrain.train.sample import sample
+from bigtrain.train.watchdog import Watchdog
+
+# Launchers whose ranks are their children: a rank whose launcher is gone stops (see watchdog.py).
+LAUNCHERS_THAT_SPAWN = ("torchrun", "deepspeed", "accelerate", "mpi", "slurm")
 
 
 @dataclass
@@ -50,6 +57,8 @@ class TrainState:
     tokens: int = 0
     best_eval_loss: float = float("inf")
     evals_without_improvement: int = 0
+    tokenizer: str = ""  # the tokenizer's name: ids mean the same text only with the same tokenizer
+    skipped_in_a_row: int = 0  # train.on_nonfinite=skip: consecutive skipped steps
 
 
 @dataclass
@@ -62,11 +71,15 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv | None = None, stop: StopRequest | None = None) -> None:
+    def __init__(self, cfg: Config, env: DistEnv | None = None, stop: StopRequest | None = None,
+                 allow_changes: set[str] | None = None) -> None:
         self.cfg = cfg
+        self.allow_changes = allow_changes or set()  # config keys a resume may change (--allow-changes)
         self.env = env = env or detect_env()
         validate_run(cfg, env.world_size)  # before any process group, allocation or data
         self.stop = stop  # None: run() listens for the stop signals itself
+        self._stop: StopRequest | None = None
+        self.resume_notes: list[str] = []
         t = cfg.train
         if t.threads is not None:
             torch.set_num_threads(t.threads)
@@ -80,12 +93,27 @@ class Trainer:
         distributed = uses_deepspeed(cfg, env.world_size)
         self.groups: ParallelGroups | None = None
         if distributed:
-            init_process_group(env, self.device)
-            self.groups = ParallelGroups(self.layout, env.rank)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            init_process_group(env, self.device, timeout_s=p.collective_timeout)
+            self.groups = ParallelGroups(self.layout, env.rank, timeout_s=p.collective_timeout)
+        self.lock = RunLock(self.run_dir)
+        on_main(self.is_main, distributed, self._claim_run_dir)
+        try:
+            self._build(cfg, distributed)
+        except BaseException:
+            self.lock.release()
+            raise
 
+    def _claim_run_dir(self) -> None:
+        """Rank 0: run.dir usable, and this run the only one in it."""
+        prepare_run_dir(self.run_dir)
+        self.lock.acquire()
+
+    def _build(self, cfg: Config, distributed: bool) -> None:
+        env, t = self.env, cfg.train
         self.tokenizer = build_tokenizer(cfg.data)
+        vocab = resolve_vocab_size(cfg.model, self.tokenizer.vocab_size)
+        self.full_model = build_model(cfg.model, vocab, "meta")  # shapes only: parameter count, FLOPs, memory
+        check_memory(cfg, self.full_model, self.layout, self.device)  # before any allocation
         # Rank 0 tokenizes and caches the corpus first; the others then read the cache.
         if distributed and not self.is_main:
             torch.distributed.barrier()
@@ -95,13 +123,13 @@ class Trainer:
         bucket = cfg.data.bucket_size if cfg.model.family != "causal" else 1
         self.sampler = GlobalBatchSampler(self.train_set, t.global_batch_size, t.seed, bucket_size=bucket)
 
-        vocab = resolve_vocab_size(cfg.model, self.tokenizer.vocab_size)
-        self.full_model = build_model(cfg.model, vocab, "meta")  # shapes only: parameter count and FLOPs
         # The one path from the single-device model to this rank's part of the layout, then its engine.
         self.parallel = parallelize(build_model(cfg.model, vocab, "meta"), cfg, self.groups, self.device)
         self.criterion, self.pad_multiple = self.parallel.criterion, self.parallel.pad_multiple
         self.autocast = lambda: autocast(t.precision, self.device)
         self.engine: Engine = build_engine(cfg, self.parallel, env, self.groups, self.device)
+        if self.lock.note:
+            self.resume_notes.append(self.lock.note)
         if distributed and self.is_main:
             (self.run_dir / "deepspeed_config.json").write_text(self.engine.describe() + "\n")
             print(f"bigtrain: DeepSpeed config (also in {self.run_dir / 'deepspeed_config.json'}):\n"
@@ -112,8 +140,9 @@ class Trainer:
         peak = peak_flops(self.device, cfg.log.peak_tflops)
         self.peak = peak * env.world_size if peak else None  # tokens/s counts every rank's tokens
 
-        self.state = TrainState()
+        self.state = TrainState(tokenizer=self.tokenizer.name)
         self.resumed_from: Path | None = None
+        self.resume_check = ResumeCheck()
         if cfg.checkpoint.resume:
             self._resume()
 
@@ -138,34 +167,23 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.ckpt_dir)
+        choice = agreed_choice(self.ckpt_dir, self.is_main, self.groups is not None)
+        self.resume_notes += choice.notes
+        path = choice.checkpoint
         if path is None:
             return
-        raw = yaml.safe_load((path / "config.yaml").read_text())
-        saved_world = ckpt.ranks_that_wrote(path)
-        saved_cfg = config_from_dict(raw, world_size=saved_world)  # as validated when written
-        saved, now = saved_cfg.parallel, self.cfg.parallel
-        saved_layout = Layout.for_world(saved.tensor, saved.pipeline, saved_world)
-        if (saved_layout, saved.sequence_parallel) != (self.layout, now.sequence_parallel):
-            raise CheckpointError(
-                f"run.dir {self.run_dir} holds a checkpoint written with parallel.tensor={saved.tensor}, "
-                f"pipeline={saved.pipeline}, sequence_parallel={saved.sequence_parallel} on {saved_world} rank(s) "
-                f"({saved_layout.describe()}), but this run uses tensor={now.tensor}, pipeline={now.pipeline}, "
-                f"sequence_parallel={now.sequence_parallel} on {self.env.world_size} ({self.layout.describe()}). "
-                f"Resume with the layout that wrote it (`bigtrain consolidate` turns it into single-device "
-                f"weights), or use a new run.dir.")
-        if saved_cfg.model != self.cfg.model:
-            diff = [f"model.{f.name}: {getattr(saved_cfg.model, f.name)!r} -> {getattr(self.cfg.model, f.name)!r}"
-                    for f in dataclasses.fields(self.cfg.model)
-                    if getattr(saved_cfg.model, f.name) != getattr(self.cfg.model, f.name)]
-            raise CheckpointError(f"run.dir {self.run_dir} holds a checkpoint of a different model "
-                                  f"({'; '.join(diff)}). Use a new run.dir, or restore those model settings.")
+        check = check_fits(path, self.cfg, self.layout, self.env.world_size, self.allow_changes)
+        check_tokenizer(path, self.tokenizer.name, self.allow_changes)
         self.state = TrainState(**self.engine.load(path))
-        self.resumed_from = path
+        self.state.tokenizer = self.tokenizer.name
+        self.resumed_from, self.resume_check = path, check
 
     def save(self) -> Path:
-        return self.engine.save(self.ckpt_dir, self.state.step, dataclasses.asdict(self.state),
+        path = self.engine.save(self.ckpt_dir, self.state.step, dataclasses.asdict(self.state),
                                 dump_config(self.cfg), self.cfg.checkpoint.keep)
+        if self._stop is not None:
+            self._stop.note_checkpoint(self.state.step, path)
+        return path
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -182,34 +200,35 @@ class Trainer:
                        f"device {self.device}, {t.precision}, run.dir {self.run_dir}")
         if self.env.note:
             progress.write(f"note: {self.env.note}")
-        if self.resumed_from is not None:
-            progress.write(f"resumed from {self.resumed_from} (step {state.step})")
+        self._report_resume(progress, metrics)
         last_eval, stopped_early, stopped_by, memory_reported = None, False, 0, False
         window_tokens, window_t0 = 0, time.perf_counter()
         run_t0 = window_t0
-        stop = self.stop or StopRequest().install()
+        stop = self._stop = self.stop or StopRequest().install()
+        if self.resumed_from is not None:
+            stop.note_checkpoint(state.step, self.resumed_from)
+        watchdog = Watchdog(t.hang_timeout, self.run_dir, self.env.rank,
+                            watch_parent=self.env.launcher in LAUNCHERS_THAT_SPAWN).start()
         try:
             while state.step < t.steps:
+                watchdog.beat(f"step {state.step + 1}")
                 batches = self.micro_batches(state.step)
                 lr = self.lr_at(state.step + 1)
                 log_now = (state.step + 1) % cfg.log.every == 0 or state.step + 1 == t.steps
                 result = self.engine.train_step(batches, lr, layer_norms=log_now and cfg.log.tensorboard)
                 state.step += 1
+                watchdog.beat(f"what follows step {state.step}")
                 if not memory_reported:
                     report = self.engine.memory_report(self.run_dir)
                     memory_reported = True
                     if report is not None:
                         progress.write(report)
                         (self.run_dir / "memory.txt").write_text(report + "\n")
-                if not result.finite and t.precision != "fp16" and t.on_nonfinite == "stop":
-                    raise TrainingError(
-                        f"Non-finite loss or gradient at step {state.step} (loss {result.loss}, grad_norm "
-                        f"{result.grad_norm}); no update was applied. Lower optim.lr, check the data, or set "
-                        f"train.on_nonfinite=skip to skip such steps.")
+                skipped = self._check_finite(result, progress)
                 state.tokens += result.tokens
                 window_tokens += result.tokens
 
-                if log_now:
+                if log_now or skipped:
                     elapsed = time.perf_counter() - window_t0
                     tokens_per_s = window_tokens / elapsed
                     record = {"step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
@@ -226,11 +245,13 @@ class Trainer:
                                     print_line=False)
 
                 if (t.eval_every and state.step % t.eval_every == 0) or state.step == t.steps:
+                    watchdog.beat(f"the evaluation after step {state.step}")
                     last_eval = self._evaluate(metrics, progress)
                     stopped_early = self._should_stop_early(last_eval)
                 saved = (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or \
                     state.step == t.steps or stopped_early
                 if saved:
+                    watchdog.beat(f"the checkpoint of step {state.step}")
                     self.save()
                 if stopped_early:
                     progress.write(f"early stop at step {state.step}: eval_loss did not improve for "
@@ -239,19 +260,64 @@ class Trainer:
                 signum = stop.agreed(self.device if self.groups is not None else None)
                 if signum and state.step < t.steps:
                     stopped_by = signum
+                    watchdog.beat(f"the checkpoint of step {state.step}")
                     path = self.ckpt_dir / ckpt.step_dir_name(state.step) if saved else self.save()
                     progress.write(f"stopped by {signal.Signals(stopped_by).name} after step {state.step}: "
                                    f"checkpoint {path}; the same command resumes from it")
                     break
+            if not stopped_by:
+                watchdog.beat("the final sample")
+                self._print_sample()
         finally:
+            watchdog.stop()
             if self.stop is None:
                 stop.uninstall()
             progress.close()
             metrics.close()
-        if not stopped_by:
-            self._print_sample()
+            self.lock.release()
         return TrainResult(state=state, last_eval=last_eval, run_dir=self.run_dir, stopped_early=stopped_early,
                            stopped_by=stopped_by)
+
+    def _check_finite(self, result: StepResult, progress: Progress) -> bool:
+        """Stop or skip on a non-finite step (no update was applied either way); True when it was skipped.
+        fp16 overflows are the loss scaler's business and count as neither."""
+        t, state = self.cfg.train, self.state
+        if result.finite or t.precision == "fp16":
+            state.skipped_in_a_row = 0
+            return False
+        seen = f", first seen on rank {result.nonfinite_rank}" if result.nonfinite_rank is not None else ""
+        what = (f"non-finite loss or gradient at step {state.step} (loss {result.loss}, grad_norm "
+                f"{result.grad_norm}{seen})")
+        if t.on_nonfinite == "stop":
+            raise TrainingError(f"N{what[1:]}; no update was applied. Lower optim.lr, check the data, or set "
+                                f"train.on_nonfinite=skip to skip such steps.")
+        state.skipped_in_a_row += 1
+        progress.write(f"warning: {what}: update skipped, weights and optimizer state unchanged "
+                       f"({state.skipped_in_a_row} in a row)")
+        if state.skipped_in_a_row >= t.max_skipped_steps:
+            raise TrainingError(
+                f"{state.skipped_in_a_row} steps in a row were non-finite and skipped (steps "
+                f"{state.step - state.skipped_in_a_row + 1}-{state.step}; train.max_skipped_steps="
+                f"{t.max_skipped_steps}): training is not recovering. Lower optim.lr, check the data, or resume "
+                f"from an earlier checkpoint.")
+        return True
+
+    def _report_resume(self, progress: Progress, metrics: MetricsLog) -> None:
+        """Notes on how the checkpoint was chosen and what changed since it was written; changes allowed with
+        --allow-changes are also recorded in metrics.jsonl."""
+        for note in self.resume_notes:
+            progress.write(f"note: {note}")
+        if self.resumed_from is None:
+            return
+        progress.write(f"resumed from {self.resumed_from} (step {self.state.step})")
+        check = self.resume_check
+        if check.harmless:
+            progress.write(f"note: resuming with changed settings: {'; '.join(c.describe() for c in check.harmless)}")
+        if check.accepted:
+            progress.write(f"warning: resuming with changes allowed by --allow-changes: "
+                           f"{'; '.join(c.describe() for c in check.accepted)}")
+            metrics.write({"step": self.state.step,
+                           "config_changes": {c.key: [c.saved, c.now] for c in check.accepted}})
 
     def _evaluate(self, metrics: MetricsLog, progress: Progress) -> dict[str, float]:
         if hasattr(self.engine, "evaluate"):  # the pipeline runs the model stage by stage
@@ -284,7 +350,8 @@ class Trainer:
                 print("--- no sample: sampling through pipeline stages is not supported yet (consolidate the "
                       "checkpoint and sample on one device) ---", flush=True)
             return
-        prompt = self.tokenizer.encode(t.sample_prompt)
+        # An empty prompt samples the start of a document: the context is the end-of-document token.
+        prompt = self.tokenizer.encode(t.sample_prompt) or [self.tokenizer.eos_id]
         ids = sample(self.model, prompt, t.sample_tokens, seed=t.seed, vocab_limit=self.tokenizer.vocab_size,
                      criterion=self.criterion, pad_multiple=self.pad_multiple)
         if self.is_main:
@@ -292,5 +359,6 @@ class Trainer:
                   f"{self.tokenizer.decode(ids)}\n---", flush=True)
 
 
-def train(cfg: Config, env: DistEnv | None = None, stop: StopRequest | None = None) -> TrainResult:
-    return Trainer(cfg, env, stop).run()
+def train(cfg: Config, env: DistEnv | None = None, stop: StopRequest | None = None,
+          allow_changes: set[str] | None = None) -> TrainResult:
+    return Trainer(cfg, env, stop, allow_changes).run()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-# Lowest first. `cli` is the module bigtrain/cli.py; the package root (bigtrain/__init__.py) is unranked.
+# Lowest first. The package root (bigtrain/__init__.py) is unranked.
 LAYERS: dict[str, int] = {
     "errors": 0,
     "config": 1,

@@ -1,0 +1,32 @@
+"""The commands: `bigtrain train | consolidate | evaluate` (`python launch/train.py` is `bigtrain train`).
+Every command ends a failure with one paragraph and an exit status (`report.py`)."""
+
+from __future__ import annotations
+
+import sys
+
+from bigtrain.cli.tools import run_consolidate, run_evaluate
+from bigtrain.cli.train import run_train
+
+COMMANDS = {"train": run_train, "consolidate": run_consolidate, "evaluate": run_evaluate}
+
+__all__ = ["COMMANDS", "main", "run_consolidate", "run_evaluate", "run_train"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: bigtrain {train,consolidate,evaluate} ...\n"
+              "  train --config FILE [--print-config] [--allow-changes KEY,...] [--debug] [section.key=value ...]\n"
+              "  consolidate RUN_DIR [--step N] [--out DIR] [--debug]\n"
+              "  evaluate WEIGHTS_DIR [--debug] [section.key=value ...]")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in COMMANDS:
+        return COMMANDS[command](rest)
+    print(f"bigtrain: error: unknown command '{command}'. Available: {', '.join(COMMANDS)}.", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

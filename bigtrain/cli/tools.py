@@ -1,0 +1,45 @@
+"""`bigtrain consolidate` and `bigtrain evaluate`: one-process commands on a run's checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bigtrain.cli.report import run_guarded
+
+
+def run_consolidate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bigtrain consolidate",
+                                     description="Gather a (ZeRO-sharded) checkpoint into one full set of weights.")
+    parser.add_argument("run_dir", type=Path, help="the run.dir of the training run")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/consolidated/step_N)")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
+    args = parser.parse_args(argv)
+
+    def command() -> int:
+        from bigtrain.engine.consolidate import consolidate
+
+        out = consolidate(args.run_dir, args.step, args.out)
+        print(f"consolidated weights: {out / 'model.pt'} (config: {out / 'config.yaml'})")
+        return 0
+
+    return run_guarded(command, args.debug)
+
+
+def run_evaluate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bigtrain evaluate",
+                                     description="Held-out loss of consolidated weights on one device.")
+    parser.add_argument("weights_dir", type=Path, help="a directory written by `bigtrain consolidate`")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
+    args = parser.parse_args(argv)
+
+    def command() -> int:
+        from bigtrain.train.evaluate import evaluate_weights
+
+        print(json.dumps(evaluate_weights(args.weights_dir, args.overrides)))
+        return 0
+
+    return run_guarded(command, args.debug)

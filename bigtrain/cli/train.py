@@ -1,0 +1,114 @@
+"""`bigtrain train --config FILE [section.key=value ...]`, the same as `python launch/train.py`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from bigtrain.cli.console import resilient_stdout
+from bigtrain.cli.report import fail
+from bigtrain.config import Config, dump_config
+
+if typing.TYPE_CHECKING:
+    from bigtrain.train.preemption import StopRequest
+
+# The repository's configs/ (the package is installed editable from a checkout).
+SMOKE_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml")
+
+
+def config_help() -> str:
+    """Every key with its type, default and help text."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        lines.append(f"{section.name}:")
+        obj = section.default_factory()
+        if not dataclasses.is_dataclass(obj):  # the free-form deepspeed: passthrough
+            lines.append(f"  {section.metadata.get('help', '')}")
+            continue
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            lines.append(f"  {section.name}.{f.name} = {getattr(obj, f.name)!r}  [{hints[f.name]}]\n"
+                         f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def train_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Train a Transformer with bigtrain.")
+    parser.add_argument("--config", help=f"YAML config file (default: {SMOKE_CONFIG})")
+    parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("--allow-changes", metavar="KEY,...",
+                        help="resume even though these config keys differ from the checkpoint's (e.g. train.seed); "
+                             "recorded in metrics.jsonl")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return parser
+
+
+def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
+    args = train_parser(prog).parse_args(argv)
+    if args.help_config:
+        print(config_help())
+        return 0
+    from bigtrain.train.preemption import StopRequest
+
+    stop = StopRequest().install()  # from the start: a signal during start-up stops after the first step
+    try:
+        with resilient_stdout():  # a closed stdout drops console output; training goes on
+            return _train(args, stop)
+    finally:
+        stop.uninstall()
+
+
+def _train(args: argparse.Namespace, stop: StopRequest) -> int:
+    """Detect the launcher, load the config, train; the exit status (2: bad input, 3 / 143: stopped by a signal)."""
+    from bigtrain.train.preemption import exit_status
+
+    rank, world = 0, 1  # until the launcher's environment is read (no collective can be waiting before that)
+    try:
+        from bigtrain.config.compare import parse_allowed
+        from bigtrain.distributed import detect_env
+
+        env = detect_env()
+        rank, world = env.rank, env.world_size
+        from bigtrain.engine.validate import load_run_config  # the file's keys, then the layout and engine checks
+
+        cfg = load_run_config(args.config or SMOKE_CONFIG, args.overrides, world_size=env.world_size)
+        allowed = parse_allowed(args.allow_changes)
+        if args.print_config:
+            if env.is_main:
+                print(dump_config(cfg), end="")
+            return 0
+        from bigtrain.train.trainer import train  # heavy imports only when training
+
+        result = train(cfg, env, stop, allowed)
+    except Exception as err:  # every failure ends in one paragraph (and never a hang: see report.fail)
+        if not stop.aborted:
+            return fail(err, rank, world, debug=args.debug)
+        aborted = True  # the second Ctrl-C landed inside a library (a save), which turned it into its own error
+    except KeyboardInterrupt:
+        aborted = True
+    else:
+        aborted = False
+    if aborted:
+        print(f"bigtrain: aborted by a second Ctrl-C: nothing new was saved. {stop.saved_note}", file=sys.stderr)
+        return 130
+    from bigtrain.distributed import shutdown_process_group
+
+    shutdown_process_group()
+    if result.stopped_by:
+        if rank == 0:
+            print(f"stopped: step {result.state.step} of {cfg.train.steps}, checkpoint saved; run the same command "
+                  f"(same run.dir) to continue. run.dir {result.run_dir}", flush=True)
+        return exit_status(result.stopped_by)
+    if rank == 0:
+        if result.last_eval is not None:
+            print(f"done: step {result.state.step}, eval_loss {result.last_eval['eval_loss']:.4f}, "
+                  f"run.dir {result.run_dir}")
+        else:
+            print(f"done: step {result.state.step} (nothing left to train), run.dir {result.run_dir}")
+    return 0

@@ -1,0 +1,68 @@
+"""`launch/train.py` with failures injected on one rank, chosen by environment variables (for the tests that
+show what bigtrain does when things go wrong):
+
+    BIGTRAIN_TEST_RANK=R            the rank that misbehaves (default 0)
+    BIGTRAIN_TEST_NAN_STEPS=3,4     its loss is NaN in these (1-based) steps
+    BIGTRAIN_TEST_SLEEP_STEP=S      it sleeps (hangs) inside step S
+    BIGTRAIN_TEST_KILL_SAVE=S       it SIGKILLs itself while saving the checkpoint of step S, after DeepSpeed wrote
+                                    its files and before the checkpoint is complete
+    BIGTRAIN_TEST_KILL_STEP=S       it SIGKILLs itself inside step S (in the middle of its forward passes)
+"""
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bigtrain.cli import run_train  # noqa: E402
+from bigtrain.components import checkpoint as ckpt  # noqa: E402
+from bigtrain.components import loss  # noqa: E402
+from bigtrain.train import trainer  # noqa: E402
+
+RANK = int(os.environ.get("BIGTRAIN_TEST_RANK", "0"))
+NAN_STEPS = {int(s) for s in os.environ.get("BIGTRAIN_TEST_NAN_STEPS", "").split(",") if s}
+SLEEP_STEP = int(os.environ.get("BIGTRAIN_TEST_SLEEP_STEP", "0"))
+KILL_SAVE = int(os.environ.get("BIGTRAIN_TEST_KILL_SAVE", "0"))
+KILL_STEP = int(os.environ.get("BIGTRAIN_TEST_KILL_STEP", "0"))
+NOW = {"step": 0, "me": False}
+
+_micro_batches = trainer.Trainer.micro_batches
+
+
+def micro_batches(self, step):
+    NOW["step"], NOW["me"] = step + 1, self.env.rank == RANK
+    if NOW["me"] and NOW["step"] == SLEEP_STEP:
+        time.sleep(3600)
+    return _micro_batches(self, step)
+
+
+_loss_sum = loss.Criterion.loss_sum
+
+
+def loss_sum(self, logits, labels):
+    value = _loss_sum(self, logits, labels)
+    if NOW["me"] and NOW["step"] == KILL_STEP:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if NOW["me"] and NOW["step"] in NAN_STEPS:
+        value = value * float("nan")
+    return value
+
+
+_write_part = ckpt.write_part
+
+
+def write_part(tmp, name, obj):
+    _write_part(tmp, name, obj)
+    if NOW["me"] and NOW["step"] == KILL_SAVE and name.startswith("trainer_rank"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+trainer.Trainer.micro_batches = micro_batches
+loss.Criterion.loss_sum = loss_sum
+ckpt.write_part = write_part
+
+if __name__ == "__main__":
+    sys.exit(run_train(sys.argv[1:]))
