@@ -111,10 +111,11 @@ def tiny_config(run_dir: Path, family: str = "causal", *extra: str) -> Config:
     return load_config(None, tiny_overrides(run_dir, family, *extra))
 
 
-def run_launcher(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    """`python launch/train.py ARGS` in a subprocess; returns the completed process (text output)."""
+def run_launcher(args: list[str], timeout: float = 300, script: Path | None = None,
+                 **kwargs) -> subprocess.CompletedProcess:
+    """`python launch/train.py ARGS` (or `script`) in a subprocess; returns the completed process (text output)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], capture_output=True,
+    return subprocess.run([sys.executable, str(script or REPO / "launch" / "train.py"), *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=REPO, **kwargs)
 
 

@@ -138,7 +138,7 @@ EXPECTED_KEYS = {
     "train.steps", "train.seed", "train.global_batch_size", "train.micro_batch_size", "train.precision",
     "train.device", "train.eval_every", "train.eval_batches", "train.early_stop_patience", "train.on_nonfinite",
     "train.sample_tokens", "train.sample_prompt", "train.threads", "train.max_skipped_steps", "train.hang_timeout",
-    "checkpoint.every", "checkpoint.keep", "checkpoint.resume",
+    "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "checkpoint.layout_free_every",
     "log.every", "log.tensorboard", "log.progress", "log.peak_tflops",
     "run.dir",
     "deepspeed",

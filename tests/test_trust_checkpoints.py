@@ -129,13 +129,22 @@ def test_legacy_checkpoint_with_corrupt_config_is_one_clear_error(run_dir):
 @pytest.mark.parametrize("change,key", [
     ("data.max_bytes=200000", "data.max_bytes"),
     ("train.seed=7", "train.seed"),
-    ("train.global_batch_size=16", "train.global_batch_size"),
+    ("model.n_layers=3", "model.n_layers"),
     ("optim.name=lamb", "optim.name"),
 ])
 def test_resume_refuses_changes_to_what_the_state_means(run_dir, change, key):
     train(tiny_config(run_dir, "causal", "train.steps=2"))
     with pytest.raises(CheckpointError, match=rf"{key}: .* --allow-changes {key}"):
         Trainer(tiny_config(run_dir, "causal", "train.steps=4", change))
+
+
+def test_changed_global_batch_is_allowed_with_a_warning_saying_what_it_does(run_dir, capsys):
+    train(tiny_config(run_dir, "causal", "train.steps=2"))
+    capsys.readouterr()
+    train(tiny_config(run_dir, "causal", "train.steps=4", "train.global_batch_size=16"))
+    out = capsys.readouterr().out
+    assert "warning: train.global_batch_size changed from 8 to 16. The run goes on at step 3, whose global batch " \
+           "starts at sample 32 of the data order instead of 16" in out
 
 
 def test_allowed_change_is_recorded_and_harmless_ones_are_noted(run_dir, capsys):
@@ -172,14 +181,17 @@ def test_resume_refuses_another_tokenizer_with_the_same_vocabulary(tmp_path):
                             f"data.tokenizer={tmp_path / 'tok.json'}"))
 
 
-def test_plain_engine_names_the_engine_a_deepspeed_checkpoint_needs(run_dir):
-    """A checkpoint of the DeepSpeed engine (one process, ZeRO-1) resumed by the plain engine: the advice is to
-    resume with parallel.engine=deepspeed, not to remove a complete checkpoint."""
-    proc = run_launcher(tiny_overrides(run_dir, "causal", "train.steps=2", "parallel.zero_stage=1"))
+def test_a_checkpoint_without_a_layout_free_form_names_the_layout_it_needs(run_dir):
+    """A DeepSpeed (ZeRO-1, one process) checkpoint written without its layout-free form, resumed by the plain
+    engine: one paragraph naming both layouts and the setting that would have made it portable (it once said
+    "has no model.pt … Remove it")."""
+    proc = run_launcher(tiny_overrides(run_dir, "causal", "train.steps=2", "parallel.zero_stage=1",
+                                       "checkpoint.layout_free_every=0"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run_launcher(tiny_overrides(run_dir, "causal", "train.steps=4", "--allow-changes", "parallel.zero_stage"))
+    proc = run_launcher(tiny_overrides(run_dir, "causal", "train.steps=4"))
     assert proc.returncode == 2
-    assert "was written by the DeepSpeed engine" in proc.stderr and "parallel.engine=deepspeed" in proc.stderr
+    assert "was written by tensor 1 × pipeline 1 × data 1, ZeRO-1, DeepSpeed, fp32 and holds no layout-free form" \
+        in proc.stderr and "(this run: tensor 1 × pipeline 1 × data 1, the plain PyTorch engine, fp32)" in proc.stderr
 
 
 # --- DeepSpeed's own files (slow: DeepSpeed engine runs) ------------------------------------------------------

@@ -34,13 +34,14 @@ class Internal:
     kind: `method` / `function` (exists on the class / module), `instance` (an attribute the class's code
     assigns to `self`), `parameter` (an attribute the module's code sets on parameters), `argument` (a keyword
     of the method `owner.name`, given as `name:argument`), `text` (a piece of a file name the module's code
-    writes), `class` (a class the module defines; instances are pickled into its checkpoints).
+    writes), `class` (a class the module defines; instances are pickled into its checkpoints), `field` (a field
+    of the dataclass `owner`).
     """
 
     module: str
     owner: str
     name: str
-    kind: Literal["method", "function", "instance", "parameter", "argument", "text", "class"]
+    kind: Literal["method", "function", "instance", "parameter", "argument", "text", "class", "field"]
     why: str
 
     def present(self) -> bool:
@@ -56,6 +57,8 @@ class Internal:
             return False
         if self.kind == "method":
             return callable(getattr(cls, self.name, None))
+        if self.kind == "field":
+            return self.name in getattr(cls, "__dataclass_fields__", {})
         sources = [inspect.getsource(c) for c in cls.__mro__ if c.__module__.startswith("deepspeed")]
         if self.kind == "argument":  # read from the source: decorators hide the signature
             method, argument = self.name.split(":")
@@ -101,6 +104,18 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("deepspeed.runtime.engine", "", "_model_states.pt", "text", "checkpoint files: mp_rank_XX_model_states"),
     Internal("deepspeed.runtime.engine", "", "_optim_states.pt", "text", "checkpoint files: ZeRO optimizer states"),
     Internal(_PIPE, "", "-model_states.pt", "text", "checkpoint files: layer_XX-model_states of a pipeline"),
+    Internal("deepspeed.utils.mixed_precision_linkage", "", "_hp_mapping", "parameter",
+             "where a parameter's fp32 fragment lives (layout-free checkpoints)"),
+    *(Internal("deepspeed.utils.tensor_fragment", "tensor_fragment", name, "field", "layout-free checkpoints")
+      for name in ("lp_fragment_address", "hp_fragment_address", "param_group_index")),
+    Internal("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "grad_position", "instance",
+             "where a ZeRO-3 parameter's partition lives in its flat group (layout-free checkpoints)"),
+    Internal("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "get_param_id", "method",
+             "layout-free checkpoints"),
+    Internal("deepspeed.runtime.zero.partition_parameters", "", "ds_numel", "parameter",
+             "a ZeRO-3 parameter's size"),
+    Internal("deepspeed.runtime.zero.partition_parameters", "", "ds_shape", "parameter",
+             "a ZeRO-3 parameter's shape"),
     *(Internal(module, "", name, "class", "pickled into checkpoints; rebuilt by the weights-only loader")
       for module, name in (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
                            ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
@@ -152,6 +167,60 @@ def local_partition(p: torch.Tensor) -> torch.Tensor:
 def is_tied_copy(p: torch.Tensor) -> bool:
     """A copy of a tied weight on a later pipeline stage (the first stage that holds it counts it)."""
     return bool(getattr(p, "ds_pipe_replicated", False))
+
+
+# ---- where a parameter's optimizer state lives (layout-free checkpoints) -------------------------------------
+@dataclass(frozen=True)
+class Fragment:
+    """A parameter's share of a flat fp32 partition (ZeRO-1/2, bf16 optimizer): `numel` values that start at
+    `param_start` of the flattened parameter and at `flat_start` of the partition of inner group `group`."""
+
+    group: int
+    flat_start: int
+    param_start: int
+    numel: int
+
+
+def fragment_of(p: torch.Tensor) -> Fragment | None:
+    """This rank's fragment of `p`, or None when its partition holds none of `p`."""
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    return Fragment(group=mapping.param_group_index, flat_start=mapping.hp_fragment_address.start,
+                    param_start=mapping.lp_fragment_address.start, numel=mapping.lp_fragment_address.numel)
+
+
+def inner_optimizer(wrapper: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside a DeepSpeed ZeRO / bf16 optimizer (whose param groups hold flat partitions)."""
+    return wrapper.optimizer
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A ZeRO-3 parameter's part on one data-parallel rank: `numel` real values (padding excluded) from
+    `param_start` of the flattened parameter, at `flat_start` of the fp32 flat group `flat`."""
+
+    flat: torch.Tensor
+    flat_start: int
+    param_start: int
+    numel: int
+
+
+class Zero3Layout:
+    def __init__(self, wrapper: Any) -> None:
+        self.wrapper = wrapper
+
+    def partition(self, p: torch.Tensor, data_rank: int) -> Partition:
+        group, offset, partition_numel = self.wrapper.grad_position[self.wrapper.get_param_id(p)]
+        start = data_rank * partition_numel
+        numel = max(0, min(partition_numel, p.ds_numel - start))
+        return Partition(self.wrapper.fp32_partitioned_groups_flat[group], offset, start, numel)
+
+
+def zero3_layout(wrapper: Any) -> Zero3Layout | None:
+    """ZeRO-3's partition bookkeeping, or None for any other optimizer."""
+    is_zero3 = hasattr(wrapper, "grad_position") and hasattr(wrapper, "fp32_partitioned_groups_flat")
+    return Zero3Layout(wrapper) if is_zero3 else None
 
 
 # ---- pipeline --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import contextlib
 import os
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +129,17 @@ def commit_checkpoint(tmp: Path, config_yaml: str, keep: int) -> Path:
     return final
 
 
-def save_checkpoint(directory: Path, step: int, parts: dict[str, Any], config_yaml: str, keep: int) -> Path:
-    """Write `parts` (name -> state object) as `<name>.pt` plus config.yaml; then point `latest` at it."""
+def save_checkpoint(directory: Path, step: int, parts: dict[str, Any], config_yaml: str, keep: int,
+                    before_commit: Callable[[Path], None] | None = None) -> Path:
+    """Write `parts` (name -> state object) as `<name>.pt` plus config.yaml (and whatever `before_commit` adds
+    to the temporary folder); then point `latest` at it."""
     tmp = begin_checkpoint(directory, step)
     try:
         for name, obj in parts.items():
             write_part(tmp, name, obj)
+        if before_commit is not None:
+            with writing(tmp / "layout_free"):
+                before_commit(tmp)
         return commit_checkpoint(tmp, config_yaml, keep)
     except CheckpointError:
         shutil.rmtree(tmp, ignore_errors=True)  # give the space back; `latest` was not moved

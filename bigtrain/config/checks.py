@@ -287,6 +287,8 @@ def check_training(cfg: Config, world_size: int) -> None:
     c, lg = cfg.checkpoint, cfg.log
     _require(c.every >= 0, f"checkpoint.every must be >= 0 (0 = only at the end), got {c.every}.")
     _positive("checkpoint.keep", c.keep)
+    _require(c.layout_free_every >= 0, f"checkpoint.layout_free_every must be >= 0 (0 = never), got "
+             f"{show(c.layout_free_every)}.")
     _positive("log.every", lg.every)
     if lg.peak_tflops is not None:
         _positive("log.peak_tflops", lg.peak_tflops)

@@ -2,10 +2,10 @@
 
 A change that alters the meaning of the saved state is refused unless the user allows that key by name
 (`--allow-changes KEY,...`): the model (the weights would not fit), the data and tokenizer (ids and the
-sample order would mean something else), the seed and global batch (the data position would point elsewhere),
-the optimizer or ZeRO stage (its state would be read as another's). The parallel layout is checked by the
-trainer, and the engine a checkpoint needs by the engine that loads it. Every other change (steps, intervals,
-logging, paths, threads, precision, ...) passes with a note.
+sample order would mean something else), the seed (the data order would be another), the optimizer (its state
+would be read as another's). The parallel layout may change (the trainer loads the layout-free form then); a
+changed global batch size is allowed with a warning saying what it does. Every other change (steps,
+intervals, logging, paths, threads, precision, ...) passes with a note.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ MEANINGFUL = (
     "data.source", "data.format", "data.text_field", "data.source_field", "data.target_field", "data.tokenizer",
     "data.seq_len", "data.max_bytes", "data.holdout_fraction", "data.mask_prob", "data.task_samples",
     "data.task_min_len", "data.task_max_len", "data.bucket_size", "data.encoding_errors",
-    "train.seed", "train.global_batch_size",
+    "train.seed",
     "optim.name",
-    "parallel.zero_stage",
 )
 # Keys the layout check (or nothing) owns: not reported as config changes.
 IGNORED = ("run.dir",)

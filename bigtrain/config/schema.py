@@ -159,6 +159,9 @@ class CheckpointConfig:
     every: int = opt(500, "steps between checkpoints; 0 = only at the end")
     keep: int = opt(2, "complete checkpoints kept on disk (older ones are deleted)")
     resume: bool = opt(True, "resume from run.dir's latest checkpoint if there is one")
+    layout_free_every: int = opt(
+        1, "write the layout-free form (unsplit weights and optimizer state, resumable under any layout) with "
+        "every n-th checkpoint and always with the last one; 0 = never (the engine's own files only)")
 
 
 @dataclass

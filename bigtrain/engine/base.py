@@ -23,11 +23,17 @@ class Engine(Protocol):
         """Forward/backward this rank's micro-batches of the global batch and apply one update at `lr`."""
 
     def save(self, directory: Path, step: int, trainer_state: dict[str, Any], config_yaml: str,
-             keep: int) -> Path:
-        """Write a complete checkpoint of `step` (collective: every rank calls it)."""
+             keep: int, layout_free: dict[str, Any] | None = None) -> Path:
+        """Write a complete checkpoint of `step` (collective: every rank calls it): the engine's own files, and
+        with `layout_free` (the index header) also the layout-free form."""
 
     def load(self, checkpoint: Path) -> dict[str, Any]:
-        """Restore model, optimizer and RNG from `checkpoint`; return the trainer state saved with it."""
+        """Restore model, optimizer and RNG from `checkpoint`'s own files (written by this layout); return the
+        trainer state saved with it."""
+
+    def load_layout_free(self, checkpoint: Path) -> dict[str, Any]:
+        """Restore model and optimizer from `checkpoint`'s layout-free form (written by any layout); return its
+        index header."""
 
     def memory_report(self, run_dir: Path | None = None) -> str | None:
         """Measured bytes of parameters, gradients and optimizer state next to the ZeRO formula."""

@@ -22,13 +22,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bigtrain.compat.deepspeed import has_zero_partitions, safe_checkpoint_loading
+from bigtrain.compat.deepspeed import has_zero_partitions, inner_optimizer, safe_checkpoint_loading
 from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.loss import count_input_tokens, count_targets, model_inputs
 from bigtrain.components.step_result import StepResult
 from bigtrain.config import Config
 from bigtrain.distributed import DistEnv
 from bigtrain.engine.ds_config import derive_deepspeed_config
+from bigtrain.engine.layout_free_io import restore_layout_free, write_layout_free
+from bigtrain.engine.layout_free_state import StateAdapter
 from bigtrain.engine.memory import (
     ModelStateBytes,
     format_report,
@@ -53,7 +55,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.cfg, self.env, self.groups = cfg, env, groups
-        self.criterion = parallel.criterion
+        self.criterion, self.parallel = parallel.criterion, parallel
         model = parallel.module
         self.rank = env.rank
         self.dp_rank, self.dp_size = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
@@ -152,27 +154,37 @@ class DeepSpeedEngine:
                           layer_grad_norms=layer_grad_norms, tokens=round(n_tokens), nonfinite_rank=first_bad)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
+    def state(self) -> StateAdapter:
+        wrapper = None if self.unwrapped else self.optimizer
+        inner = self.optimizer if self.unwrapped else inner_optimizer(self.optimizer)
+        return StateAdapter(self.parallel.model, self.parallel.shards, inner, wrapper,
+                            tensor_rank=self.groups.get_tensor_model_parallel_rank(), data_rank=self.dp_rank)
+
     def save(self, directory: Path, step: int, trainer_state: dict[str, Any], config_yaml: str,
-             keep: int) -> Path:
+             keep: int, layout_free: dict[str, Any] | None = None) -> Path:
         """DeepSpeed writes its sharded files into `step_N.tmp/`, every rank adds its RNG state, and rank 0
         makes the directory visible only after all ranks are done."""
         tmp = directory / (ckpt.step_dir_name(step) + ".tmp")
         if self.rank == 0:
             ckpt.begin_checkpoint(directory, step)
-        self.barrier()
+        dist.barrier()  # every rank of the world: all files are written
         try:
             with ckpt.writing(tmp / "(DeepSpeed's files)"):
                 self.engine.save_checkpoint(str(directory), tag=tmp.name, client_state={}, save_latest=False)
             ckpt.write_part(tmp, f"trainer_rank{self.rank:05d}",
                             {"state": trainer_state, "rng": ckpt.rng_state(), "world_size": self.env.world_size})
+            if layout_free is not None:
+                with ckpt.writing(tmp / "layout_free"):
+                    write_layout_free(tmp, self.state(), self.rank, self.env.world_size, layout_free,
+                                      barrier=dist.barrier)
         except CheckpointError:
             shutil.rmtree(tmp, ignore_errors=True)  # the other ranks stop at their next collective
             raise
-        self.barrier()
+        dist.barrier()  # every rank of the world: all files are written
         final = directory / ckpt.step_dir_name(step)
         if self.rank == 0:
             ckpt.commit_checkpoint(tmp, config_yaml, keep)
-        self.barrier()
+        dist.barrier()  # every rank of the world: all files are written
         return final
 
     def load(self, checkpoint: Path) -> dict[str, Any]:
@@ -201,6 +213,9 @@ class DeepSpeedEngine:
         trainer = ckpt.load_part(checkpoint, part)
         ckpt.set_rng_state(trainer["rng"])
         return trainer["state"]
+
+    def load_layout_free(self, checkpoint: Path) -> dict[str, Any]:
+        return restore_layout_free(self.state(), checkpoint)
 
     # ---- memory --------------------------------------------------------------------------------------
     def measure(self) -> ModelStateBytes:

@@ -11,6 +11,8 @@ from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.precision import autocast, grad_scaler
 from bigtrain.components.step_result import StepResult
 from bigtrain.config import Config
+from bigtrain.engine.layout_free_io import restore_layout_free, write_layout_free
+from bigtrain.engine.layout_free_state import StateAdapter
 from bigtrain.engine.step import train_step
 from bigtrain.errors import CheckpointError
 from bigtrain.optim import build_optimizer, set_lr
@@ -34,15 +36,22 @@ class LocalEngine:
         return train_step(self.model, self.optimizer, micro_batches, self.autocast, self.grad_clip, self.scaler,
                           layer_norms=layer_norms)
 
+    def state(self) -> StateAdapter:
+        return StateAdapter(self.model, {}, self.optimizer, None, tensor_rank=0, data_rank=0)
+
     def save(self, directory: Path, step: int, trainer_state: dict[str, Any], config_yaml: str,
-             keep: int) -> Path:
+             keep: int, layout_free: dict[str, Any] | None = None) -> Path:
+        def layout_free_form(tmp: Path) -> None:
+            if layout_free is not None:
+                write_layout_free(tmp, self.state(), 0, 1, layout_free, barrier=lambda: None)
+
         parts = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "trainer": {"state": trainer_state, "rng": ckpt.rng_state(),
                         "scaler": self.scaler.state_dict() if self.scaler is not None else None},
         }
-        return ckpt.save_checkpoint(directory, step, parts, config_yaml, keep)
+        return ckpt.save_checkpoint(directory, step, parts, config_yaml, keep, before_commit=layout_free_form)
 
     def load(self, checkpoint: Path) -> dict[str, Any]:
         if not (checkpoint / "model.pt").exists() and list(checkpoint.glob("trainer_rank*.pt")):
@@ -57,6 +66,9 @@ class LocalEngine:
             self.scaler.load_state_dict(trainer["scaler"])
         ckpt.set_rng_state(trainer["rng"])
         return trainer["state"]
+
+    def load_layout_free(self, checkpoint: Path) -> dict[str, Any]:
+        return restore_layout_free(self.state(), checkpoint)
 
     def memory_report(self, run_dir: Path | None = None) -> str | None:
         return None

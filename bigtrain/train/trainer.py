@@ -31,7 +31,7 @@ from bigtrain.distributed.agree import on_main
 from bigtrain.engine import Engine, build_engine
 from bigtrain.engine.preflight import check_memory
 from bigtrain.engine.validate import validate_run
-from bigtrain.errors import TrainingError
+from bigtrain.errors import CheckpointError, TrainingError
 from bigtrain.models import build_model, count_parameters, resolve_vocab_size
 from bigtrain.optim import build_schedule
 from bigtrain.parallel import parallelize
@@ -40,7 +40,19 @@ from bigtrain.train.evaluate import evaluate, heldout_batches
 from bigtrain.train.flops import flops_per_token, peak_flops
 from bigtrain.train.metrics import MetricsLog, Progress
 from bigtrain.train.preemption import StopRequest
-from bigtrain.train.resume import ResumeCheck, agreed_choice, check_fits, check_tokenizer
+from bigtrain.train.resume import (
+    ResumeCheck,
+    agreed_choice,
+    batch_change_notes,
+    check_fits,
+    check_tokenizer,
+    describe,
+    has_layout_free,
+    layout_free_header,
+    layout_of,
+    native_files_present,
+    written_layout,
+)
 from bigtrain.train.run_dir import RunLock, prepare_run_dir
 from bigtrain.train.sample import sample
 from bigtrain.train.watchdog import Watchdog
@@ -80,6 +92,7 @@ class Trainer:
         self.stop = stop  # None: run() listens for the stop signals itself
         self._stop: StopRequest | None = None
         self.resume_notes: list[str] = []
+        self.saves = 0
         t = cfg.train
         if t.threads is not None:
             torch.set_num_threads(t.threads)
@@ -172,15 +185,41 @@ class Trainer:
         path = choice.checkpoint
         if path is None:
             return
-        check = check_fits(path, self.cfg, self.layout, self.env.world_size, self.allow_changes)
+        check = check_fits(path, self.cfg, self.env.world_size, self.allow_changes)
         check_tokenizer(path, self.tokenizer.name, self.allow_changes)
-        self.state = TrainState(**self.engine.load(path))
+        written_by = written_layout(path)
+        here = layout_of(self.cfg, self.env.world_size)
+        if written_by == here and native_files_present(path):
+            self.state = TrainState(**self.engine.load(path))  # exact: the engine's own files, RNG included
+        else:
+            if not has_layout_free(path):
+                raise CheckpointError(
+                    f"{path} was written by {describe(written_by)} and holds no layout-free form, so it can only "
+                    f"be resumed by that layout (this run: {describe(here)}). Resume with that layout, or write "
+                    f"checkpoints with checkpoint.layout_free_every >= 1.")
+            header = self.engine.load_layout_free(path)
+            self.state = TrainState(**header["trainer"])
+            # Dropout streams cannot carry across layouts: they go on from (seed, replica, step).
+            offset = self.layout.seed_offset(self.env.rank)
+            torch.manual_seed(self.cfg.train.seed + offset + 1_000_003 * self.state.step)
+            if written_by != here:
+                self.resume_notes.append(f"resuming step {self.state.step} written by {describe(written_by)} under "
+                                         f"{describe(here)}")
+        self.resume_notes += batch_change_notes(path, self.cfg)
         self.state.tokenizer = self.tokenizer.name
         self.resumed_from, self.resume_check = path, check
 
-    def save(self) -> Path:
+    def save(self, last: bool = False) -> Path:
+        """A checkpoint of the current step; with the layout-free form every checkpoint.layout_free_every-th time
+        and always when `last` (the end of the run, or a stop)."""
+        every = self.cfg.checkpoint.layout_free_every
+        self.saves += 1
+        header = None
+        if every > 0 and (last or self.saves % every == 0):
+            header = layout_free_header(self.cfg, self.full_model, dataclasses.asdict(self.state),
+                                        self.env.world_size)
         path = self.engine.save(self.ckpt_dir, self.state.step, dataclasses.asdict(self.state),
-                                dump_config(self.cfg), self.cfg.checkpoint.keep)
+                                dump_config(self.cfg), self.cfg.checkpoint.keep, layout_free=header)
         if self._stop is not None:
             self._stop.note_checkpoint(self.state.step, path)
         return path
@@ -252,7 +291,7 @@ class Trainer:
                     state.step == t.steps or stopped_early
                 if saved:
                     watchdog.beat(f"the checkpoint of step {state.step}")
-                    self.save()
+                    self.save(last=state.step == t.steps or stopped_early)
                 if stopped_early:
                     progress.write(f"early stop at step {state.step}: eval_loss did not improve for "
                                    f"{t.early_stop_patience} evaluations")
@@ -261,7 +300,7 @@ class Trainer:
                 if signum and state.step < t.steps:
                     stopped_by = signum
                     watchdog.beat(f"the checkpoint of step {state.step}")
-                    path = self.ckpt_dir / ckpt.step_dir_name(state.step) if saved else self.save()
+                    path = self.ckpt_dir / ckpt.step_dir_name(state.step) if saved else self.save(last=True)
                     progress.write(f"stopped by {signal.Signals(stopped_by).name} after step {state.step}: "
                                    f"checkpoint {path}; the same command resumes from it")
                     break

@@ -1,0 +1,174 @@
+"""An engine's model and optimizer state as layout-free pieces, and back (`components/layout_free.py`).
+
+Where a rank's state lives depends on the engine:
+
+    per-parameter  the plain engine, and DeepSpeed without a ZeRO wrapper (ZeRO-0 fp32, also under the pipeline
+                   engine): each parameter (a tensor-parallel shard) and its optimizer state, whole
+    fragments      ZeRO-1/2 and DeepSpeed's bf16 optimizer: the fp32 master weights and the optimizer state of a
+                   parameter group are one flat partition per data-parallel rank; each parameter's share of it
+                   is a fragment (`_hp_mapping`: where it starts in the parameter and in the partition)
+    zero3          ZeRO-3: each parameter is partitioned flat over the data-parallel ranks
+
+A piece is written by the ranks that own it: data-parallel rank 0 where a state is replicated over data ranks,
+tensor rank 0 for parameters every tensor rank holds whole, the first pipeline stage for a tied embedding.
+On load every rank sets its own share from the pieces that overlap it, one parameter at a time. The DeepSpeed
+internals this needs are in `bigtrain.compat.deepspeed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from bigtrain.compat.deepspeed import fragment_of, inner_optimizer, is_tied_copy, zero3_layout
+from bigtrain.components.layout_free import Box, LayoutFreeReader, Piece, whole
+from bigtrain.errors import CheckpointError
+from bigtrain.models.init import Shard
+
+STATE_KINDS = ("exp_avg", "exp_avg_sq")
+
+
+def tp_box(shape: torch.Size, shard: Shard | None) -> Box:
+    """The box of the full tensor that a (tensor-parallel shard of a) parameter of local `shape` holds."""
+    if shard is None:
+        return whole(shape)
+    full = shard.full_shape(shape)
+    box = list(whole(full))
+    size = shape[shard.dim]
+    box[shard.dim] = (shard.index * size, (shard.index + 1) * size)
+    return tuple(box)
+
+
+def named_local_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The parameters this rank holds (a pipeline stage's only), by their unsplit names, tied ones once."""
+    for name, p in model.named_parameters():
+        if p.device.type != "meta":
+            yield name, p
+
+
+class StateAdapter:
+    """Reads and writes one engine's state as pieces; `optimizer` is the torch optimizer bigtrain built (inside
+    DeepSpeed's wrapper where there is one), `wrapper` DeepSpeed's ZeRO / bf16 optimizer or None."""
+
+    def __init__(self, model: nn.Module, shards: dict[str, Shard], optimizer: torch.optim.Optimizer,
+                 wrapper: object | None, tensor_rank: int, data_rank: int) -> None:
+        self.model, self.shards, self.optimizer, self.wrapper = model, shards, optimizer, wrapper
+        self.tensor_rank, self.data_rank = tensor_rank, data_rank
+        self.params = list(named_local_parameters(model))
+        if wrapper is None:
+            self.kind = "per-parameter"
+        elif zero3_layout(wrapper) is not None:
+            self.kind = "zero3"
+        else:
+            self.kind = "fragments"
+
+    # ---- which pieces this rank writes -------------------------------------------------------------------
+    def _owns(self, name: str, p: torch.Tensor) -> bool:
+        if is_tied_copy(p):
+            return False
+        return name in self.shards or self.tensor_rank == 0
+
+    def optimizer_step(self) -> float:
+        """The optimizer's step count (0 before the first update); every state of bigtrain's optimizers steps
+        together."""
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                return float(state["step"])
+        return 0.0
+
+    def pieces(self) -> Iterator[Piece]:
+        for name, p in self.params:
+            if not self._owns(name, p):
+                continue
+            box = tp_box(p.ds_shape if hasattr(p, "ds_shape") else p.shape, self.shards.get(name))
+            for start, stop, values in self._local(p):
+                for kind, data in values.items():
+                    yield Piece(name, kind, box, start, stop, data)
+
+    def _local(self, p: torch.Tensor) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        """(start, stop, {kind: 1-D values}) of what this rank holds of `p` (flat range of the local shard)."""
+        if self.kind == "per-parameter":
+            if self.data_rank != 0:
+                return
+            state = self.optimizer.state.get(p, {})
+            values = {"param": p.detach().reshape(-1)}
+            values.update({k: state[k].reshape(-1) for k in STATE_KINDS if k in state})
+            yield 0, p.numel(), values
+        elif self.kind == "fragments":
+            frag = fragment_of(p)
+            if frag is None:
+                return
+            flat = inner_optimizer(self.wrapper).param_groups[frag.group]["params"][0]
+            state = self.optimizer.state.get(flat, {})
+            values = {"param": flat.narrow(0, frag.flat_start, frag.numel)}
+            values.update({k: state[k].narrow(0, frag.flat_start, frag.numel) for k in STATE_KINDS if k in state})
+            yield frag.param_start, frag.param_start + frag.numel, values
+        else:
+            layout = zero3_layout(self.wrapper)
+            part = layout.partition(p, self.data_rank)
+            if part.numel == 0:
+                return
+            state = self.optimizer.state.get(part.flat, {})
+            values = {"param": part.flat.narrow(0, part.flat_start, part.numel)}
+            values.update({k: state[k].narrow(0, part.flat_start, part.numel) for k in STATE_KINDS if k in state})
+            yield part.param_start, part.param_start + part.numel, values
+
+    # ---- loading ---------------------------------------------------------------------------------------------
+    def restore(self, reader: LayoutFreeReader, step: float) -> None:
+        """Set this rank's weights and optimizer state from `reader` (which holds the unsplit model), one
+        parameter at a time, reading only what this rank keeps (under ZeRO, its partition of the moments)."""
+        with_state = step > 0 and all(reader.has(name, "exp_avg") for name, _ in self.params)
+        flats: dict[int, dict[str, torch.Tensor]] = {}  # fragments / zero3: flat optimizer state per partition
+        with torch.no_grad():
+            for name, p in self.params:
+                box = tp_box(p.ds_shape if hasattr(p, "ds_shape") else p.shape, self.shards.get(name))
+                self._check_shape(reader, name, box)
+                if self.kind == "per-parameter":
+                    self._set_whole(p, reader, name, box, step if with_state else None)
+                else:
+                    self._set_partition(p, reader, name, box, with_state, flats)
+        for state in flats.values():
+            flat = state.pop("_flat")
+            self.optimizer.state[flat] = {"step": torch.tensor(step, dtype=torch.float32), **state}
+
+    def _check_shape(self, reader: LayoutFreeReader, name: str, box: Box) -> None:
+        if name not in reader.header["parameters"]:
+            raise CheckpointError(f"The layout-free checkpoint in {reader.folder} has no parameter {name}: it was "
+                                  f"written for another model.")
+        full = reader.shape(name)
+        if len(full) != len(box) or any(b > n for (_, b), n in zip(box, full, strict=False)):
+            raise CheckpointError(f"The layout-free checkpoint in {reader.folder} holds {name} of shape "
+                                  f"{list(full)}; this model's needs {[b for _, b in box]} or more: it was written "
+                                  f"for another model shape or vocabulary.")
+
+    def _set_whole(self, p: torch.Tensor, reader: LayoutFreeReader, name: str, box: Box, step: float | None) -> None:
+        p.copy_(reader.read(name, "param", box).to(p.dtype))
+        if step is not None:
+            self.optimizer.state[p] = {"step": torch.tensor(step, dtype=torch.float32),
+                                       **{k: reader.read(name, k, box).to(p.device) for k in STATE_KINDS}}
+
+    def _set_partition(self, p: torch.Tensor, reader: LayoutFreeReader, name: str, box: Box, with_state: bool,
+                       flats: dict[int, dict[str, torch.Tensor]]) -> None:
+        if self.kind == "fragments":
+            p.copy_(reader.read(name, "param", box).to(p.dtype))  # every data rank holds the (bit16) parameter
+            frag = fragment_of(p)
+            if frag is None:
+                return
+            flat = inner_optimizer(self.wrapper).param_groups[frag.group]["params"][0]
+            flat_start, param_start, numel = frag.flat_start, frag.param_start, frag.numel
+        else:
+            part = zero3_layout(self.wrapper).partition(p, self.data_rank)
+            if part.numel == 0:
+                return
+            flat, flat_start, param_start, numel = part.flat, part.flat_start, part.param_start, part.numel
+        weight = reader.read_flat(name, "param", box, param_start, param_start + numel)
+        flat.narrow(0, flat_start, numel).copy_(weight)
+        if self.kind == "zero3":
+            p.ds_tensor.narrow(0, 0, numel).copy_(weight.to(p.ds_tensor.dtype))
+        if with_state:
+            state = flats.setdefault(id(flat), {"_flat": flat, **{k: torch.zeros_like(flat) for k in STATE_KINDS}})
+            for k in STATE_KINDS:
+                state[k].narrow(0, flat_start, numel).copy_(reader.read_flat(name, k, box, param_start,
+                                                                             param_start + numel))
