@@ -1,25 +1,29 @@
-"""The commands: `bigtrain train | consolidate | evaluate` (`python launch/train.py` is `bigtrain train`).
+"""The commands: `bigtrain train | consolidate | evaluate | export | convert` (`python launch/train.py` is
+`bigtrain train`).
 Every command ends a failure with one paragraph and an exit status (`report.py`)."""
 
 from __future__ import annotations
 
 import sys
 
-from bigtrain.cli.tools import run_consolidate, run_evaluate
+from bigtrain.cli.tools import run_consolidate, run_convert, run_evaluate, run_export
 from bigtrain.cli.train import run_train
 
-COMMANDS = {"train": run_train, "consolidate": run_consolidate, "evaluate": run_evaluate}
+COMMANDS = {"train": run_train, "consolidate": run_consolidate, "evaluate": run_evaluate, "export": run_export,
+            "convert": run_convert}
 
-__all__ = ["COMMANDS", "main", "run_consolidate", "run_evaluate", "run_train"]
+__all__ = ["COMMANDS", "main", "run_consolidate", "run_convert", "run_evaluate", "run_export", "run_train"]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: bigtrain {train,consolidate,evaluate} ...\n"
+        print("usage: bigtrain {train,consolidate,evaluate,export,convert} ...\n"
               "  train --config FILE [--print-config] [--allow-changes KEY,...] [--debug] [section.key=value ...]\n"
               "  consolidate RUN_DIR [--step N] [--out DIR] [--debug]\n"
-              "  evaluate WEIGHTS_DIR [--debug] [section.key=value ...]")
+              "  evaluate RUN_DIR|CHECKPOINT|WEIGHTS_DIR [--debug] [section.key=value ...]\n"
+              "  export RUN_DIR|CHECKPOINT --format safetensors --out DIR [--debug]\n"
+              "  convert RUN_DIR|CHECKPOINT [--debug]")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in COMMANDS:

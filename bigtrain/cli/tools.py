@@ -1,4 +1,4 @@
-"""`bigtrain consolidate` and `bigtrain evaluate`: one-process commands on a run's checkpoints."""
+"""`bigtrain consolidate`, `evaluate`, `export` and `convert`: commands on a run's checkpoints."""
 
 from __future__ import annotations
 
@@ -40,6 +40,44 @@ def run_evaluate(argv: list[str]) -> int:
         from bigtrain.train.evaluate import evaluate_weights
 
         print(json.dumps(evaluate_weights(args.weights_dir, args.overrides)))
+        return 0
+
+    return run_guarded(command, args.debug)
+
+
+def run_export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bigtrain export",
+                                     description="Write a checkpoint's weights alone, for inference.")
+    parser.add_argument("checkpoint", type=Path, help="a run.dir (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("--format", choices=["safetensors"], default="safetensors",
+                        help="safetensors: model.safetensors + config.yaml (one-device layout)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
+    args = parser.parse_args(argv)
+
+    def command() -> int:
+        from bigtrain.engine.weights import export_safetensors
+
+        out = export_safetensors(args.checkpoint, args.out)
+        print(f"exported: {out / 'model.safetensors'} (config: {out / 'config.yaml'})")
+        return 0
+
+    return run_guarded(command, args.debug)
+
+
+def run_convert(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bigtrain convert", description="Add the layout-free form to a checkpoint written without it, so that "
+        "it can be resumed under any layout (loads it with as many local ranks as wrote it).")
+    parser.add_argument("checkpoint", type=Path, help="a run.dir (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
+    args = parser.parse_args(argv)
+
+    def command() -> int:
+        from bigtrain.train.convert import run_convert as convert
+
+        checkpoint = convert(args.checkpoint)
+        print(f"layout-free form: {checkpoint / 'layout_free'}")
         return 0
 
     return run_guarded(command, args.debug)

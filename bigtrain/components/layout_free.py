@@ -135,6 +135,10 @@ class LayoutFreeReader:
     def header(self) -> dict[str, Any]:
         return self.index
 
+    def close(self) -> None:
+        """Drop the open shards (their memory maps)."""
+        self._open.clear()
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.index["parameters"][name]["shape"])
 

@@ -322,8 +322,11 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict[str, Any], world_size: int = 1) -> Config:
+def config_from_dict(data: dict[str, Any], world_size: int = 1, overrides: list[str] | None = None) -> Config:
+    """Defaults <- `data` (e.g. a checkpoint's config) <- overrides, then the cross-field checks."""
     cfg = _merge_section(Config(), data, "")
+    if overrides:
+        cfg = _merge_section(cfg, parse_overrides(overrides), "")
     validate(cfg, world_size=world_size)
     return cfg
 

@@ -24,7 +24,7 @@ from bigtrain.compat.deepspeed import (
 )
 from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.integrity import read_latest, step_dirs, verify
-from bigtrain.config import ModelConfig, config_to_dict, dump_config
+from bigtrain.config import ModelConfig, dump_config
 from bigtrain.config.loader import config_from_dict
 from bigtrain.errors import CheckpointError
 
@@ -123,16 +123,16 @@ def merge_tensor_shards(shards: list[dict[str, torch.Tensor]], model_cfg: ModelC
 
 
 def consolidate(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
-    """Write `<out>/model.pt` and `<out>/config.yaml`; default out: run_dir/consolidated/step_N.
+    """Write `<out>/model.pt` and `<out>/config.yaml`; default out: run_dir/consolidated/step_N. The weights come
+    from the checkpoint's layout-free form when it has one (the same weights, already whole), else from its
+    engine's own files; the config is the run's with a one-device layout (tensor = pipeline = 1)."""
+    from bigtrain.engine.weights import checkpoint_weights
 
-    The config is the run's with a one-device layout (tensor = pipeline = 1), as the weights now are."""
     checkpoint = find_checkpoint(run_dir, step)
-    saved, _ = ckpt.saved_config(checkpoint)
-    state = consolidated_state_dict(checkpoint)
+    raw, state = checkpoint_weights(checkpoint)
     out = out or run_dir / "consolidated" / checkpoint.name
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out / "model.pt")
-    raw = config_to_dict(saved)
-    raw["parallel"].update(tensor=1, pipeline=1, data=None, sequence_parallel=False)
+    with ckpt.writing(out / "model.pt"):
+        torch.save(state, out / "model.pt")
     (out / "config.yaml").write_text(dump_config(config_from_dict(raw)))
     return out

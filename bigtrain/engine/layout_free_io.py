@@ -20,13 +20,19 @@ def write_layout_free(tmp: Path, adapter: StateAdapter, rank: int, world_size: i
     (folder / f"rank{rank:05d}.json").write_text(json.dumps(entry))
     barrier()
     if rank == 0:
-        entries = [json.loads((folder / f"rank{r:05d}.json").read_text()) for r in range(world_size)]
+        notes = [folder / f"rank{r:05d}.json" for r in range(world_size)]
+        entries = [json.loads(note.read_text()) for note in notes]
         header = {**header, "optimizer": {**header.get("optimizer", {}), "step": adapter.optimizer_step()}}
         write_index(folder, entries, header)
+        for note in notes:  # all in the index now
+            note.unlink()
 
 
 def restore_layout_free(adapter: StateAdapter, checkpoint: Path) -> dict[str, Any]:
     """Set the engine's state from `checkpoint`'s layout-free form; returns its header (trainer state, ...)."""
     reader = LayoutFreeReader(checkpoint / FOLDER)
-    adapter.restore(reader, float(reader.header["optimizer"]["step"]))
+    try:
+        adapter.restore(reader, float(reader.header["optimizer"]["step"]))
+    finally:
+        reader.close()
     return reader.header

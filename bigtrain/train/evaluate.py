@@ -12,7 +12,6 @@ from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.loss import Criterion, correct_predictions, eval_metrics, model_inputs
 from bigtrain.config import Config
 from bigtrain.data import Tokenizer, collate, eval_batch_indices
-from bigtrain.errors import CheckpointError
 from bigtrain.models import TransformerLM
 
 
@@ -42,28 +41,22 @@ def heldout_batches(cfg: Config, tokenizer: Tokenizer, heldout: Dataset, device:
                                                  pad_multiple).items()} for g in groups]
 
 
-def evaluate_weights(weights_dir: Path, overrides: list[str] | None = None) -> dict[str, float]:
-    """Held-out metrics of consolidated weights (`model.pt` + `config.yaml`) on one device."""
+def evaluate_weights(path: Path, overrides: list[str] | None = None) -> dict[str, float]:
+    """Held-out metrics, on one device, of the weights at `path`: a run.dir, a checkpoint (its layout-free form
+    read directly), or a folder written by `bigtrain export` or `bigtrain consolidate` (see
+    `bigtrain.engine.weights`)."""
     from bigtrain.components.precision import autocast, resolve_device
-    from bigtrain.config import load_config
+    from bigtrain.config.loader import config_from_dict
     from bigtrain.data import build_datasets, build_tokenizer
+    from bigtrain.engine.weights import load_weights, with_tied
     from bigtrain.models import build_model, resolve_vocab_size
 
-    for name in ("model.pt", "config.yaml"):
-        if not (weights_dir / name).exists():
-            raise CheckpointError(f"{weights_dir} has no {name}; pass a directory written by `bigtrain "
-                                  f"consolidate`.")
-    cfg = load_config(weights_dir / "config.yaml", overrides)
+    raw, state = load_weights(path)
+    cfg = config_from_dict(raw, overrides=overrides)
     device = resolve_device(cfg.train)
     tokenizer = build_tokenizer(cfg.data)
     _, heldout = build_datasets(cfg, tokenizer)
     model = build_model(cfg.model, resolve_vocab_size(cfg.model, tokenizer.vocab_size), device)
-    try:
-        state = torch.load(weights_dir / "model.pt", map_location=device, weights_only=True)
-    except Exception as exc:  # a damaged file, or objects the weights-only unpickler refuses
-        reason = " ".join(str(exc).split())[:300]
-        raise CheckpointError(f"Cannot read {weights_dir / 'model.pt'} ({type(exc).__name__}: {reason}). Write it "
-                              f"again with `bigtrain consolidate`.") from None
-    ckpt.load_into(model, state, weights_dir / "model.pt")
+    ckpt.load_into(model, with_tied(state, cfg.model.tie_embeddings), path)
     return evaluate(model, heldout_batches(cfg, tokenizer, heldout, device),
                     lambda: autocast(cfg.train.precision, device))

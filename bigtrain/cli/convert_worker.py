@@ -1,0 +1,14 @@
+"""One rank of `bigtrain convert` under torchrun (`bigtrain.train.convert.run_convert` starts them)."""
+
+import os
+import sys
+from pathlib import Path
+
+from bigtrain.cli.report import fail
+from bigtrain.train.convert import convert_here
+
+if __name__ == "__main__":
+    try:
+        convert_here(Path(sys.argv[1]))
+    except Exception as err:  # one paragraph, like every command
+        sys.exit(fail(err, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))))
