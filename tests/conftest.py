@@ -199,13 +199,21 @@ def assert_resume_is_exact(n: int, args: list[str], run_dir: Path) -> dict[int, 
 
 
 def consolidated_eval_loss(run_dir: Path) -> float:
-    """`bigtrain consolidate RUN_DIR`, then the held-out loss of the one-device weights."""
+    """`bigtrain consolidate RUN_DIR`, then the held-out loss of the one-device weights. The weights come from the
+    checkpoint's layout-free form; they must equal, bitwise, what the engine's own files reassemble to."""
+    import torch
+
+    from bigtrain.engine.consolidate import consolidated_state_dict
     from bigtrain.train.evaluate import evaluate_weights
 
     proc = subprocess.run([str(Path(sys.executable).parent / "bigtrain"), "consolidate", str(run_dir)],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return evaluate_weights(run_dir / "consolidated" / "step_00000020")["eval_loss"]
+    out = run_dir / "consolidated" / "step_00000020"
+    layout_free = torch.load(out / "model.pt", weights_only=True)
+    native = consolidated_state_dict(run_dir / "checkpoints" / "step_00000020")
+    assert layout_free and all(torch.equal(value, native[name]) for name, value in layout_free.items())
+    return evaluate_weights(out)["eval_loss"]
 
 
 def _free_port() -> int:

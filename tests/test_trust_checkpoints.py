@@ -226,6 +226,9 @@ def test_deepspeed_files_run_no_code(tmp_path, case):
         if ranks == 1:  # (under torchrun, torchrun itself prints a traceback of the failed child)
             assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert not marker.exists(), f"{name}: the payload ran"
+    # consolidate reads a checkpoint's layout-free form when it has one: without it, it reads the planted file
+    shutil.rmtree(tmp_path / files[0] / "checkpoints" / "step_00000002" / "layout_free")
+    plant(tmp_path / files[0] / "checkpoints" / "step_00000002" / files[0], marker)
     consolidate = subprocess.run([str(Path(sys.executable).parent / "bigtrain"), "consolidate",
                                   str(tmp_path / files[0])], capture_output=True, text=True, cwd=REPO)
     assert consolidate.returncode == 2 and "Cannot read the checkpoint" in consolidate.stderr, consolidate.stderr

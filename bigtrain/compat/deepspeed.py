@@ -164,6 +164,12 @@ def local_partition(p: torch.Tensor) -> torch.Tensor:
     return getattr(p, "ds_tensor", p)
 
 
+def local_shape(p: torch.Tensor) -> torch.Size:
+    """The shape of a parameter (of its tensor shard) on this rank, also under ZeRO-3 (whose parameters are
+    empty placeholders between forwards)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 def is_tied_copy(p: torch.Tensor) -> bool:
     """A copy of a tied weight on a later pipeline stage (the first stage that holds it counts it)."""
     return bool(getattr(p, "ds_pipe_replicated", False))

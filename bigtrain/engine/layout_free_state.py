@@ -22,7 +22,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from bigtrain.compat.deepspeed import fragment_of, inner_optimizer, is_tied_copy, zero3_layout
+from bigtrain.compat.deepspeed import (
+    fragment_of,
+    inner_optimizer,
+    is_tied_copy,
+    local_partition,
+    local_shape,
+    zero3_layout,
+)
 from bigtrain.components.layout_free import Box, LayoutFreeReader, Piece, whole
 from bigtrain.errors import CheckpointError
 from bigtrain.models.init import Shard
@@ -82,7 +89,7 @@ class StateAdapter:
         for name, p in self.params:
             if not self._owns(name, p):
                 continue
-            box = tp_box(p.ds_shape if hasattr(p, "ds_shape") else p.shape, self.shards.get(name))
+            box = tp_box(local_shape(p), self.shards.get(name))
             for start, stop, values in self._local(p):
                 for kind, data in values.items():
                     yield Piece(name, kind, box, start, stop, data)
@@ -123,7 +130,7 @@ class StateAdapter:
         flats: dict[int, dict[str, torch.Tensor]] = {}  # fragments / zero3: flat optimizer state per partition
         with torch.no_grad():
             for name, p in self.params:
-                box = tp_box(p.ds_shape if hasattr(p, "ds_shape") else p.shape, self.shards.get(name))
+                box = tp_box(local_shape(p), self.shards.get(name))
                 self._check_shape(reader, name, box)
                 if self.kind == "per-parameter":
                     self._set_whole(p, reader, name, box, step if with_state else None)
@@ -166,7 +173,8 @@ class StateAdapter:
         weight = reader.read_flat(name, "param", box, param_start, param_start + numel)
         flat.narrow(0, flat_start, numel).copy_(weight)
         if self.kind == "zero3":
-            p.ds_tensor.narrow(0, 0, numel).copy_(weight.to(p.ds_tensor.dtype))
+            held = local_partition(p)  # the ZeRO-3 partition of the (bit16) parameter
+            held.narrow(0, 0, numel).copy_(weight.to(held.dtype))
         if with_state:
             state = flats.setdefault(id(flat), {"_flat": flat, **{k: torch.zeros_like(flat) for k in STATE_KINDS}})
             for k in STATE_KINDS:
