@@ -55,6 +55,16 @@ def tiny_overrides(run_dir: Path, family: str = "causal", *extra: str) -> list[s
             f"run.dir={run_dir}", *extra]
 
 
+# The published architectures as options (issue 14), on the tiny model.
+GPT2_OPTIONS = ("model.norm_position=pre", "model.positions=learned", "model.activation=gelu_tanh",
+                "model.scale_embeddings=false")
+BERT_OPTIONS = ("model.positions=learned", "model.activation=gelu", "model.embedding_norm=true",
+                "model.type_vocab_size=2", "model.head_transform=true", "model.head_bias=true",
+                "model.scale_embeddings=false")
+T5_OPTIONS = ("model.norm_position=pre", "model.norm=rmsnorm", "model.positions=relative",
+              "model.relative_buckets=8", "model.relative_max_distance=16", "model.bias=false",
+              "model.scale_attention=false", "model.scale_tied_output=true", "model.scale_embeddings=false")
+
 # Global batch 8 = 2 data-parallel ranks × 2 micro-batches × 2 sequences: data parallelism and accumulation at once.
 DP_LAYOUT = ("train.global_batch_size=8", "train.micro_batch_size=2")
 LAMB = ("optim.name=lamb", "train.steps=10", "optim.lr=2e-2")

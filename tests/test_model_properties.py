@@ -171,18 +171,18 @@ def test_rotary_depends_only_on_relative_position() -> None:
     q, k = torch.randn(1, 1, 1, 16, generator=gen), torch.randn(1, 1, 1, 16, generator=gen)
 
     def dot(m: int, n: int) -> float:
-        return (rot(q, offset=m) * rot(k, offset=n)).sum().item()
+        return (rot(q, torch.tensor([[m]])) * rot(k, torch.tensor([[n]]))).sum().item()
 
     for m, n in [(0, 0), (3, 1), (1, 3), (10, 25), (40, 7)]:
         for shift in (1, 5, 60):
             assert abs(dot(m, n) - dot(m + shift, n + shift)) <= 1e-5, (m, n, shift)
     assert abs(dot(0, 5) - dot(5, 0)) > 1e-3  # ... and does depend on the (signed) difference
-    # position 0 is the identity; rotation preserves the norm; offset == position within a sequence
-    assert torch.allclose(rot(q, offset=0), q)
+    # position 0 is the identity; rotation preserves the norm; position_ids == position within a sequence
+    assert torch.allclose(rot(q, torch.tensor([[0]])), q)
     x = torch.randn(2, 3, 20, 16, generator=gen)
     y = rot(x)
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
-    assert torch.allclose(rot(x[:, :, 7:9], offset=7), y[:, :, 7:9], atol=1e-6)
+    assert torch.allclose(rot(x[:, :, 7:9], torch.tensor([[7, 8]]).expand(2, 2)), y[:, :, 7:9], atol=1e-6)
 
 
 def test_rotary_pairs_rotate_by_position_times_frequency() -> None:

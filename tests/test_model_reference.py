@@ -182,7 +182,7 @@ def test_embedding_is_scaled_tokens_plus_sinusoid() -> None:
     expected = model.embed.tokens.weight[ids] * math.sqrt(32) + table[:10]
     assert (model.embed(ids) - expected).abs().max().item() <= 1e-5
     shifted = model.embed.tokens.weight[ids] * math.sqrt(32) + table[5:15]
-    assert (model.embed(ids, offset=5) - shifted).abs().max().item() <= 1e-5
+    assert (model.embed(ids, torch.arange(5, 15)[None, :].expand(2, 10)) - shifted).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="max_seq_len"):
         model.embed(torch.zeros(1, 33, dtype=torch.long))
 

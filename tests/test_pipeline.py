@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
+    BERT_OPTIONS,
+    GPT2_OPTIONS,
+    T5_OPTIONS,
     assert_resume_is_exact,
     assert_same_curve,
     consolidated_eval_loss,
@@ -51,11 +54,18 @@ def test_pipeline_matches_single_device(reference, tmp_path, ranks, extra, launc
 @pytest.mark.parametrize("family,extra", [
     ("seq2seq", []),
     ("masked", ["model.tie_embeddings=false", "parallel.activation_checkpointing=full"]),
-], ids=["seq2seq", "masked-untied-checkpointing"])
+    ("seq2seq", [*T5_OPTIONS, "parallel.partition_method=type:NormPipe"]),
+    ("masked", [*BERT_OPTIONS]),
+    ("causal", [*GPT2_OPTIONS, "model.positions=relative", "model.relative_buckets=8",
+                "model.relative_max_distance=16"]),
+], ids=["seq2seq", "masked-untied-checkpointing", "t5", "bert", "gpt2-relative"])
 def test_pipeline_families(tmp_path, family, extra):
     """Encoder-decoder: the encoder output and the decoder stream cross stages together, and the embedding is
     used on two stages (encoder and decoder input) besides the head. Encoder-only with padding masks crossing
-    stages as int64, an untied head, and activation checkpointing inside the stages."""
+    stages as int64, an untied head, and activation checkpointing inside the stages. The published
+    architectures: T5 (relative position bias crossing stages with the hidden states; cut between the
+    norms, so the second stage starts with the encoder norm that drops the encoder's bias), BERT (token types,
+    embedding norm, head transform and logit bias), a GPT-2 with a relative position bias."""
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     single_process(tiny_overrides(ref_dir, family, *LAYOUT, *extra))
     launch_ok(2, tiny_overrides(run_dir, family, *LAYOUT, *extra, "parallel.pipeline=2"))

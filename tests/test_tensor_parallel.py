@@ -49,7 +49,7 @@ def parity(tmp_path_factory) -> dict[tuple[str, bool], dict]:
     return {(r["case"], r.get("sequence_parallel", False)): r for r in records}
 
 
-CASES = ["causal", "causal-modern-gqa", "masked", "seq2seq", "seq2seq-modern"]
+CASES = ["causal", "causal-modern-gqa", "masked", "seq2seq", "seq2seq-modern", "gpt2", "bert", "t5"]
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])

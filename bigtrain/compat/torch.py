@@ -63,14 +63,16 @@ SDPA_HAS_GQA = _sdpa_has_gqa()
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float,
-         is_causal: bool) -> torch.Tensor:
-    """softmax(q kᵀ / √d + mask) v; k / v may have fewer heads than q (a divisor: grouped-query attention)."""
+         is_causal: bool, scale: float | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v, scale = 1/√d unless given; k / v may have fewer heads than q (a divisor:
+    grouped-query attention); a float mask is added to the scores, a bool mask keeps the True positions."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1 and not SDPA_HAS_GQA:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         groups = 1
     extra = {"enable_gqa": True} if groups > 1 else {}
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, **extra)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                          scale=scale, **extra)
 
 
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"

@@ -178,6 +178,20 @@ def check_model(cfg: Config) -> None:
     if m.positions == "sinusoidal":
         _require(m.d_model % 2 == 0, f"model.positions='sinusoidal' needs an even model.d_model, "
                  f"got {m.d_model}.")
+    if m.positions == "relative":
+        _require(m.relative_buckets >= 4, f"model.relative_buckets={m.relative_buckets}: relative positions need "
+                 f"at least 4 buckets (T5 uses 32).")
+        _require(m.relative_max_distance > m.relative_buckets // 2,
+                 f"model.relative_max_distance={m.relative_max_distance} must exceed half of "
+                 f"model.relative_buckets={m.relative_buckets} (the exact buckets); T5 uses 128 with 32 buckets.")
+    _require(m.type_vocab_size >= 0, f"model.type_vocab_size must be 0 (no token types) or more, "
+             f"got {m.type_vocab_size}.")
+    _require(not m.scale_tied_output or m.tie_embeddings,
+             "model.scale_tied_output=true rescales the input of a tied output head (T5), but "
+             "model.tie_embeddings=false. Set model.tie_embeddings=true or model.scale_tied_output=false.")
+    _require(not m.head_transform or m.activation != "swiglu",
+             "model.head_transform=true applies model.activation to one dense layer, which swiglu (a gated pair) "
+             "cannot be. Use model.activation=gelu (BERT) or model.head_transform=false.")
     _fraction("model.dropout", m.dropout)
     if m.attention_dropout is not None:
         _fraction("model.attention_dropout", m.attention_dropout)

@@ -32,18 +32,30 @@ class ModelConfig:
         None, "key/value heads for grouped-query attention; null = n_heads (multi-head attention)")
     d_ff: int = opt(2048, "hidden width of the position-wise feed-forward network")
     max_seq_len: int = opt(512, "longest sequence the model accepts (size of position tables)")
-    positions: Literal["sinusoidal", "learned", "rotary", "none"] = opt(
-        "sinusoidal", "position information: the guide's sinusoidal table, a learned table, "
-        "rotary embeddings applied to queries and keys, or none")
+    positions: Literal["sinusoidal", "learned", "rotary", "relative", "none"] = opt(
+        "sinusoidal", "position information: the guide's sinusoidal table, a learned table, rotary embeddings "
+        "applied to queries and keys, T5's relative position bias (a learned scalar per head and distance "
+        "bucket added to the attention scores, one table per stack), or none")
     rope_theta: float = opt(10000.0, "rotary base frequency")
+    relative_buckets: int = opt(32, "positions=relative: distance buckets (half exact, half log-spaced)")
+    relative_max_distance: int = opt(128, "positions=relative: distances from this on share the last bucket")
+    scale_attention: bool = opt(True, "divide attention scores by sqrt(head size); T5 does not (false)")
+    embedding_norm: bool = opt(False, "a LayerNorm on the summed input embeddings, before dropout (BERT)")
+    type_vocab_size: int = opt(0, "token-type (segment) embeddings added to the input (BERT: 2); 0 = none")
     norm_position: Literal["post", "pre"] = opt(
         "post", "post: the guide's Add & Norm, x = norm(x + sublayer(x)); pre: x = x + sublayer(norm(x))")
     norm: Literal["layernorm", "rmsnorm"] = opt("layernorm", "normalization layer")
     norm_eps: float = opt(1e-5, "epsilon of the normalization layers")
-    activation: Literal["relu", "gelu", "swiglu"] = opt(
-        "relu", "feed-forward activation; swiglu uses a gated pair of input projections")
+    activation: Literal["relu", "gelu", "gelu_tanh", "swiglu"] = opt(
+        "relu", "feed-forward activation: relu, gelu (exact, erf), gelu_tanh (GPT-2's tanh approximation), "
+        "swiglu (a gated pair of input projections)")
     scale_embeddings: bool = opt(True, "multiply token embeddings by sqrt(d_model), as in the guide")
     tie_embeddings: bool = opt(True, "share the input embedding matrix with the output head")
+    head_transform: bool = opt(
+        False, "before the output head: dense d_model -> d_model, the activation, LayerNorm (BERT's MLM head)")
+    head_bias: bool = opt(False, "a bias on the output logits, one per vocabulary entry (BERT)")
+    scale_tied_output: bool = opt(
+        False, "multiply the last hidden state by d_model^-0.5 before the tied output head (T5)")
     bias: bool = opt(True, "biases in linear layers and norms")
     dropout: float = opt(0.1, "dropout on embeddings, sublayer outputs and the FFN hidden layer")
     attention_dropout: float | None = opt(None, "dropout on attention weights; null = model.dropout")
@@ -51,6 +63,10 @@ class ModelConfig:
         "normal", "normal: N(0, init_std) with GPT-2's 1/sqrt(2L) scaling of residual projections; "
         "xavier: Xavier-uniform for linears")
     init_std: float = opt(0.02, "standard deviation of the normal init")
+    init_from: str | None = opt(
+        None, "start from these weights instead of the init (fine-tuning; fresh optimizer): a local Hugging "
+        "Face model directory (config.json + safetensors) of GPT-2, Llama, BERT or T5, or a bigtrain run.dir, "
+        "checkpoint or export; the model section must describe the same architecture")
 
 
 @dataclass
@@ -171,6 +187,9 @@ class LogConfig:
     progress: bool = opt(True, "show a live progress bar when the output is a terminal")
     peak_tflops: float | None = opt(
         None, "peak FLOP/s (in TFLOP/s) of one device for MFU; null = looked up for known GPUs")
+    attention_images: bool = opt(
+        False, "at each evaluation, log the attention maps (layers x heads) of the first held-out sample to "
+        "TensorBoard as an image (needs log.tensorboard and matplotlib)")
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Multi-head and grouped-query attention.
 
-softmax(Q Kᵀ / sqrt(d_k) + mask) V per head, then the output projection. Q, K, V and the output are
-separate linears so that tensor parallelism can split them by heads (columns of Q/K/V, rows of the
-output) without touching this file: the head count is read from the projected width at run time.
+softmax(Q Kᵀ · s + B + mask) V per head, then the output projection; s = 1/sqrt(d_k) (T5: 1) and B an optional
+position bias (T5's relative one). Q, K, V and the output are separate linears so that tensor parallelism can
+split them by heads (columns of Q/K/V, rows of the output) without touching this file: the head count is read
+from the projected width at run time. With a cache (`bigtrain.models.cache`) the layer takes only the new
+positions and attends over the cached keys as well.
 """
 
 from __future__ import annotations
@@ -14,39 +16,58 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.compat.torch import sdpa
+from bigtrain.models.cache import AttentionCache
 from bigtrain.models.layers import Rotary
 
 
 def build_mask(query_len: int, key_padding: torch.Tensor | None, causal: bool,
-               device: torch.device, self_attention: bool = True) -> torch.Tensor | None:
-    """Boolean mask [batch or 1, 1, query, key], True where attention is allowed; None = no mask needed.
+               device: torch.device, self_attention: bool = True, key_len: int | None = None
+               ) -> torch.Tensor | None:
+    """Boolean mask [batch or 1, 1, query, key], True where attention is allowed; None = no mask needed (or,
+    when `causal`, the plain causal one of equal lengths).
 
-    Padding keys are excluded. In self-attention a query may always attend to its own position, so that
-    rows of padded queries are never fully masked (which would give NaN); unpadded rows are unaffected by
-    this. Not in cross-attention: there query t and key t are different sequences, and a real decoder
-    query must not see a padded encoder position just because the two lengths happen to be equal.
+    The queries are the last `query_len` of the `key_len` key positions (incremental decoding attends over
+    cached keys too). Padding keys are excluded. In self-attention a query may always attend to its own
+    position, so that rows of padded queries are never fully masked (which would give NaN); unpadded rows
+    are unaffected by this. Not in cross-attention: there query t and key t are different sequences, and a
+    real decoder query must not see a padded encoder position just because the two lengths happen to be equal.
     """
-    if key_padding is None:
+    key_len = key_padding.shape[-1] if key_padding is not None else (key_len or query_len)
+    shift = key_len - query_len
+    if key_padding is None and (not causal or shift == 0):
         return None
-    key_len = key_padding.shape[-1]
-    mask = key_padding[:, None, None, :].bool()
+    if key_padding is None:
+        mask = torch.ones(1, 1, 1, key_len, dtype=torch.bool, device=device)
+    else:
+        mask = key_padding[:, None, None, :].bool()
     if causal:
-        mask = mask & torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril()
-    if self_attention and query_len == key_len:
-        mask = mask | torch.eye(query_len, dtype=torch.bool, device=device)
+        mask = mask & torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(diagonal=shift)
+    if self_attention and key_padding is not None and shift >= 0:
+        own = torch.arange(key_len, device=device)[None, :] == torch.arange(query_len, device=device)[:, None] + shift
+        mask = mask | own
     return mask
 
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                   causal: bool, dropout: float, return_weights: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q: [B, H, T, d], k/v: [B, H_kv, S, d] with H a multiple of H_kv -> ([B, H, T, d], weights or None)."""
+                   causal: bool, dropout: float, return_weights: bool, scale: float | None = None,
+                   bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q: [B, H, T, d], k/v: [B, H_kv, S, d] with H a multiple of H_kv -> ([B, H, T, d], weights or None).
+
+    mask None with `causal` means the plain causal mask (T = S); scale None means 1/√d; bias [1 or B, H, T, S]
+    is added to the scores."""
     groups = q.shape[1] // k.shape[1]
+    if bias is not None and mask is None and causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     if not return_weights:
-        return sdpa(q, k, v, mask, dropout, is_causal=causal and mask is None), None
+        attn = mask
+        if bias is not None:
+            attn = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        return sdpa(q, k, v, attn, dropout, is_causal=causal and mask is None, scale=scale), None
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    scores = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     if mask is None and causal:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
@@ -56,22 +77,25 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 
 class AttentionCore(nn.Module):
-    """softmax(Q Kᵀ / √d + mask) V as a module of its own (no parameters), so that it can be recomputed
+    """softmax(Q Kᵀ · s + B + mask) V as a module of its own (no parameters), so that it can be recomputed
     (selective activation checkpointing wraps it) or given a per-rank dropout stream (tensor parallelism)."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                causal: bool, dropout: float, return_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return attention_core(q, k, v, mask, causal, dropout, return_weights)
+                causal: bool, dropout: float, return_weights: bool, scale: float | None = None,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return attention_core(q, k, v, mask, causal, dropout, return_weights, scale, bias)
 
 
 class Attention(nn.Module):
-    """Self- or cross-attention with n_heads query heads and n_kv_heads key/value heads."""
+    """Self- or cross-attention with n_heads query heads and n_kv_heads key/value heads; `scale` False leaves
+    the scores unscaled (T5)."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool, dropout: float,
-                 causal: bool, rotary: Rotary | None = None) -> None:
+                 causal: bool, rotary: Rotary | None = None, scale: bool = True) -> None:
         super().__init__()
         self.head_dim = d_model // n_heads
         self.causal, self.dropout, self.rotary = causal, dropout, rotary
+        self.scale = None if scale else 1.0
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
@@ -85,17 +109,30 @@ class Attention(nn.Module):
         return x.view(batch, seq, -1, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None,
-                memory: torch.Tensor | None = None) -> torch.Tensor:
+                memory: torch.Tensor | None = None, position_bias: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: AttentionCache | None = None) -> torch.Tensor:
         """x: [B, T, d]; memory: [B, S, d] for cross-attention (keys/values), else keys come from x.
 
-        key_padding: bool [B, S], True at real (non-padding) key positions.
+        key_padding: bool [B, S], True at real (non-padding) key positions (with a cache: all of them);
+        position_bias: [1 or B, H, T, S] added to the scores; position_ids: [B, T] positions of x for rotary
+        (default 0..T-1); cache: this layer's keys and values of earlier steps.
         """
-        source = x if memory is None else memory
-        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(source)), self._heads(self.v_proj(source))
+        q = self._heads(self.q_proj(x))
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        mask = build_mask(x.shape[1], key_padding, self.causal, x.device, self_attention=memory is None)
+            q = self.rotary(q, position_ids)
+        if cache is not None and cache.filled:  # cross-attention: the encoder's keys, computed at step one
+            k, v = cache.stored()
+        else:
+            source = x if memory is None else memory
+            k, v = self._heads(self.k_proj(source)), self._heads(self.v_proj(source))
+            if self.rotary is not None:
+                k = self.rotary(k, position_ids)
+            if cache is not None:
+                k, v = cache.add(k, v)
+        mask = build_mask(x.shape[1], key_padding, self.causal, x.device, self_attention=memory is None,
+                          key_len=k.shape[2])
         dropout = self.dropout if self.training else 0.0
-        out, weights = self.core(q, k, v, mask, self.causal, dropout, self.record_weights)
+        out, weights = self.core(q, k, v, mask, self.causal, dropout, self.record_weights, self.scale,
+                                 position_bias)
         self.weights = weights
         return self.o_proj(out.transpose(1, 2).flatten(2))

@@ -13,6 +13,7 @@ from torch import nn
 
 from bigtrain.config import ModelConfig
 from bigtrain.models.attention import Attention
+from bigtrain.models.cache import BlockCache
 from bigtrain.models.layers import FeedForward, Rotary, make_norm
 
 
@@ -30,11 +31,13 @@ class Block(nn.Module):
         def norm() -> nn.Module:
             return make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
 
-        self.self_attn = Attention(cfg.d_model, cfg.n_heads, kv_heads, cfg.bias, attn_dropout, causal, rotary)
+        self.self_attn = Attention(cfg.d_model, cfg.n_heads, kv_heads, cfg.bias, attn_dropout, causal, rotary,
+                                   cfg.scale_attention)
         self.self_attn_norm = norm()
         self.cross_attn = self.cross_attn_norm = None
         if cross_attention:
-            self.cross_attn = Attention(cfg.d_model, cfg.n_heads, kv_heads, cfg.bias, attn_dropout, False)
+            self.cross_attn = Attention(cfg.d_model, cfg.n_heads, kv_heads, cfg.bias, attn_dropout, False,
+                                        scale=cfg.scale_attention)
             self.cross_attn_norm = norm()
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias, cfg.dropout)
         self.ffn_norm = norm()
@@ -47,11 +50,17 @@ class Block(nn.Module):
         return norm(x + self.dropout(sublayer(x)))
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                memory: torch.Tensor | None = None,
-                memory_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, T, d]; padding_mask: bool [B, T] (True = real token); memory: encoder output [B, S, d]."""
-        x = self._residual(x, self.self_attn_norm, lambda h: self.self_attn(h, key_padding=padding_mask))
+                memory: torch.Tensor | None = None, memory_padding_mask: torch.Tensor | None = None,
+                position_bias: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: BlockCache | None = None) -> torch.Tensor:
+        """x: [B, T, d]; padding_mask: bool [B, T] (True = real token; with a cache, over all positions so far);
+        memory: encoder output [B, S, d]; position_bias: added to the self-attention scores; position_ids:
+        positions of x (rotary); cache: this block's keys and values of earlier decoding steps."""
+        x = self._residual(x, self.self_attn_norm, lambda h: self.self_attn(
+            h, key_padding=padding_mask, position_bias=position_bias, position_ids=position_ids,
+            cache=None if cache is None else cache.self_attn))
         if self.cross_attn is not None:
-            x = self._residual(x, self.cross_attn_norm,
-                               lambda h: self.cross_attn(h, key_padding=memory_padding_mask, memory=memory))
+            x = self._residual(x, self.cross_attn_norm, lambda h: self.cross_attn(
+                h, key_padding=memory_padding_mask, memory=memory,
+                cache=None if cache is None else cache.cross_attn))
         return self._residual(x, self.ffn_norm, self.ffn)

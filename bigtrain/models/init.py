@@ -3,7 +3,8 @@
 normal: every linear and embedding weight ~ N(0, σ), σ = init_std; residual output projections
 (attention o_proj, FFN down) use σ / sqrt(2 · n_blocks) as in GPT-2, so the residual stream's variance
 does not grow with depth. xavier: linears ~ U(±sqrt(6 / (fan_in + fan_out))), embeddings ~ N(0, d^-0.5)
-(the original Transformer, whose embeddings are then scaled by sqrt(d)). Biases 0, norm weights 1.
+(the original Transformer, whose embeddings are then scaled by sqrt(d)). Biases 0, norm weights 1; the tables of
+relative position bias and token types are embeddings.
 
 Every parameter draws from a CPU generator of its own, seeded from (seed, parameter name), so its values
 depend on neither the device nor the layout, and any subset of the model can be initialized on its own:
@@ -93,6 +94,8 @@ def init_weights(model: TransformerLM, seed: int, shards: dict[str, Shard] | Non
                 module.weight.fill_(1.0)  # norms
             if _materialized(getattr(module, "bias", None)):
                 module.bias.zero_()
+        elif isinstance(getattr(module, "bias", None), nn.Parameter) and _materialized(module.bias):
+            module.bias.zero_()  # a bias of its own (the logit bias)
     for module in model.modules() if only is None else only.modules():
         buffers = list(module.buffers(recurse=False))
         if hasattr(module, "reset_buffers") and not any(b.device.type == "meta" for b in buffers):

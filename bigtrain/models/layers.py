@@ -65,14 +65,69 @@ class Rotary(nn.Module):
         self.cos = angles.cos().to(device)
         self.sin = angles.sin().to(device)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """x: [batch, heads, seq, head_dim] -> same shape, rotated by absolute position offset + t."""
-        seq = x.shape[-2]
-        cos = self.cos[offset:offset + seq].to(x.dtype)
-        sin = self.sin[offset:offset + seq].to(x.dtype)
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [batch, heads, seq, head_dim] -> same shape, rotated by its positions: position_ids [batch, seq]
+        (incremental decoding, left-padded rows), or 0..seq-1."""
+        if position_ids is None:
+            seq = x.shape[-2]
+            cos, sin = self.cos[:seq], self.sin[:seq]
+        else:
+            cos, sin = self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
+
+
+def relative_bucket(distance: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bucket of each distance = key position - query position (Raffel et al. 2020, §2.1).
+
+    Bidirectional: half the buckets for keys after the query, half for keys at or before it; causal: all
+    buckets for keys at or before it (later keys fall in bucket 0, and are masked anyway). Within a direction
+    of n buckets, distances below n/2 get a bucket each; larger ones are spaced logarithmically up to
+    max_distance: n/2 + floor(log(d / (n/2)) / log(max_distance / (n/2)) * n/2), at most n - 1.
+    """
+    n = buckets
+    if bidirectional:
+        n //= 2
+        first = (distance > 0).long() * n
+        d = distance.abs()
+    else:
+        first = torch.zeros_like(distance)
+        d = (-distance).clamp(min=0)
+    exact = n // 2
+    logarithmic = exact + (torch.log(d.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                           * (n - exact)).long()
+    return first + torch.where(d < exact, d, logarithmic.clamp(max=n - 1))
+
+
+class RelativePositionBias(nn.Module):
+    """A learned scalar per (distance bucket, head) added to the attention scores (T5); one table per stack,
+    shared by its blocks. `table` is [buckets, heads], so tensor parallelism cuts it by heads (columns)."""
+
+    def __init__(self, n_heads: int, buckets: int, max_distance: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.buckets, self.max_distance, self.bidirectional = buckets, max_distance, bidirectional
+        self.table = nn.Embedding(buckets, n_heads)
+
+    def forward(self, query_len: int, key_len: int) -> torch.Tensor:
+        """The bias [1, heads, query_len, key_len] of the last `query_len` of `key_len` positions."""
+        device = self.table.weight.device
+        queries = torch.arange(key_len - query_len, key_len, device=device)[:, None]
+        distance = torch.arange(key_len, device=device)[None, :] - queries
+        bucket = relative_bucket(distance, self.bidirectional, self.buckets, self.max_distance)
+        return self.table(bucket).permute(2, 0, 1).unsqueeze(0)
+
+    def extra_repr(self) -> str:
+        kind = "bidirectional" if self.bidirectional else "causal"
+        return f"{kind}, max_distance={self.max_distance}"
+
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's 0.5x(1 + tanh(√(2/π)(x + 0.044715x³)))
+}
 
 
 class FeedForward(nn.Module):
@@ -89,8 +144,30 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
             hidden = F.silu(self.gate(x)) * self.up(x)
-        elif self.activation == "gelu":
-            hidden = F.gelu(self.up(x))
         else:
-            hidden = F.relu(self.up(x))
+            hidden = ACTIVATIONS[self.activation](self.up(x))
         return self.down(self.dropout(hidden))
+
+
+class HeadTransform(nn.Module):
+    """h -> norm(act(h Wᵀ + b)) before the output head (BERT's masked-LM head transform)."""
+
+    def __init__(self, d_model: int, activation: str, norm: str, eps: float, bias: bool) -> None:
+        super().__init__()
+        self.activation = activation
+        self.dense = nn.Linear(d_model, d_model, bias=bias)
+        self.norm = make_norm(norm, d_model, eps, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(ACTIVATIONS[self.activation](self.dense(x)))
+
+
+class LogitBias(nn.Module):
+    """logits + b, one bias per vocabulary entry (BERT's output bias; kept apart from a tied head's weight)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.bias

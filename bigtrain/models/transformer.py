@@ -1,7 +1,10 @@
-"""The three model families, each a plain sequence: embedding -> blocks -> final norm -> head.
+"""The three model families, each a plain sequence: embedding -> blocks -> final norm -> output.
 
-That sequence is what pipeline parallelism cuts into stages and what tensor parallelism rewrites linear
-by linear; nothing here knows about either.
+The output is [head transform ->] head [-> logit bias] (BERT has the transform and the bias; T5 scales the
+last hidden state by d_model^-0.5 before its tied head). With relative positions (T5) each stack has one bias
+table whose output every block of the stack adds to its attention scores. That sequence is what pipeline
+parallelism cuts into stages and what tensor parallelism rewrites linear by linear; nothing here knows about
+either. A `DecodingCache` turns the decoder side into incremental decoding (generation).
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from torch import nn
 
 from bigtrain.config import ModelConfig
 from bigtrain.models.blocks import Block
+from bigtrain.models.cache import DecodingCache
 from bigtrain.models.embedding import Embedding
-from bigtrain.models.layers import Rotary, make_norm
+from bigtrain.models.layers import HeadTransform, LogitBias, RelativePositionBias, Rotary, make_norm
 
 
 def _final_norm(cfg: ModelConfig) -> nn.Module:
@@ -28,6 +32,26 @@ def _rotary(cfg: ModelConfig) -> Rotary | None:
     return Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
 
 
+def _position_bias(cfg: ModelConfig, bidirectional: bool) -> RelativePositionBias | None:
+    if cfg.positions != "relative":
+        return None
+    return RelativePositionBias(cfg.n_heads, cfg.relative_buckets, cfg.relative_max_distance, bidirectional)
+
+
+def _positions(cache: DecodingCache | None, position_ids: torch.Tensor | None, length: int,
+               device: torch.device) -> torch.Tensor | None:
+    """Positions of the new tokens: given, or following the cached ones (None = 0..T-1)."""
+    if position_ids is not None or cache is None or cache.length == 0:
+        return position_ids
+    return torch.arange(cache.length, cache.length + length, device=device)[None, :]
+
+
+def _bias(table: RelativePositionBias | None, new: int, cache: DecodingCache | None) -> torch.Tensor | None:
+    if table is None:
+        return None
+    return table(new, new + (cache.length if cache is not None else 0))
+
+
 class TransformerLM(nn.Module):
     """Shared parts of the families: embedding, output head (optionally tied to the embedding)."""
 
@@ -37,7 +61,11 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.embed = Embedding(cfg, vocab_size)
+        self.head_transform = (HeadTransform(cfg.d_model, cfg.activation, cfg.norm, cfg.norm_eps, cfg.bias)
+                               if cfg.head_transform else None)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.logit_bias = LogitBias(vocab_size) if cfg.head_bias else None
+        self.output_scale = cfg.d_model ** -0.5 if cfg.scale_tied_output else 1.0
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -45,9 +73,20 @@ class TransformerLM(nn.Module):
         if self.cfg.tie_embeddings:
             self.head.weight = self.embed.tokens.weight
 
+    def output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the final (normed) hidden states."""
+        if self.head_transform is not None:
+            hidden = self.head_transform(hidden)
+        logits = self.head(hidden * self.output_scale if self.output_scale != 1.0 else hidden)
+        return logits if self.logit_bias is None else self.logit_bias(logits)
+
     def stacks(self) -> list[nn.ModuleList]:
         """The block stacks, in the order data flows through them."""
         raise NotImplementedError
+
+    def new_cache(self) -> DecodingCache:
+        """An empty cache for incremental decoding (causal and seq2seq families)."""
+        raise NotImplementedError(f"the {self.family} family does not generate text")
 
 
 class _EncoderOrDecoderLM(TransformerLM):
@@ -58,6 +97,7 @@ class _EncoderOrDecoderLM(TransformerLM):
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__(cfg, vocab_size)
         rotary = _rotary(cfg)
+        self.position_bias = _position_bias(cfg, bidirectional=not self.causal)
         self.blocks = nn.ModuleList(Block(cfg, causal=self.causal, cross_attention=False, rotary=rotary)
                                     for _ in range(cfg.n_layers))
         self.final_norm = _final_norm(cfg)
@@ -65,18 +105,29 @@ class _EncoderOrDecoderLM(TransformerLM):
     def stacks(self) -> list[nn.ModuleList]:
         return [self.blocks]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: [B, T]; attention_mask: bool [B, T], True at real tokens -> logits [B, T, vocab]."""
-        x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, padding_mask=attention_mask)
-        return self.head(self.final_norm(x))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: DecodingCache | None = None) -> torch.Tensor:
+        """input_ids: [B, T]; attention_mask: bool [B, T], True at real tokens (with a cache: [B, cached + T])
+        -> logits [B, T, vocab]. position_ids: [B, T] (left-padded rows); cache: incremental decoding."""
+        position_ids = _positions(cache, position_ids, input_ids.shape[1], input_ids.device)
+        x = self.embed(input_ids, position_ids, token_type_ids)
+        bias = _bias(self.position_bias, input_ids.shape[1], cache)
+        for index, block in enumerate(self.blocks):
+            x = block(x, padding_mask=attention_mask, position_bias=bias, position_ids=position_ids,
+                      cache=None if cache is None else cache[index])
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.output(self.final_norm(x))
 
 
 class CausalLM(_EncoderOrDecoderLM):
     """Decoder-only language model (GPT): logits[t] predict token t + 1 from tokens ≤ t."""
 
     family, causal = "causal", True
+
+    def new_cache(self) -> DecodingCache:
+        return DecodingCache(self.blocks)
 
 
 class MaskedLM(_EncoderOrDecoderLM):
@@ -95,9 +146,11 @@ class Seq2SeqLM(TransformerLM):
         super().__init__(cfg, vocab_size)
         rotary = _rotary(cfg)
         n_dec = cfg.n_decoder_layers or cfg.n_layers
+        self.encoder_position_bias = _position_bias(cfg, bidirectional=True)
         self.encoder_blocks = nn.ModuleList(Block(cfg, causal=False, cross_attention=False, rotary=rotary)
                                             for _ in range(cfg.n_layers))
         self.encoder_norm = _final_norm(cfg)
+        self.decoder_position_bias = _position_bias(cfg, bidirectional=False)
         self.decoder_blocks = nn.ModuleList(Block(cfg, causal=True, cross_attention=True, rotary=rotary)
                                             for _ in range(n_dec))
         self.final_norm = _final_norm(cfg)
@@ -105,19 +158,32 @@ class Seq2SeqLM(TransformerLM):
     def stacks(self) -> list[nn.ModuleList]:
         return [self.encoder_blocks, self.decoder_blocks]
 
+    def new_cache(self) -> DecodingCache:
+        return DecodingCache(self.decoder_blocks, cross_attention=True)
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(input_ids)
+        bias = _bias(self.encoder_position_bias, input_ids.shape[1], None)
         for block in self.encoder_blocks:
-            x = block(x, padding_mask=attention_mask)
+            x = block(x, padding_mask=attention_mask, position_bias=bias)
         return self.encoder_norm(x)
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor,
                attention_mask: torch.Tensor | None = None,
-               decoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.embed(decoder_input_ids)
-        for block in self.decoder_blocks:
-            y = block(y, padding_mask=decoder_attention_mask, memory=memory, memory_padding_mask=attention_mask)
-        return self.head(self.final_norm(y))
+               decoder_attention_mask: torch.Tensor | None = None,
+               cache: DecodingCache | None = None) -> torch.Tensor:
+        """Logits of the decoder positions given the encoder output `memory`; with a cache, only the new
+        decoder tokens are passed (and the cross-attention keys are computed at the first step only)."""
+        position_ids = _positions(cache, None, decoder_input_ids.shape[1], decoder_input_ids.device)
+        y = self.embed(decoder_input_ids, position_ids)
+        bias = _bias(self.decoder_position_bias, decoder_input_ids.shape[1], cache)
+        for index, block in enumerate(self.decoder_blocks):
+            y = block(y, padding_mask=decoder_attention_mask, memory=memory, memory_padding_mask=attention_mask,
+                      position_bias=bias, position_ids=position_ids,
+                      cache=None if cache is None else cache[index])
+        if cache is not None:
+            cache.length += decoder_input_ids.shape[1]
+        return self.output(self.final_norm(y))
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,

@@ -2,9 +2,13 @@
 
 The sequence is the one every family already is:
 
-    causal / masked   embed → blocks → final_norm → head
-    seq2seq           embed(encoder) → encoder_blocks → encoder_norm → embed(decoder) → decoder_blocks
-                      → final_norm → head
+    causal / masked   [position_bias] → embed → blocks → final_norm → [head_transform] → head → [logit_bias]
+    seq2seq           [encoder_position_bias] → embed(encoder) → encoder_blocks → encoder_norm →
+                      [decoder_position_bias] → embed(decoder) → decoder_blocks → final_norm → ... → head → ...
+
+(bracketed: where the architecture has them). A relative position bias (T5) is computed once per stack by the
+layer that holds its table and travels with the hidden states as one more float tensor, so each table lives
+on one stage and gets its gradient back through the pipeline like any activation.
 
 Each entry becomes one pipeline layer that wraps the model's own (meta-device) module; a stage materializes
 and initializes only the layers it owns (per-parameter generators make that exact). The embedding is a
@@ -33,6 +37,16 @@ def _mask(t: torch.Tensor) -> torch.Tensor:
     return t.bool()
 
 
+def _drop(out: torch.Tensor, *dropped: torch.Tensor) -> torch.Tensor:
+    """`out`, still depending on the tensors a layer does not pass on. DeepSpeed sends a gradient back for
+    every floating tensor a stage received (its receive buffer must get one), so a dropped one is kept in the
+    graph with weight zero: its gradient is exactly zero, as on one device."""
+    for t in dropped:
+        if t.is_floating_point() and t.requires_grad:
+            out = out + 0.0 * t.sum()
+    return out
+
+
 class EmbedPipe(nn.Module):
     """The input embedding (and, when tied, the head that shares its weight)."""
 
@@ -42,26 +56,40 @@ class EmbedPipe(nn.Module):
         self.with_mask = model.family != "causal"
         self.embed = model.embed
         materialize(self.embed)
+        self.output_scale = model.output_scale
         if model.cfg.tie_embeddings:
             self.head = model.head
             self.head.weight = self.embed.tokens.weight
 
     def forward(self, inputs):
-        """First stage: ids -> hidden states (masks and decoder ids pass along as int64)."""
-        if self.seq2seq:
-            ids, mask, dec_ids, dec_mask = inputs
-            return self.embed(ids), mask, dec_ids, dec_mask
-        if self.with_mask:
-            ids, mask = inputs
-            return self.embed(ids), mask
-        return self.embed(inputs)
+        """First stage: ids -> hidden states (masks and decoder ids pass along as int64, a position bias as
+        it is)."""
+        if isinstance(inputs, torch.Tensor):
+            return self.embed(inputs)
+        return (self.embed(inputs[0]), *inputs[1:])
 
     def embed_decoder(self, inputs):
-        memory, mask, dec_ids, dec_mask = inputs
-        return memory, mask, self.embed(dec_ids), dec_mask
+        memory, mask, dec_ids, *rest = inputs
+        return (memory, mask, self.embed(dec_ids), *rest)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
+        return self.head(hidden * self.output_scale if self.output_scale != 1.0 else hidden)
+
+
+class PositionBiasPipe(nn.Module):
+    """A stack's relative position bias [1, H, T, T], computed from the ids' length and appended to what
+    flows (before the embedding of its stack, where the full length is still known)."""
+
+    def __init__(self, name: str, bias: nn.Module, decoder: bool, materialize: Callable[[nn.Module], None]) -> None:
+        super().__init__()
+        self.name, self.decoder = name, decoder
+        materialize(bias)
+        setattr(self, name, bias)
+
+    def forward(self, inputs):
+        ids = inputs if isinstance(inputs, torch.Tensor) else inputs[2 if self.decoder else 0]
+        bias = getattr(self, self.name)(ids.shape[1], ids.shape[1]).contiguous()  # sent between stages
+        return (inputs, bias) if isinstance(inputs, torch.Tensor) else (*inputs, bias)
 
 
 class BlockPipe(nn.Module):
@@ -81,16 +109,21 @@ class BlockPipe(nn.Module):
 
     def forward(self, inputs):
         if self.role == "causal":
-            return self.block(inputs)
+            if isinstance(inputs, torch.Tensor):
+                return self.block(inputs)
+            h, bias = inputs
+            return self.block(h, position_bias=bias), bias
         if self.role == "masked":
-            h, mask = inputs
-            return self.block(h, padding_mask=_mask(mask)), mask
+            h, mask, *bias = inputs
+            return (self.block(h, padding_mask=_mask(mask), position_bias=bias[0] if bias else None), mask, *bias)
         if self.role == "seq2seq-encoder":
-            h, mask, dec_ids, dec_mask = inputs
-            return self.block(h, padding_mask=_mask(mask)), mask, dec_ids, dec_mask
-        memory, mask, y, dec_mask = inputs
-        return memory, mask, self.block(y, padding_mask=_mask(dec_mask), memory=memory,
-                                        memory_padding_mask=_mask(mask)), dec_mask
+            h, mask, dec_ids, dec_mask, *bias = inputs
+            h = self.block(h, padding_mask=_mask(mask), position_bias=bias[0] if bias else None)
+            return (h, mask, dec_ids, dec_mask, *bias)
+        memory, mask, y, dec_mask, *bias = inputs
+        y = self.block(y, padding_mask=_mask(dec_mask), memory=memory, memory_padding_mask=_mask(mask),
+                       position_bias=bias[0] if bias else None)
+        return (memory, mask, y, dec_mask, *bias)
 
 
 class NormPipe(nn.Module):
@@ -105,24 +138,37 @@ class NormPipe(nn.Module):
     def forward(self, inputs):
         norm = getattr(self, self.name)
         if self.name == "encoder_norm":
-            memory, mask, dec_ids, dec_mask = inputs
-            return norm(memory), mask, dec_ids, dec_mask
-        if self.family == "causal":
+            memory, mask, dec_ids, dec_mask, *bias = inputs
+            return _drop(norm(memory), *bias), mask, dec_ids, dec_mask
+        if isinstance(inputs, torch.Tensor):
             return norm(inputs)
-        hidden = inputs[2] if self.family == "seq2seq" else inputs[0]
-        return norm(hidden)
+        index = 2 if self.family == "seq2seq" else 0
+        return _drop(norm(inputs[index]), *(t for i, t in enumerate(inputs) if i != index))
 
 
 class HeadPipe(nn.Module):
     """An untied output head."""
 
-    def __init__(self, head: nn.Module, materialize: Callable[[nn.Module], None]) -> None:
+    def __init__(self, head: nn.Module, output_scale: float, materialize: Callable[[nn.Module], None]) -> None:
         super().__init__()
         materialize(head)
-        self.head = head
+        self.head, self.output_scale = head, output_scale
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
+        return self.head(hidden * self.output_scale if self.output_scale != 1.0 else hidden)
+
+
+class ModulePipe(nn.Module):
+    """A one-tensor module of the output side (`head_transform`, `logit_bias`) under its model name."""
+
+    def __init__(self, name: str, module: nn.Module, materialize: Callable[[nn.Module], None]) -> None:
+        super().__init__()
+        self.name = name
+        materialize(module)
+        setattr(self, name, module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.name)(x)
 
 
 def pipeline_inputs(batch: dict[str, torch.Tensor], family: str):
@@ -156,20 +202,40 @@ def layer_specs(model: TransformerLM, materialize: Callable[[nn.Module], None]) 
         return [spec(LayerSpec, BlockPipe, stack, i, b, role, materialize, n_params=count(b))
                 for i, b in enumerate(getattr(model, stack))]
 
+    def position_bias(name: str, decoder: bool = False) -> list:
+        table = getattr(model, name)
+        if table is None:
+            return []
+        return [spec(LayerSpec, PositionBiasPipe, name, table, decoder, materialize, n_params=count(table))]
+
+    def output_module(name: str) -> list:
+        module = getattr(model, name)
+        if module is None:
+            return []
+        return [spec(LayerSpec, ModulePipe, name, module, materialize, n_params=count(module))]
+
     family = model.family
-    specs: list = [embed()]
+    specs: list = []
     if isinstance(model, Seq2SeqLM):
+        specs += position_bias("encoder_position_bias")
+        specs.append(embed())
         specs += blocks("encoder_blocks", "seq2seq-encoder")
         specs.append(spec(LayerSpec, NormPipe, "encoder_norm", model.encoder_norm, family, materialize,
                           n_params=count(model.encoder_norm)))
+        specs += position_bias("decoder_position_bias", decoder=True)
         specs.append(embed(forward_fn=EmbedPipe.embed_decoder))
         specs += blocks("decoder_blocks", "seq2seq-decoder")
     else:
+        specs += position_bias("position_bias")
+        specs.append(embed())
         specs += blocks("blocks", family)
     specs.append(spec(LayerSpec, NormPipe, "final_norm", model.final_norm, family, materialize,
                       n_params=count(model.final_norm)))
+    specs += output_module("head_transform")
     if model.cfg.tie_embeddings:
         specs.append(embed(forward_fn=EmbedPipe.logits))
     else:
-        specs.append(spec(LayerSpec, HeadPipe, model.head, materialize, n_params=count(model.head)))
+        specs.append(spec(LayerSpec, HeadPipe, model.head, model.output_scale, materialize,
+                          n_params=count(model.head)))
+    specs += output_module("logit_bias")
     return specs

@@ -8,7 +8,9 @@ Each sublayer is split across the T ranks of a tensor group so that one all-redu
     FFN        up, gate column-parallel (d_ff / T hidden units each), down row-parallel
     embedding  vocabulary-parallel: rank r holds rows [r·V/T, (r+1)·V/T); ids outside give 0, all-reduce
     head       vocabulary-parallel logits [.., V/T] (tied to the embedding shard when the model ties them);
-               the loss is `VocabParallelCriterion`, which never gathers the full logits
+               the loss is `VocabParallelCriterion`, which never gathers the full logits; the logit bias
+               is cut like the head, the head transform (BERT) stays whole
+    relative   T5's position-bias table [buckets, H] cut by heads (columns), like the attention it feeds
 
 A replicated input enters a sharded sublayer through `copy_to_tensor_region` (its backward all-reduces
 the gradient) and partial sums leave through `reduce_from_tensor_region`.
@@ -44,7 +46,15 @@ from bigtrain.models.attention import Attention, AttentionCore
 from bigtrain.models.blocks import Block
 from bigtrain.models.embedding import Embedding
 from bigtrain.models.init import Shard
-from bigtrain.models.layers import FeedForward, RMSNorm, rms_norm
+from bigtrain.models.layers import (
+    ACTIVATIONS,
+    FeedForward,
+    HeadTransform,
+    LogitBias,
+    RelativePositionBias,
+    RMSNorm,
+    rms_norm,
+)
 from bigtrain.parallel.collectives import (
     copy_to_tensor_region,
     gather_sequence,
@@ -170,8 +180,8 @@ class ShardedAttentionCore(AttentionCore):
         super().__init__()
         self.rank = rank
 
-    def forward(self, q, k, v, mask, causal, dropout, return_weights):
-        args = (q, k, v, mask, causal, dropout, return_weights)
+    def forward(self, q, k, v, mask, causal, dropout, return_weights, scale=None, bias=None):
+        args = (q, k, v, mask, causal, dropout, return_weights, scale, bias)
         if dropout > 0:
             return run_with_rank_rng(super().forward, self.rank, args, {})
         return super().forward(*args)
@@ -188,7 +198,7 @@ class TensorParallelAttention(Attention):
         d = attn.q_proj.in_features
         bias = attn.q_proj.bias is not None
         super().__init__(d, attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim,
-                         bias, attn.dropout, attn.causal, attn.rotary)
+                         bias, attn.dropout, attn.causal, attn.rotary, scale=attn.scale is None)
         self.tp = tp
         self.q_proj = ColumnParallelLinear(d, attn.q_proj.out_features, bias, tp)
         self.k_proj = ColumnParallelLinear(d, attn.k_proj.out_features, bias, tp)
@@ -197,8 +207,10 @@ class TensorParallelAttention(Attention):
         self.core = ShardedAttentionCore(tp.rank)
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None,
-                memory: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(self.tp.enter(x), key_padding, None if memory is None else self.tp.enter(memory))
+                memory: torch.Tensor | None = None, position_bias: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        memory = None if memory is None else self.tp.enter(memory)
+        return super().forward(self.tp.enter(x), key_padding, memory, position_bias, position_ids, cache)
 
 
 class TensorParallelFeedForward(FeedForward):
@@ -228,12 +240,35 @@ class TensorParallelEmbedding(Embedding):
         self.tp = tp
         self.tokens = VocabParallelEmbedding(model.vocab_size, model.cfg.d_model, tp)
 
-    def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        x = super().forward(ids, offset)
+    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = super().forward(ids, position_ids, token_type_ids)
         return split_sequence(x, self.tp.group) if self.tp.sequence_parallel else x
 
     def extra_repr(self) -> str:
         return "output cut along the sequence" if self.tp.sequence_parallel else ""
+
+
+class TensorParallelPositionBias(RelativePositionBias):
+    """The relative position bias of this rank's heads: columns [r·H/T, (r+1)·H/T) of the table."""
+
+    def __init__(self, bias: RelativePositionBias, tp: TensorParallel) -> None:
+        super().__init__(bias.table.embedding_dim // tp.size, bias.buckets, bias.max_distance, bias.bidirectional)
+        self.tp = tp
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, heads of {self.tp.describe()}"
+
+
+class VocabParallelLogitBias(LogitBias):
+    """The logit bias of this rank's vocabulary slice."""
+
+    def __init__(self, vocab_size: int, tp: TensorParallel) -> None:
+        super().__init__(vocab_size // tp.size)
+        self.tp = tp
+
+    def extra_repr(self) -> str:
+        return self.tp.describe()
 
 
 def _enter(p: torch.Tensor | None, tp: TensorParallel) -> torch.Tensor | None:
@@ -263,6 +298,22 @@ class SequenceParallelRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, _enter(self.weight, self.tp), self.eps)
+
+
+class SequenceParallelHeadTransform(HeadTransform):
+    """The head transform on this rank's sequence shard: its parameters enter the tensor region (gradients
+    sum over the shards)."""
+
+    def __init__(self, transform: HeadTransform, tp: TensorParallel) -> None:
+        d, bias = transform.dense.in_features, transform.dense.bias is not None
+        norm = "rmsnorm" if isinstance(transform.norm, RMSNorm) else "layernorm"
+        super().__init__(d, transform.activation, norm, transform.norm.eps, bias)
+        self.tp = tp
+        self.norm = _sequence_parallel_norm(self.norm, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.linear(x, _enter(self.dense.weight, self.tp), _enter(self.dense.bias, self.tp))
+        return self.norm(ACTIVATIONS[self.activation](hidden))
 
 
 def _sequence_parallel_norm(norm: nn.Module, tp: TensorParallel) -> nn.Module:
@@ -309,6 +360,14 @@ def apply_tensor_parallel(model: TransformerLM, tp: TensorParallel) -> dict[str,
                 elif isinstance(child, FeedForward):
                     setattr(parent, name, TensorParallelFeedForward(child, tp))
                     _plan_sublayer(plan, prefix + name, child, ("up", "gate"), "down", tp)
+                elif isinstance(child, RelativePositionBias):
+                    setattr(parent, name, TensorParallelPositionBias(child, tp))
+                    plan[f"{prefix}{name}.table.weight"] = tp.shard(1)
+                elif isinstance(child, LogitBias):
+                    setattr(parent, name, VocabParallelLogitBias(model.vocab_size, tp))
+                    plan[f"{prefix}{name}.bias"] = tp.shard(0)
+                elif tp.sequence_parallel and isinstance(child, HeadTransform):
+                    setattr(parent, name, SequenceParallelHeadTransform(child, tp))
                 elif tp.sequence_parallel and isinstance(child, nn.LayerNorm | RMSNorm):
                     setattr(parent, name, _sequence_parallel_norm(child, tp))
                 elif tp.sequence_parallel and isinstance(parent, Block) and name == "dropout":

@@ -44,6 +44,15 @@ CASES = {
     "masked": ["model.family=masked", "model.positions=learned", "model.activation=gelu"],
     "seq2seq": ["model.family=seq2seq", "model.n_decoder_layers=3"],
     "seq2seq-modern": ["model.family=seq2seq", *MODERN],
+    # the published architectures (issue 14): GPT-2, BERT, T5
+    "gpt2": ["model.family=causal", "model.norm_position=pre", "model.positions=learned",
+             "model.activation=gelu_tanh", "model.scale_embeddings=false"],
+    "bert": ["model.family=masked", "model.positions=learned", "model.activation=gelu", "model.embedding_norm=true",
+             "model.type_vocab_size=2", "model.head_transform=true", "model.head_bias=true",
+             "model.scale_embeddings=false"],
+    "t5": ["model.family=seq2seq", "model.norm_position=pre", "model.norm=rmsnorm", "model.positions=relative",
+           "model.relative_buckets=8", "model.relative_max_distance=16", "model.bias=false",
+           "model.scale_attention=false", "model.scale_tied_output=true", "model.scale_embeddings=false"],
 }
 
 
