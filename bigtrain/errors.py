@@ -26,3 +26,12 @@ class TrainingError(BigtrainError):
 
 class RunDirError(BigtrainError):
     """A run.dir that cannot be used: not writable, too long, a file, or held by another run."""
+
+
+class UsageError(BigtrainError):
+    """A command-line argument that cannot be used: the message names the option and what is allowed."""
+
+
+class GenerationError(BigtrainError):
+    """A generation request that cannot be served (a family without generation, contradictory decoding options,
+    a prompt or output longer than the model's positions)."""

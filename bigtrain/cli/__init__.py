@@ -6,24 +6,32 @@ from __future__ import annotations
 
 import sys
 
+from bigtrain.cli.attention import run_attention
+from bigtrain.cli.generate import run_generate
 from bigtrain.cli.tools import run_consolidate, run_convert, run_evaluate, run_export
 from bigtrain.cli.train import run_train
 
 COMMANDS = {"train": run_train, "consolidate": run_consolidate, "evaluate": run_evaluate, "export": run_export,
-            "convert": run_convert}
+            "convert": run_convert, "attention": run_attention, "generate": run_generate}
 
-__all__ = ["COMMANDS", "main", "run_consolidate", "run_convert", "run_evaluate", "run_export", "run_train"]
+__all__ = ["COMMANDS", "main", "run_attention", "run_consolidate", "run_convert", "run_evaluate", "run_export",
+           "run_generate", "run_train"]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: bigtrain {train,consolidate,evaluate,export,convert} ...\n"
+        print("usage: bigtrain {train,consolidate,evaluate,export,convert,attention,generate} ...\n"
               "  train --config FILE [--print-config] [--allow-changes KEY,...] [--debug] [section.key=value ...]\n"
               "  consolidate RUN_DIR [--step N] [--out DIR] [--debug]\n"
               "  evaluate RUN_DIR|CHECKPOINT|WEIGHTS_DIR [--debug] [section.key=value ...]\n"
-              "  export RUN_DIR|CHECKPOINT --format safetensors --out DIR [--debug]\n"
-              "  convert RUN_DIR|CHECKPOINT [--debug]")
+              "  export RUN_DIR|CHECKPOINT --format safetensors|hf --out DIR [--debug]\n"
+              "  convert RUN_DIR|CHECKPOINT [--debug]\n"
+              "  attention RUN_DIR|CHECKPOINT|WEIGHTS_DIR --text TEXT --out FILE.png [--target TEXT] "
+              "[--kind all|self|encoder|decoder|cross] [--layers I,J] [--heads I,J] [--dpi N] [--debug]\n"
+              "  generate RUN_DIR|CHECKPOINT|WEIGHTS_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] "
+              "[--greedy | --temperature T --top-k K --top-p P | --beams B --length-penalty A] [--seed S] "
+              "[--no-cache] [--debug]")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in COMMANDS:

@@ -49,13 +49,20 @@ def run_export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bigtrain export",
                                      description="Write a checkpoint's weights alone, for inference.")
     parser.add_argument("checkpoint", type=Path, help="a run.dir (its latest checkpoint) or a checkpoint folder")
-    parser.add_argument("--format", choices=["safetensors"], default="safetensors",
-                        help="safetensors: model.safetensors + config.yaml (one-device layout)")
+    parser.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
+                        help="safetensors: model.safetensors + config.yaml (one-device layout); hf: a transformers "
+                        "folder (config.json + model.safetensors + tokenizer.json) of GPT-2, Llama, BERT or T5")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     args = parser.parse_args(argv)
 
     def command() -> int:
+        if args.format == "hf":
+            from bigtrain.interop import export_hf
+
+            out = export_hf(args.checkpoint, args.out)
+            print(f"exported: {out} (transformers: config.json + model.safetensors)")
+            return 0
         from bigtrain.engine.weights import export_safetensors
 
         out = export_safetensors(args.checkpoint, args.out)

@@ -306,6 +306,21 @@ def check_training(cfg: Config, world_size: int) -> None:
     _positive("log.every", lg.every)
     if lg.peak_tflops is not None:
         _positive("log.peak_tflops", lg.peak_tflops)
+    if lg.attention_images:
+        check_attention_images(cfg)
+
+
+def check_attention_images(cfg: Config) -> None:
+    """log.attention_images draws whole attention layers held by one rank, into TensorBoard."""
+    p = cfg.parallel
+    _require(cfg.log.tensorboard, "log.attention_images=true draws into TensorBoard, but log.tensorboard=false. "
+             "Set log.tensorboard=true, or log.attention_images=false.")
+    _require(p.tensor == 1 and p.pipeline == 1,
+             f"log.attention_images=true with parallel.tensor={p.tensor} and parallel.pipeline={p.pipeline} is "
+             f"refused: the maps are drawn from whole attention layers on one rank, and tensor parallelism splits "
+             f"them by heads, pipeline parallelism across stages. Use parallel.tensor=1 and parallel.pipeline=1 "
+             f"(data parallelism and ZeRO work), or draw the maps after training with `bigtrain attention RUN_DIR "
+             f"--text TEXT --out FILE.png`.")
 
 
 def check_data(cfg: Config) -> None:

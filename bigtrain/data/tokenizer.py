@@ -106,6 +106,10 @@ class HFTokenizer:
         self._tok.add_special_tokens([names[0]])
         return self._tok.token_to_id(names[0])
 
+    def save(self, path: Path) -> None:
+        """Write the tokenizer as bigtrain uses it (special tokens it added included) as a tokenizer.json."""
+        self._tok.save(str(path))
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

@@ -35,5 +35,8 @@ class Engine(Protocol):
         """Restore model and optimizer from `checkpoint`'s layout-free form (written by any layout); return its
         index header."""
 
+    def init_weights(self, reader: Any) -> None:
+        """Set the weights (not the optimizer state) from a reader of the unsplit tensors (`model.init_from`)."""
+
     def memory_report(self, run_dir: Path | None = None) -> str | None:
         """Measured bytes of parameters, gradients and optimizer state next to the ZeRO formula."""

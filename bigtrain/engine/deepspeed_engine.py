@@ -217,6 +217,9 @@ class DeepSpeedEngine:
     def load_layout_free(self, checkpoint: Path) -> dict[str, Any]:
         return restore_layout_free(self.state(), checkpoint)
 
+    def init_weights(self, reader: Any) -> None:
+        self.state().restore(reader, 0.0)  # step 0: weights only, the optimizer state stays fresh
+
     # ---- memory --------------------------------------------------------------------------------------
     def measure(self) -> ModelStateBytes:
         return ModelStateBytes(params=measure_params(self.model), grads=self.last_grad_bytes or 0,

@@ -70,5 +70,8 @@ class LocalEngine:
     def load_layout_free(self, checkpoint: Path) -> dict[str, Any]:
         return restore_layout_free(self.state(), checkpoint)
 
+    def init_weights(self, reader: Any) -> None:
+        self.state().restore(reader, 0.0)  # step 0: weights only, the optimizer state stays fresh
+
     def memory_report(self, run_dir: Path | None = None) -> str | None:
         return None

@@ -54,6 +54,21 @@ def load_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return checkpoint_weights(path)
 
 
+def weights_config(path: Path) -> dict[str, Any]:
+    """The one-device config dict that comes with the weights at `path`, without reading the weights."""
+    if (path / "model.safetensors").exists() or ((path / "model.pt").exists() and not (path / "optimizer.pt").exists()):
+        return _folder_config(path)
+    if (path / "checkpoints").is_dir():
+        from bigtrain.engine.consolidate import find_checkpoint
+
+        path = find_checkpoint(path, None)
+    if not (path / "config.yaml").exists():
+        raise CheckpointError(f"{path} holds no weights bigtrain knows: pass a run.dir, a checkpoint folder "
+                              f"(step_N), or a folder written by `bigtrain export` or `bigtrain consolidate`.")
+    saved, _ = ckpt.saved_config(path)
+    return one_device(config_to_dict(saved))
+
+
 def checkpoint_weights(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The weights of one checkpoint folder: from its layout-free form if it has one, else its own files."""
     reason = verify(checkpoint)

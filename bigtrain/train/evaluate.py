@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.loss import Criterion, correct_predictions, eval_metrics, model_inputs
 from bigtrain.config import Config
 from bigtrain.data import Tokenizer, collate, eval_batch_indices
@@ -45,18 +44,12 @@ def evaluate_weights(path: Path, overrides: list[str] | None = None) -> dict[str
     """Held-out metrics, on one device, of the weights at `path`: a run.dir, a checkpoint (its layout-free form
     read directly), or a folder written by `bigtrain export` or `bigtrain consolidate` (see
     `bigtrain.engine.weights`)."""
-    from bigtrain.components.precision import autocast, resolve_device
-    from bigtrain.config.loader import config_from_dict
-    from bigtrain.data import build_datasets, build_tokenizer
-    from bigtrain.engine.weights import load_weights, with_tied
-    from bigtrain.models import build_model, resolve_vocab_size
+    from bigtrain.components.precision import autocast
+    from bigtrain.data import build_datasets
+    from bigtrain.train.load import load_model
 
-    raw, state = load_weights(path)
-    cfg = config_from_dict(raw, overrides=overrides)
-    device = resolve_device(cfg.train)
-    tokenizer = build_tokenizer(cfg.data)
+    loaded = load_model(path, overrides)
+    cfg, tokenizer, device = loaded.cfg, loaded.tokenizer, loaded.device
     _, heldout = build_datasets(cfg, tokenizer)
-    model = build_model(cfg.model, resolve_vocab_size(cfg.model, tokenizer.vocab_size), device)
-    ckpt.load_into(model, with_tied(state, cfg.model.tie_embeddings), path)
-    return evaluate(model, heldout_batches(cfg, tokenizer, heldout, device),
+    return evaluate(loaded.model, heldout_batches(cfg, tokenizer, heldout, device),
                     lambda: autocast(cfg.train.precision, device))

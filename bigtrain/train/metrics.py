@@ -62,6 +62,11 @@ class MetricsLog:
             for key, value in values.items():
                 self.tb.add_scalar(f"{tag}/{key}", value, step)
 
+    def image(self, tag: str, image: Any, step: int) -> None:
+        """An RGB picture [height, width, 3] uint8 in TensorBoard."""
+        if self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()

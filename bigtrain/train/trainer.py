@@ -38,6 +38,7 @@ from bigtrain.parallel import parallelize
 from bigtrain.parallel.groups import ParallelGroups
 from bigtrain.train.evaluate import evaluate, heldout_batches
 from bigtrain.train.flops import flops_per_token, peak_flops
+from bigtrain.train.generate import Decoding, generate
 from bigtrain.train.metrics import MetricsLog, Progress
 from bigtrain.train.preemption import StopRequest
 from bigtrain.train.resume import (
@@ -54,7 +55,6 @@ from bigtrain.train.resume import (
     written_layout,
 )
 from bigtrain.train.run_dir import RunLock, prepare_run_dir
-from bigtrain.train.sample import sample
 from bigtrain.train.watchdog import Watchdog
 
 # Launchers whose ranks are their children: a rank whose launcher is gone stops (see watchdog.py).
@@ -158,6 +158,8 @@ class Trainer:
         self.resume_check = ResumeCheck()
         if cfg.checkpoint.resume:
             self._resume()
+        if cfg.model.init_from and self.resumed_from is None:
+            self._init_from(vocab)
 
     # ---- data -------------------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -208,6 +210,17 @@ class Trainer:
         self.resume_notes += batch_change_notes(path, self.cfg)
         self.state.tokenizer = self.tokenizer.name
         self.resumed_from, self.resume_check = path, check
+
+    def _init_from(self, vocab: int) -> None:
+        """Start from `model.init_from`'s weights (each rank reads its shard); the optimizer starts fresh."""
+        from bigtrain.interop import init_source
+
+        reader = init_source(self.cfg.model, vocab)
+        try:
+            self.engine.init_weights(reader)
+        finally:
+            reader.close()
+        self.resume_notes.append(f"weights from model.init_from={self.cfg.model.init_from} (fresh optimizer)")
 
     def save(self, last: bool = False) -> Path:
         """A checkpoint of the current step; with the layout-free form every checkpoint.layout_free_every-th time
@@ -364,12 +377,24 @@ class Trainer:
         else:
             result = evaluate(self.model, self.eval_batches(), self.autocast, self.criterion)
         metrics.write({"step": self.state.step, **result})
+        if self.cfg.log.tensorboard and self.cfg.log.attention_images:
+            self._log_attention(metrics)
         acc = "" if self.cfg.model.family == "causal" else (
             f" | token accuracy {100 * result['eval_accuracy']:.1f}%"
             f" | sequence accuracy {100 * result['eval_sequence_accuracy']:.1f}%")
         progress.write(f"eval step {self.state.step} | eval_loss {result['eval_loss']:.4f} "
                        f"| ppl {result['eval_ppl']:.2f}{acc}")
         return result
+
+    def _log_attention(self, metrics: MetricsLog) -> None:
+        """log.attention_images: the first held-out sample's attention maps as a TensorBoard image; every rank
+        runs the forward (ZeRO-3 needs all of them), rank 0 draws (config checks refuse tensor / pipeline)."""
+        from bigtrain.train.attention_log import TAG, attention_image
+
+        image = attention_image(self.model, self.cfg.model.family, self.tokenizer, self.heldout_set, self.device,
+                                self.autocast, self.state.step, draw=self.is_main)
+        if image is not None:
+            metrics.image(TAG, image, self.state.step)
 
     def _should_stop_early(self, result: dict[str, float]) -> bool:
         s = self.state
@@ -391,8 +416,11 @@ class Trainer:
             return
         # An empty prompt samples the start of a document: the context is the end-of-document token.
         prompt = self.tokenizer.encode(t.sample_prompt) or [self.tokenizer.eos_id]
-        ids = sample(self.model, prompt, t.sample_tokens, seed=t.seed, vocab_limit=self.tokenizer.vocab_size,
-                     criterion=self.criterion, pad_multiple=self.pad_multiple)
+        # Sampled with the KV cache (under sequence parallelism by recomputation: lengths must divide the group).
+        new = generate(self.model, [prompt], t.sample_tokens, Decoding(temperature=0.8, top_k=40), seed=t.seed,
+                       pad_id=self.tokenizer.pad_id, vocab_limit=self.tokenizer.vocab_size,
+                       full_logits=self.criterion.full_logits, pad_multiple=self.pad_multiple)[0]
+        ids = prompt + new
         if self.is_main:
             print(f"--- sample ({t.sample_tokens} tokens after {t.sample_prompt!r}) ---\n"
                   f"{self.tokenizer.decode(ids)}\n---", flush=True)

@@ -1,0 +1,43 @@
+"""`bigtrain export CHECKPOINT --format hf --out DIR`: a folder transformers loads with `from_pretrained`:
+config.json, model.safetensors, and the run's tokenizer.json when it used one (with the special tokens
+bigtrain added to it, whose ids config.json names)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bigtrain.components import checkpoint as ckpt
+from bigtrain.errors import ConfigError
+from bigtrain.interop.hf_config import hf_kind, to_hf_config
+from bigtrain.interop.hf_weights import to_hf
+
+
+def export_hf(path: Path, out: Path) -> Path:
+    """Write the weights at `path` (anything `bigtrain.engine.weights.load_weights` reads) as a transformers
+    checkpoint in `out`; a model with an option transformers lacks is refused naming the option."""
+    from safetensors.torch import save_file
+
+    from bigtrain.config.loader import config_from_dict
+    from bigtrain.data import build_tokenizer
+    from bigtrain.engine.weights import load_weights, with_tied
+
+    raw, state = load_weights(path)
+    cfg = config_from_dict(raw)
+    try:
+        kind = hf_kind(cfg.model)
+    except ValueError as exc:
+        raise ConfigError(f"Cannot export {path} to Hugging Face: {exc}") from None
+    tokenizer = build_tokenizer(cfg.data)
+    state = with_tied(state, cfg.model.tie_embeddings)
+    vocab_size = state["embed.tokens.weight"].shape[0]
+    ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
+    config = to_hf_config(cfg.model, vocab_size, ids)
+    tensors = to_hf(kind, cfg.model, state)
+    out.mkdir(parents=True, exist_ok=True)
+    with ckpt.writing(out / "model.safetensors"):
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": str(path)})
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if hasattr(tokenizer, "save"):  # a tokenizer.json run: with the special tokens bigtrain added
+            tokenizer.save(out / "tokenizer.json")
+    return out

@@ -1,0 +1,212 @@
+"""bigtrain's model section ↔ a Hugging Face `config.json`, for the four families that map one to one:
+
+    GPT-2   causal, learned positions, pre-LN LayerNorm with biases, GELU (exact or tanh) or ReLU
+    Llama   causal, rotary, pre-norm RMSNorm, SwiGLU, grouped-query attention (biases optional)
+    BERT    masked, post-LN, learned positions, embedding LayerNorm, MLM head transform (BertForMaskedLM)
+    T5      seq2seq, pre-norm RMSNorm without biases, relative position bias, unscaled attention
+
+`hf_kind` names the family a config maps to, or refuses naming the option without a counterpart;
+`to_hf_config` writes config.json; `implied_model` reads one back as bigtrain `model.*` values, which
+`model.init_from` compares with the run's own (`mismatches`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bigtrain.config.schema import ModelConfig
+from bigtrain.errors import CheckpointError
+
+KINDS = ("gpt2", "llama", "bert", "t5")
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM",
+                 "t5": "T5ForConditionalGeneration"}
+_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "bert": "BERT", "t5": "T5"}
+
+# HF activation names (ACT2FN) for bigtrain's; SwiGLU is Llama's MLP and T5's gated-silu.
+_ACT_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
+_ACT_FROM_HF = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+# What each family fixes (model key -> value); anything else is refused by name.
+_FIXED: dict[str, dict[str, Any]] = {
+    "gpt2": {"positions": "learned", "norm": "layernorm", "norm_position": "pre", "bias": True,
+             "scale_embeddings": False, "embedding_norm": False, "type_vocab_size": 0, "head_transform": False,
+             "head_bias": False, "scale_attention": True, "scale_tied_output": False},
+    "llama": {"positions": "rotary", "norm": "rmsnorm", "norm_position": "pre", "activation": "swiglu",
+              "scale_embeddings": False, "embedding_norm": False, "type_vocab_size": 0, "head_transform": False,
+              "head_bias": False, "scale_attention": True, "scale_tied_output": False},
+    "bert": {"positions": "learned", "norm": "layernorm", "norm_position": "post", "bias": True,
+             "scale_embeddings": False, "embedding_norm": True, "head_transform": True, "scale_attention": True,
+             "scale_tied_output": False},
+    "t5": {"positions": "relative", "norm": "rmsnorm", "norm_position": "pre", "bias": False,
+           "scale_embeddings": False, "embedding_norm": False, "type_vocab_size": 0, "head_transform": False,
+           "head_bias": False, "scale_attention": False, "tie_embeddings": True},
+}
+
+
+def _kv_heads(cfg: ModelConfig) -> int:
+    return cfg.n_kv_heads or cfg.n_heads
+
+
+def hf_kind(cfg: ModelConfig) -> str:
+    """The transformers family this model section maps to; a ValueError naming each option without a
+    counterpart otherwise."""
+    kind = {"masked": "bert", "seq2seq": "t5"}.get(cfg.family) or ("llama" if cfg.positions == "rotary" else "gpt2")
+    if cfg.family == "causal" and cfg.positions not in ("learned", "rotary"):
+        raise ValueError(f"model.positions={cfg.positions} has no counterpart in transformers' causal models: "
+                         f"export maps positions=learned to GPT-2 and positions=rotary to Llama.")
+    problems = [f"model.{key}={getattr(cfg, key)!r} (transformers' {_NAMES[kind]} needs {value!r})"
+                for key, value in _FIXED[kind].items() if getattr(cfg, key) != value]
+    if kind in ("gpt2", "bert") and cfg.activation not in _ACT_TO_HF:
+        problems.append(f"model.activation={cfg.activation!r} ({_NAMES[kind]} takes relu, gelu or gelu_tanh)")
+    if kind in ("gpt2", "bert") and _kv_heads(cfg) != cfg.n_heads:
+        problems.append(f"model.n_kv_heads={cfg.n_kv_heads} ({_NAMES[kind]} has no grouped-query attention)")
+    if problems:
+        raise ValueError(f"This model has no counterpart in transformers ({cfg.family} maps to {_NAMES[kind]}): "
+                         + "; ".join(problems) + ". Train with those values to export to Hugging Face, or export "
+                         "with --format safetensors (bigtrain's own).")
+    return kind
+
+
+def to_hf_config(cfg: ModelConfig, vocab_size: int, ids: dict[str, int | None]) -> dict[str, Any]:
+    """config.json for `cfg` (which `hf_kind` accepts) with `vocab_size` rows and the tokenizer's special ids
+    (`bos`, `eos`, `pad`)."""
+    kind = hf_kind(cfg)
+    d, heads = cfg.d_model, cfg.n_heads
+    common = {"architectures": [ARCHITECTURES[kind]], "model_type": kind, "vocab_size": vocab_size,
+              "bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos"), "pad_token_id": ids.get("pad"),
+              "tie_word_embeddings": cfg.tie_embeddings, "dtype": "float32"}
+    if kind == "gpt2":
+        return {**common, "n_embd": d, "n_layer": cfg.n_layers, "n_head": heads, "n_inner": cfg.d_ff,
+                "n_positions": cfg.max_seq_len, "activation_function": _ACT_TO_HF[cfg.activation],
+                "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+                "attn_pdrop": _attention_dropout(cfg), "scale_attn_weights": True}
+    if kind == "llama":
+        return {**common, "hidden_size": d, "num_hidden_layers": cfg.n_layers, "num_attention_heads": heads,
+                "num_key_value_heads": _kv_heads(cfg), "head_dim": d // heads, "intermediate_size": cfg.d_ff,
+                "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+                "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+                "rope_theta": cfg.rope_theta, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
+                "attention_dropout": _attention_dropout(cfg)}
+    if kind == "bert":
+        return {**common, "hidden_size": d, "num_hidden_layers": cfg.n_layers, "num_attention_heads": heads,
+                "intermediate_size": cfg.d_ff, "hidden_act": _ACT_TO_HF[cfg.activation],
+                "max_position_embeddings": cfg.max_seq_len, "type_vocab_size": max(cfg.type_vocab_size, 1),
+                "layer_norm_eps": cfg.norm_eps, "hidden_dropout_prob": cfg.dropout,
+                "attention_probs_dropout_prob": _attention_dropout(cfg)}
+    ff = "gated-silu" if cfg.activation == "swiglu" else _ACT_TO_HF[cfg.activation]
+    # transformers' T5 always ties lm_head to the shared embedding and reads tie_word_embeddings as "rescale
+    # the decoder output by d_model^-0.5" (T5 v1.0: true, v1.1: false).
+    return {**common, "tie_word_embeddings": cfg.scale_tied_output, "is_encoder_decoder": True,
+            "d_model": d, "d_kv": d // heads, "d_ff": cfg.d_ff, "num_layers": cfg.n_layers,
+            "num_decoder_layers": cfg.n_decoder_layers or cfg.n_layers, "num_heads": heads,
+            "relative_attention_num_buckets": cfg.relative_buckets,
+            "relative_attention_max_distance": cfg.relative_max_distance, "layer_norm_epsilon": cfg.norm_eps,
+            "feed_forward_proj": ff, "dropout_rate": cfg.dropout, "decoder_start_token_id": ids.get("bos")}
+
+
+def _attention_dropout(cfg: ModelConfig) -> float:
+    return cfg.dropout if cfg.attention_dropout is None else cfg.attention_dropout
+
+
+def _get(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        if hf.get(key) is not None:
+            return hf[key]
+    return default
+
+
+def implied_model(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """The bigtrain `model.*` values of a transformers config.json (`where` names it in errors); `vocab_size`
+    is the embedding's row count."""
+    kind = hf.get("model_type")
+    if kind not in KINDS:
+        raise CheckpointError(f"{where} is a transformers '{kind}' model; model.init_from reads {', '.join(KINDS)} "
+                              f"checkpoints.")
+    fixed = dict(_FIXED[kind])
+    if kind == "gpt2":
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn") or \
+                hf.get("scale_attn_weights") is False or hf.get("add_cross_attention"):
+            raise CheckpointError(f"{where}: GPT-2 options scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn, "
+                                  f"scale_attn_weights=false and add_cross_attention have no bigtrain counterpart.")
+        act = _activation(hf.get("activation_function", "gelu_new"), where)
+        d = hf.get("n_embd", 768)
+        return {**fixed, "family": "causal", "vocab_size": hf["vocab_size"], "d_model": d,
+                "n_layers": hf.get("n_layer", 12), "n_heads": hf.get("n_head", 12), "n_kv_heads": hf.get("n_head", 12),
+                "d_ff": hf.get("n_inner") or 4 * d, "max_seq_len": hf.get("n_positions", 1024), "activation": act,
+                "norm_eps": hf.get("layer_norm_epsilon", 1e-5), "tie_embeddings": hf.get("tie_word_embeddings", True)}
+    if kind == "llama":
+        d, heads = hf["hidden_size"], hf["num_attention_heads"]
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise CheckpointError(f"{where}: rope_type={rope.get('rope_type', rope.get('type'))!r} (scaled rotary "
+                                  f"embeddings) has no bigtrain counterpart; bigtrain's rotary is rope_type default.")
+        if _get(hf, "head_dim", default=d // heads) != d // heads:
+            raise CheckpointError(f"{where}: head_dim={hf['head_dim']} differs from hidden_size / "
+                                  f"num_attention_heads = {d // heads}; bigtrain's heads are d_model / n_heads wide.")
+        if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+            raise CheckpointError(f"{where}: hidden_act={hf.get('hidden_act')!r}, attention_bias="
+                                  f"{hf.get('attention_bias')}, mlp_bias={hf.get('mlp_bias')}: bigtrain's Llama has "
+                                  f"SiLU gating and one model.bias for attention and MLP.")
+        return {**fixed, "family": "causal", "vocab_size": hf["vocab_size"], "d_model": d,
+                "n_layers": hf["num_hidden_layers"], "n_heads": heads,
+                "n_kv_heads": hf.get("num_key_value_heads") or heads, "d_ff": hf["intermediate_size"],
+                "norm_eps": hf.get("rms_norm_eps", 1e-6), "bias": bool(hf.get("attention_bias", False)),
+                "rope_theta": float(_get(rope, "rope_theta", default=hf.get("rope_theta", 10000.0))),
+                "tie_embeddings": hf.get("tie_word_embeddings", False)}
+    if kind == "bert":
+        if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
+            raise CheckpointError(f"{where}: position_embedding_type={hf.get('position_embedding_type')!r} / "
+                                  f"is_decoder have no bigtrain counterpart (absolute positions, encoder only).")
+        d = hf["hidden_size"]
+        return {**fixed, "family": "masked", "vocab_size": hf["vocab_size"], "d_model": d,
+                "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
+                "n_kv_heads": hf["num_attention_heads"], "d_ff": hf["intermediate_size"],
+                "max_seq_len": hf.get("max_position_embeddings", 512), "type_vocab_size": hf.get("type_vocab_size", 2),
+                "activation": _activation(hf.get("hidden_act", "gelu"), where), "head_bias": True,
+                "norm_eps": hf.get("layer_norm_eps", 1e-12), "tie_embeddings": hf.get("tie_word_embeddings", True)}
+    d, heads = hf["d_model"], hf["num_heads"]
+    if hf.get("d_kv", d // heads) * heads != d:
+        raise CheckpointError(f"{where}: d_kv * num_heads = {hf.get('d_kv')} * {heads} differs from d_model={d}; "
+                              f"bigtrain's attention is d_model wide.")
+    ff = hf.get("feed_forward_proj", "relu")
+    act = "swiglu" if ff == "gated-silu" else None if ff.startswith("gated") else _activation(ff, where)
+    if act is None:
+        raise CheckpointError(f"{where}: feed_forward_proj={ff!r} has no bigtrain counterpart (relu, gelu, "
+                              f"gelu_new or gated-silu = model.activation=swiglu).")
+    return {**fixed, "family": "seq2seq", "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": hf["num_layers"],
+            "n_decoder_layers": hf.get("num_decoder_layers") or hf["num_layers"], "n_heads": heads,
+            "n_kv_heads": heads, "d_ff": hf["d_ff"], "activation": act,
+            "relative_buckets": hf.get("relative_attention_num_buckets", 32),
+            "relative_max_distance": hf.get("relative_attention_max_distance", 128),
+            "norm_eps": hf.get("layer_norm_epsilon", 1e-6),
+            # as transformers reads it: tie_word_embeddings false in config.json = no output rescale
+            "scale_tied_output": hf.get("tie_word_embeddings", True) is not False}
+
+
+def _activation(name: str, where: str) -> str:
+    if name not in _ACT_FROM_HF:
+        raise CheckpointError(f"{where}: activation {name!r} has no bigtrain counterpart (relu, gelu, gelu_new).")
+    return _ACT_FROM_HF[name]
+
+
+def _effective(cfg: ModelConfig, key: str, vocab_size: int) -> Any:
+    if key == "vocab_size":
+        return vocab_size
+    if key == "n_kv_heads":
+        return _kv_heads(cfg)
+    if key == "n_decoder_layers":
+        return cfg.n_decoder_layers or cfg.n_layers
+    return getattr(cfg, key)
+
+
+def mismatches(cfg: ModelConfig, implied: dict[str, Any], vocab_size: int) -> list[tuple[str, Any, Any]]:
+    """(key, this run's value, the checkpoint's) for every `model.*` value that differs. Floats compare to 1e-9
+    relative (norm epsilons, rotary base)."""
+    out = []
+    for key, theirs in implied.items():
+        ours = _effective(cfg, key, vocab_size)
+        same = (abs(ours - theirs) <= 1e-9 * max(abs(ours), abs(theirs))) if isinstance(theirs, float) and \
+            isinstance(ours, int | float) and not isinstance(ours, bool) else ours == theirs
+        if not same:
+            out.append((key, ours, theirs))
+    return out

@@ -1,0 +1,167 @@
+"""Which Hugging Face tensor each bigtrain parameter is, per family (`rules`), and the two directions:
+`from_hf(name)` builds one bigtrain tensor from the checkpoint's tensors (read one at a time), `to_hf` writes
+the whole transformers state dict.
+
+Layout differences handled here: GPT-2's Conv1D stores weights as [in, out] (transposed from nn.Linear) and
+fuses Q, K, V into one `c_attn` [d, 3d]; T5 keeps its relative position bias in the first block of each stack;
+BERT's output bias is `cls.predictions.bias`; a BERT without token types or output bias is written with a zero
+row / zero bias (the same function).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bigtrain.config.schema import ModelConfig
+
+
+@dataclass(frozen=True)
+class Rule:
+    """bigtrain tensor `ours` is HF tensor `theirs`: whole, transposed ("T"), or the part-th third of a fused
+    Conv1D QKV ("qkv")."""
+    ours: str
+    theirs: str
+    how: str = ""
+    part: int = 0
+
+
+def _linear(ours: str, theirs: str, bias: bool, how: str = "") -> list[Rule]:
+    weight = [Rule(f"{ours}.weight", f"{theirs}.weight", how)]
+    return weight + ([Rule(f"{ours}.bias", f"{theirs}.bias")] if bias else [])
+
+
+def _norm(ours: str, theirs: str, bias: bool) -> list[Rule]:
+    return [Rule(f"{ours}.weight", f"{theirs}.weight")] + ([Rule(f"{ours}.bias", f"{theirs}.bias")] if bias else [])
+
+
+def _gpt2(cfg: ModelConfig) -> list[Rule]:
+    rules = [Rule("embed.tokens.weight", "transformer.wte.weight"),
+             Rule("embed.positions.weight", "transformer.wpe.weight"),
+             *_norm("final_norm", "transformer.ln_f", True)]
+    for i in range(cfg.n_layers):
+        b, h = f"blocks.{i}", f"transformer.h.{i}"
+        for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            rules += [Rule(f"{b}.self_attn.{proj}.weight", f"{h}.attn.c_attn.weight", "qkv", part),
+                      Rule(f"{b}.self_attn.{proj}.bias", f"{h}.attn.c_attn.bias", "qkv", part)]
+        rules += [*_linear(f"{b}.self_attn.o_proj", f"{h}.attn.c_proj", True, "T"),
+                  *_norm(f"{b}.self_attn_norm", f"{h}.ln_1", True), *_norm(f"{b}.ffn_norm", f"{h}.ln_2", True),
+                  *_linear(f"{b}.ffn.up", f"{h}.mlp.c_fc", True, "T"),
+                  *_linear(f"{b}.ffn.down", f"{h}.mlp.c_proj", True, "T")]
+    if not cfg.tie_embeddings:
+        rules.append(Rule("head.weight", "lm_head.weight"))
+    return rules
+
+
+def _llama(cfg: ModelConfig) -> list[Rule]:
+    rules = [Rule("embed.tokens.weight", "model.embed_tokens.weight"), Rule("final_norm.weight", "model.norm.weight")]
+    for i in range(cfg.n_layers):
+        b, h = f"blocks.{i}", f"model.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            rules += _linear(f"{b}.self_attn.{proj}", f"{h}.self_attn.{proj}", cfg.bias)
+        for ours, theirs in (("up", "up_proj"), ("gate", "gate_proj"), ("down", "down_proj")):
+            rules += _linear(f"{b}.ffn.{ours}", f"{h}.mlp.{theirs}", cfg.bias)
+        rules += [Rule(f"{b}.self_attn_norm.weight", f"{h}.input_layernorm.weight"),
+                  Rule(f"{b}.ffn_norm.weight", f"{h}.post_attention_layernorm.weight")]
+    if not cfg.tie_embeddings:
+        rules.append(Rule("head.weight", "lm_head.weight"))
+    return rules
+
+
+def _bert(cfg: ModelConfig) -> list[Rule]:
+    e = "bert.embeddings"
+    rules = [Rule("embed.tokens.weight", f"{e}.word_embeddings.weight"),
+             Rule("embed.positions.weight", f"{e}.position_embeddings.weight"),
+             *_norm("embed.norm", f"{e}.LayerNorm", True),
+             *_linear("head_transform.dense", "cls.predictions.transform.dense", True),
+             *_norm("head_transform.norm", "cls.predictions.transform.LayerNorm", True)]
+    if cfg.type_vocab_size:
+        rules.append(Rule("embed.token_types.weight", f"{e}.token_type_embeddings.weight"))
+    if cfg.head_bias:
+        rules.append(Rule("logit_bias.bias", "cls.predictions.bias"))
+    for i in range(cfg.n_layers):
+        b, h = f"blocks.{i}", f"bert.encoder.layer.{i}"
+        for proj, theirs in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+            rules += _linear(f"{b}.self_attn.{proj}", f"{h}.attention.self.{theirs}", True)
+        rules += [*_linear(f"{b}.self_attn.o_proj", f"{h}.attention.output.dense", True),
+                  *_norm(f"{b}.self_attn_norm", f"{h}.attention.output.LayerNorm", True),
+                  *_linear(f"{b}.ffn.up", f"{h}.intermediate.dense", True),
+                  *_linear(f"{b}.ffn.down", f"{h}.output.dense", True),
+                  *_norm(f"{b}.ffn_norm", f"{h}.output.LayerNorm", True)]
+    if not cfg.tie_embeddings:
+        rules.append(Rule("head.weight", "cls.predictions.decoder.weight"))
+    return rules
+
+
+def _t5(cfg: ModelConfig) -> list[Rule]:
+    rules = [Rule("embed.tokens.weight", "shared.weight"),
+             Rule("encoder_position_bias.table.weight",
+                  "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+             Rule("decoder_position_bias.table.weight",
+                  "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+             Rule("encoder_norm.weight", "encoder.final_layer_norm.weight"),
+             Rule("final_norm.weight", "decoder.final_layer_norm.weight")]
+    ffn = ([("gate", "wi_0"), ("up", "wi_1")] if cfg.activation == "swiglu" else [("up", "wi")]) + [("down", "wo")]
+    stacks = (("encoder_blocks", "encoder", cfg.n_layers, False),
+              ("decoder_blocks", "decoder", cfg.n_decoder_layers or cfg.n_layers, True))
+    for ours_stack, theirs_stack, depth, decoder in stacks:
+        for i in range(depth):
+            b, h = f"{ours_stack}.{i}", f"{theirs_stack}.block.{i}.layer"
+            sublayers = [("self_attn", "SelfAttention")] + ([("cross_attn", "EncDecAttention")] if decoder else [])
+            for index, (ours, theirs) in enumerate(sublayers):
+                for proj in ("q", "k", "v", "o"):
+                    rules.append(Rule(f"{b}.{ours}.{proj}_proj.weight", f"{h}.{index}.{theirs}.{proj}.weight"))
+                rules.append(Rule(f"{b}.{ours}_norm.weight", f"{h}.{index}.layer_norm.weight"))
+            last = len(sublayers)
+            rules += [Rule(f"{b}.ffn.{ours}.weight", f"{h}.{last}.DenseReluDense.{theirs}.weight")
+                      for ours, theirs in ffn]
+            rules.append(Rule(f"{b}.ffn_norm.weight", f"{h}.{last}.layer_norm.weight"))
+    return rules
+
+
+RULES: dict[str, Callable[[ModelConfig], list[Rule]]] = {"gpt2": _gpt2, "llama": _llama, "bert": _bert, "t5": _t5}
+
+# Tensors transformers may also store under another name (tied copies, older layouts).
+ALIASES = {"shared.weight": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+           "transformer.wte.weight": ("wte.weight",), "transformer.wpe.weight": ("wpe.weight",)}
+
+
+def rules_for(kind: str, cfg: ModelConfig) -> dict[str, Rule]:
+    return {rule.ours: rule for rule in RULES[kind](cfg)}
+
+
+def from_hf(rule: Rule, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The bigtrain tensor of `rule`, from `read(theirs)`."""
+    t = read(rule.theirs)
+    if rule.how == "T":
+        return t.t().contiguous()
+    if rule.how == "qkv":
+        third = t.shape[-1] // 3
+        t = t[..., rule.part * third:(rule.part + 1) * third]
+        return t.t().contiguous() if t.dim() == 2 else t.contiguous()
+    return t
+
+
+def to_hf(kind: str, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The transformers state dict of a bigtrain one-device `state` (tied heads stored once, as transformers
+    does)."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, list[torch.Tensor | None]] = {}
+    for rule in RULES[kind](cfg):
+        t = state[rule.ours].detach().float()
+        if rule.how == "T":
+            out[rule.theirs] = t.t().contiguous()
+        elif rule.how == "qkv":
+            parts = fused.setdefault(rule.theirs, [None, None, None])
+            parts[rule.part] = t.t() if t.dim() == 2 else t
+        else:
+            out[rule.theirs] = t.contiguous()
+    for name, parts in fused.items():
+        out[name] = torch.cat(parts, dim=-1).contiguous()  # type: ignore[arg-type]
+    if kind == "bert":
+        d, vocab = cfg.d_model, state["embed.tokens.weight"].shape[0]
+        out.setdefault("bert.embeddings.token_type_embeddings.weight", torch.zeros(1, d))
+        out.setdefault("cls.predictions.bias", torch.zeros(vocab))
+    return out

@@ -1,0 +1,86 @@
+"""A model holding the weights of whatever `bigtrain.engine.weights.load_weights` accepts (a run.dir, a
+checkpoint, an exported or consolidated folder): on one device (`evaluate`, `generate`, `attention`), or split
+over the tensor-parallel ranks of a launcher (`generate` of a model that does not fit one device)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bigtrain.components import checkpoint as ckpt
+from bigtrain.config import Config
+from bigtrain.data import Tokenizer
+from bigtrain.models import TransformerLM
+
+
+@dataclass
+class LoadedModel:
+    cfg: Config
+    tokenizer: Tokenizer
+    model: TransformerLM
+    device: torch.device
+    full_logits: Callable[[torch.Tensor], torch.Tensor] | None = None  # gathers vocabulary shards (tensor > 1)
+    pad_multiple: int = 1  # sequence parallelism: lengths a multiple of the tensor size
+    is_main: bool = True
+
+
+def load_model(path: Path, overrides: list[str] | None = None) -> LoadedModel:
+    """The run's config (one-device layout, `overrides` applied), its tokenizer, and the model holding the
+    weights at `path`."""
+    from bigtrain.components.precision import resolve_device
+    from bigtrain.config.loader import config_from_dict
+    from bigtrain.data import build_tokenizer
+    from bigtrain.engine.weights import load_weights, with_tied
+    from bigtrain.models import build_model, resolve_vocab_size
+
+    raw, state = load_weights(path)
+    cfg = config_from_dict(raw, overrides=overrides)
+    device = resolve_device(cfg.train)
+    tokenizer = build_tokenizer(cfg.data)
+    model = build_model(cfg.model, resolve_vocab_size(cfg.model, tokenizer.vocab_size), device)
+    ckpt.load_into(model, with_tied(state, cfg.model.tie_embeddings), path)
+    return LoadedModel(cfg, tokenizer, model, device)
+
+
+def load_tensor_parallel(path: Path, overrides: list[str] | None = None) -> LoadedModel:
+    """Under a launcher with W ranks: the model split W ways by tensor parallelism (parallel.tensor=W, no
+    pipeline, one data replica), each rank reading only its shards of the weights at `path` (box reads of a
+    layout-free checkpoint). Overrides may set parallel.sequence_parallel."""
+    from bigtrain.components.precision import resolve_device
+    from bigtrain.config.checks import tensor_split_problems
+    from bigtrain.config.layout import Layout
+    from bigtrain.config.loader import config_from_dict
+    from bigtrain.data import build_tokenizer
+    from bigtrain.distributed import detect_env, init_process_group
+    from bigtrain.engine.layout_free_state import StateAdapter
+    from bigtrain.engine.weights import weights_config
+    from bigtrain.errors import ConfigError
+    from bigtrain.interop.init_from import bigtrain_reader
+    from bigtrain.models import build_model, resolve_vocab_size
+    from bigtrain.parallel import parallelize
+    from bigtrain.parallel.groups import ParallelGroups
+
+    env = detect_env()
+    layout = [f"parallel.tensor={env.world_size}", "parallel.pipeline=1", "parallel.data=1"]
+    cfg = config_from_dict(weights_config(path), world_size=env.world_size, overrides=[*layout, *(overrides or [])])
+    tokenizer = build_tokenizer(cfg.data)
+    vocab = resolve_vocab_size(cfg.model, tokenizer.vocab_size)
+    problems = tensor_split_problems(cfg.model, vocab, env.world_size)
+    if problems:
+        raise ConfigError(f"{path} cannot be split over {env.world_size} tensor-parallel ranks: {problems[0]}")
+    device = resolve_device(cfg.train, env.local_rank)
+    init_process_group(env, device)
+    groups = ParallelGroups(Layout.for_world(env.world_size, 1, env.world_size, 1), env.rank)
+    parallel = parallelize(build_model(cfg.model, vocab, "meta"), cfg, groups, device)
+    reader = bigtrain_reader(path, cfg.model, vocab)
+    try:
+        params = list(parallel.model.parameters())
+        StateAdapter(parallel.model, parallel.shards, torch.optim.SGD(params, lr=0.0), None,
+                     tensor_rank=groups.get_tensor_model_parallel_rank(), data_rank=0).restore(reader, 0.0)
+    finally:
+        reader.close()
+    return LoadedModel(cfg, tokenizer, parallel.model, device, parallel.criterion.full_logits,
+                       parallel.pad_multiple, env.is_main)
