@@ -154,3 +154,20 @@ def test_passthrough_may_not_contradict():
     load_run_config(None, [*base, "train.on_nonfinite=skip"], world_size=2)  # every engine can skip a step
     cfg = load_run_config(None, [*base, "deepspeed.zero_optimization.reduce_bucket_size=1000"], world_size=2)
     assert cfg.deepspeed == {"zero_optimization": {"reduce_bucket_size": 1000}}
+
+
+def test_gpu_zero_gets_communication_overlap_and_buckets():
+    """On GPUs, ZeRO's config gets overlap_comm, contiguous gradients and bucket sizes (recorded in
+    deepspeed_config.json); `deepspeed:` may change them; CPU ranks (gloo) keep DeepSpeed's defaults."""
+    from bigtrain.config import load_config
+    from bigtrain.engine.ds_config import derive_deepspeed_config
+
+    zero2 = load_config(None, ["parallel.zero_stage=2", "train.global_batch_size=8", "train.micro_batch_size=4"])
+    gpu = derive_deepspeed_config(zero2, 2, on_gpu=True)["zero_optimization"]
+    assert gpu["overlap_comm"] is True and gpu["contiguous_gradients"] is True and gpu["reduce_bucket_size"] > 0
+    assert "stage3_prefetch_bucket_size" not in gpu
+    assert "overlap_comm" not in derive_deepspeed_config(zero2, 2)["zero_optimization"]
+    zero3 = load_config(None, ["parallel.zero_stage=3", "deepspeed.zero_optimization.reduce_bucket_size=1000",
+                               "train.global_batch_size=8", "train.micro_batch_size=4"])
+    gpu3 = derive_deepspeed_config(zero3, 2, on_gpu=True)["zero_optimization"]
+    assert gpu3["reduce_bucket_size"] == 1000 and gpu3["stage3_prefetch_bucket_size"] > 0

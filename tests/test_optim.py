@@ -160,10 +160,11 @@ def test_adamw_matches_hand_built_adamw() -> None:
     opt = build_optimizer(model, cfg)
 
     named = list(hand_model.named_parameters())
+    assert opt.defaults["fused"] is True  # torch's fused AdamW (CPU and CUDA); same arithmetic, one kernel
     hand = torch.optim.AdamW(
         [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": cfg.weight_decay},
          {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
     assert [g["name"] for g in opt.param_groups] == ["decay", "no_decay"]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]

@@ -50,7 +50,7 @@ def test_gradient_accumulation_matches_one_big_batch(run_dir, family):
             model = build_model(cfg.model, 320, "cpu", seed=3)
             before = [p.detach().clone() for p in model.parameters()]
             res = train_step(model, make_opt(model), _batches(samples, family, tok.pad_id, micro),
-                             lambda: autocast("fp32", None), cfg.optim.grad_clip)
+                             lambda: autocast("fp32", None), cfg.optim.grad_clip).resolved()
             results.append((res, [p.detach() - b for p, b in zip(model.parameters(), before, strict=True)]))
         (big, big_update), (small, small_update) = results
         assert big.loss == pytest.approx(small.loss, rel=1e-6)

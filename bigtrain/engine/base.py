@@ -18,8 +18,8 @@ class Engine(Protocol):
     dp_rank: int
     dp_size: int
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool
-                   ) -> StepResult:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool,
+                   counts: tuple[int, int] | None = None) -> StepResult:
         """Forward/backward this rank's micro-batches of the global batch and apply one update at `lr`."""
 
     def save(self, directory: Path, step: int, trainer_state: dict[str, Any], config_yaml: str,

@@ -60,7 +60,8 @@ class DeepSpeedEngine:
         self.rank = env.rank
         self.dp_rank, self.dp_size = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
         self.group = groups.data_group
-        self.ds_config = derive_deepspeed_config(cfg, self.dp_size)
+        on_gpu = any(p.is_cuda for p in model.parameters())
+        self.ds_config = derive_deepspeed_config(cfg, self.dp_size, on_gpu=on_gpu)
         self.n_params = count_parameters(model)  # before ZeRO-3 replaces parameters by empty placeholders
         tensor_group = groups.tensor_group if groups.layout.tensor > 1 else None
         optimizer = build_optimizer(model, cfg.optim,
@@ -119,11 +120,12 @@ class DeepSpeedEngine:
         dist.barrier(group=self.group)
 
     # ---- one step ------------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool
-                   ) -> StepResult:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool,
+                   counts: tuple[int, int] | None = None) -> StepResult:
         set_lr(self.optimizer, lr)
-        n_targets, n_tokens = self.all_reduce_sum(sum(count_targets(b) for b in micro_batches),
-                                                  sum(count_input_tokens(b) for b in micro_batches))
+        local = counts if counts is not None else (sum(count_targets(b) for b in micro_batches),
+                                                   sum(count_input_tokens(b) for b in micro_batches))
+        n_targets, n_tokens = self.all_reduce_sum(*local)  # counted on the host: one small all-reduce
         total = torch.zeros((), dtype=torch.float32, device=self.engine.device)
         grad_norm, layer_grad_norms = math.nan, None
         last = len(micro_batches) - 1

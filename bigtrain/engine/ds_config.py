@@ -30,8 +30,24 @@ OWNED = {"optimizer": "optim", "scheduler": "schedule", "activation_checkpointin
          "amp": "train.precision"}
 
 
-def derive_deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict for `dp_size` data-parallel ranks, passthrough keys merged in."""
+# Communication settings for ZeRO on GPUs: gradients reduced in buckets while the backward pass goes on, into
+# one contiguous buffer; parameters of ZeRO-3 prefetched ahead of use. Defaults, which `deepspeed:` may change.
+ZERO_COMMUNICATION = {
+    "overlap_comm": True,
+    "contiguous_gradients": True,
+    "reduce_bucket_size": 50_000_000,  # elements per reduction bucket (200 MB fp32): large messages, bounded memory
+    "allgather_bucket_size": 50_000_000,
+}
+ZERO3_COMMUNICATION = {
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_param_persistence_threshold": 100_000,  # small tensors (norms, biases) stay whole on every rank
+    "stage3_max_live_parameters": 1_000_000_000,
+}
+
+
+def derive_deepspeed_config(cfg: Config, dp_size: int, on_gpu: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config dict for `dp_size` data-parallel ranks, passthrough keys merged in. On GPUs ZeRO
+    also gets the communication defaults above (on CPU ranks over gloo there are no streams to overlap on)."""
     t, p = cfg.train, cfg.parallel
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.offload_optimizer:
@@ -60,7 +76,11 @@ def derive_deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
             # The pipeline engine steps a plain torch optimizer here and reports no gradient norm: bigtrain
             # measures and clips in the optimizer's pre-step hook instead (same formula as DeepSpeed's).
             derived["gradient_clipping"] = 0.0
-    return _merge_passthrough(derived, cfg.deepspeed)
+    merged = _merge_passthrough(derived, cfg.deepspeed)
+    if on_gpu and p.zero_stage > 0:
+        defaults = {**ZERO_COMMUNICATION, **(ZERO3_COMMUNICATION if p.zero_stage == 3 else {})}
+        merged["zero_optimization"] = {**defaults, **merged["zero_optimization"]}
+    return merged
 
 
 def _merge_passthrough(derived: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -30,11 +30,11 @@ class LocalEngine:
         self.scaler = grad_scaler(cfg.train.precision, device)
         self.grad_clip = cfg.optim.grad_clip
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool
-                   ) -> StepResult:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool,
+                   counts: tuple[int, int] | None = None) -> StepResult:
         set_lr(self.optimizer, lr)
         return train_step(self.model, self.optimizer, micro_batches, self.autocast, self.grad_clip, self.scaler,
-                          layer_norms=layer_norms)
+                          layer_norms=layer_norms, counts=counts)
 
     def state(self) -> StateAdapter:
         return StateAdapter(self.model, {}, self.optimizer, None, tensor_rank=0, data_rank=0)

@@ -69,11 +69,12 @@ class PipelineEngine(DeepSpeedEngine):
     def _batches(self, micro_batches: list[dict[str, torch.Tensor]]):
         return iter([(pipeline_inputs(b, self.family), b["labels"]) for b in micro_batches])
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool
-                   ) -> StepResult:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool,
+                   counts: tuple[int, int] | None = None) -> StepResult:
         set_lr(self.optimizer, lr)
-        n_targets, n_tokens = self.all_reduce_sum(sum(count_targets(b) for b in micro_batches),
-                                                  sum(count_input_tokens(b) for b in micro_batches))
+        local = counts if counts is not None else (sum(count_targets(b) for b in micro_batches),
+                                                   sum(count_input_tokens(b) for b in micro_batches))
+        n_targets, n_tokens = self.all_reduce_sum(*local)  # counted on the host: one small all-reduce
         self.loss_fn.scale = self.dp_size * len(micro_batches) / n_targets
         self.loss_fn.finite = True
         loss_value = float(self.engine.train_batch(self._batches(micro_batches)))

@@ -31,6 +31,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]  # a pipeline stage may hold no tensors of one kind
 
 
+def adamw(groups: list[dict[str, Any]], **hyper: Any) -> torch.optim.Optimizer:
+    """torch's fused AdamW (one kernel per step on CUDA and CPU; it also skips a step on the device when given
+    `found_inf`), or the multi-tensor one where fused is unavailable (other devices, older torch)."""
+    params = [p for g in groups for p in g["params"]]
+    if all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **hyper)
+        except (RuntimeError, ValueError):
+            pass
+    return torch.optim.AdamW(groups, foreach=True, **hyper)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lamb_class: type[Lamb] = Lamb) -> torch.optim.Optimizer:
     """AdamW or LAMB over `param_groups(model, cfg.weight_decay)` with `cfg`'s lr, betas and eps.
 
@@ -39,7 +51,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lamb_class: type[L
     groups = param_groups(model, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+        return adamw(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     if cfg.name == "lamb":
         return lamb_class(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, max_trust_ratio=cfg.lamb_max_trust_ratio)
     raise ConfigError(f"optim.name={cfg.name!r} is not a known optimizer; choose 'adamw' or 'lamb'.")

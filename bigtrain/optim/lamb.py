@@ -65,13 +65,18 @@ class Lamb(torch.optim.Optimizer):
             ratio = ratio.clamp(max=max_trust_ratio)
         return ratio
 
+    supports_found_inf = True  # `found_inf` (a device tensor, 1 = skip) is honoured without reading it
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One LAMB update of every parameter that has a gradient; returns the closure's loss."""
+        """One LAMB update of every parameter that has a gradient; returns the closure's loss. When
+        `self.found_inf` is set (a 0-dim device tensor), the update is computed and applied only where it is 0,
+        on the device: a skipped step leaves weights and state bitwise unchanged, and nothing waits for it."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -85,17 +90,46 @@ class Lamb(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = int(state["step"].item())
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                m_hat = exp_avg / (1 - beta1**t)
-                v_hat = exp_avg_sq / (1 - beta2**t)
-                update = m_hat.div_(v_hat.sqrt_().add_(group["eps"]))
-                if group["weight_decay"] != 0:
-                    update.add_(p, alpha=group["weight_decay"])
-                w_norm, r_norm = self._tensor_norms(p, update)
-                ratio = self._trust_ratio(w_norm, r_norm, group["max_trust_ratio"])
-                p.add_(update.mul_(ratio), alpha=-group["lr"])
+                if found_inf is None:
+                    self._update(p, grad, state, group, beta1, beta2)
+                else:
+                    self._update_unless(found_inf, p, grad, state, group, beta1, beta2)
         return loss
+
+    def _update(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], beta1: float,
+                beta2: float) -> None:
+        state["step"] += 1
+        t = int(state["step"].item())  # the step count lives on the host (as torch's Adam keeps it)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m_hat = exp_avg / (1 - beta1**t)
+        v_hat = exp_avg_sq / (1 - beta2**t)
+        update = m_hat.div_(v_hat.sqrt_().add_(group["eps"]))
+        if group["weight_decay"] != 0:
+            update.add_(p, alpha=group["weight_decay"])
+        w_norm, r_norm = self._tensor_norms(p, update)
+        ratio = self._trust_ratio(w_norm, r_norm, group["max_trust_ratio"])
+        p.add_(update.mul_(ratio), alpha=-group["lr"])
+
+    def _update_unless(self, found_inf: Tensor, p: Tensor, grad: Tensor, state: dict[str, Any],
+                       group: dict[str, Any], beta1: float, beta2: float) -> None:
+        """`_update` with every write masked by `found_inf` == 0, all on the device: the step count moves to
+        the parameter's device (once) and the bias corrections 1 - β^t are computed there."""
+        if state["step"].device != p.device:
+            state["step"] = state["step"].to(p.device)
+        step = state["step"]
+        apply = found_inf.to(p.device) == 0
+        t = step + 1
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        new_avg = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
+        new_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        update = (new_avg / (1 - beta1**t)).div_((new_avg_sq / (1 - beta2**t)).sqrt_().add_(group["eps"]))
+        if group["weight_decay"] != 0:
+            update.add_(p, alpha=group["weight_decay"])
+        w_norm, r_norm = self._tensor_norms(p, update)
+        ratio = self._trust_ratio(w_norm, r_norm, group["max_trust_ratio"])
+        p.copy_(torch.where(apply, p - group["lr"] * (update * ratio), p))
+        exp_avg.copy_(torch.where(apply, new_avg, exp_avg))
+        exp_avg_sq.copy_(torch.where(apply, new_avg_sq, exp_avg_sq))
+        step.add_(apply.to(step.dtype))

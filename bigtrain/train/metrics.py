@@ -101,6 +101,11 @@ class Progress:
         done = step - self.start
         return (time.perf_counter() - self.t0) / done * (self.total - step) if done else float("nan")
 
+    def advance(self, step: int) -> None:
+        """Move the bar to `step` without new values (steps whose values stay on the device)."""
+        if self.enabled:
+            self.bar.update(step - self.bar.n)
+
     def update(self, step: int, record: dict[str, Any], print_line: bool) -> None:
         if not self.enabled:
             return

@@ -65,14 +65,15 @@ class StopRequest:
                  f"checkpoint{again}")
         self.received = max(self.received, signum)
 
-    def agreed(self, device: torch.device | None) -> int:
+    def agreed(self, device: torch.device | None, group: object | None = None) -> int:
         """The signal any rank received (0 if none); a collective over all ranks when `device` is given, so
         every rank stops after the same step. SIGTERM (15) outranks SIGUSR1 (10): a job that is going away is
-        not requeued."""
+        not requeued. With `group` a CPU (gloo) group of all ranks, the flag never touches the GPU, so asking
+        does not wait for the device."""
         if device is None or not torch.distributed.is_initialized():
             return self.received
-        flag = torch.tensor([self.received], dtype=torch.int32, device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        flag = torch.tensor([self.received], dtype=torch.int32, device="cpu" if group is not None else device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
         return int(flag.item())
 
 

@@ -12,6 +12,7 @@ needs all ranks in every forward).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import signal
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 
 from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.precision import autocast, check_precision, resolve_device
-from bigtrain.components.step_result import StepResult
+from bigtrain.components.step_result import StepResult, resolve_all
 from bigtrain.config import Config, dump_config
 from bigtrain.config.checks import uses_deepspeed
 from bigtrain.config.layout import Layout
@@ -41,6 +42,7 @@ from bigtrain.train.flops import flops_per_token, peak_flops
 from bigtrain.train.generate import Decoding, generate
 from bigtrain.train.metrics import MetricsLog, Progress
 from bigtrain.train.preemption import StopRequest
+from bigtrain.train.prefetch import BatchPrefetcher, prepare
 from bigtrain.train.resume import (
     ResumeCheck,
     agreed_choice,
@@ -92,6 +94,8 @@ class Trainer:
         self.stop = stop  # None: run() listens for the stop signals itself
         self._stop: StopRequest | None = None
         self.resume_notes: list[str] = []
+        self._prefetch: BatchPrefetcher | None = None  # while `run` trains
+        self.counts: tuple[int, int] | None = None  # (target, input) tokens of the last micro_batches()
         self.saves = 0
         t = cfg.train
         if t.threads is not None:
@@ -108,6 +112,11 @@ class Trainer:
         if distributed:
             init_process_group(env, self.device, timeout_s=p.collective_timeout)
             self.groups = ParallelGroups(self.layout, env.rank, timeout_s=p.collective_timeout)
+        # On GPUs, stop requests are agreed over a CPU group, so that asking does not wait for the device.
+        self.control_group = None
+        if distributed and self.device.type == "cuda":
+            self.control_group = torch.distributed.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=p.collective_timeout))
         self.lock = RunLock(self.run_dir)
         on_main(self.is_main, distributed, self._claim_run_dir)
         try:
@@ -165,16 +174,22 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's share of the global batch of 0-based step `step`, cut into micro-batches: the global
-        batch is split into contiguous equal slices by data-parallel rank."""
+    def host_micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's share of the global batch of 0-based step `step`, cut into micro-batches, on the host:
+        the global batch is split into contiguous equal slices by data-parallel rank."""
         indices = self.sampler.indices(step)
         share = len(indices) // self.engine.dp_size
         indices = indices[self.engine.dp_rank * share:(self.engine.dp_rank + 1) * share]
         size = self.cfg.train.micro_batch_size
-        return [self._to_device(collate([self.train_set[i] for i in indices[s:s + size]],
-                                        self.cfg.model.family, self.tokenizer.pad_id, self.pad_multiple))
-                for s in range(0, len(indices), size)]
+        return [collate([self.train_set[i] for i in indices[s:s + size]], self.cfg.model.family,
+                        self.tokenizer.pad_id, self.pad_multiple) for s in range(0, len(indices), size)]
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """Step `step`'s micro-batches on the device: during `run`, prepared ahead by the prefetch thread (this
+        is called on the training thread, once per step, in order); their token counts go to `self.counts`."""
+        host = self._prefetch.get(step) if self._prefetch is not None else prepare(self.host_micro_batches, step)
+        self.counts = (host.targets, host.tokens)
+        return [self._to_device(b) for b in host.micro_batches]
 
     def eval_batches(self) -> list[dict[str, torch.Tensor]]:
         """The held-out batches; every rank evaluates all of them (ZeRO-3 needs every rank in each forward)."""
@@ -261,13 +276,17 @@ class Trainer:
             stop.note_checkpoint(state.step, self.resumed_from)
         watchdog = Watchdog(t.hang_timeout, self.run_dir, self.env.rank,
                             watch_parent=self.env.launcher in LAUNCHERS_THAT_SPAWN).start()
+        prefetch = self._prefetch = BatchPrefetcher(self.host_micro_batches, state.step, t.steps,
+                                                    pin=self.device.type == "cuda")
+        pending: list[tuple[int, float, StepResult]] = []  # steps whose values are still on the device
         try:
             while state.step < t.steps:
                 watchdog.beat(f"step {state.step + 1}")
                 batches = self.micro_batches(state.step)
                 lr = self.lr_at(state.step + 1)
                 log_now = (state.step + 1) % cfg.log.every == 0 or state.step + 1 == t.steps
-                result = self.engine.train_step(batches, lr, layer_norms=log_now and cfg.log.tensorboard)
+                result = self.engine.train_step(batches, lr, layer_norms=log_now and cfg.log.tensorboard,
+                                                counts=self.counts)
                 state.step += 1
                 watchdog.beat(f"what follows step {state.step}")
                 if not memory_reported:
@@ -276,11 +295,19 @@ class Trainer:
                     if report is not None:
                         progress.write(report)
                         (self.run_dir / "memory.txt").write_text(report + "\n")
-                skipped = self._check_finite(result, progress)
                 state.tokens += result.tokens
                 window_tokens += result.tokens
-
-                if log_now or skipped:
+                pending.append((state.step, lr, result))
+                evaluate_now = bool(t.eval_every and state.step % t.eval_every == 0) or state.step == t.steps
+                save_now = bool(cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0)
+                if not (log_now or evaluate_now or save_now or not result.deferred):
+                    progress.advance(state.step)
+                    continue  # nothing needs the step's values yet: no wait for the device
+                # One transfer for every pending step; each is checked in order (a skipped one is logged).
+                settled = self._settle(pending, progress, metrics, run_t0)
+                pending = []
+                result = settled[-1]
+                if log_now or result.skipped:  # a skipped step is logged off-cycle
                     elapsed = time.perf_counter() - window_t0
                     tokens_per_s = window_tokens / elapsed
                     record = {"step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
@@ -293,8 +320,7 @@ class Trainer:
                     progress.update(state.step, record, print_line=True)
                     window_tokens, window_t0 = 0, time.perf_counter()
                 else:
-                    progress.update(state.step, {"loss": result.loss, "lr": lr, "tokens_per_s": 0.0},
-                                    print_line=False)
+                    progress.advance(state.step)
 
                 if (t.eval_every and state.step % t.eval_every == 0) or state.step == t.steps:
                     watchdog.beat(f"the evaluation after step {state.step}")
@@ -309,7 +335,7 @@ class Trainer:
                     progress.write(f"early stop at step {state.step}: eval_loss did not improve for "
                                    f"{t.early_stop_patience} evaluations")
                     break
-                signum = stop.agreed(self.device if self.groups is not None else None)
+                signum = stop.agreed(self.device if self.groups is not None else None, self.control_group)
                 if signum and state.step < t.steps:
                     stopped_by = signum
                     watchdog.beat(f"the checkpoint of step {state.step}")
@@ -321,6 +347,8 @@ class Trainer:
                 watchdog.beat("the final sample")
                 self._print_sample()
         finally:
+            prefetch.close()
+            self._prefetch = None
             watchdog.stop()
             if self.stop is None:
                 stop.uninstall()
@@ -330,7 +358,19 @@ class Trainer:
         return TrainResult(state=state, last_eval=last_eval, run_dir=self.run_dir, stopped_early=stopped_early,
                            stopped_by=stopped_by)
 
-    def _check_finite(self, result: StepResult, progress: Progress) -> bool:
+    def _settle(self, pending: list[tuple[int, float, StepResult]], progress: Progress, metrics: MetricsLog,
+                run_t0: float) -> list[StepResult]:
+        """Read the pending steps' values (one wait for the device) and check each in order; a skipped step
+        that is not the current one gets its own metrics line."""
+        results = resolve_all([r for _, _, r in pending])
+        for index, ((step, lr, _), result) in enumerate(zip(pending, results, strict=True)):
+            if self._check_finite(result, progress, step) and index < len(pending) - 1:
+                metrics.write({"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                               "tokens": None, "tokens_per_s": None, "flops_per_s": None, "mfu": None,
+                               "skipped": True, "elapsed_s": time.perf_counter() - run_t0})
+        return results
+
+    def _check_finite(self, result: StepResult, progress: Progress, step: int) -> bool:
         """Stop or skip on a non-finite step (no update was applied either way); True when it was skipped.
         fp16 overflows are the loss scaler's business and count as neither."""
         t, state = self.cfg.train, self.state
@@ -338,7 +378,7 @@ class Trainer:
             state.skipped_in_a_row = 0
             return False
         seen = f", first seen on rank {result.nonfinite_rank}" if result.nonfinite_rank is not None else ""
-        what = (f"non-finite loss or gradient at step {state.step} (loss {result.loss}, grad_norm "
+        what = (f"non-finite loss or gradient at step {step} (loss {result.loss}, grad_norm "
                 f"{result.grad_norm}{seen})")
         if t.on_nonfinite == "stop":
             raise TrainingError(f"N{what[1:]}; no update was applied. Lower optim.lr, check the data, or set "
@@ -349,7 +389,7 @@ class Trainer:
         if state.skipped_in_a_row >= t.max_skipped_steps:
             raise TrainingError(
                 f"{state.skipped_in_a_row} steps in a row were non-finite and skipped (steps "
-                f"{state.step - state.skipped_in_a_row + 1}-{state.step}; train.max_skipped_steps="
+                f"{step - state.skipped_in_a_row + 1}-{step}; train.max_skipped_steps="
                 f"{t.max_skipped_steps}): training is not recovering. Lower optim.lr, check the data, or resume "
                 f"from an earlier checkpoint.")
         return True
