@@ -4,8 +4,8 @@ In a fixed order, as torchtitan's `parallelize_llama`:
 
     1. tensor and sequence parallelism   layers replaced by their shards (`tensor.py`), vocabulary-parallel loss
     2. activation checkpointing          blocks or attention cores wrapped (`activation_checkpointing.py`)
-    3. torch.compile                     (its place in the order; the `train.compile` option comes with the
-                                         speed work)
+    3. torch.compile (`train.compile`)   each block compiled on its own (`compile.py`), after tensor
+                                         parallelism and checkpointing, before the pipeline split
     4. pipeline split or materialize     a pipeline stage allocates and initializes only its own layers; any
                                          other layout allocates and initializes the whole (sharded) model
 
@@ -28,6 +28,7 @@ from bigtrain.config.layout import Layout
 from bigtrain.models import TransformerLM, materialize
 from bigtrain.models.init import Shard
 from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
+from bigtrain.parallel.compile import apply_compile
 from bigtrain.parallel.groups import ParallelGroups
 from bigtrain.parallel.tensor import TensorParallel, apply_tensor_parallel, mark_tensor_parallel
 
@@ -80,7 +81,9 @@ def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups | None
     # 2. activation checkpointing
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n_layers)
 
-    # 3. torch.compile would wrap the blocks here (after checkpointing, before the pipeline split).
+    # 3. torch.compile of each block (regional; a checkpointed block is compiled whole)
+    if cfg.train.compile:
+        apply_compile(model, device, retain_graph=layout.pipeline > 1)
 
     torch.manual_seed(seed + layout.seed_offset(rank))
 

@@ -64,7 +64,8 @@ def load_tensor_parallel(path: Path, overrides: list[str] | None = None) -> Load
     from bigtrain.parallel.groups import ParallelGroups
 
     env = detect_env()
-    layout = [f"parallel.tensor={env.world_size}", "parallel.pipeline=1", "parallel.data=1"]
+    # A one-off command: no compile time (train.compile of the run is for training).
+    layout = [f"parallel.tensor={env.world_size}", "parallel.pipeline=1", "parallel.data=1", "train.compile=false"]
     cfg = config_from_dict(weights_config(path), world_size=env.world_size, overrides=[*layout, *(overrides or [])])
     tokenizer = build_tokenizer(cfg.data)
     vocab = resolve_vocab_size(cfg.model, tokenizer.vocab_size)
