@@ -270,6 +270,17 @@ def test_seq2seq_sort_task_and_jsonl_pairs(tmp_path: Path) -> None:
 
 # --- collate ------------------------------------------------------------------------------------------
 
+def test_pad_stack_equal_lengths_matches_padding_path() -> None:
+    """Equal lengths take a single stack (fixed-length causal blocks); same values, dtype and mask as padding."""
+    from bigtrain.data.collate import pad_stack
+
+    seqs = [torch.arange(6, dtype=torch.int32) + i for i in range(3)]
+    out, mask = pad_stack(seqs, value=-1)
+    assert out.dtype == torch.long and torch.equal(out, torch.stack(seqs).long()) and mask.all()
+    out, mask = pad_stack(seqs, value=-1, multiple=4)  # 6 -> 8: the padding path
+    assert out.shape == (3, 8) and (out[:, 6:] == -1).all() and mask.sum().item() == 18
+
+
 def test_collate_all_families(tmp_path: Path) -> None:
     causal, _ = build_datasets(make_cfg(tmp_path), BYTE)
     batch = collate([causal[i] for i in range(4)], "causal", BYTE.pad_id)

@@ -16,9 +16,13 @@ IGNORE = -100
 def pad_stack(seqs: list[torch.Tensor], value: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(padded [B, T] int64, mask [B, T] bool) for 1-D tensors, T = the longest length rounded up to a
     multiple of `multiple` (sequence parallelism cuts T into equal shards)."""
-    lengths = torch.tensor([len(s) for s in seqs])
-    longest = int(lengths.max())
-    out = torch.full((len(seqs), -(-longest // multiple) * multiple), value, dtype=torch.long)
+    sizes = [len(s) for s in seqs]
+    width = -(-max(sizes) // multiple) * multiple
+    if min(sizes) == width:  # nothing to pad (fixed-length causal blocks): one stack, no per-row copies
+        out = torch.stack(seqs).long()
+        return out, torch.ones(out.shape, dtype=torch.bool)
+    lengths = torch.tensor(sizes)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
     for row, seq in zip(out, seqs, strict=True):
         row[:len(seq)] = seq
     return out, torch.arange(out.shape[1]) < lengths[:, None]

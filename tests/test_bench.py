@@ -1,0 +1,88 @@
+"""The benchmark scripts (bench/) run on a tiny config and write their JSON with the expected fields, so they
+do not rot; the figures themselves are not asserted (timings on a shared CPU are not pass/fail material)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import report, scaling, step_overhead, throughput
+
+TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.max_seq_len=32",
+        "data.source=embedded", "data.max_bytes=300000", "data.seq_len=32", "train.global_batch_size=4",
+        "train.micro_batch_size=2", "train.threads=1", "log.every=2", "log.tensorboard=false"]
+
+
+def tiny(tmp_path: Path) -> list[str]:
+    return [*TINY, f"data.cache_dir={tmp_path / 'cache'}"]
+
+
+def test_step_overhead_writes_its_result(tmp_path):
+    out = tmp_path / "results" / "step_overhead-tiny.json"
+    result = step_overhead.main(["--config", "configs/smoke.yaml", "--warmup", "1", "--steps", "2", "--repeats", "2",
+                                 "--max-foreign", "1", "--wait-quiet", "0", "--name", "tiny", "--out", str(out),
+                                 *tiny(tmp_path)])
+    saved = json.loads(out.read_text())
+    assert saved["overhead_ratio"] == pytest.approx(result["overhead_ratio"]) and result["overhead_ratio"] > 0
+    assert saved["tokens_per_step"] == 4 * 32 and len(saved["runs"]) == 2 and saved["quiet"]
+    for side in ("bigtrain", "minimal"):
+        assert {"step_ms", "inside_step_ms", "outside_step_ms"} <= saved["median"][side].keys()
+    assert {"cpu", "cpus", "torch", "load_average"} <= saved["machine"].keys()
+    assert saved["command"].startswith("python bench/step_overhead.py")
+
+
+def test_throughput_writes_its_result(tmp_path, capsys):
+    out = tmp_path / "results" / "throughput-tiny.json"
+    throughput.main(["--config", "configs/smoke.yaml", "--warmup", "1", "--steps", "2", "--out", str(out),
+                     *tiny(tmp_path)])
+    saved = json.loads(out.read_text())
+    assert saved["tokens_per_s"] > 0 and saved["flops_per_token"] > 0 and saved["achieved_tflops"] > 0
+    assert saved["mfu"] is None  # no peak for a CPU unless log.peak_tflops is given
+    assert saved["peak_memory"][0]["bytes"] > 0 and saved["world_size"] == 1
+    assert saved["attention"]["backend"] and saved["attention"]["operators"]
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "attention kernel" in printed
+
+
+def test_placeholder_data_is_replaced():
+    from bench.harness import data_substitutes
+
+    assert data_substitutes("configs/gpt2-small.yaml", []) == ["data.source=embedded", "data.tokenizer=byte"]
+    assert data_substitutes("configs/smoke.yaml", []) == []
+
+
+def test_report_renders_every_section(tmp_path):
+    results = tmp_path / "results"
+    machine = {"cpu": "Test CPU", "cpus": 2, "torch": "2.x", "python": "3.x", "load_average": [1.0, 1.0, 1.0]}
+    side = {"step_ms": 10.0, "inside_step_ms": 9.0, "outside_step_ms": 1.0, "build_s": 1.0}
+    results.mkdir()
+    (results / "step_overhead-a.json").write_text(json.dumps(
+        {"name": "a", "command": "python bench/step_overhead.py x", "machine": machine, "tokens_per_step": 8,
+         "median": {"bigtrain": side, "minimal": side}, "overhead_ratio": 1.0, "target": 1.05}))
+    run = {"device": "cpu", "precision": "fp32", "world_size": 1, "tokens_per_s": 100.0, "achieved_tflops": 0.001,
+           "mfu": None, "fraction_of_gemm": 0.5, "gemm_tflops": 0.002, "attention": {"backend": "flash (CPU kernel)"},
+           "peak_memory": [{"kind": "peak RSS", "bytes": 2**30}], "machine": machine}
+    for name, compiled, speed in (("s", False, 100.0), ("s-compiled", True, 150.0)):
+        (results / f"throughput-{name}.json").write_text(json.dumps(
+            {**run, "name": name, "compile": compiled, "tokens_per_s": speed, "command": f"cmd {name}"}))
+    (results / "scaling.json").write_text(json.dumps(
+        {"command": "python bench/scaling.py", "machine": machine, "model": ["model.d_model=8"], "micro_batch": 8,
+         "rows": [{"layout": "dp", "ranks": n, "tokens_per_s": 10.0 * n, "efficiency": 1.0 if n == 1 else 0.5,
+                   "oversubscribed": n > 2, "device": "cpu"} for n in (1, 4)]}))
+    text = report.main(["--results", str(results), "--out", str(tmp_path / "performance.md")])
+    assert "| M1 | no GPU; CPU Test CPU, 2 cores" in text
+    assert "1.50× the eager tokens/s" in text and "No GPU was available" in text
+    assert "oversubscribed" in text and "python bench/step_overhead.py x" in text
+
+
+@pytest.mark.slow
+def test_scaling_writes_its_result(tmp_path):
+    out = tmp_path / "scaling.json"
+    scaling.main(["--layouts", "dp", "--ranks", "1,2", "--warmup", "1", "--steps", "2", "--max-foreign", "1",
+                  "--out", str(out),
+                  f"data.cache_dir={tmp_path / 'cache'}", "data.max_bytes=300000"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["layout"], r["ranks"]) for r in rows] == [("dp", 1), ("dp", 2)]
+    assert rows[0]["efficiency"] == 1.0 and rows[1]["efficiency"] > 0
