@@ -1,0 +1,49 @@
+"""`bigtrain parity` (issue 16, item 3): it passes on correct layouts and fails on a broken one (a fault that
+only this test switches on: one rank reads the wrong step's batch), with one-line errors on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+BIGTRAIN = str(Path(sys.executable).parent / "bigtrain")
+SMALL = ["train.global_batch_size=8", "train.micro_batch_size=4", "data.max_bytes=300000"]
+
+
+def _parity(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([BIGTRAIN, "parity", "--config", str(REPO / "configs" / "smoke.yaml"), "--steps", "5",
+                           "--shrink", "--work-dir", str(tmp_path / "work"), *args, *SMALL],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tensor=2", "pipeline=2", "data=2,zero_stage=3"])
+def test_parity_passes_on_correct_layouts(tmp_path, layout):
+    proc = _parity(tmp_path, "--layout", layout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "parity PASSED" in proc.stdout and proc.stdout.count("\n") >= 7  # header, 5 steps, verdict
+
+
+@pytest.mark.slow
+def test_parity_fails_on_a_broken_layout(tmp_path):
+    proc = _parity(tmp_path, "--layout", "data=2,zero_stage=1",
+                   "--script", str(REPO / "tests" / "helpers" / "broken_parity.py"))
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "parity FAILED" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--layout", "tensors=2"], "'tensors=2' is not KEY=VALUE with KEY one of tensor, pipeline"),
+    (["--layout", "tensor=0"], "tensor=0 must be a positive integer"),
+    (["--layout", "tensor=2", "--precision", "fp8"], "--precision fp8: choose fp32 or bf16"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    proc = _parity(tmp_path, *args)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("bigtrain:")]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
