@@ -402,13 +402,23 @@ def test_trainer_sample_under_parallel_layouts(tmp_path, layout):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("parallel.sequence_parallel=true",)], ids=["tp2", "tp2-sp"])
-def test_command_under_tensor_parallelism_prints_the_one_device_text(causal_run, tmp_path, capsys, extra):
-    """`torchrun --nproc_per_node 2 -m bigtrain.cli generate RUN ...`: the model split over two tensor-parallel
-    ranks, each reading its shards of the layout-free checkpoint; printed once, the one-device text (greedy and
-    4 beams)."""
+def test_command_under_tensor_parallelism_prints_the_one_device_text(tmp_path, capsys, extra):
+    """`torchrun --nproc_per_node 2 -m bigtrain.cli generate WEIGHTS ...`: the model split over two
+    tensor-parallel ranks, each reading its shards; printed once, the one-device text (greedy and 4 beams).
+    The weights are random with a wide spread (`lively`), so that no two next tokens are near a tie: summation
+    order differs between one device and two shards, and must not decide a token."""
+    folder = _weights_folder(tmp_path / "weights", "causal")
+    from safetensors.torch import load_file, save_file
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", "causal"))
+    model = build_model(cfg.model, resolve_vocab_size(cfg.model, ByteTokenizer.vocab_size), "cpu", seed=0)
+    model.load_state_dict({**load_file(str(folder / "model.safetensors"))}, strict=False)
+    lively(model)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"},
+              str(folder / "model.safetensors"))
     torchrun = Path(sys.executable).parent / "torchrun"
     for flags in (["--greedy"], ["--beams", "4", "--length-penalty", "0.8"]):
-        args = [str(causal_run), "--prompt", "def ", "--prompt", "import os", "--max-new-tokens", "10", *flags]
+        args = [str(folder), "--prompt", "def ", "--prompt", "import os", "--max-new-tokens", "10", *flags]
         assert cli_main(["generate", *args]) == 0
         one_device = capsys.readouterr().out
         proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_addr=127.0.0.1",

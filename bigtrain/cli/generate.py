@@ -45,9 +45,13 @@ def run_generate(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
 
     def command() -> int:
+        import torch.distributed as dist
+
         from bigtrain.errors import UsageError
         from bigtrain.train.generate import Decoding, decoding_problems
         from bigtrain.train.generate_command import generate_text
+
+        started_with_group = dist.is_initialized()
 
         options = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        beams=args.beams, length_penalty=args.length_penalty)
@@ -63,6 +67,9 @@ def run_generate(argv: list[str]) -> int:
         if detect_env().is_main:  # under a launcher, every tensor-parallel rank holds the same completions
             for index, completion in enumerate(completions):
                 print(completion.describe(index, len(completions)), flush=True)
+        if dist.is_initialized() and not started_with_group:  # ours (a launcher's ranks): leave together, since
+            dist.barrier()                                   # a group alive at exit can abort the interpreter
+            dist.destroy_process_group()
         return 0
 
     return run_guarded(command, args.debug)
