@@ -151,6 +151,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, kind):
     assert config["model_type"] == kind and config["vocab_size"] == VOCAB
     hf = _hf_class(kind).from_pretrained(tmp_path / "hf").eval()
     diff = (_logits(kind, model) - _logits(kind, hf, hf=True)).abs().max().item()
+    print(f"\nexport {kind}: max |logit difference| {diff:.1e}")  # pytest -s shows the measured figure
     assert diff <= 1e-4, (kind, diff)
 
 
@@ -175,6 +176,7 @@ def test_import_from_transformers_gives_the_same_logits(tmp_path, kind):
     reader = init_source(cfg.model, VOCAB)
     StateAdapter(model, {}, torch.optim.AdamW(model.parameters()), None, 0, 0).restore(reader, 0.0)
     diff = (_logits(kind, model) - _logits(kind, hf, hf=True)).abs().max().item()
+    print(f"\nimport {kind}: max |logit difference| {diff:.1e}")  # pytest -s shows the measured figure
     assert diff <= 1e-4, (kind, diff)
 
 
