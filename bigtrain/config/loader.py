@@ -306,14 +306,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                world_size: int = 1) -> Config:
-    """Defaults <- YAML file <- overrides, then the cross-field checks for `world_size` ranks."""
+def merged_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, each key and type checked, but not yet the cross-field checks (which
+    need the world size: `validate`)."""
     cfg = Config()
     if path is not None:
         cfg = _merge_section(cfg, read_yaml(path), "")
     if overrides:
         cfg = _merge_section(cfg, parse_overrides(overrides), "")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                world_size: int = 1) -> Config:
+    """Defaults <- YAML file <- overrides, then the cross-field checks for `world_size` ranks."""
+    cfg = merged_config(path, overrides)
     validate(cfg, world_size=world_size)
     return cfg
 

@@ -23,8 +23,9 @@ class RMSNorm(nn.Module):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight, normalized in fp32."""
-    scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-    return (x.float() * scale).type_as(x) * weight
+    x32 = x.float()  # one fp32 copy for both uses (a 16-bit input would otherwise keep two for backward)
+    scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * scale).type_as(x) * weight
 
 
 def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:

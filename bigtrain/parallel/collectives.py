@@ -29,7 +29,9 @@ def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((n * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
     all_gather_into(out, moved, group)
-    return out.movedim(0, dim)
+    # contiguous once here: every projection that reads the gathered input then flattens it without a copy of
+    # its own (Q, K and V would otherwise each save a separate copy for backward)
+    return out.movedim(0, dim).contiguous()
 
 
 def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:

@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 
 from bigtrain.models import TransformerLM
+from bigtrain.planning.hardware import PEAK_TFLOPS_BY_DEVICE_NAME
 
-# Dense bf16/fp16 tensor-core peaks, TFLOP/s (vendor data sheets, no sparsity).
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0,
-                   "4090": 165.0, "3090": 71.0}
+GPU_PEAK_TFLOPS = PEAK_TFLOPS_BY_DEVICE_NAME  # dense bf16 peaks by device-name substring (planning/hardware.py)
 
 
 def matmul_parameters(model: TransformerLM) -> int:

@@ -16,7 +16,7 @@ LAYERS: dict[str, int] = {
     "compat": 2, "components": 2, "distributed": 2,
     "data": 3, "models": 3, "optim": 3,
     "parallel": 4,
-    "engine": 5, "interop": 5,
+    "engine": 5, "interop": 5, "planning": 5,
     "train": 6,
     "cli": 7,
 }

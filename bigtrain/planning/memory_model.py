@@ -1,0 +1,234 @@
+"""Per-rank memory of one layout, predicted from the model's shape (bytes; the binding pipeline stage).
+
+Model state, Ψ = this rank's parameters (its stage's layers; tensor-split ones / T), D data-parallel ranks:
+    bigtrain's one-process engine (fp32 weights, autocast for bf16): 4Ψ + 4Ψ + 8Ψ
+    DeepSpeed: the ZeRO formulas of `bigtrain.engine.memory.zero_formula` (b = 2 in bf16/fp16, 4 in fp32;
+    K = 8 bytes of Adam/LAMB moments, + 4 for the fp32 master copy of mixed precision); at ZeRO-0 in bf16
+    DeepSpeed's bf16 optimizer also keeps fp32 gradients (4Ψ)
+    DeepSpeed's buffers on GPUs: ZeRO-1/2 one reduction bucket (reduce_bucket_size elements of b bytes);
+    ZeRO-3 the prefetch bucket and the largest gathered layer (of b bytes)
+
+Saved activations per micro-batch, per token (s·b tokens), e bytes per activation element (2 in bf16/fp16, 4
+in fp32), h = d_model, a heads, g = kv heads / heads, f = d_ff, T tensor ranks, h' = h/T with sequence
+parallelism (else h). The terms are those of Korthikanti et al. 2022 (section 4), counted for bigtrain's
+layers and PyTorch's fused kernels (flash attention saves Q, K, V, its output and a log-sum-exp per head,
+no s×s matrix):
+    each sublayer   norm input r·h' (RMSNorm: its fp32 copy 4·h' and the normalized r·h'), the sublayer's input
+                    e·h (gathered from the sequence shards under sequence parallelism; under autocast Q, K and V
+                    each keep their own 16-bit cast of it), norm statistics 4·(2 or 1)·h'/h; r = e, but 4 for
+                    the fp32 residual stream of bigtrain's one-process autocast (which also keeps 16-bit copies
+                    of the weights, e·N)
+    attention       e·h·(2 + 2g)/T (Q, K, V, output) + 4·a/T (log-sum-exp)
+    feed-forward    e·f/T · (1 relu | 2 gelu | 4 swiglu)
+    dropout p > 0   1-byte masks: h' per sublayer, f/T in the feed-forward (+ e·f/T for relu)
+    full checkpointing keeps only each block's input (e·h'); selective drops the attention core's
+    log-sum-exp (its output is also the output projection's input, so it stays)
+    first stage     token ids (8 bytes); last stage the head's input e·h (+ the final norm) and the fp32
+                    log-softmax of the logits 4·V/T
+Under the 1F1B schedule stage k of p holds min(p − k, m) micro-batches in flight (m per step). On top of the
+saved activations the peak has the logits of one micro-batch alive through backward with their fp32
+gradient ((e + 4)·V/T per token, last stage), the block being recomputed under full checkpointing, and a
+framework constant (CUDA context, kernels' workspaces, allocator rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bigtrain.engine.ds_config import ZERO3_COMMUNICATION, ZERO_COMMUNICATION
+from bigtrain.engine.memory import zero_formula
+from bigtrain.planning.partition import stage_boundaries
+from bigtrain.planning.shape import ModelShape, PipelineLayer
+
+FFN_SAVED = {"relu": 1, "gelu": 2, "gelu_tanh": 2, "swiglu": 4}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout of the search: sizes, ZeRO stage, recomputation and micro-batch."""
+
+    tensor: int
+    pipeline: int
+    data: int
+    zero_stage: int
+    checkpointing: str  # none | selective | full
+    sequence_parallel: bool
+    micro_batch_size: int
+
+    def overrides(self) -> list[str]:
+        return [f"parallel.tensor={self.tensor}", f"parallel.pipeline={self.pipeline}",
+                f"parallel.zero_stage={self.zero_stage}", f"parallel.activation_checkpointing={self.checkpointing}",
+                f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
+                f"train.micro_batch_size={self.micro_batch_size}"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the layouts share: the run's precision, batch and engine choice, the framework constant."""
+
+    precision: str
+    global_batch_size: int
+    engine: str  # parallel.engine: auto | torch | deepspeed
+    on_gpu: bool
+    framework_bytes: int
+    partition_method: str = "parameters"
+    checkpoint_every_n_layers: int = 1
+    norm_position: str = "pre"
+
+    @property
+    def activation_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+    def residual_bytes(self, c: Candidate) -> int:
+        """Bytes of the residual stream and the norms: fp32 under bigtrain's one-process autocast (its weights
+        stay fp32), else those of the activations (DeepSpeed casts the model to bf16/fp16)."""
+        return 4 if not self.deepspeed(c) else self.activation_bytes
+
+    def autocast(self, c: Candidate) -> bool:
+        """bigtrain's one-process engine in bf16/fp16: autocast casts each matmul's input (once per consumer) and
+        weight to 16 bits, and the graph keeps those copies."""
+        return self.precision != "fp32" and not self.deepspeed(c)
+
+    def mask_bytes(self) -> int:
+        """A dropout mask element: 1 byte from the fused GPU kernel; the CPU kernel keeps a scaled copy."""
+        return 1 if self.on_gpu else self.activation_bytes
+
+    def deepspeed(self, c: Candidate) -> bool:
+        world = c.tensor * c.pipeline * c.data
+        return self.engine == "deepspeed" or (self.engine == "auto" and (world > 1 or c.zero_stage > 0))
+
+    def micro_batches(self, c: Candidate) -> int:
+        return self.global_batch_size // (c.micro_batch_size * c.data)
+
+
+@dataclass
+class StageMemory:
+    stage: int
+    parameters: int
+    gradients: int
+    optimizer: int
+    buffers: int
+    activations: int  # saved for backward, every micro-batch in flight
+    transient: int  # logits and their gradient, the recomputed block
+    framework: int
+    in_flight: int
+
+    @property
+    def model_state(self) -> int:
+        return self.parameters + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.model_state + self.buffers + self.activations + self.transient + self.framework
+
+
+def stages(shape: ModelShape, pipeline: int, method: str) -> list[tuple[PipelineLayer, ...]]:
+    bounds = stage_boundaries([x.params for x in shape.layers], shape.kinds, pipeline, method)
+    return [shape.layers[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def rank_parameters(layers: tuple[PipelineLayer, ...], tensor: int) -> int:
+    """Ψ of one rank holding `layers`: split parameters / T, the rest whole; the tied embedding once."""
+    seen_tied = False
+    total = 0
+    for x in layers:
+        if x.tied:
+            if seen_tied:
+                continue
+            seen_tied = True
+        total += x.split // tensor + (x.params - x.split)
+    return total
+
+
+def model_state(psi: int, c: Candidate, s: Setting) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer state) bytes of Ψ parameters on one rank."""
+    if not s.deepspeed(c):
+        return 4 * psi, 4 * psi, 8 * psi
+    mixed = s.precision != "fp32"
+    # DeepSpeed's ZeRO optimizers keep fp32 partitions of the weights whatever the precision
+    state = zero_formula(psi, c.zero_stage, c.data, s.precision, master_copy=mixed or c.zero_stage > 0)
+    params, grads, optimizer = state.params, state.grads, state.optimizer
+    if mixed and c.zero_stage == 0:  # DeepSpeed's bf16/fp16 optimizer: fp32 master copy and fp32 gradients
+        optimizer = 12 * psi
+        grads += 4 * psi if s.precision == "bf16" else 0
+    return params, grads, optimizer
+
+
+def deepspeed_buffers(layers: tuple[PipelineLayer, ...], c: Candidate, s: Setting) -> int:
+    if not s.on_gpu or c.zero_stage == 0:
+        return 0
+    b = s.activation_bytes
+    if c.zero_stage in (1, 2):
+        return ZERO_COMMUNICATION["reduce_bucket_size"] * b
+    largest = max(x.split // c.tensor + (x.params - x.split) for x in layers)
+    return (ZERO3_COMMUNICATION["stage3_prefetch_bucket_size"] + largest) * b
+
+
+def block_bytes_per_token(shape: ModelShape, c: Candidate, s: Setting, cross: bool, checkpointed: bool) -> float:
+    """Bytes one block saves for backward per token of a micro-batch (module docstring)."""
+    e, r, t, h = s.activation_bytes, s.residual_bytes(c), c.tensor, shape.d_model
+    h_local = h / t if c.sequence_parallel else h
+    if checkpointed:
+        return r * h_local
+    rms = shape.norm == "rmsnorm"
+    stats = 4 * (1 if rms else 2) * (1 / t if c.sequence_parallel else 1)
+    norm = r * h_local + 4 * h_local * rms + stats  # RMSNorm also keeps its fp32 input for the statistics
+    casts = s.autocast(c)  # Q, K and V (and SwiGLU's gate and up) each save their own cast of the input
+    attention_in, ffn_in = (3, 2 if shape.activation == "swiglu" else 1) if casts else (1, 1)
+    g = shape.n_kv_heads / shape.n_heads
+    lse = 0.0 if c.checkpointing == "selective" else 4 * shape.n_heads / t
+    attention = e * h * (2 + 2 * g) / t + lse
+    f = shape.d_ff / t
+    ffn = e * f * FFN_SAVED[shape.activation]
+    n_sublayers = 3 if cross else 2
+    total = n_sublayers * norm + e * h * (attention_in + ffn_in) + (2 if cross else 1) * attention + ffn
+    if cross:  # the query's input, and the encoder output's keys and values (s encoder positions assumed)
+        total += e * h * (1 + 2 * g / t)
+    if shape.dropout > 0:
+        total += s.mask_bytes() * (n_sublayers * h_local + f) + (e * f if shape.activation == "relu" else 0)
+    return total
+
+
+def stage_activation_bytes(shape: ModelShape, layers: tuple[PipelineLayer, ...], c: Candidate, s: Setting,
+                           first: bool, last: bool) -> float:
+    """Saved bytes of one micro-batch on a stage holding `layers`."""
+    e, r, t, h = s.activation_bytes, s.residual_bytes(c), c.tensor, shape.d_model
+    tokens = shape.seq_len * c.micro_batch_size
+    per_token, kept = 0.0, []  # kept: layers whose activations (and autocast's weight copies) stay
+    for layer in layers:
+        checkpointed = c.checkpointing == "full" and layer.index % s.checkpoint_every_n_layers == 0
+        if layer.kind in ("block", "cross_block"):
+            per_token += block_bytes_per_token(shape, c, s, layer.kind == "cross_block", checkpointed)
+        if not (checkpointed and layer.kind in ("block", "cross_block")):
+            kept.append(layer)
+    weights = e * sum(x.matmul for x in kept) if s.autocast(c) else 0  # 16-bit copies of the weights
+    if first:
+        per_token += 8 + s.mask_bytes() * (h / t if c.sequence_parallel else h) * (shape.dropout > 0)
+    if last:
+        h_local = h / t if c.sequence_parallel else h
+        norm = r * h_local + 4 * h_local * (shape.norm == "rmsnorm") + 8 if s.norm_position == "pre" else 0
+        per_token += e * h + norm + 4 * shape.vocab / t
+    return per_token * tokens + weights
+
+
+def stage_memory(shape: ModelShape, c: Candidate, s: Setting,
+                 parts: list[tuple[PipelineLayer, ...]] | None = None) -> list[StageMemory]:
+    """Every stage's prediction for one rank of it (ranks of one stage are alike); `parts`: the stages'
+    layers when already partitioned."""
+    out = []
+    parts = parts or stages(shape, c.pipeline, s.partition_method)
+    m = s.micro_batches(c)
+    tokens = shape.seq_len * c.micro_batch_size
+    for k, layers in enumerate(parts):
+        first, last = k == 0, k == c.pipeline - 1
+        params, grads, optimizer = model_state(rank_parameters(layers, c.tensor), c, s)
+        per_micro = stage_activation_bytes(shape, layers, c, s, first, last)
+        in_flight = min(c.pipeline - k, m)
+        transient = (s.activation_bytes + 4) * shape.vocab / c.tensor * tokens if last else 0
+        if c.checkpointing == "full" and any(x.kind in ("block", "cross_block") for x in layers):
+            recompute = Candidate(c.tensor, c.pipeline, c.data, c.zero_stage, "none", c.sequence_parallel,
+                                  c.micro_batch_size)
+            transient += block_bytes_per_token(shape, recompute, s, "cross_block" in shape.kinds, False) * tokens
+        out.append(StageMemory(k, params, grads, optimizer, deepspeed_buffers(layers, c, s),
+                               int(per_micro * in_flight), int(transient), s.framework_bytes, in_flight))
+    return out

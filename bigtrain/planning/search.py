@@ -1,0 +1,191 @@
+"""`bigtrain plan`: every layout of a config over N GPUs, with predicted per-rank memory and step time, ranked.
+
+The search covers tensor sizes that split the model and stay inside a node, pipeline sizes that leave no
+stage empty, the data-parallel rest, ZeRO 0-3 (0-1 with a pipeline, as the engine allows; LAMB's own
+limits), activation checkpointing none / selective / full, sequence parallelism with T > 1, and every
+micro-batch size that divides the per-replica batch. Only arithmetic runs per layout (the model is read
+once on the meta device), so 175B over 1024 GPUs takes about a second.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bigtrain.config import Config
+from bigtrain.config.checks import uses_deepspeed
+from bigtrain.errors import ConfigError
+from bigtrain.planning.hardware import Accelerator, GiB
+from bigtrain.planning.memory_model import Candidate, Setting, StageMemory, stage_memory, stages
+from bigtrain.planning.shape import ModelShape, PipelineLayer, model_shape
+from bigtrain.planning.time_model import Network, StepTime, step_time
+
+ASSUMED_EFFICIENCY = 0.45  # the issue's target and Megatron-LM's published 41-47% on H100
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+
+
+@dataclass
+class Estimate:
+    candidate: Candidate
+    stages: list[StageMemory]
+    time: StepTime
+    tokens_per_s: float
+    mfu: float
+    fits: bool
+    given: bool = False
+
+    @property
+    def peak(self) -> StageMemory:
+        """The stage that needs the most memory (it decides whether the layout fits)."""
+        return max(self.stages, key=lambda m: m.total)
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    accelerator: Accelerator
+    gpus: int
+    gpus_per_node: int
+    efficiency: float
+    efficiency_source: str
+    ranked: list[Estimate]  # fitting layouts, fastest first
+    considered: int
+    given: Estimate | None
+    given_problem: str | None = None
+    smallest: Estimate | None = None  # the layout needing the least memory (when none fits)
+    notes: list[str] = field(default_factory=list)
+
+
+def measured_efficiency(accelerator: Accelerator) -> tuple[float, str]:
+    """The MFU that bench/throughput.py measured on this kind of GPU (bench/results), else the assumption."""
+    found = []
+    for path in sorted(RESULTS.glob("throughput-*.json")) if RESULTS.is_dir() else []:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        gpu = str(result.get("gpu") or result.get("machine", {}).get("gpu") or "").lower()
+        if result.get("device") == "cuda" and result.get("mfu") and accelerator.name.split("-")[0] in gpu:
+            found.append((float(result["mfu"]), path.name))
+    if found:
+        mfu, name = max(found)
+        return mfu, f"measured: bench/results/{name}"
+    return ASSUMED_EFFICIENCY, ("assumed (no GPU measurement in bench/results; run bench/throughput.py on the "
+                                "GPU and plan again, or pass --efficiency)")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _zero_stages(cfg: Config, pipeline: int, world: int) -> list[int]:
+    allowed = [0, 1] if pipeline > 1 else [0, 1, 2, 3]
+    if cfg.optim.name == "lamb":
+        allowed = [z for z in allowed if z < 3]
+        if cfg.train.precision != "fp32":
+            allowed = [z for z in allowed if z > 0 or world == 1]
+    return allowed
+
+
+def candidates(cfg: Config, shape: ModelShape, gpus: int, gpus_per_node: int,
+               parts: dict[int, list[tuple[PipelineLayer, ...]] | None]) -> list[Candidate]:
+    global_batch = cfg.train.global_batch_size
+    out = []
+    for t in shape.tensor_sizes:
+        if t > min(gpus_per_node, gpus) or gpus % t:
+            continue
+        for p in _divisors(gpus // t):
+            if p not in parts:
+                layers = stages(shape, p, cfg.parallel.partition_method) if p <= len(shape.layers) else []
+                parts[p] = layers if layers and all(layers) else None  # a stage without layers is refused
+            if parts[p] is None:
+                continue
+            d = gpus // (t * p)
+            if global_batch % d:
+                continue
+            for zero in _zero_stages(cfg, p, gpus):
+                for ckpt in ("none", "selective", "full"):
+                    for sp in ((False, True) if t > 1 else (False,)):
+                        for mbs in _divisors(global_batch // d):
+                            out.append(Candidate(t, p, d, zero, ckpt, sp, mbs))
+    return out
+
+
+def setting(cfg: Config, on_gpu: bool, framework_bytes: int) -> Setting:
+    p = cfg.parallel
+    return Setting(precision=cfg.train.precision, global_batch_size=cfg.train.global_batch_size, engine=p.engine,
+                   on_gpu=on_gpu, framework_bytes=framework_bytes, partition_method=p.partition_method,
+                   checkpoint_every_n_layers=p.checkpoint_every_n_layers, norm_position=cfg.model.norm_position)
+
+
+def estimate(shape: ModelShape, c: Candidate, s: Setting, net: Network, gpus: int,
+             parts: list[tuple[PipelineLayer, ...]] | None = None) -> Estimate:
+    memory = stage_memory(shape, c, s, parts)
+    time = step_time(shape, c, s, net, parts)
+    tokens_per_s = s.global_batch_size * shape.seq_len / time.total
+    mfu = shape.flops_per_token() * tokens_per_s / (gpus * net.accelerator.peak_tflops * 1e12)
+    fits = max(m.total for m in memory) <= net.accelerator.memory_bytes
+    return Estimate(c, memory, time, tokens_per_s, mfu, fits)
+
+
+def given_candidate(cfg: Config, gpus: int) -> tuple[Candidate | None, str | None]:
+    """The config's own layout over `gpus` ranks, or the reason it is not one."""
+    p, t = cfg.parallel, cfg.train
+    model_parallel = p.tensor * p.pipeline
+    data = gpus // model_parallel
+    if t.global_batch_size % (t.micro_batch_size * data):
+        return None, (f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+                      f"{t.micro_batch_size} x {data} data-parallel ranks")
+    return Candidate(p.tensor, p.pipeline, data, p.zero_stage, p.activation_checkpointing, p.sequence_parallel,
+                     t.micro_batch_size), None
+
+
+def check_request(cfg: Config, gpus: int, gpus_per_node: int) -> None:
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be a positive number of GPUs, got {gpus}.")
+    if gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node must be positive, got {gpus_per_node}.")
+    if gpus > gpus_per_node and gpus % gpus_per_node:
+        raise ConfigError(f"--gpus {gpus} is not a whole number of nodes of --gpus-per-node {gpus_per_node}; use a "
+                          f"multiple of {gpus_per_node}, or set --gpus-per-node.")
+    p = cfg.parallel
+    if gpus % (p.tensor * p.pipeline):
+        raise ConfigError(f"parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline} = {p.tensor * p.pipeline} "
+                          f"does not divide --gpus {gpus}; use a GPU count that is a multiple of it, or override "
+                          f"parallel.tensor / parallel.pipeline (the search covers every layout anyway).")
+    if p.tensor > min(gpus, gpus_per_node):
+        raise ConfigError(f"parallel.tensor={p.tensor} spans more than one node of {gpus_per_node} GPUs; tensor "
+                          f"parallelism stays inside a node: use parallel.tensor <= {min(gpus, gpus_per_node)}.")
+
+
+def make_plan(cfg: Config, gpus: int, gpus_per_node: int, accelerator: Accelerator, efficiency: float | None = None,
+              framework_gib: float = 1.0, on_gpu: bool = True) -> Plan:
+    check_request(cfg, gpus, gpus_per_node)
+    shape = model_shape(cfg)
+    if efficiency is None:
+        efficiency, source = measured_efficiency(accelerator)
+    else:
+        if not 0 < efficiency <= 1:
+            raise ConfigError(f"--efficiency is the fraction of peak FLOP/s reached, in (0, 1]; got {efficiency}.")
+        source = "given with --efficiency"
+    net = Network(accelerator, min(gpus_per_node, gpus), efficiency)
+    s = setting(cfg, on_gpu, int(framework_gib * GiB))
+    parts: dict[int, list[tuple[PipelineLayer, ...]] | None] = {}
+    found = candidates(cfg, shape, gpus, gpus_per_node, parts)
+    estimates = [estimate(shape, c, s, net, gpus, parts[c.pipeline]) for c in found]
+    ranked = sorted((e for e in estimates if e.fits), key=lambda e: (-e.tokens_per_s, e.peak.total))
+    given_c, problem = given_candidate(cfg, gpus)
+    given = None
+    if given_c is not None:
+        given = estimate(shape, given_c, s, net, gpus)
+        given.given = True
+    notes = []
+    if shape.attention_dropout > 0:
+        notes.append("attention dropout is assumed inside the fused (flash) attention kernel, which keeps no s x s "
+                     "matrix; a kernel without it would save more")
+    if uses_deepspeed(cfg, gpus) and cfg.train.precision == "fp16":
+        notes.append("fp16 is counted like bf16 (DeepSpeed's loss scaler adds no per-parameter state)")
+    smallest = min(estimates, key=lambda e: e.peak.total, default=None)
+    return Plan(shape, accelerator, gpus, min(gpus_per_node, gpus), efficiency, source, ranked, len(estimates),
+                given, problem, smallest, notes)

@@ -1,0 +1,90 @@
+"""Predicted step time of one layout (seconds), its tokens/s and MFU.
+
+compute     each stage's FLOPs per micro-batch, 6·N_stage + 12·L_stage·h·s per token (PaLM), plus the
+            recomputed forward (full checkpointing: 2·N + 4·L·h·s; selective: the attention core, 4·L·h·s),
+            split over T tensor ranks, at peak × efficiency (the efficiency measured by bench/throughput.py
+            on a GPU, or an assumed one that the report names)
+tensor      per block and micro-batch, 2 all-reduces forward and 2 backward (3 + 3 with cross-attention; one
+            more forward set with full recomputation) of s·b·h·e bytes, ring cost 2(T−1)/T · bytes / bandwidth
+            inside a node (sequence parallelism moves the same bytes as all-gather + reduce-scatter)
+pipeline    1F1B over m micro-batches: (m + p − 1) slots of the slowest stage, i.e. the bubble
+            (p − 1)/(m + p − 1); each slot also sends s·b·h·e bytes forward and back between neighbours
+data        once per step the gradients of this rank's Ψ: 2(D−1)/D · Ψ·b bytes for ZeRO 0-2 (all-reduce, or
+            reduce-scatter + all-gather of the updated parameters), 3(D−1)/D · Ψ·b for ZeRO-3 (parameters
+            gathered in forward and backward, gradients reduce-scattered), not assumed to overlap with compute
+Bandwidths are within a node when the group's ranks share one (ranks are numbered tensor innermost, then
+data, then pipeline), else across nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bigtrain.planning.hardware import Accelerator
+from bigtrain.planning.memory_model import Candidate, Setting, rank_parameters, stages
+from bigtrain.planning.shape import ModelShape, PipelineLayer
+
+
+@dataclass(frozen=True)
+class Network:
+    accelerator: Accelerator
+    gpus_per_node: int
+    efficiency: float
+
+    def bandwidth(self, span: int) -> float:
+        """Bytes/s for a group whose ranks lie within `span` consecutive ranks."""
+        gbps = (self.accelerator.intra_node_gbps if span <= self.gpus_per_node
+                else self.accelerator.inter_node_gbps)
+        return gbps * 1e9
+
+
+@dataclass
+class StepTime:
+    compute: float
+    tensor: float
+    pipeline_bubble: float
+    pipeline_send: float
+    data: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tensor + self.pipeline_bubble + self.pipeline_send + self.data
+
+
+def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
+              parts: list[tuple[PipelineLayer, ...]] | None = None) -> StepTime:
+    h, seq, e = shape.d_model, shape.seq_len, s.activation_bytes
+    tokens = seq * c.micro_batch_size
+    m = s.micro_batches(c)
+    peak = net.accelerator.peak_tflops * 1e12 * net.efficiency
+    slot_compute, slot_tensor = 0.0, 0.0
+    cross = "cross_block" in shape.kinds
+    parts = parts or stages(shape, c.pipeline, s.partition_method)
+    for layers in parts:
+        blocks = sum(x.kind in ("block", "cross_block") for x in layers)
+        matmul = sum(x.matmul for x in layers)
+        block_matmul = sum(x.matmul for x in layers if x.kind in ("block", "cross_block"))
+        flops = 6 * matmul + 12 * blocks * h * seq
+        if c.checkpointing == "full":
+            flops += 2 * block_matmul + 4 * blocks * h * seq
+        elif c.checkpointing == "selective":
+            flops += 4 * blocks * h * seq
+        compute = flops * tokens / c.tensor / peak
+        reduces = blocks * ((3 if cross else 2) * (3 if c.checkpointing == "full" else 2))
+        tensor = 0.0
+        if c.tensor > 1:
+            tensor = reduces * 2 * (c.tensor - 1) / c.tensor * tokens * h * e / net.bandwidth(c.tensor)
+        if compute + tensor > slot_compute + slot_tensor:
+            slot_compute, slot_tensor = compute, tensor
+    send = 0.0
+    if c.pipeline > 1:
+        send = 2 * tokens * h * e / net.bandwidth(c.tensor * c.data * 2)  # neighbours are T·D ranks apart
+    data = 0.0
+    if c.data > 1:
+        grad_bytes = 4 if s.precision == "fp32" else 2
+        psi = max(rank_parameters(layers, c.tensor) for layers in parts)
+        volume = (3 if c.zero_stage == 3 else 2) * (c.data - 1) / c.data * psi * grad_bytes
+        data = volume / net.bandwidth(c.tensor * c.data)
+    slot = slot_compute + slot_tensor
+    return StepTime(compute=m * slot_compute, tensor=m * slot_tensor, pipeline_bubble=(c.pipeline - 1) * slot,
+                    pipeline_send=(m + c.pipeline - 1) * send if c.pipeline > 1 else 0.0, data=data)

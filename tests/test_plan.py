@@ -1,0 +1,132 @@
+"""`bigtrain plan` (issue 16): its predictions against measured bytes on CPU ranks, its search on the 175B config
+over 1024 GPUs, its pipeline partition against DeepSpeed's, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench.plan_accuracy import LAYOUTS, measure, table
+from bigtrain.config import load_config
+from bigtrain.models import build_model, count_parameters
+from bigtrain.planning import accelerator, make_plan, model_shape
+from bigtrain.planning.memory_model import Candidate, rank_parameters, stages
+from bigtrain.planning.partition import partition_balanced, partition_uniform
+from bigtrain.planning.search import setting
+from bigtrain.planning.time_model import Network, step_time
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_predicted_memory_matches_measured(name, tmp_path):
+    """Saved activations (peak over one step, every micro-batch in flight) and model state (parameters,
+    gradients, optimizer state) of every rank within 10% of the plan's prediction for its stage."""
+    rows = measure(name, tmp_path)
+    print("\n" + table(rows))
+    for row in rows:
+        assert abs(row.error("activations")) <= 0.10, row
+        assert abs(row.error("model_state")) <= 0.10, row
+
+
+def test_partition_is_deepspeeds():
+    from deepspeed.runtime import utils as ds_utils
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, parts = rng.randint(1, 24), rng.randint(1, 10)
+        weights = [rng.choice([0, 1, 7, 1000, rng.randint(0, 10**6)]) for _ in range(n)]
+        assert partition_balanced(weights, parts) == [int(b) for b in ds_utils.partition_balanced(weights, parts)]
+        assert partition_uniform(n, parts) == [int(b) for b in ds_utils.partition_uniform(n, parts)]
+
+
+@pytest.mark.parametrize("config", ["configs/gpt2-small.yaml", "configs/t5-base.yaml", "configs/bert-base.yaml",
+                                    "configs/gpt3-1.3b.yaml"])
+def test_shape_counts_the_models_parameters(config):
+    cfg = load_config(REPO / config)
+    shape = model_shape(cfg)
+    model = build_model(cfg.model, shape.vocab, "meta")
+    assert shape.n_params == count_parameters(model)
+    assert rank_parameters(shape.layers, 1) == shape.n_params  # one stage: the tied embedding once
+    parts = stages(shape, 2, "parameters")
+    copies = sum(any(x.tied for x in part) for part in parts)  # each stage holds its own copy of a tied embedding
+    embedding = next(x.params for x in shape.layers if x.kind == "embed")
+    assert sum(rank_parameters(part, 1) for part in parts) == shape.n_params + (copies - 1) * embedding
+
+
+def test_175b_over_1024_gpus_in_seconds_with_a_fitting_layout():
+    cfg = load_config(REPO / "configs/gpt3-175b.yaml")
+    t0 = time.perf_counter()
+    plan = make_plan(cfg, gpus=1024, gpus_per_node=8, accelerator=accelerator("a100-80gb"))
+    elapsed = time.perf_counter() - t0
+    print(f"\nplanned {plan.considered} layouts in {elapsed:.2f} s; best "
+          f"{' '.join(plan.ranked[0].candidate.overrides())}")
+    assert elapsed < 5
+    best = plan.ranked[0]
+    assert best.fits and best.candidate.tensor <= 8
+    assert best.peak.total <= 79.2 * 2**30
+    assert 0.2 < best.mfu < 0.45  # bounded by the assumed 45% efficiency, minus communication and bubble
+    # the proposed overrides make a config that loads for 1024 ranks
+    load_config(REPO / "configs/gpt3-175b.yaml", best.candidate.overrides(), world_size=1024)
+    # one GPU cannot hold it: every layout of 1 GPU is refused
+    assert not make_plan(cfg, gpus=1, gpus_per_node=8, accelerator=accelerator("h100")).ranked
+
+
+def test_time_model_bubble_and_ranking():
+    """The bubble is (p − 1)/(m + p − 1) of the step; with enough memory a small model prefers pure data
+    parallelism over tensor or pipeline parallelism."""
+    cfg = load_config(REPO / "configs/gpt2-small.yaml", ["train.global_batch_size=64"])
+    shape = model_shape(cfg)
+    net = Network(accelerator("h100"), 8, 0.45)
+    s = setting(cfg, on_gpu=True, framework_bytes=2**30)
+    c = Candidate(1, 4, 2, 1, "none", False, 4)  # m = 64 / (4 · 2) = 8 micro-batches
+    t = step_time(shape, c, s, net)
+    slots = t.compute + t.tensor + t.pipeline_bubble
+    assert t.pipeline_bubble / slots == pytest.approx(3 / (8 + 3), rel=0.05)  # stages nearly balanced
+    plan = make_plan(cfg, gpus=8, gpus_per_node=8, accelerator=accelerator("h100"))
+    assert (plan.ranked[0].candidate.tensor, plan.ranked[0].candidate.pipeline) == (1, 1)
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bigtrain.cli", "plan", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def test_plan_command_prints_the_ranked_table_and_json():
+    proc = _plan("--config", "configs/gpt3-1.3b.yaml", "--gpus", "16", "--gpu", "h100", "--top", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "as given" in proc.stdout and "overrides: parallel.tensor=" in proc.stdout
+    assert proc.stdout.count("\n") > 10
+    proc = _plan("--config", "configs/gpt3-1.3b.yaml", "--gpus", "16", "--gpu-memory", "40", "--peak-tflops", "300",
+                 "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["gpu"]["memory_gib"] == 40 and data["ranked"]
+    assert all(r["peak_bytes"] <= 40 * 2**30 for r in data["ranked"])
+    speeds = [r["tokens_per_s"] for r in data["ranked"]]
+    assert speeds == sorted(speeds, reverse=True)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--gpus", "0"], "--gpus must be a positive"),
+    (["--gpus", "6", "parallel.tensor=4"], "does not divide --gpus 6"),
+    (["--gpus", "8", "--gpu", "b300x"], "is not a GPU bigtrain knows"),
+    (["--gpus", "12", "--gpus-per-node", "8"], "not a whole number of nodes"),
+    (["--gpus", "8", "--gpu-memory", "40"], "--peak-tflops"),
+])
+def test_bad_input_gives_one_line(args, needle):
+    proc = _plan("--config", "configs/smoke.yaml", *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_nothing_fits_exits_1_with_the_least_memory():
+    proc = _plan("--config", "configs/gpt3-13b.yaml", "--gpus", "1", "--gpu", "a10")
+    assert proc.returncode == 1
+    assert "no layout fits" in proc.stderr and "GiB per rank" in proc.stderr
