@@ -22,9 +22,10 @@ def _parity(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tensor=2", "pipeline=2", "data=2,zero_stage=3"])
+@pytest.mark.parametrize("layout", ["tensor=2", "pipeline=2", "tensor=2,pipeline=2", "data=2,zero_stage=3"])
 def test_parity_passes_on_correct_layouts(tmp_path, layout):
     proc = _parity(tmp_path, "--layout", layout)
+    print(proc.stdout[-1500:])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "parity PASSED" in proc.stdout and proc.stdout.count("\n") >= 7  # header, 5 steps, verdict
 
