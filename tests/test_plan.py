@@ -85,7 +85,7 @@ def test_time_model_bubble_and_ranking():
     s = setting(cfg, on_gpu=True, framework_bytes=2**30)
     c = Candidate(1, 4, 2, 1, "none", False, 4)  # m = 64 / (4 · 2) = 8 micro-batches
     t = step_time(shape, c, s, net)
-    slots = t.compute + t.tensor + t.pipeline_bubble
+    slots = t.compute + t.tensor + t.overhead + t.pipeline_bubble
     assert t.pipeline_bubble / slots == pytest.approx(3 / (8 + 3), rel=0.05)  # stages nearly balanced
     plan = make_plan(cfg, gpus=8, gpus_per_node=8, accelerator=accelerator("h100"))
     assert (plan.ranked[0].candidate.tensor, plan.ranked[0].candidate.pipeline) == (1, 1)

@@ -30,13 +30,13 @@ def _row(rank: str, e) -> str:
 def _details(e) -> list[str]:
     m, t = e.peak, e.time
     return [
-        f"  memory per rank (stage {m.stage} of {e.candidate.pipeline}): parameters {_gib(m.parameters)}, gradients "
-        f"{_gib(m.gradients)}, optimizer state {_gib(m.optimizer)}, DeepSpeed buffers {_gib(m.buffers)}, "
+        f"  memory per rank in GiB (stage {m.stage} of {e.candidate.pipeline}): parameters {_gib(m.parameters)}, "
+        f"gradients {_gib(m.gradients)}, optimizer state {_gib(m.optimizer)}, DeepSpeed buffers {_gib(m.buffers)}, "
         f"activations {_gib(m.activations)} ({m.in_flight} micro-batch(es) in flight), logits and recomputation "
-        f"{_gib(m.transient)}, framework {_gib(m.framework)} = {_gib(m.total)} GiB",
+        f"{_gib(m.transient)}, framework {_gib(m.framework)} = {_gib(m.total)}",
         f"  step time: compute {t.compute:.3g} s, tensor-parallel communication {t.tensor:.3g} s, pipeline bubble "
         f"{t.pipeline_bubble:.3g} s, pipeline sends {t.pipeline_send:.3g} s, data-parallel communication "
-        f"{t.data:.3g} s = {t.total:.3g} s"]
+        f"{t.data:.3g} s, per-micro-batch overhead {t.overhead:.3g} s = {t.total:.3g} s"]
 
 
 def render(plan, config: Path, top: int) -> str:
@@ -45,7 +45,7 @@ def render(plan, config: Path, top: int) -> str:
              f"bf16), {plan.gpus_per_node} per node; intra-node {a.intra_node_gbps:g} GB/s, inter-node "
              f"{a.inter_node_gbps:g} GB/s per GPU",
              f"model: {s.family}, {s.n_params / 1e9:.3g}B parameters, {s.n_blocks} blocks, d_model {s.d_model}, "
-             f"vocabulary {s.vocab}, sequence {s.seq_len}; {s.flops_per_token() / 1e9:.3g} GFLOP per token",
+             f"vocabulary {s.vocab}, sequence {s.seq_len}; {s.flops_per_token() / 1e9:.4g} GFLOP per token",
              f"efficiency {plan.efficiency:g} of peak ({plan.efficiency_source})"]
     header = (f"{'':>5} {'TP':>3} {'PP':>3} {'DP':>5} {'ZeRO':>4}  {'ckpt':<9} {'SP':<3} {'mbs':>4} {'GiB/rank':>9} "
               f"{'step s':>8} {'tokens/s':>10} {'MFU':>6} {'bubble':>6}")

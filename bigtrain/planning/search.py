@@ -174,7 +174,9 @@ def make_plan(cfg: Config, gpus: int, gpus_per_node: int, accelerator: Accelerat
     parts: dict[int, list[tuple[PipelineLayer, ...]] | None] = {}
     found = candidates(cfg, shape, gpus, gpus_per_node, parts)
     estimates = [estimate(shape, c, s, net, gpus, parts[c.pipeline]) for c in found]
-    ranked = sorted((e for e in estimates if e.fits), key=lambda e: (-e.tokens_per_s, e.peak.total))
+    # equal speed: the simpler engine (lower ZeRO stage), then the one with more memory to spare
+    ranked = sorted((e for e in estimates if e.fits),
+                    key=lambda e: (-round(e.tokens_per_s, 6), e.candidate.zero_stage, e.peak.total))
     given_c, problem = given_candidate(cfg, gpus)
     given = None
     if given_c is not None:

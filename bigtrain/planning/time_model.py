@@ -12,6 +12,8 @@ pipeline    1F1B over m micro-batches: (m + p − 1) slots of the slowest stage,
 data        once per step the gradients of this rank's Ψ: 2(D−1)/D · Ψ·b bytes for ZeRO 0-2 (all-reduce, or
             reduce-scatter + all-gather of the updated parameters), 3(D−1)/D · Ψ·b for ZeRO-3 (parameters
             gathered in forward and backward, gradients reduce-scattered), not assumed to overlap with compute
+overhead    a fixed cost per block and micro-batch (kernel launches and framework work of forward and backward,
+            LAUNCH_S), which makes larger micro-batches and fewer of them cheaper, as on a real GPU
 Bandwidths are within a node when the group's ranks share one (ranks are numbered tensor innermost, then
 data, then pipeline), else across nodes.
 """
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from bigtrain.planning.hardware import Accelerator
 from bigtrain.planning.memory_model import Candidate, Setting, rank_parameters, stages
 from bigtrain.planning.shape import ModelShape, PipelineLayer
+
+LAUNCH_S = 3e-4  # per block and micro-batch: ~60 kernels of forward + backward at ~5 µs each
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,11 @@ class StepTime:
     pipeline_bubble: float
     pipeline_send: float
     data: float
+    overhead: float
 
     @property
     def total(self) -> float:
-        return self.compute + self.tensor + self.pipeline_bubble + self.pipeline_send + self.data
+        return self.compute + self.tensor + self.pipeline_bubble + self.pipeline_send + self.data + self.overhead
 
 
 def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
@@ -57,7 +62,7 @@ def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
     tokens = seq * c.micro_batch_size
     m = s.micro_batches(c)
     peak = net.accelerator.peak_tflops * 1e12 * net.efficiency
-    slot_compute, slot_tensor = 0.0, 0.0
+    slot_compute, slot_tensor, slot_overhead = 0.0, 0.0, 0.0
     cross = "cross_block" in shape.kinds
     parts = parts or stages(shape, c.pipeline, s.partition_method)
     for layers in parts:
@@ -74,8 +79,9 @@ def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
         tensor = 0.0
         if c.tensor > 1:
             tensor = reduces * 2 * (c.tensor - 1) / c.tensor * tokens * h * e / net.bandwidth(c.tensor)
-        if compute + tensor > slot_compute + slot_tensor:
-            slot_compute, slot_tensor = compute, tensor
+        overhead = blocks * LAUNCH_S
+        if compute + tensor + overhead > slot_compute + slot_tensor + slot_overhead:
+            slot_compute, slot_tensor, slot_overhead = compute, tensor, overhead
     send = 0.0
     if c.pipeline > 1:
         send = 2 * tokens * h * e / net.bandwidth(c.tensor * c.data * 2)  # neighbours are T·D ranks apart
@@ -85,6 +91,7 @@ def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
         psi = max(rank_parameters(layers, c.tensor) for layers in parts)
         volume = (3 if c.zero_stage == 3 else 2) * (c.data - 1) / c.data * psi * grad_bytes
         data = volume / net.bandwidth(c.tensor * c.data)
-    slot = slot_compute + slot_tensor
+    slot = slot_compute + slot_tensor + slot_overhead
     return StepTime(compute=m * slot_compute, tensor=m * slot_tensor, pipeline_bubble=(c.pipeline - 1) * slot,
-                    pipeline_send=(m + c.pipeline - 1) * send if c.pipeline > 1 else 0.0, data=data)
+                    pipeline_send=(m + c.pipeline - 1) * send if c.pipeline > 1 else 0.0, data=data,
+                    overhead=m * slot_overhead)
