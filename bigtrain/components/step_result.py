@@ -1,8 +1,9 @@
 """What one optimizer step reports, whatever engine ran it.
 
-An engine may leave `loss`, `grad_norm`, `finite` and `skipped` on the device (0-dim tensors): reading them
-synchronizes the host with the device, so the trainer reads them only when a log line, a checkpoint or an
-evaluation needs them (`resolve_all`: one transfer for any number of pending steps).
+An engine may leave `loss`, `grad_norm`, `finite`, `skipped` and `nonfinite_rank` on the device (0-dim
+tensors): reading them synchronizes the host with the device, so the trainer reads them only when a log line, a
+checkpoint or an evaluation needs them (`resolve_all`: one transfer for any number of pending steps). A deferred
+`nonfinite_rank` holds the rank, or -1 for none.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+NO_RANK = -1  # a deferred `nonfinite_rank` that resolves to None
 
 
 @dataclass
@@ -21,7 +24,8 @@ class StepResult:
     finite: bool | torch.Tensor  # loss and gradient norm are finite (fp16 overflows are the scaler's business)
     layer_grad_norms: dict[str, float] | None = None
     tokens: int = 0  # real input tokens of the whole global batch (all ranks)
-    nonfinite_rank: int | None = None  # the lowest rank whose own loss was not finite (when one was)
+    # The lowest rank whose own loss was not finite (None when none was); deferred: a tensor, NO_RANK for None.
+    nonfinite_rank: int | torch.Tensor | None = None
 
     def resolved(self) -> StepResult:
         """This result with Python values (waits for the device)."""
@@ -29,29 +33,37 @@ class StepResult:
 
     @property
     def deferred(self) -> bool:
-        return any(isinstance(v, torch.Tensor) for v in (self.loss, self.grad_norm, self.skipped, self.finite))
+        return any(isinstance(v, torch.Tensor) for v in _values(self))
+
+
+def _values(r: StepResult) -> tuple[float | int | bool | torch.Tensor, ...]:
+    rank = NO_RANK if r.nonfinite_rank is None else r.nonfinite_rank
+    return r.loss, r.grad_norm, r.skipped, r.finite, rank
 
 
 def resolve_all(results: list[StepResult]) -> list[StepResult]:
-    """The results with Python values: every device value of every pending step in one host transfer."""
+    """The results with Python values: every device value of every pending step in one host transfer (float64,
+    so float32 and float64 values and ranks come back exactly)."""
     pending = [r for r in results if r.deferred]
     if not pending:
         return results
-    rows = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float32, device=_device(pending)).reshape(())
-                                     for v in (r.loss, r.grad_norm, r.skipped, r.finite)]) for r in pending])
+    device = _device(pending)
+    rows = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                                     for v in _values(r)]) for r in pending])
     values = iter(rows.cpu().tolist())
     out = []
     for r in results:
         if r.deferred:
-            loss, grad_norm, skipped, finite = next(values)
-            r = dataclasses.replace(r, loss=loss, grad_norm=grad_norm, skipped=bool(skipped), finite=bool(finite))
+            loss, grad_norm, skipped, finite, rank = next(values)
+            r = dataclasses.replace(r, loss=loss, grad_norm=grad_norm, skipped=bool(skipped), finite=bool(finite),
+                                    nonfinite_rank=None if rank == NO_RANK else int(rank))
         out.append(r)
     return out
 
 
 def _device(results: list[StepResult]) -> torch.device:
     for r in results:
-        for v in (r.loss, r.grad_norm, r.skipped, r.finite):
+        for v in _values(r):
             if isinstance(v, torch.Tensor):
                 return v.device
     return torch.device("cpu")

@@ -7,15 +7,33 @@ divides by N_d, so every rank's gradient is ∇(Σ_global ce / N) — the single
 
 The process groups come from one `ParallelGroups` (also DeepSpeed's `mpu`): data parallelism and ZeRO act
 over the data group; under tensor parallelism each rank of a tensor group holds one shard of the model.
+
+No step waits for the device in bigtrain's code (issue 15); the trainer reads a step's values at log steps:
+- The token counts are host integers (counted before the batch moved to the device) and are summed over the
+  data-parallel ranks on a CPU (gloo) group: the data group itself on CPU, a gloo twin of it on GPUs. N is
+  then a Python number, exactly as before, and `StepResult.tokens` an int, without touching the device.
+- The loss, the gradient norm and the finite flags stay 0-dim device tensors; the lowest rank with a
+  non-finite loss is one all-reduce (MIN) over all ranks on the device (`StepCheck`), resolved with the rest.
+- A step whose loss (on any rank) or gradient norm is not finite is skipped on the device: just before the
+  inner optimizer updates, its step pre-hook gives it `found_inf` (torch's fused AdamW and bigtrain's LAMB
+  then leave weights and state bitwise unchanged, as under a loss scaler), while DeepSpeed's own bookkeeping
+  goes on as usual. An optimizer that cannot skip by itself (`skips_on_device` false) gets the decision on
+  the host instead (its gradients are dropped), which waits for the device.
+What DeepSpeed does inside `backward` / `step` is its own: its ZeRO and bf16 optimizers check their gradient
+norm on the host (`is_invalid_grad_norm`, one read per step) and skip a non-finite one themselves, and fp16's
+dynamic loss scaling must read its overflow flag every step. `get_global_grad_norm()` returns a device tensor
+(or the float inf after such a skip), which is kept as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +43,7 @@ import torch.distributed as dist
 from bigtrain.compat.deepspeed import has_zero_partitions, inner_optimizer, safe_checkpoint_loading
 from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.loss import count_input_tokens, count_targets, model_inputs
-from bigtrain.components.step_result import StepResult
+from bigtrain.components.step_result import NO_RANK, StepResult
 from bigtrain.config import Config
 from bigtrain.distributed import DistEnv
 from bigtrain.engine.ds_config import derive_deepspeed_config
@@ -39,13 +57,45 @@ from bigtrain.engine.memory import (
     measure_params,
     zero_formula,
 )
+from bigtrain.engine.step import skips_on_device
 from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import CheckpointError, ConfigError
 from bigtrain.models import TransformerLM, count_parameters
 from bigtrain.optim import build_optimizer, set_lr
 from bigtrain.parallel import ParallelModel
-from bigtrain.parallel.grad_norm import clip_grad_norm, global_grad_norm, piece_grad_norms
+from bigtrain.parallel.grad_norm import global_grad_norm, piece_grad_norms
 from bigtrain.parallel.groups import ParallelGroups
+
+
+@dataclass(frozen=True)
+class StepCheck:
+    """A step's non-finite decision, on the device and the same on every rank (nothing here is read)."""
+
+    first_bad: torch.Tensor  # int64, 0-dim: the lowest rank whose own loss was not finite, or NO_RANK
+    found_inf: torch.Tensor  # float32, 0-dim: 1 = skip the update (the form torch's fused optimizers take)
+
+
+def host_data_group(groups: ParallelGroups, on_gpu: bool, timeout_s: float) -> dist.ProcessGroup:
+    """This rank's data-parallel group for host (CPU) tensors: the data group itself on CPU (gloo), else a gloo
+    twin of it (collective: every rank creates all of them, in the same order)."""
+    if not on_gpu:
+        return groups.data_group
+    timeout = datetime.timedelta(seconds=timeout_s)
+    mine = None
+    for ranks in groups.layout.data_groups():
+        group = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
+        if groups.rank in ranks:
+            mine = group
+    assert mine is not None, f"rank {groups.rank} is in no data group"
+    return mine
+
+
+def device_norm(norm: float | torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """A gradient norm as reported by DeepSpeed (a tensor, a float, or None when not measured: NaN) as a 0-dim
+    float64 tensor on `device`, made without a host-to-device copy."""
+    if isinstance(norm, torch.Tensor):
+        return norm.detach().reshape(()).to(device=device, dtype=torch.float64)
+    return torch.full((), math.nan if norm is None else norm, dtype=torch.float64, device=device)
 
 
 class DeepSpeedEngine:
@@ -82,39 +132,64 @@ class DeepSpeedEngine:
             optimizer.attach_zero_partitions(self.optimizer, self.group)
         self.last_grad_bytes: int | None = None
         self.measure_grads = True  # only for the first step, which the memory report describes
-        # A non-finite step never changes the weights or the optimizer state: just before the (inner) optimizer
-        # updates, `_before_update` drops every gradient when the step was found non-finite, so the update is a
-        # no-op while DeepSpeed's own bookkeeping (accumulation boundaries, counters) goes on as usual.
-        self.drop_update, self.dropped = False, False
-        self.clip_before_update = False  # the pipeline engine clips (and measures) here when DeepSpeed does not
+        self.device = self.engine.device
+        self.host_group = host_data_group(groups, on_gpu, cfg.parallel.collective_timeout)
+        # A non-finite step never changes the weights or the optimizer state: the inner optimizer's pre-step hook
+        # gives it the step's `found_inf` (`_before_update`), and the post-step hook takes it back.
+        self.check: StepCheck | None = None  # the current step's decision, once made
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_update(opt))
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_update(opt))
 
     def _before_update(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.clip_before_update:
-            self.measured_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip, self.groups)
-            self.drop_update |= not math.isfinite(self.measured_norm)
-        if self.drop_update:
+        """Just before the inner optimizer updates (DeepSpeed may step it once per parameter group): skip the
+        update on the device when the step was found non-finite, or, for an optimizer that cannot skip by
+        itself, drop its gradients after reading the decision on the host."""
+        check = self.check if self.check is not None else self._check_in_update()
+        if skips_on_device(optimizer):
+            optimizer.found_inf = check.found_inf
+        elif bool(check.found_inf):  # waits for the device: only optimizers without `found_inf` get here
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None  # torch optimizers (and bigtrain's LAMB) leave parameters without a gradient alone
-            self.dropped = True
 
-    def first_nonfinite_rank(self, locally_finite: bool) -> int | None:
-        """The lowest rank whose own loss was not finite (one all-reduce over all ranks, so every rank decides
-        the same), or None."""
-        flag = torch.tensor([self.env.world_size if locally_finite else self.rank], dtype=torch.int64,
-                            device=self.engine.device)
+    def _after_update(self, optimizer: torch.optim.Optimizer) -> None:
+        if getattr(optimizer, "found_inf", None) is not None:
+            optimizer.found_inf = None
+
+    def _check_in_update(self) -> StepCheck:
+        """The decision made inside the update, for an engine that cannot make it before (the pipeline)."""
+        raise RuntimeError("the optimizer stepped before the step's non-finite check was made")
+
+    def world_check(self, locally_finite: torch.Tensor, bad: torch.Tensor) -> StepCheck:
+        """The step's decision from this rank's loss finiteness and `bad` (a bool tensor the same on every rank:
+        the global loss or gradient norm is not finite): one all-reduce (MIN) of a rank number over all ranks,
+        on the device, so every rank decides the same without reading anything."""
+        world = self.env.world_size
+        flag = torch.where(locally_finite, world, self.rank).to(device=self.device, dtype=torch.int64).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        first = int(flag.item())
-        return None if first == self.env.world_size else first
+        flag = flag.reshape(())
+        seen = flag < world
+        return StepCheck(first_bad=torch.where(seen, flag, NO_RANK), found_inf=(seen | bad).float())
 
     # ---- collectives ---------------------------------------------------------------------------------
-    def all_reduce_sum(self, *values: float) -> list[float]:
-        """Σ over the data-parallel ranks of a few numbers, in one collective."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
+    def global_counts(self, micro_batches: list[dict[str, torch.Tensor]],
+                      counts: tuple[int, int] | None) -> tuple[int, int]:
+        """(target tokens, input tokens) of the whole global batch: this rank's `counts` (counted on the host
+        before the batch moved to the device; else counted here, which waits for the device) summed over the
+        data-parallel ranks on the host group, so nothing waits for the device."""
+        local = counts if counts is not None else (sum(count_targets(b) for b in micro_batches),
+                                                   sum(count_input_tokens(b) for b in micro_batches))
+        t = torch.tensor(local, dtype=torch.int64)
+        dist.all_reduce(t, group=self.host_group)
+        n_targets, n_tokens = t.tolist()  # a host tensor: no device involved
+        return n_targets, n_tokens
+
+    def sum_over_data(self, value: torch.Tensor) -> torch.Tensor:
+        """Σ over the data-parallel ranks of a 0-dim device value, in float64, on the device."""
+        t = value.detach().double().reshape(1)
         dist.all_reduce(t, group=self.group)
-        return t.tolist()
+        return t.reshape(())
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
@@ -123,11 +198,10 @@ class DeepSpeedEngine:
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool,
                    counts: tuple[int, int] | None = None) -> StepResult:
         set_lr(self.optimizer, lr)
-        local = counts if counts is not None else (sum(count_targets(b) for b in micro_batches),
-                                                   sum(count_input_tokens(b) for b in micro_batches))
-        n_targets, n_tokens = self.all_reduce_sum(*local)  # counted on the host: one small all-reduce
-        total = torch.zeros((), dtype=torch.float32, device=self.engine.device)
-        grad_norm, layer_grad_norms = math.nan, None
+        self.check = None
+        n_targets, n_tokens = self.global_counts(micro_batches, counts)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        loss_value, grad_norm, layer_grad_norms = total, None, None
         last = len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
             logits = self.engine(**model_inputs(batch))
@@ -136,24 +210,32 @@ class DeepSpeedEngine:
             total += loss.detach()
             if self.measure_grads:  # peak gradient bytes over the step (ZeRO-1 frees full gradients at the end)
                 self.last_grad_bytes = max(self.last_grad_bytes or 0, measure_grads(self.model, self.optimizer))
-            if i == last:
-                (loss_value,) = self.all_reduce_sum(float(total))
-                first_bad = self.first_nonfinite_rank(math.isfinite(float(total)))
-                self.drop_update = first_bad is not None or not math.isfinite(loss_value)
+            if i == last:  # the step's decision, before `step` updates
+                loss_value = self.sum_over_data(total)
+                bad = ~torch.isfinite(loss_value)
                 if self.unwrapped:  # gradients are complete and averaged here (ZeRO-0 all-reduces in backward)
-                    grad_norm = global_grad_norm(self.model.parameters(), self.groups)
-                    self.drop_update |= not math.isfinite(grad_norm)
-                    if layer_norms:
+                    grad_norm = global_grad_norm(self.model.parameters(), self.groups, self.device)
+                    bad |= ~torch.isfinite(grad_norm)
+                    if layer_norms:  # log steps only: read on the host
                         layer_grad_norms = piece_grad_norms(self.model, self.groups)
+                self.check = self.world_check(torch.isfinite(total), bad)
             self.engine.step()
-        dropped, self.drop_update, self.dropped = self.dropped, False, False
-        if not self.unwrapped:
-            norm = self.engine.get_global_grad_norm()
-            grad_norm = float(norm) if norm is not None else math.nan
-        skipped = dropped or not self.engine.was_step_applied()
-        return StepResult(loss=loss_value, grad_norm=grad_norm, skipped=skipped,
-                          finite=math.isfinite(loss_value) and math.isfinite(grad_norm),
-                          layer_grad_norms=layer_grad_norms, tokens=round(n_tokens), nonfinite_rank=first_bad)
+        return self.step_result(loss_value, grad_norm, n_tokens, layer_grad_norms)
+
+    def step_result(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, tokens: int,
+                    layer_grad_norms: dict[str, float] | None = None) -> StepResult:
+        """The step's result, its values left on the device; `grad_norm` None: DeepSpeed's measured norm. The
+        update was skipped when the step's check said so or when DeepSpeed skipped it (its host flag)."""
+        check, self.check = self.check, None
+        assert check is not None, "the step ended without its non-finite check"
+        if grad_norm is None:
+            grad_norm = device_norm(self.engine.get_global_grad_norm(), self.device)
+        skipped = check.found_inf > 0
+        if not self.engine.was_step_applied():
+            skipped = torch.ones_like(skipped)
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped,
+                          finite=torch.isfinite(loss) & torch.isfinite(grad_norm),
+                          layer_grad_norms=layer_grad_norms, tokens=tokens, nonfinite_rank=check.first_bad)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def state(self) -> StateAdapter:

@@ -22,15 +22,16 @@ from bigtrain.parallel.groups import ParallelGroups
 from bigtrain.parallel.tensor import is_tensor_parallel
 
 
-def _squares(parameters: Iterable[torch.Tensor], groups: ParallelGroups) -> torch.Tensor:
-    """This rank's share of Σ‖g‖² (float64 scalar): its shards, plus replicated parameters on tensor rank 0."""
+def _squares(parameters: Iterable[torch.Tensor], groups: ParallelGroups, device: torch.device) -> torch.Tensor:
+    """This rank's share of Σ‖g‖² (float64 scalar on `device`, summed there in parameter order): its shards,
+    plus replicated parameters on tensor rank 0. Nothing is read on the host."""
     count_replicated = groups.get_tensor_model_parallel_rank() == 0
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for p in {id(p): p for p in parameters if p.grad is not None}.values():
         if is_tied_copy(p):
             continue
         if is_tensor_parallel(p) or count_replicated:
-            total += p.grad.detach().float().square().sum().double().cpu()
+            total += p.grad.detach().float().square().sum().double().to(device)
     return total
 
 
@@ -40,29 +41,35 @@ def _sum_over_model(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     return t
 
 
-def global_grad_norm(parameters: Iterable[torch.Tensor], groups: ParallelGroups) -> float:
-    return float(_sum_over_model(_squares(parameters, groups).reshape(1), groups).sqrt())
+def global_grad_norm(parameters: Iterable[torch.Tensor], groups: ParallelGroups,
+                     device: torch.device) -> torch.Tensor:
+    """‖g‖ of the whole model: a 0-dim float64 tensor on `device` (reading it waits for the device)."""
+    return _sum_over_model(_squares(parameters, groups, device).reshape(1), groups).sqrt().reshape(())
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float, groups: ParallelGroups) -> float:
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float, groups: ParallelGroups,
+                   device: torch.device) -> torch.Tensor:
     """Scale gradients by min(1, max_norm / (‖g‖ + 1e-6)) as torch.nn.utils.clip_grad_norm_ does, with ‖g‖
-    the whole model's norm; returns ‖g‖ before clipping. max_norm <= 0 only measures."""
-    norm = global_grad_norm(parameters, groups)
+    the whole model's norm; returns ‖g‖ before clipping (0-dim float64 on `device`). max_norm <= 0 only
+    measures. The factor stays on the device: gradients are always multiplied by it, and a factor of exactly
+    1 leaves them bitwise unchanged."""
+    norm = global_grad_norm(parameters, groups, device)
     if max_norm > 0:
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            for p in parameters:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in parameters:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device))
     return norm
 
 
 def piece_grad_norms(model: nn.Module, groups: ParallelGroups) -> dict[str, float]:
-    """‖g‖ of each piece of the model (embed, every block, head), whole across the tensor group."""
+    """‖g‖ of each piece of the model (embed, every block, head), whole across the tensor group (read on the
+    host: one wait for the device)."""
     by_piece: dict[str, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         by_piece.setdefault(model_piece(name), []).append(p)
     keys = sorted(by_piece)
-    squares = torch.stack([_squares(by_piece[k], groups) for k in keys])
+    device = next(model.parameters()).device
+    squares = torch.stack([_squares(by_piece[k], groups, device) for k in keys])
     return dict(zip(keys, _sum_over_model(squares, groups).sqrt().tolist(), strict=True))
