@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install --no-build-isolation "deepspeed>=0.19,<0.20"
-	$(PIP) install -e ".[dev,mpi]"
+	$(PIP) install -e ".[dev,mpi,fairscale]"
 	$(PY) -c "from mpi4py import MPI" 2>/dev/null || $(PIP) install mpich  # MPICH from PyPI where no MPI is found
 	@# DeepSpeed JIT-builds its CPU shared-memory all-reduce op on the first multi-rank CPU run (~1 min, cached
 	@# in ~/.cache/torch_extensions): build it once here rather than inside whichever run comes first.

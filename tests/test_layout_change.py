@@ -29,6 +29,12 @@ PAIRS = {
     # beyond the required pairs: into ZeRO-3 partitions, and out of tensor + sequence parallelism
     "tp2-sp->dp2-zero3": ((2, ("parallel.tensor=2", "parallel.sequence_parallel=true")),
                           (2, ("parallel.zero_stage=3",))),
+    # between the DeepSpeed and fairscale engines (issue 18), both ways
+    "dp2-zero1-deepspeed->dp2-zero2-fairscale": ((2, ("parallel.zero_stage=1",)),
+                                                 (2, ("parallel.engine=fairscale", "parallel.zero_stage=2"))),
+    "tp2xdp2-fairscale-lamb->dp2-zero2-lamb": (
+        (4, ("parallel.engine=fairscale", "parallel.zero_stage=1", "parallel.tensor=2", *LAMB)),
+        (2, ("parallel.zero_stage=2", *LAMB))),
 }
 
 

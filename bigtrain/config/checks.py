@@ -211,6 +211,34 @@ def uses_deepspeed(cfg: Config, world_size: int) -> bool:
     return p.engine == "deepspeed"
 
 
+def uses_process_groups(cfg: Config, world_size: int) -> bool:
+    """Whether the run starts a process group: DeepSpeed's engines, or fairscale's."""
+    return uses_deepspeed(cfg, world_size) or cfg.parallel.engine == "fairscale"
+
+
+def check_fairscale(cfg: Config) -> None:
+    """What the fairscale engine serves: data parallelism with OSS (+ ShardedDataParallel, or FSDP on CUDA),
+    composed with tensor parallelism."""
+    p, t = cfg.parallel, cfg.train
+    _require(p.zero_stage in (1, 2, 3), f"parallel.engine='fairscale' shards the optimizer state: set "
+             f"parallel.zero_stage to 1 (OSS), 2 (OSS + ShardedDataParallel) or 3 (FullyShardedDataParallel, "
+             f"CUDA only), not {p.zero_stage}; for no sharding use parallel.engine=auto.")
+    _require(p.pipeline == 1, f"parallel.engine='fairscale' has no pipeline schedule, but parallel.pipeline="
+             f"{p.pipeline}. Use parallel.engine=auto (DeepSpeed's pipeline engine) or parallel.pipeline=1.")
+    _require(t.precision != "fp16", "parallel.engine='fairscale' runs fp32 or bf16 (fp32 weights, bf16 autocast); "
+             "train.precision=fp16 would need a sharded loss scaler. Use train.precision=bf16, or "
+             "parallel.engine=deepspeed.")
+    _require(not p.offload_optimizer, "parallel.offload_optimizer=true is DeepSpeed's: the fairscale engine keeps "
+             "the optimizer state on the device. Set it to false, or use parallel.engine=deepspeed.")
+    if p.zero_stage == 3:
+        _require(t.device != "cpu", "parallel.engine='fairscale' with parallel.zero_stage=3 is fairscale's "
+                 "FullyShardedDataParallel, which runs on CUDA GPUs only, but train.device='cpu'. Use "
+                 "parallel.zero_stage=1 or 2, or parallel.engine=deepspeed.")
+        _require(cfg.optim.name != "lamb", "optim.name='lamb' with fairscale's FullyShardedDataParallel is refused: "
+                 "it flattens parameters, so per-tensor trust ratios would be wrong. Use parallel.zero_stage=1 or "
+                 "2 (exact), or optim.name=adamw.")
+
+
 def check_parallel(cfg: Config, world_size: int) -> None:
     p = cfg.parallel
     _positive("parallel.tensor", p.tensor)
@@ -230,6 +258,8 @@ def check_parallel(cfg: Config, world_size: int) -> None:
         _require(method in ("parameters", "uniform") or method.startswith("type:"),
                  f"parallel.partition_method={show(method)} is not known; use 'parameters', 'uniform' or "
                  f"'type:<regex of a layer class>' (e.g. 'type:BlockPipe').")
+    if p.engine == "fairscale":
+        check_fairscale(cfg)
     if p.engine == "torch":
         _require(world_size == 1 and p.zero_stage == 0,
                  f"parallel.engine='torch' runs one process without ZeRO, but the world size is {world_size} and "
@@ -340,6 +370,19 @@ def check_data(cfg: Config) -> None:
     if d.source in ("reverse", "sort"):
         _require(m.family == "seq2seq", f"data.source='{d.source}' is a generated seq2seq task; it needs "
                  f"model.family='seq2seq' (got '{m.family}').")
+    if d.document_masking:
+        check_document_masking(cfg)
+
+
+def check_document_masking(cfg: Config) -> None:
+    """data.document_masking separates the documents that causal blocks pack together; no other family packs."""
+    family = cfg.model.family
+    why = {"masked": "whose samples are chunks of one document each", "seq2seq": "whose samples are one "
+           "source/target pair each"}.get(family, "which does not pack documents")
+    _require(family == "causal",
+             f"data.document_masking=true stops attention at document boundaries inside the packed blocks of "
+             f"model.family='causal', but model.family='{family}', {why}, so there is nothing to separate. "
+             f"Set data.document_masking=false, or model.family=causal.")
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:

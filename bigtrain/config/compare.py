@@ -22,7 +22,7 @@ MEANINGFUL = (
     "model.",
     "data.source", "data.format", "data.text_field", "data.source_field", "data.target_field", "data.tokenizer",
     "data.seq_len", "data.max_bytes", "data.holdout_fraction", "data.mask_prob", "data.task_samples",
-    "data.task_min_len", "data.task_max_len", "data.bucket_size", "data.encoding_errors",
+    "data.task_min_len", "data.task_max_len", "data.bucket_size", "data.encoding_errors", "data.document_masking",
     "train.seed",
     "optim.name",
 )

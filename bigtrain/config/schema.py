@@ -90,9 +90,10 @@ class ParallelConfig:
     offload_optimizer: bool = opt(False, "ZeRO 1-3: keep optimizer state and its update on the CPU (GPU runs)")
     collective_timeout: float = opt(
         600.0, "seconds a collective (all-reduce, barrier, ...) may wait for the other ranks before it fails")
-    engine: Literal["auto", "torch", "deepspeed"] = opt(
+    engine: Literal["auto", "torch", "deepspeed", "fairscale"] = opt(
         "auto", "auto: DeepSpeed when several ranks run or zero_stage > 0, else plain PyTorch; deepspeed: "
-        "always DeepSpeed (also for one process); torch: plain PyTorch, one process only")
+        "always DeepSpeed (also for one process); torch: plain PyTorch, one process only; fairscale: fairscale's "
+        "OSS (zero_stage 1), OSS + ShardedDataParallel (2) or FullyShardedDataParallel (3, CUDA only)")
 
 
 @dataclass
@@ -132,6 +133,10 @@ class DataConfig:
     target_field: str = opt("target", "seq2seq files: column holding the output text")
     tokenizer: str = opt("byte", "byte: byte-level (256 bytes + specials); or a path to a tokenizer.json")
     seq_len: int = opt(128, "tokens per training sequence (causal: block length)")
+    document_masking: bool = opt(
+        False, "causal only: inside a packed block, attention stops at document boundaries (block-diagonal causal "
+        "mask) and positions restart at 0 with each document, so each document trains as if alone; the target "
+        "after a document's end-of-document token is still the next document's first token")
     max_bytes: int = opt(4_000_000, "cap on the embedded corpus size in bytes")
     holdout_fraction: float = opt(0.02, "fraction of the data held out for evaluation")
     mask_prob: float = opt(0.15, "masked LM: fraction of tokens selected for prediction")

@@ -1,7 +1,8 @@
 """Stack samples into a batch, padding each field to the longest sample (dynamic padding).
 
 Inputs are padded with pad_id, labels with -100 (ignored by the loss). Padded families also get
-boolean attention masks, True at real tokens.
+boolean attention masks, True at real tokens. Causal samples with "document_ids" (data.document_masking) keep
+them, padded with -1: padding forms a document of its own.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from bigtrain.errors import DataError
 
 IGNORE = -100
+PAD_DOCUMENT = -1
 
 
 def pad_stack(seqs: list[torch.Tensor], value: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +40,10 @@ def collate(samples: list[dict], family: str, pad_id: int, pad_multiple: int = 1
     input_ids, attention_mask = pad_stack(field("input_ids"), pad_id, pad_multiple)
     labels, _ = pad_stack(field("labels"), IGNORE, pad_multiple)
     if family == "causal":
-        return {"input_ids": input_ids, "labels": labels}
+        if "document_ids" not in samples[0]:
+            return {"input_ids": input_ids, "labels": labels}
+        document_ids, _ = pad_stack(field("document_ids"), PAD_DOCUMENT, pad_multiple)
+        return {"input_ids": input_ids, "labels": labels, "document_ids": document_ids}
     if family == "masked":
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     if family == "seq2seq":

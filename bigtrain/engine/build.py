@@ -13,12 +13,16 @@ from bigtrain.parallel.groups import ParallelGroups
 
 def build_engine(cfg: Config, parallel: ParallelModel, env: DistEnv, groups: ParallelGroups | None,
                  device: torch.device) -> Engine:
-    """Plain PyTorch on one process (no process groups), DeepSpeed's pipeline engine when the layout has
-    pipeline stages, else DeepSpeed data parallelism / ZeRO."""
+    """Plain PyTorch on one process (no process groups), fairscale when parallel.engine says so, DeepSpeed's
+    pipeline engine when the layout has pipeline stages, else DeepSpeed data parallelism / ZeRO."""
     if groups is None:
         from bigtrain.engine.local import LocalEngine
 
         return LocalEngine(cfg, parallel, device)
+    if cfg.parallel.engine == "fairscale":
+        from bigtrain.engine.fairscale_engine import FairscaleEngine
+
+        return FairscaleEngine(cfg, parallel, env, groups, device)
     if parallel.layout.pipeline > 1:
         from bigtrain.engine.pipeline_engine import PipelineEngine
 

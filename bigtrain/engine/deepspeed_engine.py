@@ -27,7 +27,6 @@ dynamic loss scaling must read its overflow flag every step. `get_global_grad_no
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import functools
 import json
@@ -51,10 +50,11 @@ from bigtrain.engine.layout_free_io import restore_layout_free, write_layout_fre
 from bigtrain.engine.layout_free_state import StateAdapter
 from bigtrain.engine.memory import (
     ModelStateBytes,
-    format_report,
+    gathered_report,
     measure_grads,
     measure_optimizer,
     measure_params,
+    tensor_share_note,
     zero_formula,
 )
 from bigtrain.engine.step import skips_on_device
@@ -314,24 +314,16 @@ class DeepSpeedEngine:
         writes the numbers to run_dir/memory.json."""
         mine = self.measure()
         self.measure_grads = False
-        gathered: list[ModelStateBytes | None] = [None] * self.dp_size
-        dist.all_gather_object(gathered, mine, group=self.group)
-        if self.rank != 0:
-            return None
         p, t = self.cfg.parallel, self.cfg.train
         master = not self.unwrapped
         formula = zero_formula(self.n_params, p.zero_stage, self.dp_size, t.precision, master_copy=master)
-        if run_dir is not None:
-            (run_dir / "memory.json").write_text(json.dumps({
-                "zero_stage": p.zero_stage, "dp_size": self.dp_size, "precision": t.precision,
-                "n_params": self.n_params, "formula": dataclasses.asdict(formula),
-                "ranks": [dataclasses.asdict(m) for m in gathered]}, indent=1) + "\n")
-        shard = (f", tensor-parallel shard {self.groups.layout.tensor}-way (Ψ = this rank's share)"
-                 if self.groups.layout.tensor > 1 else "")
-        title = (f"model-state memory per rank in step 1 (gradients: peak over its micro-batches){shard}\n"
+        title = (f"model-state memory per rank in step 1 (gradients: peak over its micro-batches)"
+                 f"{tensor_share_note(self.groups.layout.tensor)}\n"
                  f"ZeRO-{p.zero_stage}, {self.dp_size} data-parallel ranks, {t.precision}, "
                  f"Ψ = {self.n_params} parameters, K = {12 if master else 8} bytes")
-        return format_report(gathered, formula, title)
+        facts = {"engine": "deepspeed", "zero_stage": p.zero_stage, "dp_size": self.dp_size,
+                 "precision": t.precision, "n_params": self.n_params}
+        return gathered_report(mine, formula, title, self.group, self.dp_size, self.rank, run_dir, facts)
 
     def describe(self) -> str:
         return json.dumps(self.ds_config, indent=2, sort_keys=True)

@@ -3,7 +3,9 @@
 Where a rank's state lives depends on the engine:
 
     per-parameter  the plain engine, and DeepSpeed without a ZeRO wrapper (ZeRO-0 fp32, also under the pipeline
-                   engine): each parameter (a tensor-parallel shard) and its optimizer state, whole
+                   engine): each parameter (a tensor-parallel shard) and its optimizer state, whole; under
+                   fairscale's OSS the state of a parameter lives on the one data-parallel rank that owns it
+                   (`state_owner`), which writes both
     fragments      ZeRO-1/2 and DeepSpeed's bf16 optimizer: the fp32 master weights and the optimizer state of a
                    parameter group are one flat partition per data-parallel rank; each parameter's share of it
                    is a fragment (`_hp_mapping`: where it starts in the parameter and in the partition)
@@ -17,7 +19,7 @@ internals this needs are in `bigtrain.compat.deepspeed`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -60,9 +62,14 @@ class StateAdapter:
     DeepSpeed's wrapper where there is one), `wrapper` DeepSpeed's ZeRO / bf16 optimizer or None."""
 
     def __init__(self, model: nn.Module, shards: dict[str, Shard], optimizer: torch.optim.Optimizer,
-                 wrapper: object | None, tensor_rank: int, data_rank: int) -> None:
+                 wrapper: object | None, tensor_rank: int, data_rank: int,
+                 state_owner: Callable[[torch.Tensor], bool] | None = None) -> None:
         self.model, self.shards, self.optimizer, self.wrapper = model, shards, optimizer, wrapper
         self.tensor_rank, self.data_rank = tensor_rank, data_rank
+        # per-parameter state: whether this rank holds a parameter's optimizer state (by default every data rank
+        # does, and data rank 0 writes it) or, under OSS, only its owner (which writes it)
+        self.holds_state = state_owner or (lambda p: True)
+        self.writes_state = state_owner or (lambda p: self.data_rank == 0)
         self.params = list(named_local_parameters(model))
         if wrapper is None:
             self.kind = "per-parameter"
@@ -97,7 +104,7 @@ class StateAdapter:
     def _local(self, p: torch.Tensor) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
         """(start, stop, {kind: 1-D values}) of what this rank holds of `p` (flat range of the local shard)."""
         if self.kind == "per-parameter":
-            if self.data_rank != 0:
+            if not self.writes_state(p):
                 return
             state = self.optimizer.state.get(p, {})
             values = {"param": p.detach().reshape(-1)}
@@ -152,7 +159,7 @@ class StateAdapter:
 
     def _set_whole(self, p: torch.Tensor, reader: LayoutFreeReader, name: str, box: Box, step: float | None) -> None:
         p.copy_(reader.read(name, "param", box).to(p.dtype))
-        if step is not None:
+        if step is not None and self.holds_state(p):
             self.optimizer.state[p] = {"step": torch.tensor(step, dtype=torch.float32),
                                        **{k: reader.read(name, k, box).to(p.device) for k in STATE_KINDS}}
 

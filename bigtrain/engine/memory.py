@@ -12,8 +12,12 @@ a 4-byte fp32 master copy when the engine keeps one, which DeepSpeed does for Ze
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,3 +101,24 @@ def format_report(per_rank: list[ModelStateBytes], formula: ModelStateBytes, tit
     lines.append(f"formula {mib(formula.params)}   {mib(formula.grads)}   {mib(formula.optimizer)}   "
                  f"{mib(formula.total)}")
     return "\n".join(lines)
+
+
+def tensor_share_note(tensor: int) -> str:
+    return f", tensor-parallel shard {tensor}-way (Ψ = this rank's share)" if tensor > 1 else ""
+
+
+def gathered_report(mine: ModelStateBytes, formula: ModelStateBytes, title: str, group: object, size: int,
+                    rank: int, run_dir: Path | None, facts: dict[str, Any]) -> str | None:
+    """Gather every data-parallel rank's measured bytes (collective over `group`); on global rank 0 write them
+    with `facts` and the formula to run_dir/memory.json and return the report, elsewhere None."""
+    import torch.distributed as dist
+
+    gathered: list[ModelStateBytes | None] = [None] * size
+    dist.all_gather_object(gathered, mine, group=group)
+    if rank != 0:
+        return None
+    if run_dir is not None:
+        (run_dir / "memory.json").write_text(json.dumps({
+            **facts, "formula": dataclasses.asdict(formula),
+            "ranks": [dataclasses.asdict(m) for m in gathered]}, indent=1) + "\n")
+    return format_report(gathered, formula, title)

@@ -17,12 +17,13 @@ from torch import nn
 
 from bigtrain.compat.torch import sdpa
 from bigtrain.models.cache import AttentionCache
+from bigtrain.models.documents import same_document
 from bigtrain.models.layers import Rotary
 
 
 def build_mask(query_len: int, key_padding: torch.Tensor | None, causal: bool,
-               device: torch.device, self_attention: bool = True, key_len: int | None = None
-               ) -> torch.Tensor | None:
+               device: torch.device, self_attention: bool = True, key_len: int | None = None,
+               document_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean mask [batch or 1, 1, query, key], True where attention is allowed; None = no mask needed (or,
     when `causal`, the plain causal one of equal lengths).
 
@@ -31,10 +32,14 @@ def build_mask(query_len: int, key_padding: torch.Tensor | None, causal: bool,
     position, so that rows of padded queries are never fully masked (which would give NaN); unpadded rows
     are unaffected by this. Not in cross-attention: there query t and key t are different sequences, and a
     real decoder query must not see a padded encoder position just because the two lengths happen to be equal.
+    `document_ids` [B, T] (self-attention over a packed block, no cache) also keep each query inside its own
+    document (`bigtrain.models.documents`).
     """
     key_len = key_padding.shape[-1] if key_padding is not None else (key_len or query_len)
     shift = key_len - query_len
-    if key_padding is None and (not causal or shift == 0):
+    if document_ids is not None and (shift != 0 or not self_attention):
+        raise ValueError("document_ids mask self-attention over one packed block (no cache, no memory)")
+    if key_padding is None and document_ids is None and (not causal or shift == 0):
         return None
     if key_padding is None:
         mask = torch.ones(1, 1, 1, key_len, dtype=torch.bool, device=device)
@@ -42,6 +47,8 @@ def build_mask(query_len: int, key_padding: torch.Tensor | None, causal: bool,
         mask = key_padding[:, None, None, :].bool()
     if causal:
         mask = mask & torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(diagonal=shift)
+    if document_ids is not None:
+        mask = mask & same_document(document_ids)
     if self_attention and key_padding is not None and shift >= 0:
         own = torch.arange(key_len, device=device)[None, :] == torch.arange(query_len, device=device)[:, None] + shift
         mask = mask | own
@@ -110,12 +117,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None, position_bias: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: AttentionCache | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, cache: AttentionCache | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, d]; memory: [B, S, d] for cross-attention (keys/values), else keys come from x.
 
         key_padding: bool [B, S], True at real (non-padding) key positions (with a cache: all of them);
         position_bias: [1 or B, H, T, S] added to the scores; position_ids: [B, T] positions of x for rotary
-        (default 0..T-1); cache: this layer's keys and values of earlier steps.
+        (default 0..T-1); cache: this layer's keys and values of earlier steps; document_ids: [B, T] the
+        document of each token of a packed block (attention stays inside a document).
         """
         q = self._heads(self.q_proj(x))
         if self.rotary is not None:
@@ -130,7 +139,7 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.add(k, v)
         mask = build_mask(x.shape[1], key_padding, self.causal, x.device, self_attention=memory is None,
-                          key_len=k.shape[2])
+                          key_len=k.shape[2], document_ids=document_ids)
         dropout = self.dropout if self.training else 0.0
         out, weights = self.core(q, k, v, mask, self.causal, dropout, self.record_weights, self.scale,
                                  position_bias)

@@ -52,13 +52,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None, memory_padding_mask: torch.Tensor | None = None,
                 position_bias: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: BlockCache | None = None) -> torch.Tensor:
+                cache: BlockCache | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, d]; padding_mask: bool [B, T] (True = real token; with a cache, over all positions so far);
         memory: encoder output [B, S, d]; position_bias: added to the self-attention scores; position_ids:
-        positions of x (rotary); cache: this block's keys and values of earlier decoding steps."""
+        positions of x (rotary); cache: this block's keys and values of earlier decoding steps; document_ids:
+        [B, T] the document of each token of a packed block (self-attention stays inside a document)."""
         x = self._residual(x, self.self_attn_norm, lambda h: self.self_attn(
             h, key_padding=padding_mask, position_bias=position_bias, position_ids=position_ids,
-            cache=None if cache is None else cache.self_attn))
+            cache=None if cache is None else cache.self_attn, document_ids=document_ids))
         if self.cross_attn is not None:
             x = self._residual(x, self.cross_attn_norm, lambda h: self.cross_attn(
                 h, key_padding=memory_padding_mask, memory=memory,

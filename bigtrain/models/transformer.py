@@ -15,6 +15,7 @@ from torch import nn
 from bigtrain.config import ModelConfig
 from bigtrain.models.blocks import Block
 from bigtrain.models.cache import DecodingCache
+from bigtrain.models.documents import document_positions
 from bigtrain.models.embedding import Embedding
 from bigtrain.models.layers import HeadTransform, LogitBias, RelativePositionBias, Rotary, make_norm
 
@@ -107,15 +108,23 @@ class _EncoderOrDecoderLM(TransformerLM):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: DecodingCache | None = None) -> torch.Tensor:
+                cache: DecodingCache | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [B, T]; attention_mask: bool [B, T], True at real tokens (with a cache: [B, cached + T])
-        -> logits [B, T, vocab]. position_ids: [B, T] (left-padded rows); cache: incremental decoding."""
+        -> logits [B, T, vocab]. position_ids: [B, T] (left-padded rows); cache: incremental decoding.
+
+        document_ids: [B, T] the document of each token of a packed block (`data.document_masking`): attention
+        stays inside a document and positions restart at 0 at its first token (`bigtrain.models.documents`),
+        so each document's logits are those of the document fed alone."""
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError("document_ids describe a packed training block; incremental decoding takes none")
+            position_ids = document_positions(document_ids) if position_ids is None else position_ids
         position_ids = _positions(cache, position_ids, input_ids.shape[1], input_ids.device)
         x = self.embed(input_ids, position_ids, token_type_ids)
         bias = _bias(self.position_bias, input_ids.shape[1], cache)
         for index, block in enumerate(self.blocks):
             x = block(x, padding_mask=attention_mask, position_bias=bias, position_ids=position_ids,
-                      cache=None if cache is None else cache[index])
+                      cache=None if cache is None else cache[index], document_ids=document_ids)
         if cache is not None:
             cache.length += input_ids.shape[1]
         return self.output(self.final_norm(x))

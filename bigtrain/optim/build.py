@@ -31,16 +31,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]  # a pipeline stage may hold no tensors of one kind
 
 
-def adamw(groups: list[dict[str, Any]], **hyper: Any) -> torch.optim.Optimizer:
-    """torch's fused AdamW (one kernel per step on CUDA and CPU; it also skips a step on the device when given
-    `found_inf`), or the multi-tensor one where fused is unavailable (other devices, older torch)."""
-    params = [p for g in groups for p in g["params"]]
-    if all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params):
-        try:
-            return torch.optim.AdamW(groups, fused=True, **hyper)
+def adamw_kwargs(params: list[torch.Tensor], **hyper: Any) -> dict[str, Any]:
+    """AdamW's keyword arguments: fused (one kernel per step on CUDA and CPU; it also skips a step on the device
+    when given `found_inf`) where this torch and device have it, else the multi-tensor implementation."""
+    if params and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params):
+        try:  # torch checks fused support when the optimizer is built
+            torch.optim.AdamW([torch.zeros(1, device=params[0].device, dtype=params[0].dtype)], fused=True)
+            return {**hyper, "fused": True}
         except (RuntimeError, ValueError):
             pass
-    return torch.optim.AdamW(groups, foreach=True, **hyper)
+    return {**hyper, "foreach": True}
+
+
+def adamw(groups: list[dict[str, Any]], **hyper: Any) -> torch.optim.Optimizer:
+    """torch's AdamW over `groups`, fused where possible (`adamw_kwargs`)."""
+    return torch.optim.AdamW(groups, **adamw_kwargs([p for g in groups for p in g["params"]], **hyper))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lamb_class: type[Lamb] = Lamb) -> torch.optim.Optimizer:

@@ -47,6 +47,16 @@ def global_grad_norm(parameters: Iterable[torch.Tensor], groups: ParallelGroups,
     return _sum_over_model(_squares(parameters, groups, device).reshape(1), groups).sqrt().reshape(())
 
 
+def sharded_grad_norm(parameters: Iterable[torch.Tensor], groups: ParallelGroups, device: torch.device,
+                      data_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """‖g‖ when each data-parallel rank holds the reduced gradients of only the parameters it owns (fairscale's
+    OSS + ShardedDataParallel: pass those, and the data group) or all of them (data_group None)."""
+    squares = _squares(parameters, groups, device).reshape(1)
+    if data_group is not None:
+        dist.all_reduce(squares, group=data_group)
+    return _sum_over_model(squares, groups).sqrt().reshape(())
+
+
 @torch.no_grad()
 def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float, groups: ParallelGroups,
                    device: torch.device) -> torch.Tensor:

@@ -94,7 +94,8 @@ def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups | None
     if layout.pipeline > 1:
         from bigtrain.parallel.pipeline_module import build_pipeline_module
 
-        result.stage = build_pipeline_module(model, layout, p.partition_method, materialize_piece)
+        result.stage = build_pipeline_module(model, layout, p.partition_method, materialize_piece,
+                                             documents=cfg.data.document_masking)
     else:
         materialize(model, device, seed, result.shards)
     mark_tensor_parallel(model, result.shards)

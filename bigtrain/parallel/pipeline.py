@@ -16,7 +16,8 @@ and initializes only the layers it owns (per-parameter generators make that exac
 the model ties them), so DeepSpeed keeps the copies on different stages equal.
 
 What crosses a stage boundary is a tuple of tensors: hidden states (float, they get gradients) and, where
-the family needs them, masks and decoder ids as int64 tensors (DeepSpeed sends gradients for every floating
+the family needs them, masks, decoder ids and document ids (causal blocks under `data.document_masking`: each
+block rebuilds its mask and positions from them) as int64 tensors (DeepSpeed sends gradients for every floating
 tensor, and bool tensors only in one special position). Pipeline layers register their module under the
 model's attribute path (`blocks.3`, `embed`, `final_norm`, ...), so each layer's state dict uses the
 parameter names of the unsplit model: checkpoints consolidate by taking the union of the layer files.
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from bigtrain.models import TransformerLM
+from bigtrain.models.documents import document_positions
 from bigtrain.models.transformer import Seq2SeqLM
 
 
@@ -50,10 +52,12 @@ def _drop(out: torch.Tensor, *dropped: torch.Tensor) -> torch.Tensor:
 class EmbedPipe(nn.Module):
     """The input embedding (and, when tied, the head that shares its weight)."""
 
-    def __init__(self, model: TransformerLM, materialize: Callable[[nn.Module], None]) -> None:
+    def __init__(self, model: TransformerLM, materialize: Callable[[nn.Module], None], documents: bool = False
+                 ) -> None:
         super().__init__()
         self.seq2seq = isinstance(model, Seq2SeqLM)
         self.with_mask = model.family != "causal"
+        self.documents = documents
         self.embed = model.embed
         materialize(self.embed)
         self.output_scale = model.output_scale
@@ -62,10 +66,12 @@ class EmbedPipe(nn.Module):
             self.head.weight = self.embed.tokens.weight
 
     def forward(self, inputs):
-        """First stage: ids -> hidden states (masks and decoder ids pass along as int64, a position bias as
-        it is)."""
+        """First stage: ids -> hidden states (masks, decoder ids and document ids pass along as int64, a position
+        bias as it is); with document ids, positions restart at each document."""
         if isinstance(inputs, torch.Tensor):
             return self.embed(inputs)
+        if self.documents:
+            return (self.embed(inputs[0], document_positions(inputs[1])), *inputs[1:])
         return (self.embed(inputs[0]), *inputs[1:])
 
     def embed_decoder(self, inputs):
@@ -96,9 +102,10 @@ class BlockPipe(nn.Module):
     """One block of a stack; registered as `<stack>.<index>` so parameter names are the model's."""
 
     def __init__(self, stack: str, index: int, block: nn.Module, role: str,
-                 materialize: Callable[[nn.Module], None]) -> None:
+                 materialize: Callable[[nn.Module], None], documents: bool = False) -> None:
         super().__init__()
         self.role = role  # "causal", "masked", "seq2seq-encoder" or "seq2seq-decoder": what flows through
+        self.documents = documents  # causal: document ids follow the hidden states
         self.stack, self.index = stack, str(index)
         materialize(block)
         setattr(self, stack, nn.ModuleDict({self.index: block}))
@@ -111,6 +118,11 @@ class BlockPipe(nn.Module):
         if self.role == "causal":
             if isinstance(inputs, torch.Tensor):
                 return self.block(inputs)
+            if self.documents:
+                h, docs, *bias = inputs
+                h = self.block(h, position_bias=bias[0] if bias else None, document_ids=docs,
+                               position_ids=document_positions(docs))
+                return (h, docs, *bias)
             h, bias = inputs
             return self.block(h, position_bias=bias), bias
         if self.role == "masked":
@@ -172,18 +184,20 @@ class ModulePipe(nn.Module):
 
 
 def pipeline_inputs(batch: dict[str, torch.Tensor], family: str):
-    """What the first stage receives for one micro-batch (masks as int64)."""
+    """What the first stage receives for one micro-batch (masks as int64; document ids where the batch has them,
+    see `layer_specs`)."""
     if family == "causal":
-        return batch["input_ids"]
+        return batch["input_ids"] if "document_ids" not in batch else (batch["input_ids"], batch["document_ids"])
     if family == "masked":
         return batch["input_ids"], batch["attention_mask"].long()
     return (batch["input_ids"], batch["attention_mask"].long(), batch["decoder_input_ids"],
             batch["decoder_attention_mask"].long())
 
 
-def layer_specs(model: TransformerLM, materialize: Callable[[nn.Module], None]) -> list:
+def layer_specs(model: TransformerLM, materialize: Callable[[nn.Module], None], documents: bool = False) -> list:
     """The model's layer sequence as DeepSpeed layer specs (nothing is built until a stage builds it).
-    Each spec carries `n_params` (counted on the meta model) for partitioning by parameters."""
+    Each spec carries `n_params` (counted on the meta model) for partitioning by parameters. `documents`: causal
+    batches carry document ids (`data.document_masking`), which flow after the hidden states."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     def count(module: nn.Module) -> int:
@@ -195,11 +209,11 @@ def layer_specs(model: TransformerLM, materialize: Callable[[nn.Module], None]) 
         return s
 
     def embed(**kwargs):
-        return spec(TiedLayerSpec, "embed", EmbedPipe, model, materialize, n_params=count(model.embed),
-                    tied_weight_attr=["embed.tokens.weight"], **kwargs)
+        return spec(TiedLayerSpec, "embed", EmbedPipe, model, materialize, documents,
+                    n_params=count(model.embed), tied_weight_attr=["embed.tokens.weight"], **kwargs)
 
     def blocks(stack: str, role: str) -> list:
-        return [spec(LayerSpec, BlockPipe, stack, i, b, role, materialize, n_params=count(b))
+        return [spec(LayerSpec, BlockPipe, stack, i, b, role, materialize, documents, n_params=count(b))
                 for i, b in enumerate(getattr(model, stack))]
 
     def position_bias(name: str, decoder: bool = False) -> list:
@@ -215,6 +229,8 @@ def layer_specs(model: TransformerLM, materialize: Callable[[nn.Module], None]) 
         return [spec(LayerSpec, ModulePipe, name, module, materialize, n_params=count(module))]
 
     family = model.family
+    if documents and family != "causal":
+        raise ValueError(f"document ids separate the packed blocks of the causal family, not {family}")
     specs: list = []
     if isinstance(model, Seq2SeqLM):
         specs += position_bias("encoder_position_bias")

@@ -48,12 +48,12 @@ def check_stages(specs: list, stages: int, method: str) -> list[int]:
 
 
 def build_pipeline_module(model: TransformerLM, layout: Layout, partition_method: str,
-                          materialize: Callable[[nn.Module], None]) -> nn.Module:
+                          materialize: Callable[[nn.Module], None], documents: bool = False) -> nn.Module:
     """This rank's stage of `model` (on the meta device; `materialize` allocates and initializes a piece).
-    The engine sets its `loss_fn`."""
+    The engine sets its `loss_fn`. `documents`: batches carry document ids (`data.document_masking`)."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
-    return pipeline_module_class()(layer_specs(model, materialize), topology=topology, loss_fn=None,
+    return pipeline_module_class()(layer_specs(model, materialize, documents), topology=topology, loss_fn=None,
                                    partition_method=partition_method, dynamic_shape=model.family != "causal",
                                    check_partition=check_stages)

@@ -208,9 +208,11 @@ class TensorParallelAttention(Attention):
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None, position_bias: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, cache=None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         memory = None if memory is None else self.tp.enter(memory)
-        return super().forward(self.tp.enter(x), key_padding, memory, position_bias, position_ids, cache)
+        return super().forward(self.tp.enter(x), key_padding, memory, position_bias, position_ids, cache,
+                               document_ids)
 
 
 class TensorParallelFeedForward(FeedForward):

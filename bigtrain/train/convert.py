@@ -19,7 +19,7 @@ import torch
 from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.integrity import step_of, verify, write_manifest
 from bigtrain.components.layout_free import FOLDER, INDEX
-from bigtrain.config.checks import uses_deepspeed
+from bigtrain.config.checks import uses_process_groups
 from bigtrain.config.layout import Layout
 from bigtrain.errors import CheckpointError
 
@@ -82,7 +82,7 @@ def convert_here(checkpoint: Path) -> None:
     device = resolve_device(cfg.train, env.local_rank)
     p = cfg.parallel
     groups = None
-    if uses_deepspeed(cfg, world):
+    if uses_process_groups(cfg, world):
         init_process_group(env, device, timeout_s=p.collective_timeout)
         groups = ParallelGroups(Layout.for_world(p.tensor, p.pipeline, world, p.data), env.rank)
     tokenizer = build_tokenizer(cfg.data)

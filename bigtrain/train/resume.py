@@ -56,7 +56,8 @@ def layout_of(cfg: Config, world_size: int) -> dict[str, Any]:
     """What decides whether a checkpoint's own (native) files fit a run: the split, the engine, the precision."""
     p = cfg.parallel
     layout = Layout.for_world(p.tensor, p.pipeline, world_size, p.data)
-    engine = "pipeline" if p.pipeline > 1 else "deepspeed" if uses_deepspeed(cfg, world_size) else "torch"
+    engine = ("fairscale" if p.engine == "fairscale" else "pipeline" if p.pipeline > 1
+              else "deepspeed" if uses_deepspeed(cfg, world_size) else "torch")
     return {"tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data,
             "sequence_parallel": p.sequence_parallel, "zero_stage": p.zero_stage if engine != "torch" else 0,
             "engine": engine, "precision": cfg.train.precision}
@@ -69,7 +70,7 @@ def written_layout(checkpoint: Path) -> dict[str, Any]:
 
 def describe(layout: dict[str, Any]) -> str:
     engine = {"torch": "the plain PyTorch engine", "deepspeed": "DeepSpeed",
-              "pipeline": "DeepSpeed's pipeline engine"}
+              "pipeline": "DeepSpeed's pipeline engine", "fairscale": "fairscale"}
     sp = " + sequence parallel" if layout["sequence_parallel"] else ""
     zero = f", ZeRO-{layout['zero_stage']}" if layout["engine"] != "torch" else ""
     return (f"tensor {layout['tensor']}{sp} × pipeline {layout['pipeline']} × data {layout['data']}{zero}, "

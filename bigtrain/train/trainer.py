@@ -24,7 +24,7 @@ from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.precision import autocast, check_precision, resolve_device
 from bigtrain.components.step_result import StepResult, resolve_all
 from bigtrain.config import Config, dump_config
-from bigtrain.config.checks import uses_deepspeed
+from bigtrain.config.checks import uses_deepspeed, uses_process_groups
 from bigtrain.config.layout import Layout
 from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate
 from bigtrain.distributed import DistEnv, detect_env, init_process_group
@@ -107,7 +107,7 @@ class Trainer:
         self.is_main = env.is_main
         p = cfg.parallel
         self.layout = Layout.for_world(p.tensor, p.pipeline, env.world_size, p.data)
-        distributed = uses_deepspeed(cfg, env.world_size)
+        distributed = uses_process_groups(cfg, env.world_size)
         self.groups: ParallelGroups | None = None
         if distributed:
             init_process_group(env, self.device, timeout_s=p.collective_timeout)
@@ -153,8 +153,9 @@ class Trainer:
         if self.lock.note:
             self.resume_notes.append(self.lock.note)
         if distributed and self.is_main:
-            (self.run_dir / "deepspeed_config.json").write_text(self.engine.describe() + "\n")
-            print(f"bigtrain: DeepSpeed config (also in {self.run_dir / 'deepspeed_config.json'}):\n"
+            name = "deepspeed_config.json" if uses_deepspeed(cfg, env.world_size) else "engine_config.json"
+            (self.run_dir / name).write_text(self.engine.describe() + "\n")
+            print(f"bigtrain: {type(self.engine).__name__} config (also in {self.run_dir / name}):\n"
                   f"{self.engine.describe()}", flush=True)
         self.model = self.engine.model
         self.lr_at = build_schedule(cfg.schedule, cfg.optim.lr, t.steps, cfg.model.d_model)
