@@ -372,6 +372,40 @@ def check_data(cfg: Config) -> None:
                  f"model.family='seq2seq' (got '{m.family}').")
     if d.document_masking:
         check_document_masking(cfg)
+    if d.sources:
+        check_sources(cfg)
+
+
+def check_sources(cfg: Config) -> None:
+    """A mixture: weights that are numbers >= 0 and not all zero, sources that are text, names unique."""
+    d = cfg.data
+    _require(cfg.model.family in ("causal", "masked"),
+             f"data.sources (a mixture) draws text samples for the causal and masked families; model.family="
+             f"'{cfg.model.family}' reads source/target pairs from data.source. Remove data.sources, or use "
+             f"model.family=causal or masked.")
+    for i, s in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        _require(isinstance(s.source, str) and s.source.strip() != "" and "\x00" not in s.source,
+                 f"{key}.source must be a non-empty path, 'embedded' or hf:NAME, got {show(s.source)}.")
+        _require(s.source not in ("reverse", "sort"), f"{key}.source='{s.source}' is a generated seq2seq task, "
+                 f"not text: a mixture holds text sources (embedded, files, saved datasets, hf:NAME).")
+        _require(math.isfinite(s.weight) and s.weight >= 0, f"{key}.weight must be a finite number >= 0 (its "
+                 f"share of the samples, relative to the others), got {show(s.weight)}.")
+    total = sum(s.weight for s in d.sources)
+    _require(total > 0, f"data.sources: every weight is 0 ({[s.weight for s in d.sources]}), so no source would "
+             f"be sampled. Give at least one source a positive weight.")
+    names = [source_name(s.name, s.source) for s in d.sources]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    _require(not duplicates, f"data.sources: the names {duplicates} occur more than once (a name is derived from "
+             f"the source unless given); set data.sources[i].name to tell them apart in the metrics.")
+
+
+def source_name(name: str | None, source: str) -> str:
+    """A mixture source's name in the metrics: `name`, else the source's last path component (or hf name)."""
+    if name:
+        return name
+    stripped = source.rstrip("/")
+    return stripped.rsplit("/", 1)[-1] or stripped
 
 
 def check_document_masking(cfg: Config) -> None:

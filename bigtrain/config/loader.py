@@ -116,6 +116,13 @@ def _merge_section(obj: Any, data: Any, prefix: str) -> Any:
             updates[key] = merged
         elif dataclasses.is_dataclass(current):
             updates[key] = _merge_section(current, value, full)
+        elif isinstance(current, list) and get_origin(hints[key]) is list:  # a list of sections (data.sources)
+            item_type = get_args(hints[key])[0]
+            if not isinstance(value, list):
+                keys = ", ".join(f.name for f in dataclasses.fields(item_type))
+                raise ConfigError(f"Config key '{full}' must be a list of mappings with the keys {keys}, got "
+                                  f"{show(value)}.")
+            updates[key] = [_merge_section(item_type(), item, f"{full}[{i}]") for i, item in enumerate(value)]
         else:
             updates[key] = _coerce(full, value, hints[key])
     return dataclasses.replace(obj, **updates)

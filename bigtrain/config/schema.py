@@ -122,11 +122,28 @@ class ScheduleConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (`data.sources`)."""
+
+    source: str = opt(
+        "embedded", "like data.source: embedded, a .txt / .jsonl / .parquet file or directory, a folder saved by "
+        "datasets' save_to_disk, or hf:NAME[:CONFIG][@SPLIT] (through datasets' own download and cache)")
+    weight: float = opt(1.0, "share of the training samples, relative to the other sources' weights (>= 0)")
+    name: str | None = opt(None, "name in the metrics; null = derived from the source")
+    text_field: str | None = opt(None, "JSONL/Parquet/datasets column holding the text; null = data.text_field")
+
+
+@dataclass
 class DataConfig:
     source: str = opt(
         "embedded", "embedded: the Python standard library's source (no download); seq2seq tasks "
         "`reverse` / `sort` are generated; otherwise a path to a .txt / .jsonl / .parquet file or a "
         "directory of them")
+    sources: list[SourceConfig] = field(default_factory=list, metadata={"help": (
+        "a mixture instead of data.source: a list of {source, weight, name, text_field}; training samples are "
+        "drawn from each in proportion to its weight, deterministically by global sample index (the same "
+        "batches under any layout), with per-source tokens and epochs in the metrics; causal and masked "
+        "families")})
     format: Literal["auto", "text", "jsonl", "parquet"] = opt("auto", "file format; auto = from the suffix")
     text_field: str = opt("text", "JSONL/Parquet column holding the text")
     source_field: str = opt("source", "seq2seq files: column holding the input text")

@@ -1,13 +1,18 @@
-"""Build the train and held-out datasets for the configured model family."""
+"""Build the train and held-out datasets for the configured model family (one text source, or a mixture of
+them: `bigtrain.data.mixture`)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch.utils.data import Dataset
 
-from bigtrain.config.schema import Config
+from bigtrain.config.checks import source_name
+from bigtrain.config.schema import Config, DataConfig
 from bigtrain.data.causal import causal_datasets
-from bigtrain.data.corpus import load_corpus
+from bigtrain.data.corpus import TokenCorpus, load_corpus
 from bigtrain.data.masked import masked_datasets
+from bigtrain.data.mixture import Concatenation, Mixture
 from bigtrain.data.seq2seq import TASKS, seq2seq_datasets
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import DataError
@@ -25,9 +30,38 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer) -> tuple[Dataset, Dataset]
         raise DataError(
             f"data.source: '{cfg.data.source}' is a generated seq2seq task, but model.family='{family}'. "
             f"Set model.family='seq2seq', or point data.source at text ('embedded' or a file).")
-    corpus = load_corpus(cfg.data, tokenizer)
-    if family == "causal":
+    if family not in ("causal", "masked"):
+        raise DataError(f"model.family: unknown family '{family}'; expected 'causal', 'masked' or 'seq2seq'.")
+    if cfg.data.sources:
+        return mixture_datasets(cfg, tokenizer)
+    return text_datasets(load_corpus(cfg.data, tokenizer), cfg, tokenizer)
+
+
+def text_datasets(corpus: TokenCorpus, cfg: Config, tokenizer: Tokenizer) -> tuple[Dataset, Dataset]:
+    if cfg.model.family == "causal":
         return causal_datasets(corpus, cfg)
-    if family == "masked":
-        return masked_datasets(corpus, cfg, tokenizer)
-    raise DataError(f"model.family: unknown family '{family}'; expected 'causal', 'masked' or 'seq2seq'.")
+    return masked_datasets(corpus, cfg, tokenizer)
+
+
+def source_data_config(cfg: Config, index: int) -> DataConfig:
+    """data.* with data.sources[index]'s source (and its text_field, if set) in place of data.source."""
+    s = cfg.data.sources[index]
+    return dataclasses.replace(cfg.data, source=s.source, text_field=s.text_field or cfg.data.text_field,
+                               sources=[])
+
+
+def mixture_datasets(cfg: Config, tokenizer: Tokenizer) -> tuple[Mixture, Concatenation]:
+    """Each source's own (train, held-out) split; training draws from them by weight, evaluation reads every
+    source's held-out samples."""
+    trains, helds = [], []
+    for i, s in enumerate(cfg.data.sources):
+        try:
+            corpus = load_corpus(source_data_config(cfg, i), tokenizer)
+        except DataError as error:  # its message names data.source: say which source of the mixture
+            raise DataError(f"data.sources[{i}].source={s.source!r}: {error}") from None
+        train, held = text_datasets(corpus, cfg, tokenizer)
+        trains.append(train)
+        helds.append(held)
+    names = [source_name(s.name, s.source) for s in cfg.data.sources]
+    weights = [s.weight for s in cfg.data.sources]
+    return Mixture(trains, weights, names, cfg.train.seed), Concatenation(helds)

@@ -48,10 +48,13 @@ class GlobalBatchSampler:
     def _bucketed(self, window: int) -> list[np.ndarray]:
         span = self.batch * self.bucket
         samples = self._positions(window * span, span)
-        samples = samples[np.argsort(self.lengths[samples], kind="stable")]
+        samples = samples[np.argsort(self._lengths(samples), kind="stable")]
         batches = [samples[i * self.batch:(i + 1) * self.batch] for i in range(self.bucket)]
         order = np.random.default_rng([self.seed, _WINDOW, window]).permutation(self.bucket)
         return [batches[i] for i in order]
+
+    def _lengths(self, samples: np.ndarray) -> np.ndarray:
+        return self.lengths[samples]
 
     def _positions(self, start: int, count: int) -> np.ndarray:
         """Samples at positions [start, start+count) of the endless epoch sequence."""
@@ -73,6 +76,21 @@ class GlobalBatchSampler:
         else:
             self._perms.move_to_end(epoch)
         return perm
+
+
+class MixtureSampler(GlobalBatchSampler):
+    """Global batches of a `Mixture`: its positions in order (the mixture itself blends its sources and shuffles
+    within each), bucketed by length like any sampler when bucket_size > 1."""
+
+    def __init__(self, mixture: Dataset, global_batch_size: int, seed: int, bucket_size: int = 1) -> None:
+        super().__init__(mixture, global_batch_size, seed, bucket_size=1)
+        self.mixture, self.bucket = mixture, bucket_size
+
+    def _lengths(self, samples: np.ndarray) -> np.ndarray:
+        return self.mixture.lengths_of(samples)
+
+    def _positions(self, start: int, count: int) -> np.ndarray:
+        return np.arange(start, start + count, dtype=np.int64)
 
 
 def eval_batch_indices(dataset_len: int, batch_size: int, max_batches: int) -> list[list[int]]:

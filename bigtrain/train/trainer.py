@@ -15,9 +15,11 @@ import dataclasses
 import datetime
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from bigtrain.components import checkpoint as ckpt
@@ -27,6 +29,8 @@ from bigtrain.config import Config, dump_config
 from bigtrain.config.checks import uses_deepspeed, uses_process_groups
 from bigtrain.config.layout import Layout
 from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate
+from bigtrain.data.mixture import Mixture
+from bigtrain.data.sampler import MixtureSampler
 from bigtrain.distributed import DistEnv, detect_env, init_process_group
 from bigtrain.distributed.agree import on_main
 from bigtrain.engine import Engine, build_engine
@@ -73,6 +77,7 @@ class TrainState:
     evals_without_improvement: int = 0
     tokenizer: str = ""  # the tokenizer's name: ids mean the same text only with the same tokenizer
     skipped_in_a_row: int = 0  # train.on_nonfinite=skip: consecutive skipped steps
+    source_tokens: dict[str, int] = field(default_factory=dict)  # data.sources: input tokens trained per source
 
 
 @dataclass
@@ -143,7 +148,8 @@ class Trainer:
         if distributed and self.is_main:
             torch.distributed.barrier()
         bucket = cfg.data.bucket_size if cfg.model.family != "causal" else 1
-        self.sampler = GlobalBatchSampler(self.train_set, t.global_batch_size, t.seed, bucket_size=bucket)
+        sampler = MixtureSampler if isinstance(self.train_set, Mixture) else GlobalBatchSampler
+        self.sampler = sampler(self.train_set, t.global_batch_size, t.seed, bucket_size=bucket)
 
         # The one path from the single-device model to this rank's part of the layout, then its engine.
         self.parallel = parallelize(build_model(cfg.model, vocab, "meta"), cfg, self.groups, self.device)
@@ -191,6 +197,25 @@ class Trainer:
         host = self._prefetch.get(step) if self._prefetch is not None else prepare(self.host_micro_batches, step)
         self.counts = (host.targets, host.tokens)
         return [self._to_device(b) for b in host.micro_batches]
+
+    def _count_sources(self, state: TrainState) -> None:
+        """A mixture's input tokens by source, for the step just trained (the global batch, every rank alike)."""
+        if not isinstance(self.train_set, Mixture):
+            return
+        positions = np.asarray(self.sampler.indices(state.step - 1))
+        sources, _ = self.train_set.locate(positions)
+        tokens = np.bincount(sources, weights=self.train_set.lengths_of(positions), minlength=len(self.train_set.names))
+        for name, n in zip(self.train_set.names, tokens.tolist(), strict=True):
+            state.source_tokens[name] = state.source_tokens.get(name, 0) + int(n)
+
+    def _source_record(self, state: TrainState) -> dict[str, Any]:
+        """metrics.jsonl's "sources": per mixture source, input tokens, samples and epochs trained so far."""
+        if not isinstance(self.train_set, Mixture):
+            return {}
+        position = state.step * self.cfg.train.global_batch_size
+        draws, epochs = self.train_set.draws_before(position), self.train_set.epochs_before(position)
+        return {"sources": {name: {"tokens": state.source_tokens.get(name, 0), "samples": int(draws[k]),
+                                   "epochs": float(epochs[k])} for k, name in enumerate(self.train_set.names)}}
 
     def eval_batches(self) -> list[dict[str, torch.Tensor]]:
         """The held-out batches; every rank evaluates all of them (ZeRO-3 needs every rank in each forward)."""
@@ -297,6 +322,7 @@ class Trainer:
                         progress.write(report)
                         (self.run_dir / "memory.txt").write_text(report + "\n")
                 state.tokens += result.tokens
+                self._count_sources(state)
                 window_tokens += result.tokens
                 pending.append((state.step, lr, result))
                 evaluate_now = bool(t.eval_every and state.step % t.eval_every == 0) or state.step == t.steps
@@ -312,6 +338,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_t0
                     tokens_per_s = window_tokens / elapsed
                     record = {"step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                              **self._source_record(state),
                               "tokens": state.tokens, "tokens_per_s": tokens_per_s,
                               "flops_per_s": tokens_per_s * self.flops_per_token,
                               "mfu": tokens_per_s * self.flops_per_token / self.peak if self.peak else None,
