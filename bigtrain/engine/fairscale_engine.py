@@ -6,7 +6,8 @@
                    parameters and OSS broadcasts them to the other ranks
     zero_stage 2   OSS inside `ShardedDataParallel`: each gradient is reduced to its owner only (the others'
                    are not needed), accumulation runs under `no_sync`
-    zero_stage 3   `FullyShardedDataParallel`, which fairscale runs on CUDA only: refused elsewhere
+    zero_stage 3   `FullyShardedDataParallel`, which fairscale runs on CUDA only: refused (not yet driven by
+                   bigtrain: it needs a GPU to build and check; DeepSpeed's ZeRO-3 serves meanwhile)
 
 The loss is the global batch's mean token loss as in the DeepSpeed engine: each micro-batch backpropagates
 Σ ce / N (N: target tokens of the whole global batch, one all-reduce of the host counts), and the data-parallel
@@ -70,10 +71,12 @@ class FairscaleEngine:
                               "pip install 'bigtrain[fairscale]' (or fairscale>=0.4.13), or use "
                               "parallel.engine=auto.") from None
         p = cfg.parallel
-        if p.zero_stage == 3:
-            raise ConfigError("parallel.engine=fairscale with parallel.zero_stage=3 needs fairscale's "
-                              "FullyShardedDataParallel, which runs on CUDA GPUs only; this run is on "
-                              f"{device}. Use parallel.zero_stage=1 or 2, or parallel.engine=deepspeed.")
+        if p.zero_stage == 3:  # the config check refuses train.device=cpu; auto can still land here
+            where = ("fairscale runs it on CUDA GPUs only" if device.type != "cuda" else
+                     "bigtrain does not drive it yet (it has not been run on a GPU)")
+            raise ConfigError(f"parallel.engine=fairscale with parallel.zero_stage=3 means fairscale's "
+                              f"FullyShardedDataParallel, and {where}; this run is on {device}. Use "
+                              f"parallel.zero_stage=1 or 2, or parallel.engine=deepspeed for ZeRO-3.")
         self.cfg, self.env, self.groups, self.device = cfg, env, groups, device
         self.parallel, self.criterion = parallel, parallel.criterion
         self.model: TransformerLM = parallel.model
