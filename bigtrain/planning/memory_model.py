@@ -2,6 +2,7 @@
 
 Model state, Ψ = this rank's parameters (its stage's layers; tensor-split ones / T), D data-parallel ranks:
     bigtrain's one-process engine (fp32 weights, autocast for bf16): 4Ψ + 4Ψ + 8Ψ
+    the fairscale engine (fp32 weights, OSS): 4Ψ + 4Ψ + 8Ψ/D
     DeepSpeed: the ZeRO formulas of `bigtrain.engine.memory.zero_formula` (b = 2 in bf16/fp16, 4 in fp32;
     K = 8 bytes of Adam/LAMB moments, + 4 for the fp32 master copy of mixed precision); at ZeRO-0 in bf16
     DeepSpeed's bf16 optimizer also keeps fp32 gradients (4Ψ)
@@ -97,6 +98,7 @@ class Setting:
         world = c.tensor * c.pipeline * c.data
         return self.engine == "deepspeed" or (self.engine == "auto" and (world > 1 or c.zero_stage > 0))
 
+
     def micro_batches(self, c: Candidate) -> int:
         return self.global_batch_size // (c.micro_batch_size * c.data)
 
@@ -142,6 +144,8 @@ def rank_parameters(layers: tuple[PipelineLayer, ...], tensor: int) -> int:
 
 def model_state(psi: int, c: Candidate, s: Setting) -> tuple[int, int, int]:
     """(parameters, gradients, optimizer state) bytes of Ψ parameters on one rank."""
+    if s.engine == "fairscale":  # fp32 weights; OSS shards the moments (whole gradients while accumulating)
+        return 4 * psi, 4 * psi, 8 * psi // c.data
     if not s.deepspeed(c):
         return 4 * psi, 4 * psi, 8 * psi
     mixed = s.precision != "fp32"
@@ -155,7 +159,7 @@ def model_state(psi: int, c: Candidate, s: Setting) -> tuple[int, int, int]:
 
 
 def deepspeed_buffers(layers: tuple[PipelineLayer, ...], c: Candidate, s: Setting) -> int:
-    if not s.on_gpu or c.zero_stage == 0:
+    if not s.on_gpu or c.zero_stage == 0 or not s.deepspeed(c):
         return 0
     b = s.activation_bytes
     if c.zero_stage in (1, 2):

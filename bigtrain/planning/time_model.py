@@ -87,7 +87,7 @@ def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
         send = 2 * tokens * h * e / net.bandwidth(c.tensor * c.data * 2)  # neighbours are T·D ranks apart
     data = 0.0
     if c.data > 1:
-        grad_bytes = 4 if s.precision == "fp32" else 2
+        grad_bytes = 4 if s.precision == "fp32" or not s.deepspeed(c) else 2  # autocast keeps fp32 gradients
         psi = max(rank_parameters(layers, c.tensor) for layers in parts)
         volume = (3 if c.zero_stage == 3 else 2) * (c.data - 1) / c.data * psi * grad_bytes
         data = volume / net.bandwidth(c.tensor * c.data)
