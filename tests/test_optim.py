@@ -128,6 +128,32 @@ def test_lamb_matches_paper_equations(dtype: torch.dtype, tol: float, max_ratio:
     assert int(opt.state[model.fc.weight]["step"]) == steps
 
 
+@pytest.mark.parametrize("skip_on_device", [False, True])
+def test_lamb_multi_tensor_equals_per_tensor(skip_on_device: bool) -> None:
+    """The multi-tensor path (`_foreach_*` over a group) gives bitwise the per-tensor path's weights, moments and
+    step counts, on the host step count and with `found_inf` on the device (step 3 poisoned and skipped)."""
+    models = [Tiny(), Tiny()]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [Lamb([{"params": [p for p in m.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in m.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                 lr=0.01, foreach=foreach) for m, foreach in zip(models, (True, False), strict=True)]
+    assert opts[0]._multi_tensor(list(models[0].parameters())) and not opts[1]._multi_tensor(
+        list(models[1].parameters()))
+    for t in range(1, 6):
+        for model, opt in zip(models, opts, strict=True):
+            _backward(model, t)
+            if skip_on_device:
+                if t == 3:
+                    model.fc.weight.grad[0, 0] = float("nan")
+                opt.found_inf = torch.tensor(float(t == 3))
+            opt.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opts[0].state[p][key], opts[1].state[q][key])
+    assert int(opts[0].state[models[0].fc.weight]["step"]) == (4 if skip_on_device else 5)
+
+
 def test_lamb_closure_returns_loss() -> None:
     torch.manual_seed(0)
     model = Tiny()

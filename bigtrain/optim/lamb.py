@@ -12,6 +12,11 @@ For each parameter tensor w with gradient g, at step t (1-based):
 The trust ratio is applied in every group, including groups with weight_decay = 0 (biases, norms), as in
 the paper's algorithm and NVIDIA's BERT recipe; some implementations (timm's `always_adapt=False`) skip it
 there instead. A zero-initialised tensor gets ratio 1, i.e. a plain Adam step, until it moves off zero.
+
+The arithmetic runs on all tensors of a group at once (torch's multi-tensor `_foreach_*` kernels: a few
+launches per group instead of a dozen per tensor) where the norms are plain per-tensor norms; subclasses that
+reduce norms over shards (`ZeroLamb`) and `foreach=False` take the per-tensor path. Both compute the same
+formula in the same order; only the norms' summation order may differ in the last bits.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Lamb(torch.optim.Optimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         max_trust_ratio: float | None = 10.0,
+        foreach: bool | None = None,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -52,6 +58,7 @@ class Lamb(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         max_trust_ratio=max_trust_ratio)
         super().__init__(params, defaults)
+        self.foreach = foreach  # None: multi-tensor wherever the plain per-tensor norms apply
 
     def _tensor_norms(self, p: Tensor, update: Tensor) -> tuple[Tensor, Tensor]:
         """(||w||_2, ||r||_2) of one parameter and its update; a ZeRO subclass all-reduces the squares."""
@@ -79,22 +86,82 @@ class Lamb(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
                     raise RuntimeError("Lamb does not support sparse gradients")
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self._multi_tensor(params, found_inf):
+                self._update_all(params, group, beta1, beta2, found_inf)
+                continue
+            for p in params:
                 if found_inf is None:
-                    self._update(p, grad, state, group, beta1, beta2)
+                    self._update(p, p.grad, self.state[p], group, beta1, beta2)
                 else:
-                    self._update_unless(found_inf, p, grad, state, group, beta1, beta2)
+                    self._update_unless(found_inf, p, p.grad, self.state[p], group, beta1, beta2)
         return loss
+
+    def _multi_tensor(self, params: list[Tensor], found_inf: Tensor | None = None) -> bool:
+        if self.foreach is False or type(self)._tensor_norms is not Lamb._tensor_norms or len(params) < 2:
+            return False
+        first = params[0]
+        if not all(p.device == first.device and p.dtype == first.dtype for p in params):
+            return False
+        if found_inf is not None:  # step counts per tensor on the device: nothing to read here
+            return True
+        # the host path shares one step count t over the group's update
+        return len({float(self.state[p].get("step", 0.0)) for p in params}) <= 1
+
+    def _update_all(self, params: list[Tensor], group: dict[str, Any], beta1: float, beta2: float,
+                    found_inf: Tensor | None) -> None:
+        """`_update` / `_update_unless` of every tensor of a group with multi-tensor kernels."""
+        grads = [p.grad for p in params]
+        states = [self.state[p] for p in params]
+        avgs, avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        device = params[0].device
+        if found_inf is None:
+            for s in states:
+                s["step"] += 1
+            t = int(states[0]["step"].item())  # on the host, as in `_update`
+            correction1: Any = 1 - beta1**t
+            correction2: Any = 1 - beta2**t
+            torch._foreach_mul_(avgs, beta1)
+            torch._foreach_mul_(avg_sqs, beta2)
+            new_avg, new_avg_sq = avgs, avg_sqs  # in place
+        else:  # step counts on the device, one per tensor; nothing is written unless found_inf == 0
+            for s in states:
+                if s["step"].device != device:
+                    s["step"] = s["step"].to(device)
+            steps = torch.stack([s["step"] for s in states]) + 1
+            correction1 = list((1 - beta1**steps).unbind(0))
+            correction2 = list((1 - beta2**steps).unbind(0))
+            new_avg, new_avg_sq = torch._foreach_mul(avgs, beta1), torch._foreach_mul(avg_sqs, beta2)
+        torch._foreach_add_(new_avg, grads, alpha=1 - beta1)
+        torch._foreach_addcmul_(new_avg_sq, grads, grads, value=1 - beta2)
+        update = torch._foreach_div(new_avg, correction1)
+        denom = torch._foreach_div(new_avg_sq, correction2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_div_(update, denom)
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(update, params, alpha=group["weight_decay"])
+        w_norms = torch.stack(torch._foreach_norm(params))
+        r_norms = torch.stack(torch._foreach_norm(update))
+        ratios = list(self._trust_ratio(w_norms, r_norms, group["max_trust_ratio"]).unbind(0))
+        torch._foreach_mul_(update, ratios)
+        if found_inf is None:
+            torch._foreach_add_(params, update, alpha=-group["lr"])
+            return
+        apply = found_inf.to(device) == 0
+        for p, u, avg, avg_sq, a, a_sq in zip(params, update, avgs, avg_sqs, new_avg, new_avg_sq, strict=True):
+            p.copy_(torch.where(apply, p - group["lr"] * u, p))
+            avg.copy_(torch.where(apply, a, avg))
+            avg_sq.copy_(torch.where(apply, a_sq, avg_sq))
+        torch._foreach_add_([s["step"] for s in states], apply.to(states[0]["step"].dtype))
 
     def _update(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], beta1: float,
                 beta2: float) -> None:
