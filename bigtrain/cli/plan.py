@@ -112,6 +112,8 @@ def run_plan(argv: list[str]) -> int:
                               args.inter_node_gbps)
         if args.framework_gib < 0:
             raise ConfigError(f"--framework-gib must be >= 0, got {args.framework_gib}.")
+        if args.top < 1:
+            raise ConfigError(f"--top is how many layouts to list, at least 1; got {args.top}.")
         raw = merged_config(args.config, args.overrides)
         check_request(raw, args.gpus, args.gpus_per_node)  # before the checks that need a world size
         # validated as one replica of its layout: the search varies the data-parallel size and batch split
