@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 COUNT_SYNCS = REPO / "tests" / "helpers" / "count_syncs.py"
 STEPS, LOG_EVERY = 6, 3
-ONCE_PER_RUN = {"engine/deepspeed_engine.py:memory_report"}  # step 1: every rank's measured memory, gathered
+# step 1: every rank's measured memory, gathered (the engine's report, through the shared gather in memory.py)
+ONCE_PER_RUN = {"engine/deepspeed_engine.py:memory_report", "engine/memory.py:gathered_report"}
 
 
 def _counts(run_dir: Path, rank: int) -> dict[int, list[tuple[str, str, int]]]:

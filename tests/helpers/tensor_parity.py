@@ -129,8 +129,9 @@ def compare(name: str, overrides: list[str], sequence_parallel: bool, groups: Pa
     pieces_ref = per_layer_grad_norms(full)
     pieces = piece_grad_norms(sharded, groups)
     assert sorted(pieces) == sorted(pieces_ref), (sorted(pieces), sorted(pieces_ref))
+    norm = float(global_grad_norm(sharded.parameters(), groups, logits.device))
     return {"case": name, "sequence_parallel": sequence_parallel, "init_exact": init_exact,
-            "grad_norm": abs(global_grad_norm(sharded.parameters(), groups) - full_norm) / full_norm,
+            "grad_norm": abs(norm - full_norm) / full_norm,
             "piece_norms": max(abs(pieces[k] - pieces_ref[k]) / pieces_ref[k] for k in pieces),
             "logits": rel(gathered, logits_ref), "loss": rel(loss.detach(), loss_ref.detach()),
             "predictions_equal": bool(torch.equal(criterion.predictions(logits), logits_ref.argmax(-1))),
