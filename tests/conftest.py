@@ -87,6 +87,22 @@ def lamb_reference(tmp_path_factory) -> Path:
     return run_dir
 
 
+ZERO_LAUNCHERS = {0: "torchrun", 1: "deepspeed-hostfile", 2: "torchrun", 3: "torchrun"}
+
+
+@pytest.fixture(scope="session")
+def deepspeed_zero_runs(tmp_path_factory) -> dict[int, tuple[Path, str]]:
+    """2-rank DeepSpeed runs of the tiny GPT (DP_LAYOUT) at ZeRO-1 (DeepSpeed's launcher with a hostfile) and
+    ZeRO-2 (torchrun): {stage: (run.dir, stdout)}, shared by tests/test_deepspeed.py and tests/test_fairscale.py."""
+    runs = {}
+    for stage in (1, 2):
+        run_dir = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+        out = launch_ok(2, tiny_overrides(run_dir, "causal", *DP_LAYOUT, f"parallel.zero_stage={stage}"),
+                        launcher=ZERO_LAUNCHERS[stage])
+        runs[stage] = (run_dir, out)
+    return runs
+
+
 LAUNCH_STEPS = 16
 
 

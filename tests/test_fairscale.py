@@ -29,14 +29,13 @@ def _overrides(run_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """20 steps of each ZeRO stage, 2 ranks: fairscale and DeepSpeed on the same config."""
-    out = {}
-    for engine in ("fairscale", "deepspeed"):
-        for stage in (1, 2):
-            run_dir = tmp_path_factory.mktemp(f"{engine}{stage}") / "run"
-            launch_ok(2, _overrides(run_dir, f"parallel.engine={engine}", f"parallel.zero_stage={stage}"))
-            out[f"{engine}{stage}"] = run_dir
+def runs(tmp_path_factory, deepspeed_zero_runs) -> dict[str, Path]:
+    """20 steps of each ZeRO stage, 2 ranks: fairscale, and DeepSpeed on the same config (the session's runs)."""
+    out = {f"deepspeed{stage}": run_dir for stage, (run_dir, _) in deepspeed_zero_runs.items()}
+    for stage in (1, 2):
+        run_dir = tmp_path_factory.mktemp(f"fairscale{stage}") / "run"
+        launch_ok(2, _overrides(run_dir, FAIRSCALE, f"parallel.zero_stage={stage}"))
+        out[f"fairscale{stage}"] = run_dir
     return out
 
 
