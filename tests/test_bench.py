@@ -99,3 +99,24 @@ def test_plan_gpu_script_runs_its_path_on_the_cpu(tmp_path):
     row = rows[0]
     assert row["measured"]["peak_bytes"] > 0 and row["measured"]["step_s"] > 0
     assert row["predicted"]["peak_bytes"] > 0 and row["predicted"]["step_s"] > 0
+
+
+def test_tokenize_writes_its_result(tmp_path, capsys):
+    """bench/tokenize.py at 1 MB: every run (bigtrain prepare at 1 and 2 workers, byte and BPE; the datasets
+    baseline; the start to the first step on prepared data) and the table."""
+    from bench import tokenize
+
+    out = tmp_path / "tokenize.json"
+    tokenize.main(["--size-mb", "1", "--bpe-mb", "0.5", "--bpe-train-mb", "0.5", "--out", str(out),
+                   "--keep", str(tmp_path / "work")])
+    saved = json.loads(out.read_text())
+    runs = {(r["tool"], r["tokenizer"], r["workers"]) for r in saved["rows"]}
+    assert runs == {("bigtrain prepare", t, n) for t in ("byte", "bpe") for n in (1, 2)} | {
+        ("datasets from_json + map", t, 2) for t in ("byte", "bpe")}
+    for r in saved["rows"]:
+        assert r["seconds"] > 0 and r["tokens"] > 0 and r["rss_main"] > 0, r
+    byte = [r for r in saved["rows"] if r["tokenizer"] == "byte"]
+    assert len({r["tokens"] - (r["documents"] if "documents" in r else 0) for r in byte}) == 1  # the same ids
+    assert saved["first_step"]["seconds"] > saved["first_step"]["first_step_s"] > 0
+    assert saved["corpus_bytes"] >= 1_000_000 and {"cpu", "cpus"} <= saved["machine"].keys()
+    assert "| bigtrain prepare | byte | 2 |" in capsys.readouterr().out

@@ -1,6 +1,5 @@
-"""The commands: `bigtrain train | consolidate | evaluate | export | convert | attention | generate | parity | plan`
-(`python launch/train.py` is
-`bigtrain train`).
+"""The commands: `bigtrain train | prepare | consolidate | evaluate | export | convert | attention | generate | parity
+| plan` (`python launch/train.py` is `bigtrain train`).
 Every command ends a failure with one paragraph and an exit status (`report.py`)."""
 
 from __future__ import annotations
@@ -11,22 +10,24 @@ from bigtrain.cli.attention import run_attention
 from bigtrain.cli.generate import run_generate
 from bigtrain.cli.parity import run_parity
 from bigtrain.cli.plan import run_plan
+from bigtrain.cli.prepare import run_prepare
 from bigtrain.cli.tools import run_consolidate, run_convert, run_evaluate, run_export
 from bigtrain.cli.train import run_train
 
-COMMANDS = {"train": run_train, "consolidate": run_consolidate, "evaluate": run_evaluate, "export": run_export,
-            "convert": run_convert, "attention": run_attention, "generate": run_generate, "parity": run_parity,
-            "plan": run_plan}
+COMMANDS = {"train": run_train, "prepare": run_prepare, "consolidate": run_consolidate, "evaluate": run_evaluate,
+            "export": run_export, "convert": run_convert, "attention": run_attention, "generate": run_generate,
+            "parity": run_parity, "plan": run_plan}
 
 __all__ = ["COMMANDS", "main", "run_attention", "run_consolidate", "run_convert", "run_evaluate", "run_export",
-           "run_generate", "run_parity", "run_plan", "run_train"]
+           "run_generate", "run_parity", "run_plan", "run_prepare", "run_train"]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: bigtrain {train,consolidate,evaluate,export,convert,attention,generate,parity,plan} ...\n"
+        print("usage: bigtrain {train,prepare,consolidate,evaluate,export,convert,attention,generate,parity,plan} ...\n"
               "  train --config FILE [--print-config] [--allow-changes KEY,...] [--debug] [section.key=value ...]\n"
+              "  prepare --config FILE [--workers N] [--shard-mb MB] [--verify] [--debug] [section.key=value ...]\n"
               "  consolidate RUN_DIR [--step N] [--out DIR] [--debug]\n"
               "  evaluate RUN_DIR|CHECKPOINT|WEIGHTS_DIR [--debug] [section.key=value ...]\n"
               "  export RUN_DIR|CHECKPOINT --format safetensors|hf --out DIR [--debug]\n"

@@ -1,9 +1,24 @@
-"""Data: tokenizers, cached tokenized corpora, per-family datasets, layout-independent batch order."""
+"""Data: tokenizers, cached tokenized corpora, per-family datasets, layout-independent batch order.
 
-from bigtrain.data.build import build_datasets
-from bigtrain.data.collate import collate
-from bigtrain.data.sampler import GlobalBatchSampler, eval_batch_indices
-from bigtrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
+The names below are imported on first use (PEP 562), so that `bigtrain.data.corpus` — what the worker processes
+of `bigtrain prepare` import — loads without torch (the datasets and the batch order need it; tokenizing does not).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ByteTokenizer": "bigtrain.data.tokenizer",
+    "GlobalBatchSampler": "bigtrain.data.sampler",
+    "HFTokenizer": "bigtrain.data.tokenizer",
+    "Tokenizer": "bigtrain.data.tokenizer",
+    "build_datasets": "bigtrain.data.build",
+    "build_tokenizer": "bigtrain.data.tokenizer",
+    "collate": "bigtrain.data.collate",
+    "eval_batch_indices": "bigtrain.data.sampler",
+}
 
 __all__ = [
     "ByteTokenizer",
@@ -15,3 +30,22 @@ __all__ = [
     "collate",
     "eval_batch_indices",
 ]
+
+if TYPE_CHECKING:
+    from bigtrain.data.build import build_datasets
+    from bigtrain.data.collate import collate
+    from bigtrain.data.sampler import GlobalBatchSampler, eval_batch_indices
+    from bigtrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bigtrain.data' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

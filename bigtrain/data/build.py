@@ -3,17 +3,16 @@ them: `bigtrain.data.mixture`)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from torch.utils.data import Dataset
 
 from bigtrain.config.checks import source_name
-from bigtrain.config.schema import Config, DataConfig
+from bigtrain.config.schema import Config
 from bigtrain.data.causal import causal_datasets
 from bigtrain.data.corpus import TokenCorpus, load_corpus
 from bigtrain.data.masked import masked_datasets
 from bigtrain.data.mixture import Concatenation, Mixture
 from bigtrain.data.seq2seq import TASKS, seq2seq_datasets
+from bigtrain.data.sources import text_corpora
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import DataError
 
@@ -43,22 +42,15 @@ def text_datasets(corpus: TokenCorpus, cfg: Config, tokenizer: Tokenizer) -> tup
     return masked_datasets(corpus, cfg, tokenizer)
 
 
-def source_data_config(cfg: Config, index: int) -> DataConfig:
-    """data.* with data.sources[index]'s source (and its text_field, if set) in place of data.source."""
-    s = cfg.data.sources[index]
-    return dataclasses.replace(cfg.data, source=s.source, text_field=s.text_field or cfg.data.text_field,
-                               sources=[])
-
-
 def mixture_datasets(cfg: Config, tokenizer: Tokenizer) -> tuple[Mixture, Concatenation]:
     """Each source's own (train, held-out) split; training draws from them by weight, evaluation reads every
     source's held-out samples."""
     trains, helds = [], []
-    for i, s in enumerate(cfg.data.sources):
+    for key, one in text_corpora(cfg.data):
         try:
-            corpus = load_corpus(source_data_config(cfg, i), tokenizer)
+            corpus = load_corpus(one, tokenizer)
         except DataError as error:  # its message names data.source: say which source of the mixture
-            raise DataError(f"data.sources[{i}].source={s.source!r}: {error}") from None
+            raise DataError(f"{key}={one.source!r}: {error}") from None
         train, held = text_datasets(corpus, cfg, tokenizer)
         trains.append(train)
         helds.append(held)

@@ -48,8 +48,9 @@ def resolve_files(source: str, fmt: str) -> list[tuple[Path, str]]:
     if not path.exists():
         raise DataError(
             f"data.source: '{source}' does not exist. Set data.source to 'embedded' (the Python standard "
-            f"library, no download), to a generated seq2seq task ('reverse' or 'sort'), or to an existing "
-            f".txt / .jsonl / .parquet file or a directory of them.")
+            f"library, no download), to a generated seq2seq task ('reverse' or 'sort'), to an existing "
+            f".txt / .jsonl / .parquet file or a directory of them, to a folder written by datasets' save_to_disk "
+            f"or by bigtrain prepare, or to hf:NAME[:CONFIG][@SPLIT] (a Hugging Face hub dataset).")
     if path.is_file():
         return [(path, fmt if fmt != "auto" else _format_of(path))]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _SUFFIXES
@@ -66,8 +67,9 @@ def _format_of(path: Path) -> str:
     fmt = _SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise DataError(
-            f"data.format: cannot tell the format of '{path}' from its suffix '{path.suffix}'. Rename it to "
-            f".txt, .jsonl or .parquet, or set data.format to 'text', 'jsonl' or 'parquet'.")
+            f"data.format: cannot tell the format of data.source '{path}' from its suffix '{path.suffix}' (known: "
+            f".txt, .jsonl, .json, .parquet). Rename it, set data.format to 'text', 'jsonl' or 'parquet', or point "
+            f"data.source at a directory of such files, a datasets save_to_disk folder or hf:NAME.")
     return fmt
 
 

@@ -29,6 +29,7 @@ from bigtrain.config import Config, dump_config
 from bigtrain.config.checks import uses_deepspeed, uses_process_groups
 from bigtrain.config.layout import Layout
 from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate
+from bigtrain.data.corpus import data_ready
 from bigtrain.data.mixture import Mixture
 from bigtrain.data.sampler import MixtureSampler
 from bigtrain.distributed import DistEnv, detect_env, init_process_group
@@ -141,12 +142,17 @@ class Trainer:
         vocab = resolve_vocab_size(cfg.model, self.tokenizer.vocab_size)
         self.full_model = build_model(cfg.model, vocab, "meta")  # shapes only: parameter count, FLOPs, memory
         check_memory(cfg, self.full_model, self.layout, self.device)  # before any allocation
-        # Rank 0 tokenizes and caches the corpus first; the others then read the cache.
+        # Rank 0 prepares the corpus (token shards, docs/data.md) first; the others wait, then read the shards. A
+        # large corpus can take longer than parallel.collective_timeout: the wait has a group of its own.
+        data_group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=2)) \
+            if distributed else None
         if distributed and not self.is_main:
-            torch.distributed.barrier()
+            if not data_ready(cfg, self.tokenizer):
+                print(f"bigtrain: rank {env.rank}: waiting for rank 0 to prepare data ...", flush=True)
+            torch.distributed.barrier(group=data_group)
         self.train_set, self.heldout_set = build_datasets(cfg, self.tokenizer)
         if distributed and self.is_main:
-            torch.distributed.barrier()
+            torch.distributed.barrier(group=data_group)
         bucket = cfg.data.bucket_size if cfg.model.family != "causal" else 1
         sampler = MixtureSampler if isinstance(self.train_set, Mixture) else GlobalBatchSampler
         self.sampler = sampler(self.train_set, t.global_batch_size, t.seed, bucket_size=bucket)
