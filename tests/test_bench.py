@@ -102,12 +102,12 @@ def test_plan_gpu_script_runs_its_path_on_the_cpu(tmp_path):
 
 
 def test_tokenize_writes_its_result(tmp_path, capsys):
-    """bench/tokenize.py at 1 MB: every run (bigtrain prepare at 1 and 2 workers, byte and BPE; the datasets
+    """bench/tokenization.py at 1 MB: every run (bigtrain prepare at 1 and 2 workers, byte and BPE; the datasets
     baseline; the start to the first step on prepared data) and the table."""
-    from bench import tokenize
+    from bench import tokenization
 
-    out = tmp_path / "tokenize.json"
-    tokenize.main(["--size-mb", "1", "--bpe-mb", "0.5", "--bpe-train-mb", "0.5", "--out", str(out),
+    out = tmp_path / "tokenization.json"
+    tokenization.main(["--size-mb", "1", "--bpe-mb", "0.5", "--bpe-train-mb", "0.5", "--out", str(out),
                    "--keep", str(tmp_path / "work")])
     saved = json.loads(out.read_text())
     runs = {(r["tool"], r["tokenizer"], r["workers"]) for r in saved["rows"]}

@@ -175,3 +175,14 @@ def test_gpu_zero_gets_communication_overlap_and_buckets():
                                "train.global_batch_size=8", "train.micro_batch_size=4"])
     gpu3 = derive_deepspeed_config(zero3, 2, on_gpu=True)["zero_optimization"]
     assert gpu3["reduce_bucket_size"] == 1000 and gpu3["stage3_prefetch_bucket_size"] > 0
+
+
+def test_cpu_runs_leave_no_shared_memory_behind(tmp_path):
+    """DeepSpeed's CPU all-reduce maps a ~67 MB /dev/shm segment per rank and never unlinks it; bigtrain unlinks
+    each rank's once all ranks have mapped them, so a finished run leaves none (a test suite used to fill RAM)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm on this system")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    launch_ok(2, _overrides(tmp_path / "run", "parallel.zero_stage=1", "train.steps=2"))
+    assert set(shm.glob("deepspeed_allreduce_buffer_*")) - before == set()

@@ -24,6 +24,7 @@ from datetime import timedelta
 
 import torch
 
+from bigtrain.compat.deepspeed import release_shm_buffer
 from bigtrain.distributed.hostlist import expand_hostlist
 from bigtrain.errors import ConfigError
 
@@ -183,6 +184,9 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
     backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
+    if device.type != "cuda":  # every rank has mapped every rank's shared-memory buffer once all are here
+        torch.distributed.barrier()
+        release_shm_buffer(env.rank)
 
 
 def shutdown_process_group() -> None:

@@ -16,9 +16,9 @@ each in a process of its own (so that its memory is its own):
 - the time from the start of a training process (before `import torch`) to the end of its first training step on the
   prepared byte-level corpus (tiny model, one step, no evaluation), and the part of it that opens the shards.
 
-Run: python bench/tokenize.py [--size-mb 1000] [--bpe-mb MB] [--workers 1,2] [--no-baseline] [--wait-quiet S]
+Run: python bench/tokenization.py [--size-mb 1000] [--bpe-mb MB] [--workers 1,2] [--no-baseline] [--wait-quiet S]
      [--out FILE] [--keep DIR]
-     writes bench/results/tokenize.json and prints a markdown table
+     writes bench/results/tokenization.json and prints a markdown table
 """
 
 from __future__ import annotations
@@ -27,11 +27,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Run as `python bench/tokenize.py`, this file's folder is first on sys.path, where this file would shadow the
-# standard library's `tokenize` module (imported by inspect, linecache, ...): put the repository there instead.
-if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(REPO)
-elif str(REPO) not in sys.path:
+if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import argparse  # noqa: E402
@@ -60,7 +56,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wait-quiet", type=float, default=0.0, help="before each run, wait up to this many "
                         "seconds for other processes to leave the CPU idle (a shared machine); each run records the "
                         "share of the CPU others took while it ran")
-    parser.add_argument("--out", type=Path, help="JSON path (default: bench/results/tokenize.json)")
+    parser.add_argument("--out", type=Path, help="JSON path (default: bench/results/tokenization.json)")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary folder)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measured run, JSON on stdout
     return parser.parse_args(argv)
@@ -286,7 +282,7 @@ def run_child(kind: str, spec: dict[str, Any], wait_quiet: float = 0.0) -> dict[
     started = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with ForeignLoad() as load:
-        proc = subprocess.run([sys.executable, "-m", "bench.tokenize", "--child",
+        proc = subprocess.run([sys.executable, "-m", "bench.tokenization", "--child",
                                json.dumps({"kind": kind, **spec})], capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} run failed ({proc.returncode}): {proc.stderr[-3000:]}")
@@ -311,12 +307,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     try:
         result = _bench(args, work)
         result["machine"] = machine()
-        result["command"] = "python bench/tokenize.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        result["command"] = "python bench/tokenization.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     print(table(result))
-    write_json(args.out or RESULTS / "tokenize.json", result)
+    write_json(args.out or RESULTS / "tokenization.json", result)
     return result
 
 
