@@ -95,6 +95,13 @@ def read_documents(files: list[tuple[Path, str]], text_field: str, cache_dir: st
             yield from (t for t in rows[text_field] if isinstance(t, str) and t)
 
 
+def not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError, offset: int = 0) -> DataError:
+    """The error for text that is not UTF-8 under data.encoding_errors=strict; `offset`: where `data` starts."""
+    return DataError(f"data.source: '{path}' is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset "
+                     f"{offset + exc.start} cannot be decoded. Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8), or "
+                     f"set data.encoding_errors=replace to replace undecodable bytes.")
+
+
 def read_text(path: Path, encoding_errors: str = "strict") -> str:
     """A .txt file's text, refusing binary files and treating invalid UTF-8 as data.encoding_errors says."""
     try:
@@ -107,10 +114,7 @@ def read_text(path: Path, encoding_errors: str = "strict") -> str:
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise DataError(
-                f"data.source: '{path}' is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
-                f"cannot be decoded. Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8), or set "
-                f"data.encoding_errors=replace to replace undecodable bytes.") from exc
+            raise not_utf8(path, data, exc) from exc
     _REPLACED.count = 0
     text = data.decode("utf-8", errors="bigtrain.count_replace")
     if _REPLACED.count:

@@ -35,7 +35,7 @@ from typing import Any
 
 from bigtrain.config.schema import DataConfig
 from bigtrain.data.embedded import stdlib_files, stdlib_root
-from bigtrain.data.files import _REPLACED, file_identity, read_text, resolve_files
+from bigtrain.data.files import _REPLACED, file_identity, not_utf8, read_text, resolve_files
 from bigtrain.errors import DataError
 
 _ROWS = 1024  # rows per batch read from Parquet files and datasets
@@ -420,10 +420,7 @@ def _jsonl_range(path: Path, start: int, end: int, text_field: str,
                 record = json.loads(line)
             except UnicodeDecodeError as exc:
                 if encoding_errors != "replace":
-                    raise DataError(
-                        f"data.source: '{path}' is not UTF-8 text: byte 0x{line[exc.start]:02x} at offset "
-                        f"{at + exc.start} cannot be decoded. Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8), "
-                        f"or set data.encoding_errors=replace to replace undecodable bytes.") from exc
+                    raise not_utf8(path, line, exc, at) from exc
                 _REPLACED.count = 0
                 text = line.decode("utf-8", errors="bigtrain.count_replace")
                 replaced += _REPLACED.count
