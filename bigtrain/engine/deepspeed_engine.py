@@ -31,7 +31,6 @@ import datetime
 import functools
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from bigtrain.components.step_result import NO_RANK, StepResult
 from bigtrain.config import Config
 from bigtrain.distributed import DistEnv
 from bigtrain.engine.ds_config import derive_deepspeed_config
-from bigtrain.engine.layout_free_io import restore_layout_free, write_layout_free
+from bigtrain.engine.layout_free_io import restore_layout_free, save_from_every_rank
 from bigtrain.engine.layout_free_state import StateAdapter
 from bigtrain.engine.memory import (
     ModelStateBytes,
@@ -248,28 +247,12 @@ class DeepSpeedEngine:
              keep: int, layout_free: dict[str, Any] | None = None) -> Path:
         """DeepSpeed writes its sharded files into `step_N.tmp/`, every rank adds its RNG state, and rank 0
         makes the directory visible only after all ranks are done."""
-        tmp = directory / (ckpt.step_dir_name(step) + ".tmp")
-        if self.rank == 0:
-            ckpt.begin_checkpoint(directory, step)
-        dist.barrier()  # every rank of the world: all files are written
-        try:
+        def write_own(tmp: Path) -> None:
             with ckpt.writing(tmp / "(DeepSpeed's files)"):
                 self.engine.save_checkpoint(str(directory), tag=tmp.name, client_state={}, save_latest=False)
-            ckpt.write_part(tmp, f"trainer_rank{self.rank:05d}",
-                            {"state": trainer_state, "rng": ckpt.rng_state(), "world_size": self.env.world_size})
-            if layout_free is not None:
-                with ckpt.writing(tmp / "layout_free"):
-                    write_layout_free(tmp, self.state(), self.rank, self.env.world_size, layout_free,
-                                      barrier=dist.barrier)
-        except CheckpointError:
-            shutil.rmtree(tmp, ignore_errors=True)  # the other ranks stop at their next collective
-            raise
-        dist.barrier()  # every rank of the world: all files are written
-        final = directory / ckpt.step_dir_name(step)
-        if self.rank == 0:
-            ckpt.commit_checkpoint(tmp, config_yaml, keep)
-        dist.barrier()  # every rank of the world: all files are written
-        return final
+
+        return save_from_every_rank(directory, step, self.rank, self.env.world_size, trainer_state, config_yaml,
+                                    keep, write_own, self.state, layout_free)
 
     def load(self, checkpoint: Path) -> dict[str, Any]:
         part = f"trainer_rank{self.rank:05d}"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from bigtrain.components.precision import autocast
 from bigtrain.components.step_result import StepResult
 from bigtrain.config import Config
 from bigtrain.distributed import DistEnv
-from bigtrain.engine.layout_free_io import restore_layout_free, write_layout_free
+from bigtrain.engine.layout_free_io import restore_layout_free, save_from_every_rank
 from bigtrain.engine.layout_free_state import StateAdapter
 from bigtrain.engine.memory import (
     ModelStateBytes,
@@ -53,7 +52,7 @@ from bigtrain.engine.memory import (
 )
 from bigtrain.engine.step import skips_on_device
 from bigtrain.engine.zero_lamb import ZeroLamb
-from bigtrain.errors import CheckpointError, ConfigError
+from bigtrain.errors import ConfigError
 from bigtrain.models import TransformerLM, count_parameters
 from bigtrain.optim import adamw_kwargs, param_groups, set_lr
 from bigtrain.parallel import ParallelModel
@@ -182,27 +181,12 @@ class FairscaleEngine:
              keep: int, layout_free: dict[str, Any] | None = None) -> Path:
         """Every rank writes its optimizer shard (data rank 0 also the model shard of its tensor rank) and its
         RNG into `step_N.tmp/`; rank 0 makes the directory visible once all ranks are done."""
-        tmp = directory / (ckpt.step_dir_name(step) + ".tmp")
-        if self.rank == 0:
-            ckpt.begin_checkpoint(directory, step)
-        dist.barrier()
-        try:
+        def write_own(tmp: Path) -> None:
             model = self.model.state_dict() if self.dp_rank == 0 else None
             ckpt.write_part(tmp, self._part(self.rank), {"model": model, "optimizer": self.inner.state_dict()})
-            ckpt.write_part(tmp, f"trainer_rank{self.rank:05d}",
-                            {"state": trainer_state, "rng": ckpt.rng_state(), "world_size": self.env.world_size})
-            if layout_free is not None:
-                with ckpt.writing(tmp / "layout_free"):
-                    write_layout_free(tmp, self.state(), self.rank, self.env.world_size, layout_free,
-                                      barrier=dist.barrier)
-        except CheckpointError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        dist.barrier()
-        if self.rank == 0:
-            ckpt.commit_checkpoint(tmp, config_yaml, keep)
-        dist.barrier()
-        return directory / ckpt.step_dir_name(step)
+
+        return save_from_every_rank(directory, step, self.rank, self.env.world_size, trainer_state, config_yaml,
+                                    keep, write_own, self.state, layout_free)
 
     def load(self, checkpoint: Path) -> dict[str, Any]:
         c = self.groups.coords

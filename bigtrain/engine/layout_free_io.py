@@ -1,14 +1,18 @@
-"""Writing the layout-free form into a checkpoint being saved, and reading one back, for any engine."""
+"""Writing the layout-free form into a checkpoint being saved, and reading one back, for any engine; the save
+sequence every multi-rank engine shares."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.layout_free import FOLDER, LayoutFreeReader, write_index, write_pieces
 from bigtrain.engine.layout_free_state import StateAdapter
+from bigtrain.errors import CheckpointError
 
 
 def write_layout_free(tmp: Path, adapter: StateAdapter, rank: int, world_size: int, header: dict[str, Any],
@@ -36,3 +40,32 @@ def restore_layout_free(adapter: StateAdapter, checkpoint: Path) -> dict[str, An
     finally:
         reader.close()
     return reader.header
+
+
+def save_from_every_rank(directory: Path, step: int, rank: int, world_size: int, trainer_state: dict[str, Any],
+                         config_yaml: str, keep: int, write_own: Callable[[Path], None],
+                         adapter: Callable[[], StateAdapter], layout_free: dict[str, Any] | None) -> Path:
+    """A checkpoint written by every rank of a multi-rank engine: rank 0 opens `step_N.tmp/`, each rank writes
+    its engine's own files (`write_own(tmp)`), its trainer state and RNG, and its layout-free pieces; rank 0
+    makes the directory visible once all ranks are done (a barrier of the whole world around each phase)."""
+    import torch.distributed as dist
+
+    tmp = directory / (ckpt.step_dir_name(step) + ".tmp")
+    if rank == 0:
+        ckpt.begin_checkpoint(directory, step)
+    dist.barrier()
+    try:
+        write_own(tmp)
+        ckpt.write_part(tmp, f"trainer_rank{rank:05d}",
+                        {"state": trainer_state, "rng": ckpt.rng_state(), "world_size": world_size})
+        if layout_free is not None:
+            with ckpt.writing(tmp / "layout_free"):
+                write_layout_free(tmp, adapter(), rank, world_size, layout_free, barrier=dist.barrier)
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)  # the other ranks stop at their next collective
+        raise
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        ckpt.commit_checkpoint(tmp, config_yaml, keep)
+    dist.barrier()
+    return directory / ckpt.step_dir_name(step)
