@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -92,10 +93,11 @@ ZERO_LAUNCHERS = {0: "torchrun", 1: "deepspeed-hostfile", 2: "torchrun", 3: "tor
 
 @pytest.fixture(scope="session")
 def deepspeed_zero_runs(tmp_path_factory) -> dict[int, tuple[Path, str]]:
-    """2-rank DeepSpeed runs of the tiny GPT (DP_LAYOUT) at ZeRO-1 (DeepSpeed's launcher with a hostfile) and
-    ZeRO-2 (torchrun): {stage: (run.dir, stdout)}, shared by tests/test_deepspeed.py and tests/test_fairscale.py."""
+    """2-rank DeepSpeed runs of the tiny GPT (DP_LAYOUT) at ZeRO-1 (DeepSpeed's launcher with a hostfile),
+    ZeRO-2 and ZeRO-3 (torchrun): {stage: (run.dir, stdout)}, shared by tests/test_deepspeed.py and
+    tests/test_fairscale.py."""
     runs = {}
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         run_dir = tmp_path_factory.mktemp(f"zero{stage}") / "run"
         out = launch_ok(2, tiny_overrides(run_dir, "causal", *DP_LAYOUT, f"parallel.zero_stage={stage}"),
                         launcher=ZERO_LAUNCHERS[stage])
@@ -208,15 +210,16 @@ def assert_same_curve(ref_dir: Path, run_dir: Path, rel: float, steps: int = 20,
           + ", ".join(f"{k} {v:.1e}" for k, v in worst.items() if k != "eval_loss" or eval_rel is not None))
 
 
-def assert_resume_is_exact(n: int, args: list[str], run_dir: Path) -> dict[int, dict]:
+def assert_resume_is_exact(n: int, args: list[str], run_dir: Path, **launch: Any) -> dict[int, dict]:
     """Train 20 steps (checkpoint at 10), roll the run back to its step-10 checkpoint, train steps 11-20 again:
-    every `loss` line and the final eval must be bitwise equal. Returns the eval lines by step."""
-    launch_ok(n, args)
+    every `loss` line and the final eval must be bitwise equal. Returns the eval lines by step. `launch`:
+    `launch_ranks`' options (the script)."""
+    launch_ok(n, args, **launch)
     straight, straight_evals = read_metrics(run_dir)
     ckpt = run_dir / "checkpoints"
     shutil.rmtree(ckpt / "step_00000020")
     (ckpt / "latest").write_text("step_00000010\n")
-    out = launch_ok(n, args)
+    out = launch_ok(n, args, **launch)
     assert "resumed from" in out and "(step 10)" in out
     resumed, resumed_evals = read_metrics(run_dir)
     assert {s: r["loss"] for s, r in resumed.items()} == {s: r["loss"] for s, r in straight.items()}

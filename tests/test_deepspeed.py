@@ -38,7 +38,7 @@ def _overrides(run_dir: Path, *extra: str) -> list[str]:
 def test_zero_stage_matchessingle_process(causal_reference, deepspeed_zero_runs, tmp_path, stage):
     """2 data-parallel ranks, ZeRO-0..3, tied embeddings: 20 steps of loss and grad_norm within 1e-5 of one
     process. Stage 1 runs under DeepSpeed's launcher with a hostfile naming localhost with 2 slots (CPU
-    ranks), the others under torchrun (stages 1 and 2 come from the session's shared runs)."""
+    ranks), the others under torchrun (stages 1 to 3 come from the session's shared runs)."""
     launcher = ZERO_LAUNCHERS[stage]
     if stage in deepspeed_zero_runs:
         run_dir, out = deepspeed_zero_runs[stage]

@@ -1,6 +1,8 @@
-"""The fairscale engine (issue 18): OSS (ZeRO-1 equivalent) and OSS + ShardedDataParallel (ZeRO-2 equivalent)
-on CPU ranks over gloo, fp32, tolerance 1e-5: equal to one device with AdamW and LAMB, also under TP=2 x DP=2;
-equal to DeepSpeed's ZeRO-1 / ZeRO-2 step by step; optimizer state halved at DP=2; exact resume. Moving a run
+"""The fairscale engine (issue 18): OSS (ZeRO-1 equivalent), OSS + ShardedDataParallel (ZeRO-2 equivalent) and
+FullyShardedDataParallel (ZeRO-3 equivalent) on CPU ranks over gloo, fp32, tolerance 1e-5: equal to one device
+with AdamW (and LAMB for OSS), also under TP=2 x DP=2; equal to DeepSpeed's ZeRO-1 / 2 / 3 step by step;
+optimizer state halved at DP=2; exact resume. fairscale runs FSDP on CUDA only: its tests run it on CPU ranks
+through tests/helpers/fsdp_on_cpu.py, which stands a host "stream" in for its CUDA streams. Moving a run
 between the DeepSpeed and fairscale engines is in tests/test_layout_change.py; refusals at config load here."""
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from bigtrain.errors import ConfigError
 from tests.conftest import (
     DP_LAYOUT,
     LAMB,
+    REPO,
     assert_resume_is_exact,
     assert_same_curve,
     launch_ok,
@@ -22,6 +25,8 @@ from tests.conftest import (
 )
 
 FAIRSCALE = "parallel.engine=fairscale"
+FSDP = (FAIRSCALE, "parallel.zero_stage=3")
+FSDP_ON_CPU = REPO / "tests" / "helpers" / "fsdp_on_cpu.py"
 
 
 def _overrides(run_dir: Path, *extra: str) -> list[str]:
@@ -96,6 +101,58 @@ def test_resume_is_exact(tmp_path, stage):
     args = _overrides(run_dir, FAIRSCALE, f"parallel.zero_stage={stage}", "checkpoint.every=10",
                       "train.eval_every=10", "model.dropout=0.1")
     assert_resume_is_exact(2, args, run_dir)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> Path:
+    """20 steps of fairscale's FSDP on 2 CPU ranks (the DP_LAYOUT config: 2 micro-batches per rank)."""
+    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    launch_ok(2, _overrides(run_dir, *FSDP), script=FSDP_ON_CPU)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_fully_sharded_equals_one_device_and_deepspeed_zero3(causal_reference, deepspeed_zero_runs, fsdp_run):
+    """FSDP (every block its own unit, tied embeddings in the root unit, gradients reduce-scattered and
+    accumulated as shards): 20 steps within 1e-5 of one process and of DeepSpeed's ZeRO-3 step by step."""
+    assert_same_curve(causal_reference, fsdp_run, rel=1e-5)
+    assert_same_curve(deepspeed_zero_runs[3][0], fsdp_run, rel=1e-5)
+    engine = json.loads((fsdp_run / "engine_config.json").read_text())
+    assert engine["parameter_sharding"] == engine["gradient_sharding"] == "FullyShardedDataParallel"
+
+
+@pytest.mark.slow
+def test_fully_sharded_memory_is_the_zero3_formula(fsdp_run):
+    """Each rank keeps half of every parameter (rounded up per tensor: torch.chunk's split) and the optimizer
+    state of that half: 4Ψ/2 and 8Ψ/2 bytes within 1%."""
+    memory = json.loads((fsdp_run / "memory.json").read_text())
+    assert memory["engine"] == "fairscale" and memory["zero_stage"] == 3 and memory["n_params"] == 27392
+    for rank in memory["ranks"]:
+        assert rank["params"] == pytest.approx(4 * 27392 / 2, rel=0.01), memory
+        assert rank["optimizer"] == pytest.approx(memory["formula"]["optimizer"], rel=0.01), memory
+    print(f"\nFSDP at DP=2: parameter bytes per rank {[r['params'] for r in memory['ranks']]}, optimizer bytes "
+          f"{[r['optimizer'] for r in memory['ranks']]}; formula {memory['formula']}")
+
+
+@pytest.mark.slow
+def test_fully_sharded_tensor_parallel_sequence_parallel_recomputed(causal_reference, tmp_path):
+    """TP=2 x DP=2 (4 ranks) with sequence parallelism and full activation checkpointing: FSDP shards each
+    tensor shard over the data group, blocks are recomputed with their gathered parameters; the sample at the
+    end runs through the root unit."""
+    run_dir = tmp_path / "run"
+    out = launch_ok(4, _overrides(run_dir, *FSDP, "parallel.tensor=2", "parallel.sequence_parallel=true",
+                                  "parallel.activation_checkpointing=full", "train.sample_tokens=8"),
+                    script=FSDP_ON_CPU)
+    assert_same_curve(causal_reference, run_dir, rel=1e-5)
+    assert "--- sample (8 tokens" in out
+
+
+@pytest.mark.slow
+def test_fully_sharded_resume_is_exact(tmp_path):
+    """Each rank's parameter and optimizer shards, its RNG: steps 11-20 after a resume equal the straight run."""
+    run_dir = tmp_path / "run"
+    args = _overrides(run_dir, *FSDP, "checkpoint.every=10", "train.eval_every=10", "model.dropout=0.1")
+    assert_resume_is_exact(2, args, run_dir, script=FSDP_ON_CPU)
 
 
 @pytest.mark.parametrize("overrides, needle", [

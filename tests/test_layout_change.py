@@ -17,6 +17,8 @@ pytestmark = pytest.mark.slow
 RECORD = REPO / "tests" / "helpers" / "record_samples.py"
 TOL = 1e-5
 LAMB = ("optim.name=lamb", "optim.lr=2e-2")
+FSDP = ("parallel.engine=fairscale", "parallel.zero_stage=3")
+FSDP_ON_CPU = REPO / "tests" / "helpers" / "fsdp_on_cpu.py"  # record_samples.py with FSDP made to run on CPU
 
 PAIRS = {
     "1-device->tp2xpp2": ((1, ()), (4, ("parallel.tensor=2", "parallel.pipeline=2"))),
@@ -35,12 +37,16 @@ PAIRS = {
     "tp2xdp2-fairscale-lamb->dp2-zero2-lamb": (
         (4, ("parallel.engine=fairscale", "parallel.zero_stage=1", "parallel.tensor=2", *LAMB)),
         (2, ("parallel.zero_stage=2", *LAMB))),
+    # into and out of fairscale's FullyShardedDataParallel (run on CPU ranks by tests/helpers/fsdp_on_cpu.py)
+    "dp2-zero3-deepspeed->tp2xdp2-fsdp": ((2, ("parallel.zero_stage=3",)), (4, (*FSDP, "parallel.tensor=2"))),
+    "dp2-fsdp->dp2-zero1": ((2, FSDP), (2, ("parallel.zero_stage=1",))),
 }
 
 
 def _train(ranks: int, run_dir: Path, layout: tuple[str, ...]) -> str:
     args = tiny_overrides(run_dir, "causal", *DP_LAYOUT, "checkpoint.every=10", *layout)
-    proc = launch_ranks(ranks, args, script=RECORD) if ranks > 1 else run_launcher([*args], script=RECORD)
+    script = FSDP_ON_CPU if "parallel.zero_stage=3" in layout and "parallel.engine=fairscale" in layout else RECORD
+    proc = launch_ranks(ranks, args, script=script) if ranks > 1 else run_launcher([*args], script=script)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 

@@ -216,6 +216,12 @@ def uses_process_groups(cfg: Config, world_size: int) -> bool:
     return uses_deepspeed(cfg, world_size) or cfg.parallel.engine == "fairscale"
 
 
+def fsdp_device_allowed(device: str) -> bool:
+    """train.device values fairscale's FullyShardedDataParallel may be asked for (it runs on CUDA only; `auto`
+    is checked again by the engine on the device it resolves to)."""
+    return device != "cpu"
+
+
 def check_fairscale(cfg: Config) -> None:
     """What the fairscale engine serves: data parallelism with OSS (+ ShardedDataParallel, or FSDP on CUDA),
     composed with tensor parallelism."""
@@ -231,7 +237,7 @@ def check_fairscale(cfg: Config) -> None:
     _require(not p.offload_optimizer, "parallel.offload_optimizer=true is DeepSpeed's: the fairscale engine keeps "
              "the optimizer state on the device. Set it to false, or use parallel.engine=deepspeed.")
     if p.zero_stage == 3:
-        _require(t.device != "cpu", "parallel.engine='fairscale' with parallel.zero_stage=3 is fairscale's "
+        _require(fsdp_device_allowed(t.device), "parallel.engine='fairscale' with parallel.zero_stage=3 is fairscale's "
                  "FullyShardedDataParallel, which runs on CUDA GPUs only, but train.device='cpu'. Use "
                  "parallel.zero_stage=1 or 2, or parallel.engine=deepspeed.")
         _require(cfg.optim.name != "lamb", "optim.name='lamb' with fairscale's FullyShardedDataParallel is refused: "

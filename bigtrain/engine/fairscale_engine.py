@@ -6,18 +6,21 @@
                    parameters and OSS broadcasts them to the other ranks
     zero_stage 2   OSS inside `ShardedDataParallel`: each gradient is reduced to its owner only (the others'
                    are not needed), accumulation runs under `no_sync`
-    zero_stage 3   `FullyShardedDataParallel`, which fairscale runs on CUDA only: refused (not yet driven by
-                   bigtrain: it needs a GPU to build and check; DeepSpeed's ZeRO-3 serves meanwhile)
+    zero_stage 3   `FullyShardedDataParallel` (`fully_sharded.py`): every block its own unit, parameters
+                   sharded per tensor, gathered for a unit's forward and backward only; gradients
+                   reduce-scattered after each micro-batch. fairscale runs it on CUDA only (AdamW: LAMB's
+                   trust ratios would need whole tensors)
 
 The loss is the global batch's mean token loss as in the DeepSpeed engine: each micro-batch backpropagates
 Σ ce / N (N: target tokens of the whole global batch, one all-reduce of the host counts), and the data-parallel
-reduction sums (ZeRO-1 equivalent) or averages a loss scaled by N_d (ShardedDataParallel divides by N_d), so
-every gradient is ∇(Σ_global ce / N), the single-device gradient.
+reduction sums (ZeRO-1 equivalent) or averages a loss scaled by N_d (ShardedDataParallel and FSDP divide by
+N_d), so every gradient is ∇(Σ_global ce / N), the single-device gradient.
 
 Because OSS shards whole tensors, bigtrain's LAMB computes each trust ratio from a whole parameter (or, under
 tensor parallelism, from its shards summed over the tensor group by `ZeroLamb`): exact, as unsharded.
-Gradient norm and clipping: ‖g‖² sums the owned parameters' squares over the data group (ZeRO-2) or takes the
-all-reduced gradients (ZeRO-1), then over the tensor group (replicated parameters once). A non-finite step is
+Gradient norm and clipping: ‖g‖² sums the owned parameters' squares (ZeRO-2), or every parameter's shard
+(FSDP), over the data group, or takes the all-reduced gradients (ZeRO-1); then over the tensor group
+(replicated parameters once). A non-finite step is
 skipped on the device (`found_inf`) as in the other engines. Weights stay fp32; bf16 runs under autocast.
 """
 
@@ -33,12 +36,14 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from bigtrain.compat import fairscale as fairscale_compat
 from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.loss import count_input_tokens, count_targets, model_inputs
 from bigtrain.components.precision import autocast
 from bigtrain.components.step_result import StepResult
 from bigtrain.config import Config
 from bigtrain.distributed import DistEnv
+from bigtrain.engine.fully_sharded import load_shard_state, shard_state, wrap_fully_sharded
 from bigtrain.engine.layout_free_io import restore_layout_free, save_from_every_rank
 from bigtrain.engine.layout_free_state import StateAdapter
 from bigtrain.engine.memory import (
@@ -70,12 +75,11 @@ class FairscaleEngine:
                               "pip install 'bigtrain[fairscale]' (or fairscale>=0.4.13), or use "
                               "parallel.engine=auto.") from None
         p = cfg.parallel
-        if p.zero_stage == 3:  # the config check refuses train.device=cpu; auto can still land here
-            where = ("fairscale runs it on CUDA GPUs only" if device.type != "cuda" else
-                     "bigtrain does not drive it yet (it has not been run on a GPU)")
+        if p.zero_stage == 3 and not fairscale_compat.fsdp_runs_on(device.type):
+            # the config check refuses train.device=cpu; train.device=auto can still land here
             raise ConfigError(f"parallel.engine=fairscale with parallel.zero_stage=3 means fairscale's "
-                              f"FullyShardedDataParallel, and {where}; this run is on {device}. Use "
-                              f"parallel.zero_stage=1 or 2, or parallel.engine=deepspeed for ZeRO-3.")
+                              f"FullyShardedDataParallel, which fairscale runs on CUDA GPUs only; this run is on "
+                              f"{device}. Use parallel.zero_stage=1 or 2, or parallel.engine=deepspeed for ZeRO-3.")
         self.cfg, self.env, self.groups, self.device = cfg, env, groups, device
         self.parallel, self.criterion = parallel, parallel.criterion
         self.model: TransformerLM = parallel.model
@@ -93,11 +97,19 @@ class FairscaleEngine:
         else:
             optim_class, hyper = torch.optim.AdamW, adamw_kwargs(list(self.model.parameters()), lr=o.lr,
                                                                   betas=(o.beta1, o.beta2), eps=o.eps)
-        self.optimizer = OSS(param_groups(self.model, o.weight_decay), optim=optim_class, group=self.group, **hyper)
-        self.inner: torch.optim.Optimizer = self.optimizer.optim  # this rank's shard of the parameters
+        self.forward: torch.nn.Module = self.model
+        if self.stage == 3:
+            groups_by_decay = param_groups(self.model, o.weight_decay)  # before sharding: decay goes by ndim
+            self.forward = wrap_fully_sharded(self.model, self.group, device)
+            self.model = self.forward  # type: ignore[assignment]  # the root unit runs (and forwards attributes)
+            self.optimizer: Any = optim_class(groups_by_decay, **hyper)
+            self.inner: torch.optim.Optimizer = self.optimizer  # over this rank's shards of every parameter
+        else:
+            self.optimizer = OSS(param_groups(self.model, o.weight_decay), optim=optim_class, group=self.group,
+                                 **hyper)
+            self.inner = self.optimizer.optim  # this rank's shard of the parameters
         self.owned = {id(q) for g in self.inner.param_groups for q in g["params"]}
         self.params = [q for g in self.optimizer.param_groups for q in g["params"]]
-        self.forward = self.model
         if self.stage == 2:
             from fairscale.nn.data_parallel import ShardedDataParallel
 
@@ -131,7 +143,7 @@ class FairscaleEngine:
         local = counts if counts is not None else (sum(count_targets(b) for b in micro_batches),
                                                    sum(count_input_tokens(b) for b in micro_batches))
         n_targets, n_tokens = self.all_reduce_sum(*local)
-        scale = self.dp_size if self.stage == 2 else 1  # ShardedDataParallel averages, the ZeRO-1 path sums
+        scale = 1 if self.stage == 1 else self.dp_size  # ShardedDataParallel and FSDP average, ZeRO-1 sums
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         last = len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
@@ -146,8 +158,9 @@ class FairscaleEngine:
         if self.stage == 1:
             self._sum_gradients()
         dist.all_reduce(total, group=self.group)
+        # ZeRO-1: every (all-reduced) gradient; ZeRO-2: the owned ones; FSDP: this rank's shard of every one
         owned = [q for q in self.params if id(q) in self.owned] if self.stage == 2 else self.params
-        grad_norm = sharded_grad_norm(owned, self.groups, self.device, self.group if self.stage == 2 else None)
+        grad_norm = sharded_grad_norm(owned, self.groups, self.device, self.group if self.stage >= 2 else None)
         if self.cfg.optim.grad_clip > 0:
             coef = (self.cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
             for q in owned:
@@ -170,29 +183,45 @@ class FairscaleEngine:
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def state(self) -> StateAdapter:
-        return StateAdapter(self.model, self.parallel.shards, self.inner, None,
-                            tensor_rank=self.groups.get_tensor_model_parallel_rank(), data_rank=self.dp_rank,
-                            state_owner=lambda q: id(q) in self.owned)
+        tensor_rank = self.groups.get_tensor_model_parallel_rank()
+        if self.stage == 3:  # FSDP: every parameter partitioned flat over the data group (unless it has 1 rank)
+            partition = (functools.partial(fairscale_compat.fsdp_partition, rank=self.dp_rank,
+                                           world_size=self.dp_size) if self.dp_size > 1 else None)
+            return StateAdapter(self.model, self.parallel.shards, self.inner, None, tensor_rank=tensor_rank,
+                                data_rank=self.dp_rank, partition=partition,
+                                params=list(fairscale_compat.named_unwrapped_parameters(self.model)),
+                                shape_of=fairscale_compat.full_shape)
+        return StateAdapter(self.model, self.parallel.shards, self.inner, None, tensor_rank=tensor_rank,
+                            data_rank=self.dp_rank, state_owner=lambda q: id(q) in self.owned)
 
     def _part(self, rank: int) -> str:
         return f"fairscale_rank{rank:05d}"
 
     def save(self, directory: Path, step: int, trainer_state: dict[str, Any], config_yaml: str,
              keep: int, layout_free: dict[str, Any] | None = None) -> Path:
-        """Every rank writes its optimizer shard (data rank 0 also the model shard of its tensor rank) and its
-        RNG into `step_N.tmp/`; rank 0 makes the directory visible once all ranks are done."""
+        """Every rank writes its optimizer shard (data rank 0 also the model shard of its tensor rank; under FSDP
+        every rank its shard of the parameters) and its RNG into `step_N.tmp/`; rank 0 makes the directory
+        visible once all ranks are done."""
         def write_own(tmp: Path) -> None:
-            model = self.model.state_dict() if self.dp_rank == 0 else None
+            if self.stage == 3:
+                model = shard_state(self.model)
+            else:
+                model = self.model.state_dict() if self.dp_rank == 0 else None
             ckpt.write_part(tmp, self._part(self.rank), {"model": model, "optimizer": self.inner.state_dict()})
 
         return save_from_every_rank(directory, step, self.rank, self.env.world_size, trainer_state, config_yaml,
                                     keep, write_own, self.state, layout_free)
 
     def load(self, checkpoint: Path) -> dict[str, Any]:
-        c = self.groups.coords
-        holder = self.groups.layout.rank_of(c.pipe, 0, c.tensor)  # data rank 0 of this tensor rank
-        ckpt.load_into(self.model, ckpt.load_part(checkpoint, self._part(holder), self.device)["model"],
-                       checkpoint / f"{self._part(holder)}.pt")
+        if self.stage == 3:
+            own = checkpoint / f"{self._part(self.rank)}.pt"
+            load_shard_state(self.model, ckpt.load_part(checkpoint, self._part(self.rank), self.device)["model"],
+                             own)
+        else:
+            c = self.groups.coords
+            holder = self.groups.layout.rank_of(c.pipe, 0, c.tensor)  # data rank 0 of this tensor rank
+            ckpt.load_into(self.model, ckpt.load_part(checkpoint, self._part(holder), self.device)["model"],
+                           checkpoint / f"{self._part(holder)}.pt")
         self.inner.load_state_dict(ckpt.load_part(checkpoint, self._part(self.rank), self.device)["optimizer"])
         trainer = ckpt.load_part(checkpoint, f"trainer_rank{self.rank:05d}")
         ckpt.set_rng_state(trainer["rng"])
@@ -211,16 +240,22 @@ class FairscaleEngine:
 
     def memory_report(self, run_dir: Path | None = None) -> str | None:
         formula = zero_formula(self.n_params, self.stage, self.dp_size, "fp32", master_copy=False)
-        title = (f"model-state memory per rank in step 1 (gradients: peak over its micro-batches, whole under "
-                 f"no_sync accumulation){tensor_share_note(self.groups.layout.tensor)}\n"
-                 f"fairscale {'OSS' if self.stage == 1 else 'OSS + ShardedDataParallel'} (ZeRO-{self.stage} "
-                 f"equivalent), {self.dp_size} data-parallel ranks, fp32 weights, Ψ = {self.n_params} parameters, "
-                 f"K = 8 bytes")
+        grads = "shards, accumulated" if self.stage == 3 else "whole under no_sync accumulation"
+        title = (f"model-state memory per rank in step 1 (gradients: peak over its micro-batches, {grads})"
+                 f"{tensor_share_note(self.groups.layout.tensor)}\n"
+                 f"fairscale {self._sharding()} (ZeRO-{self.stage} equivalent), {self.dp_size} data-parallel ranks, "
+                 f"fp32 weights, Ψ = {self.n_params} parameters, K = 8 bytes")
         facts = {"engine": "fairscale", "zero_stage": self.stage, "dp_size": self.dp_size, "n_params": self.n_params}
         return gathered_report(self.measure(), formula, title, self.group, self.dp_size, self.rank, run_dir, facts)
 
+    def _sharding(self) -> str:
+        return {1: "OSS", 2: "OSS + ShardedDataParallel", 3: "FullyShardedDataParallel"}[self.stage]
+
     def describe(self) -> str:
-        return json.dumps({"engine": "fairscale", "optimizer_sharding": "OSS", "gradient_sharding":
-                           "ShardedDataParallel" if self.stage == 2 else "all-reduce", "zero_stage": self.stage,
-                           "data_parallel_size": self.dp_size, "owned_parameters": len(self.owned),
-                           "all_parameters": len(self.params)}, indent=2)
+        fsdp = self.stage == 3
+        return json.dumps({"engine": "fairscale", "optimizer_sharding": "FullyShardedDataParallel" if fsdp else "OSS",
+                           "gradient_sharding": {1: "all-reduce", 2: "ShardedDataParallel",
+                                                 3: "FullyShardedDataParallel"}[self.stage],
+                           "parameter_sharding": "FullyShardedDataParallel" if fsdp else "none",
+                           "zero_stage": self.stage, "data_parallel_size": self.dp_size,
+                           "owned_parameters": len(self.owned), "all_parameters": len(self.params)}, indent=2)

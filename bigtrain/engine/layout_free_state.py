@@ -9,7 +9,8 @@ Where a rank's state lives depends on the engine:
     fragments      ZeRO-1/2 and DeepSpeed's bf16 optimizer: the fp32 master weights and the optimizer state of a
                    parameter group are one flat partition per data-parallel rank; each parameter's share of it
                    is a fragment (`_hp_mapping`: where it starts in the parameter and in the partition)
-    zero3          ZeRO-3: each parameter is partitioned flat over the data-parallel ranks
+    partitioned    ZeRO-3, and fairscale's FullyShardedDataParallel: each parameter is partitioned flat over the
+                   data-parallel ranks (`partition`: which values of it this rank holds, and where)
 
 A piece is written by the ranks that own it: data-parallel rank 0 where a state is replicated over data ranks,
 tensor rank 0 for parameters every tensor rank holds whole, the first pipeline stage for a tied embedding.
@@ -19,12 +20,14 @@ internals this needs are in `bigtrain.compat.deepspeed`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from bigtrain.compat.deepspeed import (
+    Partition,
     fragment_of,
     inner_optimizer,
     is_tied_copy,
@@ -59,22 +62,34 @@ def named_local_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter
 
 class StateAdapter:
     """Reads and writes one engine's state as pieces; `optimizer` is the torch optimizer bigtrain built (inside
-    DeepSpeed's wrapper where there is one), `wrapper` DeepSpeed's ZeRO / bf16 optimizer or None."""
+    DeepSpeed's wrapper where there is one), `wrapper` DeepSpeed's ZeRO / bf16 optimizer or None.
+
+    An engine that partitions parameters itself (fairscale's FSDP) passes `partition` (this rank's part of a
+    parameter), `params` (the parameters under their unwrapped names) and `shape_of` (a parameter's shape
+    before partitioning)."""
 
     def __init__(self, model: nn.Module, shards: dict[str, Shard], optimizer: torch.optim.Optimizer,
                  wrapper: object | None, tensor_rank: int, data_rank: int,
-                 state_owner: Callable[[torch.Tensor], bool] | None = None) -> None:
+                 state_owner: Callable[[torch.Tensor], bool] | None = None,
+                 partition: Callable[[torch.Tensor], Partition] | None = None,
+                 params: list[tuple[str, nn.Parameter]] | None = None,
+                 shape_of: Callable[[torch.Tensor], torch.Size] = local_shape) -> None:
         self.model, self.shards, self.optimizer, self.wrapper = model, shards, optimizer, wrapper
         self.tensor_rank, self.data_rank = tensor_rank, data_rank
         # per-parameter state: whether this rank holds a parameter's optimizer state (by default every data rank
         # does, and data rank 0 writes it) or, under OSS, only its owner (which writes it)
         self.holds_state = state_owner or (lambda p: True)
         self.writes_state = state_owner or (lambda p: self.data_rank == 0)
-        self.params = list(named_local_parameters(model))
-        if wrapper is None:
+        self.params = params if params is not None else list(named_local_parameters(model))
+        self.shape_of = shape_of
+        zero3 = zero3_layout(wrapper) if wrapper is not None else None
+        if partition is None and zero3 is not None:
+            partition = functools.partial(zero3.partition, data_rank=data_rank)
+        self.partition = partition
+        if partition is not None:
+            self.kind = "partitioned"
+        elif wrapper is None:
             self.kind = "per-parameter"
-        elif zero3_layout(wrapper) is not None:
-            self.kind = "zero3"
         else:
             self.kind = "fragments"
 
@@ -96,7 +111,7 @@ class StateAdapter:
         for name, p in self.params:
             if not self._owns(name, p):
                 continue
-            box = tp_box(local_shape(p), self.shards.get(name))
+            box = tp_box(self.shape_of(p), self.shards.get(name))
             for start, stop, values in self._local(p):
                 for kind, data in values.items():
                     yield Piece(name, kind, box, start, stop, data)
@@ -120,8 +135,7 @@ class StateAdapter:
             values.update({k: state[k].narrow(0, frag.flat_start, frag.numel) for k in STATE_KINDS if k in state})
             yield frag.param_start, frag.param_start + frag.numel, values
         else:
-            layout = zero3_layout(self.wrapper)
-            part = layout.partition(p, self.data_rank)
+            part = self.partition(p)
             if part.numel == 0:
                 return
             state = self.optimizer.state.get(part.flat, {})
@@ -134,10 +148,10 @@ class StateAdapter:
         """Set this rank's weights and optimizer state from `reader` (which holds the unsplit model), one
         parameter at a time, reading only what this rank keeps (under ZeRO, its partition of the moments)."""
         with_state = step > 0 and all(reader.has(name, "exp_avg") for name, _ in self.params)
-        flats: dict[int, dict[str, torch.Tensor]] = {}  # fragments / zero3: flat optimizer state per partition
+        flats: dict[int, dict[str, torch.Tensor]] = {}  # fragments / partitioned: flat optimizer state per flat
         with torch.no_grad():
             for name, p in self.params:
-                box = tp_box(local_shape(p), self.shards.get(name))
+                box = tp_box(self.shape_of(p), self.shards.get(name))
                 self._check_shape(reader, name, box)
                 if self.kind == "per-parameter":
                     self._set_whole(p, reader, name, box, step if with_state else None)
@@ -145,7 +159,13 @@ class StateAdapter:
                     self._set_partition(p, reader, name, box, with_state, flats)
         for state in flats.values():
             flat = state.pop("_flat")
-            self.optimizer.state[flat] = {"step": torch.tensor(step, dtype=torch.float32), **state}
+            self.optimizer.state[flat] = {"step": self._step(step, flat), **state}
+
+    def _step(self, step: float, p: torch.Tensor) -> torch.Tensor:
+        """The step count as torch's optimizers keep it: fp32, on the parameter's device for fused or capturable
+        ones (as `Optimizer.load_state_dict` places it), on the host otherwise."""
+        on_device = self.optimizer.defaults.get("fused") or self.optimizer.defaults.get("capturable")
+        return torch.tensor(step, dtype=torch.float32, device=p.device if on_device else "cpu")
 
     def _check_shape(self, reader: LayoutFreeReader, name: str, box: Box) -> None:
         if name not in reader.header["parameters"]:
@@ -160,7 +180,7 @@ class StateAdapter:
     def _set_whole(self, p: torch.Tensor, reader: LayoutFreeReader, name: str, box: Box, step: float | None) -> None:
         p.copy_(reader.read(name, "param", box).to(p.dtype))
         if step is not None and self.holds_state(p):
-            self.optimizer.state[p] = {"step": torch.tensor(step, dtype=torch.float32),
+            self.optimizer.state[p] = {"step": self._step(step, p),
                                        **{k: reader.read(name, k, box).to(p.device) for k in STATE_KINDS}}
 
     def _set_partition(self, p: torch.Tensor, reader: LayoutFreeReader, name: str, box: Box, with_state: bool,
@@ -173,14 +193,14 @@ class StateAdapter:
             flat = inner_optimizer(self.wrapper).param_groups[frag.group]["params"][0]
             flat_start, param_start, numel = frag.flat_start, frag.param_start, frag.numel
         else:
-            part = zero3_layout(self.wrapper).partition(p, self.data_rank)
+            part = self.partition(p)
             if part.numel == 0:
                 return
             flat, flat_start, param_start, numel = part.flat, part.flat_start, part.param_start, part.numel
         weight = reader.read_flat(name, "param", box, param_start, param_start + numel)
         flat.narrow(0, flat_start, numel).copy_(weight)
-        if self.kind == "zero3":
-            held = local_partition(p)  # the ZeRO-3 partition of the (bit16) parameter
+        held = local_partition(p)  # ZeRO-3: the partition of the (bit16) parameter; FSDP: the flat itself
+        if self.kind == "partitioned" and held is not flat:
             held.narrow(0, 0, numel).copy_(weight.to(held.dtype))
         if with_state:
             state = flats.setdefault(id(flat), {"_flat": flat, **{k: torch.zeros_like(flat) for k in STATE_KINDS}})

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from bigtrain.errors import GenerationError
-from bigtrain.models import CausalLM, Seq2SeqLM, TransformerLM
+from bigtrain.models import TransformerLM
 from bigtrain.train.beam import beam_search
 from bigtrain.train.decoder_rows import CausalRows, FullLogits, Rows, Seq2SeqRows
 from bigtrain.train.token_choice import limit_vocab, sample_tokens
@@ -94,7 +94,7 @@ class Decoding:
 
 
 def _check(model: TransformerLM, prompts: list[list[int]], max_new_tokens: int, bos_id: int | None) -> None:
-    if not isinstance(model, CausalLM | Seq2SeqLM):
+    if model.family not in ("causal", "seq2seq"):  # by family: a wrapper that runs the model (FSDP) forwards it
         raise GenerationError(f"model.family={model.family} has no generation (a masked LM fills in blanks, it "
                               f"does not continue text); use a causal or seq2seq model.")
     if not prompts:
@@ -105,7 +105,7 @@ def _check(model: TransformerLM, prompts: list[list[int]], max_new_tokens: int, 
     if empty:
         raise GenerationError(f"prompt {empty[0]} is empty: a prompt needs at least one token (a causal model "
                               f"starts a document from the end-of-document token).")
-    if isinstance(model, Seq2SeqLM):
+    if model.family == "seq2seq":
         limit = model.cfg.max_seq_len
         if bos_id is None:
             raise GenerationError("seq2seq generation starts the decoder from bos: pass bos_id.")
@@ -138,7 +138,7 @@ def generate(model: TransformerLM, prompts: list[list[int]], max_new_tokens: int
         repeat = decoding.beams
         rows_prompts = [p for p in prompts for _ in range(repeat)]
         rows: Rows
-        if isinstance(model, Seq2SeqLM):
+        if model.family == "seq2seq":
             assert bos_id is not None
             rows = Seq2SeqRows(model, rows_prompts, pad_id, bos_id, use_cache, pad_multiple, full_logits)
         else:

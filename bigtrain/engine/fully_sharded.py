@@ -1,0 +1,66 @@
+"""fairscale's FullyShardedDataParallel (FSDP) around bigtrain's model: the ZeRO-3 equivalent of the fairscale
+engine.
+
+    units      every block is its own FSDP unit and the model is the root unit (embedding, head, final norm,
+               position bias): a unit's parameters are all-gathered over the data group just before its forward
+               (and again before its backward) and freed after, so a rank keeps 1/D of every parameter at rest
+               and one block's full parameters at a time
+    sharding   per parameter (`flatten_parameters=False`): each parameter stays its own tensor, sharded flat
+               (torch.chunk, zero padding at the end), so the optimizer's decay / no_decay groups and the
+               layout-free checkpoint see parameters by name
+    gradients  reduce-scattered over the data group after each micro-batch's backward and averaged
+               (÷ D); each rank accumulates only its shard
+    precision  the parameters stay fp32 (`mixed_precision=False`); bf16 runs under autocast as in the other
+               engines, so the all-gathers move fp32 values
+
+The process group for both the all-gathers and the reduce-scatters is the layout's data group, so FSDP
+composes with tensor parallelism: it shards each rank's tensor-parallel shard over the data group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bigtrain.compat.fairscale import named_unwrapped_parameters
+from bigtrain.errors import CheckpointError
+from bigtrain.models import TransformerLM
+
+
+def wrap_fully_sharded(model: TransformerLM, group: dist.ProcessGroup, device: torch.device) -> nn.Module:
+    """The model with each block in its own FSDP unit, inside a root unit; returns the root (which forwards
+    attribute lookups to the model). The model's parameters are sharded in place."""
+    from fairscale.nn import FullyShardedDataParallel
+
+    def unit(module: nn.Module) -> nn.Module:
+        return FullyShardedDataParallel(module, process_group=group, process_group_reduce_scatter=group,
+                                        compute_device=device, flatten_parameters=False, mixed_precision=False,
+                                        reshard_after_forward=True)
+
+    for stack in model.stacks():
+        for index, block in enumerate(stack):
+            stack[index] = unit(block)
+    return unit(model)
+
+
+def shard_state(root: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's shard of every parameter, by its name in the unwrapped model."""
+    return {name: p.detach() for name, p in named_unwrapped_parameters(root)}
+
+
+def load_shard_state(root: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Put back what `shard_state` saved (same layout); a mismatch is a CheckpointError naming the file."""
+    params = dict(named_unwrapped_parameters(root))
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    reshaped = [n for n in params if n in state and state[n].shape != params[n].shape]
+    if missing or unexpected or reshaped:
+        raise CheckpointError(f"{path} does not fit this model (missing: {missing[:3]}, unexpected: "
+                              f"{unexpected[:3]}, other shard shapes: {reshaped[:3]}). It was written for another "
+                              f"model or data-parallel size: resume with the settings that wrote it, or use a new "
+                              f"run.dir.")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])
