@@ -25,6 +25,8 @@ torchrun --nproc_per_node=8 bench/throughput.py --config configs/gpt2-small.yaml
 python bench/scaling.py --out bench/results/scaling-gpu.json --config configs/gpt2-small.yaml \\
     train.precision=bf16 model.n_layers=4 model.d_model=768 model.n_heads=12 model.d_ff=3072 \\
     model.max_seq_len=1024 data.seq_len=1024     # on a machine with 4 GPUs (NCCL)
+python bench/sharded_engines.py --stages 3 --config configs/gpt2-small.yaml train.precision=bf16 --steps 30
+#   (DeepSpeed ZeRO-3 vs fairscale FSDP: parity and tokens/s, one rank per GPU)
 python bench/report.py"""
 
 HEADER = """\

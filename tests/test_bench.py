@@ -120,3 +120,20 @@ def test_tokenize_writes_its_result(tmp_path, capsys):
     assert saved["first_step"]["seconds"] > saved["first_step"]["first_step_s"] > 0
     assert saved["corpus_bytes"] >= 1_000_000 and {"cpu", "cpus"} <= saved["machine"].keys()
     assert "| bigtrain prepare | byte | 2 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sharded_engines_compares_deepspeed_and_fairscale(tmp_path):
+    """bench/sharded_engines.py at ZeRO-3 (FSDP through the CPU helper here): both engines train the same steps,
+    their curves agree (fp32), and tokens/s and model-state bytes of both are written."""
+    from bench import sharded_engines
+
+    out = tmp_path / "engines.json"
+    result = sharded_engines.main(["--stages", "3", "--steps", "3", "--warmup", "1", "--out", str(out),
+                                   *tiny(tmp_path)])
+    saved = json.loads(out.read_text())
+    row = saved["rows"][0]
+    assert saved["figure"] == "sharded_engines" and result["rows"][0]["stage"] == row["stage"] == 3
+    assert row["steps"] == 3 and row["max_rel_loss"] < 1e-5 and row["max_rel_grad_norm"] < 1e-5
+    assert row["fsdp_on_cpu_shim"] and row["fairscale_over_deepspeed"] > 0
+    assert all(v > 0 for v in row["model_state_bytes_per_rank"].values())

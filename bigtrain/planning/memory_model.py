@@ -2,12 +2,13 @@
 
 Model state, Ψ = this rank's parameters (its stage's layers; tensor-split ones / T), D data-parallel ranks:
     bigtrain's one-process engine (fp32 weights, autocast for bf16): 4Ψ + 4Ψ + 8Ψ
-    the fairscale engine (fp32 weights, OSS): 4Ψ + 4Ψ + 8Ψ/D
+    the fairscale engine (fp32 weights): OSS 4Ψ + 4Ψ + 8Ψ/D; FullyShardedDataParallel (4Ψ + 4Ψ + 8Ψ)/D
     DeepSpeed: the ZeRO formulas of `bigtrain.engine.memory.zero_formula` (b = 2 in bf16/fp16, 4 in fp32;
     K = 8 bytes of Adam/LAMB moments, + 4 for the fp32 master copy of mixed precision); at ZeRO-0 in bf16
     DeepSpeed's bf16 optimizer also keeps fp32 gradients (4Ψ)
     DeepSpeed's buffers on GPUs: ZeRO-1/2 one reduction bucket (reduce_bucket_size elements of b bytes);
-    ZeRO-3 the prefetch bucket and the largest gathered layer (of b bytes)
+    ZeRO-3 the prefetch bucket and the largest gathered layer (of b bytes); fairscale's FSDP: the largest
+    gathered layer and its full gradient (fp32) and one reduce-scatter bucket shard (25 MB / D)
 
 Saved activations per micro-batch, per token (s·b tokens), e bytes per activation element (2 in bf16/fp16, 4
 in fp32), h = d_model, a heads, g = kv heads / heads, f = d_ff, T tensor ranks, h' = h/T with sequence
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 
 from bigtrain.engine.ds_config import ZERO3_COMMUNICATION, ZERO_COMMUNICATION
 from bigtrain.engine.memory import zero_formula
+
+FSDP_BUCKET_BYTES = 25 * 2**20  # fairscale FSDP's reduce-scatter bucket (bucket_cap_mb=25, its default)
 from bigtrain.planning.partition import stage_boundaries
 from bigtrain.planning.shape import ModelShape, PipelineLayer
 
@@ -144,8 +147,10 @@ def rank_parameters(layers: tuple[PipelineLayer, ...], tensor: int) -> int:
 
 def model_state(psi: int, c: Candidate, s: Setting) -> tuple[int, int, int]:
     """(parameters, gradients, optimizer state) bytes of Ψ parameters on one rank."""
-    if s.engine == "fairscale":  # fp32 weights; OSS shards the moments (whole gradients while accumulating)
-        return 4 * psi, 4 * psi, 8 * psi // c.data
+    if s.engine == "fairscale":  # fp32 weights
+        if c.zero_stage == 3:  # FSDP: parameters, gradients and moments sharded over the data group
+            return 4 * psi // c.data, 4 * psi // c.data, 8 * psi // c.data
+        return 4 * psi, 4 * psi, 8 * psi // c.data  # OSS shards the moments (whole gradients while accumulating)
     if not s.deepspeed(c):
         return 4 * psi, 4 * psi, 8 * psi
     mixed = s.precision != "fp32"
@@ -159,6 +164,10 @@ def model_state(psi: int, c: Candidate, s: Setting) -> tuple[int, int, int]:
 
 
 def deepspeed_buffers(layers: tuple[PipelineLayer, ...], c: Candidate, s: Setting) -> int:
+    """The engine's communication buffers (module docstring): DeepSpeed's, or those of fairscale's FSDP."""
+    if s.on_gpu and s.engine == "fairscale" and c.zero_stage == 3:
+        largest = max(x.split // c.tensor + (x.params - x.split) for x in layers)
+        return 2 * 4 * largest + FSDP_BUCKET_BYTES // c.data
     if not s.on_gpu or c.zero_stage == 0 or not s.deepspeed(c):
         return 0
     b = s.activation_bytes

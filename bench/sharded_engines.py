@@ -1,0 +1,140 @@
+"""The two sharded engines side by side on one config: DeepSpeed's ZeRO stage and fairscale's equivalent (ZeRO-1:
+OSS, ZeRO-2: OSS + ShardedDataParallel, ZeRO-3: FullyShardedDataParallel), same ranks, same seed, same data.
+
+For each stage both engines train `--steps` steps through launch/train.py under torchrun (NCCL on GPUs, one
+rank per GPU; gloo on the CPU, one thread per rank). Reported per stage:
+
+    parity       max over steps of |a − b| / |a| for loss and grad_norm (fp32: expect ≲ 1e-5; bf16 rounds)
+    throughput   median tokens/s of the whole job over the steps after `--warmup`, and fairscale / DeepSpeed
+    model state  measured bytes per rank (parameters + gradients + optimizer, memory.json) and the formula
+
+fairscale runs FSDP on CUDA only; on a CPU the ZeRO-3 pair runs FSDP through tests/helpers/fsdp_on_cpu.py,
+which stands a host "stream" in for its CUDA streams (the result says so), so only its parity means something
+there.
+
+Run: python bench/sharded_engines.py [--stages 1,2,3] [--ranks N] [--steps 20] [--warmup 5] [--config FILE]
+     [overrides]   writes bench/results/sharded_engines-<device>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.harness import REPO, RESULTS, data_substitutes, machine, write_json  # noqa: E402
+
+# A model big enough that the step is not all overhead on a CPU; on GPUs pass a config (e.g. gpt2-small).
+MODEL = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.d_ff=512", "model.max_seq_len=64",
+         "data.seq_len=64", "train.global_batch_size=16", "train.micro_batch_size=4", "optim.lr=3e-4"]
+QUIET = ["train.eval_every=0", "checkpoint.every=0", "train.sample_tokens=0", "checkpoint.resume=false",
+         "log.tensorboard=false", "train.threads=1", "model.dropout=0.0"]
+FSDP_ON_CPU = REPO / "tests" / "helpers" / "fsdp_on_cpu.py"
+NAMES = {1: "OSS", 2: "OSS + ShardedDataParallel", 3: "FullyShardedDataParallel"}
+
+
+def _port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def train(engine: str, stage: int, ranks: int, run_dir: Path, args: argparse.Namespace) -> Path:
+    """One run of `engine` at ZeRO `stage`; returns its run.dir."""
+    on_cpu = not torch.cuda.is_available()
+    script = FSDP_ON_CPU if (engine == "fairscale" and stage == 3 and on_cpu) else REPO / "launch" / "train.py"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
+           f"--master_port={_port()}", str(script)]
+    if args.config:
+        cmd.append(f"--config={args.config}")
+    data = data_substitutes(args.config, args.overrides, world_size=ranks)  # placeholder data files: shapes only
+    cmd += [*([] if args.config else MODEL), *data, *QUIET, f"train.steps={args.steps}", f"run.dir={run_dir}",
+            f"data.cache_dir={run_dir.parent / 'cache'}", f"parallel.engine={engine}", f"parallel.zero_stage={stage}",
+            *args.overrides, "log.every=1"]  # every step's loss, grad_norm and tokens/s
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=args.timeout)
+    if proc.returncode:
+        raise SystemExit(f"{engine} ZeRO-{stage} on {ranks} ranks failed:\n{shlex.join(cmd)}\n"
+                         f"{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+    return run_dir
+
+
+def _steps(run_dir: Path) -> dict[int, dict[str, Any]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in lines if "loss" in r and "step" in r}
+
+
+def compare(deepspeed: Path, fairscale: Path, warmup: int) -> dict[str, Any]:
+    a, b = _steps(deepspeed), _steps(fairscale)
+    steps = sorted(set(a) & set(b))
+    worst = {k: max(abs(a[s][k] - b[s][k]) / max(abs(a[s][k]), 1e-12) for s in steps) for k in ("loss", "grad_norm")}
+    timed = [s for s in steps if s > warmup] or steps
+    speed = {name: statistics.median(r[s]["tokens_per_s"] for s in timed) for name, r in (("deepspeed", a),
+                                                                                           ("fairscale", b))}
+    memory = {name: json.loads((d / "memory.json").read_text()) for name, d in (("deepspeed", deepspeed),
+                                                                                 ("fairscale", fairscale))}
+    state = {name: max(r["params"] + r["grads"] + r["optimizer"] for r in m["ranks"]) for name, m in memory.items()}
+    formula = memory["fairscale"]["formula"]
+    return {"steps": len(steps), "max_rel_loss": worst["loss"], "max_rel_grad_norm": worst["grad_norm"],
+            "tokens_per_s": speed, "fairscale_over_deepspeed": speed["fairscale"] / speed["deepspeed"],
+            "model_state_bytes_per_rank": state,
+            "formula_bytes_per_rank": formula["params"] + formula["grads"] + formula["optimizer"]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", default="1,2,3")
+    parser.add_argument("--ranks", type=int, default=None, help="default: the GPUs here, or 2 CPU ranks")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the tokens/s median")
+    parser.add_argument("--config", default=None, help="base config (default: the 4-layer model above)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    gpus = torch.cuda.device_count()
+    ranks = args.ranks or gpus or 2
+    device = torch.cuda.get_device_name(0) if gpus else "cpu"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bigtrain-engines-") as name:
+        for stage in (int(s) for s in args.stages.split(",")):
+            runs = {engine: train(engine, stage, ranks, Path(name) / f"{engine}{stage}" / "run", args)
+                    for engine in ("deepspeed", "fairscale")}
+            row = {"stage": stage, "fairscale": NAMES[stage], **compare(runs["deepspeed"], runs["fairscale"],
+                                                                         args.warmup)}
+            row["fsdp_on_cpu_shim"] = stage == 3 and not gpus
+            rows.append(row)
+            print(f"ZeRO-{stage}: loss {row['max_rel_loss']:.1e}, grad_norm {row['max_rel_grad_norm']:.1e}; "
+                  f"tokens/s DeepSpeed {row['tokens_per_s']['deepspeed']:.0f}, fairscale "
+                  f"{row['tokens_per_s']['fairscale']:.0f} ({row['fairscale_over_deepspeed']:.2f}x)", flush=True)
+    print(f"\n{ranks} rank(s) on {device}\n| ZeRO | fairscale | max rel. diff loss / grad_norm | tokens/s DeepSpeed | "
+          f"tokens/s fairscale | fairscale / DeepSpeed | model state MiB/rank DS / fs / formula |\n|---|---|---|---|"
+          f"---|---|---|")
+    for r in rows:
+        st = r["model_state_bytes_per_rank"]
+        print(f"| {r['stage']} | {r['fairscale']}{' (CPU shim)' if r['fsdp_on_cpu_shim'] else ''} | "
+              f"{r['max_rel_loss']:.1e} / {r['max_rel_grad_norm']:.1e} | {r['tokens_per_s']['deepspeed']:.0f} | "
+              f"{r['tokens_per_s']['fairscale']:.0f} | {r['fairscale_over_deepspeed']:.2f} | "
+              f"{st['deepspeed'] / 2**20:.2f} / {st['fairscale'] / 2**20:.2f} / "
+              f"{r['formula_bytes_per_rank'] / 2**20:.2f} |")
+    result = {"figure": "sharded_engines", "command": " ".join(["python bench/sharded_engines.py", shlex.join(
+        sys.argv[1:] if argv is None else argv)]).strip(), "machine": machine(), "ranks": ranks, "device": device,
+        "steps": args.steps, "warmup": args.warmup, "rows": rows}
+    write_json(args.out or RESULTS / f"sharded_engines-{'gpu' if gpus else 'cpu'}.json", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
