@@ -20,7 +20,7 @@ from bigtrain.train.attention_data import AttentionGrid, group, record, token_la
 from bigtrain.train.attention_log import TAG
 from bigtrain.train.attention_plot import draw, figure_size, save_png
 from bigtrain.train.trainer import train
-from tests.conftest import DP_LAYOUT, TINY_MODEL, launch_ok, tiny_overrides
+from tests.conftest import DP_LAYOUT, REPO, TINY_MODEL, launch_ok, tiny_overrides
 
 TOKENIZER = ByteTokenizer()
 
@@ -187,9 +187,13 @@ def test_tensorboard_gets_an_image_at_each_evaluation(tmp_path, family):
 
 
 @pytest.mark.slow
-def test_tensorboard_image_under_zero3(tmp_path):
-    """ZeRO-3 partitions the parameters: every rank runs the forward, rank 0 draws."""
+@pytest.mark.parametrize("engine", ["deepspeed", "fairscale"])
+def test_tensorboard_image_under_zero3(tmp_path, engine):
+    """ZeRO-3 partitions the parameters (DeepSpeed's, or fairscale's FSDP run on CPU ranks by its test helper,
+    whose wrappers add to the module names): every rank runs the forward, rank 0 draws."""
     run_dir = tmp_path / "run"
+    script = REPO / "tests" / "helpers" / "fsdp_on_cpu.py" if engine == "fairscale" else None
     launch_ok(2, tiny_overrides(run_dir, "causal", *DP_LAYOUT, "parallel.zero_stage=3", "train.steps=2",
-                                "train.eval_every=2", "log.tensorboard=true", "log.attention_images=true"))
+                                f"parallel.engine={engine}", "train.eval_every=2", "log.tensorboard=true",
+                                "log.attention_images=true"), script=script)
     assert [i.step for i in _images(run_dir)] == [2]

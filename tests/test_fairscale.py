@@ -20,7 +20,10 @@ from tests.conftest import (
     REPO,
     assert_resume_is_exact,
     assert_same_curve,
+    consolidated_eval_loss,
     launch_ok,
+    launch_ranks,
+    read_metrics,
     tiny_overrides,
 )
 
@@ -145,6 +148,18 @@ def test_fully_sharded_tensor_parallel_sequence_parallel_recomputed(causal_refer
                     script=FSDP_ON_CPU)
     assert_same_curve(causal_reference, run_dir, rel=1e-5)
     assert "--- sample (8 tokens" in out
+    # each tensor rank's parameters from its data ranks' flat shards, then the tensor shards merged
+    assert consolidated_eval_loss(run_dir) == pytest.approx(read_metrics(run_dir)[1][20]["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["fairscale1", "fairscale2", "fsdp"])
+def test_consolidate_reads_the_engines_own_files(runs, fsdp_run, which):
+    """`bigtrain consolidate`: the layout-free form's weights equal, bitwise, those the engine's own files
+    reassemble to (data rank 0's model under OSS; every data rank's flat shards under FSDP), and one device
+    evaluates them to the run's final eval loss."""
+    run_dir = fsdp_run if which == "fsdp" else runs[which]
+    assert consolidated_eval_loss(run_dir) == pytest.approx(read_metrics(run_dir)[1][20]["eval_loss"], rel=1e-6)
 
 
 @pytest.mark.slow
@@ -153,6 +168,16 @@ def test_fully_sharded_resume_is_exact(tmp_path):
     run_dir = tmp_path / "run"
     args = _overrides(run_dir, *FSDP, "checkpoint.every=10", "train.eval_every=10", "model.dropout=0.1")
     assert_resume_is_exact(2, args, run_dir, script=FSDP_ON_CPU)
+
+
+def test_fully_sharded_refused_when_auto_lands_on_the_cpu(tmp_path):
+    """train.device=auto passes the config check; on a machine without CUDA the engine refuses at start, on
+    every rank, with the same one-paragraph message (no traceback, no hang)."""
+    proc = launch_ranks(2, _overrides(tmp_path / "run", *FSDP))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "FullyShardedDataParallel, which fairscale runs on CUDA GPUs only; this run is on cpu" in out, out[-3000:]
+    assert "Traceback" not in proc.stdout
 
 
 @pytest.mark.parametrize("overrides, needle", [

@@ -25,6 +25,7 @@ from bigtrain.compat.deepspeed import (
 from bigtrain.components import checkpoint as ckpt
 from bigtrain.components.integrity import read_latest, step_dirs, verify
 from bigtrain.config import ModelConfig, dump_config
+from bigtrain.config.layout import Layout
 from bigtrain.config.loader import config_from_dict
 from bigtrain.errors import CheckpointError
 
@@ -74,6 +75,19 @@ def _pipeline_state(checkpoint: Path, tensor: int, tensor_rank: int) -> dict[str
     return state
 
 
+def _fairscale_state(checkpoint: Path, stage: int, layout: Layout, tensor_rank: int) -> dict[str, torch.Tensor]:
+    """One tensor rank's whole state from the fairscale engine's files: data rank 0's model (OSS), or every data
+    rank's flat shards put back together (FSDP)."""
+    from bigtrain.engine.fully_sharded import unshard
+
+    parts = [ckpt.load_part(checkpoint, f"fairscale_rank{layout.rank_of(0, d, tensor_rank):05d}")
+             for d in range(layout.data if stage == 3 else 1)]
+    if stage != 3:
+        return parts[0]["model"]
+    shapes = parts[0]["shapes"]
+    return {name: unshard([p["model"][name] for p in parts], shape) for name, shape in shapes.items()}
+
+
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """One full fp32 state dict from `checkpoint`; every file is read by the weights-only unpickler (DeepSpeed's
     zero_to_fp32 included), so no code stored in a file runs."""
@@ -106,9 +120,14 @@ def _consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
             for s in shards:
                 s.setdefault("head.weight", s["embed.tokens.weight"])
         state = merge_tensor_shards(shards, cfg.model) if tensor > 1 else shards[0]
+    elif (checkpoint / "fairscale_rank00000.pt").exists():
+        cfg, world = ckpt.saved_config(checkpoint)
+        layout = Layout.for_world(cfg.parallel.tensor, 1, world)
+        shards = [_fairscale_state(checkpoint, cfg.parallel.zero_stage, layout, r) for r in range(layout.tensor)]
+        state = merge_tensor_shards(shards, cfg.model) if layout.tensor > 1 else shards[0]
     else:
-        raise CheckpointError(f"{checkpoint} is neither a bigtrain single-process checkpoint (model.pt) nor a "
-                              f"DeepSpeed one (*model_states.pt).")
+        raise CheckpointError(f"{checkpoint} is neither a bigtrain single-process checkpoint (model.pt), a "
+                              f"DeepSpeed one (*model_states.pt) nor a fairscale one (fairscale_rank*.pt).")
     return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
 
 

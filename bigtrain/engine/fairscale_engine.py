@@ -43,7 +43,7 @@ from bigtrain.components.precision import autocast
 from bigtrain.components.step_result import StepResult
 from bigtrain.config import Config
 from bigtrain.distributed import DistEnv
-from bigtrain.engine.fully_sharded import load_shard_state, shard_state, wrap_fully_sharded
+from bigtrain.engine.fully_sharded import load_shard_state, shard_shapes, shard_state, wrap_fully_sharded
 from bigtrain.engine.layout_free_io import restore_layout_free, save_from_every_rank
 from bigtrain.engine.layout_free_state import StateAdapter
 from bigtrain.engine.memory import (
@@ -203,11 +203,12 @@ class FairscaleEngine:
         every rank its shard of the parameters) and its RNG into `step_N.tmp/`; rank 0 makes the directory
         visible once all ranks are done."""
         def write_own(tmp: Path) -> None:
-            if self.stage == 3:
-                model = shard_state(self.model)
+            part: dict[str, Any] = {"optimizer": self.inner.state_dict()}
+            if self.stage == 3:  # each rank its shards, with the shapes they were cut from (for consolidation)
+                part.update(model=shard_state(self.model), shapes=shard_shapes(self.model))
             else:
-                model = self.model.state_dict() if self.dp_rank == 0 else None
-            ckpt.write_part(tmp, self._part(self.rank), {"model": model, "optimizer": self.inner.state_dict()})
+                part["model"] = self.model.state_dict() if self.dp_rank == 0 else None
+            ckpt.write_part(tmp, self._part(self.rank), part)
 
         return save_from_every_rank(directory, step, self.rank, self.env.world_size, trainer_state, config_yaml,
                                     keep, write_own, self.state, layout_free)

@@ -19,13 +19,14 @@ composes with tensor parallelism: it shards each rank's tensor-parallel shard ov
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from bigtrain.compat.fairscale import named_unwrapped_parameters
+from bigtrain.compat.fairscale import full_shape, named_unwrapped_parameters
 from bigtrain.errors import CheckpointError
 from bigtrain.models import TransformerLM
 
@@ -49,6 +50,17 @@ def wrap_fully_sharded(model: TransformerLM, group: dist.ProcessGroup, device: t
 def shard_state(root: nn.Module) -> dict[str, torch.Tensor]:
     """This rank's shard of every parameter, by its name in the unwrapped model."""
     return {name: p.detach() for name, p in named_unwrapped_parameters(root)}
+
+
+def shard_shapes(root: nn.Module) -> dict[str, list[int]]:
+    """The shape each parameter had before sharding (that of its tensor shard), by unwrapped name."""
+    return {name: list(full_shape(p)) for name, p in named_unwrapped_parameters(root)}
+
+
+def unshard(shards: list[torch.Tensor], shape: list[int]) -> torch.Tensor:
+    """One parameter from its flat shards of data ranks 0..D−1 (padding dropped)."""
+    flat = torch.cat([s.reshape(-1) for s in shards])
+    return flat[:math.prod(shape)].reshape(shape)
 
 
 def load_shard_state(root: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

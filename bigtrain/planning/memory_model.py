@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 from bigtrain.engine.ds_config import ZERO3_COMMUNICATION, ZERO_COMMUNICATION
 from bigtrain.engine.memory import zero_formula
-
-FSDP_BUCKET_BYTES = 25 * 2**20  # fairscale FSDP's reduce-scatter bucket (bucket_cap_mb=25, its default)
 from bigtrain.planning.partition import stage_boundaries
 from bigtrain.planning.shape import ModelShape, PipelineLayer
+
+FSDP_BUCKET_BYTES = 25 * 2**20  # fairscale FSDP's reduce-scatter bucket (bucket_cap_mb=25, its default)
 
 FFN_SAVED = {"relu": 1, "gelu": 2, "gelu_tanh": 2, "swiglu": 4}
 

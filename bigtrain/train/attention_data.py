@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bigtrain.compat.fairscale import clean_name
 from bigtrain.data import Tokenizer
 from bigtrain.models.inspect import attention_maps
 
@@ -75,7 +76,7 @@ def group(maps: dict[str, torch.Tensor], family: str, labels: dict[str, list[str
     token labels of 'input' (causal, masked, seq2seq source) and, for seq2seq, 'target' (decoder input)."""
     found: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for name, weights in maps.items():
-        match = _NAME.match(name)
+        match = _NAME.match(clean_name(name))  # the unwrapped model's name (FSDP inserts its wrappers)
         if match:
             found.setdefault((match["stack"], match["attn"]), {})[int(match["layer"])] = weights[0]
     source, target = labels["input"], labels.get("target", [])
