@@ -198,13 +198,17 @@ def references(tmp_path_factory) -> dict[tuple[str, ...], Path]:
     (["parallel.zero_stage=2"], (), "deepspeed"),
     (["parallel.zero_stage=3"], (), "deepspeed"),
     (["parallel.pipeline=2"], RELATIVE, "torchrun"),
-], ids=["tp2-sp-checkpointing", "dp2-zero2", "dp2-zero3", "pp2-relative"])
+    (["parallel.engine=fairscale", "parallel.zero_stage=3"], (), "fsdp-on-cpu"),
+], ids=["tp2-sp-checkpointing", "dp2-zero2", "dp2-zero3", "pp2-relative", "dp2-fairscale-fsdp"])
 def test_compiled_layouts_match_eager(references, tmp_path, extra, options, launcher):
     """10 steps within 1e-5 of the eager single-process run. The pipeline case sends hidden states and the
-    relative position bias between stages (DeepSpeed's backward then retains the graph)."""
+    relative position bias between stages (DeepSpeed's backward then retains the graph). fairscale's FSDP
+    (run on CPU ranks by its test helper) swaps each block's parameters between shards and gathered tensors
+    around the compiled forward."""
     run_dir = tmp_path / "run"
+    script = REPO / "tests" / "helpers" / "fsdp_on_cpu.py" if launcher == "fsdp-on-cpu" else None
     launch_ok(2, tiny_overrides(run_dir, "causal", *SHORT, *DP_LAYOUT, *options, *extra, "train.compile=true"),
-              launcher=launcher)
+              launcher="torchrun" if script else launcher, script=script)
     assert_same_curve(references[options], run_dir, TOL, steps=STEPS, eval_rel=TOL)
     if "parallel.tensor=2" in extra:  # shards consolidate under the model's names
         assert _native(run_dir).keys() == _native(references[options]).keys()
