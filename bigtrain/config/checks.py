@@ -240,9 +240,6 @@ def check_fairscale(cfg: Config) -> None:
         _require(fsdp_device_allowed(t.device), "parallel.engine='fairscale' with parallel.zero_stage=3 is fairscale's "
                  "FullyShardedDataParallel, which runs on CUDA GPUs only, but train.device='cpu'. Use "
                  "parallel.zero_stage=1 or 2, or parallel.engine=deepspeed.")
-        _require(cfg.optim.name != "lamb", "optim.name='lamb' with fairscale's FullyShardedDataParallel is refused: "
-                 "it flattens parameters, so per-tensor trust ratios would be wrong. Use parallel.zero_stage=1 or "
-                 "2 (exact), or optim.name=adamw.")
 
 
 def check_parallel(cfg: Config, world_size: int) -> None:

@@ -8,20 +8,22 @@
                    are not needed), accumulation runs under `no_sync`
     zero_stage 3   `FullyShardedDataParallel` (`fully_sharded.py`): every block its own unit, parameters
                    sharded per tensor, gathered for a unit's forward and backward only; gradients
-                   reduce-scattered after each micro-batch. fairscale runs it on CUDA only (AdamW: LAMB's
-                   trust ratios would need whole tensors)
+                   reduce-scattered after each micro-batch. fairscale runs it on CUDA only
+
+Because OSS shards whole tensors, bigtrain's LAMB computes each trust ratio from a whole parameter (or, under
+tensor parallelism, from its shards summed over the tensor group by `ZeroLamb`): exact, as unsharded. Under
+FSDP each rank holds a flat piece of every parameter, and `ZeroLamb` sums each piece's squares over the data
+group (then the tensor group) into the whole parameter's norms: exact too.
 
 The loss is the global batch's mean token loss as in the DeepSpeed engine: each micro-batch backpropagates
 Σ ce / N (N: target tokens of the whole global batch, one all-reduce of the host counts), and the data-parallel
 reduction sums (ZeRO-1 equivalent) or averages a loss scaled by N_d (ShardedDataParallel and FSDP divide by
 N_d), so every gradient is ∇(Σ_global ce / N), the single-device gradient.
 
-Because OSS shards whole tensors, bigtrain's LAMB computes each trust ratio from a whole parameter (or, under
-tensor parallelism, from its shards summed over the tensor group by `ZeroLamb`): exact, as unsharded.
 Gradient norm and clipping: ‖g‖² sums the owned parameters' squares (ZeRO-2), or every parameter's shard
 (FSDP), over the data group, or takes the all-reduced gradients (ZeRO-1); then over the tensor group
-(replicated parameters once). A non-finite step is
-skipped on the device (`found_inf`) as in the other engines. Weights stay fp32; bf16 runs under autocast.
+(replicated parameters once). A non-finite step is skipped on the device (`found_inf`) as in the other engines.
+Weights stay fp32; bf16 runs under autocast.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ class FairscaleEngine:
         o = cfg.optim
         if o.name == "lamb":
             tensor_group = groups.tensor_group if groups.layout.tensor > 1 else None
-            optim_class: Any = functools.partial(ZeroLamb, tensor_group=tensor_group)
+            shard_group = self.group if p.zero_stage == 3 and self.dp_size > 1 else None  # FSDP: flat shards
+            optim_class: Any = functools.partial(ZeroLamb, tensor_group=tensor_group, shard_group=shard_group)
             hyper: dict[str, Any] = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps,
                                      "max_trust_ratio": o.lamb_max_trust_ratio}
         else:

@@ -10,6 +10,10 @@ ratio ||w|| / ||r|| exactly as unsharded LAMB does (up to floating-point summati
 Under tensor parallelism a parameter's shards live on the ranks of the tensor group: for parameters marked
 `tensor_model_parallel` the sums of squares are also all-reduced over that group (replicated parameters are
 whole on every rank and are not).
+
+Under fairscale's FullyShardedDataParallel every tensor the optimizer holds is this rank's flat shard of one
+parameter (zero-padded at the end: the padding's weight, gradient, moments and update all stay 0), so with
+`shard_group` the two sums of squares of each tensor are all-reduced over that (data) group first.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from bigtrain.parallel.tensor import is_tensor_parallel
 class ZeroLamb(Lamb):
     """LAMB whose norms of flat ZeRO partitions and of tensor shards are those of whole parameters."""
 
-    def __init__(self, *args, tensor_group: dist.ProcessGroup | None = None, **kwargs) -> None:
+    def __init__(self, *args, tensor_group: dist.ProcessGroup | None = None,
+                 shard_group: dist.ProcessGroup | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.segments: dict[int, tuple[Tensor, int, Tensor]] = {}
         self.group: dist.ProcessGroup | None = None
-        self.tensor_group = tensor_group
+        self.tensor_group, self.shard_group = tensor_group, shard_group
 
     def attach_zero_partitions(self, zero_optimizer: object, group: dist.ProcessGroup) -> None:
         """Label the elements of each flat partition of a DeepSpeedZeroOptimizer (stage 1 or 2)."""
@@ -56,11 +61,16 @@ class ZeroLamb(Lamb):
 
     def _tensor_norms(self, p: Tensor, update: Tensor) -> tuple[Tensor, Tensor]:
         info = self.segments.get(id(p))
-        if info is None:  # a whole parameter, or its tensor shard (no ZeRO partitioning)
-            if self.tensor_group is None or not is_tensor_parallel(p):
+        if info is None:  # a whole parameter, its tensor shard, or an FSDP shard of either
+            across_tensor = self.tensor_group is not None and is_tensor_parallel(p)
+            if self.shard_group is None and not across_tensor:
                 return super()._tensor_norms(p, update)
             squares = torch.stack([p.float().square().sum(), update.float().square().sum()])
-            norms = self._all_reduce(squares, self.tensor_group).sqrt()
+            if self.shard_group is not None:
+                squares = self._all_reduce(squares, self.shard_group)
+            if across_tensor:
+                squares = self._all_reduce(squares, self.tensor_group)
+            norms = squares.sqrt()
             return norms[0], norms[1]
         seg, n, sharded = info
         squares = torch.zeros(2, n, dtype=torch.float32, device=p.device)

@@ -80,8 +80,8 @@ def _divisors(n: int) -> list[int]:
 
 
 def _zero_stages(cfg: Config, pipeline: int, world: int) -> list[int]:
-    if cfg.parallel.engine == "fairscale":  # OSS, OSS + ShardedDataParallel, FSDP (not LAMB); no pipeline
-        return ([1, 2] if cfg.optim.name == "lamb" else [1, 2, 3]) if pipeline == 1 else []
+    if cfg.parallel.engine == "fairscale":  # OSS, OSS + ShardedDataParallel, FSDP; no pipeline
+        return [1, 2, 3] if pipeline == 1 else []
     allowed = [0, 1] if pipeline > 1 else [0, 1, 2, 3]
     if cfg.optim.name == "lamb":
         allowed = [z for z in allowed if z < 3]
