@@ -217,16 +217,15 @@ class FairscaleEngine:
                                     keep, write_own, self.state, layout_free)
 
     def load(self, checkpoint: Path) -> dict[str, Any]:
-        if self.stage == 3:
-            own = checkpoint / f"{self._part(self.rank)}.pt"
-            load_shard_state(self.model, ckpt.load_part(checkpoint, self._part(self.rank), self.device)["model"],
-                             own)
-        else:
+        own = ckpt.load_part(checkpoint, self._part(self.rank), self.device)
+        if self.stage == 3:  # this rank's parameter shards
+            load_shard_state(self.model, own["model"], checkpoint / f"{self._part(self.rank)}.pt")
+        else:  # the model as data rank 0 of this tensor rank saved it
             c = self.groups.coords
-            holder = self.groups.layout.rank_of(c.pipe, 0, c.tensor)  # data rank 0 of this tensor rank
-            ckpt.load_into(self.model, ckpt.load_part(checkpoint, self._part(holder), self.device)["model"],
-                           checkpoint / f"{self._part(holder)}.pt")
-        self.inner.load_state_dict(ckpt.load_part(checkpoint, self._part(self.rank), self.device)["optimizer"])
+            holder = self.groups.layout.rank_of(c.pipe, 0, c.tensor)
+            model = own if holder == self.rank else ckpt.load_part(checkpoint, self._part(holder), self.device)
+            ckpt.load_into(self.model, model["model"], checkpoint / f"{self._part(holder)}.pt")
+        self.inner.load_state_dict(own["optimizer"])
         trainer = ckpt.load_part(checkpoint, f"trainer_rank{self.rank:05d}")
         ckpt.set_rng_state(trainer["rng"])
         return trainer["state"]
