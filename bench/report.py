@@ -15,6 +15,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 GPU_COMMANDS = """\
+bash bench/gpu_checks.sh     # on a one-GPU machine: the figures below that one GPU gives, in one bounded run
 python bench/throughput.py --config configs/gpt2-small.yaml train.precision=bf16 train.compile=false
 python bench/throughput.py --config configs/gpt2-small.yaml train.precision=bf16 train.compile=true
 python bench/throughput.py --config configs/gpt3-1.3b.yaml train.precision=bf16 train.compile=false
