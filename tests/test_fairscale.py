@@ -156,14 +156,23 @@ def test_fully_sharded_tensor_parallel_sequence_parallel_recomputed(causal_refer
     assert consolidated_eval_loss(run_dir) == pytest.approx(read_metrics(run_dir)[1][20]["eval_loss"], rel=1e-6)
 
 
+MODERN = ("model.norm_position=pre", "model.norm=rmsnorm", "model.positions=rotary", "model.activation=swiglu",
+          "model.n_kv_heads=2", "model.bias=false", "model.tie_embeddings=false")
+RELATIVE = ("model.norm_position=pre", "model.norm=rmsnorm", "model.positions=relative", "model.relative_buckets=8",
+            "model.relative_max_distance=16", "model.bias=false")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["seq2seq", "masked"])
-def test_fully_sharded_other_families(tmp_path, family):
-    """The encoder-decoder (two block stacks, each block its own unit; cross-attention to the encoder's output)
-    and the encoder-only family under FSDP: loss, grad_norm and the final eval within 1e-5 of one process."""
+@pytest.mark.parametrize("family, options", [("seq2seq", RELATIVE), ("causal", MODERN)],
+                         ids=["seq2seq-relative", "causal-rotary-swiglu-gqa-untied"])
+def test_fully_sharded_other_models(tmp_path, family, options):
+    """Under FSDP, the encoder-decoder (two block stacks, each block its own unit; cross-attention to the
+    encoder's output; the relative position bias in the root unit) and the Llama-style decoder (rotary
+    buffers, grouped-query attention, an untied head): loss, grad_norm and the final eval within 1e-5 of one
+    process."""
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    single_process(tiny_overrides(ref_dir, family, *DP_LAYOUT))
-    launch_ok(2, tiny_overrides(run_dir, family, *DP_LAYOUT, *FSDP), script=FSDP_ON_CPU)
+    single_process(tiny_overrides(ref_dir, family, *DP_LAYOUT, *options))
+    launch_ok(2, tiny_overrides(run_dir, family, *DP_LAYOUT, *options, *FSDP), script=FSDP_ON_CPU)
     assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
 
 
