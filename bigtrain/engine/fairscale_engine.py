@@ -23,7 +23,7 @@ N_d), so every gradient is ∇(Σ_global ce / N), the single-device gradient.
 Gradient norm and clipping: ‖g‖² sums the owned parameters' squares (ZeRO-2), or every parameter's shard
 (FSDP), over the data group, or takes the all-reduced gradients (ZeRO-1); then over the tensor group
 (replicated parameters once). A non-finite step is skipped on the device (`found_inf`) as in the other engines.
-Weights stay fp32; bf16 runs under autocast.
+Weights stay fp32; bf16 runs under autocast (OSS) or FSDP's mixed precision over fp32 master shards.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class FairscaleEngine:
         self.forward: torch.nn.Module = self.model
         if self.stage == 3:
             groups_by_decay = param_groups(self.model, o.weight_decay)  # before sharding: decay goes by ndim
-            self.forward = wrap_fully_sharded(self.model, self.group, device)
+            self.forward = wrap_fully_sharded(self.model, self.group, device, bf16=cfg.train.precision == "bf16")
             self.model = self.forward  # type: ignore[assignment]  # the root unit runs (and forwards attributes)
             self.optimizer: Any = optim_class(groups_by_decay, **hyper)
             self.inner: torch.optim.Optimizer = self.optimizer  # over this rank's shards of every parameter

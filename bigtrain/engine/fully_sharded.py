@@ -10,8 +10,13 @@ engine.
                layout-free checkpoint see parameters by name
     gradients  reduce-scattered over the data group after each micro-batch's backward and averaged
                (÷ D); each rank accumulates only its shard
-    precision  the parameters stay fp32 (`mixed_precision=False`); bf16 runs under autocast as in the other
-               engines, so the all-gathers move fp32 values
+    precision  fp32: the parameters stay fp32 (`mixed_precision=False`). bf16: fairscale's mixed precision —
+               fp32 master shards (what the optimizer updates), parameters gathered and computed in bf16 (half
+               the all-gather bytes; the gathered copy is what autograd saves, so it is freed and gathered
+               again like the parameters), gradients reduce-scattered in fp32, position tables kept fp32: the
+               numerics of DeepSpeed's bf16 ZeRO-3 (bf16 weights over fp32 masters) rather than of autocast
+               over fp32 weights, which would keep a bf16 copy of every weight alive until backward.
+               Autocast's cache of casts is cleared after each unit either way
 
 The process group for both the all-gathers and the reduce-scatters is the layout's data group, so FSDP
 composes with tensor parallelism: it shards each rank's tensor-parallel shard over the data group.
@@ -31,15 +36,19 @@ from bigtrain.errors import CheckpointError
 from bigtrain.models import TransformerLM
 
 
-def wrap_fully_sharded(model: TransformerLM, group: dist.ProcessGroup, device: torch.device) -> nn.Module:
+def wrap_fully_sharded(model: TransformerLM, group: dist.ProcessGroup, device: torch.device,
+                       bf16: bool = False) -> nn.Module:
     """The model with each block in its own FSDP unit, inside a root unit; returns the root (which forwards
     attribute lookups to the model). The model's parameters are sharded in place."""
     from fairscale.nn import FullyShardedDataParallel
 
+    precision = ({"mixed_precision": True, "compute_dtype": torch.bfloat16, "buffer_dtype": torch.float32,
+                  "fp32_reduce_scatter": True} if bf16 else {"mixed_precision": False})
+
     def unit(module: nn.Module) -> nn.Module:
         return FullyShardedDataParallel(module, process_group=group, process_group_reduce_scatter=group,
-                                        compute_device=device, flatten_parameters=False, mixed_precision=False,
-                                        reshard_after_forward=True)
+                                        compute_device=device, flatten_parameters=False, reshard_after_forward=True,
+                                        clear_autocast_cache=True, **precision)
 
     for stack in model.stacks():
         for index, block in enumerate(stack):
