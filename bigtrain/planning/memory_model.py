@@ -8,7 +8,8 @@ Model state, Ψ = this rank's parameters (its stage's layers; tensor-split ones 
     DeepSpeed's bf16 optimizer also keeps fp32 gradients (4Ψ)
     DeepSpeed's buffers on GPUs: ZeRO-1/2 one reduction bucket (reduce_bucket_size elements of b bytes);
     ZeRO-3 the prefetch bucket and the largest gathered layer (of b bytes); fairscale's FSDP: the largest
-    gathered layer and its full gradient (fp32) and one reduce-scatter bucket shard (25 MB / D)
+    gathered layer and its full gradient (b bytes each: bf16 under its mixed precision) and one reduce-scatter
+    bucket shard (25 MB / D)
 
 Saved activations per micro-batch, per token (s·b tokens), e bytes per activation element (2 in bf16/fp16, 4
 in fp32), h = d_model, a heads, g = kv heads / heads, f = d_ff, T tensor ranks, h' = h/T with sequence
@@ -167,7 +168,7 @@ def deepspeed_buffers(layers: tuple[PipelineLayer, ...], c: Candidate, s: Settin
     """The engine's communication buffers (module docstring): DeepSpeed's, or those of fairscale's FSDP."""
     if s.on_gpu and s.engine == "fairscale" and c.zero_stage == 3:
         largest = max(x.split // c.tensor + (x.params - x.split) for x in layers)
-        return 2 * 4 * largest + FSDP_BUCKET_BYTES // c.data
+        return 2 * s.activation_bytes * largest + FSDP_BUCKET_BYTES // c.data
     if not s.on_gpu or c.zero_stage == 0 or not s.deepspeed(c):
         return 0
     b = s.activation_bytes

@@ -11,7 +11,8 @@ pipeline    1F1B over m micro-batches: (m + p − 1) slots of the slowest stage,
             (p − 1)/(m + p − 1); each slot also sends s·b·h·e bytes forward and back between neighbours
 data        once per step the gradients of this rank's Ψ: 2(D−1)/D · Ψ·b bytes for ZeRO 0-2 (all-reduce, or
             reduce-scatter + all-gather of the updated parameters), 3(D−1)/D · Ψ·b for ZeRO-3 (parameters
-            gathered in forward and backward, gradients reduce-scattered), not assumed to overlap with compute
+            gathered in forward and backward, gradients reduce-scattered; fairscale's FSDP gathers in e bytes
+            and reduces in fp32: (D−1)/D · Ψ·(2e + 4)), not assumed to overlap with compute
 overhead    a fixed cost per block and micro-batch (kernel launches and framework work of forward and backward,
             LAUNCH_S), which makes larger micro-batches and fewer of them cheaper, as on a real GPU
 Bandwidths are within a node when the group's ranks share one (ranks are numbered tensor innermost, then
@@ -89,7 +90,11 @@ def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
     if c.data > 1:
         grad_bytes = 4 if s.precision == "fp32" or not s.deepspeed(c) else 2  # autocast keeps fp32 gradients
         psi = max(rank_parameters(layers, c.tensor) for layers in parts)
-        volume = (3 if c.zero_stage == 3 else 2) * (c.data - 1) / c.data * psi * grad_bytes
+        if c.zero_stage == 3 and not s.deepspeed(c):  # fairscale's FSDP: two all-gathers (bf16 under its mixed
+            per_value = 2 * s.activation_bytes + 4  # precision), one fp32 reduce-scatter
+        else:
+            per_value = (3 if c.zero_stage == 3 else 2) * grad_bytes
+        volume = (c.data - 1) / c.data * psi * per_value
         data = volume / net.bandwidth(c.tensor * c.data)
     slot = slot_compute + slot_tensor + slot_overhead
     return StepTime(compute=m * slot_compute, tensor=m * slot_tensor, pipeline_bubble=(c.pipeline - 1) * slot,
