@@ -59,7 +59,8 @@ def train(engine: str, stage: int, ranks: int, run_dir: Path, args: argparse.Nam
            f"--master_port={_port()}", str(script)]
     if args.config:
         cmd.append(f"--config={args.config}")
-    data = data_substitutes(args.config, args.overrides, world_size=ranks)  # placeholder data files: shapes only
+    base = [*([] if args.config else MODEL), *args.overrides]
+    data = data_substitutes(args.config, base, world_size=ranks)  # placeholder data files: shapes only
     cmd += [*([] if args.config else MODEL), *data, *QUIET, f"train.steps={args.steps}", f"run.dir={run_dir}",
             f"data.cache_dir={run_dir.parent / 'cache'}", f"parallel.engine={engine}", f"parallel.zero_stage={stage}",
             *args.overrides, "log.every=1"]  # every step's loss, grad_norm and tokens/s

@@ -9,8 +9,9 @@ read layout-free checkpoints it also needs how FSDP stores a parameter, which is
                     c = ⌈n / W⌉ values from r·c (fewer, or none, on the last ranks)
     names           FSDP inserts `_fsdp_wrapped_module` (and `_fpw_module`) into the names of what it wraps
 
-fairscale 0.4.13 runs FSDP on CUDA only (it creates CUDA streams for its all-gathers and reductions);
-`fsdp_runs_on` is the one place that says so. Importing this module does not import fairscale.
+These were read from fairscale 0.4.13 (pyproject: fairscale>=0.4.13), which runs FSDP on CUDA only (it creates
+CUDA streams for its all-gathers and reductions); `fsdp_runs_on` is the one place that says so. Importing this
+module does not import fairscale.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from torch import nn
 
 from bigtrain.compat.deepspeed import Partition
 
-TESTED = "0.4.13"  # the fairscale release these internals were read from (pyproject: fairscale>=0.4.13)
 WRAPPER_NAMES = frozenset({"_fsdp_wrapped_module", "_fpw_module"})
 
 
@@ -63,5 +63,5 @@ def shard_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
 def fsdp_partition(p: torch.Tensor, rank: int, world_size: int) -> Partition:
     """Where this rank's values of a sharded parameter are: `p` itself is the flat (padded) shard, and its
     optimizer state has the same layout."""
-    start, count = shard_range(int(torch.Size(full_shape(p)).numel()), rank, world_size)
+    start, count = shard_range(full_shape(p).numel(), rank, world_size)
     return Partition(flat=p, flat_start=0, param_start=start, numel=count)
