@@ -1,6 +1,11 @@
-"""Checkpoints written by an earlier bigtrain (tests/fixtures/main_d0e41f9, see its README) still resume: the
-plain engine's files and a tensor-parallel DeepSpeed run's, with parameter names and module structure as they
-were then. Steps 3-4 after the resume equal the uninterrupted run that wrote them."""
+"""Checkpoints written by earlier bigtrains still resume (see each fixture's README):
+
+- tests/fixtures/main_d0e41f9: the plain engine's files and a tensor-parallel DeepSpeed run's, with parameter
+  names and module structure as they were before the `parallelize` refactor;
+- tests/fixtures/main_89abca6: the plain engine's files (`trainer.pt`) and a 2-rank fairscale run's, written by
+  the two save sequences that existed before one `CheckpointManager` wrote every checkpoint (issue 24).
+
+Steps 3-4 after the resume equal the uninterrupted run that wrote them."""
 
 from __future__ import annotations
 
@@ -13,11 +18,12 @@ import pytest
 from tests.conftest import REPO, launch_ok, read_metrics, run_launcher
 
 FIXTURES = REPO / "tests" / "fixtures" / "main_d0e41f9"
+BEFORE_ONE_MANAGER = REPO / "tests" / "fixtures" / "main_89abca6"
 
 
-def _copy(name: str, tmp_path: Path) -> tuple[Path, list[str]]:
+def _copy(name: str, tmp_path: Path, fixtures: Path = FIXTURES) -> tuple[Path, list[str]]:
     run_dir = tmp_path / name
-    shutil.copytree(FIXTURES / name, run_dir)
+    shutil.copytree(fixtures / name, run_dir)
     saved = run_dir / "checkpoints" / "step_00000002" / "config.yaml"
     overrides = [f"run.dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}"]
     return run_dir, ["--config", str(saved), *overrides]
@@ -48,3 +54,26 @@ def test_single_process_checkpoint_from_main_resumes(tmp_path):
 def test_tensor_parallel_deepspeed_checkpoint_from_main_resumes(tmp_path):
     run_dir, args = _copy("tp2", tmp_path)
     _assert_continues(run_dir, launch_ok(2, args))
+
+
+def test_single_process_checkpoint_from_before_one_manager_resumes(tmp_path):
+    """`trainer.pt` (the plain engine's own save sequence), a manifest without the layout that wrote it."""
+    run_dir, args = _copy("single", tmp_path, BEFORE_ONE_MANAGER)
+    proc = run_launcher(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_continues(run_dir, proc.stdout)
+
+
+@pytest.mark.slow
+def test_fairscale_checkpoint_from_before_one_manager_resumes(tmp_path):
+    run_dir, args = _copy("fairscale", tmp_path, BEFORE_ONE_MANAGER)
+    _assert_continues(run_dir, launch_ok(2, args))
+
+
+def test_fairscale_checkpoint_from_before_one_manager_resumes_on_one_process(tmp_path):
+    """The same 2-rank checkpoint, resumed by one process through its layout-free form."""
+    run_dir, args = _copy("fairscale", tmp_path, BEFORE_ONE_MANAGER)
+    proc = run_launcher([*args, "parallel.engine=auto", "parallel.zero_stage=0", "train.micro_batch_size=4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "written by tensor 1 × pipeline 1 × data 2, ZeRO-2, fairscale" in proc.stdout, proc.stdout[-2000:]
+    _assert_continues(run_dir, proc.stdout)
