@@ -24,7 +24,7 @@ KERNELS = {
 
 def attention_backend(cfg: Config, device: torch.device, vocab: int) -> dict[str, object]:
     """{"backend": what ran, "operators": the SDPA operators seen, and on CUDA which backends are enabled}."""
-    from bigtrain.components.precision import autocast
+    from bigtrain.distributed.device import autocast
     from bigtrain.models import build_model
 
     model_cfg = dataclasses.replace(cfg.model, n_layers=1, n_decoder_layers=1 if cfg.model.family == "seq2seq"

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 # (module, class or None for a module function, attribute, label)
 PARTS = [
     ("bigtrain.train.trainer", "Trainer", "micro_batches", "batches (sampler, collate, to device)"),
-    ("bigtrain.train.prefetch", "BatchPrefetcher", "get", "  of it: waiting for the prefetch thread"),
+    ("bigtrain.data.prefetch", "BatchPrefetcher", "get", "  of it: waiting for the prefetch thread"),
     ("bigtrain.train.trainer", "Trainer", "_settle", "reading the step's values (log steps)"),
     ("bigtrain.train.metrics", "MetricsLog", "write", "metrics.jsonl + TensorBoard scalars"),
     ("bigtrain.train.metrics", "MetricsLog", "scalars", "TensorBoard per-layer gradient norms"),

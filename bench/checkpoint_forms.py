@@ -68,10 +68,10 @@ def worker(args: argparse.Namespace) -> None:
 
     import torch.distributed as dist
 
+    from bigtrain.checkpoint.resume import layout_free_header
+    from bigtrain.checkpoint.sequence import write_layout_free
     from bigtrain.config import dump_config, load_config
-    from bigtrain.engine.layout_free_io import write_layout_free
     from bigtrain.engine.memory import measure_optimizer, measure_params
-    from bigtrain.train.resume import layout_free_header
     from bigtrain.train.trainer import Trainer
 
     work = Path(args.work)

@@ -46,8 +46,8 @@ def main() -> None:
     import torch
 
     from bigtrain.config import load_config
+    from bigtrain.inference.generate import generate
     from bigtrain.models import build_model, count_parameters
-    from bigtrain.train.generate import generate
 
     length = args.prompt_tokens + args.new_tokens
     cfg = load_config(None, [*GPT2_SHAPE, f"model.d_model={args.d_model}", f"model.n_layers={args.layers}",

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse(argv)
     from bigtrain.distributed import detect_env, shutdown_process_group
     from bigtrain.models import resolve_vocab_size
-    from bigtrain.train.flops import flops_per_token, peak_flops
+    from bigtrain.planning.flops import flops_per_token, peak_flops
 
     env = detect_env()
     substitutes = data_substitutes(args.config, args.overrides, env.world_size)

@@ -232,7 +232,7 @@ def consolidated_eval_loss(run_dir: Path) -> float:
     checkpoint's layout-free form; they must equal, bitwise, what the engine's own files reassemble to."""
     import torch
 
-    from bigtrain.engine.consolidate import consolidated_state_dict
+    from bigtrain.checkpoint.consolidate import consolidated_state_dict
     from bigtrain.train.evaluate import evaluate_weights
 
     proc = subprocess.run([str(Path(sys.executable).parent / "bigtrain"), "consolidate", str(run_dir)],

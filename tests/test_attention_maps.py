@@ -15,10 +15,10 @@ from PIL import Image
 from bigtrain.cli import main
 from bigtrain.config import load_config
 from bigtrain.data import ByteTokenizer
+from bigtrain.inference.attention_data import AttentionGrid, group, record, token_labels
+from bigtrain.inference.attention_log import TAG
+from bigtrain.inference.attention_plot import draw, figure_size, save_png
 from bigtrain.models import build_model
-from bigtrain.train.attention_data import AttentionGrid, group, record, token_labels
-from bigtrain.train.attention_log import TAG
-from bigtrain.train.attention_plot import draw, figure_size, save_png
 from bigtrain.train.trainer import train
 from tests.conftest import DP_LAYOUT, REPO, TINY_MODEL, launch_ok, tiny_overrides
 

@@ -22,12 +22,12 @@ import torch
 
 from bench.activation_memory import saved_activation_bytes
 from bigtrain.config import load_config
+from bigtrain.inference.generate import generate
 from bigtrain.models import build_model
 from bigtrain.models.inspect import attention_maps
 from bigtrain.parallel import parallelize
 from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from bigtrain.parallel.compile import CompiledBlock, apply_compile, check_cpp_compiler
-from bigtrain.train.generate import generate
 from tests.conftest import (
     DP_LAYOUT,
     REPO,
@@ -217,7 +217,7 @@ def test_compiled_layouts_match_eager(references, tmp_path, extra, options, laun
 
 def _native(run_dir: Path) -> dict[str, torch.Tensor]:
     """The full state dict that the engine's own files of the last checkpoint reassemble to."""
-    from bigtrain.engine.consolidate import consolidated_state_dict
+    from bigtrain.checkpoint.consolidate import consolidated_state_dict
 
     return consolidated_state_dict(run_dir / "checkpoints" / f"step_{STEPS:08d}")
 

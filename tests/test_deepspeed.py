@@ -164,7 +164,7 @@ def test_gpu_zero_gets_communication_overlap_and_buckets():
     """On GPUs, ZeRO's config gets overlap_comm, contiguous gradients and bucket sizes (recorded in
     deepspeed_config.json); `deepspeed:` may change them; CPU ranks (gloo) keep DeepSpeed's defaults."""
     from bigtrain.config import load_config
-    from bigtrain.engine.ds_config import derive_deepspeed_config
+    from bigtrain.config.deepspeed import derive_deepspeed_config
 
     zero2 = load_config(None, ["parallel.zero_stage=2", "train.global_batch_size=8", "train.micro_batch_size=4"])
     gpu = derive_deepspeed_config(zero2, 2, on_gpu=True)["zero_optimization"]

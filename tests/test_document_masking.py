@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from bigtrain.components.loss import cross_entropy_sum, model_inputs
 from bigtrain.config import load_config
 from bigtrain.data import ByteTokenizer, build_datasets, collate
 from bigtrain.data.corpus import load_corpus
 from bigtrain.errors import ConfigError
 from bigtrain.models import build_model
 from bigtrain.models.documents import document_positions
+from bigtrain.models.loss import cross_entropy_sum, model_inputs
 from tests.conftest import (
     REPO,
     _free_port,

@@ -1,4 +1,4 @@
-"""Text generation (`bigtrain.train.generate`, `bigtrain generate`): the KV cache changes no token, batching
+"""Text generation (`bigtrain.inference.generate`, `bigtrain generate`): the KV cache changes no token, batching
 changes no token, beam search finds what exhaustive search finds and chooses what transformers chooses,
 sampling is reproducible, EOS stops a row; the command end to end and its errors; tensor parallelism (TP=2,
 with and without the cache, and under sequence parallelism) generates the one-device model's tokens; the
@@ -24,9 +24,9 @@ from bigtrain.cli import main as cli_main
 from bigtrain.config import config_to_dict, load_config
 from bigtrain.data import ByteTokenizer
 from bigtrain.errors import GenerationError
+from bigtrain.inference.decoder_rows import CausalRows, Seq2SeqRows
+from bigtrain.inference.generate import Decoding, generate
 from bigtrain.models import TransformerLM, build_model, resolve_vocab_size
-from bigtrain.train.decoder_rows import CausalRows, Seq2SeqRows
-from bigtrain.train.generate import Decoding, generate
 from tests.conftest import (
     GPT2_OPTIONS,
     REPO,

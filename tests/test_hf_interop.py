@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
+from bigtrain.checkpoint.state import StateAdapter
+from bigtrain.checkpoint.weights import load_weights, one_device, with_tied
 from bigtrain.config import config_to_dict
 from bigtrain.config.loader import load_config
-from bigtrain.engine.layout_free_state import StateAdapter
-from bigtrain.engine.weights import load_weights, one_device, with_tied
 from bigtrain.errors import ConfigError
 from bigtrain.interop import init_source
 from bigtrain.models import build_model
@@ -126,7 +126,7 @@ def _bigtrain_folder(cfg, model, out: Path) -> Path:
 
 
 def _load_bigtrain(path: Path):
-    from bigtrain.components import checkpoint as ckpt
+    from bigtrain.checkpoint import store as ckpt
     from bigtrain.config.loader import config_from_dict
 
     raw, state = load_weights(path)
@@ -281,7 +281,7 @@ def test_generation_equals_transformers_generate_on_the_export(tmp_path, kind, b
     """Greedy and 4-beam search (length penalty 0.7) with bigtrain's KV cache pick the tokens transformers'
     `generate` picks on the exported folder, for a batch of two prompts (left-padded for causal models)."""
     from bigtrain.data.tokenizer import ByteTokenizer
-    from bigtrain.train.generate import Decoding, generate
+    from bigtrain.inference.generate import Decoding, generate
 
     tok = ByteTokenizer()
     cfg = _config(kind)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigtrain.components.layout_free import LayoutFreeReader, Piece, write_index, write_pieces
+from bigtrain.checkpoint.layout_free import LayoutFreeReader, Piece, write_index, write_pieces
 from bigtrain.errors import CheckpointError
 from bigtrain.train.evaluate import evaluate_weights
 from bigtrain.train.trainer import train
@@ -129,7 +129,7 @@ def test_evaluate_export_and_consolidate_read_the_same_weights(run_dir, tmp_path
 def test_convert_adds_the_layout_free_form(run_dir):
     """A plain-engine checkpoint written without the form (checkpoint.layout_free_every=0): `bigtrain convert`
     adds it (weights and optimizer moments equal the checkpoint's own files) and the manifest covers it."""
-    from bigtrain.components.integrity import verify
+    from bigtrain.checkpoint.integrity import verify
 
     train(tiny_config(run_dir, "causal", "train.steps=2", "checkpoint.layout_free_every=0"))
     step = run_dir / "checkpoints" / "step_00000002"

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from bigtrain.components import checkpoint as ckpt
-from bigtrain.components.integrity import read_latest
+from bigtrain.checkpoint import store as ckpt
+from bigtrain.checkpoint.integrity import read_latest
 from bigtrain.errors import CheckpointError
 from bigtrain.train.trainer import Trainer, train
 from tests.conftest import REPO, run_launcher, tiny_config, tiny_overrides

@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 
-from bigtrain.components.precision import autocast
 from bigtrain.config import load_config
 from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate
+from bigtrain.distributed.device import autocast
 from bigtrain.engine.step import train_step
 from bigtrain.errors import TrainingError
 from bigtrain.models import build_model

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigtrain.components.integrity import manifest_for
+from bigtrain.checkpoint.integrity import manifest_for
 from bigtrain.errors import CheckpointError
 from bigtrain.train.trainer import Trainer, train
 from tests.conftest import REPO, launch_ok, launch_ranks, read_metrics, run_launcher, tiny_config, tiny_overrides

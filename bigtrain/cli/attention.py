@@ -30,7 +30,7 @@ def run_attention(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def command() -> int:
-        from bigtrain.train.attention_command import attention_png, parse_indices
+        from bigtrain.inference.attention_command import attention_png, parse_indices
 
         picture = attention_png(args.checkpoint, args.text, args.out, args.target, args.kind,
                                 parse_indices("--layers", args.layers), parse_indices("--heads", args.heads),

@@ -1,11 +1,11 @@
-"""One rank of `bigtrain convert` under torchrun (`bigtrain.train.convert.run_convert` starts them)."""
+"""One rank of `bigtrain convert` under torchrun (`bigtrain.checkpoint.convert.run_convert` starts them)."""
 
 import os
 import sys
 from pathlib import Path
 
+from bigtrain.checkpoint.convert import convert_here
 from bigtrain.cli.report import fail
-from bigtrain.train.convert import convert_here
 
 if __name__ == "__main__":
     try:

@@ -48,8 +48,8 @@ def run_generate(argv: list[str]) -> int:
         import torch.distributed as dist
 
         from bigtrain.errors import UsageError
-        from bigtrain.train.generate import Decoding, decoding_problems
-        from bigtrain.train.generate_command import generate_text
+        from bigtrain.inference.generate import Decoding, decoding_problems
+        from bigtrain.inference.generate_command import generate_text
 
         started_with_group = dist.is_initialized()
 

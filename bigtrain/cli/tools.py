@@ -19,7 +19,7 @@ def run_consolidate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def command() -> int:
-        from bigtrain.engine.consolidate import consolidate
+        from bigtrain.checkpoint.consolidate import consolidate
 
         out = consolidate(args.run_dir, args.step, args.out)
         print(f"consolidated weights: {out / 'model.pt'} (config: {out / 'config.yaml'})")
@@ -63,7 +63,7 @@ def run_export(argv: list[str]) -> int:
             out = export_hf(args.checkpoint, args.out)
             print(f"exported: {out} (transformers: config.json + model.safetensors)")
             return 0
-        from bigtrain.engine.weights import export_safetensors
+        from bigtrain.checkpoint.weights import export_safetensors
 
         out = export_safetensors(args.checkpoint, args.out)
         print(f"exported: {out / 'model.safetensors'} (config: {out / 'config.yaml'})")
@@ -81,7 +81,7 @@ def run_convert(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def command() -> int:
-        from bigtrain.train.convert import run_convert as convert
+        from bigtrain.checkpoint.convert import run_convert as convert
 
         checkpoint = convert(args.checkpoint)
         print(f"layout-free form: {checkpoint / 'layout_free'}")

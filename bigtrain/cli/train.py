@@ -70,7 +70,7 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> int:
 
     rank, world = 0, 1  # until the launcher's environment is read (no collective can be waiting before that)
     try:
-        from bigtrain.config.compare import parse_allowed
+        from bigtrain.checkpoint.compare import parse_allowed
         from bigtrain.distributed import detect_env
 
         env = detect_env()

@@ -8,7 +8,7 @@ which is the order of DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, da
 pipeline engine sees the same coordinates. Tensor groups are consecutive ranks (one node, fast links);
 data groups hold the replicas of one model shard; pipeline groups the stages of one replica.
 
-`Layout` is checked at config load and needs no process group; `bigtrain.parallel.groups.ParallelGroups`
+`Layout` is checked at config load and needs no process group; `bigtrain.distributed.groups.ParallelGroups`
 creates the groups once the job runs. Nothing is module-global: the trainer passes the one `ParallelGroups`
 object to whatever needs a group.
 """

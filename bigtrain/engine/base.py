@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
-from bigtrain.components.step_result import StepResult
+from bigtrain.engine.result import StepResult
 from bigtrain.models import TransformerLM
 
 

@@ -6,9 +6,9 @@ import torch
 
 from bigtrain.config import Config
 from bigtrain.distributed import DistEnv
+from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine.base import Engine
 from bigtrain.parallel import ParallelModel
-from bigtrain.parallel.groups import ParallelGroups
 
 
 def build_engine(cfg: Config, parallel: ParallelModel, env: DistEnv, groups: ParallelGroups | None,
@@ -20,13 +20,13 @@ def build_engine(cfg: Config, parallel: ParallelModel, env: DistEnv, groups: Par
 
         return LocalEngine(cfg, parallel, device)
     if cfg.parallel.engine == "fairscale":
-        from bigtrain.engine.fairscale_engine import FairscaleEngine
+        from bigtrain.engine.fairscale.engine import FairscaleEngine
 
         return FairscaleEngine(cfg, parallel, env, groups, device)
     if parallel.layout.pipeline > 1:
-        from bigtrain.engine.pipeline_engine import PipelineEngine
+        from bigtrain.engine.deepspeed.pipeline import PipelineEngine
 
         return PipelineEngine(cfg, parallel, env, groups)
-    from bigtrain.engine.deepspeed_engine import DeepSpeedEngine
+    from bigtrain.engine.deepspeed.engine import DeepSpeedEngine
 
     return DeepSpeedEngine(cfg, parallel, env, groups)

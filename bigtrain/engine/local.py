@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from bigtrain.components import checkpoint as ckpt
-from bigtrain.components.precision import autocast, grad_scaler
-from bigtrain.components.step_result import StepResult
+from bigtrain.checkpoint import store as ckpt
+from bigtrain.checkpoint.sequence import restore_layout_free, write_layout_free
+from bigtrain.checkpoint.state import StateAdapter
 from bigtrain.config import Config
-from bigtrain.engine.layout_free_io import restore_layout_free, write_layout_free
-from bigtrain.engine.layout_free_state import StateAdapter
+from bigtrain.distributed.device import autocast, grad_scaler
+from bigtrain.engine.result import StepResult
 from bigtrain.engine.step import train_step
 from bigtrain.errors import CheckpointError
 from bigtrain.optim import build_optimizer, set_lr

@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import torch
 
-from bigtrain.components.loss import Criterion, count_input_tokens, count_targets, model_inputs
-from bigtrain.components.step_result import StepResult
+from bigtrain.engine.result import StepResult
 from bigtrain.models import TransformerLM
 from bigtrain.models.inspect import per_layer_grad_norms
+from bigtrain.models.loss import Criterion, count_input_tokens, count_targets, model_inputs
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:

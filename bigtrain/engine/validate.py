@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bigtrain.config import Config, load_config
 from bigtrain.config.checks import data_parallel_size, uses_deepspeed
-from bigtrain.engine.ds_config import derive_deepspeed_config
+from bigtrain.config.deepspeed import derive_deepspeed_config
 from bigtrain.parallel.validate import check_layout
 
 

@@ -7,20 +7,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bigtrain.components import checkpoint as ckpt
+from bigtrain.checkpoint import store as ckpt
 from bigtrain.errors import ConfigError
 from bigtrain.interop.hf_config import hf_kind, to_hf_config
 from bigtrain.interop.hf_weights import to_hf
 
 
 def export_hf(path: Path, out: Path) -> Path:
-    """Write the weights at `path` (anything `bigtrain.engine.weights.load_weights` reads) as a transformers
+    """Write the weights at `path` (anything `bigtrain.checkpoint.weights.load_weights` reads) as a transformers
     checkpoint in `out`; a model with an option transformers lacks is refused naming the option."""
     from safetensors.torch import save_file
 
+    from bigtrain.checkpoint.weights import load_weights, with_tied
     from bigtrain.config.loader import config_from_dict
     from bigtrain.data import build_tokenizer
-    from bigtrain.engine.weights import load_weights, with_tied
 
     raw, state = load_weights(path)
     cfg = config_from_dict(raw)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from bigtrain.components.layout_free import FOLDER, INDEX, Box, LayoutFreeReader, box_shape, whole
+from bigtrain.checkpoint.layout_free import FOLDER, INDEX, Box, LayoutFreeReader, box_shape, whole
 from bigtrain.config.schema import ModelConfig
 from bigtrain.errors import CheckpointError, ConfigError
 from bigtrain.interop.hf_config import hf_kind, implied_model, mismatches
@@ -96,16 +96,16 @@ def _hf_reader(path: Path, cfg: ModelConfig, vocab_size: int) -> TensorReader:
 def bigtrain_reader(path: Path, cfg: ModelConfig, vocab_size: int) -> LayoutFreeReader | TensorReader:
     """The unsplit weights of a bigtrain run.dir, checkpoint (its layout-free form: box reads) or export folder,
     checked to be `cfg`'s model."""
+    from bigtrain.checkpoint.weights import load_weights, with_tied
     from bigtrain.config.loader import config_from_dict
-    from bigtrain.engine.weights import load_weights, with_tied
 
     checkpoint = path
     if (path / "checkpoints").is_dir():
-        from bigtrain.engine.consolidate import find_checkpoint
+        from bigtrain.checkpoint.consolidate import find_checkpoint
 
         checkpoint = find_checkpoint(path, None)
     if (checkpoint / FOLDER / INDEX).exists():
-        from bigtrain.components import checkpoint as ckpt
+        from bigtrain.checkpoint import store as ckpt
         from bigtrain.config import config_to_dict
 
         saved, _ = ckpt.saved_config(checkpoint)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bigtrain.components.loss import IGNORE_INDEX, Criterion
+from bigtrain.models.loss import IGNORE_INDEX, Criterion
 from bigtrain.parallel.collectives import gather_last_dim
 
 

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from bigtrain.compat.deepspeed import is_tied_copy
+from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.models.inspect import model_piece
-from bigtrain.parallel.groups import ParallelGroups
 from bigtrain.parallel.tensor import is_tensor_parallel
 
 

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bigtrain.components.loss import Criterion
 from bigtrain.config import Config
 from bigtrain.config.layout import Layout
+from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.models import TransformerLM, materialize
 from bigtrain.models.init import Shard
+from bigtrain.models.loss import Criterion
 from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from bigtrain.parallel.compile import apply_compile
-from bigtrain.parallel.groups import ParallelGroups
 from bigtrain.parallel.tensor import TensorParallel, apply_tensor_parallel, mark_tensor_parallel
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bigtrain.engine.ds_config import ZERO3_COMMUNICATION, ZERO_COMMUNICATION
+from bigtrain.config.deepspeed import ZERO3_COMMUNICATION, ZERO_COMMUNICATION
 from bigtrain.engine.memory import zero_formula
 from bigtrain.planning.partition import stage_boundaries
 from bigtrain.planning.shape import ModelShape, PipelineLayer

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from bigtrain.components.loss import Criterion, correct_predictions, eval_metrics, model_inputs
 from bigtrain.config import Config
 from bigtrain.data import Tokenizer, collate, eval_batch_indices
 from bigtrain.models import TransformerLM
+from bigtrain.models.loss import Criterion, correct_predictions, eval_metrics, model_inputs
 
 
 @torch.no_grad()
@@ -43,10 +43,10 @@ def heldout_batches(cfg: Config, tokenizer: Tokenizer, heldout: Dataset, device:
 def evaluate_weights(path: Path, overrides: list[str] | None = None) -> dict[str, float]:
     """Held-out metrics, on one device, of the weights at `path`: a run.dir, a checkpoint (its layout-free form
     read directly), or a folder written by `bigtrain export` or `bigtrain consolidate` (see
-    `bigtrain.engine.weights`)."""
-    from bigtrain.components.precision import autocast
+    `bigtrain.checkpoint.weights`)."""
     from bigtrain.data import build_datasets
-    from bigtrain.train.load import load_model
+    from bigtrain.distributed.device import autocast
+    from bigtrain.inference.load import load_model
 
     loaded = load_model(path, overrides)
     cfg, tokenizer, device = loaded.cfg, loaded.tokenizer, loaded.device

@@ -22,33 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigtrain.components import checkpoint as ckpt
-from bigtrain.components.precision import autocast, check_precision, resolve_device
-from bigtrain.components.step_result import StepResult, resolve_all
-from bigtrain.config import Config, dump_config
-from bigtrain.config.checks import uses_deepspeed, uses_process_groups
-from bigtrain.config.layout import Layout
-from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate
-from bigtrain.data.corpus import data_ready
-from bigtrain.data.mixture import Mixture
-from bigtrain.data.sampler import MixtureSampler
-from bigtrain.distributed import DistEnv, detect_env, init_process_group
-from bigtrain.distributed.agree import on_main
-from bigtrain.engine import Engine, build_engine
-from bigtrain.engine.preflight import check_memory
-from bigtrain.engine.validate import validate_run
-from bigtrain.errors import CheckpointError, TrainingError
-from bigtrain.models import build_model, count_parameters, resolve_vocab_size
-from bigtrain.optim import build_schedule
-from bigtrain.parallel import parallelize
-from bigtrain.parallel.groups import ParallelGroups
-from bigtrain.train.evaluate import evaluate, heldout_batches
-from bigtrain.train.flops import flops_per_token, peak_flops
-from bigtrain.train.generate import Decoding, generate
-from bigtrain.train.metrics import MetricsLog, Progress
-from bigtrain.train.preemption import StopRequest
-from bigtrain.train.prefetch import BatchPrefetcher, prepare
-from bigtrain.train.resume import (
+from bigtrain.checkpoint import store as ckpt
+from bigtrain.checkpoint.resume import (
     ResumeCheck,
     agreed_choice,
     batch_change_notes,
@@ -61,6 +36,31 @@ from bigtrain.train.resume import (
     native_files_present,
     written_layout,
 )
+from bigtrain.config import Config, dump_config
+from bigtrain.config.checks import uses_deepspeed, uses_process_groups
+from bigtrain.config.layout import Layout
+from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate
+from bigtrain.data.corpus import data_ready
+from bigtrain.data.mixture import Mixture
+from bigtrain.data.prefetch import BatchPrefetcher, prepare
+from bigtrain.data.sampler import MixtureSampler
+from bigtrain.distributed import DistEnv, detect_env, init_process_group
+from bigtrain.distributed.agree import on_main
+from bigtrain.distributed.device import autocast, check_precision, resolve_device
+from bigtrain.distributed.groups import ParallelGroups
+from bigtrain.engine import Engine, build_engine
+from bigtrain.engine.result import StepResult, resolve_all
+from bigtrain.engine.validate import validate_run
+from bigtrain.errors import CheckpointError, TrainingError
+from bigtrain.inference.generate import Decoding, generate
+from bigtrain.models import build_model, count_parameters, resolve_vocab_size
+from bigtrain.optim import build_schedule
+from bigtrain.parallel import parallelize
+from bigtrain.planning.flops import flops_per_token, peak_flops
+from bigtrain.planning.preflight import check_memory
+from bigtrain.train.evaluate import evaluate, heldout_batches
+from bigtrain.train.metrics import MetricsLog, Progress
+from bigtrain.train.preemption import StopRequest
 from bigtrain.train.run_dir import RunLock, prepare_run_dir
 from bigtrain.train.watchdog import Watchdog
 
@@ -463,7 +463,7 @@ class Trainer:
     def _log_attention(self, metrics: MetricsLog) -> None:
         """log.attention_images: the first held-out sample's attention maps as a TensorBoard image; every rank
         runs the forward (ZeRO-3 needs all of them), rank 0 draws (config checks refuse tensor / pipeline)."""
-        from bigtrain.train.attention_log import TAG, attention_image
+        from bigtrain.inference.attention_log import TAG, attention_image
 
         image = attention_image(self.model, self.cfg.model.family, self.tokenizer, self.heldout_set, self.device,
                                 self.autocast, self.state.step, draw=self.is_main)

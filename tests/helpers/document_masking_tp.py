@@ -12,12 +12,12 @@ import sys
 import torch
 import torch.distributed as dist
 
-from bigtrain.components.loss import Criterion, model_inputs
 from bigtrain.config import load_config
 from bigtrain.config.layout import Layout
+from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.models import build_model
+from bigtrain.models.loss import Criterion, model_inputs
 from bigtrain.parallel import parallelize
-from bigtrain.parallel.groups import ParallelGroups
 
 VOCAB, SEED = 64, 1234
 BASE = ["model.family=causal", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64",

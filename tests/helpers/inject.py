@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bigtrain.checkpoint import store as ckpt  # noqa: E402
 from bigtrain.cli import run_train  # noqa: E402
-from bigtrain.components import checkpoint as ckpt  # noqa: E402
-from bigtrain.components import loss  # noqa: E402
+from bigtrain.models import loss  # noqa: E402
 from bigtrain.train import trainer  # noqa: E402
 
 RANK = int(os.environ.get("BIGTRAIN_TEST_RANK", "0"))

@@ -17,9 +17,9 @@ import torch.distributed as dist
 
 from bigtrain.config import load_config
 from bigtrain.config.layout import Layout
+from bigtrain.distributed.groups import ParallelGroups
+from bigtrain.inference.generate import Decoding, generate
 from bigtrain.models import TransformerLM, build_model
-from bigtrain.parallel.groups import ParallelGroups
-from bigtrain.train.generate import Decoding, generate
 from tests.helpers.tensor_parity import BASE, CASES, SEED, VOCAB, split
 
 PROMPTS = [[5, 17, 33, 2, 60, 9], [40, 41], [7, 7, 12, 50]]

@@ -24,14 +24,14 @@ import sys
 import torch
 import torch.distributed as dist
 
-from bigtrain.components.loss import Criterion, model_inputs
 from bigtrain.config import load_config
 from bigtrain.config.layout import Layout
+from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.models import build_model
 from bigtrain.models.inspect import per_layer_grad_norms
+from bigtrain.models.loss import Criterion, model_inputs
 from bigtrain.parallel import ParallelModel, parallelize
 from bigtrain.parallel.grad_norm import global_grad_norm, piece_grad_norms
-from bigtrain.parallel.groups import ParallelGroups
 
 VOCAB, SEED = 64, 1234
 BASE = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.max_seq_len=32",

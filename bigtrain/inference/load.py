@@ -1,4 +1,4 @@
-"""A model holding the weights of whatever `bigtrain.engine.weights.load_weights` accepts (a run.dir, a
+"""A model holding the weights of whatever `bigtrain.checkpoint.weights.load_weights` accepts (a run.dir, a
 checkpoint, an exported or consolidated folder): on one device (`evaluate`, `generate`, `attention`), or split
 over the tensor-parallel ranks of a launcher (`generate` of a model that does not fit one device)."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bigtrain.components import checkpoint as ckpt
+from bigtrain.checkpoint import store as ckpt
 from bigtrain.config import Config
 from bigtrain.data import Tokenizer
 from bigtrain.models import TransformerLM
@@ -30,10 +30,10 @@ class LoadedModel:
 def load_model(path: Path, overrides: list[str] | None = None) -> LoadedModel:
     """The run's config (one-device layout, `overrides` applied), its tokenizer, and the model holding the
     weights at `path`."""
-    from bigtrain.components.precision import resolve_device
+    from bigtrain.checkpoint.weights import load_weights, with_tied
     from bigtrain.config.loader import config_from_dict
     from bigtrain.data import build_tokenizer
-    from bigtrain.engine.weights import load_weights, with_tied
+    from bigtrain.distributed.device import resolve_device
     from bigtrain.models import build_model, resolve_vocab_size
 
     raw, state = load_weights(path)
@@ -49,19 +49,19 @@ def load_tensor_parallel(path: Path, overrides: list[str] | None = None) -> Load
     """Under a launcher with W ranks: the model split W ways by tensor parallelism (parallel.tensor=W, no
     pipeline, one data replica), each rank reading only its shards of the weights at `path` (box reads of a
     layout-free checkpoint). Overrides may set parallel.sequence_parallel."""
-    from bigtrain.components.precision import resolve_device
+    from bigtrain.checkpoint.state import StateAdapter
+    from bigtrain.checkpoint.weights import weights_config
     from bigtrain.config.checks import tensor_split_problems
     from bigtrain.config.layout import Layout
     from bigtrain.config.loader import config_from_dict
     from bigtrain.data import build_tokenizer
     from bigtrain.distributed import detect_env, init_process_group
-    from bigtrain.engine.layout_free_state import StateAdapter
-    from bigtrain.engine.weights import weights_config
+    from bigtrain.distributed.device import resolve_device
+    from bigtrain.distributed.groups import ParallelGroups
     from bigtrain.errors import ConfigError
     from bigtrain.interop.init_from import bigtrain_reader
     from bigtrain.models import build_model, resolve_vocab_size
     from bigtrain.parallel import parallelize
-    from bigtrain.parallel.groups import ParallelGroups
 
     env = detect_env()
     # A one-off command: no compile time (train.compile of the run is for training).

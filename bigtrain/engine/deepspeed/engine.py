@@ -38,15 +38,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from bigtrain.checkpoint import store as ckpt
+from bigtrain.checkpoint.sequence import restore_layout_free, save_from_every_rank
+from bigtrain.checkpoint.state import StateAdapter
 from bigtrain.compat.deepspeed import has_zero_partitions, inner_optimizer, safe_checkpoint_loading
-from bigtrain.components import checkpoint as ckpt
-from bigtrain.components.loss import count_input_tokens, count_targets, model_inputs
-from bigtrain.components.step_result import NO_RANK, StepResult
 from bigtrain.config import Config
+from bigtrain.config.deepspeed import derive_deepspeed_config
 from bigtrain.distributed import DistEnv
-from bigtrain.engine.ds_config import derive_deepspeed_config
-from bigtrain.engine.layout_free_io import restore_layout_free, save_from_every_rank
-from bigtrain.engine.layout_free_state import StateAdapter
+from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine.memory import (
     ModelStateBytes,
     gathered_report,
@@ -56,14 +55,15 @@ from bigtrain.engine.memory import (
     tensor_share_note,
     zero_formula,
 )
+from bigtrain.engine.result import NO_RANK, StepResult
 from bigtrain.engine.step import skips_on_device
 from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import CheckpointError, ConfigError
 from bigtrain.models import TransformerLM, count_parameters
+from bigtrain.models.loss import count_input_tokens, count_targets, model_inputs
 from bigtrain.optim import build_optimizer, set_lr
 from bigtrain.parallel import ParallelModel
 from bigtrain.parallel.grad_norm import global_grad_norm, piece_grad_norms
-from bigtrain.parallel.groups import ParallelGroups
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import yaml
 
-from bigtrain.components.integrity import step_dirs, write_latest, write_manifest
+from bigtrain.checkpoint.integrity import step_dirs, write_latest, write_manifest
 from bigtrain.config import Config
 from bigtrain.config.loader import config_from_dict
 from bigtrain.errors import BigtrainError, CheckpointError

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import yaml
 
-from bigtrain.components import checkpoint as ckpt
-from bigtrain.components.integrity import verify
-from bigtrain.components.layout_free import FOLDER, INDEX, LayoutFreeReader
+from bigtrain.checkpoint import store as ckpt
+from bigtrain.checkpoint.integrity import verify
+from bigtrain.checkpoint.layout_free import FOLDER, INDEX, LayoutFreeReader
 from bigtrain.config import config_to_dict
 from bigtrain.config.loader import read_yaml
 from bigtrain.errors import CheckpointError
@@ -45,7 +45,7 @@ def load_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return _folder_config(path), _read(path / "model.pt", lambda p: torch.load(p, map_location="cpu",
                                                                                     weights_only=True))
     if (path / "checkpoints").is_dir():
-        from bigtrain.engine.consolidate import find_checkpoint
+        from bigtrain.checkpoint.consolidate import find_checkpoint
 
         path = find_checkpoint(path, None)
     if not (path / "config.yaml").exists():
@@ -59,7 +59,7 @@ def weights_config(path: Path) -> dict[str, Any]:
     if (path / "model.safetensors").exists() or ((path / "model.pt").exists() and not (path / "optimizer.pt").exists()):
         return _folder_config(path)
     if (path / "checkpoints").is_dir():
-        from bigtrain.engine.consolidate import find_checkpoint
+        from bigtrain.checkpoint.consolidate import find_checkpoint
 
         path = find_checkpoint(path, None)
     if not (path / "config.yaml").exists():
@@ -82,7 +82,7 @@ def checkpoint_weights(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torc
         if problem:
             raise CheckpointError(f"The layout-free form of {checkpoint} is damaged: {problem}.")
         return raw, {name: reader.read(name, "param") for name in reader.header["parameters"]}
-    from bigtrain.engine.consolidate import consolidated_state_dict
+    from bigtrain.checkpoint.consolidate import consolidated_state_dict
 
     return raw, consolidated_state_dict(checkpoint)
 

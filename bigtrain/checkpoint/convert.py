@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from bigtrain.components import checkpoint as ckpt
-from bigtrain.components.integrity import step_of, verify, write_manifest
-from bigtrain.components.layout_free import FOLDER, INDEX
+from bigtrain.checkpoint import store as ckpt
+from bigtrain.checkpoint.integrity import step_of, verify, write_manifest
+from bigtrain.checkpoint.layout_free import FOLDER, INDEX
 from bigtrain.config.checks import uses_process_groups
 from bigtrain.config.layout import Layout
 from bigtrain.errors import CheckpointError
@@ -28,7 +28,7 @@ STAGING = ".converting"
 
 def resolve_checkpoint(path: Path) -> Path:
     if (path / "checkpoints").is_dir():
-        from bigtrain.engine.consolidate import find_checkpoint
+        from bigtrain.checkpoint.consolidate import find_checkpoint
 
         return find_checkpoint(path, None)
     if not (path / "config.yaml").exists():
@@ -62,15 +62,15 @@ def run_convert(path: Path) -> Path:
 
 def convert_here(checkpoint: Path) -> None:
     """On every rank of the layout that wrote `checkpoint`: load it, write its layout-free form beside."""
-    from bigtrain.components.precision import resolve_device
+    from bigtrain.checkpoint.resume import layout_free_header
+    from bigtrain.checkpoint.sequence import write_layout_free
     from bigtrain.data import build_tokenizer
     from bigtrain.distributed import detect_env, init_process_group, shutdown_process_group
+    from bigtrain.distributed.device import resolve_device
+    from bigtrain.distributed.groups import ParallelGroups
     from bigtrain.engine import build_engine
-    from bigtrain.engine.layout_free_io import write_layout_free
     from bigtrain.models import build_model, resolve_vocab_size
     from bigtrain.parallel import parallelize
-    from bigtrain.parallel.groups import ParallelGroups
-    from bigtrain.train.resume import layout_free_header
 
     env = detect_env()
     cfg, world = ckpt.saved_config(checkpoint)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from bigtrain.errors import GenerationError
+from bigtrain.inference.beam import beam_search
+from bigtrain.inference.decoder_rows import CausalRows, FullLogits, Rows, Seq2SeqRows
+from bigtrain.inference.sampling import limit_vocab, sample_tokens
 from bigtrain.models import TransformerLM
-from bigtrain.train.beam import beam_search
-from bigtrain.train.decoder_rows import CausalRows, FullLogits, Rows, Seq2SeqRows
-from bigtrain.train.token_choice import limit_vocab, sample_tokens
 
 Spell = Callable[[str, object], str]
 

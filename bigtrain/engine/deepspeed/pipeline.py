@@ -26,15 +26,15 @@ import torch
 import torch.distributed as dist
 
 from bigtrain.compat.deepspeed import reset_eval_loss
-from bigtrain.components.loss import Criterion, correct_predictions, eval_metrics
-from bigtrain.components.step_result import StepResult
 from bigtrain.config import Config
 from bigtrain.distributed import DistEnv
-from bigtrain.engine.deepspeed_engine import DeepSpeedEngine, StepCheck
+from bigtrain.distributed.groups import ParallelGroups
+from bigtrain.engine.deepspeed.engine import DeepSpeedEngine, StepCheck
+from bigtrain.engine.result import StepResult
+from bigtrain.models.loss import Criterion, correct_predictions, eval_metrics
 from bigtrain.optim import set_lr
 from bigtrain.parallel import ParallelModel
 from bigtrain.parallel.grad_norm import clip_grad_norm
-from bigtrain.parallel.groups import ParallelGroups
 from bigtrain.parallel.pipeline import pipeline_inputs
 
 

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
-from bigtrain.train.attention_data import AttentionGrid
+from bigtrain.inference.attention_data import AttentionGrid
 
 INCHES_PER_TOKEN = 0.12
 MIN_PANEL = 1.5  # inches

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from bigtrain.distributed import detect_env
 from bigtrain.errors import GenerationError
-from bigtrain.train.generate import Decoding, generate
-from bigtrain.train.load import load_model, load_tensor_parallel
+from bigtrain.inference.generate import Decoding, generate
+from bigtrain.inference.load import load_model, load_tensor_parallel
 
 
 @dataclass

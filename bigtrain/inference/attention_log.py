@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from bigtrain.components.loss import model_inputs
 from bigtrain.data import Tokenizer, collate
-from bigtrain.train.attention_data import group, record, token_labels
+from bigtrain.inference.attention_data import group, record, token_labels
+from bigtrain.models.loss import model_inputs
 
 MAX_TOKENS = 32
 TAG = "attention_maps"
@@ -44,7 +44,7 @@ def attention_image(model: nn.Module, family: str, tokenizer: Tokenizer, heldout
     maps = record(model, inputs, autocast)
     if not draw:
         return None
-    from bigtrain.train import attention_plot  # matplotlib: imported by the rank that draws only
+    from bigtrain.inference import attention_plot  # matplotlib: imported by the rank that draws only
 
     title = f"step {step}: first held-out sample (up to {MAX_TOKENS} tokens)"
     return attention_plot.to_rgb(attention_plot.draw(group(maps, family, labels), title))

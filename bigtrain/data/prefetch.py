@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bigtrain.components.loss import count_input_tokens, count_targets
+from bigtrain.models.loss import count_input_tokens, count_targets
 
 
 @dataclass

@@ -38,16 +38,15 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from bigtrain.checkpoint import store as ckpt
+from bigtrain.checkpoint.sequence import restore_layout_free, save_from_every_rank
+from bigtrain.checkpoint.state import StateAdapter
 from bigtrain.compat import fairscale as fairscale_compat
-from bigtrain.components import checkpoint as ckpt
-from bigtrain.components.loss import count_input_tokens, count_targets, model_inputs
-from bigtrain.components.precision import autocast
-from bigtrain.components.step_result import StepResult
 from bigtrain.config import Config
 from bigtrain.distributed import DistEnv
-from bigtrain.engine.fully_sharded import load_shard_state, shard_shapes, shard_state, wrap_fully_sharded
-from bigtrain.engine.layout_free_io import restore_layout_free, save_from_every_rank
-from bigtrain.engine.layout_free_state import StateAdapter
+from bigtrain.distributed.device import autocast
+from bigtrain.distributed.groups import ParallelGroups
+from bigtrain.engine.fairscale.fully_sharded import load_shard_state, shard_shapes, shard_state, wrap_fully_sharded
 from bigtrain.engine.memory import (
     ModelStateBytes,
     gathered_report,
@@ -57,14 +56,15 @@ from bigtrain.engine.memory import (
     tensor_share_note,
     zero_formula,
 )
+from bigtrain.engine.result import StepResult
 from bigtrain.engine.step import skips_on_device
 from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import ConfigError
 from bigtrain.models import TransformerLM, count_parameters
+from bigtrain.models.loss import count_input_tokens, count_targets, model_inputs
 from bigtrain.optim import adamw_kwargs, param_groups, set_lr
 from bigtrain.parallel import ParallelModel
 from bigtrain.parallel.grad_norm import sharded_grad_norm
-from bigtrain.parallel.groups import ParallelGroups
 
 
 class FairscaleEngine:

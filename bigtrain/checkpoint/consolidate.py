@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from bigtrain.checkpoint import store as ckpt
+from bigtrain.checkpoint.integrity import read_latest, step_dirs, verify
 from bigtrain.compat.deepspeed import (
     fp32_state_dict_from_zero,
     model_states_file,
@@ -22,8 +24,6 @@ from bigtrain.compat.deepspeed import (
     safe_checkpoint_loading,
     tensor_rank_files,
 )
-from bigtrain.components import checkpoint as ckpt
-from bigtrain.components.integrity import read_latest, step_dirs, verify
 from bigtrain.config import ModelConfig, dump_config
 from bigtrain.config.layout import Layout
 from bigtrain.config.loader import config_from_dict
@@ -78,7 +78,7 @@ def _pipeline_state(checkpoint: Path, tensor: int, tensor_rank: int) -> dict[str
 def _fairscale_state(checkpoint: Path, stage: int, layout: Layout, tensor_rank: int) -> dict[str, torch.Tensor]:
     """One tensor rank's whole state from the fairscale engine's files: data rank 0's model (OSS), or every data
     rank's flat shards put back together (FSDP)."""
-    from bigtrain.engine.fully_sharded import unshard
+    from bigtrain.engine.fairscale.fully_sharded import unshard
 
     parts = [ckpt.load_part(checkpoint, f"fairscale_rank{layout.rank_of(0, d, tensor_rank):05d}")
              for d in range(layout.data if stage == 3 else 1)]
@@ -145,7 +145,7 @@ def consolidate(run_dir: Path, step: int | None = None, out: Path | None = None)
     """Write `<out>/model.pt` and `<out>/config.yaml`; default out: run_dir/consolidated/step_N. The weights come
     from the checkpoint's layout-free form when it has one (the same weights, already whole), else from its
     engine's own files; the config is the run's with a one-device layout (tensor = pipeline = 1)."""
-    from bigtrain.engine.weights import checkpoint_weights
+    from bigtrain.checkpoint.weights import checkpoint_weights
 
     checkpoint = find_checkpoint(run_dir, step)
     raw, state = checkpoint_weights(checkpoint)

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from bigtrain.errors import UsageError
-from bigtrain.train.attention_data import KINDS, AttentionGrid, group, record, token_labels
-from bigtrain.train.attention_plot import draw, save_png
-from bigtrain.train.load import LoadedModel, load_model
+from bigtrain.inference.attention_data import KINDS, AttentionGrid, group, record, token_labels
+from bigtrain.inference.attention_plot import draw, save_png
+from bigtrain.inference.load import LoadedModel, load_model
 
 
 @dataclass

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from bigtrain.train.decoder_rows import Rows
-from bigtrain.train.token_choice import limit_vocab
+from bigtrain.inference.decoder_rows import Rows
+from bigtrain.inference.sampling import limit_vocab
 
 NEG = -1.0e9
 

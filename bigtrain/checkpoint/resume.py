@@ -18,12 +18,12 @@ from typing import Any
 
 from torch import nn
 
-from bigtrain.components import checkpoint as ckpt
-from bigtrain.components.integrity import ResumeChoice, choose_checkpoint
-from bigtrain.components.layout_free import FOLDER, INDEX
+from bigtrain.checkpoint import store as ckpt
+from bigtrain.checkpoint.compare import Change, check_resume, config_changes
+from bigtrain.checkpoint.integrity import ResumeChoice, choose_checkpoint
+from bigtrain.checkpoint.layout_free import FOLDER, INDEX
 from bigtrain.config import Config, config_to_dict
 from bigtrain.config.checks import uses_deepspeed
-from bigtrain.config.compare import Change, check_resume, config_changes
 from bigtrain.config.layout import Layout
 from bigtrain.distributed.agree import on_main
 from bigtrain.errors import CheckpointError

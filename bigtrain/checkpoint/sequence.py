@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bigtrain.components import checkpoint as ckpt
-from bigtrain.components.layout_free import FOLDER, LayoutFreeReader, write_index, write_pieces
-from bigtrain.engine.layout_free_state import StateAdapter
+from bigtrain.checkpoint import store as ckpt
+from bigtrain.checkpoint.layout_free import FOLDER, LayoutFreeReader, write_index, write_pieces
+from bigtrain.checkpoint.state import StateAdapter
 from bigtrain.errors import CheckpointError
 
 

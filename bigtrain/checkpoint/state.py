@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from bigtrain.checkpoint.layout_free import Box, LayoutFreeReader, Piece, whole
 from bigtrain.compat.deepspeed import (
     Partition,
     fragment_of,
@@ -35,7 +36,6 @@ from bigtrain.compat.deepspeed import (
     local_shape,
     zero3_layout,
 )
-from bigtrain.components.layout_free import Box, LayoutFreeReader, Piece, whole
 from bigtrain.errors import CheckpointError
 from bigtrain.models.init import Shard
 
