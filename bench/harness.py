@@ -89,10 +89,10 @@ def data_substitutes(config: str | None, overrides: list[str], world_size: int =
 def bench_config(config: str | None, overrides: list[str], total_steps: int, run_dir: Path,
                  world_size: int = 1) -> Config:
     """The run's config with `total_steps` steps in `run_dir`, validated as launch/train.py validates it."""
-    from bigtrain.engine.validate import load_run_config
+    from bigtrain.parallel.validate import load_run_config
 
     extra = [*QUIET, f"train.steps={total_steps}", f"run.dir={run_dir}"]
-    return load_run_config(config, [*overrides, *extra], world_size=world_size)
+    return load_run_config(config, [*overrides, *extra], world_size=world_size)[0]
 
 
 class _WindowDone(Exception):

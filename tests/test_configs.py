@@ -17,9 +17,9 @@ import yaml
 
 from bigtrain.config import Config, dump_config, load_config, parse_overrides
 from bigtrain.config.loader import config_from_dict
-from bigtrain.engine.validate import load_run_config
 from bigtrain.errors import ConfigError
 from bigtrain.models.build import build_model, count_parameters
+from bigtrain.parallel.validate import load_run_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -33,7 +33,7 @@ def _vocab(cfg: Config) -> int:
 @functools.cache
 def _built(name: str) -> tuple[Config, torch.nn.Module]:
     """The preset's config and its model on the meta device (built once per test session)."""
-    cfg = load_run_config(CONFIG_DIR / f"{name}.yaml")
+    cfg, _ = load_run_config(CONFIG_DIR / f"{name}.yaml")
     return cfg, build_model(cfg.model, _vocab(cfg), "meta")
 
 

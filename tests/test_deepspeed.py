@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bigtrain.engine.validate import load_run_config
 from bigtrain.errors import ConfigError
+from bigtrain.parallel.validate import load_run_config
 from tests.conftest import (
     DP_LAYOUT,
     LAMB,
@@ -156,7 +156,7 @@ def test_passthrough_may_not_contradict():
     with pytest.raises(ConfigError, match=r"lamb.*precision=bf16 and parallel.zero_stage=0 is refused"):
         load_run_config(None, [*base, "optim.name=lamb", "train.precision=bf16"], world_size=2)
     load_run_config(None, [*base, "train.on_nonfinite=skip"], world_size=2)  # every engine can skip a step
-    cfg = load_run_config(None, [*base, "deepspeed.zero_optimization.reduce_bucket_size=1000"], world_size=2)
+    cfg, _ = load_run_config(None, [*base, "deepspeed.zero_optimization.reduce_bucket_size=1000"], world_size=2)
     assert cfg.deepspeed == {"zero_optimization": {"reduce_bucket_size": 1000}}
 
 

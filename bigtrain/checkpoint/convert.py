@@ -19,8 +19,7 @@ import torch
 from bigtrain.checkpoint import store as ckpt
 from bigtrain.checkpoint.integrity import step_of, verify, write_manifest
 from bigtrain.checkpoint.layout_free import FOLDER, INDEX
-from bigtrain.config.checks import uses_process_groups
-from bigtrain.config.layout import Layout
+from bigtrain.config.layout import Layout, resolve_layout
 from bigtrain.errors import CheckpointError
 
 STAGING = ".converting"
@@ -82,7 +81,7 @@ def convert_here(checkpoint: Path) -> None:
     device = resolve_device(cfg.train, env.local_rank)
     p = cfg.parallel
     groups = None
-    if uses_process_groups(cfg, world):
+    if resolve_layout(cfg, world).distributed:
         init_process_group(env, device, timeout_s=p.collective_timeout)
         groups = ParallelGroups(Layout.for_world(p.tensor, p.pipeline, world, p.data), env.rank)
     tokenizer = build_tokenizer(cfg.data)

@@ -23,8 +23,7 @@ from bigtrain.checkpoint.compare import Change, check_resume, config_changes
 from bigtrain.checkpoint.integrity import ResumeChoice, choose_checkpoint
 from bigtrain.checkpoint.layout_free import FOLDER, INDEX
 from bigtrain.config import Config, config_to_dict
-from bigtrain.config.checks import uses_deepspeed
-from bigtrain.config.layout import Layout
+from bigtrain.config.layout import Layout, resolve_layout
 from bigtrain.distributed.agree import on_main
 from bigtrain.errors import CheckpointError
 
@@ -57,7 +56,7 @@ def layout_of(cfg: Config, world_size: int) -> dict[str, Any]:
     p = cfg.parallel
     layout = Layout.for_world(p.tensor, p.pipeline, world_size, p.data)
     engine = ("fairscale" if p.engine == "fairscale" else "pipeline" if p.pipeline > 1
-              else "deepspeed" if uses_deepspeed(cfg, world_size) else "torch")
+              else "deepspeed" if resolve_layout(cfg, world_size).deepspeed else "torch")
     return {"tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data,
             "sequence_parallel": p.sequence_parallel, "zero_stage": p.zero_stage if engine != "torch" else 0,
             "engine": engine, "precision": cfg.train.precision}

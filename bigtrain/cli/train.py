@@ -75,9 +75,9 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> int:
 
         env = detect_env()
         rank, world = env.rank, env.world_size
-        from bigtrain.engine.validate import load_run_config  # the file's keys, then the layout and engine checks
+        from bigtrain.parallel.validate import load_run_config  # the file's keys, then the layout and engine checks
 
-        cfg = load_run_config(args.config or SMOKE_CONFIG, args.overrides, world_size=env.world_size)
+        cfg, layout = load_run_config(args.config or SMOKE_CONFIG, args.overrides, world_size=env.world_size)
         allowed = parse_allowed(args.allow_changes)
         if args.print_config:
             if env.is_main:
@@ -85,7 +85,7 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> int:
             return 0
         from bigtrain.train.trainer import train  # heavy imports only when training
 
-        result = train(cfg, env, stop, allowed)
+        result = train(cfg, env, stop, allowed, layout=layout)
     except Exception as err:  # every failure ends in one paragraph (and never a hang: see report.fail)
         if not stop.aborted:
             return fail(err, rank, world, debug=args.debug)

@@ -1,23 +1,41 @@
-"""The parallel layout: how the world's ranks split into tensor, data and pipeline groups (pure arithmetic).
+"""The resolved layout of a run: how its ranks split, and what runs on them, decided once.
 
-Ranks are numbered in Megatron's order, tensor innermost, then data, then pipeline:
+`resolve_layout(cfg, world_size)` is the one place where the config and the world size become a `Layout`:
+
+    tensor × pipeline × data = world size     data = world / (tensor · pipeline) unless parallel.data says it
+    sequence_parallel                         norms and residual dropout on sequence shards (tensor > 1)
+    zero_stage                                0 under the plain engine, else parallel.zero_stage
+    engine                                    the engine that runs the steps (`ENGINES`); parallel.engine=auto
+                                              resolves here and nowhere else: DeepSpeed when several ranks run
+                                              or ZeRO is asked for, its pipeline engine when there are stages
+    precision                                 fp32 | bf16 | fp16
+
+The command computes it once and passes it down (process groups, the engine, the checkpoint that records it);
+nothing else reads parallel.engine. Ranks are numbered in Megatron's order, tensor innermost, then data, then
+pipeline:
 
     rank = pipe · (D · T) + data · T + tensor
 
-which is the order of DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model), so the
-pipeline engine sees the same coordinates. Tensor groups are consecutive ranks (one node, fast links);
-data groups hold the replicas of one model shard; pipeline groups the stages of one replica.
-
-`Layout` is checked at config load and needs no process group; `bigtrain.distributed.groups.ParallelGroups`
-creates the groups once the job runs. Nothing is module-global: the trainer passes the one `ParallelGroups`
-object to whatever needs a group.
+which is the order of DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model), so the pipeline
+engine sees the same coordinates. Tensor groups are consecutive ranks (one node, fast links); data groups hold
+the replicas of one model shard; pipeline groups the stages of one replica. This module is pure arithmetic;
+`bigtrain.distributed.groups.ParallelGroups` creates the groups once the job runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
+from bigtrain.config.schema import Config
 from bigtrain.errors import ConfigError
+
+# The engines a layout can name: the plain PyTorch loop (one process), DeepSpeed data parallelism / ZeRO,
+# DeepSpeed's pipeline engine, and fairscale's sharded data parallelism.
+ENGINES = ("torch", "deepspeed", "pipeline", "fairscale")
+ENGINE_NAMES = {"torch": "the plain PyTorch engine", "deepspeed": "DeepSpeed", "pipeline": "DeepSpeed's pipeline "
+                "engine", "fairscale": "fairscale"}
 
 
 @dataclass(frozen=True)
@@ -32,13 +50,27 @@ class Layout:
     tensor: int = 1
     pipeline: int = 1
     data: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 0
+    engine: str = "torch"
+    precision: str = "fp32"
 
     @property
     def world_size(self) -> int:
         return self.tensor * self.pipeline * self.data
 
+    @property
+    def distributed(self) -> bool:
+        """Whether the run starts process groups (every engine but the plain one)."""
+        return self.engine != "torch"
+
+    @property
+    def deepspeed(self) -> bool:
+        """Whether DeepSpeed runs the steps (its data-parallel or its pipeline engine)."""
+        return self.engine in ("deepspeed", "pipeline")
+
     @classmethod
-    def for_world(cls, tensor: int, pipeline: int, world_size: int, data: int | None = None) -> Layout:
+    def for_world(cls, tensor: int, pipeline: int, world_size: int, data: int | None = None, **rest: Any) -> Layout:
         """The layout of `world_size` ranks; data = world / (tensor · pipeline) unless given (then checked)."""
         for name, value in (("parallel.tensor", tensor), ("parallel.pipeline", pipeline)):
             if value < 1:
@@ -52,7 +84,28 @@ class Layout:
         if data is not None and data != dp:
             raise ConfigError(f"parallel.data={data} but world size {world_size} / (tensor {tensor} * pipeline "
                               f"{pipeline}) = {dp}. Set parallel.data={dp} or leave it null.")
-        return cls(tensor=tensor, pipeline=pipeline, data=dp)
+        return cls(tensor=tensor, pipeline=pipeline, data=dp, **rest)
+
+    # ---- what a checkpoint records ------------------------------------------------------------------
+    def record(self) -> dict[str, Any]:
+        """The layout as plain data (a checkpoint's index records the layout that wrote it)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Layout:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in names})
+
+    def describe(self) -> str:
+        """How the ranks split: 'tensor 2 × pipeline 1 × data 2 = 4 ranks'."""
+        return f"tensor {self.tensor} × pipeline {self.pipeline} × data {self.data} = {self.world_size} ranks"
+
+    def describe_run(self) -> str:
+        """The split, the engine and the precision, as resume messages name a layout."""
+        sp = " + sequence parallel" if self.sequence_parallel else ""
+        zero = f", ZeRO-{self.zero_stage}" if self.engine != "torch" else ""
+        return (f"tensor {self.tensor}{sp} × pipeline {self.pipeline} × data {self.data}{zero}, "
+                f"{ENGINE_NAMES[self.engine]}, {self.precision}")
 
     # ---- rank arithmetic ----------------------------------------------------------------------------
     def coordinates(self, rank: int) -> Coordinates:
@@ -90,5 +143,23 @@ class Layout:
         c = self.coordinates(rank)
         return c.pipe * self.data + c.data
 
-    def describe(self) -> str:
-        return f"tensor {self.tensor} × pipeline {self.pipeline} × data {self.data} = {self.world_size} ranks"
+
+def resolve_engine(cfg: Config, world_size: int) -> str:
+    """parallel.engine as the engine that runs: auto picks DeepSpeed when several ranks run or ZeRO is asked
+    for, else the plain engine; DeepSpeed with pipeline stages is its pipeline engine."""
+    p = cfg.parallel
+    if p.engine == "fairscale":
+        return "fairscale"
+    if p.engine == "torch" or (p.engine == "auto" and world_size == 1 and p.zero_stage == 0):
+        return "torch"
+    return "pipeline" if p.pipeline > 1 else "deepspeed"
+
+
+def resolve_layout(cfg: Config, world_size: int) -> Layout:
+    """The layout of `cfg` on `world_size` ranks (see the module docstring); ConfigError when the sizes do not
+    divide the world."""
+    p = cfg.parallel
+    engine = resolve_engine(cfg, world_size)
+    return Layout.for_world(p.tensor, p.pipeline, world_size, p.data, sequence_parallel=p.sequence_parallel,
+                            zero_stage=p.zero_stage if engine != "torch" else 0, engine=engine,
+                            precision=cfg.train.precision)

@@ -18,7 +18,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from bigtrain.config.checks import INT64, show, show_key, validate
+from bigtrain.config.checks import INT64, validate
+from bigtrain.config.layout import Layout
+from bigtrain.config.rules import show, show_key
 from bigtrain.config.schema import Config
 from bigtrain.errors import ConfigError
 
@@ -327,9 +329,14 @@ def merged_config(path: str | Path | None = None, overrides: list[str] | None = 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 world_size: int = 1) -> Config:
     """Defaults <- YAML file <- overrides, then the cross-field checks for `world_size` ranks."""
+    return load_config_and_layout(path, overrides, world_size)[0]
+
+
+def load_config_and_layout(path: str | Path | None = None, overrides: list[str] | None = None,
+                           world_size: int = 1) -> tuple[Config, Layout]:
+    """`load_config`, and the layout the config resolves to on `world_size` ranks (`resolve_layout`)."""
     cfg = merged_config(path, overrides)
-    validate(cfg, world_size=world_size)
-    return cfg
+    return cfg, validate(cfg, world_size=world_size)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
-from bigtrain.config.checks import source_name
+from bigtrain.config.data_checks import source_name
 from bigtrain.config.schema import Config
 from bigtrain.data.causal import causal_datasets
 from bigtrain.data.corpus import TokenCorpus, load_corpus

@@ -51,9 +51,9 @@ def load_tensor_parallel(path: Path, overrides: list[str] | None = None) -> Load
     layout-free checkpoint). Overrides may set parallel.sequence_parallel."""
     from bigtrain.checkpoint.state import StateAdapter
     from bigtrain.checkpoint.weights import weights_config
-    from bigtrain.config.checks import tensor_split_problems
     from bigtrain.config.layout import Layout
     from bigtrain.config.loader import config_from_dict
+    from bigtrain.config.model_checks import tensor_split_problems
     from bigtrain.data import build_tokenizer
     from bigtrain.distributed import detect_env, init_process_group
     from bigtrain.distributed.device import resolve_device

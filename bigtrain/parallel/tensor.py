@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.config import ModelConfig
-from bigtrain.config.checks import tensor_split_problems
+from bigtrain.config.model_checks import tensor_split_problems
 from bigtrain.models import TransformerLM
 from bigtrain.models.attention import Attention, AttentionCore
 from bigtrain.models.blocks import Block

@@ -1,9 +1,15 @@
-"""Checks of a loaded config against the model it builds, owned by the parallel layer (run by
-`bigtrain.engine.validate.validate_run` before any process group or allocation)."""
+"""What a command loads before it starts work: the config, checked key by key and rule by rule, the layout it
+resolves to (`bigtrain.config.layout.resolve_layout`), and the one check that needs a built model, owned by the
+parallel layer: every pipeline stage gets a layer, as DeepSpeed's partitioner cuts them. All of it runs before
+any process group, allocation or data; `load_config` alone stays free of torch and DeepSpeed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bigtrain.config import Config
+from bigtrain.config.layout import Layout
+from bigtrain.config.loader import load_config_and_layout
 from bigtrain.data.tokenizer import ByteTokenizer
 from bigtrain.models import build_model
 
@@ -20,7 +26,15 @@ def check_pipeline_stages(cfg: Config) -> None:
     check_stages(layer_specs(model, lambda piece: None), cfg.parallel.pipeline, cfg.parallel.partition_method)
 
 
-def check_layout(cfg: Config) -> None:
-    """The parallel layer's checks of `cfg` (the arithmetic of the layout was checked at load)."""
-    if cfg.parallel.pipeline > 1:
+def check_layout(cfg: Config, layout: Layout) -> None:
+    """The parallel layer's checks of `cfg` on `layout` (the arithmetic of the layout was checked at load)."""
+    if layout.pipeline > 1:
         check_pipeline_stages(cfg)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None,
+                    world_size: int = 1) -> tuple[Config, Layout]:
+    """The config at `path` with `overrides` for `world_size` ranks, every check passed, and its layout."""
+    cfg, layout = load_config_and_layout(path, overrides, world_size)
+    check_layout(cfg, layout)
+    return cfg, layout

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigtrain.config import Config
-from bigtrain.config.checks import uses_deepspeed
+from bigtrain.config.layout import resolve_engine
 from bigtrain.errors import ConfigError
 from bigtrain.planning.hardware import Accelerator, GiB
 from bigtrain.planning.memory_model import Candidate, Setting, StageMemory, stage_memory, stages
@@ -188,7 +188,7 @@ def make_plan(cfg: Config, gpus: int, gpus_per_node: int, accelerator: Accelerat
     if shape.attention_dropout > 0:
         notes.append("attention dropout is assumed inside the fused (flash) attention kernel, which keeps no s x s "
                      "matrix; a kernel without it would save more")
-    if uses_deepspeed(cfg, gpus) and cfg.train.precision == "fp16":
+    if resolve_engine(cfg, gpus) in ("deepspeed", "pipeline") and cfg.train.precision == "fp16":
         notes.append("fp16 is counted like bf16 (DeepSpeed's loss scaler adds no per-parameter state)")
     smallest = min(estimates, key=lambda e: e.peak.total, default=None)
     return Plan(shape, accelerator, gpus, min(gpus_per_node, gpus), efficiency, source, ranked, len(estimates),

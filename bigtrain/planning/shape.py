@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from bigtrain.config import Config
-from bigtrain.config.checks import tensor_split_problems
+from bigtrain.config.model_checks import tensor_split_problems
 from bigtrain.data.tokenizer import ByteTokenizer
 from bigtrain.errors import ConfigError
 from bigtrain.models import TransformerLM, build_model, count_parameters

@@ -37,8 +37,7 @@ from bigtrain.checkpoint.resume import (
     written_layout,
 )
 from bigtrain.config import Config, dump_config
-from bigtrain.config.checks import uses_deepspeed, uses_process_groups
-from bigtrain.config.layout import Layout
+from bigtrain.config.layout import Layout, resolve_layout
 from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate
 from bigtrain.data.corpus import data_ready
 from bigtrain.data.mixture import Mixture
@@ -50,7 +49,6 @@ from bigtrain.distributed.device import autocast, check_precision, resolve_devic
 from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine import Engine, build_engine
 from bigtrain.engine.result import StepResult, resolve_all
-from bigtrain.engine.validate import validate_run
 from bigtrain.errors import CheckpointError, TrainingError
 from bigtrain.inference.generate import Decoding, generate
 from bigtrain.models import build_model, count_parameters, resolve_vocab_size
@@ -92,11 +90,10 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv | None = None, stop: StopRequest | None = None,
-                 allow_changes: set[str] | None = None) -> None:
+                 allow_changes: set[str] | None = None, layout: Layout | None = None) -> None:
         self.cfg = cfg
         self.allow_changes = allow_changes or set()  # config keys a resume may change (--allow-changes)
         self.env = env = env or detect_env()
-        validate_run(cfg, env.world_size)  # before any process group, allocation or data
         self.stop = stop  # None: run() listens for the stop signals itself
         self._stop: StopRequest | None = None
         self.resume_notes: list[str] = []
@@ -112,8 +109,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.is_main = env.is_main
         p = cfg.parallel
-        self.layout = Layout.for_world(p.tensor, p.pipeline, env.world_size, p.data)
-        distributed = uses_process_groups(cfg, env.world_size)
+        self.layout = layout or resolve_layout(cfg, env.world_size)
+        distributed = self.layout.distributed
         self.groups: ParallelGroups | None = None
         if distributed:
             init_process_group(env, self.device, timeout_s=p.collective_timeout)
@@ -165,7 +162,7 @@ class Trainer:
         if self.lock.note:
             self.resume_notes.append(self.lock.note)
         if distributed and self.is_main:
-            name = "deepspeed_config.json" if uses_deepspeed(cfg, env.world_size) else "engine_config.json"
+            name = "deepspeed_config.json" if self.layout.deepspeed else "engine_config.json"
             (self.run_dir / name).write_text(self.engine.describe() + "\n")
             print(f"bigtrain: {type(self.engine).__name__} config (also in {self.run_dir / name}):\n"
                   f"{self.engine.describe()}", flush=True)
@@ -501,5 +498,5 @@ class Trainer:
 
 
 def train(cfg: Config, env: DistEnv | None = None, stop: StopRequest | None = None,
-          allow_changes: set[str] | None = None) -> TrainResult:
-    return Trainer(cfg, env, stop, allow_changes).run()
+          allow_changes: set[str] | None = None, layout: Layout | None = None) -> TrainResult:
+    return Trainer(cfg, env, stop, allow_changes, layout).run()

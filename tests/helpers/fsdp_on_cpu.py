@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fairscale.nn.data_parallel import fully_sharded_data_parallel as fsdp  # noqa: E402
 
 from bigtrain.compat import fairscale as fairscale_compat  # noqa: E402
-from bigtrain.config import checks  # noqa: E402
+from bigtrain.config import parallel_checks  # noqa: E402
 
 
 class HostStream:
@@ -63,7 +63,7 @@ torch.cuda.stream = lambda stream: contextlib.nullcontext()
 torch.cuda.synchronize = lambda device=None: None
 torch.Tensor.record_stream = record_stream
 fsdp.FullyShardedDataParallel._setup_streams = setup_streams
-checks.fsdp_device_allowed = lambda device: True
+parallel_checks.fsdp_device_allowed = lambda device: True
 fairscale_compat.fsdp_runs_on = lambda device_type: True
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""Rules of the `model` section, and whether a model splits over tensor-parallel ranks."""
+
+from __future__ import annotations
+
+from bigtrain.config.rules import fraction, positive, require
+from bigtrain.config.schema import Config, ModelConfig
+
+
+def tensor_split_problems(cfg: ModelConfig, vocab_size: int | None, tensor: int) -> list[str]:
+    """Problems that stop a model from splitting over `tensor` ranks, each naming both numbers."""
+    problems = []
+    sizes = [("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.n_kv_heads), ("model.d_ff", cfg.d_ff)]
+    for key, value in sizes:
+        if value is not None and value % tensor:
+            problems.append(f"{key}={value} is not divisible by parallel.tensor={tensor}")
+    if vocab_size is not None and vocab_size % tensor:
+        padded = -(-vocab_size // tensor) * tensor
+        problems.append(f"the vocabulary of {vocab_size} ids is not divisible by parallel.tensor={tensor} (pad it "
+                        f"with model.vocab_size={padded})")
+    return problems
+
+
+def check_tensor_parallel(cfg: Config) -> None:
+    """The model must split evenly over parallel.tensor ranks; checked before the world size matters."""
+    p, m = cfg.parallel, cfg.model
+    if p.tensor == 1:
+        require(not p.sequence_parallel, "parallel.sequence_parallel=true cuts the sequence over the tensor-"
+                "parallel ranks, but parallel.tensor=1. Set parallel.tensor > 1 or sequence_parallel=false.")
+        return
+    problems = tensor_split_problems(m, m.vocab_size, p.tensor)
+    if m.vocab_size is None and m.vocab_multiple % p.tensor:
+        problems.append(f"model.vocab_multiple={m.vocab_multiple} (the automatic vocabulary size is a multiple "
+                        f"of it) is not divisible by parallel.tensor={p.tensor}")
+    require(not problems, f"The model does not split over parallel.tensor={p.tensor} ranks: "
+            f"{'; '.join(problems)}. Choose a tensor size that divides each of them (or change the model).")
+    if p.sequence_parallel:
+        longest = -(-cfg.data.seq_len // p.tensor) * p.tensor
+        require(longest <= m.max_seq_len,
+                f"parallel.sequence_parallel pads sequences to a multiple of parallel.tensor={p.tensor}: "
+                f"data.seq_len={cfg.data.seq_len} becomes {longest} > model.max_seq_len={m.max_seq_len}. "
+                f"Raise model.max_seq_len to {longest} or pick a data.seq_len divisible by {p.tensor}.")
+
+
+def check_model(cfg: Config) -> None:
+    m = cfg.model
+    for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "vocab_multiple"):
+        positive(f"model.{name}", getattr(m, name))
+    if m.vocab_size is not None:
+        positive("model.vocab_size", m.vocab_size)
+    if m.n_decoder_layers is not None:
+        positive("model.n_decoder_layers", m.n_decoder_layers)
+    require(m.d_model % m.n_heads == 0,
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; each head gets "
+            f"d_model / n_heads dimensions. Pick n_heads from the divisors of {m.d_model}.")
+    if m.n_kv_heads is not None:
+        positive("model.n_kv_heads", m.n_kv_heads)
+        require(m.n_heads % m.n_kv_heads == 0,
+                f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+                f"grouped-query attention shares each key/value head among n_heads / n_kv_heads heads.")
+    head_dim = m.d_model // m.n_heads
+    if m.positions == "rotary":
+        require(head_dim % 2 == 0, f"model.positions='rotary' needs an even head size, but d_model "
+                f"{m.d_model} / n_heads {m.n_heads} = {head_dim}.")
+    if m.positions == "sinusoidal":
+        require(m.d_model % 2 == 0, f"model.positions='sinusoidal' needs an even model.d_model, "
+                f"got {m.d_model}.")
+    if m.positions == "relative":
+        require(m.relative_buckets >= 4, f"model.relative_buckets={m.relative_buckets}: relative positions need "
+                f"at least 4 buckets (T5 uses 32).")
+        require(m.relative_max_distance > m.relative_buckets // 2,
+                f"model.relative_max_distance={m.relative_max_distance} must exceed half of "
+                f"model.relative_buckets={m.relative_buckets} (the exact buckets); T5 uses 128 with 32 buckets.")
+    require(m.type_vocab_size >= 0, f"model.type_vocab_size must be 0 (no token types) or more, "
+            f"got {m.type_vocab_size}.")
+    require(not m.scale_tied_output or m.tie_embeddings,
+            "model.scale_tied_output=true rescales the input of a tied output head (T5), but "
+            "model.tie_embeddings=false. Set model.tie_embeddings=true or model.scale_tied_output=false.")
+    require(not m.head_transform or m.activation != "swiglu",
+            "model.head_transform=true applies model.activation to one dense layer, which swiglu (a gated pair) "
+            "cannot be. Use model.activation=gelu (BERT) or model.head_transform=false.")
+    fraction("model.dropout", m.dropout)
+    if m.attention_dropout is not None:
+        fraction("model.attention_dropout", m.attention_dropout)
+    positive("model.init_std", m.init_std)
+    positive("model.norm_eps", m.norm_eps)
+    positive("model.rope_theta", m.rope_theta)
+    if m.family != "seq2seq":
+        require(m.n_decoder_layers is None, f"model.n_decoder_layers is only used by "
+                f"model.family='seq2seq'; remove it for family '{m.family}'.")

@@ -1,0 +1,89 @@
+"""Rules of the `parallel` section on a world of ranks: the layout divides the world, the engine the layout
+resolves to (`bigtrain.config.layout.resolve_layout`) serves what is asked of it, and DeepSpeed's derived config
+(with the `deepspeed:` passthrough) does not contradict bigtrain's."""
+
+from __future__ import annotations
+
+from bigtrain.config.deepspeed import derive_deepspeed_config
+from bigtrain.config.layout import ENGINE_NAMES, Layout, resolve_layout
+from bigtrain.config.model_checks import check_tensor_parallel
+from bigtrain.config.rules import at_most_timeout, positive, require, show
+from bigtrain.config.schema import Config
+
+
+def fsdp_device_allowed(device: str) -> bool:
+    """train.device values fairscale's FullyShardedDataParallel may be asked for (it runs on CUDA only; `auto`
+    is checked again by the engine on the device it resolves to)."""
+    return device != "cpu"
+
+
+def check_fairscale(cfg: Config) -> None:
+    """What the fairscale engine serves: data parallelism with OSS (+ ShardedDataParallel, or FSDP on CUDA),
+    composed with tensor parallelism."""
+    p, t = cfg.parallel, cfg.train
+    require(p.zero_stage in (1, 2, 3), f"parallel.engine='fairscale' shards the optimizer state: set "
+            f"parallel.zero_stage to 1 (OSS), 2 (OSS + ShardedDataParallel) or 3 (FullyShardedDataParallel, "
+            f"CUDA only), not {p.zero_stage}; for no sharding use parallel.engine=auto.")
+    require(p.pipeline == 1, f"parallel.engine='fairscale' has no pipeline schedule, but parallel.pipeline="
+            f"{p.pipeline}. Use parallel.engine=auto (DeepSpeed's pipeline engine) or parallel.pipeline=1.")
+    require(t.precision != "fp16", "parallel.engine='fairscale' runs fp32 or bf16 (fp32 weights, bf16 autocast); "
+            "train.precision=fp16 would need a sharded loss scaler. Use train.precision=bf16, or "
+            "parallel.engine=deepspeed.")
+    require(not p.offload_optimizer, "parallel.offload_optimizer=true is DeepSpeed's: the fairscale engine keeps "
+            "the optimizer state on the device. Set it to false, or use parallel.engine=deepspeed.")
+    if p.zero_stage == 3:
+        require(fsdp_device_allowed(t.device), "parallel.engine='fairscale' with parallel.zero_stage=3 is fairscale's "
+                "FullyShardedDataParallel, which runs on CUDA GPUs only, but train.device='cpu'. Use "
+                "parallel.zero_stage=1 or 2, or parallel.engine=deepspeed.")
+
+
+def check_parallel(cfg: Config, world_size: int) -> Layout:
+    """The rules of the parallel section on `world_size` ranks; returns the resolved layout."""
+    p = cfg.parallel
+    positive("parallel.tensor", p.tensor)
+    positive("parallel.pipeline", p.pipeline)
+    positive("parallel.checkpoint_every_n_layers", p.checkpoint_every_n_layers)
+    positive("parallel.collective_timeout", p.collective_timeout)
+    at_most_timeout("parallel.collective_timeout", p.collective_timeout)
+    require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}.")
+    check_tensor_parallel(cfg)
+    layout = resolve_layout(cfg, world_size)  # the layout divides the world
+    if p.pipeline > 1:
+        require(p.zero_stage <= 1, f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline} is "
+                f"refused: DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only (ZeRO-2/3 would shard "
+                f"gradients or parameters that the pipeline schedule keeps per micro-batch). Use "
+                f"parallel.zero_stage=1.")
+        method = p.partition_method
+        require(method in ("parameters", "uniform") or method.startswith("type:"),
+                f"parallel.partition_method={show(method)} is not known; use 'parameters', 'uniform' or "
+                f"'type:<regex of a layer class>' (e.g. 'type:BlockPipe').")
+    if p.engine == "fairscale":
+        check_fairscale(cfg)
+    if p.engine == "torch":
+        require(world_size == 1 and p.zero_stage == 0,
+                f"parallel.engine='torch' runs one process without ZeRO, but the world size is {world_size} and "
+                f"parallel.zero_stage={p.zero_stage}. Use parallel.engine=auto (or deepspeed).")
+    if p.offload_optimizer:
+        require(p.zero_stage >= 1, "parallel.offload_optimizer=true needs ZeRO: set parallel.zero_stage to 1, 2 "
+                "or 3.")
+    if cfg.optim.name == "lamb" and layout.deepspeed:
+        require(p.zero_stage in (0, 1, 2),
+                f"optim.name='lamb' with parallel.zero_stage={p.zero_stage} is refused: ZeRO-3 partitions "
+                f"parameters so that bigtrain cannot compute LAMB's per-tensor trust ratios exactly. Use "
+                f"parallel.zero_stage=1 or 2 (exact), or optim.name=adamw.")
+        require(p.zero_stage > 0 or cfg.train.precision == "fp32",
+                f"optim.name='lamb' with train.precision={cfg.train.precision} and parallel.zero_stage=0 is refused: "
+                f"DeepSpeed's mixed-precision optimizer flattens all parameters, so the per-tensor trust ratios "
+                f"would be wrong. Use parallel.zero_stage=1 or 2 (exact), or train.precision=fp32.")
+    return layout
+
+
+def check_deepspeed_section(cfg: Config, layout: Layout) -> None:
+    """The `deepspeed:` passthrough is for DeepSpeed's engines only, and may not contradict a key bigtrain derives
+    (checked once the batch arithmetic is known to divide)."""
+    if not layout.deepspeed:
+        require(not cfg.deepspeed, f"The deepspeed: section is set but this run does not use DeepSpeed (its engine "
+                f"is {ENGINE_NAMES[layout.engine]}, on {layout.describe()}). Set parallel.engine=deepspeed, or "
+                f"remove the deepspeed: section.")
+    else:
+        derive_deepspeed_config(cfg, layout.data)
