@@ -1,7 +1,7 @@
 """Packages depend one way (errors, io → config → compat / distributed → data / models / optim → parallel →
 planning → engine → checkpoint → inference / interop → train → cli; tests/helpers/layers.py), modules have no
-cycle, no package is called components / common / utils / misc / helpers; loading a config imports neither torch nor
-DeepSpeed.
+cycle, no package is called components / common / utils / misc / helpers; `bigtrain train --help` imports neither
+DeepSpeed nor fairscale and loading a config neither torch nor DeepSpeed.
 
 The checker's own tests plant each construct it has to see in a temporary tree and print what it reports
 (`pytest -s tests/test_layering.py` shows it)."""
@@ -60,6 +60,21 @@ def test_every_package_has_a_layer_and_every_layer_a_package():
 
 def test_no_package_named_after_no_content():
     assert forbidden_packages(ROOT) == []
+
+
+def test_train_help_imports_neither_deepspeed_nor_fairscale():
+    """`python -m bigtrain.cli train --help` (run as -m runs it, through runpy) in a fresh interpreter exits 0 and
+    leaves no deepspeed or fairscale module in sys.modules."""
+    code = (
+        "import atexit, json, runpy, sys\n"
+        "atexit.register(lambda: print(json.dumps(sorted(\n"
+        "    m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'fairscale')))))\n"
+        "sys.argv = ['bigtrain', 'train', '--help']\n"
+        "runpy.run_module('bigtrain.cli', run_name='__main__', alter_sys=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: bigtrain train" in proc.stdout, proc.stdout
+    assert json.loads(proc.stdout.splitlines()[-1]) == []
 
 
 def test_loading_every_shipped_config_imports_neither_torch_nor_deepspeed():
