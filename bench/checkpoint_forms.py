@@ -68,8 +68,9 @@ def worker(args: argparse.Namespace) -> None:
 
     import torch.distributed as dist
 
-    from bigtrain.checkpoint.resume import layout_free_header
-    from bigtrain.checkpoint.sequence import write_layout_free
+    from bigtrain.checkpoint.manager import layout_free_header
+    from bigtrain.checkpoint.save import restore_layout_free, save_checkpoint, write_layout_free
+    from bigtrain.checkpoint.state import StateAdapter
     from bigtrain.config import dump_config, load_config
     from bigtrain.engine.memory import measure_optimizer, measure_params
     from bigtrain.train.trainer import Trainer
@@ -90,11 +91,12 @@ def worker(args: argparse.Namespace) -> None:
     directory = work / "bench"
 
     native, save_native, peak_save_native = measured(
-        lambda: engine.save(directory, 1, state, dump_config(cfg), keep=5))
-    header = layout_free_header(cfg, trainer.full_model, state, 2)
+        lambda: save_checkpoint(directory, 1, engine, trainer.layout, rank, dist.barrier, state, dump_config(cfg),
+                                keep=5, layout_free=None))
+    header = layout_free_header(cfg, trainer.layout, trainer.full_model, state)
     lf_dir = work / "lf"
     _, save_lf, peak_save_lf = measured(
-        lambda: write_layout_free(lf_dir, engine.state(), rank, 2, header, barrier=dist.barrier))
+        lambda: write_layout_free(lf_dir, StateAdapter(engine.sharded_state()), rank, 2, header, barrier=dist.barrier))
     dist.barrier()
     (lf_dir / "config.yaml").write_text(dump_config(cfg))
     shard = measure_params(engine.model) + measure_optimizer(engine.optimizer)
@@ -102,10 +104,11 @@ def worker(args: argparse.Namespace) -> None:
 
     fresh = Trainer(load_config(REPO / "configs" / "smoke.yaml", [*overrides, f"run.dir={work / 'fresh'}"],
                                 world_size=2))
-    _, load_native, peak_load_native = measured(lambda: fresh.engine.load(native))
+    _, load_native, peak_load_native = measured(lambda: fresh.engine.read_native(native))
     fresh2 = Trainer(load_config(REPO / "configs" / "smoke.yaml", [*overrides, f"run.dir={work / 'fresh2'}"],
                                  world_size=2))
-    _, load_lf, peak_load_lf = measured(lambda: fresh2.engine.load_layout_free(lf_dir))
+    _, load_lf, peak_load_lf = measured(
+        lambda: restore_layout_free(StateAdapter(fresh2.engine.sharded_state()), lf_dir))
     row = {"rank": rank, "n_params": sum(p.numel() for p in trainer.full_model.parameters()),
            "native": {"save_s": save_native, "load_s": load_native, "bytes": folder_bytes(native, rank),
                       "peak_save": peak_save_native, "peak_load": peak_load_native},

@@ -233,14 +233,15 @@ def consolidated_eval_loss(run_dir: Path) -> float:
     import torch
 
     from bigtrain.checkpoint.consolidate import consolidated_state_dict
-    from bigtrain.train.evaluate import evaluate_weights
+    from bigtrain.checkpoint.saved import SavedCheckpoint
+    from bigtrain.cli.tools import evaluate_weights
 
     proc = subprocess.run([str(Path(sys.executable).parent / "bigtrain"), "consolidate", str(run_dir)],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = run_dir / "consolidated" / "step_00000020"
     layout_free = torch.load(out / "model.pt", weights_only=True)
-    native = consolidated_state_dict(run_dir / "checkpoints" / "step_00000020")
+    native = consolidated_state_dict(SavedCheckpoint.read(run_dir / "checkpoints" / "step_00000020"))
     assert layout_free and all(torch.equal(value, native[name]) for name, value in layout_free.items())
     return evaluate_weights(out)["eval_loss"]
 

@@ -218,8 +218,9 @@ def test_compiled_layouts_match_eager(references, tmp_path, extra, options, laun
 def _native(run_dir: Path) -> dict[str, torch.Tensor]:
     """The full state dict that the engine's own files of the last checkpoint reassemble to."""
     from bigtrain.checkpoint.consolidate import consolidated_state_dict
+    from bigtrain.checkpoint.saved import SavedCheckpoint
 
-    return consolidated_state_dict(run_dir / "checkpoints" / f"step_{STEPS:08d}")
+    return consolidated_state_dict(SavedCheckpoint.read(run_dir / "checkpoints" / f"step_{STEPS:08d}"))
 
 
 def _consolidate(run_dir: Path) -> None:

@@ -220,7 +220,7 @@ def test_short_training_run_with_document_masking(run_dir: Path) -> None:
     from bigtrain.train.trainer import Trainer
 
     trainer = Trainer(tiny_config(run_dir, "causal", "data.document_masking=true", "train.steps=3"))
-    batch = trainer.host_micro_batches(0)[0]
+    batch = trainer.data.host_micro_batches(0)[0]
     assert batch["document_ids"].shape == batch["input_ids"].shape
     result = trainer.run()
     assert result.state.step == 3 and np.isfinite(result.last_eval["eval_loss"])

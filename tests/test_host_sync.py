@@ -38,13 +38,13 @@ def test_no_host_sync_between_log_steps(run_dir, monkeypatch, optimizer):
             return __original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    micro_batches = trainer.micro_batches
+    micro_batches = trainer.data.micro_batches
 
     def start_of_step(index):
         step["now"] = index + 1  # from here until the next step starts, the calls belong to step index + 1
         return micro_batches(index)
 
-    monkeypatch.setattr(trainer, "micro_batches", start_of_step)
+    monkeypatch.setattr(trainer.data, "micro_batches", start_of_step)
     trainer.run()
     log_steps = {3, 6, 9}
     assert all(calls[s] == 0 for s in range(1, 10) if s not in log_steps), dict(calls)
@@ -59,22 +59,22 @@ def test_skipped_step_is_skipped_on_the_device(run_dir):
     trainer = Trainer(tiny_config(run_dir, "causal", "train.steps=6", "log.every=2", "train.eval_every=0",
                                   "checkpoint.every=0", "train.sample_tokens=0", "train.on_nonfinite=skip",
                                   "log.tensorboard=false"))
-    forward, seen = trainer.model.forward, {"calls": 0, "before": None, "after": None}
+    forward, seen = trainer.engine.model.forward, {"calls": 0, "before": None, "after": None}
     optimizer = trainer.engine.optimizer
 
     def poisoned(*args, **kwargs):
         seen["calls"] += 1
         out = forward(*args, **kwargs)
         if seen["calls"] == 3:
-            seen["before"] = [p.detach().clone() for p in trainer.model.parameters()]
-            seen["moments"] = [optimizer.state[p]["exp_avg"].clone() for p in trainer.model.parameters()]
+            seen["before"] = [p.detach().clone() for p in trainer.engine.model.parameters()]
+            seen["moments"] = [optimizer.state[p]["exp_avg"].clone() for p in trainer.engine.model.parameters()]
             return out * float("nan")
         if seen["calls"] == 4:  # the start of step 4: what step 3 left
-            seen["after"] = [p.detach().clone() for p in trainer.model.parameters()]
-            seen["moments_after"] = [optimizer.state[p]["exp_avg"].clone() for p in trainer.model.parameters()]
+            seen["after"] = [p.detach().clone() for p in trainer.engine.model.parameters()]
+            seen["moments_after"] = [optimizer.state[p]["exp_avg"].clone() for p in trainer.engine.model.parameters()]
         return out
 
-    trainer.model.forward = poisoned
+    trainer.engine.model.forward = poisoned
     result = trainer.run()
     assert result.state.step == 6
     assert all(torch.equal(a, b) for a, b in zip(seen["before"], seen["after"], strict=True))

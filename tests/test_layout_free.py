@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from bigtrain.checkpoint.layout_free import LayoutFreeReader, Piece, write_index, write_pieces
+from bigtrain.cli.tools import evaluate_weights
 from bigtrain.errors import CheckpointError
-from bigtrain.train.evaluate import evaluate_weights
 from bigtrain.train.trainer import train
 from tests.conftest import REPO, launch_ok, read_metrics, run_launcher, tiny_config, tiny_overrides
 

@@ -115,7 +115,7 @@ def test_metrics_report_tokens_samples_and_epochs_per_source(tmp_path):
     assert sum(s["tokens"] for s in sources.values()) == last["tokens"]  # every input token, by source
     assert sum(s["samples"] for s in sources.values()) == 4 * 8
     assert sources["embedded"]["samples"] == 24 and sources["extra"]["samples"] == 8  # weights 3 : 1
-    mixture = trainer.train_set
+    mixture = trainer.data.train_set
     for k, name in enumerate(mixture.names):
         assert sources[name]["epochs"] == pytest.approx(sources[name]["samples"] / len(mixture.datasets[k]))
 

@@ -15,6 +15,7 @@ import torch
 from bigtrain.checkpoint import store as ckpt
 from bigtrain.checkpoint.integrity import read_latest
 from bigtrain.errors import CheckpointError
+from bigtrain.io import load_torch
 from bigtrain.train.trainer import Trainer, train
 from tests.conftest import REPO, run_launcher, tiny_config, tiny_overrides
 
@@ -70,7 +71,7 @@ def test_crash_during_checkpoint_write_keeps_previous(run_dir, monkeypatch, cras
     trainer.run()  # final checkpoint at step 2
     ckpt_dir = run_dir / "checkpoints"
     good = read_latest(ckpt_dir)[0]
-    weights = ckpt.load_part(good, "model")
+    weights = load_torch(good / "model.pt")
 
     class Crash(Exception):
         pass
@@ -100,7 +101,7 @@ def test_crash_during_checkpoint_write_keeps_previous(run_dir, monkeypatch, cras
     monkeypatch.undo()
 
     assert read_latest(ckpt_dir)[0] == good
-    for name, tensor in ckpt.load_part(good, "model").items():
+    for name, tensor in load_torch(good / "model.pt").items():
         assert torch.equal(tensor, weights[name])
     resumed = Trainer(tiny_config(run_dir, "causal", "train.steps=4"))
     assert resumed.state.step == 2

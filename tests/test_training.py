@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from bigtrain.config import load_config
+from bigtrain.config.layout import Layout
 from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate
-from bigtrain.distributed.device import autocast
-from bigtrain.engine.step import train_step
+from bigtrain.engine.evaluate import evaluate
+from bigtrain.engine.local import LocalEngine
+from bigtrain.engine.step import StepEngine
 from bigtrain.errors import TrainingError
 from bigtrain.models import build_model
+from bigtrain.models.loss import Criterion
 from bigtrain.optim import build_optimizer
-from bigtrain.parallel import apply_activation_checkpointing
-from bigtrain.train.evaluate import evaluate
+from bigtrain.parallel import ParallelModel, apply_activation_checkpointing
 from bigtrain.train.trainer import Trainer, train
 from tests.conftest import REPO, tiny_config, tiny_overrides
 
@@ -33,6 +35,13 @@ def _batches(samples, family, pad_id, micro):
     return [collate(samples[s:s + micro], family, pad_id) for s in range(0, len(samples), micro)]
 
 
+def _plain_engine(cfg, model, optimizer):
+    """The plain engine's step skeleton around `model`, stepping `optimizer`."""
+    engine = LocalEngine(cfg, Layout(), ParallelModel(model, Criterion(), Layout()), None, torch.device("cpu"))
+    engine.optimizer, engine.params = optimizer, [p for g in optimizer.param_groups for p in g["params"]]
+    return engine
+
+
 @pytest.mark.parametrize("family", ["causal", "masked", "seq2seq"])
 def test_gradient_accumulation_matches_one_big_batch(run_dir, family):
     """4 micro-batches of 2 give the same update as one batch of 8 (fp32, 1e-6).
@@ -43,14 +52,14 @@ def test_gradient_accumulation_matches_one_big_batch(run_dir, family):
     cfg, tok, train_set = _setup(run_dir, family, "optim.grad_clip=0.5")
     bucket = 1 if family == "causal" else 4
     samples = [train_set[i] for i in GlobalBatchSampler(train_set, 8, 0, bucket).indices(0)]
-    for make_opt, tol in ((lambda m: torch.optim.SGD(m.parameters(), lr=1.0), 1e-6),
-                          (lambda m: build_optimizer(m, cfg.optim), 1e-5)):
+    for make_opt, lr, tol in ((lambda m: torch.optim.SGD(m.parameters(), lr=1.0), 1.0, 1e-6),
+                              (lambda m: build_optimizer(m, cfg.optim), cfg.optim.lr, 1e-5)):
         results = []
         for micro in (8, 2):
             model = build_model(cfg.model, 320, "cpu", seed=3)
             before = [p.detach().clone() for p in model.parameters()]
-            res = train_step(model, make_opt(model), _batches(samples, family, tok.pad_id, micro),
-                             lambda: autocast("fp32", None), cfg.optim.grad_clip).resolved()
+            engine = _plain_engine(cfg, model, make_opt(model))
+            res = engine.train_step(_batches(samples, family, tok.pad_id, micro), lr).resolved()
             results.append((res, [p.detach() - b for p, b in zip(model.parameters(), before, strict=True)]))
         (big, big_update), (small, small_update) = results
         assert big.loss == pytest.approx(small.loss, rel=1e-6)
@@ -91,7 +100,7 @@ def test_each_family_trains(run_dir, family, extra, capsys):
     """Held-out loss falls for every family; accuracy is reported for masked and seq2seq."""
     cfg = tiny_config(run_dir, family, "train.eval_every=10", *extra)
     trainer = Trainer(cfg)
-    initial = evaluate(trainer.model, trainer.eval_batches(), trainer.autocast)
+    initial = evaluate(trainer.engine.model, trainer.data.heldout_batches(), trainer.engine.autocast)
     result = trainer.run()
     final = result.last_eval
     assert final["eval_loss"] < initial["eval_loss"] - 0.3, (initial, final)
@@ -141,19 +150,19 @@ def test_rerun_of_finished_run_does_nothing(run_dir):
 
 def test_nonfinite_loss_stops_with_step(run_dir):
     trainer = Trainer(tiny_config(run_dir, "causal", "train.steps=6"))
-    _poison_forward(trainer.model, at_call=3)
+    _poison_forward(trainer.engine.model, at_call=3)
     with pytest.raises(TrainingError, match="step 3.*train.on_nonfinite=skip"):
         trainer.run()
 
 
 def test_nonfinite_loss_skipped_when_configured(run_dir):
     trainer = Trainer(tiny_config(run_dir, "causal", "train.steps=6", "train.on_nonfinite=skip"))
-    _poison_forward(trainer.model, at_call=3)
+    _poison_forward(trainer.engine.model, at_call=3)
     result = trainer.run()
     records = _records(run_dir)
     assert result.state.step == 6
     assert [r["skipped"] for r in records if "loss" in r] == [False, False, True, False, False, False]
-    assert all(math.isfinite(p.sum().item()) for p in trainer.model.parameters())
+    assert all(math.isfinite(p.sum().item()) for p in trainer.engine.model.parameters())
 
 
 def _poison_forward(model, at_call: int) -> None:
@@ -168,10 +177,8 @@ def _poison_forward(model, at_call: int) -> None:
 
 
 def test_early_stopping(run_dir, monkeypatch):
-    import bigtrain.train.trainer as trainer_module
-
     losses = iter([3.0, 2.5, 2.6, 2.7, 2.8, 2.9])
-    monkeypatch.setattr(trainer_module, "evaluate", lambda *a, **k: {
+    monkeypatch.setattr(StepEngine, "evaluate", lambda *a, **k: {
         "eval_loss": next(losses), "eval_ppl": 1.0, "eval_accuracy": 0.0, "eval_sequence_accuracy": 0.0,
         "eval_tokens": 1})
     result = train(tiny_config(run_dir, "causal", "train.steps=12", "train.eval_every=2",

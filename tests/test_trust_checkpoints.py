@@ -44,7 +44,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 # --- nothing loaded runs code ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "trainer.pt"])
+@pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "trainer_rank00000.pt"])
 def test_plain_engine_files_run_no_code(run_dir, tmp_path, name):
     train(tiny_config(run_dir, "causal", "train.steps=2"))
     marker = tmp_path / "pwned"
@@ -62,7 +62,7 @@ def _three_checkpoints(run_dir: Path) -> list[str]:
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_damaged_latest_falls_back_to_the_newest_intact(tmp_path, damage, capsys):
     """64 flipped bytes in model.pt (which once resumed with loss 2392), a truncated optimizer.pt, a deleted
-    trainer.pt in the latest checkpoint (step 8 of 8, rolled back to be redone): the run names the file, moves
+    trainer_rank00000.pt in the latest checkpoint (step 8 of 8, rolled back to be redone): the run names the file, moves
     step 8 aside, resumes from step 6, and steps 7-8 equal the uninterrupted run's; rotation (keep=3) deletes
     nothing damaged."""
     from bigtrain.config import load_config
@@ -81,8 +81,8 @@ def test_damaged_latest_falls_back_to_the_newest_intact(tmp_path, damage, capsys
         (step8 / "optimizer.pt").write_bytes((step8 / "optimizer.pt").read_bytes()[:1000])
         expected = "optimizer.pt has 1000 bytes"
     else:
-        (step8 / "trainer.pt").unlink()
-        expected = "trainer.pt is missing"
+        (step8 / "trainer_rank00000.pt").unlink()
+        expected = "trainer_rank00000.pt is missing"
     capsys.readouterr()
     result = train(load_config(None, _three_checkpoints(run)))
     out = capsys.readouterr().out
@@ -108,7 +108,7 @@ def test_lost_or_invalid_latest_is_rebuilt(run_dir, pointer, capsys):
     capsys.readouterr()
     trainer = Trainer(tiny_config(run_dir, "causal", "train.steps=6", "checkpoint.every=2"))
     assert trainer.state.step == 4
-    assert "rebuilding it from the newest intact checkpoint" in " ".join(trainer.resume_notes)
+    assert "rebuilding it from the newest intact checkpoint" in " ".join(trainer.notes)
     assert latest.read_text().strip() == "step_00000004"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
 

@@ -1,7 +1,11 @@
 """Checkpoint integrity: a manifest of every file's size and SHA-256, written last into each checkpoint, and
 the choice of what to resume from.
 
-    step_N/manifest.json   {"format": 1, "step": N, "files": {"model.pt": {"bytes": n, "sha256": "…"}, …}}
+    step_N/manifest.json   {"format": 1, "step": N, "layout": {"tensor": 1, …, "engine": "torch", …},
+                            "files": {"model.pt": {"bytes": n, "sha256": "…"}, …}}
+
+The layout is the one that wrote the checkpoint (`bigtrain.config.layout.Layout.record`); manifests written
+before it was recorded lack it (`saved.py` derives it then).
 
 On resume the checkpoint `latest` names is verified file by file. A missing, truncated or altered file makes
 it damaged: it is renamed aside (`step_N.damaged`, never deleted) and the next older intact checkpoint is
@@ -13,7 +17,6 @@ with a note.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,37 +24,42 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bigtrain.config.layout import Layout
 from bigtrain.errors import CheckpointError
+from bigtrain.io import replace_text, sha256_of
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 FORMAT = 1
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-_CHUNK = 8 << 20
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def manifest_for(directory: Path, step: int) -> dict:
-    """The manifest of every file under `directory` (relative names, sizes, SHA-256), itself excluded."""
+def manifest_for(directory: Path, step: int, layout: Layout | None = None) -> dict:
+    """The manifest of every file under `directory` (relative names, sizes, SHA-256), itself excluded, with the
+    layout that wrote the checkpoint."""
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
         files[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
-    return {"format": FORMAT, "step": step, "files": files}
+    layout_record = {"layout": layout.record()} if layout is not None else {}
+    return {"format": FORMAT, "step": step, **layout_record, "files": files}
 
 
-def write_manifest(directory: Path, step: int) -> None:
+def write_manifest(directory: Path, step: int, layout: Layout | None) -> None:
     """Write `manifest.json` into a fully written checkpoint directory (flushed to disk)."""
     with open(directory / MANIFEST, "w") as f:
-        json.dump(manifest_for(directory, step), f, indent=1)
+        json.dump(manifest_for(directory, step, layout), f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_manifest(checkpoint: Path) -> dict | None:
+    """The manifest of `checkpoint` as written, or None where it has none or it cannot be read (`verify` says
+    why)."""
+    try:
+        manifest = json.loads((checkpoint / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def verify(checkpoint: Path) -> str | None:
@@ -119,12 +127,7 @@ def read_latest(directory: Path) -> tuple[Path | None, str | None]:
 
 
 def write_latest(directory: Path, name: str) -> None:
-    tmp = directory / (LATEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / LATEST)
+    replace_text(directory / LATEST, name + "\n")
 
 
 def move_aside(checkpoint: Path) -> Path:

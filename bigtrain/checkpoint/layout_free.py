@@ -16,10 +16,8 @@ safetensors and JSON: nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 import torch
 
 from bigtrain.errors import CheckpointError
+from bigtrain.io import fsync_file, replace_text, sha256_of
 
 FORMAT, VERSION = "bigtrain-layout-free", 1
 FOLDER, INDEX = "layout_free", "index.json"
@@ -85,12 +84,8 @@ def write_pieces(folder: Path, rank: int, pieces: Iterable[Piece]) -> dict[str, 
         metas.append(piece.meta())
     path = folder / name
     save_file(tensors, str(path))
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-        digest = hashlib.sha256()
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return {"file": name, "bytes": path.stat().st_size, "sha256": digest.hexdigest(), "pieces": metas}
+    fsync_file(path)
+    return {"file": name, "bytes": path.stat().st_size, "sha256": sha256_of(path), "pieces": metas}
 
 
 def write_index(folder: Path, rank_entries: list[dict[str, Any]], header: dict[str, Any]) -> None:
@@ -98,12 +93,7 @@ def write_index(folder: Path, rank_entries: list[dict[str, Any]], header: dict[s
     index = {"format": FORMAT, "version": VERSION, **header,
              "files": {e["file"]: {"bytes": e["bytes"], "sha256": e["sha256"]} for e in rank_entries},
              "pieces": [p for e in rank_entries for p in e["pieces"]]}
-    tmp = folder / (INDEX + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / INDEX)
+    replace_text(folder / INDEX, json.dumps(index))
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------
@@ -163,11 +153,7 @@ class LayoutFreeReader:
         if path.stat().st_size != expected["bytes"]:
             return (f"{path} has {path.stat().st_size} bytes where {expected['bytes']} were written (truncated or "
                     f"altered)")
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != expected["sha256"]:
+        if sha256_of(path) != expected["sha256"]:
             return f"{path} does not match its checksum (altered or corrupted)"
         self._verified.add(file)
         return None

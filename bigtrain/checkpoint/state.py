@@ -1,4 +1,4 @@
-"""An engine's model and optimizer state as layout-free pieces, and back (`components/layout_free.py`).
+"""An engine's model and optimizer state as layout-free pieces, and back (`layout_free.py`).
 
 Where a rank's state lives depends on the engine:
 
@@ -21,21 +21,20 @@ internals this needs are in `bigtrain.compat.deepspeed`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from bigtrain.checkpoint.layout_free import Box, LayoutFreeReader, Piece, whole
 from bigtrain.compat.deepspeed import (
-    Partition,
     fragment_of,
     inner_optimizer,
     is_tied_copy,
     local_partition,
-    local_shape,
     zero3_layout,
 )
+from bigtrain.engine.base import ShardedState
 from bigtrain.errors import CheckpointError
 from bigtrain.models.init import Shard
 
@@ -61,34 +60,26 @@ def named_local_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter
 
 
 class StateAdapter:
-    """Reads and writes one engine's state as pieces; `optimizer` is the torch optimizer bigtrain built (inside
-    DeepSpeed's wrapper where there is one), `wrapper` DeepSpeed's ZeRO / bf16 optimizer or None.
+    """Reads and writes one engine's state as pieces, from where the engine says it lives (`ShardedState`)."""
 
-    An engine that partitions parameters itself (fairscale's FSDP) passes `partition` (this rank's part of a
-    parameter), `params` (the parameters under their unwrapped names) and `shape_of` (a parameter's shape
-    before partitioning)."""
-
-    def __init__(self, model: nn.Module, shards: dict[str, Shard], optimizer: torch.optim.Optimizer,
-                 wrapper: object | None, tensor_rank: int, data_rank: int,
-                 state_owner: Callable[[torch.Tensor], bool] | None = None,
-                 partition: Callable[[torch.Tensor], Partition] | None = None,
-                 params: list[tuple[str, nn.Parameter]] | None = None,
-                 shape_of: Callable[[torch.Tensor], torch.Size] = local_shape) -> None:
-        self.model, self.shards, self.optimizer, self.wrapper = model, shards, optimizer, wrapper
-        self.tensor_rank, self.data_rank = tensor_rank, data_rank
+    def __init__(self, state: ShardedState) -> None:
+        self.model, self.shards, self.optimizer = state.model, state.shards, state.optimizer
+        self.wrapper = state.wrapper
+        self.tensor_rank, self.data_rank = state.tensor_rank, state.data_rank
         # per-parameter state: whether this rank holds a parameter's optimizer state (by default every data rank
         # does, and data rank 0 writes it) or, under OSS, only its owner (which writes it)
-        self.holds_state = state_owner or (lambda p: True)
-        self.writes_state = state_owner or (lambda p: self.data_rank == 0)
-        self.params = params if params is not None else list(named_local_parameters(model))
-        self.shape_of = shape_of
-        zero3 = zero3_layout(wrapper) if wrapper is not None else None
+        self.holds_state = state.state_owner or (lambda p: True)
+        self.writes_state = state.state_owner or (lambda p: self.data_rank == 0)
+        self.params = state.params if state.params is not None else list(named_local_parameters(self.model))
+        self.shape_of = state.shape_of
+        partition = state.partition
+        zero3 = zero3_layout(self.wrapper) if self.wrapper is not None else None
         if partition is None and zero3 is not None:
-            partition = functools.partial(zero3.partition, data_rank=data_rank)
+            partition = functools.partial(zero3.partition, data_rank=self.data_rank)
         self.partition = partition
         if partition is not None:
             self.kind = "partitioned"
-        elif wrapper is None:
+        elif self.wrapper is None:
             self.kind = "per-parameter"
         else:
             self.kind = "fragments"

@@ -1,4 +1,4 @@
-"""One rank of `bigtrain convert` under torchrun (`bigtrain.checkpoint.convert.run_convert` starts them)."""
+"""One rank of `bigtrain convert` under torchrun (`bigtrain.cli.tools.convert` starts them)."""
 
 import os
 import sys

@@ -4,9 +4,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
 
+from bigtrain.cli.launching import child_env, torchrun
 from bigtrain.cli.report import run_guarded
+
+
+def evaluate_weights(path: Path, overrides: list[str] | None = None) -> dict[str, float]:
+    """Held-out metrics, on one device, of the weights at `path`: a run.dir, a checkpoint (its layout-free form
+    read directly), or a folder written by `bigtrain export` or `bigtrain consolidate`
+    (`bigtrain.checkpoint.weights`)."""
+    from bigtrain.data import build_datasets
+    from bigtrain.data.loader import heldout_batches
+    from bigtrain.distributed.device import autocast
+    from bigtrain.engine.evaluate import evaluate
+    from bigtrain.inference.load import load_model
+
+    loaded = load_model(path, overrides)
+    cfg, tokenizer, device = loaded.cfg, loaded.tokenizer, loaded.device
+    _, heldout = build_datasets(cfg, tokenizer)
+    return evaluate(loaded.model, heldout_batches(cfg, tokenizer, heldout, device),
+                    lambda: autocast(cfg.train.precision, device))
+
+
+def convert(path: Path) -> Path:
+    """Add the layout-free form to the checkpoint at `path` (a run.dir: its latest): in this process when one
+    rank wrote it, else under torchrun with as many local ranks as wrote it (`cli/convert_worker.py`)."""
+    from bigtrain.checkpoint.convert import convert_here
+    from bigtrain.checkpoint.saved import SavedCheckpoint, find_checkpoint
+    from bigtrain.errors import CheckpointError
+
+    saved = SavedCheckpoint.read(find_checkpoint(path))
+    if saved.has_layout_free:
+        return saved.path
+    ranks = saved.layout.world_size
+    if ranks == 1:
+        convert_here(saved.path)
+        return saved.path
+    proc = subprocess.run([*torchrun(ranks), "-m", "bigtrain.cli.convert_worker", str(saved.path)], env=child_env())
+    if proc.returncode != 0:
+        raise CheckpointError(f"Converting {saved.path} with {ranks} ranks failed (status {proc.returncode}; see "
+                              f"the messages above).")
+    return saved.path
 
 
 def run_consolidate(argv: list[str]) -> int:
@@ -19,7 +59,7 @@ def run_consolidate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def command() -> int:
-        from bigtrain.checkpoint.consolidate import consolidate
+        from bigtrain.checkpoint.weights import consolidate
 
         out = consolidate(args.run_dir, args.step, args.out)
         print(f"consolidated weights: {out / 'model.pt'} (config: {out / 'config.yaml'})")
@@ -37,8 +77,6 @@ def run_evaluate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def command() -> int:
-        from bigtrain.train.evaluate import evaluate_weights
-
         print(json.dumps(evaluate_weights(args.weights_dir, args.overrides)))
         return 0
 
@@ -81,8 +119,6 @@ def run_convert(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def command() -> int:
-        from bigtrain.checkpoint.convert import run_convert as convert
-
         checkpoint = convert(args.checkpoint)
         print(f"layout-free form: {checkpoint / 'layout_free'}")
         return 0

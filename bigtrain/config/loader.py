@@ -345,11 +345,16 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any], world_size: int = 1, overrides: list[str] | None = None) -> Config:
     """Defaults <- `data` (e.g. a checkpoint's config) <- overrides, then the cross-field checks."""
+    return config_from_dict_and_layout(data, world_size, overrides)[0]
+
+
+def config_from_dict_and_layout(data: dict[str, Any], world_size: int = 1, overrides: list[str] | None = None
+                                ) -> tuple[Config, Layout]:
+    """`config_from_dict`, and the layout the config resolves to on `world_size` ranks."""
     cfg = _merge_section(Config(), data, "")
     if overrides:
         cfg = _merge_section(cfg, parse_overrides(overrides), "")
-    validate(cfg, world_size=world_size)
-    return cfg
+    return cfg, validate(cfg, world_size=world_size)
 
 
 def dump_config(cfg: Config) -> str:

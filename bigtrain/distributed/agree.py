@@ -8,22 +8,24 @@ from typing import TypeVar
 
 import torch
 
+from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.errors import BigtrainError
 
 T = TypeVar("T")
 
 
-def on_main(is_main: bool, distributed: bool, work: Callable[[], T]) -> T | None:
-    """`work()` on rank 0; its picklable result on every rank. A BigtrainError raised there is raised on every
-    rank (with the same message and type); other exceptions end rank 0 as usual."""
+def on_main(is_main: bool, groups: ParallelGroups | None, work: Callable[[], T]) -> T | None:
+    """`work()` on rank 0; its picklable result on every rank (broadcast on the host group of `groups`; None:
+    one process). A BigtrainError raised there is raised on every rank (with the same message and type); other
+    exceptions end rank 0 as usual."""
     message: list = [None, None]  # result, error
     if is_main:
         try:
             message = [work(), None]
         except BigtrainError as err:
             message = [None, err]
-    if distributed:
-        torch.distributed.broadcast_object_list(message, src=0)
+    if groups is not None:
+        torch.distributed.broadcast_object_list(message, src=0, group=groups.host_world)
     result, error = message
     if error is not None:
         raise error

@@ -17,15 +17,15 @@ PMI_SIZE, ...) is an error naming the missing variable.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
 from bigtrain.compat.deepspeed import release_shm_buffer
 from bigtrain.distributed.hostlist import expand_hostlist
+from bigtrain.distributed.mpi import mpi_rendezvous
+from bigtrain.distributed.rendezvous import DistEnv, free_port
 from bigtrain.errors import ConfigError
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -38,31 +38,6 @@ MPI_VARS = {
 }
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000  # MASTER_PORT under srun: 15000 + job id mod 20000
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    local_rank: int
-    world_size: int
-    launcher: str  # torchrun | deepspeed | accelerate | env | mpi | slurm | none
-    master_addr: str = "127.0.0.1"
-    master_port: int | None = None  # None: one process, a free port is picked at start-up
-    note: str | None = None  # something rank 0 tells the user (e.g. a Slurm batch shell without srun)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def describe(self) -> str:
-        if self.world_size == 1 and self.launcher == "none":
-            return "launcher: none"
-        return f"launcher: {self.launcher}, rendezvous {self.master_addr}:{self.master_port}"
-
-    def torch_env(self) -> dict[str, str]:
-        """The variables torch.distributed's env:// rendezvous and DeepSpeed read."""
-        return {"RANK": str(self.rank), "LOCAL_RANK": str(self.local_rank), "WORLD_SIZE": str(self.world_size),
-                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
 
 
 def _ints(env: Mapping[str, str], names: dict[str, str | None]) -> dict[str, int]:
@@ -115,7 +90,6 @@ def _from_torch_vars(env: Mapping[str, str]) -> DistEnv:
 
 
 def _from_mpi(env: Mapping[str, str], family: str) -> DistEnv:
-    from bigtrain.distributed.mpi import mpi_rendezvous
 
     rank_var, size_var, local_var = MPI_VARS[family]
     if size_var is not None:
@@ -162,13 +136,6 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
         return _from_slurm(env)
     return _single(env)
-
-
-def free_port(bind: str = "127.0.0.1") -> int:
-    """A TCP port that is free now on `bind` ("" = every interface, for a rendezvous other nodes reach)."""
-    with socket.socket() as s:
-        s.bind((bind, 0))
-        return s.getsockname()[1]
 
 
 def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> None:

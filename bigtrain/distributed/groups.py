@@ -1,12 +1,27 @@
-"""The process groups of one `Layout` (tensor, data, pipeline, model) and DeepSpeed's `mpu` interface.
+"""Every process group of a run: those of its `Layout` (tensor, data, pipeline, model), their host (gloo) twins
+for values that live on the host, and DeepSpeed's `mpu` interface.
 
 Built once per job, after the default process group exists, and passed explicitly to everything that needs a
-group: nothing here or elsewhere is module-global.
+group: nothing here or elsewhere is module-global, and no other module creates a group.
+
+    tensor, data, pipeline, model   the layout's groups, on the default backend (nccl on GPUs, gloo on CPUs)
+    host_data                       the data group for host tensors (token counts): the data group itself on
+                                    CPUs, a gloo twin of it on GPUs, so that summing host numbers never waits for
+                                    the device (and never hands NCCL a CPU tensor)
+    host_world                      every rank, gloo: stop signals, checkpoint barriers (None on CPUs: the default
+                                    group is gloo already)
+    long_wait                       every rank, gloo, a timeout of days: ranks waiting for rank 0 to prepare a
+                                    corpus, which may take longer than parallel.collective_timeout
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from bigtrain.config.layout import Layout
+
+LONG_WAIT = timedelta(days=2)
+KINDS = ("tensor", "data", "pipeline", "model")
 
 
 class ParallelGroups:
@@ -17,26 +32,34 @@ class ParallelGroups:
     replicated parameters on model-parallel rank 0 and sums over that group.
     """
 
-    def __init__(self, layout: Layout, rank: int, timeout_s: float | None = None) -> None:
-        """`timeout_s`: how long a collective of these groups may wait (parallel.collective_timeout)."""
-        from datetime import timedelta
-
+    def __init__(self, layout: Layout, rank: int, timeout_s: float | None = None, on_gpu: bool = False) -> None:
+        """`timeout_s`: how long a collective of these groups may wait (parallel.collective_timeout); `on_gpu`:
+        the default backend is nccl, so host values get gloo twins."""
         import torch.distributed as dist
 
         timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
         self.layout, self.rank = layout, rank
         self.coords = layout.coordinates(rank)
         self._groups: dict[str, tuple[object, list[int]]] = {}
-        for kind, all_ranks in (("tensor", layout.tensor_groups()), ("data", layout.data_groups()),
-                                ("pipeline", layout.pipeline_groups()), ("model", layout.model_groups())):
+        for kind, all_ranks in zip(KINDS, (layout.tensor_groups(), layout.data_groups(), layout.pipeline_groups(),
+                                           layout.model_groups()), strict=True):
             for ranks in all_ranks:
                 group = dist.new_group(ranks=ranks, timeout=timeout)  # collective: every rank creates all
                 if rank in ranks:
                     self._groups[kind] = (group, ranks)
         # Connect every group now (kinds in the same order on all ranks; groups of one kind are disjoint):
         # a lazily connected group would leave a survivor waiting for a dead peer instead of failing fast.
-        for kind in ("tensor", "data", "pipeline", "model"):
+        for kind in KINDS:
             dist.barrier(group=self.group(kind))
+        self.host_data = self.data_group
+        self.host_world = None
+        if on_gpu:
+            for ranks in layout.data_groups():
+                group = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
+                if rank in ranks:
+                    self.host_data = group
+            self.host_world = dist.new_group(backend="gloo", timeout=timeout)
+        self.long_wait = dist.new_group(backend="gloo", timeout=LONG_WAIT)
 
     def group(self, kind: str):
         return self._groups[kind][0]
@@ -51,6 +74,23 @@ class ParallelGroups:
     @property
     def data_group(self):
         return self.group("data")
+
+    # ---- host values -----------------------------------------------------------------------------------
+    def sum_on_host(self, values: tuple[int, ...]) -> list[int]:
+        """Σ over the data-parallel ranks of small host integers, on the host data group (nothing touches a
+        device)."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(t, group=self.host_data)
+        return t.tolist()
+
+    def host_barrier(self) -> None:
+        """Every rank of the world arrives here, on a host group."""
+        import torch.distributed as dist
+
+        dist.barrier(group=self.host_world)
 
     # ---- DeepSpeed's mpu interface --------------------------------------------------------------------
     def get_tensor_model_parallel_group(self):

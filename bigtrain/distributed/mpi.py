@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping
 
-from bigtrain.distributed.env import DistEnv, free_port
+from bigtrain.distributed.rendezvous import DistEnv, free_port
 from bigtrain.errors import ConfigError
 
 

@@ -1,42 +1,79 @@
-"""What the trainer needs from an engine."""
+"""What the rest of bigtrain needs from an engine, and what an engine tells about where its state lives.
+
+Every engine runs the one step skeleton (`bigtrain.engine.step.StepEngine`) and answers the same calls, so the
+trainer, the checkpoint manager and the commands never ask which engine they hold.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
+from bigtrain.compat.deepspeed import local_shape
+from bigtrain.config.layout import Layout
 from bigtrain.engine.result import StepResult
-from bigtrain.models import TransformerLM
+from bigtrain.models.init import Shard
+
+
+@dataclass
+class ShardedState:
+    """Where this rank's share of the model and optimizer state lives, for the layout-free form
+    (`bigtrain.checkpoint.state.StateAdapter` reads and writes it).
+
+    optimizer: the torch optimizer bigtrain built (inside DeepSpeed's wrapper where there is one); wrapper:
+    DeepSpeed's ZeRO / bf16 optimizer, or None. An engine that shards optimizer state by owner (fairscale's OSS)
+    gives `state_owner`; one that partitions parameters itself (fairscale's FSDP) gives `partition` (this rank's
+    part of a parameter), `params` (the parameters under their unwrapped names) and `shape_of` (a parameter's
+    shape before partitioning)."""
+
+    model: nn.Module
+    shards: dict[str, Shard]
+    optimizer: torch.optim.Optimizer
+    wrapper: object | None = None
+    tensor_rank: int = 0
+    data_rank: int = 0
+    state_owner: Callable[[torch.Tensor], bool] | None = None
+    partition: Callable[[torch.Tensor], Any] | None = None
+    params: list[tuple[str, nn.Parameter]] | None = field(default=None)
+    shape_of: Callable[[torch.Tensor], torch.Size] = local_shape
 
 
 class Engine(Protocol):
-    model: TransformerLM  # the module to run for evaluation and sampling (the pipeline engine, whose
-    # module is one stage, evaluates through its own `evaluate(batches)` instead)
-    rank: int
+    layout: Layout
+    model: nn.Module  # the model as the engine runs it (evaluation and sampling go through it)
     dp_rank: int
     dp_size: int
+    config_file: str | None  # the run.dir file `describe()` goes to; None: nothing to write
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool,
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool = False,
                    counts: tuple[int, int] | None = None) -> StepResult:
         """Forward/backward this rank's micro-batches of the global batch and apply one update at `lr`."""
 
-    def save(self, directory: Path, step: int, trainer_state: dict[str, Any], config_yaml: str,
-             keep: int, layout_free: dict[str, Any] | None = None) -> Path:
-        """Write a complete checkpoint of `step` (collective: every rank calls it): the engine's own files, and
-        with `layout_free` (the index header) also the layout-free form."""
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision region the engine runs forward passes in."""
 
-    def load(self, checkpoint: Path) -> dict[str, Any]:
-        """Restore model, optimizer and RNG from `checkpoint`'s own files (written by this layout); return the
-        trainer state saved with it."""
+    def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Held-out metrics over `batches` (every rank evaluates all of them and returns the same numbers)."""
 
-    def load_layout_free(self, checkpoint: Path) -> dict[str, Any]:
-        """Restore model and optimizer from `checkpoint`'s layout-free form (written by any layout); return its
-        index header."""
-
-    def init_weights(self, reader: Any) -> None:
-        """Set the weights (not the optimizer state) from a reader of the unsplit tensors (`model.init_from`)."""
+    def describe(self) -> str:
+        """The engine's settings as JSON (DeepSpeed's derived config, fairscale's sharding)."""
 
     def memory_report(self, run_dir: Path | None = None) -> str | None:
-        """Measured bytes of parameters, gradients and optimizer state next to the ZeRO formula."""
+        """Measured bytes of parameters, gradients and optimizer state next to the ZeRO formula (collective);
+        the text on rank 0, None elsewhere or where the engine has none."""
+
+    def sharded_state(self) -> ShardedState:
+        """Where this rank's model and optimizer state live (the layout-free form is read from and written to
+        it; `model.init_from` restores weights through it)."""
+
+    def write_native(self, folder: Path) -> None:
+        """Write this rank's own checkpoint files (the engine's native form) into `folder` (collective)."""
+
+    def read_native(self, checkpoint: Path) -> None:
+        """Restore model and optimizer from the native files a run of the same layout wrote into `checkpoint`."""

@@ -1,32 +1,40 @@
-"""`build_engine`: the engine that runs a parallelized model's steps and checkpoints, chosen by the layout."""
+"""`build_engine`: the engine the resolved layout names (`Layout.engine`), around a parallelized model."""
 
 from __future__ import annotations
 
 import torch
 
 from bigtrain.config import Config
-from bigtrain.distributed import DistEnv
+from bigtrain.config.layout import Layout
 from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine.base import Engine
 from bigtrain.parallel import ParallelModel
 
+ENGINE_CLASSES = {  # layout.engine -> the class that runs it (docs/architecture.md lists them)
+    "torch": "bigtrain.engine.local.LocalEngine",
+    "deepspeed": "bigtrain.engine.deepspeed.engine.DeepSpeedEngine",
+    "pipeline": "bigtrain.engine.deepspeed.pipeline.PipelineEngine",
+    "fairscale": "bigtrain.engine.fairscale.engine.FairscaleEngine",
+}
 
-def build_engine(cfg: Config, parallel: ParallelModel, env: DistEnv, groups: ParallelGroups | None,
+
+def build_engine(cfg: Config, layout: Layout, parallel: ParallelModel, groups: ParallelGroups | None,
                  device: torch.device) -> Engine:
-    """Plain PyTorch on one process (no process groups), fairscale when parallel.engine says so, DeepSpeed's
-    pipeline engine when the layout has pipeline stages, else DeepSpeed data parallelism / ZeRO."""
-    if groups is None:
+    """The plain engine on one process (no process groups); otherwise DeepSpeed's data-parallel or pipeline
+    engine, or fairscale's, as `layout.engine` says."""
+    if layout.engine == "torch":
         from bigtrain.engine.local import LocalEngine
 
-        return LocalEngine(cfg, parallel, device)
-    if cfg.parallel.engine == "fairscale":
+        return LocalEngine(cfg, layout, parallel, groups, device)
+    assert groups is not None, f"the {layout.engine} engine runs over process groups"
+    if layout.engine == "fairscale":
         from bigtrain.engine.fairscale.engine import FairscaleEngine
 
-        return FairscaleEngine(cfg, parallel, env, groups, device)
-    if parallel.layout.pipeline > 1:
+        return FairscaleEngine(cfg, layout, parallel, groups, device)
+    if layout.engine == "pipeline":
         from bigtrain.engine.deepspeed.pipeline import PipelineEngine
 
-        return PipelineEngine(cfg, parallel, env, groups)
+        return PipelineEngine(cfg, layout, parallel, groups, device)
     from bigtrain.engine.deepspeed.engine import DeepSpeedEngine
 
-    return DeepSpeedEngine(cfg, parallel, env, groups)
+    return DeepSpeedEngine(cfg, layout, parallel, groups, device)

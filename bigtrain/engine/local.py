@@ -1,77 +1,85 @@
-"""The single-process engine: plain PyTorch, no process group."""
+"""The plain engine: one process, plain PyTorch, no process group.
+
+    wrap        the model itself, under autocast for bf16 / fp16
+    backward    loss.backward() (fp16: through the loss scaler)
+    optimizer   bigtrain's AdamW or LAMB; torch's clip_grad_norm_ measures and clips; fp16's loss scaler skips
+                overflowed steps itself
+    own files   model.pt, optimizer.pt (and scaler.pt under fp16)
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from bigtrain.checkpoint import store as ckpt
-from bigtrain.checkpoint.sequence import restore_layout_free, write_layout_free
-from bigtrain.checkpoint.state import StateAdapter
 from bigtrain.config import Config
-from bigtrain.distributed.device import autocast, grad_scaler
-from bigtrain.engine.result import StepResult
-from bigtrain.engine.step import train_step
-from bigtrain.errors import CheckpointError
-from bigtrain.optim import build_optimizer, set_lr
+from bigtrain.config.layout import Layout
+from bigtrain.distributed.device import grad_scaler
+from bigtrain.distributed.groups import ParallelGroups
+from bigtrain.engine.base import ShardedState
+from bigtrain.engine.step import StepEngine, step_unless_found_inf
+from bigtrain.io import load_state, load_torch, save_torch
+from bigtrain.models.inspect import per_layer_grad_norms
+from bigtrain.models.loss import model_inputs
+from bigtrain.optim import build_optimizer
 from bigtrain.parallel import ParallelModel
 
 
-class LocalEngine:
-    rank = dp_rank = 0
-    dp_size = 1
-
-    def __init__(self, cfg: Config, parallel: ParallelModel, device: torch.device) -> None:
-        self.model, self.device = parallel.model, device
-        self.autocast = lambda: autocast(cfg.train.precision, device)
+class LocalEngine(StepEngine):
+    def __init__(self, cfg: Config, layout: Layout, parallel: ParallelModel, groups: ParallelGroups | None,
+                 device: torch.device) -> None:
+        self.layout, self.device = layout, device
+        self.model, self.criterion = parallel.model, parallel.criterion
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scaler = grad_scaler(cfg.train.precision, device)
-        self.grad_clip = cfg.optim.grad_clip
+        self.scaler = grad_scaler(layout.precision, device)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        self.scale_before: float | None = None
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool,
-                   counts: tuple[int, int] | None = None) -> StepResult:
-        set_lr(self.optimizer, lr)
-        return train_step(self.model, self.optimizer, micro_batches, self.autocast, self.grad_clip, self.scaler,
-                          layer_norms=layer_norms, counts=counts)
+    # ---- the step ------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.autocast():
+            return self.model(**model_inputs(batch))
 
-    def state(self) -> StateAdapter:
-        return StateAdapter(self.model, {}, self.optimizer, None, tensor_rank=0, data_rank=0)
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def save(self, directory: Path, step: int, trainer_state: dict[str, Any], config_yaml: str,
-             keep: int, layout_free: dict[str, Any] | None = None) -> Path:
-        def layout_free_form(tmp: Path) -> None:
-            if layout_free is not None:
-                write_layout_free(tmp, self.state(), 0, 1, layout_free, barrier=lambda: None)
+    def gradients_done(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
 
-        parts = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "trainer": {"state": trainer_state, "rng": ckpt.rng_state(),
-                        "scaler": self.scaler.state_dict() if self.scaler is not None else None},
-        }
-        return ckpt.save_checkpoint(directory, step, parts, config_yaml, keep, before_commit=layout_free_form)
+    def measure_norm(self) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True).float()
 
-    def load(self, checkpoint: Path) -> dict[str, Any]:
-        if not (checkpoint / "model.pt").exists() and list(checkpoint.glob("trainer_rank*.pt")):
-            raise CheckpointError(
-                f"{checkpoint} was written by the DeepSpeed engine, and this run uses the plain PyTorch engine "
-                f"(one process, parallel.zero_stage=0). Resume it with parallel.engine=deepspeed (and the same "
-                f"ZeRO stage), or use a new run.dir.")
-        ckpt.load_into(self.model, ckpt.load_part(checkpoint, "model", self.device), checkpoint / "model.pt")
-        self.optimizer.load_state_dict(ckpt.load_part(checkpoint, "optimizer", self.device))
-        trainer = ckpt.load_part(checkpoint, "trainer")
-        if self.scaler is not None and trainer.get("scaler"):
-            self.scaler.load_state_dict(trainer["scaler"])
-        ckpt.set_rng_state(trainer["rng"])
-        return trainer["state"]
+    def layer_norms(self) -> dict[str, float]:
+        return per_layer_grad_norms(self.model)
 
-    def load_layout_free(self, checkpoint: Path) -> dict[str, Any]:
-        return restore_layout_free(self.state(), checkpoint)
+    def update(self, found_inf: torch.Tensor) -> None:
+        if self.scaler is not None:  # fp16: the scaler decides (and synchronizes, as its step must)
+            self.scale_before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
+            self.scaler.update()
+        else:
+            step_unless_found_inf(self.optimizer, found_inf)
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def init_weights(self, reader: Any) -> None:
-        self.state().restore(reader, 0.0)  # step 0: weights only, the optimizer state stays fresh
+    def update_skipped(self) -> bool:
+        return self.scaler is not None and self.scaler.get_scale() < self.scale_before
 
-    def memory_report(self, run_dir: Path | None = None) -> str | None:
-        return None
+    # ---- state ---------------------------------------------------------------------------------------
+    def sharded_state(self) -> ShardedState:
+        return ShardedState(self.model, {}, self.optimizer)
+
+    def write_native(self, folder: Path) -> None:
+        save_torch(folder / "model.pt", self.model.state_dict())
+        save_torch(folder / "optimizer.pt", self.optimizer.state_dict())
+        if self.scaler is not None:
+            save_torch(folder / "scaler.pt", self.scaler.state_dict())
+
+    def read_native(self, checkpoint: Path) -> None:
+        load_state(self.model, load_torch(checkpoint / "model.pt", self.device), checkpoint / "model.pt")
+        self.optimizer.load_state_dict(load_torch(checkpoint / "optimizer.pt", self.device))
+        if self.scaler is not None and (checkpoint / "scaler.pt").exists():
+            self.scaler.load_state_dict(load_torch(checkpoint / "scaler.pt"))

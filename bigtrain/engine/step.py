@@ -1,26 +1,47 @@
-"""One optimizer step over a global batch split into micro-batches (gradient accumulation).
+"""One optimizer step over a global batch split into micro-batches: the skeleton every engine runs.
 
-The loss of the step is the mean over every target token of the global batch:
-    L = Σ_micro Σ_tokens ce / N_targets(global batch)
-Each micro-batch backpropagates its share Σ ce / N_targets, so the accumulated gradient is exactly the
-gradient of L whatever the micro-batch size, and padded batches weigh every token equally.
+    N      = Σ target tokens of the global batch: each rank's count, taken on the host before its batch moved to
+             the device, summed over the data-parallel ranks on a host (gloo) group
+    ℓ_m    = Σ_tokens ce(micro-batch m) / N: each micro-batch backpropagates its share, so the accumulated gradient
+             is the gradient of the global batch's mean token loss whatever the split (the engine scales it for
+             its data-parallel reduction: `backward`)
+    L      = Σ_m ℓ_m summed over the data-parallel ranks (the logged loss, the same number under any layout)
+    g      = ‖∇L‖ before clipping; gradients scaled by min(1, optim.grad_clip / (g + 1e-6)) when clipping is on
+    skip   = L or g not finite, or any rank's own loss not finite: the update is skipped on the device
+             (`found_inf`, as under a loss scaler), weights and optimizer state untouched; the lowest such rank is
+             one all-reduce (MIN) on the device, so every rank decides the same without reading anything
 
-Nothing here waits for the device: the loss, the gradient norm and the finiteness check stay on it, and a
-non-finite step is skipped on the device too (the optimizer gets `found_inf`, as with a loss scaler: fused
-AdamW and bigtrain's LAMB then leave weights and state untouched). The trainer reads the values at log steps.
+Nothing here waits for the device: the loss, the norm and the decision stay 0-dim device tensors until the
+trainer reads them at a log step (`StepResult`). An engine supplies its wrap (`forward`), its backward
+(`backward`) and its optimizer (`update`, with `measure_norm`, which measures and clips where bigtrain does it).
+An engine whose schedule runs the micro-batches and the update itself (DeepSpeed's pipeline) overrides
+`run_schedule` and makes the decision where its optimizer steps (`decide`).
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from bigtrain.engine.result import StepResult
-from bigtrain.models import TransformerLM
-from bigtrain.models.inspect import per_layer_grad_norms
-from bigtrain.models.loss import Criterion, count_input_tokens, count_targets, model_inputs
+from bigtrain.config.layout import Layout
+from bigtrain.distributed.device import autocast
+from bigtrain.distributed.groups import ParallelGroups
+from bigtrain.engine.evaluate import evaluate
+from bigtrain.engine.result import NO_RANK, StepResult
+from bigtrain.models.loss import Criterion, count_input_tokens, count_targets
+from bigtrain.optim import set_lr
+
+
+@dataclass(frozen=True)
+class StepCheck:
+    """A step's non-finite decision, on the device and the same on every rank (nothing here is read)."""
+
+    first_bad: torch.Tensor | None  # int64, 0-dim: the lowest rank whose own loss was not finite, or NO_RANK
+    found_inf: torch.Tensor  # float32, 0-dim: 1 = skip the update (the form torch's fused optimizers take)
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -29,49 +50,163 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
                 any(g.get("fused") for g in optimizer.param_groups))
 
 
-def train_step(model: TransformerLM, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, torch.Tensor]],
-               autocast: Callable[[], object], grad_clip: float,
-               scaler: torch.amp.GradScaler | None = None, layer_norms: bool = False,
-               criterion: Criterion | None = None, counts: tuple[int, int] | None = None) -> StepResult:
-    """Forward/backward every micro-batch, clip the global gradient norm, and apply one update.
+def step_unless_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor,
+                          step: Callable[[], object] | None = None) -> None:
+    """`step()` (default `optimizer.step`), skipped when `found_inf` is 1: on the device for an optimizer that
+    honours `found_inf`, else decided on the host (which waits for the device)."""
+    step = step or optimizer.step
+    if skips_on_device(optimizer):
+        optimizer.found_inf = found_inf
+        try:
+            step()
+        finally:
+            optimizer.found_inf = None
+    elif not bool(found_inf):
+        step()
 
-    counts: (target tokens, input tokens) of the batch, counted on the host before it moved to the device
-    (else counted here, which waits for the device)."""
-    criterion = criterion or Criterion()
-    n_targets, n_tokens = counts if counts is not None else (
-        sum(count_targets(b) for b in micro_batches), sum(count_input_tokens(b) for b in micro_batches))
-    total = torch.zeros((), dtype=torch.float32, device=micro_batches[0]["labels"].device)
-    for batch in micro_batches:
-        with autocast():
-            logits = model(**model_inputs(batch))
-        loss = criterion.loss_sum(logits, batch["labels"]) / n_targets
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.detach()
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    layer_grad_norms = per_layer_grad_norms(model) if layer_norms else None
-    if scaler is not None:  # fp16: the scaler decides (and synchronizes, as its step must)
-        finite = bool(torch.isfinite(total)) and bool(torch.isfinite(grad_norm))
-        scale = scaler.get_scale()
-        scaler.step(optimizer)  # skips the update itself when gradients overflowed
-        scaler.update()
-        skipped: bool | torch.Tensor = scaler.get_scale() < scale
-        finite_value: bool | torch.Tensor = finite
-    else:
-        finite_value = torch.isfinite(total) & torch.isfinite(grad_norm)
-        skipped = ~finite_value  # never apply a NaN/inf update; the caller stops or goes on
-        if skips_on_device(optimizer):
-            optimizer.found_inf = skipped.float()
-            try:
-                optimizer.step()
-            finally:
-                optimizer.found_inf = None
-        elif bool(finite_value):  # an optimizer that cannot skip by itself: decide on the host
-            optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=total, grad_norm=grad_norm.float(), skipped=skipped, finite=finite_value,
-                      layer_grad_norms=layer_grad_norms, tokens=n_tokens,
-                      nonfinite_rank=None)
+
+class StepEngine:
+    """The step skeleton (module docstring) and what every engine shares: evaluation through its model. An
+    engine sets the attributes below in its constructor and supplies the methods that raise here."""
+
+    layout: Layout
+    model: torch.nn.Module  # what evaluation and sampling run
+    criterion: Criterion
+    device: torch.device
+    optimizer: object  # what the learning rate is set on
+    groups: ParallelGroups | None = None
+    dp_rank: int = 0
+    dp_size: int = 1
+    config_file: str | None = None
+
+    # ---- what an engine supplies ---------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The logits of one micro-batch through the wrapped model."""
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backpropagate `loss` (this micro-batch's Σ ce / N), scaled for the engine's data-parallel reduction."""
+        raise NotImplementedError
+
+    def update(self, found_inf: torch.Tensor) -> None:
+        """One optimizer update, skipped on the device when `found_inf` is 1; gradients cleared after."""
+        raise NotImplementedError
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        """The context of one micro-batch's forward and backward (e.g. no gradient sync until the last)."""
+        return contextlib.nullcontext()
+
+    def gradients_done(self) -> None:
+        """After the last backward: anything that completes the gradients (a reduction the engine owns)."""
+
+    def measure_norm(self) -> torch.Tensor | None:
+        """‖g‖ before clipping, clipping the gradients where bigtrain clips (0-dim, on the device); None where
+        the optimizer measures and clips during `update` (`reported_norm`)."""
+        return None
+
+    def layer_norms(self) -> dict[str, float] | None:
+        """Per-piece gradient norms for TensorBoard (log steps only; may read the device)."""
+        return None
+
+    def reported_norm(self) -> torch.Tensor:
+        """The norm the optimizer measured during `update`, when `measure_norm` gave None."""
+        raise NotImplementedError
+
+    def update_skipped(self) -> bool | torch.Tensor:
+        """Whether the optimizer skipped the update by its own decision (e.g. a loss scaler's overflow)."""
+        return False
+
+    # ---- the skeleton --------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool = False,
+                   counts: tuple[int, int] | None = None) -> StepResult:
+        set_lr(self.optimizer, lr)
+        self.check, self.norm, self.piece_norms = None, None, None
+        self.wants_layer_norms = layer_norms
+        n_targets, n_tokens = self.global_counts(micro_batches, counts)
+        loss = self.run_schedule(micro_batches, n_targets)
+        check = self.check
+        assert check is not None, "the step ended without its non-finite decision"
+        norm = self.norm if self.norm is not None else self.reported_norm()
+        skipped = check.found_inf > 0
+        by_optimizer = self.update_skipped()
+        if isinstance(by_optimizer, torch.Tensor):
+            skipped = skipped | by_optimizer
+        elif by_optimizer:
+            skipped = torch.ones_like(skipped)
+        return StepResult(loss=loss, grad_norm=norm, skipped=skipped,
+                          finite=torch.isfinite(loss) & torch.isfinite(norm), layer_grad_norms=self.piece_norms,
+                          tokens=n_tokens, nonfinite_rank=check.first_bad)
+
+    def run_schedule(self, micro_batches: list[dict[str, torch.Tensor]], n_targets: int) -> torch.Tensor:
+        """Forward and backward every micro-batch in order, decide, update; returns L (on the device)."""
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        last = len(micro_batches) - 1
+        for i, batch in enumerate(micro_batches):
+            with self.micro_batch(last=i == last):
+                loss = self.criterion.loss_sum(self.forward(batch), batch["labels"]) / n_targets
+                self.backward(loss, last=i == last)
+            total += loss.detach()
+        self.gradients_done()
+        loss = self.sum_over_data(total)
+        self.update(self.decide(torch.isfinite(total), loss))
+        return loss
+
+    def decide(self, locally_finite: torch.Tensor, loss: torch.Tensor | None, measure: bool = True) -> torch.Tensor:
+        """The step's decision from this rank's loss finiteness, the global loss and the norm (measured and
+        clipped here where bigtrain does it); returns `found_inf` for the update."""
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        if loss is not None:
+            bad |= ~torch.isfinite(loss)
+        if measure:
+            self.norm = self.measure_norm()
+            if self.norm is not None:
+                bad |= ~torch.isfinite(self.norm)
+            if self.wants_layer_norms:
+                self.piece_norms = self.layer_norms()
+        self.check = self.world_check(locally_finite, bad)
+        return self.check.found_inf
+
+    def world_check(self, locally_finite: torch.Tensor, bad: torch.Tensor) -> StepCheck:
+        """`bad` (the same on every rank) or any rank's own loss not finite; the lowest such rank by one
+        all-reduce (MIN) of a rank number over the world, on the device."""
+        if self.groups is None:
+            return StepCheck(first_bad=None, found_inf=(bad | ~locally_finite).float())
+        world, rank = self.layout.world_size, self.groups.rank
+        flag = torch.where(locally_finite, world, rank).to(device=self.device, dtype=torch.int64).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        flag = flag.reshape(())
+        seen = flag < world
+        return StepCheck(first_bad=torch.where(seen, flag, NO_RANK), found_inf=(seen | bad).float())
+
+    # ---- shared pieces -------------------------------------------------------------------------------
+    def global_counts(self, micro_batches: list[dict[str, torch.Tensor]],
+                      counts: tuple[int, int] | None) -> tuple[int, int]:
+        """(target tokens, input tokens) of the whole global batch: this rank's `counts` (counted on the host
+        before the batch moved to the device; else counted here, which waits for the device) summed over the
+        data-parallel ranks on the host data group."""
+        local = counts if counts is not None else (sum(count_targets(b) for b in micro_batches),
+                                                   sum(count_input_tokens(b) for b in micro_batches))
+        if self.groups is None:
+            return local
+        n_targets, n_tokens = self.groups.sum_on_host(local)
+        return n_targets, n_tokens
+
+    def sum_over_data(self, total: torch.Tensor) -> torch.Tensor:
+        """Σ over the data-parallel ranks of this rank's loss, in float64, on the device."""
+        if self.groups is None:
+            return total
+        t = total.detach().double().reshape(1)
+        dist.all_reduce(t, group=self.groups.data_group)
+        return t.reshape(())
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.layout.precision, self.device)
+
+    def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        return evaluate(self.model, batches, self.autocast, self.criterion)
+
+    def describe(self) -> str:
+        return "{}"
+
+    def memory_report(self, run_dir=None) -> str | None:
+        return None

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from bigtrain.checkpoint import store as ckpt
 from bigtrain.config import Config
 from bigtrain.data import Tokenizer
+from bigtrain.io import load_state
 from bigtrain.models import TransformerLM
 
 
@@ -41,7 +41,7 @@ def load_model(path: Path, overrides: list[str] | None = None) -> LoadedModel:
     device = resolve_device(cfg.train)
     tokenizer = build_tokenizer(cfg.data)
     model = build_model(cfg.model, resolve_vocab_size(cfg.model, tokenizer.vocab_size), device)
-    ckpt.load_into(model, with_tied(state, cfg.model.tie_embeddings), path)
+    load_state(model, with_tied(state, cfg.model.tie_embeddings), path)
     return LoadedModel(cfg, tokenizer, model, device)
 
 
@@ -50,23 +50,23 @@ def load_tensor_parallel(path: Path, overrides: list[str] | None = None) -> Load
     pipeline, one data replica), each rank reading only its shards of the weights at `path` (box reads of a
     layout-free checkpoint). Overrides may set parallel.sequence_parallel."""
     from bigtrain.checkpoint.state import StateAdapter
-    from bigtrain.checkpoint.weights import weights_config
-    from bigtrain.config.layout import Layout
-    from bigtrain.config.loader import config_from_dict
+    from bigtrain.checkpoint.weights import weights_config, weights_reader
+    from bigtrain.config.loader import config_from_dict_and_layout
     from bigtrain.config.model_checks import tensor_split_problems
     from bigtrain.data import build_tokenizer
     from bigtrain.distributed import detect_env, init_process_group
     from bigtrain.distributed.device import resolve_device
     from bigtrain.distributed.groups import ParallelGroups
+    from bigtrain.engine.base import ShardedState
     from bigtrain.errors import ConfigError
-    from bigtrain.interop.init_from import bigtrain_reader
     from bigtrain.models import build_model, resolve_vocab_size
     from bigtrain.parallel import parallelize
 
     env = detect_env()
     # A one-off command: no compile time (train.compile of the run is for training).
     layout = [f"parallel.tensor={env.world_size}", "parallel.pipeline=1", "parallel.data=1", "train.compile=false"]
-    cfg = config_from_dict(weights_config(path), world_size=env.world_size, overrides=[*layout, *(overrides or [])])
+    cfg, resolved = config_from_dict_and_layout(weights_config(path), world_size=env.world_size,
+                                                overrides=[*layout, *(overrides or [])])
     tokenizer = build_tokenizer(cfg.data)
     vocab = resolve_vocab_size(cfg.model, tokenizer.vocab_size)
     problems = tensor_split_problems(cfg.model, vocab, env.world_size)
@@ -74,13 +74,13 @@ def load_tensor_parallel(path: Path, overrides: list[str] | None = None) -> Load
         raise ConfigError(f"{path} cannot be split over {env.world_size} tensor-parallel ranks: {problems[0]}")
     device = resolve_device(cfg.train, env.local_rank)
     init_process_group(env, device)
-    groups = ParallelGroups(Layout.for_world(env.world_size, 1, env.world_size, 1), env.rank)
+    groups = ParallelGroups(resolved, env.rank, on_gpu=device.type == "cuda")
     parallel = parallelize(build_model(cfg.model, vocab, "meta"), cfg, groups, device)
-    reader = bigtrain_reader(path, cfg.model, vocab)
+    reader = weights_reader(path, cfg.model, vocab)
     try:
-        params = list(parallel.model.parameters())
-        StateAdapter(parallel.model, parallel.shards, torch.optim.SGD(params, lr=0.0), None,
-                     tensor_rank=groups.get_tensor_model_parallel_rank(), data_rank=0).restore(reader, 0.0)
+        weights_only = torch.optim.SGD(list(parallel.model.parameters()), lr=0.0)  # no optimizer state to read
+        StateAdapter(ShardedState(parallel.model, parallel.shards, weights_only,
+                                  tensor_rank=groups.get_tensor_model_parallel_rank())).restore(reader, 0.0)
     finally:
         reader.close()
     return LoadedModel(cfg, tokenizer, parallel.model, device, parallel.criterion.full_logits,

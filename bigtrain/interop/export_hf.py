@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bigtrain.checkpoint import store as ckpt
+from bigtrain.checkpoint.store import writing
 from bigtrain.errors import ConfigError
 from bigtrain.interop.hf_config import hf_kind, to_hf_config
 from bigtrain.interop.hf_weights import to_hf
@@ -35,7 +35,7 @@ def export_hf(path: Path, out: Path) -> Path:
     config = to_hf_config(cfg.model, vocab_size, ids)
     tensors = to_hf(kind, cfg.model, state)
     out.mkdir(parents=True, exist_ok=True)
-    with ckpt.writing(out / "model.safetensors"):
+    with writing(out / "model.safetensors"):
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": str(path)})
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if hasattr(tokenizer, "save"):  # a tokenizer.json run: with the special tokens bigtrain added

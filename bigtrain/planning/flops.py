@@ -26,9 +26,15 @@ def matmul_parameters(model: TransformerLM) -> int:
     return sum(p.numel() for p in params.values()) + model.head.weight.numel() * model.cfg.tie_embeddings
 
 
+def training_flops(matmul_params: float, n_blocks: int, d_model: int, seq_len: int) -> float:
+    """6·N + 12·L·d_model·T: the training FLOPs per token of N matmul parameters and L blocks (the one formula;
+    the planner applies it to a pipeline stage's share too)."""
+    return 6.0 * matmul_params + 12.0 * n_blocks * d_model * seq_len
+
+
 def flops_per_token(model: TransformerLM, seq_len: int) -> float:
     n_blocks = sum(len(stack) for stack in model.stacks())
-    return 6.0 * matmul_parameters(model) + 12.0 * n_blocks * model.cfg.d_model * seq_len
+    return training_flops(matmul_parameters(model), n_blocks, model.cfg.d_model, seq_len)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:

@@ -3,7 +3,7 @@
 Model state, Ψ = this rank's parameters (its stage's layers; tensor-split ones / T), D data-parallel ranks:
     bigtrain's one-process engine (fp32 weights, autocast for bf16): 4Ψ + 4Ψ + 8Ψ
     the fairscale engine (fp32 weights): OSS 4Ψ + 4Ψ + 8Ψ/D; FullyShardedDataParallel (4Ψ + 4Ψ + 8Ψ)/D
-    DeepSpeed: the ZeRO formulas of `bigtrain.engine.memory.zero_formula` (b = 2 in bf16/fp16, 4 in fp32;
+    DeepSpeed: the ZeRO formulas of `bigtrain.planning.zero` (b = 2 in bf16/fp16, 4 in fp32;
     K = 8 bytes of Adam/LAMB moments, + 4 for the fp32 master copy of mixed precision); at ZeRO-0 in bf16
     DeepSpeed's bf16 optimizer also keeps fp32 gradients (4Ψ)
     DeepSpeed's buffers on GPUs: ZeRO-1/2 one reduction bucket (reduce_bucket_size elements of b bytes);
@@ -39,9 +39,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bigtrain.config.deepspeed import ZERO3_COMMUNICATION, ZERO_COMMUNICATION
-from bigtrain.engine.memory import zero_formula
 from bigtrain.planning.partition import stage_boundaries
 from bigtrain.planning.shape import ModelShape, PipelineLayer
+from bigtrain.planning.zero import zero_formula
 
 FSDP_BUCKET_BYTES = 25 * 2**20  # fairscale FSDP's reduce-scatter bucket (bucket_cap_mb=25, its default)
 

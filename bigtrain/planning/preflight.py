@@ -2,7 +2,7 @@
 
 A lower bound of what a rank needs, from the model built on the meta device (no memory used):
 
-    model state  parameters + gradients + optimizer state per the ZeRO formulas (`memory.zero_formula`), of this
+    model state  parameters + gradients + optimizer state per the ZeRO formulas (`planning/zero.py`), of this
                  rank's 1 / (tensor · pipeline) share of the parameters
     buffers      position tables (rotary, sinusoidal), whole on every rank
     activations  Korthikanti et al. 2022 without the attention-score term: 34·s·b·h bytes per block (2·s·b·h
@@ -23,9 +23,9 @@ import torch
 
 from bigtrain.config import Config
 from bigtrain.config.layout import Layout
-from bigtrain.engine.memory import zero_formula
 from bigtrain.errors import ConfigError
 from bigtrain.models import TransformerLM, count_parameters
+from bigtrain.planning.zero import zero_formula
 
 GiB = 2**30
 

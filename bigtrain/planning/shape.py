@@ -23,6 +23,7 @@ from bigtrain.models import TransformerLM, build_model, count_parameters
 from bigtrain.models.build import resolve_vocab_size
 from bigtrain.models.transformer import Seq2SeqLM
 from bigtrain.parallel.tensor import TensorParallel, apply_tensor_parallel
+from bigtrain.planning.flops import training_flops
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class ModelShape:
 
     def flops_per_token(self) -> float:
         """Model FLOPs of training per token (PaLM appendix B): 6·N + 12·L·d_model·seq_len."""
-        return 6.0 * self.matmul_params + 12.0 * self.n_blocks * self.d_model * self.seq_len
+        return training_flops(self.matmul_params, self.n_blocks, self.d_model, self.seq_len)
 
 
 def vocabulary(cfg: Config) -> int:

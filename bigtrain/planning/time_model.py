@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bigtrain.planning.flops import training_flops
 from bigtrain.planning.hardware import Accelerator
 from bigtrain.planning.memory_model import Candidate, Setting, rank_parameters, stages
 from bigtrain.planning.shape import ModelShape, PipelineLayer
@@ -70,7 +71,7 @@ def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
         blocks = sum(x.kind in ("block", "cross_block") for x in layers)
         matmul = sum(x.matmul for x in layers)
         block_matmul = sum(x.matmul for x in layers if x.kind in ("block", "cross_block"))
-        flops = 6 * matmul + 12 * blocks * h * seq
+        flops = training_flops(matmul, blocks, h, seq)
         if c.checkpointing == "full":
             flops += 2 * block_matmul + 4 * blocks * h * seq
         elif c.checkpointing == "selective":

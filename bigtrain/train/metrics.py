@@ -128,3 +128,59 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class MetricsProcessor:
+    """The numbers of a run, from step results to `metrics.jsonl`, TensorBoard and the console (rank 0 writes;
+    every rank keeps the same counts).
+
+    tokens_per_s   input tokens of every rank since the last training line / wall time since then
+    flops_per_s    tokens_per_s · FLOPs per token (`bigtrain.planning.flops`: 6N + 12·L·d·T)
+    mfu            flops_per_s / (peak FLOP/s of one device · ranks), where the peak is known
+    """
+
+    TRAINING_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "flops_per_s", "mfu", "skipped",
+                       "elapsed_s")
+    EVAL_FIELDS = ("step", "eval_loss", "eval_ppl", "eval_accuracy", "eval_sequence_accuracy", "eval_tokens")
+
+    def __init__(self, run_dir: Path, tensorboard: bool, progress: bool, total_steps: int, start_step: int,
+                 flops_per_token: float, peak_flops: float | None, enabled: bool) -> None:
+        self.log = MetricsLog(run_dir, tensorboard, resume_step=start_step, enabled=enabled)
+        self.progress = Progress(total_steps, start_step, progress, enabled=enabled)
+        self.flops_per_token, self.peak = flops_per_token, peak_flops
+        self.window_tokens, self.window_t0 = 0, time.perf_counter()
+        self.run_t0 = self.window_t0
+
+    def write(self, line: str) -> None:
+        self.progress.write(line)
+
+    def count(self, tokens: int) -> None:
+        """A step trained `tokens` input tokens (every rank's)."""
+        self.window_tokens += tokens
+
+    def advance(self, step: int) -> None:
+        self.progress.advance(step)
+
+    def training_line(self, step: int, lr: float, loss: float, grad_norm: float, tokens: int, skipped: bool,
+                      extra: dict[str, Any], layer_grad_norms: dict[str, float] | None) -> None:
+        """The training line of `step` (its speed measured since the last one)."""
+        elapsed = time.perf_counter() - self.window_t0
+        tokens_per_s = self.window_tokens / elapsed
+        flops = tokens_per_s * self.flops_per_token
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, **extra, "tokens": tokens,
+                  "tokens_per_s": tokens_per_s, "flops_per_s": flops, "mfu": flops / self.peak if self.peak else None,
+                  "skipped": skipped, "elapsed_s": time.perf_counter() - self.run_t0}
+        self.log.write(record)
+        self.log.scalars("grad_norm", layer_grad_norms or {}, step)
+        self.progress.update(step, record, print_line=True)
+        self.window_tokens, self.window_t0 = 0, time.perf_counter()
+
+    def skipped_line(self, step: int, lr: float, loss: float, grad_norm: float) -> None:
+        """A skipped step settled after a later one: its own line, without speed."""
+        self.log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": None,
+                        "tokens_per_s": None, "flops_per_s": None, "mfu": None, "skipped": True,
+                        "elapsed_s": time.perf_counter() - self.run_t0})
+
+    def close(self) -> None:
+        self.progress.close()
+        self.log.close()

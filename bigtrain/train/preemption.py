@@ -23,7 +23,13 @@ from collections.abc import Iterable
 
 import torch
 
+from bigtrain.distributed.groups import ParallelGroups
+
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+# When ranks received different signals, the highest priority wins (signal numbers differ between systems: on
+# BSD and macOS SIGUSR1 is 30, above SIGTERM's 15): a job that is going away, or that a user stops, is not requeued.
+PRIORITY = {signal.SIGUSR1: 1, signal.SIGINT: 2, signal.SIGTERM: 3}
+BY_PRIORITY = {rank: sig for sig, rank in PRIORITY.items()}
 REQUEUE_EXIT = 3
 
 
@@ -32,7 +38,7 @@ class StopRequest:
 
     def __init__(self, signals: Iterable[signal.Signals] = STOP_SIGNALS) -> None:
         self.signals = tuple(signals)
-        self.received: int = 0  # the highest signal number received; 0: none
+        self.received: int = 0  # the signal of highest priority received (`PRIORITY`); 0: none
         self.interrupts = 0  # SIGINTs received
         self.aborted = False  # a second Ctrl-C raised KeyboardInterrupt (wherever it landed, even inside a save)
         self._previous: dict[int, object] = {}
@@ -63,18 +69,18 @@ class StopRequest:
             again = "; press Ctrl-C again to abort without saving" if signum == signal.SIGINT else ""
             _say(f"bigtrain: received {signal.Signals(signum).name}: stopping after the current step and saving a "
                  f"checkpoint{again}")
-        self.received = max(self.received, signum)
+        if PRIORITY.get(signum, 0) > PRIORITY.get(self.received, 0):
+            self.received = signum
 
-    def agreed(self, device: torch.device | None, group: object | None = None) -> int:
-        """The signal any rank received (0 if none); a collective over all ranks when `device` is given, so
-        every rank stops after the same step. SIGTERM (15) outranks SIGUSR1 (10): a job that is going away is
-        not requeued. With `group` a CPU (gloo) group of all ranks, the flag never touches the GPU, so asking
-        does not wait for the device."""
-        if device is None or not torch.distributed.is_initialized():
+    def agreed(self, groups: ParallelGroups | None) -> int:
+        """The signal any rank received (0 if none), of the highest priority; with `groups`, one all-reduce over
+        every rank on the host group, so every rank stops after the same step and asking never waits for a
+        device."""
+        if groups is None:
             return self.received
-        flag = torch.tensor([self.received], dtype=torch.int32, device="cpu" if group is not None else device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
-        return int(flag.item())
+        flag = torch.tensor([PRIORITY.get(self.received, 0)], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=groups.host_world)
+        return int(BY_PRIORITY.get(int(flag.item()), 0))
 
 
 def _say(message: str) -> None:

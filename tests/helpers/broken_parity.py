@@ -7,18 +7,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bigtrain.cli import run_train  # noqa: E402
-from bigtrain.train import trainer  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
-_host_micro_batches = trainer.Trainer.host_micro_batches
+from bigtrain.cli import run_train  # noqa: E402
+from bigtrain.data.loader import TrainingData  # noqa: E402
+
+_host_micro_batches = TrainingData.host_micro_batches
 
 
 def shifted(self, step):
-    last = self.env.world_size > 1 and self.env.rank == self.env.world_size - 1
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    last = world > 1 and self.rank == world - 1
     return _host_micro_batches(self, step + 1 if last else step)
 
 
-trainer.Trainer.host_micro_batches = shifted
+TrainingData.host_micro_batches = shifted
 
 if __name__ == "__main__":
     sys.exit(run_train(sys.argv[1:]))

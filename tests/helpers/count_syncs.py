@@ -6,7 +6,7 @@ A call is attributed to the code it comes from: the innermost frame outside torc
 bigtrain ("bigtrain"), in DeepSpeed ("deepspeed", its own internal reads) or elsewhere ("other"). Two bigtrain
 functions read host tensors by design and count as "host": `StopRequest.agreed` (on GPUs its flag lives on the
 CPU control group) and `DeepSpeedEngine.global_counts` (token counts summed on a CPU group). A step's calls are
-those from the start of the step (`Trainer.micro_batches`) to the start of the next one.
+those from the start of the step (`TrainingData.micro_batches`) to the start of the next one.
 """
 
 import json
@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 import bigtrain  # noqa: E402
 from bigtrain.cli import run_train  # noqa: E402
+from bigtrain.data.loader import TrainingData  # noqa: E402
 from bigtrain.train import trainer  # noqa: E402
 
 SYNCING = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy")
@@ -64,7 +65,7 @@ def counting(name: str):
 for _name in SYNCING:
     setattr(torch.Tensor, _name, counting(_name))
 
-_micro_batches = trainer.Trainer.micro_batches
+_micro_batches = TrainingData.micro_batches
 _run = trainer.Trainer.run
 
 
@@ -82,7 +83,7 @@ def run(self):
         (self.run_dir / f"syncs-rank{self.env.rank}.json").write_text(json.dumps(report))
 
 
-trainer.Trainer.micro_batches = micro_batches
+TrainingData.micro_batches = micro_batches
 trainer.Trainer.run = run
 
 if __name__ == "__main__":

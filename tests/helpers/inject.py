@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bigtrain.checkpoint import store as ckpt  # noqa: E402
+from bigtrain.checkpoint import save  # noqa: E402
 from bigtrain.cli import run_train  # noqa: E402
+from bigtrain.data.loader import TrainingData  # noqa: E402
 from bigtrain.models import loss  # noqa: E402
-from bigtrain.train import trainer  # noqa: E402
 
 RANK = int(os.environ.get("BIGTRAIN_TEST_RANK", "0"))
 NAN_STEPS = {int(s) for s in os.environ.get("BIGTRAIN_TEST_NAN_STEPS", "").split(",") if s}
@@ -29,11 +29,11 @@ KILL_SAVE = int(os.environ.get("BIGTRAIN_TEST_KILL_SAVE", "0"))
 KILL_STEP = int(os.environ.get("BIGTRAIN_TEST_KILL_STEP", "0"))
 NOW = {"step": 0, "me": False}
 
-_micro_batches = trainer.Trainer.micro_batches
+_micro_batches = TrainingData.micro_batches
 
 
 def micro_batches(self, step):
-    NOW["step"], NOW["me"] = step + 1, self.env.rank == RANK
+    NOW["step"], NOW["me"] = step + 1, self.rank == RANK
     if NOW["me"] and NOW["step"] == SLEEP_STEP:
         time.sleep(3600)
     return _micro_batches(self, step)
@@ -51,18 +51,18 @@ def loss_sum(self, logits, labels):
     return value
 
 
-_write_part = ckpt.write_part
+_write_trainer_record = save.write_trainer_record
 
 
-def write_part(tmp, name, obj):
-    _write_part(tmp, name, obj)
-    if NOW["me"] and NOW["step"] == KILL_SAVE and name.startswith("trainer_rank"):
+def write_trainer_record(folder, rank, record):
+    _write_trainer_record(folder, rank, record)
+    if NOW["me"] and NOW["step"] == KILL_SAVE:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-trainer.Trainer.micro_batches = micro_batches
+TrainingData.micro_batches = micro_batches
 loss.Criterion.loss_sum = loss_sum
-ckpt.write_part = write_part
+save.write_trainer_record = write_trainer_record
 
 if __name__ == "__main__":
     sys.exit(run_train(sys.argv[1:]))

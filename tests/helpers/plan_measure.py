@@ -26,7 +26,7 @@ def main(argv: list[str]) -> None:
     cfg = load_config(None, argv, world_size=env.world_size)
     trainer = Trainer(cfg, env)
     engine = trainer.engine
-    model = getattr(getattr(engine, "engine", None), "module", None) or engine.model
+    model = engine.model
     meter = SavedActivationMeter(model)
     grads = {"peak": 0}
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -37,11 +37,11 @@ def main(argv: list[str]) -> None:
     inner.register_step_pre_hook(before_update)
     if hasattr(engine, "measure_grads"):
         engine.measure_grads = True  # DeepSpeedEngine: the peak over the micro-batches' backward passes
-    batches = trainer.micro_batches(0)
+    batches, counts = trainer.data.micro_batches(0)
     with meter.measuring():
-        engine.train_step(batches, cfg.optim.lr, False, trainer.counts)
+        engine.train_step(batches, cfg.optim.lr, False, counts)
     grads["peak"] = max(grads["peak"], getattr(engine, "last_grad_bytes", None) or 0)
-    stage = engine.groups.get_pipeline_model_parallel_rank() if hasattr(engine, "groups") else 0
+    stage = engine.groups.get_pipeline_model_parallel_rank() if engine.groups is not None else 0
     result = {"rank": env.rank, "stage": stage, "activations": meter.peak,
               "parameters": measure_params(engine.model), "gradients": grads["peak"],
               "optimizer": measure_optimizer(engine.optimizer)}

@@ -1,0 +1,57 @@
+"""Evaluation during training: when it is due, the held-out metrics through the engine, the attention pictures
+for TensorBoard, and early stopping.
+
+    due        every train.eval_every steps and after the last one
+    metrics    `engine.evaluate` over the held-out batches (every rank runs all of them: ZeRO-3 needs every rank
+               in each forward; the pipeline runs them stage by stage); one line in metrics.jsonl
+    stop       eval_loss did not improve for train.early_stop_patience evaluations in a row
+"""
+
+from __future__ import annotations
+
+from bigtrain.config import Config
+from bigtrain.data.loader import TrainingData
+from bigtrain.engine.base import Engine
+from bigtrain.train.metrics import MetricsProcessor
+from bigtrain.train.state import TrainState
+
+
+class Validator:
+    def __init__(self, cfg: Config, engine: Engine, data: TrainingData, metrics: MetricsProcessor,
+                 is_main: bool) -> None:
+        self.cfg, self.engine, self.data, self.metrics, self.is_main = cfg, engine, data, metrics, is_main
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(every and step % every == 0) or step == self.cfg.train.steps
+
+    def run(self, state: TrainState) -> dict[str, float]:
+        result = self.engine.evaluate(self.data.heldout_batches())
+        self.metrics.log.write({"step": state.step, **result})
+        if self.cfg.log.tensorboard and self.cfg.log.attention_images:
+            self._log_attention(state.step)
+        acc = "" if self.cfg.model.family == "causal" else (
+            f" | token accuracy {100 * result['eval_accuracy']:.1f}%"
+            f" | sequence accuracy {100 * result['eval_sequence_accuracy']:.1f}%")
+        self.metrics.write(f"eval step {state.step} | eval_loss {result['eval_loss']:.4f} "
+                           f"| ppl {result['eval_ppl']:.2f}{acc}")
+        return result
+
+    def _log_attention(self, step: int) -> None:
+        """log.attention_images: the first held-out sample's attention maps as a TensorBoard image; every rank
+        runs the forward (ZeRO-3 needs all of them), rank 0 draws (config checks refuse tensor / pipeline)."""
+        from bigtrain.inference.attention_log import TAG, attention_image
+
+        image = attention_image(self.engine.model, self.cfg.model.family, self.data.tokenizer, self.data.heldout_set,
+                                self.data.device, self.engine.autocast, step, draw=self.is_main)
+        if image is not None:
+            self.metrics.log.image(TAG, image, step)
+
+    def stop_early(self, state: TrainState, result: dict[str, float]) -> bool:
+        """Keep the best eval_loss; True when patience ran out before the last step."""
+        if result["eval_loss"] < state.best_eval_loss:
+            state.best_eval_loss, state.evals_without_improvement = result["eval_loss"], 0
+        else:
+            state.evals_without_improvement += 1
+        patience = self.cfg.train.early_stop_patience
+        return bool(patience) and state.evals_without_improvement >= patience and state.step < self.cfg.train.steps
