@@ -13,7 +13,7 @@ A prepared folder, `<data.cache_dir>/tokens/<key>.<dtype>/`, holds
                             the settings in the key, and every shard with its counts and SHA-256
 
 The concatenated shards are exactly the corpus an unsharded cache held: every non-empty document of data.source in
-order, each followed by eos. Shard k covers a fixed piece of the input (`bigtrain.data.sources.plan_shards`:
+order, each followed by eos. Shard k covers a fixed piece of the input (`bigtrain.data.source_plan.plan_shards`:
 about `SHARD_BYTES` of input, cut at line, row-group or row boundaries), tokenized on its own, so the shards are
 byte-identical whatever the number of worker processes, and a killed build resumes: finished shards (their .json
 present and matching the plan) are kept, the others are made again. The key covers the source's identity (paths,
@@ -69,7 +69,10 @@ from bigtrain.data.shards import (
     shard_name,
     token_dtype,
 )
-from bigtrain.data.sources import Source, open_source, plan_shards, read_shard, source_kind, text_corpora
+from bigtrain.data.source_plan import plan_shards
+from bigtrain.data.source_reading import read_shard
+from bigtrain.data.source_units import Source
+from bigtrain.data.sources import open_source, source_kind, text_corpora
 from bigtrain.data.tokenizer import Tokenizer, build_tokenizer
 from bigtrain.errors import DataError
 
