@@ -384,24 +384,3 @@ def test_config_of_the_command_is_the_training_config(tmp_path: Path) -> None:
     assert not data_ready(cfg, BYTE)
     assert main(["prepare", "--workers", "1", f"data.cache_dir={tmp_path}", "data.max_bytes=40000"]) == 0
     assert data_ready(cfg, BYTE) and load_corpus(cfg.data, BYTE).from_cache
-
-
-WORKER_MODULES = [
-    "bigtrain.data.corpus", "bigtrain.data.corpus_build", "bigtrain.data.shard_workers", "bigtrain.data.shard_build",
-    "bigtrain.data.build_progress", "bigtrain.data.build_lock", "bigtrain.data.cache_writes", "bigtrain.data.sources",
-    "bigtrain.data.source_units", "bigtrain.data.source_datasets", "bigtrain.data.source_plan",
-    "bigtrain.data.source_reading",
-]
-
-
-def test_what_the_prepare_workers_import_loads_without_torch() -> None:
-    """In a fresh interpreter: the modules of `bigtrain prepare` — the entry points, the build, and what its spawned
-    worker processes import (bigtrain.data.shard_workers and below) — load without torch."""
-    code = (
-        "import importlib, json, sys\n"
-        f"for name in {WORKER_MODULES!r}:\n"
-        "    importlib.import_module(name)\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.splitlines()[-1]) == []
