@@ -3,8 +3,8 @@
 becomes a DataError with the path, the bytes written and about how many the cache needs (`write_error`).
 
 Temporary names carry the writer's host and pid (`<final name>.<host>.<pid>.<random>.tmp`). The room a finished cache
-needs is estimated from the shard being written as written / read × the source's input bytes (before anything was
-written: input bytes × the id size, at most one id per byte with the byte tokenizer).
+needs is estimated from the shard being written as written / read × the source's input bytes (until that shard has
+read and written bytes: input bytes × the id size, at most one id per byte with the byte tokenizer).
 """
 
 from __future__ import annotations
