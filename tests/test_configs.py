@@ -353,7 +353,8 @@ def test_dump_config_round_trip(path: Path | None, tmp_path: Path) -> None:
 def test_preset_splits_over_tensor_ranks(name: str, tensor: int) -> None:
     """The preset's model split `tensor` ways on the meta device: each rank holds 1/tensor of every split
     parameter, replicated ones (norms, biases of row-parallel layers, positions) whole."""
-    from bigtrain.parallel.tensor import TensorParallel, apply_tensor_parallel
+    from bigtrain.parallel.tensor import apply_tensor_parallel
+    from bigtrain.parallel.tensor_layers import TensorParallel
 
     cfg, full = _built(name)
     split = build_model(cfg.model, _vocab(cfg), "meta")

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from bigtrain.config.schema import DataConfig
-from bigtrain.data import ByteTokenizer
-from bigtrain.data import corpus as corpus_mod
+from bigtrain.data import ByteTokenizer, cache_writes, shard_build
 from bigtrain.data.corpus import load_corpus
 from bigtrain.errors import DataError
 
@@ -95,7 +94,7 @@ def test_stale_temporaries_are_removed_but_live_writers_kept(tmp_path: Path) -> 
     folder.mkdir(parents=True)
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # its pid is now free: a writer killed mid-build
-    tag = corpus_mod._writer_tag()
+    tag = cache_writes._writer_tag()
     dead = folder / f"abc.uint16.bin.{tag}.{child.pid}.k3j4h5g6.tmp"
     live = folder / f"abc.uint16.bin.{tag}.{os.getpid()}.a1b2c3d4.tmp"
     elsewhere = folder / f"abc.docs.npy.otherhost-1.{child.pid}.zz99yy88.tmp"
@@ -121,7 +120,7 @@ def test_disk_full_while_writing_cache_is_a_data_error(tmp_path: Path, monkeypat
         calls.append(len(data))
         out.write(data)
 
-    monkeypatch.setattr(corpus_mod, "_write_chunk", full_disk)
+    monkeypatch.setattr(shard_build, "_write_chunk", full_disk)
     with pytest.raises(DataError) as info:
         load_corpus(data_cfg(tmp_path, source), BYTE)
     msg = str(info.value)

@@ -373,7 +373,7 @@ def test_a_prepared_folder_missing_a_shard_names_it(reference: Path, tmp_path: P
 
 
 def _quiet(datasets):
-    from bigtrain.data.sources import _quiet as quiet
+    from bigtrain.data.source_datasets import _quiet as quiet
 
     return quiet(datasets)
 

@@ -1,7 +1,8 @@
 """Data: tokenizers, cached tokenized corpora, per-family datasets, layout-independent batch order.
 
-The names below are imported on first use (PEP 562), so that `bigtrain.data.corpus` — what the worker processes
-of `bigtrain prepare` import — loads without torch (the datasets and the batch order need it; tokenizing does not).
+The names below are imported on first use (PEP 562), so that `bigtrain.data.corpus` and what the worker processes
+of `bigtrain prepare` import (`bigtrain.data.shard_workers` and below) load without torch (the datasets and the
+batch order need it; tokenizing does not; tests/test_prepare.py checks it).
 """
 
 from __future__ import annotations

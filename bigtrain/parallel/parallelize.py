@@ -30,7 +30,8 @@ from bigtrain.models.init import Shard
 from bigtrain.models.loss import Criterion
 from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from bigtrain.parallel.compile import apply_compile
-from bigtrain.parallel.tensor import TensorParallel, apply_tensor_parallel, mark_tensor_parallel
+from bigtrain.parallel.tensor import apply_tensor_parallel, mark_tensor_parallel
+from bigtrain.parallel.tensor_layers import TensorParallel
 
 
 @dataclass

@@ -22,7 +22,8 @@ from bigtrain.errors import ConfigError
 from bigtrain.models import TransformerLM, build_model, count_parameters
 from bigtrain.models.build import resolve_vocab_size
 from bigtrain.models.transformer import Seq2SeqLM
-from bigtrain.parallel.tensor import TensorParallel, apply_tensor_parallel
+from bigtrain.parallel.tensor import apply_tensor_parallel
+from bigtrain.parallel.tensor_layers import TensorParallel
 from bigtrain.planning.flops import training_flops
 
 

@@ -14,23 +14,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bigtrain.cli import main  # noqa: E402
-from bigtrain.data import corpus  # noqa: E402
+from bigtrain.data import build_progress, shard_workers  # noqa: E402
 
 KILL_AFTER = int(os.environ.get("BIGTRAIN_TEST_KILL_AFTER_SHARDS", "0"))
 GATE = os.environ.get("BIGTRAIN_TEST_SHARD_GATE")
 
 if KILL_AFTER:
-    _shard_done = corpus._Display.shard_done
+    _shard_done = build_progress.ProgressDisplay.shard_done
 
     def _kill_after(self, k):
         _shard_done(self, k)
         if self.done_shards >= KILL_AFTER:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    corpus._Display.shard_done = _kill_after
+    build_progress.ProgressDisplay.shard_done = _kill_after
 
 if GATE:
-    _build_shard = corpus.build_shard
+    _build_shard = shard_workers.build_shard
 
     def _gated(*args, **kwargs):
         deadline = time.monotonic() + 60
@@ -38,7 +38,7 @@ if GATE:
             time.sleep(0.05)
         return _build_shard(*args, **kwargs)
 
-    corpus.build_shard = _gated
+    shard_workers.build_shard = _gated
 
 if __name__ == "__main__":
     sys.exit(main(["prepare", *sys.argv[1:]]))
