@@ -191,7 +191,7 @@ def references(tmp_path_factory) -> dict[tuple[str, ...], Path]:
     return {options: _train(tmp_path_factory, "reference", *DP_LAYOUT, *options) for options in [(), RELATIVE]}
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("extra,options,launcher", [
     (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.activation_checkpointing=full"], (),
      "torchrun"),

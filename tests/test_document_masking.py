@@ -144,7 +144,7 @@ def test_pipeline_layers_carry_document_ids(extra) -> None:
     assert float((flow - model(**model_inputs(batch))).detach().abs().max()) <= 1e-6
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_pipeline_training_matches_single_device(tmp_path: Path) -> None:
     """2 pipeline stages (DeepSpeed's pipeline engine, 4 micro-batches in flight, document ids crossing the stage
     boundary as int64) train 20 steps like one process with document masking: loss and grad_norm within 1e-5,

@@ -180,7 +180,7 @@ def test_import_from_transformers_gives_the_same_logits(tmp_path, kind):
     assert diff <= 1e-4, (kind, diff)
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("kind,ranks,layout,launcher", [
     ("llama", 2, ["parallel.tensor=2"], "torchrun"),
     ("t5", 2, ["parallel.zero_stage=3"], "deepspeed"),
@@ -204,7 +204,7 @@ def test_fine_tune_from_transformers_under_a_layout(tmp_path, kind, ranks, layou
     assert diff <= 1e-5, (kind, diff)
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_init_from_a_bigtrain_checkpoint_under_another_layout(tmp_path):
     """Weights only, from a one-device run's checkpoint into a ZeRO-1 data-parallel run (each rank's fp32
     master partition set, fresh optimizer, step 0): with a learning rate of 1e-30 (no change in fp32) its

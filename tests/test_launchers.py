@@ -46,14 +46,14 @@ def mpiexec() -> str:
     return path
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_mpiexec_trains_like_torchrun(torchrun_reference, tmp_path):
     proc = run_ranks([mpiexec(), "-n", "2", sys.executable], tmp_path / "run")
     assert "launcher: mpi, rendezvous 127.0.0.1:" in proc.stdout
     assert_same_losses(torchrun_reference, tmp_path / "run")
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_accelerate_launch_trains_like_torchrun(torchrun_reference, tmp_path):
     """On a machine without GPUs accelerate starts several processes only when told --multi_gpu (with GPUs it
     picks that itself); it then runs torch's elastic launcher and exports ACCELERATE_* beside RANK & co."""
@@ -94,7 +94,7 @@ def _signal_when(run_dir: Path, step: int, signum: int) -> threading.Thread:
     return thread
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_signals_stop_after_a_step_save_and_resume_exactly(tmp_path, capsys):
     """One process, through the command line in this process (signals reach the main thread): SIGUSR1 stops
     after the current step with a checkpoint and exit status 3; the same command resumes; SIGTERM stops again,

@@ -147,7 +147,7 @@ def test_convert_adds_the_layout_free_form(run_dir):
     assert torch.equal(reader.read(names[0], "exp_avg"), first["exp_avg"])
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_converted_deepspeed_checkpoint_resumes_under_another_layout(tmp_path):
     """2-rank ZeRO-2 without the form, 10 steps; `bigtrain convert` loads it with 2 local ranks and writes the
     form; one process then resumes steps 11-20 equal to the 2-rank run's (1e-5)."""

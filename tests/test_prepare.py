@@ -203,7 +203,7 @@ def test_one_builder_per_host_the_others_wait(corpus: Path, tmp_path: Path) -> N
     assert "already prepared" in second
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_two_ranks_on_unprepared_data_build_it_once(corpus: Path, tmp_path: Path) -> None:
     """Global rank 0 prepares while rank 1 waits at the barrier, then reads what rank 0 wrote."""
     run_dir = tmp_path / "run"

@@ -204,7 +204,7 @@ DS_CASES = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("case", list(DS_CASES))
 def test_deepspeed_files_run_no_code(tmp_path, case):
     """A pickle payload in each kind of file DeepSpeed reads on resume (model states, ZeRO optimizer partitions,
@@ -235,7 +235,7 @@ def test_deepspeed_files_run_no_code(tmp_path, case):
     assert not marker.exists()
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_deepspeed_checkpoint_with_a_flipped_byte_falls_back(tmp_path):
     """ZeRO-2, 2 ranks: a flipped byte in a ZeRO optimizer partition of the latest checkpoint (which once gave
     a silently different curve) is found by its checksum; the run resumes from the previous checkpoint and every

@@ -18,7 +18,7 @@ import torch
 from bigtrain.compat.deepspeed import safe_checkpoint_loading
 from tests.conftest import DP_LAYOUT, REPO, _free_port, launch_ok, launch_ranks, read_metrics, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.launches
 
 INJECT = REPO / "tests" / "helpers" / "inject.py"
 
