@@ -101,6 +101,7 @@ def test_plan_gpu_script_runs_its_path_on_the_cpu(tmp_path):
     assert row["predicted"]["peak_bytes"] > 0 and row["predicted"]["step_s"] > 0
 
 
+@pytest.mark.launches
 def test_tokenize_writes_its_result(tmp_path, capsys):
     """bench/tokenization.py at 1 MB: every run (bigtrain prepare at 1 and 2 workers, byte and BPE; the datasets
     baseline; the start to the first step on prepared data) and the table."""

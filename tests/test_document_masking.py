@@ -157,6 +157,7 @@ def test_pipeline_training_matches_single_device(tmp_path: Path) -> None:
     assert_same_curve(tmp_path / "one" / "run", tmp_path / "pp" / "run", TOL, eval_rel=1e-6)
 
 
+@pytest.mark.launches
 def test_tensor_and_sequence_parallel_match_one_device(tmp_path: Path) -> None:
     """TP=2 and TP=2 with sequence parallelism (2 gloo ranks): the gathered logits and every gradient of a packed
     batch with document ids equal the unsplit model's (1e-5 of the largest entry)."""

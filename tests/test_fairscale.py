@@ -214,6 +214,7 @@ def test_fully_sharded_resume_is_exact(tmp_path):
     assert_resume_is_exact(2, args, run_dir, script=FSDP_ON_CPU)
 
 
+@pytest.mark.launches
 def test_fully_sharded_refused_when_auto_lands_on_the_cpu(tmp_path):
     """train.device=auto passes the config check; on a machine without CUDA the engine refuses at start, on
     every rank, with the same one-paragraph message (no traceback, no hang)."""

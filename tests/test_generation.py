@@ -311,6 +311,7 @@ def _completions(out: str) -> list[str]:
     return out.split("--- ")[1:]
 
 
+@pytest.mark.launches
 def test_command_generates_from_a_run_and_its_export(causal_run, tmp_path, capsys):
     """`bigtrain generate RUN --prompt ... --prompt ...`: one completion per prompt; the same with --no-cache and
     from the `bigtrain export` folder; sampling repeats with its seed; beam search runs."""

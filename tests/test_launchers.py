@@ -65,6 +65,7 @@ def test_accelerate_launch_trains_like_torchrun(torchrun_reference, tmp_path):
     assert_same_losses(torchrun_reference, tmp_path / "run")
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("env,missing", [
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT"),
     ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_JOB_ID": "7"}, "SLURM_NTASKS"),

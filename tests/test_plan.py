@@ -22,6 +22,7 @@ from bigtrain.planning.time_model import Network, step_time
 from tests.conftest import REPO
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_predicted_memory_matches_measured(name, tmp_path):
     """Saved activations (peak over one step, every micro-batch in flight) and model state (parameters,

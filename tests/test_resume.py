@@ -27,6 +27,7 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+@pytest.mark.launches
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     """20 straight steps == the same command killed after step 12 (checkpoint every 5) and started again.
 

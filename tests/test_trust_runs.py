@@ -30,6 +30,7 @@ def _one_paragraph(proc: subprocess.CompletedProcess, status: int = 2) -> str:
 
 
 # --- one run per run.dir -----------------------------------------------------------------------------------
+@pytest.mark.launches
 def test_second_run_on_a_live_run_dir_is_refused_naming_the_holder(run_dir):
     """A live run holds run.dir: a second one (another process) stops at once, naming host, pid and command, and
     leaves the first run's files alone."""
@@ -69,6 +70,7 @@ def test_lock_of_a_dead_run_is_taken_over_with_a_note(run_dir, capsys):
 
 
 # --- run.dir that cannot be used ------------------------------------------------------------------------------
+@pytest.mark.launches
 @pytest.mark.parametrize("problem", ["too-long", "a-file", "below-a-file"])
 def test_unusable_run_dir_is_one_paragraph(tmp_path, problem):
     """A run.dir too long for the file system, one that is a file, one that cannot be created (below a file):
@@ -86,6 +88,7 @@ def test_unusable_run_dir_is_one_paragraph(tmp_path, problem):
 
 
 # --- sizes that cannot fit: refused before any allocation ---------------------------------------------------------
+@pytest.mark.launches
 @pytest.mark.parametrize("size", ["model.d_model=1000000000", "model.max_seq_len=1000000000",
                                   "model.vocab_size=1000000000"])
 def test_sizes_that_cannot_fit_are_refused_before_allocating(run_dir, size):
@@ -138,6 +141,7 @@ def test_second_ctrl_c_aborts_saying_nothing_new_was_saved(tmp_path, capsys):
     assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("step_*"))
 
 
+@pytest.mark.launches
 def test_closed_stdout_does_not_stop_training(tmp_path):
     """`launch/train.py … | head -n 2`: the console goes away after two lines; training goes on to the end
     (metrics.jsonl complete, final checkpoint written) and exits 0."""
@@ -175,6 +179,7 @@ def test_evaluate_and_consolidate_fail_in_one_paragraph(run_dir):
     assert "holds no checkpoint" in _one_paragraph(missing)
 
 
+@pytest.mark.launches
 def test_an_unexpected_error_is_one_paragraph_and_the_traceback_needs_debug(tmp_path):
     script = REPO / "tests" / "helpers" / "failing_rank.py"
     env = {**os.environ, "BIGTRAIN_TEST_FAIL_RANK": "0"}
@@ -195,6 +200,7 @@ def test_trainer_api_refuses_unfit_sizes_too(run_dir):
         Trainer(tiny_config(run_dir.parent / "f", "causal"))
 
 
+@pytest.mark.launches
 def test_disk_full_while_saving_is_one_paragraph_and_keeps_the_previous_checkpoint(run_dir):
     """Writes past a limit fail (RLIMIT_FSIZE, like a full disk: torch says "unexpected pos"): the save of step 4
     stops in one paragraph naming the file and the space; step 2 stays intact and `latest`; no .tmp is left."""
