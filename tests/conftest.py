@@ -342,9 +342,10 @@ def tiny_config(run_dir: Path, family: str = "causal", *extra: str) -> Config:
 
 
 def run_launcher(args: list[str], timeout: float = 300, script: Path | None = None,
-                 **kwargs) -> subprocess.CompletedProcess:
-    """`python launch/train.py ARGS` (or `script`) in a subprocess; returns the completed process (text output)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                 env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`python launch/train.py ARGS` (or `script`) in a subprocess, with `env` added to this process's environment;
+    returns the completed process (text output)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(script or REPO / "launch" / "train.py"), *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=REPO, **kwargs)
 
