@@ -448,6 +448,26 @@ def consolidated_eval_loss(run_dir: Path) -> float:
     return evaluate_weights(out)["eval_loss"]
 
 
+def wait_for_exit(pids: Sequence[int], timeout: float) -> list[int]:
+    """Wait until every process in `pids` has ended, whoever its parent (a pidfd per process: woken by the exit
+    itself, no polling), at most `timeout` seconds in all; returns the pids still running then."""
+    import select
+    import time
+
+    deadline, running = time.monotonic() + timeout, []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:  # already gone
+            continue
+        try:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                running.append(pid)
+        finally:
+            os.close(fd)
+    return running
+
+
 def _free_port() -> int:
     import socket
 
