@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from bigtrain.cli import run_train
 from bigtrain.errors import ConfigError, RunDirError
 from bigtrain.train.run_dir import RunLock
 from bigtrain.train.trainer import Trainer, train
-from tests.conftest import REPO, read_metrics, run_launcher, tiny_config, tiny_overrides
+from tests.conftest import REPO, read_metrics, run_launcher, signal_after_step, tiny_config, tiny_overrides
 
 
 def _one_paragraph(proc: subprocess.CompletedProcess, status: int = 2) -> str:
@@ -102,26 +101,13 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(run_dir, size):
 
 
 # --- signals and streams ------------------------------------------------------------------------------------------
-def _signal_when(run_dir: Path, step: int, signum: int, times: int = 1) -> None:
-    def watch() -> None:
-        metrics = run_dir / "metrics.jsonl"
-        while not metrics.exists() or sum('"loss"' in line for line in metrics.read_text().splitlines()) < step:
-            time.sleep(0.002)
-        for i in range(times):  # 20 ms apart: the first is handled, the second lands while the step still runs
-            time.sleep(0.02 * i)
-            os.kill(os.getpid(), signum)
-
-    threading.Thread(target=watch, daemon=True).start()
+LONG = ("train.steps=40", "checkpoint.every=1000")  # the tiny model: the signals come at a step's end
 
 
-LONG = ("model.d_model=128", "model.d_ff=512", "data.seq_len=64", "train.global_batch_size=16", "train.steps=40",
-        "checkpoint.every=1000")
-
-
-def test_ctrl_c_saves_at_the_end_of_the_step_and_resumes_exactly(tmp_path, capsys):
+def test_ctrl_c_saves_at_the_end_of_the_step_and_resumes_exactly(tmp_path, capsys, monkeypatch):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert run_train(tiny_overrides(ref, "causal", *LONG)) == 0
-    _signal_when(run, 3, signal.SIGINT)
+    signal_after_step(monkeypatch, 3, signal.SIGINT)
     assert run_train(tiny_overrides(run, "causal", *LONG)) == 130
     out = capsys.readouterr()
     assert "received SIGINT: stopping after the current step and saving a checkpoint; press Ctrl-C again" in out.err
@@ -132,10 +118,12 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_resumes_exactly(tmp_path, capsy
         {s: r["loss"] for s, r in read_metrics(ref)[0].items()}
 
 
-def test_second_ctrl_c_aborts_saying_nothing_new_was_saved(tmp_path, capsys):
+def test_second_ctrl_c_aborts_saying_nothing_new_was_saved(tmp_path, capsys, monkeypatch):
+    """Two Ctrl-C at the end of step 3, one after the other: the first asks for a stop and a save after the step,
+    the second lands before that save."""
     run = tmp_path / "run"
-    _signal_when(run, 3, signal.SIGINT, times=2)
-    assert run_train(tiny_overrides(run, "causal", *LONG, "train.global_batch_size=64")) == 130  # ~0.2 s steps
+    signal_after_step(monkeypatch, 3, signal.SIGINT, times=2)
+    assert run_train(tiny_overrides(run, "causal", *LONG)) == 130
     err = capsys.readouterr().err
     assert "aborted by a second Ctrl-C: nothing new was saved. No checkpoint of this run exists yet" in err
     assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("step_*"))
