@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 # --- the `launches` mark ---------------------------------------------------------------------------------------
 LAUNCHERS = {"torchrun", "deepspeed", "accelerate", "mpirun", "mpiexec", "srun", "sbatch", "salloc"}
-LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "deepspeed", "accelerate", "mpi4py.run")
+LAUNCHER_MODULES = {"torch.distributed.run", "torch.distributed.launch", "deepspeed", "deepspeed.launcher.runner",
+                    "deepspeed.launcher.launch", "accelerate.commands.launch", "accelerate.commands.accelerate_cli"}
 TRAINING_SUBCOMMANDS = {"train", "parity", "convert"}  # parity and convert start training runs themselves
 # tests/helpers scripts that are launch/train.py with a hook (or train a step themselves); the others are run
 # under torchrun (caught as such) or are not scripts.
@@ -33,6 +34,7 @@ TRAINING_HELPERS = {"broken_parity.py", "count_syncs.py", "failing_rank.py", "fs
 TRAINING_CODE = re.compile(r"run_train|launch/train\.py|\bTrainer\(|(?<![.\w])train\(")
 PYTHON_OPTIONS_WITH_VALUE = {"-W", "-X", "--check-hash-based-pycs"}
 SHELLS = {"sh", "bash", "dash", "zsh"}
+WRAPPERS = {"env", "nohup", "setsid", "nice", "timeout", "stdbuf", "taskset", "numactl", "time", "exec", "xargs"}
 
 
 def launch_reason(what: Sequence[str] | str | Callable[..., Any]) -> str | None:
@@ -40,7 +42,8 @@ def launch_reason(what: Sequence[str] | str | Callable[..., Any]) -> str | None:
     or None when it does not.
 
     `what` is a command (argv list, or a shell string) or the target of a multiprocessing process. Counted:
-    a launcher (torchrun, deepspeed, accelerate, mpirun, mpiexec, srun, sbatch, salloc; also as `python -m`);
+    a launcher (torchrun, deepspeed, accelerate, mpirun, mpiexec, srun, sbatch, salloc; also as `python -m`), also
+    behind env, timeout, nice and the like;
     `launch/train.py`; the `bigtrain` command (console script or `-m bigtrain.cli`) with `train`, `parity` or
     `convert` (but `train --print-config`, which only prints); a tests/helpers script that trains
     (TRAINING_HELPERS); any bench/ script (`bench/X.py` or `-m bench.X`: they train); `python -c` code that
@@ -59,8 +62,11 @@ def launch_reason(what: Sequence[str] | str | Callable[..., Any]) -> str | None:
     program = Path(argv[0]).name
     if program in LAUNCHERS:
         return f"the launcher {program}"
+    if program in WRAPPERS:  # `env VAR=1 torchrun ...`, `timeout 60 python ...`: the command they start
+        return next((r for i in range(1, len(argv)) if (r := launch_reason(argv[i:]))), None)
     if program in SHELLS:
-        script = next((argv[i + 1] for i, a in enumerate(argv[1:-1], 1) if a.startswith("-") and "c" in a), None)
+        script = next((argv[i + 1] for i, a in enumerate(argv[1:-1], 1)
+                       if re.fullmatch(r"-[a-zA-Z]*c[a-zA-Z]*", a)), None)  # -c, -ec, -xc
         return _shell_reason(script) if script is not None else _script_reason(argv[1:])
     if program == "bigtrain":
         return _subcommand_reason(argv[1:])
@@ -70,7 +76,7 @@ def launch_reason(what: Sequence[str] | str | Callable[..., Any]) -> str | None:
             rest = rest[2:] if rest[0] in PYTHON_OPTIONS_WITH_VALUE else rest[1:]
         if len(rest) >= 2 and rest[0] == "-m":
             module = rest[1]
-            if module.startswith(LAUNCHER_MODULES):
+            if module in LAUNCHER_MODULES:
                 return f"the launcher module {module}"
             if module in ("bigtrain", "bigtrain.cli"):
                 return _subcommand_reason(rest[2:])
@@ -134,7 +140,7 @@ def _target_reason(target: Callable[..., Any], args: Sequence[Any] = ()) -> str 
         return f"torch's elastic launcher ({module}.{name})"
     if module == "torch.multiprocessing.spawn" and args and callable(args[0]):
         return _target_reason(args[0])
-    if module.startswith(("bigtrain.cli", "bigtrain.train")) or module in ("launch.train", "train"):
+    if module.startswith(("bigtrain.cli", "bigtrain.train")) or module == "launch.train":
         return f"a process running {module}.{name}"
     return None
 
@@ -178,16 +184,21 @@ def _launch_guard(item: pytest.Item) -> Iterator[None]:
         saved.append((owner, name, original))
         setattr(owner, name, guarded)
 
-    def command(args: Any) -> tuple[str | None, str]:
-        line = os.fsdecode(args) if isinstance(args, (str, bytes, os.PathLike)) else shlex.join(map(os.fsdecode, args))
-        return launch_reason(args), line
+    def command(args: Any, shell: bool = False) -> tuple[str | None, str]:
+        """A command's reason and its line; with shell=True a list's first item is the shell's command line."""
+        if isinstance(args, (str, bytes, os.PathLike)):
+            line = os.fsdecode(args)
+        else:
+            args = [os.fsdecode(a) for a in args]
+            line = args[0] if shell and args else shlex.join(args)
+        return launch_reason(line if shell else args), line
 
     def process(self: Any) -> tuple[str | None, str]:
         target = getattr(self, "_target", None)
         reason = _target_reason(target, getattr(self, "_args", ())) if callable(target) else None
         return reason, f"multiprocessing process {self.name} running {target!r}"
 
-    wrap(subprocess.Popen, "__init__", lambda self, args, *rest, **kwargs: command(args))
+    wrap(subprocess.Popen, "__init__", lambda self, args, *rest, **kwargs: command(args, kwargs.get("shell", False)))
     for name in ("posix_spawn", "posix_spawnp"):
         wrap(os, name, lambda path, argv, *rest, **kwargs: command(list(argv)))
     for name in ("spawnv", "spawnve", "spawnvp", "spawnvpe"):
@@ -217,6 +228,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     seen = item.stash.get(_LAUNCHES_SEEN, [])
     if seen and report.passed and call.when == "call":
         report.outcome, report.longrepr = "failed", "\n".join(seen)
+
 
 def require(available: bool, reason: str) -> None:
     """Skip a test whose tool (Slurm, MPI, accelerate, ...) is missing, saying why; under CI=true fail instead:

@@ -32,6 +32,8 @@ PY = sys.executable
     [PY, "-c", "import sys\nfrom bigtrain.cli import run_train\nsys.exit(run_train(sys.argv[1:]))"],
     ["bash", "-c", f"set -o pipefail; {PY} launch/train.py a=1 | head -n 2"],
     f"OMP_NUM_THREADS=1 {PY} launch/train.py x=1",
+    ["env", "OMP_NUM_THREADS=1", "torchrun", "x.py"], ["timeout", "60", PY, "-u", "launch/train.py"],
+    ["bash", "-ec", "cd /tmp && deepspeed --num_gpus 2 x.py"],
 ])
 def test_launches_are_recognised(command):
     assert launch_reason(command)
@@ -45,7 +47,8 @@ def test_launches_are_recognised(command):
     ["bigtrain", "train", "--print-config", "train.steps=3"],
     [PY, str(REPO / "tests" / "helpers" / "prepare_inject.py"), "--workers", "2"],
     [PY, "-m", "pytest", "-q"], ["git", "rev-parse", "HEAD"], ["pgrep", "-P", "1"], ["bash", "install_slurm.sh"],
-    "echo deepspeed torchrun",
+    "echo deepspeed torchrun", ["bash", "--norc", "-c", "echo train"], [PY, "-m", "deepspeed.env_report"],
+    ["env", "A=1", PY, "-c", "pass"],
 ])
 def test_other_commands_are_not_launches(command):
     assert launch_reason(command) is None
@@ -59,10 +62,11 @@ def test_process_targets():
     assert launch_reason(_worker_main) is None  # `bigtrain prepare`'s tokenizing workers
 
 
-def test_an_unmarked_launch_fails_and_a_marked_one_passes(pytester, tmp_path):
-    """In a pytest run of its own: a fake `torchrun` (it only exits) started by an unmarked test fails it, before
-    it starts, naming the command and the mark, even when the test catches the exception; the marked test runs it;
-    a multiprocessing process that would train is refused as well; other commands run."""
+def test_an_unmarked_launch_fails_and_a_marked_one_passes(pytester, tmp_path, monkeypatch):
+    """In a pytest run of its own: a fake `torchrun` (it only touches a file) started by an unmarked test, directly
+    or through a shell, fails it before it starts, naming the command and the mark, even when the test catches the
+    exception; the marked test runs it; a multiprocessing process that would train is refused as well; other
+    commands run."""
     torchrun = tmp_path / "bin" / "torchrun"
     torchrun.parent.mkdir()
     torchrun.write_text("#!/bin/sh\ntouch \"$1\"\n")
@@ -84,6 +88,9 @@ def test_an_unmarked_launch_fails_and_a_marked_one_passes(pytester, tmp_path):
             except BaseException:
                 pass
 
+        def test_unmarked_shell():
+            subprocess.run("cd / && " + {str(torchrun)!r} + " " + {str(ran / 'shell')!r}, shell=True)
+
         def test_unmarked_process():
             from bigtrain.cli import run_train
             multiprocessing.get_context("spawn").Process(target=run_train, args=(["train.steps=1"],)).start()
@@ -96,13 +103,13 @@ def test_an_unmarked_launch_fails_and_a_marked_one_passes(pytester, tmp_path):
             subprocess.run([sys.executable, "-c", "pass"], check=True)
     """)
     ran.mkdir()
-    env_path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    pytester._monkeypatch.setenv("PYTHONPATH", env_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))  # tests.conftest
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
-    result.assert_outcomes(passed=2, failed=3)
+    result.assert_outcomes(passed=2, failed=4)
     result.stdout.fnmatch_lines([
         "*test_unmarked starts the launcher torchrun but has no `launches` mark: add @pytest.mark.launches*",
         "*test_unmarked_caught starts the launcher torchrun but has no `launches` mark*",
+        "*test_unmarked_shell starts the launcher torchrun but has no `launches` mark*Command: cd / && *torchrun*",
         "*test_unmarked_process starts a process running bigtrain.cli*run_train but has no `launches` mark*",
     ])
     assert sorted(p.name for p in ran.iterdir()) == ["marked"]  # refused launches never started
