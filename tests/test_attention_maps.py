@@ -186,7 +186,7 @@ def test_tensorboard_gets_an_image_at_each_evaluation(tmp_path, family):
         assert image.encoded_image_string.startswith(b"\x89PNG")
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("engine", ["deepspeed", "fairscale"])
 def test_tensorboard_image_under_zero3(tmp_path, engine):
     """ZeRO-3 partitions the parameters (DeepSpeed's, or fairscale's FSDP run on CPU ranks by its test helper,

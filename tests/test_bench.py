@@ -77,7 +77,7 @@ def test_report_renders_every_section(tmp_path):
     assert "oversubscribed" in text and "python bench/step_overhead.py x" in text
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_scaling_writes_its_result(tmp_path):
     out = tmp_path / "scaling.json"
     scaling.main(["--layouts", "dp", "--ranks", "1,2", "--warmup", "1", "--steps", "2", "--max-foreign", "1",
@@ -101,6 +101,7 @@ def test_plan_gpu_script_runs_its_path_on_the_cpu(tmp_path):
     assert row["predicted"]["peak_bytes"] > 0 and row["predicted"]["step_s"] > 0
 
 
+@pytest.mark.launches
 def test_tokenize_writes_its_result(tmp_path, capsys):
     """bench/tokenization.py at 1 MB: every run (bigtrain prepare at 1 and 2 workers, byte and BPE; the datasets
     baseline; the start to the first step on prepared data) and the table."""
@@ -122,7 +123,7 @@ def test_tokenize_writes_its_result(tmp_path, capsys):
     assert "| bigtrain prepare | byte | 2 |" in capsys.readouterr().out
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_sharded_engines_compares_deepspeed_and_fairscale(tmp_path):
     """bench/sharded_engines.py at ZeRO-3 (FSDP through the CPU helper here): both engines train the same steps,
     their curves agree (fp32), and tokens/s and model-state bytes of both are written."""

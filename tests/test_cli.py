@@ -79,6 +79,7 @@ def test_empty_corpus_file(tmp_path, capsys):
     assert "data.source" in capsys.readouterr().err
 
 
+@pytest.mark.launches
 def test_launcher_error_has_no_traceback(tmp_path):
     proc = run_launcher(["--config", str(tmp_path / "missing.yaml")])
     assert proc.returncode == 2

@@ -64,10 +64,12 @@ def compiled(tmp_path_factory) -> Path:
 
 
 # --- one device -------------------------------------------------------------------------------------------
+@pytest.mark.launches
 def test_compiled_matches_eager(eager, compiled):
     assert_same_curve(eager, compiled, TOL, steps=STEPS, eval_rel=TOL)
 
 
+@pytest.mark.launches
 def test_compiled_with_checkpointing_and_dropout_matches_eager(tmp_path_factory):
     """Full activation checkpointing inside the compiled block, dropout 0.1: the same masks as eager."""
     reference = _train(tmp_path_factory, "eager-dropout", *DROPOUT_CHECKPOINTING)
@@ -75,6 +77,7 @@ def test_compiled_with_checkpointing_and_dropout_matches_eager(tmp_path_factory)
     assert_same_curve(reference, run, TOL, steps=STEPS, eval_rel=TOL)
 
 
+@pytest.mark.launches
 def test_compiled_checkpoint_resumes_eagerly(eager, compiled, tmp_path):
     """Roll a compiled run back to its step-5 checkpoint and resume it with train.compile=false: the parameter
     names fit, and steps 6-10 follow the eager run."""
@@ -89,6 +92,7 @@ def test_compiled_checkpoint_resumes_eagerly(eager, compiled, tmp_path):
     assert_same_curve(eager, run_dir, TOL, steps=STEPS, eval_rel=TOL)
 
 
+@pytest.mark.launches
 def test_compiled_run_consolidates_under_model_names(eager, compiled):
     """The compiled run's checkpoint holds the eager run's names; `bigtrain consolidate` reads it."""
     assert _native(compiled).keys() == _native(eager).keys()
@@ -168,6 +172,7 @@ def test_checkpointing_still_saves_memory_when_compiled(capsys):
     assert saved["full", True] <= saved["full", False] + cfg.n_layers * torch.get_rng_state().numel()
 
 
+@pytest.mark.launches
 def test_missing_cpp_compiler_is_refused_in_one_line(tmp_path, monkeypatch):
     from torch._inductor import config as inductor_config
 
@@ -191,7 +196,7 @@ def references(tmp_path_factory) -> dict[tuple[str, ...], Path]:
     return {options: _train(tmp_path_factory, "reference", *DP_LAYOUT, *options) for options in [(), RELATIVE]}
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("extra,options,launcher", [
     (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.activation_checkpointing=full"], (),
      "torchrun"),

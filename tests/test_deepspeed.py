@@ -27,7 +27,7 @@ from tests.conftest import (
     tiny_overrides,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.launches
 
 
 def _overrides(run_dir: Path, *extra: str) -> list[str]:

@@ -144,7 +144,7 @@ def test_pipeline_layers_carry_document_ids(extra) -> None:
     assert float((flow - model(**model_inputs(batch))).detach().abs().max()) <= 1e-6
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_pipeline_training_matches_single_device(tmp_path: Path) -> None:
     """2 pipeline stages (DeepSpeed's pipeline engine, 4 micro-batches in flight, document ids crossing the stage
     boundary as int64) train 20 steps like one process with document masking: loss and grad_norm within 1e-5,
@@ -157,6 +157,7 @@ def test_pipeline_training_matches_single_device(tmp_path: Path) -> None:
     assert_same_curve(tmp_path / "one" / "run", tmp_path / "pp" / "run", TOL, eval_rel=1e-6)
 
 
+@pytest.mark.launches
 def test_tensor_and_sequence_parallel_match_one_device(tmp_path: Path) -> None:
     """TP=2 and TP=2 with sequence parallelism (2 gloo ranks): the gathered logits and every gradient of a packed
     batch with document ids equal the unsplit model's (1e-5 of the largest entry)."""

@@ -48,7 +48,7 @@ def runs(tmp_path_factory, deepspeed_zero_runs) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("stage", [1, 2])
 def test_equals_one_device_and_deepspeed(causal_reference, runs, stage):
     """Loss and grad_norm of 20 steps within 1e-5 of one process, and of DeepSpeed's ZeRO stage step by step."""
@@ -59,7 +59,7 @@ def test_equals_one_device_and_deepspeed(causal_reference, runs, stage):
     assert engine["gradient_sharding"] == ("ShardedDataParallel" if stage == 2 else "all-reduce")
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_lamb_is_exact(lamb_reference, tmp_path, stage):
     """OSS shards whole tensors, so LAMB's per-tensor trust ratios are those of one device; under FSDP each
@@ -70,7 +70,7 @@ def test_lamb_is_exact(lamb_reference, tmp_path, stage):
     assert_same_curve(lamb_reference, run_dir, rel=1e-5, steps=10)
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("optimizer, stage", [("adamw", 2), ("lamb", 1), ("lamb", 3)])
 def test_tensor_parallel_by_data_parallel(causal_reference, lamb_reference, tmp_path, optimizer, stage):
     """TP=2 x DP=2 (4 ranks): the data group of the layout is fairscale's; LAMB's norms of tensor shards are
@@ -83,7 +83,7 @@ def test_tensor_parallel_by_data_parallel(causal_reference, lamb_reference, tmp_
     assert_same_curve(reference, run_dir, rel=1e-5, steps=10 if optimizer == "lamb" else 20)
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_optimizer_state_halves_with_two_ranks(runs, tmp_path):
     """Optimizer-state bytes per rank at DP=2 within 5% of half the one-rank figure, and of the ZeRO formula
     (fp32 weights, K = 8: no master copy)."""
@@ -101,7 +101,7 @@ def test_optimizer_state_halves_with_two_ranks(runs, tmp_path):
               f"at DP=2, {single} at DP=1")
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("stage", [1, 2])
 def test_resume_is_exact(tmp_path, stage):
     run_dir = tmp_path / "run"
@@ -118,7 +118,7 @@ def fsdp_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_fully_sharded_equals_one_device_and_deepspeed_zero3(causal_reference, deepspeed_zero_runs, fsdp_run):
     """FSDP (every block its own unit, tied embeddings in the root unit, gradients reduce-scattered and
     accumulated as shards): 20 steps within 1e-5 of one process and of DeepSpeed's ZeRO-3 step by step."""
@@ -128,7 +128,7 @@ def test_fully_sharded_equals_one_device_and_deepspeed_zero3(causal_reference, d
     assert engine["parameter_sharding"] == engine["gradient_sharding"] == "FullyShardedDataParallel"
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_fully_sharded_memory_is_the_zero3_formula(fsdp_run):
     """Each rank keeps half of every parameter (rounded up per tensor: torch.chunk's split) and the optimizer
     state of that half: 4Ψ/2 and 8Ψ/2 bytes within 1%."""
@@ -141,7 +141,7 @@ def test_fully_sharded_memory_is_the_zero3_formula(fsdp_run):
           f"{[r['optimizer'] for r in memory['ranks']]}; formula {memory['formula']}")
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_fully_sharded_tensor_parallel_sequence_parallel_recomputed(causal_reference, tmp_path):
     """TP=2 x DP=2 (4 ranks) with sequence parallelism and full activation checkpointing: FSDP shards each
     tensor shard over the data group, blocks are recomputed with their gathered parameters; the sample at the
@@ -162,7 +162,7 @@ RELATIVE = ("model.norm_position=pre", "model.norm=rmsnorm", "model.positions=re
             "model.relative_max_distance=16", "model.bias=false")
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("family, options", [("seq2seq", RELATIVE), ("causal", MODERN)],
                          ids=["seq2seq-relative", "causal-rotary-swiglu-gqa-untied"])
 def test_fully_sharded_other_models(tmp_path, family, options):
@@ -176,7 +176,7 @@ def test_fully_sharded_other_models(tmp_path, family, options):
     assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_fully_sharded_bf16_is_deepspeeds_bf16_zero3(tmp_path):
     """bf16 under FSDP is fairscale's mixed precision (fp32 master shards; parameters gathered and computed in
     bf16; gradients reduce-scattered in fp32; position tables fp32), as DeepSpeed's bf16 ZeRO-3 keeps bf16
@@ -196,7 +196,7 @@ def test_fully_sharded_bf16_is_deepspeeds_bf16_zero3(tmp_path):
         assert worst <= tol
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("which", ["fairscale1", "fairscale2", "fsdp"])
 def test_consolidate_reads_the_engines_own_files(runs, fsdp_run, which):
     """`bigtrain consolidate`: the layout-free form's weights equal, bitwise, those the engine's own files
@@ -206,7 +206,7 @@ def test_consolidate_reads_the_engines_own_files(runs, fsdp_run, which):
     assert consolidated_eval_loss(run_dir) == pytest.approx(read_metrics(run_dir)[1][20]["eval_loss"], rel=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_fully_sharded_resume_is_exact(tmp_path):
     """Each rank's parameter and optimizer shards, its RNG: steps 11-20 after a resume equal the straight run."""
     run_dir = tmp_path / "run"
@@ -214,6 +214,7 @@ def test_fully_sharded_resume_is_exact(tmp_path):
     assert_resume_is_exact(2, args, run_dir, script=FSDP_ON_CPU)
 
 
+@pytest.mark.launches
 def test_fully_sharded_refused_when_auto_lands_on_the_cpu(tmp_path):
     """train.device=auto passes the config check; on a machine without CUDA the engine refuses at start, on
     every rank, with the same one-paragraph message (no traceback, no hang)."""

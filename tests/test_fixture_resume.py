@@ -17,6 +17,8 @@ import pytest
 
 from tests.conftest import REPO, launch_ok, read_metrics, run_launcher
 
+pytestmark = pytest.mark.launches
+
 FIXTURES = REPO / "tests" / "fixtures" / "main_d0e41f9"
 BEFORE_ONE_MANAGER = REPO / "tests" / "fixtures" / "main_89abca6"
 
@@ -50,7 +52,6 @@ def test_single_process_checkpoint_from_main_resumes(tmp_path):
     _assert_continues(run_dir, proc.stdout)
 
 
-@pytest.mark.slow
 def test_tensor_parallel_deepspeed_checkpoint_from_main_resumes(tmp_path):
     run_dir, args = _copy("tp2", tmp_path)
     _assert_continues(run_dir, launch_ok(2, args))
@@ -64,7 +65,6 @@ def test_single_process_checkpoint_from_before_one_manager_resumes(tmp_path):
     _assert_continues(run_dir, proc.stdout)
 
 
-@pytest.mark.slow
 def test_fairscale_checkpoint_from_before_one_manager_resumes(tmp_path):
     run_dir, args = _copy("fairscale", tmp_path, BEFORE_ONE_MANAGER)
     _assert_continues(run_dir, launch_ok(2, args))

@@ -311,6 +311,7 @@ def _completions(out: str) -> list[str]:
     return out.split("--- ")[1:]
 
 
+@pytest.mark.launches
 def test_command_generates_from_a_run_and_its_export(causal_run, tmp_path, capsys):
     """`bigtrain generate RUN --prompt ... --prompt ...`: one completion per prompt; the same with --no-cache and
     from the `bigtrain export` folder; sampling repeats with its seed; beam search runs."""
@@ -368,7 +369,7 @@ def test_command_refuses_a_masked_model_and_a_wrong_path(tmp_path, capsys):
 
 
 # --- parallel layouts -------------------------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.launches
 def test_tensor_parallel_generation_matches_one_device(tmp_path):
     """TP=2 (gloo, tests/helpers/tensor_generation.py): greedy with the cache, without it, and under sequence
     parallelism (recomputed, padded to the tensor size), and beam search: the one-device model's tokens, for
@@ -388,7 +389,7 @@ def test_tensor_parallel_generation_matches_one_device(tmp_path):
         assert r["beam"] == r["reference_beam"], r["case"]
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("layout", [("parallel.tensor=2",), ("parallel.tensor=2", "parallel.sequence_parallel=true"),
                                     ("parallel.zero_stage=3", "train.micro_batch_size=4")],
                          ids=["tp", "tp+sp", "zero3"])
@@ -400,7 +401,7 @@ def test_trainer_sample_under_parallel_layouts(tmp_path, layout):
     assert out.count("--- sample (12 tokens after 'def ') ---\ndef ") == 1
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("extra", [(), ("parallel.sequence_parallel=true",)], ids=["tp2", "tp2-sp"])
 def test_command_under_tensor_parallelism_prints_the_one_device_text(tmp_path, capsys, extra):
     """`torchrun --nproc_per_node 2 -m bigtrain.cli generate WEIGHTS ...`: the model split over two

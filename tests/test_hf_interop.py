@@ -181,7 +181,7 @@ def test_import_from_transformers_gives_the_same_logits(tmp_path, kind):
     assert diff <= 1e-4, (kind, diff)
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("kind,ranks,layout,launcher", [
     ("llama", 2, ["parallel.tensor=2"], "torchrun"),
     ("t5", 2, ["parallel.zero_stage=3"], "deepspeed"),
@@ -205,7 +205,7 @@ def test_fine_tune_from_transformers_under_a_layout(tmp_path, kind, ranks, layou
     assert diff <= 1e-5, (kind, diff)
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_init_from_a_bigtrain_checkpoint_under_another_layout(tmp_path):
     """Weights only, from a one-device run's checkpoint into a ZeRO-1 data-parallel run (each rank's fp32
     master partition set, fresh optimizer, step 0): with a learning rate of 1e-30 (no change in fp32) its
@@ -276,20 +276,34 @@ def _strip(row: list[int], eos: int, pad: int) -> list[int]:
     return out
 
 
+@pytest.fixture(scope="module")
+def generation_export(tmp_path_factory):
+    """kind -> (the perturbed bigtrain model, transformers' load of its `bigtrain export --format hf` folder): one
+    export per family, shared by greedy and beam search (generation changes neither model)."""
+    made = {}
+
+    def get(kind: str):
+        if kind not in made:
+            cfg, folder = _config(kind), tmp_path_factory.mktemp(f"generate-{kind}")
+            model = _perturbed(cfg, seed=5)
+            proc = _export(_bigtrain_folder(cfg, model, folder / "bigtrain"), folder / "hf")
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            made[kind] = model, _hf_class(kind).from_pretrained(folder / "hf").eval()
+        return made[kind]
+
+    return get
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "t5"])
 @pytest.mark.parametrize("beams,length_penalty", [(1, 1.0), (4, 0.7)], ids=["greedy", "beams4"])
-def test_generation_equals_transformers_generate_on_the_export(tmp_path, kind, beams, length_penalty):
+def test_generation_equals_transformers_generate_on_the_export(generation_export, kind, beams, length_penalty):
     """Greedy and 4-beam search (length penalty 0.7) with bigtrain's KV cache pick the tokens transformers'
     `generate` picks on the exported folder, for a batch of two prompts (left-padded for causal models)."""
     from bigtrain.data.tokenizer import ByteTokenizer
     from bigtrain.inference.generate import Decoding, generate
 
     tok = ByteTokenizer()
-    cfg = _config(kind)
-    model = _perturbed(cfg, seed=5)
-    proc = _export(_bigtrain_folder(cfg, model, tmp_path / "bigtrain"), tmp_path / "hf")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    hf = _hf_class(kind).from_pretrained(tmp_path / "hf").eval()
+    model, hf = generation_export(kind)
     prompts = [tok.encode("The quick brown fox"), tok.encode("Hi")]
     decoding = Decoding(beams=beams, length_penalty=length_penalty) if beams > 1 else Decoding(greedy=True)
     ours = generate(model, prompts, 12, decoding, eos_id=tok.eos_id, pad_id=tok.pad_id, bos_id=tok.bos_id,

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import DP_LAYOUT, REPO, launch_ok, read_metrics, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.launches
 
 COUNT_SYNCS = REPO / "tests" / "helpers" / "count_syncs.py"
 STEPS, LOG_EVERY = 6, 3

@@ -11,8 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from tests.conftest import (
     read_metrics,
     require,
     require_module,
+    signal_after_step,
     tiny_overrides,
 )
 
@@ -46,14 +45,14 @@ def mpiexec() -> str:
     return path
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_mpiexec_trains_like_torchrun(torchrun_reference, tmp_path):
     proc = run_ranks([mpiexec(), "-n", "2", sys.executable], tmp_path / "run")
     assert "launcher: mpi, rendezvous 127.0.0.1:" in proc.stdout
     assert_same_losses(torchrun_reference, tmp_path / "run")
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_accelerate_launch_trains_like_torchrun(torchrun_reference, tmp_path):
     """On a machine without GPUs accelerate starts several processes only when told --multi_gpu (with GPUs it
     picks that itself); it then runs torch's elastic launcher and exports ACCELERATE_* beside RANK & co."""
@@ -65,6 +64,7 @@ def test_accelerate_launch_trains_like_torchrun(torchrun_reference, tmp_path):
     assert_same_losses(torchrun_reference, tmp_path / "run")
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("env,missing", [
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT"),
     ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_JOB_ID": "7"}, "SLURM_NTASKS"),
@@ -81,37 +81,22 @@ def test_half_set_environment_fails_at_once(run_dir, env, missing):
     assert not run_dir.exists()  # failed before any work (the time it takes: `python bench/wallclock.py`)
 
 
-def _signal_when(run_dir: Path, step: int, signum: int) -> threading.Thread:
-    """Send `signum` to this process once run_dir/metrics.jsonl has `step` training lines."""
-    def watch() -> None:
-        metrics = run_dir / "metrics.jsonl"
-        while not metrics.exists() or sum('"loss"' in line for line in metrics.read_text().splitlines()) < step:
-            time.sleep(0.002)
-        os.kill(os.getpid(), signum)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
-@pytest.mark.slow
-def test_signals_stop_after_a_step_save_and_resume_exactly(tmp_path, capsys):
+def test_signals_stop_after_a_step_save_and_resume_exactly(tmp_path, capsys, monkeypatch):
     """One process, through the command line in this process (signals reach the main thread): SIGUSR1 stops
     after the current step with a checkpoint and exit status 3; the same command resumes; SIGTERM stops again,
     status 143; the last run finishes. Every loss equals an uninterrupted run's."""
     from bigtrain.cli import run_train
 
     steps = 40
-    extra = ("model.d_model=128", "model.d_ff=512", "data.seq_len=64", "train.global_batch_size=16",
-             f"train.steps={steps}", "checkpoint.every=1000")
+    extra = (f"train.steps={steps}", "checkpoint.every=1000")  # the tiny model: the signals come at a step's end
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert run_train(tiny_overrides(ref, "causal", *extra)) == 0
     args = tiny_overrides(run, "causal", *extra)
 
-    _signal_when(run, 3, signal.SIGUSR1)
+    signal_after_step(monkeypatch, 3, signal.SIGUSR1)
     assert run_train(args) == 3
     first = max(read_metrics(run)[0])
-    _signal_when(run, first + 3, signal.SIGTERM)
+    signal_after_step(monkeypatch, first + 3, signal.SIGTERM)
     assert run_train(args) == 128 + signal.SIGTERM
     second = max(read_metrics(run)[0])
     assert run_train(args) == 0

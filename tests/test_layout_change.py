@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import DP_LAYOUT, REPO, launch_ranks, read_metrics, run_launcher, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.launches
 
 RECORD = REPO / "tests" / "helpers" / "record_samples.py"
 TOL = 1e-5

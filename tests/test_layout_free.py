@@ -91,6 +91,7 @@ def test_damaged_layout_free_shard_falls_back_to_the_previous_checkpoint(run_dir
 
 
 # --- a checkpoint of this format version keeps resuming -------------------------------------------------------
+@pytest.mark.launches
 def test_layout_free_fixture_resumes_under_another_layout(tmp_path):
     """tests/fixtures/layout_free_v1: step 2 of a 2-rank ZeRO-1 run (format version 1). One process resumes it
     from the layout-free form; steps 3-4 equal the run that wrote it (1e-5)."""
@@ -126,6 +127,7 @@ def test_evaluate_export_and_consolidate_read_the_same_weights(run_dir, tmp_path
         assert evaluate_weights(where)["eval_loss"] == pytest.approx(expected, rel=1e-6), where
 
 
+@pytest.mark.launches
 def test_convert_adds_the_layout_free_form(run_dir):
     """A plain-engine checkpoint written without the form (checkpoint.layout_free_every=0): `bigtrain convert`
     adds it (weights and optimizer moments equal the checkpoint's own files) and the manifest covers it."""
@@ -147,7 +149,7 @@ def test_convert_adds_the_layout_free_form(run_dir):
     assert torch.equal(reader.read(names[0], "exp_avg"), first["exp_avg"])
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_converted_deepspeed_checkpoint_resumes_under_another_layout(tmp_path):
     """2-rank ZeRO-2 without the form, 10 steps; `bigtrain convert` loads it with 2 local ranks and writes the
     form; one process then resumes steps 11-20 equal to the 2-rank run's (1e-5)."""

@@ -120,7 +120,7 @@ def test_metrics_report_tokens_samples_and_epochs_per_source(tmp_path):
         assert sources[name]["epochs"] == pytest.approx(sources[name]["samples"] / len(mixture.datasets[k]))
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_same_batches_under_dp1_and_dp2_and_exact_resume(tmp_path):
     """The global samples of every step and the loss curve are those of one process under 2 data-parallel
     ranks (ZeRO-1); a resumed mixture run is bitwise the uninterrupted one, per-source counts included."""

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.launches
+
 BIGTRAIN = str(Path(sys.executable).parent / "bigtrain")
 SMALL = ["train.global_batch_size=8", "train.micro_batch_size=4", "data.max_bytes=300000"]
 
@@ -21,7 +23,6 @@ def _parity(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tensor=2", "pipeline=2", "tensor=2,pipeline=2", "data=2,zero_stage=3"])
 def test_parity_passes_on_correct_layouts(tmp_path, layout):
     proc = _parity(tmp_path, "--layout", layout)
@@ -30,7 +31,6 @@ def test_parity_passes_on_correct_layouts(tmp_path, layout):
     assert "parity PASSED" in proc.stdout and proc.stdout.count("\n") >= 7  # header, 5 steps, verdict
 
 
-@pytest.mark.slow
 def test_parity_fails_on_a_broken_layout(tmp_path):
     proc = _parity(tmp_path, "--layout", "data=2,zero_stage=1",
                    "--script", str(REPO / "tests" / "helpers" / "broken_parity.py"))

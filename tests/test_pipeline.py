@@ -24,7 +24,7 @@ from tests.conftest import (
     tiny_overrides,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.launches
 
 LAYOUT = ("train.global_batch_size=8", "train.micro_batch_size=2", "train.eval_every=10")
 TOL, EVAL_TOL = 1e-5, 1e-6

@@ -26,7 +26,7 @@ from bigtrain.data.corpus import data_ready, load_corpus, prepare_corpus
 from bigtrain.data.masked import chunk_table
 from bigtrain.data.shards import ShardedTokens
 from bigtrain.errors import DataError
-from tests.conftest import DP_LAYOUT, REPO, launch_ranks, tiny_overrides
+from tests.conftest import DP_LAYOUT, REPO, launch_ranks, tiny_overrides, wait_for_exit
 from tests.test_data import _tiny_hf_tokenizer
 
 BYTE = ByteTokenizer()
@@ -88,11 +88,14 @@ def test_two_workers_write_the_same_shards_as_one(corpus: Path, reference: Path,
 def test_a_killed_prepare_resumes_to_identical_shards(corpus: Path, reference: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     args = ["--workers", "2", "--shard-mb", SHARD_MB, f"data.source={corpus}", f"data.cache_dir={cache}"]
-    proc = subprocess.run([sys.executable, str(INJECT), *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "BIGTRAIN_TEST_KILL_AFTER_SHARDS": "3"}, cwd=REPO)
+    pids = tmp_path / "worker-pids"
+    proc = subprocess.run([sys.executable, str(INJECT), *args], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "BIGTRAIN_TEST_KILL_AFTER_SHARDS": "3",
+                               "BIGTRAIN_TEST_WORKER_PIDS": str(pids)})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     folder = cache / "tokens" / reference.name
-    time.sleep(1.5)  # orphaned workers notice their parent is gone and stop
+    workers = [int(pid) for pid in pids.read_text().split()]
+    assert len(workers) == 2 and not wait_for_exit(workers, timeout=60)  # orphaned workers notice and stop
     assert not (folder / "index.json").exists()
     finished = sorted(p.stem for p in folder.glob("shard_*.json"))
     assert len(finished) >= 3
@@ -203,7 +206,7 @@ def test_one_builder_per_host_the_others_wait(corpus: Path, tmp_path: Path) -> N
     assert "already prepared" in second
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_two_ranks_on_unprepared_data_build_it_once(corpus: Path, tmp_path: Path) -> None:
     """Global rank 0 prepares while rank 1 waits at the barrier, then reads what rank 0 wrote."""
     run_dir = tmp_path / "run"

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -19,6 +15,8 @@ from bigtrain.io import load_torch
 from bigtrain.train.trainer import Trainer, train
 from tests.conftest import REPO, run_launcher, tiny_config, tiny_overrides
 
+INJECT = REPO / "tests" / "helpers" / "inject.py"
+
 RESUME_EXTRA = ("model.d_model=64", "data.seq_len=64", "train.global_batch_size=16", "train.micro_batch_size=8",
                 "model.dropout=0.1", "checkpoint.every=5", "train.eval_every=10")
 
@@ -28,29 +26,23 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+@pytest.mark.launches
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
-    """20 straight steps == the same command killed after step 12 (checkpoint every 5) and started again.
+    """20 straight steps == the same command SIGKILLed after step 12 (checkpoint every 5) and started again.
 
-    fp32 on CPU with one thread: every `loss` line is bitwise equal (dropout on, so the RNG state is restored
-    too), and eval lines as well.
+    The kill comes from inside, in the middle of step 13's forward pass (tests/helpers/inject.py), so it lands at
+    the same point every time instead of racing the run. fp32 on CPU with one thread: every `loss` line is bitwise
+    equal (dropout on, so the RNG state is restored too), and eval lines as well.
     """
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     straight = run_launcher(tiny_overrides(straight_dir, "causal", *RESUME_EXTRA))
     assert straight.returncode == 0, straight.stderr
 
-    args = [sys.executable, str(REPO / "launch" / "train.py"), *tiny_overrides(killed_dir, "causal", *RESUME_EXTRA)]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = killed_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and 12 in _losses(killed_dir):
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed = run_launcher(tiny_overrides(killed_dir, "causal", *RESUME_EXTRA), script=INJECT,
+                          env={"BIGTRAIN_TEST_KILL_STEP": "13"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     seen = max(_losses(killed_dir))
-    assert 12 <= seen < 15, f"killed too late (step {seen})"
+    assert seen == 12, f"killed at the wrong step (step {seen} was the last one logged)"
     assert (killed_dir / "checkpoints" / "latest").read_text().strip() == "step_00000010"
 
     resumed = run_launcher(tiny_overrides(killed_dir, "causal", *RESUME_EXTRA))

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import LAUNCH_STEPS, REPO, assert_same_losses, launcher_args, require
 from tests.helpers.local_slurm import LocalSlurm, unavailable_reason
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.launches
 
 @pytest.fixture(scope="module")
 def cluster():

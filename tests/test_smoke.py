@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import REPO, run_launcher
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.launches
 
 
 def test_smoke_config_reaches_target(tmp_path):

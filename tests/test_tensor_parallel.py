@@ -29,7 +29,7 @@ from tests.conftest import (
     tiny_overrides,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.launches
 
 TOL = 1e-5
 

@@ -44,6 +44,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 # --- nothing loaded runs code ------------------------------------------------------------------------------
+@pytest.mark.launches
 @pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "trainer_rank00000.pt"])
 def test_plain_engine_files_run_no_code(run_dir, tmp_path, name):
     train(tiny_config(run_dir, "causal", "train.steps=2"))
@@ -181,6 +182,7 @@ def test_resume_refuses_another_tokenizer_with_the_same_vocabulary(tmp_path):
                             f"data.tokenizer={tmp_path / 'tok.json'}"))
 
 
+@pytest.mark.launches
 def test_a_checkpoint_without_a_layout_free_form_names_the_layout_it_needs(run_dir):
     """A DeepSpeed (ZeRO-1, one process) checkpoint written without its layout-free form, resumed by the plain
     engine: one paragraph naming both layouts and the setting that would have made it portable (it once said
@@ -204,7 +206,7 @@ DS_CASES = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.parametrize("case", list(DS_CASES))
 def test_deepspeed_files_run_no_code(tmp_path, case):
     """A pickle payload in each kind of file DeepSpeed reads on resume (model states, ZeRO optimizer partitions,
@@ -235,7 +237,7 @@ def test_deepspeed_files_run_no_code(tmp_path, case):
     assert not marker.exists()
 
 
-@pytest.mark.slow
+@pytest.mark.launches
 def test_deepspeed_checkpoint_with_a_flipped_byte_falls_back(tmp_path):
     """ZeRO-2, 2 ranks: a flipped byte in a ZeRO optimizer partition of the latest checkpoint (which once gave
     a silently different curve) is found by its checksum; the run resumes from the previous checkpoint and every

@@ -16,9 +16,18 @@ import pytest
 import torch
 
 from bigtrain.compat.deepspeed import safe_checkpoint_loading
-from tests.conftest import DP_LAYOUT, REPO, _free_port, launch_ok, launch_ranks, read_metrics, tiny_overrides
+from tests.conftest import (
+    DP_LAYOUT,
+    REPO,
+    _free_port,
+    launch_ok,
+    launch_ranks,
+    read_metrics,
+    tiny_overrides,
+    wait_for_exit,
+)
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.launches
 
 INJECT = REPO / "tests" / "helpers" / "inject.py"
 
@@ -128,21 +137,11 @@ def test_ranks_stop_when_their_launcher_dies(tmp_path):
     os.kill(launcher.pid, signal.SIGKILL)
     launcher.wait()
     killed_at = time.monotonic()
-    while time.monotonic() - killed_at < 60 and any(_alive(pid) for pid in ranks):
-        time.sleep(0.2)
-    alive = [pid for pid in ranks if _alive(pid)]
+    alive = wait_for_exit(ranks, timeout=60)
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, "ranks trained on after their launcher died"
     print(f"\norphaned ranks exited {time.monotonic() - killed_at:.1f} s after their launcher was killed")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 # --- SIGKILL of one rank, then the same command ----------------------------------------------------------------

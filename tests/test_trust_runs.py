@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from bigtrain.cli import run_train
 from bigtrain.errors import ConfigError, RunDirError
 from bigtrain.train.run_dir import RunLock
 from bigtrain.train.trainer import Trainer, train
-from tests.conftest import REPO, read_metrics, run_launcher, tiny_config, tiny_overrides
+from tests.conftest import REPO, read_metrics, run_launcher, signal_after_step, tiny_config, tiny_overrides
 
 
 def _one_paragraph(proc: subprocess.CompletedProcess, status: int = 2) -> str:
@@ -30,6 +29,7 @@ def _one_paragraph(proc: subprocess.CompletedProcess, status: int = 2) -> str:
 
 
 # --- one run per run.dir -----------------------------------------------------------------------------------
+@pytest.mark.launches
 def test_second_run_on_a_live_run_dir_is_refused_naming_the_holder(run_dir):
     """A live run holds run.dir: a second one (another process) stops at once, naming host, pid and command, and
     leaves the first run's files alone."""
@@ -69,6 +69,7 @@ def test_lock_of_a_dead_run_is_taken_over_with_a_note(run_dir, capsys):
 
 
 # --- run.dir that cannot be used ------------------------------------------------------------------------------
+@pytest.mark.launches
 @pytest.mark.parametrize("problem", ["too-long", "a-file", "below-a-file"])
 def test_unusable_run_dir_is_one_paragraph(tmp_path, problem):
     """A run.dir too long for the file system, one that is a file, one that cannot be created (below a file):
@@ -86,6 +87,7 @@ def test_unusable_run_dir_is_one_paragraph(tmp_path, problem):
 
 
 # --- sizes that cannot fit: refused before any allocation ---------------------------------------------------------
+@pytest.mark.launches
 @pytest.mark.parametrize("size", ["model.d_model=1000000000", "model.max_seq_len=1000000000",
                                   "model.vocab_size=1000000000"])
 def test_sizes_that_cannot_fit_are_refused_before_allocating(run_dir, size):
@@ -99,26 +101,13 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(run_dir, size):
 
 
 # --- signals and streams ------------------------------------------------------------------------------------------
-def _signal_when(run_dir: Path, step: int, signum: int, times: int = 1) -> None:
-    def watch() -> None:
-        metrics = run_dir / "metrics.jsonl"
-        while not metrics.exists() or sum('"loss"' in line for line in metrics.read_text().splitlines()) < step:
-            time.sleep(0.002)
-        for i in range(times):  # 20 ms apart: the first is handled, the second lands while the step still runs
-            time.sleep(0.02 * i)
-            os.kill(os.getpid(), signum)
-
-    threading.Thread(target=watch, daemon=True).start()
+LONG = ("train.steps=40", "checkpoint.every=1000")  # the tiny model: the signals come at a step's end
 
 
-LONG = ("model.d_model=128", "model.d_ff=512", "data.seq_len=64", "train.global_batch_size=16", "train.steps=40",
-        "checkpoint.every=1000")
-
-
-def test_ctrl_c_saves_at_the_end_of_the_step_and_resumes_exactly(tmp_path, capsys):
+def test_ctrl_c_saves_at_the_end_of_the_step_and_resumes_exactly(tmp_path, capsys, monkeypatch):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert run_train(tiny_overrides(ref, "causal", *LONG)) == 0
-    _signal_when(run, 3, signal.SIGINT)
+    signal_after_step(monkeypatch, 3, signal.SIGINT)
     assert run_train(tiny_overrides(run, "causal", *LONG)) == 130
     out = capsys.readouterr()
     assert "received SIGINT: stopping after the current step and saving a checkpoint; press Ctrl-C again" in out.err
@@ -129,15 +118,18 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_resumes_exactly(tmp_path, capsy
         {s: r["loss"] for s, r in read_metrics(ref)[0].items()}
 
 
-def test_second_ctrl_c_aborts_saying_nothing_new_was_saved(tmp_path, capsys):
+def test_second_ctrl_c_aborts_saying_nothing_new_was_saved(tmp_path, capsys, monkeypatch):
+    """Two Ctrl-C at the end of step 3, one after the other: the first asks for a stop and a save after the step,
+    the second lands before that save."""
     run = tmp_path / "run"
-    _signal_when(run, 3, signal.SIGINT, times=2)
-    assert run_train(tiny_overrides(run, "causal", *LONG, "train.global_batch_size=64")) == 130  # ~0.2 s steps
+    signal_after_step(monkeypatch, 3, signal.SIGINT, times=2)
+    assert run_train(tiny_overrides(run, "causal", *LONG)) == 130
     err = capsys.readouterr().err
     assert "aborted by a second Ctrl-C: nothing new was saved. No checkpoint of this run exists yet" in err
     assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("step_*"))
 
 
+@pytest.mark.launches
 def test_closed_stdout_does_not_stop_training(tmp_path):
     """`launch/train.py … | head -n 2`: the console goes away after two lines; training goes on to the end
     (metrics.jsonl complete, final checkpoint written) and exits 0."""
@@ -175,6 +167,7 @@ def test_evaluate_and_consolidate_fail_in_one_paragraph(run_dir):
     assert "holds no checkpoint" in _one_paragraph(missing)
 
 
+@pytest.mark.launches
 def test_an_unexpected_error_is_one_paragraph_and_the_traceback_needs_debug(tmp_path):
     script = REPO / "tests" / "helpers" / "failing_rank.py"
     env = {**os.environ, "BIGTRAIN_TEST_FAIL_RANK": "0"}
@@ -195,6 +188,7 @@ def test_trainer_api_refuses_unfit_sizes_too(run_dir):
         Trainer(tiny_config(run_dir.parent / "f", "causal"))
 
 
+@pytest.mark.launches
 def test_disk_full_while_saving_is_one_paragraph_and_keeps_the_previous_checkpoint(run_dir):
     """Writes past a limit fail (RLIMIT_FSIZE, like a full disk: torch says "unexpected pos"): the save of step 4
     stops in one paragraph naming the file and the space; step 2 stays intact and `latest`; no .tmp is left."""

@@ -1,10 +1,13 @@
 """`bigtrain prepare ...` with an injected fault (tests/test_prepare.py):
 
-    BIGTRAIN_TEST_KILL_AFTER_SHARDS=N   the command SIGKILLs itself once N shards are finished (a kill mid-build)
+    BIGTRAIN_TEST_KILL_AFTER_SHARDS=N   the command SIGKILLs itself once N shards are finished (a kill mid-build),
+                                        first writing the pids of its worker processes, one a line, to
+                                        BIGTRAIN_TEST_WORKER_PIDS if that names a file
     BIGTRAIN_TEST_SHARD_GATE=PATH       every shard waits until PATH exists (at most 60 s) before it is built: a build
                                         that holds the lock until the test lets it go on
 """
 
+import multiprocessing
 import os
 import signal
 import sys
@@ -17,6 +20,7 @@ from bigtrain.cli import main  # noqa: E402
 from bigtrain.data import build_progress, shard_workers  # noqa: E402
 
 KILL_AFTER = int(os.environ.get("BIGTRAIN_TEST_KILL_AFTER_SHARDS", "0"))
+WORKER_PIDS = os.environ.get("BIGTRAIN_TEST_WORKER_PIDS")
 GATE = os.environ.get("BIGTRAIN_TEST_SHARD_GATE")
 
 if KILL_AFTER:
@@ -25,6 +29,8 @@ if KILL_AFTER:
     def _kill_after(self, k):
         _shard_done(self, k)
         if self.done_shards >= KILL_AFTER:
+            if WORKER_PIDS:
+                Path(WORKER_PIDS).write_text("".join(f"{p.pid}\n" for p in multiprocessing.active_children()))
             os.kill(os.getpid(), signal.SIGKILL)
 
     build_progress.ProgressDisplay.shard_done = _kill_after
