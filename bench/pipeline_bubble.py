@@ -18,20 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from bigtrain.distributed.rendezvous import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 STAGES = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(run_dir: Path, m: int, args: argparse.Namespace) -> list[str]:
@@ -65,7 +60,7 @@ def measure(m: int, args: argparse.Namespace, work: Path) -> dict[str, float]:
     train = str(REPO / "launch" / "train.py")
     _run([sys.executable, train, *_overrides(single, m, args)])
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    _run([torchrun, f"--nproc_per_node={STAGES}", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+    _run([torchrun, f"--nproc_per_node={STAGES}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
           train, *_overrides(piped, m, args), f"parallel.pipeline={STAGES}"])
     t1, tp = _step_time(single, args.warmup), _step_time(piped, args.warmup)
     return {"micro_batches": m, "single_s": t1, "pipeline_s": tp, "speedup": t1 / tp,

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bigtrain.config import load_config  # noqa: E402
+from bigtrain.distributed.rendezvous import free_port  # noqa: E402
 from bigtrain.planning.memory_model import stage_memory  # noqa: E402
 from bigtrain.planning.search import given_candidate, setting  # noqa: E402
 from bigtrain.planning.shape import model_shape  # noqa: E402
@@ -72,13 +73,8 @@ def launch(n: int, overrides: list[str], timeout: float = 300) -> subprocess.Com
     if n == 1:
         cmd = [sys.executable, script]
     else:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
-               f"--master_port={port}", script]
+               f"--master_port={free_port()}", script]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([*cmd, *overrides], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 

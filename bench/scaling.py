@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.harness import REPO, RESULTS, ForeignLoad, machine, write_json  # noqa: E402
+from bigtrain.distributed.rendezvous import free_port  # noqa: E402
 
 # The model of every point: 4 blocks (divisible into 1, 2, 4 stages), d_model 128, 4 heads, seq 64.
 MODEL = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.d_ff=512", "model.max_seq_len=64",
@@ -52,17 +52,11 @@ def layout_overrides(layout: str, n: int) -> list[str]:
     raise SystemExit(f"unknown layout {layout!r}; expected dp, zero1, tp or pp")
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def point(layout: str, n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """One throughput run of `layout` on `n` ranks; its throughput.py result."""
     out = tmp / f"{layout}-{n}.json"
     cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
-           f"--master_port={_port()}", str(REPO / "bench" / "throughput.py"), "--no-probe",
+           f"--master_port={free_port()}", str(REPO / "bench" / "throughput.py"), "--no-probe",
            f"--warmup={args.warmup}", f"--steps={args.steps}", f"--out={out}"]
     if args.config:
         cmd.append(f"--config={args.config}")

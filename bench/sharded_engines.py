@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.harness import REPO, RESULTS, data_substitutes, machine, write_json  # noqa: E402
+from bigtrain.distributed.rendezvous import free_port  # noqa: E402
 
 # A model big enough that the step is not all overhead on a CPU; on GPUs pass a config (e.g. gpt2-small).
 MODEL = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.d_ff=512", "model.max_seq_len=64",
@@ -45,18 +45,12 @@ FSDP_ON_CPU = REPO / "tests" / "helpers" / "fsdp_on_cpu.py"
 NAMES = {1: "OSS", 2: "OSS + ShardedDataParallel", 3: "FullyShardedDataParallel"}
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def train(engine: str, stage: int, ranks: int, run_dir: Path, args: argparse.Namespace) -> Path:
     """One run of `engine` at ZeRO `stage`; returns its run.dir."""
     on_cpu = not torch.cuda.is_available()
     script = FSDP_ON_CPU if (engine == "fairscale" and stage == 3 and on_cpu) else REPO / "launch" / "train.py"
     cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-           f"--master_port={_port()}", str(script)]
+           f"--master_port={free_port()}", str(script)]
     if args.config:
         cmd.append(f"--config={args.config}")
     base = [*([] if args.config else MODEL), *args.overrides]

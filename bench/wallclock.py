@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bigtrain.distributed.rendezvous import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -29,12 +30,6 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=6
         "train.global_batch_size=8", "train.micro_batch_size=2", "train.eval_every=0", "train.eval_batches=4",
         "train.sample_tokens=0", "train.threads=1", "checkpoint.every=0", "log.tensorboard=false",
         "parallel.zero_stage=2"]
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _timed(cmd: list[str], env: dict[str, str], timeout: float = 600) -> tuple[float, subprocess.CompletedProcess]:
@@ -58,7 +53,7 @@ def smoke(tmp: Path) -> dict:
 
 
 def failing_rank(tmp: Path, launcher: str) -> dict:
-    port = _port()
+    port = str(free_port())
     script = str(REPO / "tests" / "helpers" / "failing_rank.py")
     if launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}"]

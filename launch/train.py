@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from bigtrain.cli import run_train  # noqa: E402
+from bigtrain.cli.train import run_train  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_train(sys.argv[1:], prog="launch/train.py"))

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from bigtrain.config import Config, load_config
+from bigtrain.distributed.rendezvous import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +45,8 @@ def launch_reason(what: Sequence[str] | str | Callable[..., Any]) -> str | None:
     `what` is a command (argv list, or a shell string) or the target of a multiprocessing process. Counted:
     a launcher (torchrun, deepspeed, accelerate, mpirun, mpiexec, srun, sbatch, salloc; also as `python -m`), also
     behind env, timeout, nice and the like;
-    `launch/train.py`; the `bigtrain` command (console script or `-m bigtrain.cli`) with `train`, `parity` or
+    `launch/train.py`; the `bigtrain` command (console script, `-m bigtrain.cli` or `-m bigtrain.cli.train`) with
+    `train`, `parity` or
     `convert` (but `train --print-config`, which only prints); a tests/helpers script that trains
     (TRAINING_HELPERS); any bench/ script (`bench/X.py` or `-m bench.X`: they train); `python -c` code that
     trains (calls run_train, Trainer or train); `sh -c` scripts are read command by command. A process target
@@ -80,6 +82,10 @@ def launch_reason(what: Sequence[str] | str | Callable[..., Any]) -> str | None:
                 return f"the launcher module {module}"
             if module in ("bigtrain", "bigtrain.cli"):
                 return _subcommand_reason(rest[2:])
+            if module == "bigtrain.cli.train":  # the train command's own module
+                return _subcommand_reason(["train", *rest[2:]])
+            if module == "bigtrain.cli.convert_worker":
+                return "a rank of bigtrain convert"
             if module.startswith("bench."):
                 return f"the benchmark {module}"
             return None
@@ -369,7 +375,7 @@ def launch_ranks(n: int, overrides: list[str], launcher: str = "torchrun", scrip
     ("deepspeed-hostfile": no ssh to localhost, so --no_ssh_check and the rendezvous given)."""
     script = script or REPO / "launch" / "train.py"
     bin_dir = Path(sys.executable).parent
-    port = str(_free_port())
+    port = str(free_port())
     if launcher == "torchrun":
         cmd = [str(bin_dir / "torchrun"), f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
                f"--master_port={port}", str(script)]
@@ -498,14 +504,6 @@ def wait_for_exit(pids: Sequence[int], timeout: float) -> list[int]:
         finally:
             os.close(fd)
     return running
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:

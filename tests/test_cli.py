@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bigtrain.cli import run_train
+from bigtrain.cli.train import run_train
 from tests.conftest import REPO, require, run_launcher, tiny_overrides
 
 
@@ -84,3 +84,32 @@ def test_launcher_error_has_no_traceback(tmp_path):
     proc = run_launcher(["--config", str(tmp_path / "missing.yaml")])
     assert proc.returncode == 2
     assert "missing.yaml' does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_installed_wheel_finds_its_smoke_config_and_starts_its_own_bigtrain(tmp_path):
+    """Built as a wheel and run outside the checkout: `bigtrain train` with no --config prints the smoke config
+    (which the wheel carries), and the processes commands start (`bigtrain parity`'s runs, `bigtrain convert`'s
+    ranks) import that installed bigtrain, not a checkout."""
+    import sys
+    import zipfile
+
+    leftover = not (REPO / "build").exists()  # setuptools builds in the checkout's build/ (git ignores it)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO),
+                            "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=300)
+    if leftover:
+        shutil.rmtree(REPO / "build", ignore_errors=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    site = tmp_path / "site"
+    zipfile.ZipFile(next((tmp_path / "wheel").glob("bigtrain-*.whl"))).extractall(site)
+    code = ("import json, sys\nfrom bigtrain.cli.launching import child_env\nimport bigtrain\n"
+            "print(json.dumps([bigtrain.__file__, child_env()['PYTHONPATH']]))")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path)}
+    where = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert where.returncode == 0, where.stderr[-2000:]
+    package, child_path = yaml.safe_load(where.stdout)
+    assert Path(package).is_relative_to(site) and child_path.split(":")[0] == str(site)
+    printed = subprocess.run([sys.executable, "-m", "bigtrain.cli", "train", "--print-config"], capture_output=True,
+                             text=True, cwd=tmp_path, env=env)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    smoke = yaml.safe_load((REPO / "configs/smoke.yaml").read_text())
+    assert yaml.safe_load(printed.stdout)["model"] == {**yaml.safe_load(printed.stdout)["model"], **smoke["model"]}

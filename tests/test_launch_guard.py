@@ -29,7 +29,7 @@ PY = sys.executable
     [PY, str(REPO / "tests" / "helpers" / "inject.py"), "train.steps=2"],
     [PY, "tests/helpers/fsdp_on_cpu.py"],
     [PY, str(REPO / "bench" / "scaling.py")], [PY, "-m", "bench.tokenization", "--child", "{}"],
-    [PY, "-c", "import sys\nfrom bigtrain.cli import run_train\nsys.exit(run_train(sys.argv[1:]))"],
+    [PY, "-c", "import sys\nfrom bigtrain.cli.train import run_train\nsys.exit(run_train(sys.argv[1:]))"],
     ["bash", "-c", f"set -o pipefail; {PY} launch/train.py a=1 | head -n 2"],
     f"OMP_NUM_THREADS=1 {PY} launch/train.py x=1",
     ["env", "OMP_NUM_THREADS=1", "torchrun", "x.py"], ["timeout", "60", PY, "-u", "launch/train.py"],
@@ -55,8 +55,8 @@ def test_other_commands_are_not_launches(command):
 
 
 def test_process_targets():
-    from bigtrain.cli import run_train
-    from bigtrain.data.corpus import _worker_main
+    from bigtrain.cli.train import run_train
+    from bigtrain.data.shard_workers import _worker_main
 
     assert launch_reason(run_train)
     assert launch_reason(_worker_main) is None  # `bigtrain prepare`'s tokenizing workers
@@ -92,7 +92,7 @@ def test_an_unmarked_launch_fails_and_a_marked_one_passes(pytester, tmp_path, mo
             subprocess.run("cd / && " + {str(torchrun)!r} + " " + {str(ran / 'shell')!r}, shell=True)
 
         def test_unmarked_process():
-            from bigtrain.cli import run_train
+            from bigtrain.cli.train import run_train
             multiprocessing.get_context("spawn").Process(target=run_train, args=(["train.steps=1"],)).start()
 
         @pytest.mark.launches

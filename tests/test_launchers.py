@@ -85,7 +85,7 @@ def test_signals_stop_after_a_step_save_and_resume_exactly(tmp_path, capsys, mon
     """One process, through the command line in this process (signals reach the main thread): SIGUSR1 stops
     after the current step with a checkpoint and exit status 3; the same command resumes; SIGTERM stops again,
     status 143; the last run finishes. Every loss equals an uninterrupted run's."""
-    from bigtrain.cli import run_train
+    from bigtrain.cli.train import run_train
 
     steps = 40
     extra = (f"train.steps={steps}", "checkpoint.every=1000")  # the tiny model: the signals come at a step's end

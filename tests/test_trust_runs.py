@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bigtrain.cli import run_train
+from bigtrain.cli.train import run_train
 from bigtrain.errors import ConfigError, RunDirError
 from bigtrain.train.run_dir import RunLock
 from bigtrain.train.trainer import Trainer, train
@@ -195,7 +195,7 @@ def test_disk_full_while_saving_is_one_paragraph_and_keeps_the_previous_checkpoi
     assert run_launcher(tiny_overrides(run_dir, "causal", "train.steps=2")).returncode == 0
     limited = ("import resource, sys; sys.path.insert(0, '.');\n"
                "resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))\n"
-               "from bigtrain.cli import run_train\n"
+               "from bigtrain.cli.train import run_train\n"
                "sys.exit(run_train(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", limited, *tiny_overrides(run_dir, "causal", "train.steps=4")],
                           capture_output=True, text=True, cwd=REPO, timeout=300)

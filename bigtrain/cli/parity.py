@@ -10,7 +10,7 @@ then compares `loss` and `grad_norm` step by step:
 
 `shrink` scales the model down (layers 2 per stage, 2 heads per tensor rank, width 16 per head, a small
 vocabulary and context) keeping the layout valid, so the layout of a 175B config can be checked on one machine.
-Both runs are `python -m bigtrain.cli train` of the bigtrain this command runs from (a checkout or a wheel).
+Both runs are `python -m bigtrain.cli.train` of the bigtrain this command runs from (a checkout or a wheel).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from bigtrain.errors import ConfigError
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
 LAYOUT_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "data": "parallel.data",
                "zero_stage": "parallel.zero_stage", "sequence_parallel": "parallel.sequence_parallel"}
-TRAIN = ["-m", "bigtrain.cli", "train"]  # a training process of this very bigtrain (python or torchrun)
+TRAIN = ["-m", "bigtrain.cli.train"]  # a training process of this very bigtrain (python or torchrun)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import sys
 import typing
 from pathlib import Path
 
+import bigtrain.config as config_package
 from bigtrain.cli.console import resilient_stdout
 from bigtrain.cli.report import fail
 from bigtrain.config import Config, dump_config
@@ -15,8 +16,8 @@ from bigtrain.config import Config, dump_config
 if typing.TYPE_CHECKING:
     from bigtrain.train.preemption import StopRequest
 
-# The repository's configs/ (the package is installed editable from a checkout).
-SMOKE_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml")
+# configs/smoke.yaml, which the package carries (bigtrain/config/smoke.yaml links to it; a wheel holds a copy).
+SMOKE_CONFIG = str(Path(config_package.__file__).with_name("smoke.yaml"))
 
 
 def config_help() -> str:
@@ -112,3 +113,7 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> int:
         else:
             print(f"done: step {result.state.step} (nothing left to train), run.dir {result.run_dir}")
     return 0
+
+
+if __name__ == "__main__":  # `python -m bigtrain.cli.train`: what `bigtrain parity` and launchers start
+    sys.exit(run_train(sys.argv[1:]))

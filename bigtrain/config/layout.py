@@ -144,15 +144,19 @@ class Layout:
         return c.pipe * self.data + c.data
 
 
-def resolve_engine(cfg: Config, world_size: int) -> str:
-    """parallel.engine as the engine that runs: auto picks DeepSpeed when several ranks run or ZeRO is asked
-    for, else the plain engine; DeepSpeed with pipeline stages is its pipeline engine."""
-    p = cfg.parallel
-    if p.engine == "fairscale":
+def engine_for(requested: str, world_size: int, zero_stage: int, pipeline: int) -> str:
+    """parallel.engine (`requested`) as the engine that runs: auto picks DeepSpeed when several ranks run or
+    ZeRO is asked for, else the plain engine; DeepSpeed with pipeline stages is its pipeline engine."""
+    if requested == "fairscale":
         return "fairscale"
-    if p.engine == "torch" or (p.engine == "auto" and world_size == 1 and p.zero_stage == 0):
+    if requested == "torch" or (requested == "auto" and world_size == 1 and zero_stage == 0):
         return "torch"
-    return "pipeline" if p.pipeline > 1 else "deepspeed"
+    return "pipeline" if pipeline > 1 else "deepspeed"
+
+
+def resolve_engine(cfg: Config, world_size: int) -> str:
+    p = cfg.parallel
+    return engine_for(p.engine, world_size, p.zero_stage, p.pipeline)
 
 
 def resolve_layout(cfg: Config, world_size: int) -> Layout:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from bigtrain.errors import DataError
+from bigtrain.models.loss import IGNORE_INDEX
 
-IGNORE = -100
 PAD_DOCUMENT = -1
 
 
@@ -38,7 +38,7 @@ def collate(samples: list[dict], family: str, pad_id: int, pad_multiple: int = 1
         return [s[name] for s in samples]
 
     input_ids, attention_mask = pad_stack(field("input_ids"), pad_id, pad_multiple)
-    labels, _ = pad_stack(field("labels"), IGNORE, pad_multiple)
+    labels, _ = pad_stack(field("labels"), IGNORE_INDEX, pad_multiple)
     if family == "causal":
         if "document_ids" not in samples[0]:
             return {"input_ids": input_ids, "labels": labels}

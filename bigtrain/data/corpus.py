@@ -60,6 +60,7 @@ from bigtrain.data.source_units import Source
 from bigtrain.data.sources import open_source, source_kind, text_corpora
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import DataError
+from bigtrain.io import sha256_of
 
 __all__ = ["SHARD_BYTES", "Prepared", "TokenCorpus", "data_ready", "load_corpus", "prepare_corpus", "token_dtype"]
 
@@ -171,10 +172,7 @@ def verify_checksums(folder: Path, index: dict[str, Any], rebuildable: bool = Tr
 
     for shard in index["shards"]:
         path = folder / f"{shard['name']}.bin"
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-        if digest.hexdigest() != shard["sha256"]:
-            raise corrupt(path, f"its SHA-256 is {digest.hexdigest()[:16]}..., {INDEX} lists "
-                                f"{shard['sha256'][:16]}...", rebuildable)
+        digest = sha256_of(path)
+        if digest != shard["sha256"]:
+            raise corrupt(path, f"its SHA-256 is {digest[:16]}..., {INDEX} lists {shard['sha256'][:16]}...",
+                          rebuildable)

@@ -19,9 +19,9 @@ from bigtrain.data.corpus import TokenCorpus
 from bigtrain.data.split import split_sizes
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import DataError
+from bigtrain.models.loss import IGNORE_INDEX
 
 MIN_CHUNK = 8
-IGNORE = -100
 
 
 def chunk_table(doc_ends: np.ndarray, seq_len: int, min_len: int = MIN_CHUNK) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +49,7 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, mask_prob: float, mas
     inputs[selected & (action < 0.8)] = mask_id
     randomized = selected & (action >= 0.8) & (action < 0.9)
     inputs[randomized] = regular_ids[rng.integers(len(regular_ids), size=int(randomized.sum()))]
-    labels = np.where(selected, ids, IGNORE)
+    labels = np.where(selected, ids, IGNORE_INDEX)
     return inputs, labels
 
 

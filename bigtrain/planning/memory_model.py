@@ -39,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bigtrain.config.deepspeed import ZERO3_COMMUNICATION, ZERO_COMMUNICATION
+from bigtrain.config.layout import engine_for
 from bigtrain.planning.partition import stage_boundaries
 from bigtrain.planning.shape import ModelShape, PipelineLayer
 from bigtrain.planning.zero import zero_formula
@@ -73,7 +74,7 @@ class Setting:
 
     precision: str
     global_batch_size: int
-    engine: str  # parallel.engine: auto | torch | deepspeed
+    engine: str  # parallel.engine as asked: auto | torch | deepspeed | fairscale
     on_gpu: bool
     framework_bytes: int
     partition_method: str = "parameters"
@@ -99,8 +100,9 @@ class Setting:
         return 1 if self.on_gpu else self.activation_bytes
 
     def deepspeed(self, c: Candidate) -> bool:
+        """Whether the candidate runs on DeepSpeed's engines (`bigtrain.config.layout.engine_for`)."""
         world = c.tensor * c.pipeline * c.data
-        return self.engine == "deepspeed" or (self.engine == "auto" and (world > 1 or c.zero_stage > 0))
+        return engine_for(self.engine, world, c.zero_stage, c.pipeline) in ("deepspeed", "pipeline")
 
 
     def micro_batches(self, c: Candidate) -> int:

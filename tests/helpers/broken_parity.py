@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch.distributed as dist  # noqa: E402
 
-from bigtrain.cli import run_train  # noqa: E402
+from bigtrain.cli.train import run_train  # noqa: E402
 from bigtrain.data.loader import TrainingData  # noqa: E402
 
 _host_micro_batches = TrainingData.host_micro_batches

@@ -22,7 +22,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 import bigtrain  # noqa: E402
-from bigtrain.cli import run_train  # noqa: E402
+from bigtrain.cli.train import run_train  # noqa: E402
 from bigtrain.data.loader import TrainingData  # noqa: E402
 from bigtrain.train import trainer  # noqa: E402
 

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bigtrain.distributed.rendezvous import free_port
+
 INSTALL = Path(__file__).with_name("install_slurm.sh")
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
 SBIN = ("/usr/sbin", "/usr/bin")
@@ -39,14 +41,6 @@ def unavailable_reason() -> str | None:
         if proc.returncode != 0 or not all(_which(b) for b in BINARIES):
             return f"Slurm/MUNGE are not installed and could not be installed: {proc.stderr.strip()[-300:]}"
     return None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -97,8 +91,8 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={socket_path},cred_expire=5
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 StateSaveLocation={root / 'state'}
 SlurmdSpoolDir={root / 'spool'}
 SlurmctldPidFile={root / 'slurmctld.pid'}

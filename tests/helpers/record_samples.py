@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bigtrain.cli import run_train  # noqa: E402
+from bigtrain.cli.train import run_train  # noqa: E402
 from bigtrain.data.loader import TrainingData  # noqa: E402
 
 _micro_batches = TrainingData.micro_batches
