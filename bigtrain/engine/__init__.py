@@ -1,6 +1,7 @@
-"""Engines run the optimizer step and own model/optimizer checkpoints: plain PyTorch on one process, DeepSpeed
-(data parallel, ZeRO 0-3) on any number of ranks, or DeepSpeed's pipeline engine. Each receives the result of
-`bigtrain.parallel.parallelize`; the trainer talks to all of them the same way (`Engine`)."""
+"""Engines run the optimizer step: the plain one on one process (`local.py`), DeepSpeed's data-parallel / ZeRO and
+pipeline engines (`deepspeed/`), fairscale's sharded engines (`fairscale/`). Every engine runs the one step
+skeleton (`step.py`) and answers the same calls (`base.Engine`); `build_engine` picks the one the resolved layout
+names."""
 
 from bigtrain.engine.base import Engine
 from bigtrain.engine.build import build_engine
