@@ -22,13 +22,13 @@ import torch
 from bigtrain.config import load_config
 from bigtrain.data import ByteTokenizer, build_datasets, collate
 from bigtrain.data.corpus import load_corpus
+from bigtrain.distributed.rendezvous import free_port
 from bigtrain.errors import ConfigError
 from bigtrain.models import build_model
 from bigtrain.models.documents import document_positions
 from bigtrain.models.loss import cross_entropy_sum, model_inputs
 from tests.conftest import (
     REPO,
-    _free_port,
     assert_same_curve,
     launch_ok,
     single_process,
@@ -163,7 +163,7 @@ def test_tensor_and_sequence_parallel_match_one_device(tmp_path: Path) -> None:
     batch with document ids equal the unsplit model's (1e-5 of the largest entry)."""
     out = tmp_path / "results.jsonl"
     proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                            str(REPO / "tests" / "helpers" / "document_masking_tp.py"), str(out)],
                           capture_output=True, text=True, timeout=300, cwd=REPO,
                           env={"PATH": str(Path(sys.executable).parent), "OMP_NUM_THREADS": "1",

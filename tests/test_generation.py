@@ -23,6 +23,7 @@ import yaml
 from bigtrain.cli import main as cli_main
 from bigtrain.config import config_to_dict, load_config
 from bigtrain.data import ByteTokenizer
+from bigtrain.distributed.rendezvous import free_port
 from bigtrain.errors import GenerationError
 from bigtrain.inference.decoder_rows import CausalRows, Seq2SeqRows
 from bigtrain.inference.generate import Decoding, generate
@@ -32,7 +33,6 @@ from tests.conftest import (
     REPO,
     T5_OPTIONS,
     TINY_MODEL,
-    _free_port,
     launch_ok,
     require_module,
     run_launcher,
@@ -377,7 +377,7 @@ def test_tensor_parallel_generation_matches_one_device(tmp_path):
     out = tmp_path / "generation.jsonl"
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                           f"--master_port={_free_port()}", str(REPO / "tests" / "helpers" / "tensor_generation.py"),
+                           f"--master_port={free_port()}", str(REPO / "tests" / "helpers" / "tensor_generation.py"),
                            str(out)], capture_output=True, text=True, timeout=300, cwd=REPO,
                           env={"PATH": str(Path(sys.executable).parent), "OMP_NUM_THREADS": "1",
                                "PYTHONPATH": str(REPO)})
@@ -423,7 +423,7 @@ def test_command_under_tensor_parallelism_prints_the_one_device_text(tmp_path, c
         assert cli_main(["generate", *args]) == 0
         one_device = capsys.readouterr().out
         proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                               f"--master_port={_free_port()}", "-m", "bigtrain.cli", "generate", *args, *extra],
+                               f"--master_port={free_port()}", "-m", "bigtrain.cli", "generate", *args, *extra],
                               capture_output=True, text=True, timeout=300, cwd=REPO,
                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

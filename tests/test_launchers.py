@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from bigtrain.distributed.rendezvous import free_port
 from tests.conftest import (
     REPO,
-    _free_port,
     assert_same_losses,
     launcher_args,
     read_metrics,
@@ -59,7 +59,7 @@ def test_accelerate_launch_trains_like_torchrun(torchrun_reference, tmp_path):
     require_module("accelerate", "accelerate is in the dev extra: pip install -e .[dev]")
     proc = run_ranks([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
                       "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                      "--main_process_port", str(_free_port())], tmp_path / "run")
+                      "--main_process_port", str(free_port())], tmp_path / "run")
     assert "2 rank(s) (launcher: accelerate" in proc.stdout
     assert_same_losses(torchrun_reference, tmp_path / "run")
 

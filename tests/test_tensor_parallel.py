@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from bigtrain.distributed.rendezvous import free_port
 from tests.conftest import (
     DP_LAYOUT,
     LAMB,
     REPO,
-    _free_port,
     assert_resume_is_exact,
     assert_same_curve,
     consolidated_eval_loss,
@@ -40,7 +40,7 @@ def parity(tmp_path_factory) -> dict[tuple[str, bool], dict]:
     out = tmp_path_factory.mktemp("parity") / "results.jsonl"
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                           f"--master_port={_free_port()}", str(REPO / "tests" / "helpers" / "tensor_parity.py"),
+                           f"--master_port={free_port()}", str(REPO / "tests" / "helpers" / "tensor_parity.py"),
                            str(out)], capture_output=True, text=True, timeout=300, cwd=REPO,
                           env={"PATH": str(Path(sys.executable).parent), "OMP_NUM_THREADS": "1",
                                "PYTHONPATH": str(REPO)})

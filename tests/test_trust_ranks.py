@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from bigtrain.compat.deepspeed import safe_checkpoint_loading
+from bigtrain.distributed.rendezvous import free_port
 from tests.conftest import (
     DP_LAYOUT,
     REPO,
-    _free_port,
     launch_ok,
     launch_ranks,
     read_metrics,
@@ -122,7 +122,7 @@ def test_ranks_stop_when_their_launcher_dies(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(REPO / "launch" / "train.py"),
+           f"--master_port={free_port()}", str(REPO / "launch" / "train.py"),
            *tiny_overrides(run_dir, "causal", *DP_LAYOUT, "parallel.zero_stage=1", "train.steps=100000",
                            "model.d_model=128", "model.d_ff=512")]
     launcher = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
