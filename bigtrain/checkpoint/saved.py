@@ -57,13 +57,13 @@ class SavedCheckpoint:
     @classmethod
     def read(cls, path: Path) -> SavedCheckpoint:
         """Read `path`'s config, layout and trainer state (a damaged file is a CheckpointError naming it)."""
-        manifest = read_manifest(path) or {}
-        world = _ranks_that_wrote(path)
-        config = _saved_config(path, world)
-        if isinstance(manifest.get("layout"), dict):
-            layout = Layout.from_record(manifest["layout"])
-        else:  # written before the manifest recorded it
-            layout = resolve_layout(config, world)
+        recorded = (read_manifest(path) or {}).get("layout")
+        if isinstance(recorded, dict):
+            layout = Layout.from_record(recorded)
+            config = _saved_config(path, layout.world_size)
+        else:  # written before the manifest recorded it: one trainer file per rank, and the config
+            config = _saved_config(path, _ranks_that_wrote(path))
+            layout = resolve_layout(config, _ranks_that_wrote(path))
         state = _trainer_record(path, 0).get("state")
         if not isinstance(state, dict):
             raise CheckpointError(f"{path} holds no trainer state; the checkpoint is damaged or was not written by "

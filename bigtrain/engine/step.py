@@ -78,6 +78,7 @@ class StepEngine:
     dp_rank: int = 0
     dp_size: int = 1
     config_file: str | None = None
+    check: StepCheck | None = None  # the current step's decision, once made
 
     # ---- what an engine supplies ---------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

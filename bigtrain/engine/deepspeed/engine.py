@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,8 +22,7 @@ import torch
 from bigtrain.config import Config
 from bigtrain.config.layout import Layout
 from bigtrain.distributed.groups import ParallelGroups
-from bigtrain.engine.base import ShardedState
-from bigtrain.engine.deepspeed.wrap import DeepSpeedWrap
+from bigtrain.engine.deepspeed.wrap import DeepSpeedWrap, OnDeepSpeed
 from bigtrain.engine.memory import (
     ModelStateBytes,
     gathered_report,
@@ -33,16 +31,13 @@ from bigtrain.engine.memory import (
     measure_params,
     tensor_share_note,
 )
-from bigtrain.engine.step import StepEngine
 from bigtrain.models.loss import model_inputs
 from bigtrain.parallel import ParallelModel
 from bigtrain.parallel.grad_norm import global_grad_norm, piece_grad_norms
 from bigtrain.planning.zero import zero_formula
 
 
-class DeepSpeedEngine(StepEngine):
-    config_file = "deepspeed_config.json"
-
+class DeepSpeedEngine(OnDeepSpeed):
     def __init__(self, cfg: Config, layout: Layout, parallel: ParallelModel, groups: ParallelGroups,
                  device: torch.device) -> None:
         self.layout, self.groups, self.criterion = layout, groups, parallel.criterion
@@ -74,22 +69,6 @@ class DeepSpeedEngine(StepEngine):
     def update(self, found_inf: torch.Tensor) -> None:
         self.ds.engine.step()  # the inner optimizer's pre-step hook hands it `found_inf`
 
-    def reported_norm(self) -> torch.Tensor:
-        return self.ds.reported_norm()
-
-    def update_skipped(self) -> bool:
-        return self.ds.update_skipped()
-
-    # ---- state ---------------------------------------------------------------------------------------
-    def sharded_state(self) -> ShardedState:
-        return self.ds.sharded_state()
-
-    def write_native(self, folder: Path) -> None:
-        self.ds.write_native(folder)
-
-    def read_native(self, checkpoint: Path) -> None:
-        self.ds.read_native(checkpoint)
-
     # ---- reports -------------------------------------------------------------------------------------
     def memory_report(self, run_dir: Path | None = None) -> str | None:
         """Gathers every rank's measured bytes (collective); the text on rank 0, None elsewhere. Rank 0 also
@@ -108,6 +87,3 @@ class DeepSpeedEngine(StepEngine):
                  "precision": layout.precision, "n_params": self.ds.n_params}
         return gathered_report(mine, formula, title, self.groups.host_data, self.dp_size, self.groups.rank, run_dir,
                                facts)
-
-    def describe(self) -> str:
-        return json.dumps(self.ds.config, indent=2, sort_keys=True)

@@ -23,9 +23,6 @@ loss and the accuracy counts, and broadcasts their totals to the other stages of
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 
@@ -33,9 +30,7 @@ from bigtrain.compat.deepspeed import reset_eval_loss
 from bigtrain.config import Config
 from bigtrain.config.layout import Layout
 from bigtrain.distributed.groups import ParallelGroups
-from bigtrain.engine.base import ShardedState
-from bigtrain.engine.deepspeed.wrap import DeepSpeedWrap
-from bigtrain.engine.step import StepEngine
+from bigtrain.engine.deepspeed.wrap import DeepSpeedWrap, OnDeepSpeed
 from bigtrain.models.loss import Criterion, correct_predictions, eval_metrics
 from bigtrain.parallel import ParallelModel
 from bigtrain.parallel.grad_norm import clip_grad_norm
@@ -64,9 +59,7 @@ class PipelineLoss:
         return torch.tensor([float(loss_sum), *counts], dtype=torch.float64, device=logits.device)
 
 
-class PipelineEngine(StepEngine):
-    config_file = "deepspeed_config.json"
-
+class PipelineEngine(OnDeepSpeed):
     def __init__(self, cfg: Config, layout: Layout, parallel: ParallelModel, groups: ParallelGroups,
                  device: torch.device) -> None:
         if parallel.stage is None:
@@ -107,12 +100,6 @@ class PipelineEngine(StepEngine):
             return None
         return clip_grad_norm(self.ds.params, self.grad_clip, self.groups, self.device)
 
-    def reported_norm(self) -> torch.Tensor:
-        return self.ds.reported_norm()
-
-    def update_skipped(self) -> bool:
-        return self.ds.update_skipped()
-
     # ---- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -133,16 +120,3 @@ class PipelineEngine(StepEngine):
             totals = torch.stack(list(outputs)).sum(0)
         dist.broadcast(totals, src=self.last_stage_rank, group=self.groups.group("pipeline"))
         return eval_metrics(*totals.tolist())
-
-    # ---- state ---------------------------------------------------------------------------------------
-    def sharded_state(self) -> ShardedState:
-        return self.ds.sharded_state()
-
-    def write_native(self, folder: Path) -> None:
-        self.ds.write_native(folder)
-
-    def read_native(self, checkpoint: Path) -> None:
-        self.ds.read_native(checkpoint)
-
-    def describe(self) -> str:
-        return json.dumps(self.ds.config, indent=2, sort_keys=True)

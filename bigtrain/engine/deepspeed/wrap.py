@@ -14,6 +14,7 @@ the host instead (its gradients are dropped), which waits for the device.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from bigtrain.config.deepspeed import derive_deepspeed_config
 from bigtrain.config.layout import Layout
 from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine.base import ShardedState
-from bigtrain.engine.step import skips_on_device
+from bigtrain.engine.step import StepEngine, skips_on_device
 from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import CheckpointError, ConfigError
 from bigtrain.models import count_parameters
@@ -122,3 +123,29 @@ class DeepSpeedWrap:
                 f"are refused). Point {checkpoint.parent / 'latest'} at an older step, or use a new run.dir.") from None
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {checkpoint}.")
+
+
+class OnDeepSpeed(StepEngine):
+    """What both DeepSpeed engines answer the same way, from the `DeepSpeedWrap` they hold (`self.ds`): the norm
+    and skip DeepSpeed's optimizer reports, where the state lives, DeepSpeed's own files, the derived config."""
+
+    ds: DeepSpeedWrap
+    config_file = "deepspeed_config.json"
+
+    def reported_norm(self) -> torch.Tensor:
+        return self.ds.reported_norm()
+
+    def update_skipped(self) -> bool:
+        return self.ds.update_skipped()
+
+    def sharded_state(self) -> ShardedState:
+        return self.ds.sharded_state()
+
+    def write_native(self, folder: Path) -> None:
+        self.ds.write_native(folder)
+
+    def read_native(self, checkpoint: Path) -> None:
+        self.ds.read_native(checkpoint)
+
+    def describe(self) -> str:
+        return json.dumps(self.ds.config, indent=2, sort_keys=True)
