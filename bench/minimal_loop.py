@@ -30,7 +30,8 @@ def _stack(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def minimal_loop(cfg: Config, warmup: int, steps: int) -> StepTimes:
     """Train `warmup` + `steps` steps; time the last `steps` (entry to entry of each step, as run_trainer)."""
-    from bigtrain.data import build_datasets, build_tokenizer, collate
+    from bigtrain.data import build_datasets, build_tokenizer
+    from bigtrain.data.collate import collate
     from bigtrain.distributed.device import resolve_device
     from bigtrain.models import build_model, resolve_vocab_size
     from bigtrain.optim import build_schedule

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from bigtrain.config import load_config
-from bigtrain.data import ByteTokenizer, build_datasets, collate
+from bigtrain.data import ByteTokenizer, build_datasets
+from bigtrain.data.collate import collate
 from bigtrain.data.corpus import load_corpus
 from bigtrain.distributed.rendezvous import free_port
 from bigtrain.errors import ConfigError

@@ -11,7 +11,8 @@ import torch
 
 from bigtrain.config import load_config
 from bigtrain.config.layout import Layout
-from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer, collate
+from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer
+from bigtrain.data.collate import collate
 from bigtrain.engine.evaluate import evaluate
 from bigtrain.engine.local import LocalEngine
 from bigtrain.engine.step import StepEngine

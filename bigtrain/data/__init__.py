@@ -1,8 +1,10 @@
 """Data: tokenizers, cached tokenized corpora, per-family datasets, layout-independent batch order.
 
-The names below are imported on first use (PEP 562), so that `bigtrain.data.corpus` and what the worker processes
-of `bigtrain prepare` import (`bigtrain.data.shard_workers` and below) load without torch (the datasets and the
-batch order need it; tokenizing does not; tests/test_prepare.py checks it).
+The names below are imported on first use (PEP 562), so that `bigtrain.data.corpus` and what the worker
+processes of `bigtrain prepare` import (`bigtrain.data.shard_workers` and below) load without torch (the datasets
+and the batch order need it; tokenizing does not; tests/test_prepare.py checks it). `collate` is imported from its
+own module, `bigtrain.data.collate`: a package attribute named like a submodule becomes that submodule as soon as
+anything imports it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ _EXPORTS = {
     "Tokenizer": "bigtrain.data.tokenizer",
     "build_datasets": "bigtrain.data.build",
     "build_tokenizer": "bigtrain.data.tokenizer",
-    "collate": "bigtrain.data.collate",
     "eval_batch_indices": "bigtrain.data.sampler",
 }
 
@@ -28,13 +29,11 @@ __all__ = [
     "Tokenizer",
     "build_datasets",
     "build_tokenizer",
-    "collate",
     "eval_batch_indices",
 ]
 
 if TYPE_CHECKING:
     from bigtrain.data.build import build_datasets
-    from bigtrain.data.collate import collate
     from bigtrain.data.sampler import GlobalBatchSampler, eval_batch_indices
     from bigtrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from bigtrain.data import Tokenizer, collate
+from bigtrain.data import Tokenizer
+from bigtrain.data.collate import collate
 from bigtrain.inference.attention_data import group, record, token_labels
 from bigtrain.models.loss import model_inputs
 
