@@ -13,7 +13,7 @@
                 the norm just before the update
 
 The step's non-finite decision needs every micro-batch's loss and must precede the update, so it is made inside
-the update, in the inner optimizer's pre-step hook (`decide_in_update`), where every rank of every stage arrives
+the update, in the inner optimizer's pre-step hook (`_decide_in_update`), where every rank of every stage arrives
 once per step. When DeepSpeed's own optimizer skips a non-finite gradient norm without stepping the inner one
 (on every rank alike), the decision is made after `train_batch` instead.
 
@@ -69,7 +69,7 @@ class PipelineEngine(OnDeepSpeed):
         self.family = parallel.model.family
         self.loss_fn = PipelineLoss(parallel.criterion)
         parallel.stage.loss_fn = self.loss_fn  # read by DeepSpeed on the last stage of every micro-batch
-        self.ds = DeepSpeedWrap(cfg, layout, parallel, groups, found_inf=self.decide_in_update, mpu=False)
+        self.ds = DeepSpeedWrap(cfg, layout, parallel, groups, found_inf=self._decide_in_update, mpu=False)
         self.model, self.optimizer, self.device = self.ds.engine.module, self.ds.optimizer, self.ds.engine.device
         self.grad_clip = cfg.optim.grad_clip
         self.stage = groups.get_pipeline_model_parallel_rank()
@@ -88,7 +88,7 @@ class PipelineEngine(OnDeepSpeed):
             self.decide(self.loss_fn.finite, None, measure=False)
         return loss
 
-    def decide_in_update(self) -> torch.Tensor:
+    def _decide_in_update(self) -> torch.Tensor:
         """The step's decision, made at the first inner optimizer step of the step (every rank arrives there once
         all its micro-batches are done): the last stages' loss flags and the norm measured here."""
         if self.check is None:
