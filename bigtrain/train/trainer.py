@@ -162,9 +162,9 @@ class Trainer:
                     state.add_source_tokens(self.data.source_tokens(state.step - 1))
                     metrics.count(result.tokens)
                     pending.append((state.step, lr, result))
-                    evaluate_now = validator.due(state.step)
-                    if not (log_now or evaluate_now or self.checkpoints.due(state.step, final=False)
-                            or not result.deferred):
+                    final = state.step == t.steps
+                    evaluate_now, save_now = validator.due(state.step), self.checkpoints.due(state.step, final)
+                    if not (log_now or evaluate_now or save_now or not result.deferred):
                         metrics.advance(state.step)
                         continue  # nothing needs the step's values yet: no wait for the device
                     result = nonfinite.settle(pending, state)[-1]  # one transfer for every pending step
@@ -179,10 +179,10 @@ class Trainer:
                         watchdog.beat(f"the evaluation after step {state.step}")
                         last_eval = validator.run(state)
                         stopped_early = validator.stop_early(state, last_eval)
-                    saved = self.checkpoints.due(state.step, final=state.step == t.steps or stopped_early)
+                    saved = save_now or stopped_early
                     if saved:
                         watchdog.beat(f"the checkpoint of step {state.step}")
-                        self.save(last=state.step == t.steps or stopped_early)
+                        self.save(last=final or stopped_early)
                     if stopped_early:
                         metrics.write(f"early stop at step {state.step}: eval_loss did not improve for "
                                       f"{t.early_stop_patience} evaluations")
