@@ -1,0 +1,204 @@
+"""Docs that cannot go stale silently (issue 24, item 7), part 1: what README.md and docs/*.md say about the tree.
+
+Each test compares an enumeration in the docs with what it enumerates, so that a renamed, added or removed
+package, module, test, preset or mark fails here until the docs say so: README's "Where things live" table
+against bigtrain/, every path, dotted name and test name a doc mentions against the repository, the presets
+against configs/, the layer table of docs/architecture.md against tests/helpers/layers.py, the test tiers
+against pyproject.toml and the Makefile. Part 2 (engines, metrics fields, command synopses) is
+tests/test_docs_code.py. Everything here reads files and imports modules: no process starts.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from pathlib import Path
+
+from tests.helpers.layers import LAYERS
+from tests.helpers.markdown import DOCS, REPO, code_lines, section, spans, tables
+
+README = REPO / "README.md"
+PACKAGE = REPO / "bigtrain"
+TOP_DIRS = ("bigtrain", "tests", "bench", "configs", "launch", "slurm", "docs")
+FILE = re.compile(r"^[\w.-][\w./-]*(\.(py|md|yaml|sh|sbatch)|/)$")  # a file or folder a doc names in a span
+GENERATED = ("bench/results/",)  # written by benchmark runs that may not have happened on this machine
+
+
+def where_table() -> list[tuple[str, str]]:
+    """README's "Where things live": (path, job) per row."""
+    table = tables(README, section(README.read_text(), "## Where things live"))[0]
+    assert table.header == ["path", "job"], table.header
+    return [(row[0], row[1]) for row in table.rows]
+
+
+def row_dirs(path_cell: str) -> list[Path]:
+    """The repository paths a row is about (`bigtrain/config/`, `launch/train.py`, ...)."""
+    return [REPO / s for s in spans(path_cell)]
+
+
+def resolve(name: str, base: Path) -> Path:
+    """A name a row's job cell gives: from the repository root when it starts with a top-level folder
+    (`configs/smoke.yaml`), else relative to the row's folder (`deepspeed/wrap.py` in `bigtrain/engine/`)."""
+    return REPO / name if name.split("/")[0] in TOP_DIRS else base / name
+
+
+def package_entries() -> set[str]:
+    """Every package directory and top-level module of bigtrain/, as README writes them."""
+    entries = {f"bigtrain/{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    return entries | {f"bigtrain/{p.name}" for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+
+
+def test_where_things_live_has_a_row_for_every_package_and_top_level_module():
+    """A package or top-level module added to (or removed from) bigtrain/ must get (or lose) its row."""
+    rows = {s for path, _ in where_table() for s in spans(path) if s.startswith("bigtrain/")}
+    assert rows == package_entries(), (f"without a row in README's 'Where things live': "
+                                       f"{sorted(package_entries() - rows)}; rows for what bigtrain/ does not hold: "
+                                       f"{sorted(rows - package_entries())}")
+
+
+def test_every_file_the_where_things_live_table_names_exists_where_its_row_says():
+    """`foo.py` and `dir/` in a row's job are looked up in the row's folder (a top-level folder's path from the
+    repository root): a renamed or moved file fails here."""
+    missing = []
+    for path, job in where_table():
+        base = row_dirs(path)[0]
+        base = base if base.is_dir() else base.parent
+        missing += [f"{path}: {name}" for name in spans(job) if FILE.match(name) and not resolve(name, base).exists()]
+    assert not missing, "README's 'Where things live' names files that do not exist:\n" + "\n".join(missing)
+
+
+def test_every_module_of_a_package_is_named_in_its_row():
+    """A module added to a package (or renamed) must be named in the package's row: `foo.py`, or `sub/foo.py`
+    in a subpackage (`__init__.py` files need not be)."""
+    unnamed = []
+    for path, job in where_table():
+        folder = row_dirs(path)[0]
+        if not (folder.is_dir() and folder.parent == PACKAGE):
+            continue
+        named = {resolve(name, folder) for name in spans(job) if FILE.match(name)}
+        unnamed += [str(m.relative_to(REPO)) for m in sorted(folder.rglob("*.py"))
+                    if m.name != "__init__.py" and "__pycache__" not in m.parts and m not in named]
+    assert not unnamed, "modules that README's 'Where things live' does not name in their row:\n" + "\n".join(unnamed)
+
+
+def test_readme_names_every_doc():
+    """docs/*.md, each named in the `docs/` row (and no doc that is gone)."""
+    (job,) = [job for path, job in where_table() if spans(path) == ["docs/"]]
+    named = {name for name in spans(job) if name.endswith(".md") and "/" not in name}
+    assert named == {p.name for p in (REPO / "docs").glob("*.md")}
+
+
+def mentioned_paths(path: Path) -> list[tuple[int, str]]:
+    """(line, path) for every repository path a doc mentions, in prose or code: `bigtrain/...`, `tests/...`,
+    `engine/step.py` (a package of bigtrain), `deepspeed/wrap.py` or `step.py` (somewhere under bigtrain/)."""
+    packages = [p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()]
+    prefixes = "|".join(TOP_DIRS + tuple(packages))
+    pattern = re.compile(rf"(?<![\w./-])((?:{prefixes})/[\w./-]*|[\w][\w/.-]*\.py\b)")
+    found = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        for m in pattern.finditer(line):
+            name = m.group(1).rstrip(".,:)")
+            checked = (".py", "/", ".md", ".yaml", ".sh", ".sbatch", ".json") if "/" in name else (".py",)
+            if name.endswith(checked) and not name.startswith(GENERATED):
+                found.append((n, name))
+    return found
+
+
+def exists(name: str) -> bool:
+    """`name` from the repository root, from bigtrain/ (a package-relative path), or, for a bare or relative
+    module path, as the end of some file's path in the repository."""
+    first = name.split("/")[0]
+    if first in TOP_DIRS:
+        return (REPO / name).exists()
+    if (PACKAGE / first).is_dir() and "/" in name:
+        return (PACKAGE / name).exists()
+    if not name.endswith(".py"):
+        return True  # a folder that is not the repository's (run.dir's checkpoints/, an output folder)
+    return any(str(p).endswith("/" + name) for top in ("bigtrain", "tests", "bench", "launch")
+               for p in (REPO / top).rglob("*.py"))
+
+
+def test_every_path_a_doc_mentions_exists():
+    """Old homes (`components/`, `engine/ds_config.py`, `train/generate.py`, ...) fail here wherever a doc
+    still points at them."""
+    stale = [f"{path.relative_to(REPO)}:{n}: {name}" for path in DOCS for n, name in mentioned_paths(path)
+             if not exists(name)]
+    assert not stale, "paths in the docs that do not exist:\n" + "\n".join(stale)
+
+
+def resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for i in range(len(parts), 1, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_every_dotted_name_a_doc_mentions_resolves():
+    """`bigtrain.planning.zero.zero_formula` and the like import (the module, then its attributes)."""
+    stale = [f"{path.relative_to(REPO)}:{n}: {name}" for path in DOCS
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             for name in re.findall(r"(?<![\w/.])(bigtrain(?:\.\w+)+)", line) if not resolves(name)]
+    assert not stale, "dotted names in the docs that do not resolve:\n" + "\n".join(stale)
+
+
+def test_every_test_a_doc_names_exists():
+    """`test_name` is a test function of tests/; `tests/test_x.py::test_name` one of that file."""
+    defined: dict[str, set[str]] = {}
+    for p in (REPO / "tests").rglob("*.py"):
+        defined[str(p.relative_to(REPO))] = {n.name for n in ast.walk(ast.parse(p.read_text()))
+                                             if isinstance(n, ast.FunctionDef)}
+    everywhere = set().union(*defined.values())
+    missing = []
+    for path in DOCS:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for m in re.finditer(r"(?:(tests/[\w/]+\.py)::)?(?<![\w/.])(test_\w+)\b(?!\.py)", line):
+                file, name = m.groups()
+                if name not in (defined.get(file, set()) if file else everywhere):
+                    missing.append(f"{path.relative_to(REPO)}:{n}: {m.group(0)}")
+    assert not missing, "tests named in the docs that do not exist:\n" + "\n".join(missing)
+
+
+def test_readme_lists_the_shipped_presets():
+    """The sentence "Shipped presets in `configs/`: ..." names configs/*.yaml, each once."""
+    text = README.read_text()
+    start = text.index("Shipped presets in `configs/`:")
+    paragraph = text[start:text.index("\n\n", start)]
+    named = [s for s in spans(paragraph) if "/" not in s]
+    assert sorted(named) == sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+
+
+def test_architecture_layer_table_is_the_one_the_layering_test_enforces():
+    """docs/architecture.md's layer table == LAYERS (tests/helpers/layers.py): the same packages on the same
+    layers."""
+    table = next(t for t in tables(REPO / "docs" / "architecture.md") if t.header[:2] == ["layer", "package"])
+    drawn = {name.rstrip("/").removesuffix(".py"): int(row[0]) for row in table.rows for name in spans(row[1])}
+    assert drawn == LAYERS
+
+
+def test_test_tiers_in_the_docs_are_the_registered_marks():
+    """Every `-m` expression a doc shows names registered marks only (pyproject.toml), the fast tier is the
+    Makefile's, and the number of slowest tests printed is the Makefile's."""
+    registered = set(re.findall(r'^\s*"(\w+):', (REPO / "pyproject.toml").read_text(), re.M))
+    makefile = (REPO / "Makefile").read_text()
+    fast = re.search(r"^test-fast:.*?\n(?:\t.*\n)*", makefile, re.M).group(0)
+    marks = re.search(r'-m "([^"]+)"', fast).group(1)
+    assert set(re.findall(r"\w+", marks)) - {"not", "and", "or"} <= registered
+    for path in DOCS:
+        for n, code in code_lines(path):
+            for expression in re.findall(r'(?:^|\s)-m (?:"([^"]+)"|(\w+)\b)', code):
+                words = set(re.findall(r"\w+", " ".join(expression))) - {"not", "and", "or"}
+                if "pytest" in code or expression[0]:
+                    assert words <= registered, f"{path.relative_to(REPO)}:{n}: unregistered mark in {code!r}"
+    readme = README.read_text()
+    assert f'`make test-fast` (`pytest -m "{marks}"`)' in readme
+    durations = re.search(r"--durations=(\d+)", makefile).group(1)
+    assert f"print the {durations} slowest" in " ".join(readme.split())
