@@ -3,9 +3,10 @@
 Each test compares an enumeration in the docs with what it enumerates, so that a renamed, added or removed
 package, module, test, preset or mark fails here until the docs say so: README's "Where things live" table
 against bigtrain/, every path, dotted name and test name a doc mentions against the repository, the presets
-against configs/, the layer table of docs/architecture.md against tests/helpers/layers.py, the test tiers
-against pyproject.toml and the Makefile. Part 2 (engines, metrics fields, command synopses) is
-tests/test_docs_code.py. Everything here reads files and imports modules: no process starts.
+against configs/, the layer table of docs/architecture.md against tests/helpers/layers.py and its drawings of a
+run and of a step against the names the code defines, the test tiers against pyproject.toml and the Makefile.
+Part 2 (engines, metrics fields, command synopses) is tests/test_docs_code.py. Everything here reads files and
+imports modules: no process starts.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ README = REPO / "README.md"
 PACKAGE = REPO / "bigtrain"
 TOP_DIRS = ("bigtrain", "tests", "bench", "configs", "launch", "slurm", "docs")
 FILE = re.compile(r"^[\w.-][\w./-]*(\.(py|md|yaml|sh|sbatch)|/)$")  # a file or folder a doc names in a span
+PROSE = {"DeepSpeed", "PyTorch", "TensorBoard", "ZeRO"}  # CamelCase words of prose, not names of the code
 GENERATED = ("bench/results/",)  # written by benchmark runs that may not have happened on this machine
 
 
@@ -86,7 +88,9 @@ def test_readme_names_every_doc():
     """docs/*.md, each named in the `docs/` row (and no doc that is gone)."""
     (job,) = [job for path, job in where_table() if spans(path) == ["docs/"]]
     named = {name for name in spans(job) if name.endswith(".md") and "/" not in name}
-    assert named == {p.name for p in (REPO / "docs").glob("*.md")}
+    docs = {p.name for p in (REPO / "docs").glob("*.md")}
+    assert named == docs, (f"README's docs/ row lacks {sorted(docs - named)} and names {sorted(named - docs)}, "
+                           f"which docs/ does not hold")
 
 
 def mentioned_paths(path: Path) -> list[tuple[int, str]]:
@@ -173,7 +177,10 @@ def test_readme_lists_the_shipped_presets():
     start = text.index("Shipped presets in `configs/`:")
     paragraph = text[start:text.index("\n\n", start)]
     named = [s for s in spans(paragraph) if "/" not in s]
-    assert sorted(named) == sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+    shipped = {p.stem for p in (REPO / "configs").glob("*.yaml")}
+    assert len(named) == len(set(named)) and set(named) == shipped, (
+        f"README's presets lack {sorted(shipped - set(named))} and name {sorted(set(named) - shipped)}, which "
+        f"configs/ does not hold")
 
 
 def test_architecture_layer_table_is_the_one_the_layering_test_enforces():
@@ -181,7 +188,53 @@ def test_architecture_layer_table_is_the_one_the_layering_test_enforces():
     layers."""
     table = next(t for t in tables(REPO / "docs" / "architecture.md") if t.header[:2] == ["layer", "package"])
     drawn = {name.rstrip("/").removesuffix(".py"): int(row[0]) for row in table.rows for name in spans(row[1])}
-    assert drawn == LAYERS
+    differ = {p: (drawn.get(p), LAYERS.get(p)) for p in set(drawn) | set(LAYERS) if drawn.get(p) != LAYERS.get(p)}
+    assert not differ, f"layers in docs/architecture.md and (in) tests/helpers/layers.py differ: {differ}"
+
+
+def code_names() -> tuple[set[str], dict[str, tuple[set[str], list[str]]]]:
+    """Every identifier bigtrain's code defines or uses (names, attributes, arguments, keywords), and each class's
+    methods and attributes with its base classes' names."""
+    names: set[str] = set()
+    classes: dict[str, tuple[set[str], list[str]]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Name):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                names.add(node.attr)
+            elif isinstance(node, (ast.arg, ast.keyword)) and node.arg:
+                names.add(node.arg)
+            if isinstance(node, ast.ClassDef):
+                members = {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
+                members |= {n.target.id for n in node.body if isinstance(n, ast.AnnAssign)
+                            and isinstance(n.target, ast.Name)}
+                classes[node.name] = (members, [b.id for b in node.bases if isinstance(b, ast.Name)])
+    return names, classes
+
+
+def has_member(classes: dict[str, tuple[set[str], list[str]]], cls: str, member: str) -> bool:
+    members, bases = classes[cls]
+    return member in members or any(has_member(classes, b, member) for b in bases if b in classes)
+
+
+def test_architecture_drawings_name_what_the_code_defines():
+    """The engine table, the flow of one run and the path of one step in docs/architecture.md: every
+    snake_case or CamelCase name is one bigtrain's code has, and every `Class.member` is a member of that
+    class (or of a base): a renamed function, class or method fails here until the drawing says so."""
+    names, classes = code_names()
+    text = (REPO / "docs" / "architecture.md").read_text()
+    drawn = "\n".join(section(text, heading) for heading in
+                      ("## Engines", "## Flow of one run", "## The path of one training step"))
+    words = re.findall(r"(?<![\w./-])([a-z]+(?:_[a-z0-9]+)+|[A-Z][a-z0-9]+(?:[A-Z][a-z0-9]*)+)\b(?!\.py)", drawn)
+    unknown = sorted(set(words) - names - PROSE)
+    assert not unknown, f"names in docs/architecture.md's drawings that bigtrain's code does not have: {unknown}"
+    members = re.findall(r"(?<![\w.])([A-Z]\w+)\.(\w+)", drawn)
+    wrong = sorted({f"{c}.{m}" for c, m in members if c in classes and not has_member(classes, c, m)})
+    assert not wrong, f"members docs/architecture.md's drawings give classes that do not have them: {wrong}"
+    assert {c for c, _ in members} <= set(classes), {c for c, _ in members} - set(classes)
 
 
 def test_test_tiers_in_the_docs_are_the_registered_marks():

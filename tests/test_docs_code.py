@@ -134,6 +134,12 @@ def records(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in lines if "loss" in r], [r for r in lines if "eval_loss" in r]
 
 
+def key_differences(lines: list[dict], documented: set[str], what: str) -> list[str]:
+    """For each line whose keys are not `documented`: which keys it has beyond them and which it lacks."""
+    return [f"{what} line of step {r['step']}: written but not in README {sorted(set(r) - documented)}, in README "
+            f"but not written {sorted(documented - set(r))}" for r in lines if set(r) != documented]
+
+
 def test_a_run_writes_exactly_the_documented_metrics_fields(tiny_runs):
     """The lines a run writes have the README's fields, no more, no fewer: training lines TRAINING_FIELDS
     (plus `sources` with its documented keys, and only, under data.sources), evaluation lines EVAL_FIELDS.
@@ -141,14 +147,16 @@ def test_a_run_writes_exactly_the_documented_metrics_fields(tiny_runs):
     rows = {kind: set(fields) for kind, fields in metrics_table().items()}
     training, evaluation = records(tiny_runs["plain"])
     assert [r["step"] for r in training] == [1, 2] and [r["step"] for r in evaluation] == [2]
-    assert all(set(r) == rows["training"] for r in training), training
-    assert all(set(r) == rows["evaluation"] for r in evaluation), evaluation
+    problems = key_differences(training, rows["training"], "training")
+    problems += key_differences(evaluation, rows["evaluation"], "evaluation")
     training, evaluation = records(tiny_runs["mixture"])
     key, *per_source = metrics_table()["mixture (in training lines)"]  # `sources`: per source `tokens`, ...
     assert [r["step"] for r in training] == [1, 2]
-    assert all(set(r) == rows["training"] | {key} for r in training), training
-    assert all(set(source) == set(per_source) for r in training for source in r[key].values()), training
-    assert all(set(r) == rows["evaluation"] for r in evaluation), evaluation
+    problems += key_differences(training, rows["training"] | {key}, "mixture training")
+    problems += key_differences([{"step": r["step"], **source} for r in training for source in r[key].values()],
+                                {"step", *per_source}, f"per-source {key!r} of a mixture training")
+    problems += key_differences(evaluation, rows["evaluation"], "mixture evaluation")
+    assert not problems, "metrics.jsonl and README's metrics table differ:\n" + "\n".join(problems)
 
 
 def pattern(name: str) -> re.Pattern:
@@ -231,4 +239,5 @@ def test_every_command_line_in_the_docs_names_a_command_and_its_options(help_of)
 def test_readme_commands_table_is_commands():
     """README's "Commands" table has one row per command, in COMMANDS' order."""
     table = tables(README, section(README.read_text(), "## Commands"))[0]
-    assert [spans(row[0])[0] for row in table.rows] == list(COMMANDS)
+    listed = [spans(row[0])[0] for row in table.rows]
+    assert listed == list(COMMANDS), f"README's Commands table lists {listed}; COMMANDS has {list(COMMANDS)}"
