@@ -52,11 +52,15 @@ def package_entries() -> set[str]:
 
 
 def test_where_things_live_has_a_row_for_every_package_and_top_level_module():
-    """A package or top-level module added to (or removed from) bigtrain/ must get (or lose) its row."""
-    rows = {s for path, _ in where_table() for s in spans(path) if s.startswith("bigtrain/")}
+    """A package or top-level module added to (or removed from) bigtrain/ must get (or lose) its row; the rows
+    come lowest layer first."""
+    listed = [s for path, _ in where_table() for s in spans(path) if s.startswith("bigtrain/")]
+    rows = set(listed)
     assert rows == package_entries(), (f"without a row in README's 'Where things live': "
                                        f"{sorted(package_entries() - rows)}; rows for what bigtrain/ does not hold: "
                                        f"{sorted(rows - package_entries())}")
+    layers = [LAYERS[name.split("/")[1].removesuffix(".py")] for name in listed]
+    assert layers == sorted(layers), f"the rows are not lowest layer first (tests/helpers/layers.py): {listed}"
 
 
 def test_every_file_the_where_things_live_table_names_exists_where_its_row_says():
@@ -181,6 +185,41 @@ def test_readme_lists_the_shipped_presets():
     assert len(named) == len(set(named)) and set(named) == shipped, (
         f"README's presets lack {sorted(shipped - set(named))} and name {sorted(set(named) - shipped)}, which "
         f"configs/ does not hold")
+
+
+def test_readme_config_walk_through_loads_and_its_comments_name_every_choice():
+    """README's "A config, walked through" loads as a config (every key exists, every value is allowed), and a
+    comment on a key whose type is a choice names every choice (with the value the line sets): a new
+    `model.positions` or `parallel.engine` makes the comment stale and fails here."""
+    import tempfile
+    import typing
+
+    from bigtrain.config import Config, load_config
+
+    text = section(README.read_text(), "## A config, walked through")
+    block = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(block)
+        f.flush()
+        load_config(f.name)
+    incomplete, section_name = [], None
+    for line in block.splitlines():
+        top = re.match(r"(\w+):\s*(\{[^}]*\})?\s*(?:#\s*(.*))?$", line)
+        if top:
+            section_name = top.group(1)
+            inline = re.match(r"\{name: (\w+)", top.group(2) or "")
+            entries = [("name", inline.group(1), top.group(3))] if inline else []
+        else:
+            m = re.match(r"\s+(\w+):\s*([^#]*?)\s*(?:#\s*(.*))?$", line)
+            entries = [m.groups()] if m else []
+        for key, value, comment in entries:
+            hint = typing.get_type_hints(type(getattr(Config(), section_name))).get(key)
+            if comment and typing.get_origin(hint) is typing.Literal:
+                choices = set(typing.get_args(hint))
+                named = {c for c in choices if re.search(rf"(?<![\w-]){re.escape(c)}(?![\w-])", f"{value} {comment}")}
+                if named != choices:
+                    incomplete.append(f"{section_name}.{key}: the comment leaves out {sorted(choices - named)}")
+    assert not incomplete, "README's config walk-through:\n" + "\n".join(incomplete)
 
 
 def test_architecture_layer_table_is_the_one_the_layering_test_enforces():
