@@ -231,13 +231,17 @@ def test_architecture_layer_table_is_the_one_the_layering_test_enforces():
     assert not differ, f"layers in docs/architecture.md and (in) tests/helpers/layers.py differ: {differ}"
 
 
-def code_names() -> tuple[set[str], dict[str, tuple[set[str], list[str]]]]:
-    """Every identifier bigtrain's code defines or uses (names, attributes, arguments, keywords), and each class's
-    methods and attributes with its base classes' names."""
+def code_names() -> tuple[set[str], dict[str, tuple[set[str], list[str]]], dict[str, set[str]]]:
+    """Every identifier bigtrain's code defines or uses (names, attributes, arguments, keywords); each class's
+    methods and attributes with its base classes' names; each function name's parameters (over every def of it)."""
     names: set[str] = set()
     classes: dict[str, tuple[set[str], list[str]]] = {}
+    parameters: dict[str, set[str]] = {}
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                a = node.args
+                parameters.setdefault(node.name, set()).update(x.arg for x in a.posonlyargs + a.args + a.kwonlyargs)
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 names.add(node.name)
             elif isinstance(node, ast.Name):
@@ -251,7 +255,7 @@ def code_names() -> tuple[set[str], dict[str, tuple[set[str], list[str]]]]:
                 members |= {n.target.id for n in node.body if isinstance(n, ast.AnnAssign)
                             and isinstance(n.target, ast.Name)}
                 classes[node.name] = (members, [b.id for b in node.bases if isinstance(b, ast.Name)])
-    return names, classes
+    return names, classes, parameters
 
 
 def has_member(classes: dict[str, tuple[set[str], list[str]]], cls: str, member: str) -> bool:
@@ -261,9 +265,11 @@ def has_member(classes: dict[str, tuple[set[str], list[str]]], cls: str, member:
 
 def test_architecture_drawings_name_what_the_code_defines():
     """The engine table, the flow of one run and the path of one step in docs/architecture.md: every
-    snake_case or CamelCase name is one bigtrain's code has, and every `Class.member` is a member of that
-    class (or of a base): a renamed function, class or method fails here until the drawing says so."""
-    names, classes = code_names()
+    snake_case or CamelCase name is one bigtrain's code has, every `Class.member` is a member of that class (or
+    of a base), and every `keyword=` of a call `f(...)` in the two flows is a parameter of f (the engine table
+    quotes DeepSpeed's calls too): a renamed function, class, method or parameter fails here until the drawing
+    says so."""
+    names, classes, parameters = code_names()
     text = (REPO / "docs" / "architecture.md").read_text()
     drawn = "\n".join(section(text, heading) for heading in
                       ("## Engines", "## Flow of one run", "## The path of one training step"))
@@ -274,6 +280,11 @@ def test_architecture_drawings_name_what_the_code_defines():
     wrong = sorted({f"{c}.{m}" for c, m in members if c in classes and not has_member(classes, c, m)})
     assert not wrong, f"members docs/architecture.md's drawings give classes that do not have them: {wrong}"
     assert {c for c, _ in members} <= set(classes), {c for c, _ in members} - set(classes)
+    flows = "\n".join(section(text, heading) for heading in ("## Flow of one run", "## The path of one training step"))
+    calls = re.findall(r"(\w+)\(([^()\n]*(?:\([^()\n]*\))?[^()\n]*)\)", flows)
+    bad = sorted({f"{f}({k}=)" for f, args in calls if f in parameters
+                  for k in re.findall(r"(?:^|,)\s*(\w+)=", args) if k not in parameters[f]})
+    assert not bad, f"keywords docs/architecture.md's drawings pass that the function does not take: {bad}"
 
 
 def test_test_tiers_in_the_docs_are_the_registered_marks():
