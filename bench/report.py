@@ -43,7 +43,7 @@ they time; in short:
   of the same model, batch, optimizer and schedule. Runs alternate; each trains a few untimed warm-up steps; the
   figure is median bigtrain step / median minimal step. Evaluation and checkpoints are off in both.
 - **throughput** (`bench/throughput.py`): tokens/s of bigtrain's loop, model FLOPs per token = 6·N + 12·L·d·T
-  (`bigtrain/train/flops.py`; activation recomputation not counted), MFU against the device's data-sheet peak
+  (`bigtrain/planning/flops.py`; activation recomputation not counted), MFU against the device's data-sheet peak
   (H100/H200 bf16: 989 TFLOP/s; CPUs have none, so their rate is set against a dense fp32 matrix multiply
   measured on the spot), peak memory, and the SDPA kernel the attention runs (read from the profiler).
 - **scaling** (`bench/scaling.py`): 1 -> 2 -> 4 ranks under torchrun per layout; efficiency = tokens/s(n) /

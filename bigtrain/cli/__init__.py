@@ -15,7 +15,7 @@ COMMANDS = {"train": "bigtrain.cli.train", "prepare": "bigtrain.cli.prepare", "c
             "plan": "bigtrain.cli.plan"}
 
 USAGE = """usage: bigtrain {train,prepare,consolidate,evaluate,export,convert,attention,generate,parity,plan} ...
-  train --config FILE [--print-config] [--allow-changes KEY,...] [--debug] [section.key=value ...]
+  train --config FILE [--print-config] [--help-config] [--allow-changes KEY,...] [--debug] [section.key=value ...]
   prepare --config FILE [--workers N] [--shard-mb MB] [--verify] [--debug] [section.key=value ...]
   consolidate RUN_DIR [--step N] [--out DIR] [--debug]
   evaluate RUN_DIR|CHECKPOINT|WEIGHTS_DIR [--debug] [section.key=value ...]
@@ -26,9 +26,10 @@ USAGE = """usage: bigtrain {train,prepare,consolidate,evaluate,export,convert,at
   generate RUN_DIR|CHECKPOINT|WEIGHTS_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] \
 [--greedy | --temperature T --top-k K --top-p P | --beams B --length-penalty A] [--seed S] [--no-cache] [--debug]
   parity --config FILE --layout tensor=T,pipeline=P,data=D,zero_stage=Z [--steps N] [--shrink] \
-[--precision fp32|bf16] [section.key=value ...]
+[--precision fp32|bf16] [--work-dir DIR] [--debug] [section.key=value ...]
   plan --config FILE --gpus N [--gpus-per-node G] [--gpu NAME | --gpu-memory GiB --peak-tflops T] \
-[--efficiency E] [--top K] [--json] [section.key=value ...]"""
+[--intra-node-gbps GB/s] [--inter-node-gbps GB/s] [--efficiency E] [--framework-gib GiB] [--top K] [--json] \
+[--debug] [section.key=value ...]"""
 
 
 def command(name: str) -> Callable[[list[str]], int]:
