@@ -1,6 +1,5 @@
-"""`bigtrain parity --config FILE --layout tensor=2,pipeline=2,zero_stage=1 [--steps N] [--shrink]
-[--precision fp32|bf16] [section.key=value ...]`: does this layout compute what one device computes, for this
-config? Exit 0 when every step is within the tolerance, 1 when not.
+"""`bigtrain parity` (its synopsis: `bigtrain.cli.USAGE`): does this layout compute what one device computes, for
+this config? Exit 0 when every step is within the tolerance, 1 when not.
 
 Runs the config twice on this machine, on the same global batches with dropout off: once in one process (the
 reference) and once under the given layout, launching its ranks with torchrun (CPU gloo, or the local GPUs);

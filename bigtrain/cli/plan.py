@@ -1,5 +1,4 @@
-"""`bigtrain plan --config FILE --gpus N [--gpus-per-node G] [--gpu NAME | --gpu-memory GiB --peak-tflops T]
-[--efficiency E] [--top K] [--json] [section.key=value ...]`: will the config fit, and which layout is fastest.
+"""`bigtrain plan`: will the config fit on N GPUs, and which layout is fastest (its synopsis: `bigtrain.cli.USAGE`).
 Exit 0 with the ranked table, 1 when no layout fits, 2 on bad input."""
 
 from __future__ import annotations

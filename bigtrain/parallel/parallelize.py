@@ -11,8 +11,8 @@ In a fixed order, as torchtitan's `parallelize_llama`:
 
 Weights are initialized in step 4 and only there, through `bigtrain.models.materialize`, whatever the layout:
 each parameter (or its shard) is drawn from its own generator, so every layout starts from exactly the weights
-of the single-device model. The engine (`bigtrain.engine.build_engine`) then wraps the result: plain PyTorch,
-DeepSpeed data parallelism / ZeRO, or DeepSpeed's pipeline engine.
+of the single-device model. The engine the layout names (`bigtrain.engine.build_engine`) then wraps the result:
+plain PyTorch, DeepSpeed data parallelism / ZeRO, DeepSpeed's pipeline engine, or fairscale's sharded engines.
 """
 
 from __future__ import annotations
