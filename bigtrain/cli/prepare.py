@@ -1,6 +1,7 @@
-"""`bigtrain prepare` (its synopsis: `bigtrain.cli.USAGE`): tokenize the config's data (data.source, or every source of data.sources) once into sharded token files under data.cache_dir,
-the folder training reads. Resumable: a killed run keeps its finished shards and makes only the others. Exit 0
-when the data is prepared, 2 on bad input (one paragraph naming the key)."""
+"""`bigtrain prepare` (its synopsis: `bigtrain.cli.USAGE`): tokenize the config's data (data.source, or every
+source of data.sources) once into sharded token files under data.cache_dir, the folder training reads.
+Resumable: a killed run keeps its finished shards and makes only the others. Exit 0 when the data is prepared, 2
+on bad input (one paragraph naming the key)."""
 
 from __future__ import annotations
 
