@@ -20,7 +20,7 @@ pytestmark = pytest.mark.launches
 COUNT_SYNCS = REPO / "tests" / "helpers" / "count_syncs.py"
 STEPS, LOG_EVERY = 6, 3
 # step 1: every rank's measured memory, gathered (the engine's report, through the shared gather in memory.py)
-ONCE_PER_RUN = {"engine/deepspeed_engine.py:memory_report", "engine/memory.py:gathered_report"}
+ONCE_PER_RUN = {"engine/deepspeed/engine.py:memory_report", "engine/memory.py:gathered_report"}
 
 
 def _counts(run_dir: Path, rank: int) -> dict[int, list[tuple[str, str, int]]]:
