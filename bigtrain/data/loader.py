@@ -29,6 +29,7 @@ from bigtrain.data.mixture import Mixture
 from bigtrain.data.prefetch import BatchPrefetcher, prepare
 from bigtrain.data.sampler import GlobalBatchSampler, MixtureSampler, eval_batch_indices
 from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.distributed.agree import on_main
 from bigtrain.distributed.groups import ParallelGroups
 
 Batch = dict[str, torch.Tensor]
@@ -42,10 +43,13 @@ class TrainingData:
         self.dp_rank = groups.get_data_parallel_rank() if groups is not None else 0
         self.dp_size = groups.layout.data if groups is not None else 1
         self.pad_multiple = 1  # sequences padded to a multiple of it (set once the model is parallel)
-        if groups is not None and self.rank != 0:
-            if not data_ready(cfg, tokenizer):
-                print(f"bigtrain: rank {self.rank}: waiting for rank 0 to prepare data ...", flush=True)
-            torch.distributed.barrier(group=groups.long_wait)
+        if groups is not None:
+            # Whether rank 0 finds the corpus prepared, before it starts preparing: every rank knows the same.
+            ready = on_main(self.rank == 0, groups, lambda: data_ready(cfg, tokenizer))
+            if self.rank != 0:
+                if not ready:
+                    print(f"bigtrain: rank {self.rank}: waiting for rank 0 to prepare data ...", flush=True)
+                torch.distributed.barrier(group=groups.long_wait)
         self.train_set, self.heldout_set = build_datasets(cfg, tokenizer)
         if groups is not None and self.rank == 0:
             torch.distributed.barrier(group=groups.long_wait)
