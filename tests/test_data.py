@@ -17,9 +17,9 @@ from bigtrain.data import (
     HFTokenizer,
     build_datasets,
     build_tokenizer,
-    collate,
     eval_batch_indices,
 )
+from bigtrain.data.collate import collate
 from bigtrain.data.corpus import load_corpus
 from bigtrain.errors import DataError
 

@@ -113,7 +113,7 @@ class StepEngine:
         """The norm the optimizer measured during `update`, when `measure_norm` gave None."""
         raise NotImplementedError
 
-    def update_skipped(self) -> bool | torch.Tensor:
+    def update_skipped(self) -> bool:
         """Whether the optimizer skipped the update by its own decision (e.g. a loss scaler's overflow)."""
         return False
 
@@ -129,10 +129,7 @@ class StepEngine:
         assert check is not None, "the step ended without its non-finite decision"
         norm = self.norm if self.norm is not None else self.reported_norm()
         skipped = check.found_inf > 0
-        by_optimizer = self.update_skipped()
-        if isinstance(by_optimizer, torch.Tensor):
-            skipped = skipped | by_optimizer
-        elif by_optimizer:
+        if self.update_skipped():  # the optimizer's own host decision (DeepSpeed's overflow check, a loss scaler)
             skipped = torch.ones_like(skipped)
         return StepResult(loss=loss, grad_norm=norm, skipped=skipped,
                           finite=torch.isfinite(loss) & torch.isfinite(norm), layer_grad_norms=self.piece_norms,
