@@ -359,6 +359,21 @@ def tiny_config(run_dir: Path, family: str = "causal", *extra: str) -> Config:
     return load_config(None, tiny_overrides(run_dir, family, *extra))
 
 
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    """`bigtrain ARGV` run in this process (from the repository root), as a completed process: its exit status
+    and what it printed on stdout and stderr. For commands that start no training (plan, consolidate, evaluate,
+    export, ...): the same code as the console script without an interpreter's start-up."""
+    import contextlib
+    import io
+
+    from bigtrain.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(list(argv))
+    return subprocess.CompletedProcess(["bigtrain", *argv], status, out.getvalue(), err.getvalue())
+
+
 def run_launcher(args: list[str], timeout: float = 300, script: Path | None = None,
                  env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     """`python launch/train.py ARGS` (or `script`) in a subprocess, with `env` added to this process's environment;

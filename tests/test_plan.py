@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import sys
 
 import pytest
 
@@ -18,7 +17,7 @@ from bigtrain.planning.memory_model import Candidate, rank_parameters, stages
 from bigtrain.planning.partition import partition_balanced, partition_uniform
 from bigtrain.planning.search import setting
 from bigtrain.planning.time_model import Network, step_time
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 
 @pytest.mark.launches
@@ -104,8 +103,7 @@ def test_fairscale_plans_fully_sharded_layouts():
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bigtrain.cli", "plan", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    return run_cli("plan", *args)
 
 
 def test_plan_command_prints_the_ranked_table_and_json():

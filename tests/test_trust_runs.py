@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,7 @@ from bigtrain.cli.train import run_train
 from bigtrain.errors import ConfigError, RunDirError
 from bigtrain.train.run_dir import RunLock
 from bigtrain.train.trainer import Trainer, train
-from tests.conftest import REPO, read_metrics, run_launcher, signal_after_step, tiny_config, tiny_overrides
+from tests.conftest import REPO, read_metrics, run_cli, run_launcher, signal_after_step, tiny_config, tiny_overrides
 
 
 def _one_paragraph(proc: subprocess.CompletedProcess, status: int = 2) -> str:
@@ -152,19 +151,14 @@ def test_empty_sample_prompt_samples_from_a_document_start(run_dir, capsys):
 
 def test_evaluate_and_consolidate_fail_in_one_paragraph(run_dir):
     train(tiny_config(run_dir, "causal", "train.steps=2"))
-    bigtrain = Path(sys.executable).parent / "bigtrain"
-    consolidate = subprocess.run([str(bigtrain), "consolidate", str(run_dir)], capture_output=True, text=True)
+    consolidate = run_cli("consolidate", str(run_dir))
     assert consolidate.returncode == 0, consolidate.stderr
     weights = run_dir / "consolidated" / "step_00000002"
-    bad = subprocess.run([str(bigtrain), "evaluate", str(weights), "model.d_model=64"], capture_output=True,
-                         text=True)
-    line = _one_paragraph(bad)
+    line = _one_paragraph(run_cli("evaluate", str(weights), "model.d_model=64"))
     assert "does not fit this model" in line and "size mismatch" in line
-    debug = subprocess.run([str(bigtrain), "evaluate", str(weights), "model.d_model=64", "--debug"],
-                           capture_output=True, text=True)
+    debug = run_cli("evaluate", str(weights), "model.d_model=64", "--debug")
     assert debug.returncode == 2 and "Traceback" in debug.stderr
-    missing = subprocess.run([str(bigtrain), "consolidate", str(run_dir / "nope")], capture_output=True, text=True)
-    assert "holds no checkpoint" in _one_paragraph(missing)
+    assert "holds no checkpoint" in _one_paragraph(run_cli("consolidate", str(run_dir / "nope")))
 
 
 @pytest.mark.launches
