@@ -2,14 +2,13 @@
 
     wrap        the model itself, under autocast for bf16 / fp16
     backward    loss.backward() (fp16: through the loss scaler)
-    optimizer   bigtrain's AdamW or LAMB; torch's clip_grad_norm_ measures and clips; fp16's loss scaler skips
+    optimizer   bigtrain's AdamW or LAMB; `clip_grad_norm` measures (float64 sum) and clips; fp16's loss scaler skips
                 overflowed steps itself
     own files   model.pt, optimizer.pt (and scaler.pt under fp16)
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from bigtrain.models.inspect import per_layer_grad_norms
 from bigtrain.models.loss import model_inputs
 from bigtrain.optim import build_optimizer
 from bigtrain.parallel import ParallelModel
+from bigtrain.parallel.grad_norm import clip_grad_norm
 
 
 class LocalEngine(StepEngine):
@@ -35,7 +35,7 @@ class LocalEngine(StepEngine):
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scaler = grad_scaler(layout.precision, device)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        self.grad_clip = cfg.optim.grad_clip
         self.scale_before: float | None = None
 
     # ---- the step ------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ class LocalEngine(StepEngine):
             self.scaler.unscale_(self.optimizer)
 
     def measure_norm(self) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True).float()
+        return clip_grad_norm(self.params, self.grad_clip, None, self.device)
 
     def layer_norms(self) -> dict[str, float]:
         return per_layer_grad_norms(self.model)
