@@ -101,7 +101,7 @@ def _script_reason(args: Sequence[str]) -> str | None:
         return None
     path = Path(args[0])
     if path.name == "train.py" and path.parent.name == "launch":
-        return "launch/train.py"
+        return None if "--print-config" in args else "launch/train.py"  # --print-config only prints
     if path.parent.name == "helpers" and path.parent.parent.name == "tests" and path.name in TRAINING_HELPERS:
         return f"the training helper tests/helpers/{path.name}"
     if path.parent.name == "bench" and path.suffix in (".py", ".sh"):

@@ -113,3 +113,45 @@ def test_an_installed_wheel_finds_its_smoke_config_and_starts_its_own_bigtrain(t
     assert printed.returncode == 0, printed.stderr[-2000:]
     smoke = yaml.safe_load((REPO / "configs/smoke.yaml").read_text())
     assert yaml.safe_load(printed.stdout)["model"] == {**yaml.safe_load(printed.stdout)["model"], **smoke["model"]}
+
+
+def _base_python() -> str:
+    """The interpreter the venv was made from; with -S it sees none of the packages bigtrain needs."""
+    import sys
+
+    return str(Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}")
+
+
+def test_the_launch_script_goes_on_in_the_project_venv():
+    """`python launch/train.py` with an interpreter that lacks torch (the system Python after `make setup`) runs in
+    the checkout's .venv instead of printing an ImportError's traceback."""
+    proc = subprocess.run([_base_python(), "-S", str(REPO / "launch" / "train.py"), "--print-config",
+                           "train.steps=3"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load(proc.stdout)["train"]["steps"] == 3
+
+
+def test_without_a_venv_the_launch_script_says_how_to_get_one(tmp_path):
+    (tmp_path / "launch").mkdir()
+    shutil.copy(REPO / "launch" / "train.py", tmp_path / "launch" / "train.py")
+    proc = subprocess.run([_base_python(), "-S", str(tmp_path / "launch" / "train.py"), "--print-config"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lacks torch" in lines[0] and "make setup" in lines[0], proc.stderr
+
+
+def test_slurm_scripts_use_the_project_venv_or_stop_in_one_paragraph(tmp_path):
+    """slurm/python.sh (sourced by both sbatch scripts): BIGTRAIN_PYTHON, else REPO/.venv/bin/python; an
+    interpreter without bigtrain's packages stops the job before any rank starts."""
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text("#!/bin/sh\nexit 0\n")
+    venv_python.chmod(0o755)
+    script = f'REPO={tmp_path}; source {REPO / "slurm" / "python.sh"}; echo "$PYTHON"'
+    found = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert found.returncode == 0 and found.stdout.strip() == str(venv_python), found.stderr
+    refused = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin", "BIGTRAIN_PYTHON": "/bin/false"})
+    assert refused.returncode == 2 and refused.stdout == "", refused.stdout
+    assert "cannot import torch" in refused.stderr and "make setup" in refused.stderr
