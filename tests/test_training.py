@@ -185,3 +185,15 @@ def test_early_stopping(run_dir, monkeypatch):
 def test_bf16_autocast_on_cpu(run_dir):
     result = train(tiny_config(run_dir, "causal", "train.steps=3", "train.precision=bf16"))
     assert math.isfinite(result.last_eval["eval_loss"])
+
+
+def test_a_finished_run_run_again_says_done_and_prints_no_sample(run_dir, capsys):
+    """The second `make smoke`: the run resumes at its last step, trains nothing, prints no second sample."""
+    from bigtrain.cli.train import run_train
+
+    args = tiny_overrides(run_dir, "causal", "train.steps=2", "train.sample_tokens=8")
+    assert run_train(args) == 0
+    assert "--- sample" in capsys.readouterr().out
+    assert run_train(args) == 0
+    out = capsys.readouterr().out
+    assert "--- sample" not in out and "done: step 2 (nothing left to train)" in out, out[-2000:]

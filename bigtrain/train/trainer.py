@@ -137,7 +137,7 @@ class Trainer:
         self._report_start(metrics)
         nonfinite = NonFiniteSteps(t, self.layout.precision, metrics)
         validator = Validator(cfg, self.engine, self.data, metrics, self.is_main)
-        last_eval, stopped_early, stopped_by, memory_reported = None, False, 0, False
+        last_eval, stopped_early, stopped_by, memory_reported, first_step = None, False, 0, False, state.step
         stop = self._stop = self.stop or StopRequest().install()
         if self.restored.path is not None:
             stop.note_checkpoint(state.step, self.restored.path)
@@ -195,7 +195,7 @@ class Trainer:
                         metrics.write(f"stopped by {signal.Signals(stopped_by).name} after step {state.step}: "
                                       f"checkpoint {path}; the same command resumes from it")
                         break
-            if not stopped_by:
+            if not stopped_by and state.step > first_step:  # a finished run, resumed, trains and samples nothing
                 watchdog.beat("the final sample")
                 print_sample(cfg, self.layout, self.engine.model, self.tokenizer, self.parallel.criterion.full_logits,
                              self.parallel.pad_multiple, self.is_main)
