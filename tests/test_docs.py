@@ -305,3 +305,15 @@ def test_test_tiers_in_the_docs_are_the_registered_marks():
     assert f'`make test-fast` (`pytest -m "{marks}"`)' in readme
     durations = re.search(r"--durations=(\d+)", makefile).group(1)
     assert f"print the {durations} slowest" in " ".join(readme.split())
+
+
+def test_no_citation_of_a_text_the_repository_does_not_contain():
+    """Docs, docstrings and configs once cited "the guide" (a text outside the repository): cite the paper."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO, check=True).stdout.split()
+    cited = [f"{name}:{n}" for name in files if name.endswith((".py", ".md", ".yaml", ".sh", ".sbatch"))
+             and name != "tests/test_docs.py"
+             for n, line in enumerate((REPO / name).read_text(errors="replace").splitlines(), 1)
+             if "the guide" in line.lower()]
+    assert not cited, cited

@@ -40,7 +40,7 @@ def _real(lengths: list[int], total: int) -> torch.Tensor:
 
 
 OPTION_SETS: list[dict[str, object]] = [
-    dict(),  # the guide: post-norm, ReLU, sinusoidal, LayerNorm, tied
+    dict(),  # Vaswani et al. 2017: post-norm, ReLU, sinusoidal, LayerNorm, tied
     dict(positions="learned", norm_position="pre", activation="gelu", tie_embeddings=False),
     dict(positions="rotary", norm_position="pre", activation="swiglu", norm="rmsnorm", bias=False, n_kv_heads=2),
     dict(positions="none", norm_position="post", activation="relu", n_kv_heads=2, scale_embeddings=False),

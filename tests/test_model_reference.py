@@ -1,5 +1,5 @@
 """The model's pieces against independent references: torch.nn.Transformer layers given the same weights,
-the guide's formulas written out element-wise, and attention computed by hand."""
+Vaswani et al. 2017's formulas written out element-wise, and attention computed by hand."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ D, H, FF = 32, 4, 64
 
 
 def _cfg(**kw: object) -> ModelConfig:
-    """The guide's options: post-norm, ReLU, sinusoidal, scaled embeddings, biases, LayerNorm, no dropout."""
+    """Vaswani et al. 2017's options: post-norm, ReLU, sinusoidal, scaled embeddings, biases, LayerNorm, no dropout."""
     base: dict[str, object] = dict(d_model=D, n_heads=H, d_ff=FF, n_layers=2, max_seq_len=32, dropout=0.0,
                                    norm_position="post", activation="relu", positions="sinusoidal",
                                    scale_embeddings=True, bias=True, norm="layernorm")

@@ -33,8 +33,8 @@ class ModelConfig:
     d_ff: int = opt(2048, "hidden width of the position-wise feed-forward network")
     max_seq_len: int = opt(512, "longest sequence the model accepts (size of position tables)")
     positions: Literal["sinusoidal", "learned", "rotary", "relative", "none"] = opt(
-        "sinusoidal", "position information: the guide's sinusoidal table, a learned table, rotary embeddings "
-        "applied to queries and keys, T5's relative position bias (a learned scalar per head and distance "
+        "sinusoidal", "position information: Vaswani et al. 2017's sinusoidal table, a learned table, rotary "
+        "embeddings applied to queries and keys, T5's relative position bias (a learned scalar per head and distance "
         "bucket added to the attention scores, one table per stack), or none")
     rope_theta: float = opt(10000.0, "rotary base frequency")
     relative_buckets: int = opt(32, "positions=relative: distance buckets (half exact, half log-spaced)")
@@ -43,13 +43,13 @@ class ModelConfig:
     embedding_norm: bool = opt(False, "a LayerNorm on the summed input embeddings, before dropout (BERT)")
     type_vocab_size: int = opt(0, "token-type (segment) embeddings added to the input (BERT: 2); 0 = none")
     norm_position: Literal["post", "pre"] = opt(
-        "post", "post: the guide's Add & Norm, x = norm(x + sublayer(x)); pre: x = x + sublayer(norm(x))")
+        "post", "post: Vaswani et al. 2017's Add & Norm, x = norm(x + sublayer(x)); pre: x = x + sublayer(norm(x))")
     norm: Literal["layernorm", "rmsnorm"] = opt("layernorm", "normalization layer")
     norm_eps: float = opt(1e-5, "epsilon of the normalization layers")
     activation: Literal["relu", "gelu", "gelu_tanh", "swiglu"] = opt(
         "relu", "feed-forward activation: relu, gelu (exact, erf), gelu_tanh (GPT-2's tanh approximation), "
         "swiglu (a gated pair of input projections)")
-    scale_embeddings: bool = opt(True, "multiply token embeddings by sqrt(d_model), as in the guide")
+    scale_embeddings: bool = opt(True, "multiply token embeddings by sqrt(d_model), as in Vaswani et al. 2017")
     tie_embeddings: bool = opt(True, "share the input embedding matrix with the output head")
     head_transform: bool = opt(
         False, "before the output head: dense d_model -> d_model, the activation, LayerNorm (BERT's MLM head)")
@@ -112,13 +112,13 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: Literal["noam", "cosine", "linear", "constant", "wsd"] = opt(
-        "cosine", "noam: the guide's d_model^-0.5 * min(step^-0.5, step * warmup^-1.5); "
+        "cosine", "noam: Vaswani et al. 2017's d_model^-0.5 * min(step^-0.5, step * warmup^-1.5); "
         "cosine / linear: warmup then decay to min_lr_ratio * lr; constant: warmup then flat; "
         "wsd: warmup, stable, then linear decay over the last decay_fraction of steps")
     warmup_steps: int = opt(100, "linear warmup steps")
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of optim.lr (cosine, linear, wsd)")
     decay_fraction: float = opt(0.2, "wsd: fraction of train.steps spent decaying")
-    noam_scale: float = opt(1.0, "noam: multiplier on the guide's formula")
+    noam_scale: float = opt(1.0, "noam: multiplier on Vaswani et al. 2017's formula")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """One Transformer block: self-attention, optional cross-attention, feed-forward, each wrapped in a residual.
 
-post-norm (the guide's Add & Norm): x = norm(x + dropout(sublayer(x)))
+post-norm (Vaswani et al. 2017's Add & Norm): x = norm(x + dropout(sublayer(x)))
 pre-norm:                            x = x + dropout(sublayer(norm(x)))
 """
 

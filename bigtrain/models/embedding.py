@@ -1,5 +1,5 @@
-"""Input embedding: token lookup, scaled by sqrt(d_model) as in the guide, plus absolute positions, token types
-and a norm where the architecture has them (BERT)."""
+"""Input embedding: token lookup, scaled by sqrt(d_model) as in Vaswani et al. 2017, plus absolute positions, token
+types and a norm where the architecture has them (BERT)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class Embedding(nn.Module):
     """x = dropout(norm(E[ids] * s + P[positions] + T[token types])), s = sqrt(d_model) if scale_embeddings
     else 1.
 
-    P is the guide's sinusoidal table (a buffer), a learned table, or nothing (rotary / relative / none); T
+    P is Vaswani et al.'s (2017) sinusoidal table (a buffer), a learned table, or nothing (rotary / relative / none); T
     exists with model.type_vocab_size > 0 (token type 0 when none are given); the norm with
     model.embedding_norm.
     """

@@ -36,7 +36,7 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
 
 
 def sinusoidal_table(seq_len: int, d_model: int) -> torch.Tensor:
-    """The guide's table: PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(pos / 10000^(2i/d))."""
+    """Vaswani et al. 2017's table: PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(pos / 10000^(2i/d))."""
     position = torch.arange(seq_len, dtype=torch.float32).unsqueeze(1)
     div_term = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * -(math.log(10000.0) / d_model))
     table = torch.zeros(seq_len, d_model)
