@@ -155,3 +155,27 @@ def test_slurm_scripts_use_the_project_venv_or_stop_in_one_paragraph(tmp_path):
                              env={"PATH": "/usr/bin:/bin", "BIGTRAIN_PYTHON": "/bin/false"})
     assert refused.returncode == 2 and refused.stdout == "", refused.stdout
     assert "cannot import torch" in refused.stderr and "make setup" in refused.stderr
+
+
+def test_world_size_checks_a_cluster_job_without_launching(tmp_path):
+    """A dry run from a login node: the config and layout on N ranks, the data paths and each stage's memory plan;
+    nothing is created or started; a layout that does not fit --gpu-memory, a source that cannot be read and a
+    layout that does not divide N are one paragraph each."""
+    from tests.conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", str(REPO / "configs/smoke.yaml"), "--world-size", "8", "parallel.tensor=2",
+            "parallel.pipeline=2", "train.micro_batch_size=8", f"run.dir={run_dir}", f"data.cache_dir={tmp_path}/c"]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "dry run for 8 rank(s): tensor 2 × pipeline 2 × data 2, ZeRO-0, DeepSpeed's pipeline engine" in proc.stdout
+    assert "memory per rank of stage 0" in proc.stdout and "memory per rank of stage 1" in proc.stdout
+    assert "data.source 'embedded' readable" in proc.stdout and not run_dir.exists()
+    printed = run_cli(*args, "--print-config")
+    assert yaml.safe_load(printed.stdout.split("dry run")[0])["parallel"]["pipeline"] == 2
+    too_small = run_cli(*args, "--gpu-memory", "0.5")
+    assert too_small.returncode == 2 and "but --gpu-memory is 0.5 GiB" in too_small.stderr
+    unreadable = run_cli(*args, f"data.source={tmp_path / 'missing.jsonl'}")
+    assert unreadable.returncode == 2 and "missing.jsonl" in unreadable.stderr
+    indivisible = run_cli(*args[:4], "6", *args[5:])
+    assert indivisible.returncode == 2 and "does not divide the world size 6" in indivisible.stderr

@@ -12,6 +12,7 @@ import bigtrain.config as config_package
 from bigtrain.cli.console import resilient_stdout
 from bigtrain.cli.report import fail
 from bigtrain.config import Config, dump_config
+from bigtrain.errors import UsageError
 
 if typing.TYPE_CHECKING:
     from bigtrain.train.preemption import StopRequest
@@ -41,6 +42,11 @@ def train_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", help=f"YAML config file (default: {SMOKE_CONFIG})")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("--world-size", type=int, metavar="N",
+                        help="check the job on N ranks without launching: the config and layout, the data paths, "
+                             "each rank's memory plan (a dry run from a login node); with --print-config, print it too")
+    parser.add_argument("--gpu-memory", type=float, metavar="GiB",
+                        help="with --world-size: refuse a layout whose ranks need more than this much memory")
     parser.add_argument("--allow-changes", metavar="KEY,...",
                         help="resume even though these config keys differ from the checkpoint's (e.g. train.seed); "
                              "recorded in metrics.jsonl")
@@ -78,11 +84,21 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> int:
         rank, world = env.rank, env.world_size
         from bigtrain.parallel.validate import load_run_config  # the file's keys, then the layout and engine checks
 
-        cfg, layout = load_run_config(args.config or SMOKE_CONFIG, args.overrides, world_size=env.world_size)
+        if args.world_size is not None and args.world_size < 1:
+            raise UsageError(f"--world-size {args.world_size}: give the number of ranks of the job, at least 1.")
+        if args.gpu_memory is not None and (args.world_size is None or not args.gpu_memory > 0):
+            raise UsageError(f"--gpu-memory {args.gpu_memory}: give a positive number of GiB, with --world-size N "
+                             f"(the dry run it judges).")
+        cfg, layout = load_run_config(args.config or SMOKE_CONFIG, args.overrides,
+                                      world_size=args.world_size or env.world_size)
         allowed = parse_allowed(args.allow_changes)
-        if args.print_config:
-            if env.is_main:
-                print(dump_config(cfg), end="")
+        if args.print_config and env.is_main:
+            print(dump_config(cfg), end="")
+        if args.world_size is not None and env.is_main:
+            from bigtrain.cli.dry_run import dry_run
+
+            print(dry_run(cfg, layout, args.gpu_memory))
+        if args.print_config or args.world_size is not None:
             return 0
         from bigtrain.train.trainer import train  # heavy imports only when training
 
