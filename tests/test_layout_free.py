@@ -168,3 +168,26 @@ def test_converted_deepspeed_checkpoint_resumes_under_another_layout(tmp_path):
     again = read_metrics(run_dir)[0]
     for step in range(11, 21):
         assert again[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-5), step
+
+
+@pytest.mark.parametrize(("every", "parameters", "expected"), [
+    (None, 10**6, [True, True, True]), (None, 2 * 10**9, [False, False, True]), (2, 10**6, [False, True, True]),
+    (0, 10**6, [False, False, False])])
+def test_the_layout_free_form_by_default_costs_what_a_large_run_can_live_with(tmp_path, monkeypatch, every,
+                                                                              parameters, expected):
+    """checkpoint.layout_free_every=null: every save while the form (12 bytes per parameter) is at most 16 GiB,
+    else only the last one; k: one save in k and the last; 0: never. The cost is stated at the start."""
+    from torch import nn
+
+    import bigtrain.checkpoint.manager as manager_module
+    from bigtrain.config.layout import Layout
+
+    cfg = tiny_config(tmp_path / "run", "causal", f"checkpoint.layout_free_every={'null' if every is None else every}")
+    written = []
+    monkeypatch.setattr(manager_module, "save_checkpoint", lambda *args: written.append(args[-1] is not None))
+    manager = manager_module.CheckpointManager(cfg, Layout(), engine=None, groups=None, rank=0, run_dir=tmp_path,
+                                               full_model=nn.Linear(parameters, 1, bias=False, device="meta"))
+    for step, last in ((1, False), (2, False), (3, True)):
+        manager.save({"step": step}, last)
+    assert written == expected
+    assert f"adds {12 * parameters / 2**30:.3g} GiB" in manager.describe_cost()

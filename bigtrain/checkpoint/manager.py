@@ -2,7 +2,9 @@
 
     due(step, final)   a checkpoint every checkpoint.every steps, and at the end (or an early stop, or a signal)
     save(state, last)  the one save sequence (`save.py`) with the layout-free form every
-                       checkpoint.layout_free_every-th save and always at the last one
+                       checkpoint.layout_free_every-th save and always at the last one (null: every save while the
+                       form is at most LAYOUT_FREE_AUTO_BYTES, else the last one only: a 175B model's form is 2.1
+                       TB, which every save would write again next to the engine's own files)
     restore(...)       the checkpoint to resume from and the state it holds:
                          1. which: rank 0 verifies the one `latest` names against its manifest and falls back to
                             older intact ones (`integrity.py`); the choice, its notes or the error reach every rank
@@ -36,6 +38,9 @@ from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine.base import Engine
 from bigtrain.errors import CheckpointError
 
+LAYOUT_FREE_BYTES_PER_PARAMETER = 12  # the fp32 weight and two fp32 optimizer moments
+LAYOUT_FREE_AUTO_BYTES = 16 * 2**30  # checkpoint.layout_free_every=null: every save up to this size, then the last
+
 
 @dataclass
 class Restored:
@@ -67,6 +72,22 @@ class CheckpointManager:
         self.full_model = full_model  # the unsplit model on the meta device: the shapes the index records
         self.barrier = groups.host_barrier if groups is not None else (lambda: None)
         self.saves = 0
+        self.layout_free_bytes = LAYOUT_FREE_BYTES_PER_PARAMETER * sum(p.numel() for p in full_model.parameters())
+        every = cfg.checkpoint.layout_free_every
+        if every is None:  # by size: every save while small, else only the last one (0 = never; None here = last)
+            every = 1 if self.layout_free_bytes <= LAYOUT_FREE_AUTO_BYTES else None
+        self.layout_free_every = every
+
+    def describe_cost(self) -> str:
+        """What the layout-free form costs on disk and how often it is written (printed at the start)."""
+        every = self.layout_free_every
+        when = ("never (checkpoint.layout_free_every=0): a resume under another layout first needs `bigtrain "
+                "convert`" if every == 0 else "with the last checkpoint of the run (the end, an early stop, a signal) "
+                "only" if every is None else "with every checkpoint" if every == 1 else
+                f"with every {every}th checkpoint and the last one")
+        return (f"checkpoints: the layout-free form (resumable under any layout) adds "
+                f"{self.layout_free_bytes / 2**30:.3g} GiB, about as much as the engine's own files, {when}; "
+                f"checkpoint.layout_free_every sets it (docs/checkpoints.md)")
 
     def path_of(self, step: int) -> Path:
         return self.directory / step_dir_name(step)
@@ -78,10 +99,10 @@ class CheckpointManager:
 
     def save(self, trainer_state: dict[str, Any], last: bool) -> Path:
         """The checkpoint of `trainer_state["step"]` (collective)."""
-        every = self.cfg.checkpoint.layout_free_every
+        every = self.layout_free_every
         self.saves += 1
         header = None
-        if every > 0 and (last or self.saves % every == 0):
+        if every != 0 and (last or (every is not None and self.saves % every == 0)):
             header = layout_free_header(self.cfg, self.layout, self.full_model, trainer_state)
         return save_checkpoint(self.directory, trainer_state["step"], self.engine, self.layout, self.rank,
                                self.barrier, trainer_state, dump_config(self.cfg), self.cfg.checkpoint.keep, header)
@@ -107,7 +128,8 @@ class CheckpointManager:
                 raise CheckpointError(
                     f"{saved.path} was written by {saved.layout.describe_run()} and holds no layout-free form, so it "
                     f"can only be resumed by that layout (this run: {self.layout.describe_run()}). Resume with that "
-                    f"layout, or write checkpoints with checkpoint.layout_free_every >= 1.")
+                    f"layout, give it that form with `bigtrain convert`, or write checkpoints with "
+                    f"checkpoint.layout_free_every=1.")
             state = restore_layout_free(StateAdapter(self.engine.sharded_state()), saved.path)["trainer"]
             # Dropout streams cannot carry across layouts: they go on from (seed, replica, step).
             offset = self.layout.seed_offset(self.rank)

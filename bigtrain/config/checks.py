@@ -115,8 +115,8 @@ def check_training(cfg: Config, layout: Layout) -> None:
     c, lg = cfg.checkpoint, cfg.log
     require(c.every >= 0, f"checkpoint.every must be >= 0 (0 = only at the end), got {c.every}.")
     positive("checkpoint.keep", c.keep)
-    require(c.layout_free_every >= 0, f"checkpoint.layout_free_every must be >= 0 (0 = never), got "
-            f"{show(c.layout_free_every)}.")
+    require(c.layout_free_every is None or c.layout_free_every >= 0, f"checkpoint.layout_free_every must be >= 0 "
+            f"(0 = never) or null (by the model's size), got {show(c.layout_free_every)}.")
     positive("log.every", lg.every)
     if lg.peak_tflops is not None:
         positive("log.peak_tflops", lg.peak_tflops)

@@ -200,9 +200,11 @@ class CheckpointConfig:
     every: int = opt(500, "steps between checkpoints; 0 = only at the end")
     keep: int = opt(2, "complete checkpoints kept on disk (older ones are deleted)")
     resume: bool = opt(True, "resume from run.dir's latest checkpoint if there is one")
-    layout_free_every: int = opt(
-        1, "write the layout-free form (unsplit weights and optimizer state, resumable under any layout) with "
-        "every n-th checkpoint and always with the last one; 0 = never (the engine's own files only)")
+    layout_free_every: int | None = opt(
+        None, "write the layout-free form (unsplit fp32 weights and optimizer moments, 12 bytes per parameter, about "
+        "as much disk as the engine's own files; resumable under any layout) with every n-th checkpoint and always "
+        "with the last one (the end of the run, a stop); 0 = never (the engine's own files only); null = every "
+        "checkpoint when the form is at most 16 GiB (1.4B parameters), else only with the last one")
 
 
 @dataclass

@@ -218,6 +218,7 @@ class Trainer:
                       f"samples, {env.world_size} rank(s) ({env.describe()}; {self.layout.describe()}), "
                       f"{type(self.engine).__name__}, device {self.device}, {self.layout.precision}, run.dir "
                       f"{self.run_dir}")
+        metrics.write(f"note: {self.checkpoints.describe_cost()}")
         if env.note:
             metrics.write(f"note: {env.note}")
         for note in self.notes:
