@@ -16,7 +16,7 @@ COMMANDS = {"train": "bigtrain.cli.train", "prepare": "bigtrain.cli.prepare", "c
 
 USAGE = """usage: bigtrain {train,prepare,consolidate,evaluate,export,convert,attention,generate,parity,plan} ...
   train --config FILE [--print-config] [--help-config] [--world-size N [--gpu-memory GiB]] [--allow-changes KEY,...] \
-[--debug] [section.key=value ...]
+[--verbose] [--debug] [section.key=value ...]
   prepare --config FILE [--workers N] [--shard-mb MB] [--verify] [--debug] [section.key=value ...]
   consolidate RUN_DIR [--step N] [--out DIR] [--debug]
   evaluate RUN_DIR|CHECKPOINT|WEIGHTS_DIR [--debug] [section.key=value ...]

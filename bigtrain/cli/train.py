@@ -50,6 +50,7 @@ def train_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--allow-changes", metavar="KEY,...",
                         help="resume even though these config keys differ from the checkpoint's (e.g. train.seed); "
                              "recorded in metrics.jsonl")
+    parser.add_argument("--verbose", action="store_true", help="print everything at start (log.verbose=true)")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -89,7 +90,8 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> int:
         if args.gpu_memory is not None and (args.world_size is None or not args.gpu_memory > 0):
             raise UsageError(f"--gpu-memory {args.gpu_memory}: give a positive number of GiB, with --world-size N "
                              f"(the dry run it judges).")
-        cfg, layout = load_run_config(args.config or SMOKE_CONFIG, args.overrides,
+        overrides = [*args.overrides, *(["log.verbose=true"] if args.verbose else [])]
+        cfg, layout = load_run_config(args.config or SMOKE_CONFIG, overrides,
                                       world_size=args.world_size or env.world_size)
         allowed = parse_allowed(args.allow_changes)
         if args.print_config and env.is_main:

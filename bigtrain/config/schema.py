@@ -217,6 +217,9 @@ class LogConfig:
     attention_images: bool = opt(
         False, "at each evaluation, log the attention maps (layers x heads) of the first held-out sample to "
         "TensorBoard as an image (needs log.tensorboard and matplotlib)")
+    verbose: bool = opt(
+        False, "print everything at start: the engine's derived config, every rank's memory table, DeepSpeed's own "
+        "messages (`bigtrain train --verbose`); by default they go to run.dir files only")
 
 
 @dataclass

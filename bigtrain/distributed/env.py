@@ -16,6 +16,8 @@ PMI_SIZE, ...) is an error naming the missing variable.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from collections.abc import Mapping
 from datetime import timedelta
@@ -138,9 +140,11 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     return _single(env)
 
 
-def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> None:
+def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 600.0, quiet: bool = True) -> None:
     """Start the default process group through DeepSpeed (gloo on CPU, nccl on GPU) at the rendezvous that
-    `detect_env` found; the variables are exported so DeepSpeed and torch read the same values."""
+    `detect_env` found; the variables are exported so DeepSpeed and torch read the same values. DeepSpeed is told
+    the device (instead of guessing it, with a warning) and, when `quiet`, its start-up prints go nowhere."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     import deepspeed
 
     if torch.distributed.is_initialized():
@@ -149,8 +153,9 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
         env = DistEnv(0, 0, 1, env.launcher, "127.0.0.1", free_port())
     os.environ.update(env.torch_env())
     backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=timedelta(seconds=timeout_s))
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=timedelta(seconds=timeout_s))
     if device.type != "cuda":  # every rank has mapped every rank's shared-memory buffer once all are here
         torch.distributed.barrier()
         release_shm_buffer(env.rank)

@@ -79,15 +79,18 @@ def tensor_share_note(tensor: int) -> str:
 def gathered_report(mine: ModelStateBytes, formula: ModelStateBytes, title: str, group: object, size: int,
                     rank: int, run_dir: Path | None, facts: dict[str, Any]) -> str | None:
     """Gather every data-parallel rank's measured bytes (collective over `group`); on global rank 0 write them
-    with `facts` and the formula to run_dir/memory.json and return the report, elsewhere None."""
+    with `facts` and the formula to run_dir/memory.json, the report to run_dir/memory.txt, and return the report,
+    elsewhere None."""
     import torch.distributed as dist
 
     gathered: list[ModelStateBytes | None] = [None] * size
     dist.all_gather_object(gathered, mine, group=group)
     if rank != 0:
         return None
+    report = format_report(gathered, formula, title)
     if run_dir is not None:
         (run_dir / "memory.json").write_text(json.dumps({
             **facts, "formula": dataclasses.asdict(formula),
             "ranks": [dataclasses.asdict(m) for m in gathered]}, indent=1) + "\n")
-    return format_report(gathered, formula, title)
+        (run_dir / "memory.txt").write_text(report + "\n")
+    return report

@@ -64,7 +64,7 @@ class Trainer:
         self.run_dir, self.is_main = Path(cfg.run.dir), env.is_main
         self.groups: ParallelGroups | None = None
         if layout.distributed:
-            init_process_group(env, self.device, timeout_s=p.collective_timeout)
+            init_process_group(env, self.device, timeout_s=p.collective_timeout, quiet=not cfg.log.verbose)
             self.groups = ParallelGroups(layout, env.rank, p.collective_timeout, on_gpu=self.device.type == "cuda")
         self.lock = RunLock(self.run_dir)
         on_main(self.is_main, self.groups, self._claim_run_dir)
@@ -92,8 +92,9 @@ class Trainer:
         self.engine = build_engine(cfg, layout, self.parallel, self.groups, self.device)
         if self.engine.config_file is not None and self.is_main:
             (self.run_dir / self.engine.config_file).write_text(self.engine.describe() + "\n")
-            print(f"bigtrain: {type(self.engine).__name__} config (also in {self.run_dir / self.engine.config_file}):"
-                  f"\n{self.engine.describe()}", flush=True)
+            shown = f":\n{self.engine.describe()}" if cfg.log.verbose else " (--verbose prints it)"
+            print(f"bigtrain: {type(self.engine).__name__} config in {self.run_dir / self.engine.config_file}{shown}",
+                  flush=True)
         self.lr_at = build_schedule(cfg.schedule, cfg.optim.lr, cfg.train.steps, cfg.model.d_model)
         self.checkpoints = CheckpointManager(cfg, layout, self.engine, self.groups, self.env.rank, self.run_dir,
                                              self.full_model)
@@ -237,11 +238,11 @@ class Trainer:
                                "config_changes": {c.key: [c.saved, c.now] for c in restored.check.accepted}})
 
     def _report_memory(self, metrics: MetricsProcessor) -> None:
-        """After the first step: the engine's measured model-state bytes (collective), printed and in memory.txt."""
+        """After the first step: the engine's measured model-state bytes (collective; run.dir/memory.txt too)."""
         report = self.engine.memory_report(self.run_dir)
         if report is not None:
-            metrics.write(report)
-            (self.run_dir / "memory.txt").write_text(report + "\n")
+            metrics.write(report if self.cfg.log.verbose else f"model-state memory per rank next to the ZeRO formula: "
+                          f"{self.run_dir / 'memory.txt'}")
 
 
 def train(cfg: Config, env: DistEnv | None = None, stop: StopRequest | None = None,
