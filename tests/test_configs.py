@@ -143,7 +143,7 @@ EXPECTED_KEYS = {
     "train.sample_tokens", "train.sample_prompt", "train.threads", "train.compile", "train.max_skipped_steps",
     "train.hang_timeout",
     "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "checkpoint.layout_free_every",
-    "log.every", "log.tensorboard", "log.progress", "log.peak_tflops", "log.attention_images",
+    "log.every", "log.tensorboard", "log.progress", "log.peak_tflops", "log.attention_images", "log.verbose",
     "run.dir",
     "deepspeed",
 }
