@@ -227,6 +227,7 @@ def test_deepspeed_files_run_no_code(tmp_path, case):
         assert proc.returncode != 0 and "bigtrain: " in proc.stderr, proc.stderr[-2000:]
         if ranks == 1:  # (under torchrun, torchrun itself prints a traceback of the failed child)
             assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+            _assert_refusal_named(proc.stderr, name)
         assert not marker.exists(), f"{name}: the payload ran"
     # consolidate reads a checkpoint's layout-free form when it has one: without it, it reads the planted file
     shutil.rmtree(tmp_path / files[0] / "checkpoints" / "step_00000002" / "layout_free")
@@ -234,7 +235,16 @@ def test_deepspeed_files_run_no_code(tmp_path, case):
     consolidate = subprocess.run([str(Path(sys.executable).parent / "bigtrain"), "consolidate",
                                   str(tmp_path / files[0])], capture_output=True, text=True, cwd=REPO)
     assert consolidate.returncode == 2 and "Cannot read the checkpoint" in consolidate.stderr, consolidate.stderr
+    _assert_refusal_named(consolidate.stderr, files[0])
     assert not marker.exists()
+
+
+def _assert_refusal_named(stderr: str, name: str) -> None:
+    """The error names the refused file and says why, without torch's advice to load with weights_only=False (the
+    one paragraph once quoted it, cut mid-sentence)."""
+    error = next(line for line in stderr.splitlines() if line.startswith("bigtrain: error: "))
+    assert name in error and "holds objects that are not plain data" in error, error
+    assert "weights_only" not in error, error
 
 
 @pytest.mark.launches

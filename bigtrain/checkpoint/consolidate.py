@@ -20,7 +20,7 @@ import torch
 from bigtrain.checkpoint.saved import SavedCheckpoint
 from bigtrain.config import ModelConfig
 from bigtrain.errors import CheckpointError
-from bigtrain.io import load_torch
+from bigtrain.io import load_failure, load_torch
 
 
 def _tensor_rank_state(saved: SavedCheckpoint, tensor_rank: int) -> dict[str, torch.Tensor]:
@@ -44,9 +44,8 @@ def consolidated_state_dict(saved: SavedCheckpoint) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except Exception as exc:  # a refused pickle, a truncated or foreign file
-        reason = " ".join(str(exc).split())[:400]
-        raise CheckpointError(f"Cannot read the checkpoint {saved.path} ({type(exc).__name__}: {reason}). Its files "
-                              f"are damaged, were not written by bigtrain, or hold objects that are not plain data "
+        raise CheckpointError(f"Cannot read the checkpoint {saved.path} ({load_failure(exc)}). Its files are "
+                              f"damaged, were not written by bigtrain, or hold objects that are not plain data "
                               f"(refused).") from None
     state = merge_tensor_shards(shards, saved.config.model) if len(shards) > 1 else shards[0]
     return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bigtrain.config.layout import Layout
 from bigtrain.errors import CheckpointError
-from bigtrain.io import replace_text, sha256_of
+from bigtrain.io import confined, replace_text, sha256_of
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -76,9 +76,12 @@ def verify(checkpoint: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{MANIFEST} is unreadable ({type(exc).__name__})"
     for name, expected in files.items():
-        path = (checkpoint / name).resolve()
-        if not path.is_relative_to(checkpoint.resolve()):
+        try:
+            path = confined(checkpoint, name, manifest_path, "")
+        except CheckpointError:
             return f"{MANIFEST} names {name!r}, outside the checkpoint"
+        if not isinstance(expected, dict):
+            return f"{MANIFEST} has an unknown format"
         if not path.is_file():
             return f"{name} is missing"
         size = path.stat().st_size

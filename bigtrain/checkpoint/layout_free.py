@@ -26,11 +26,12 @@ from typing import Any
 import torch
 
 from bigtrain.errors import CheckpointError
-from bigtrain.io import fsync_file, replace_text, sha256_of
+from bigtrain.io import confined, replace_text, save_safetensors, sha256_of
 
 FORMAT, VERSION = "bigtrain-layout-free", 1
 FOLDER, INDEX = "layout_free", "index.json"
 KINDS = ("param", "exp_avg", "exp_avg_sq")
+OTHER = "Use another checkpoint of the run, or delete this one."
 
 Box = tuple[tuple[int, int], ...]  # [start, stop) per dimension of the full tensor
 
@@ -72,8 +73,6 @@ def rank_file(rank: int) -> str:
 def write_pieces(folder: Path, rank: int, pieces: Iterable[Piece]) -> dict[str, Any]:
     """Write this rank's pieces into `rankNNNNN.safetensors` (fsynced); returns its entry for the index: the
     pieces' metadata and the file's size and SHA-256."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     name = rank_file(rank)
     tensors, metas = {}, []
@@ -83,8 +82,7 @@ def write_pieces(folder: Path, rank: int, pieces: Iterable[Piece]) -> dict[str, 
         tensors[piece.key] = piece.data.detach().reshape(-1).to("cpu", torch.float32).contiguous()
         metas.append(piece.meta())
     path = folder / name
-    save_file(tensors, str(path))
-    fsync_file(path)
+    save_safetensors(path, tensors)  # a full disk: WriteFailed, naming the file and its bytes
     return {"file": name, "bytes": path.stat().st_size, "sha256": sha256_of(path), "pieces": metas}
 
 
@@ -108,15 +106,26 @@ class LayoutFreeReader:
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}); the layout-free checkpoint is "
                                   f"incomplete or damaged.") from None
-        if self.index.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not a bigtrain layout-free index (format "
-                                  f"{self.index.get('format')!r}).")
+        if not isinstance(self.index, dict) or self.index.get("format") != FORMAT:
+            found = self.index.get("format") if isinstance(self.index, dict) else None
+            raise CheckpointError(f"{path} is not a bigtrain layout-free index (format {found!r}).")
         if self.index.get("version", 0) > VERSION:
             raise CheckpointError(f"{path} has format version {self.index['version']}, newer than this bigtrain "
                                   f"reads ({VERSION}). Upgrade bigtrain to resume it.")
+        try:
+            files, pieces = self.index["files"], [Piece.from_meta(meta) for meta in self.index["pieces"]]
+            if not isinstance(files, dict) or not isinstance(self.index["parameters"], dict):
+                raise TypeError("its files and parameters are not mappings")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a complete layout-free index ({type(exc).__name__}: {exc}); the "
+                                  f"checkpoint is damaged. {OTHER}") from None
+        # Every file the index names must lie in the folder: a crafted index could name any file on the machine.
+        self.paths = {file: confined(folder, file, path, OTHER) for file in files}
         self.pieces: dict[tuple[str, str], list[Piece]] = {}
-        for meta in self.index["pieces"]:
-            piece = Piece.from_meta(meta)
+        for piece in pieces:
+            if piece.file not in self.paths:
+                raise CheckpointError(f"{path} puts a piece of {piece.name} in {piece.file!r}, a file it does not "
+                                      f"list; the checkpoint is damaged. {OTHER}")
             self.pieces.setdefault((piece.name, piece.kind), []).append(piece)
         self._verified: set[str] = set()
         self._open: dict[str, Any] = {}
@@ -147,7 +156,7 @@ class LayoutFreeReader:
         if file in self._verified:
             return None
         expected = self.index["files"][file]
-        path = self.folder / file
+        path = self.paths[file]
         if not path.is_file():
             return f"{path} is missing"
         if path.stat().st_size != expected["bytes"]:
@@ -165,7 +174,7 @@ class LayoutFreeReader:
         if file not in self._open:
             from safetensors import safe_open
 
-            self._open[file] = safe_open(str(self.folder / file), framework="pt")
+            self._open[file] = safe_open(str(self.paths[file]), framework="pt")
         return self._open[file]
 
     def read(self, name: str, kind: str, box: Box | None = None) -> torch.Tensor:

@@ -12,19 +12,20 @@ Nothing here guesses an engine from file names: the recorded layout says which e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bigtrain.checkpoint.integrity import read_latest, read_manifest, step_dirs, verify
+from bigtrain.checkpoint.integrity import STEP_DIR, read_latest, read_manifest, step_dirs, step_of, verify
 from bigtrain.checkpoint.layout_free import FOLDER, INDEX
 from bigtrain.checkpoint.store import step_dir_name
 from bigtrain.config import Config
 from bigtrain.config.layout import Layout, resolve_layout
 from bigtrain.config.loader import config_from_dict
-from bigtrain.errors import BigtrainError, CheckpointError
+from bigtrain.errors import BigtrainError, CheckpointError, UsageError
 from bigtrain.io import load_torch
 
 LEGACY_TRAINER = "trainer.pt"  # the plain engine's trainer file before one save sequence wrote every engine's
@@ -105,32 +106,50 @@ def _saved_config(checkpoint: Path, world: int) -> Config:
                               f"{checkpoint.parent / 'latest'} at an older step), or use a new run.dir.") from None
 
 
-def find_checkpoint(path: Path, step: int | None = None) -> Path:
+def find_checkpoint(path: Path, step: int | None = None, pick: str = "--step") -> Path:
     """The checkpoint `path` means: a checkpoint folder itself, or in a run.dir the checkpoint of `step` (default:
     the one `latest` names, else the newest), verified against its manifest; nothing on disk is changed
-    (resuming moves damaged checkpoints aside, reading does not)."""
+    (resuming moves damaged checkpoints aside, reading does not). A damaged or missing one is a CheckpointError
+    that lists the run's intact checkpoints as the user picks them: `pick` is "--step" (a command's option: --step N
+    in a run.dir, else the folder's path) or the config key that names a checkpoint folder ("model.init_from")."""
     directory = path / "checkpoints"
     if not directory.is_dir():
         if not (path / "config.yaml").exists():
             raise CheckpointError(f"{path} holds no checkpoint: it is neither a run.dir (with checkpoints/) nor a "
                                   f"checkpoint folder (step_N with a config.yaml). Train first, or pass the run.dir of "
                                   f"a run that saved one.")
-        checkpoint, advice = path, "Use another checkpoint of the run."
+        if step is not None and not (STEP_DIR.match(path.name) and step_of(path) == step):
+            raise UsageError(f"--step {step}: {path} is one checkpoint folder, not a run.dir; leave --step out, or "
+                             f"pass the run.dir (the folder holding checkpoints/) with --step {step}.")
+        checkpoint = path
+        siblings = step_dirs(path.parent) if STEP_DIR.match(path.name) else []
+        how = (lambda c: str(c)) if pick == "--step" else (lambda c: f"{pick}={c}")
     else:
-        available = ", ".join(p.name for p in step_dirs(directory)) or "none"
-        advice = f"Pick another with --step (available: {available})."
+        siblings = step_dirs(directory)
+        how = (lambda c: f"--step {step_of(c)}") if pick == "--step" else (lambda c: f"{pick}={c}")
         if step is None:
             checkpoint, problem = read_latest(directory)
-            if checkpoint is None and step_dirs(directory):
-                checkpoint = step_dirs(directory)[-1]
+            if checkpoint is None and siblings:
+                checkpoint = siblings[-1]
             if checkpoint is None:
                 raise CheckpointError(f"{directory} holds no checkpoint{f' ({problem})' if problem else ''}. Train "
                                       f"first, or pass the run.dir of a run that saved one.")
         else:
             checkpoint = directory / step_dir_name(step)
             if not checkpoint.is_dir():
-                raise CheckpointError(f"No checkpoint for step {step} in {directory}; available: {available}.")
+                raise CheckpointError(f"No checkpoint for step {step} in {directory}. "
+                                      f"{_intact_ones(siblings, None, how)}")
     reason = verify(checkpoint)
     if reason is not None:
+        advice = _intact_ones(siblings, checkpoint, how)
         raise CheckpointError(f"Checkpoint {checkpoint} is damaged: {reason}. {advice}")
     return checkpoint
+
+
+def _intact_ones(checkpoints: list[Path], damaged: Path | None, how: Callable[[Path], str]) -> str:
+    """The advice that lists the intact checkpoints among `checkpoints` (newest first; each verified against its
+    manifest, so a damaged one is never offered), as the user picks them (`how`)."""
+    intact = [how(c) for c in reversed(checkpoints) if c != damaged and verify(c) is None]
+    if not intact:
+        return "No other checkpoint of the run is intact: train again, or use a new run.dir."
+    return f"Pick an intact one: {', '.join(intact)}."

@@ -1,7 +1,7 @@
 """One set of weights from whatever a user points at, for the one-device commands (`evaluate`, `export`,
 `consolidate`, `generate`, `attention`) and `model.init_from`:
 
-    a run.dir                     its latest checkpoint (below)
+    a run.dir                     its latest checkpoint (below), or the one of `step` (`--step N`)
     a checkpoint (step_N/)        its layout-free form when it has one (verified, read tensor by tensor), else
                                   its engine's own files gathered into one state dict (`consolidate.py`)
     a `bigtrain export` folder    model.safetensors + config.yaml
@@ -26,7 +26,8 @@ from bigtrain.checkpoint.saved import SavedCheckpoint, find_checkpoint
 from bigtrain.checkpoint.store import writing
 from bigtrain.config import ModelConfig, config_to_dict, dump_config
 from bigtrain.config.loader import config_from_dict, read_yaml
-from bigtrain.errors import CheckpointError, ConfigError
+from bigtrain.errors import CheckpointError, ConfigError, UsageError
+from bigtrain.io import load_failure, save_safetensors
 
 ONE_DEVICE = {"tensor": 1, "pipeline": 1, "data": None, "sequence_parallel": False}
 # Model keys that do not change what the weights mean (training choices): left out when a source's model
@@ -41,36 +42,44 @@ def one_device(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def _weights_folder(path: Path) -> bool:
-    """A folder written by `bigtrain export` or `bigtrain consolidate` (weights and a config, no optimizer)."""
-    return (path / "model.safetensors").exists() or ((path / "model.pt").exists() and
-                                                     not (path / "optimizer.pt").exists())
+def _weights_folder(path: Path, step: int | None = None) -> bool:
+    """A folder written by `bigtrain export` or `bigtrain consolidate` (weights and a config, no optimizer); such
+    a folder holds one set of weights, so a `step` to choose is a UsageError."""
+    found = (path / "model.safetensors").exists() or ((path / "model.pt").exists() and
+                                                      not (path / "optimizer.pt").exists())
+    if found and step is not None:
+        raise UsageError(f"--step {step}: {path} holds one set of weights (written by `bigtrain export` or "
+                         f"`bigtrain consolidate`), not a run's checkpoints; leave --step out, or pass the run.dir "
+                         f"of the run with --step.")
+    return found
 
 
-def weights_config(path: Path) -> dict[str, Any]:
-    """The one-device config dict that comes with the weights at `path`, without reading the weights."""
-    if _weights_folder(path):
+def weights_config(path: Path, step: int | None = None) -> dict[str, Any]:
+    """The one-device config dict that comes with the weights at `path` (a run.dir: its checkpoint of `step`,
+    default the latest), without reading the weights."""
+    if _weights_folder(path, step):
         return _folder_config(path)
-    return one_device(config_to_dict(SavedCheckpoint.read(_checkpoint_of(path)).config))
+    return one_device(config_to_dict(SavedCheckpoint.read(_checkpoint_of(path, step)).config))
 
 
-def load_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(one-device config dict, full fp32 state dict) of `path` (see the module docstring)."""
-    if (path / "model.safetensors").exists():
+def load_weights(path: Path, step: int | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(one-device config dict, full fp32 state dict) of `path` (see the module docstring); in a run.dir, the
+    checkpoint of `step` (default: the latest)."""
+    if _weights_folder(path, step) and (path / "model.safetensors").exists():
         from safetensors.torch import load_file
 
         return _folder_config(path), _read(path / "model.safetensors", lambda p: load_file(str(p)))
-    if _weights_folder(path):
+    if _weights_folder(path, step):
         return _folder_config(path), _read(path / "model.pt", lambda p: torch.load(p, map_location="cpu",
                                                                                     weights_only=True))
-    return checkpoint_weights(_checkpoint_of(path))
+    return checkpoint_weights(_checkpoint_of(path, step))
 
 
-def _checkpoint_of(path: Path) -> Path:
+def _checkpoint_of(path: Path, step: int | None = None, pick: str = "--step") -> Path:
     if not (path / "checkpoints").is_dir() and not (path / "config.yaml").exists():
         raise CheckpointError(f"{path} holds no weights bigtrain knows: pass a run.dir, a checkpoint folder "
                               f"(step_N), or a folder written by `bigtrain export` or `bigtrain consolidate`.")
-    return find_checkpoint(path)
+    return find_checkpoint(path, step, pick)
 
 
 def checkpoint_weights(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -103,9 +112,8 @@ def _read(path: Path, loader) -> dict[str, torch.Tensor]:
     try:
         return dict(loader(path))
     except Exception as exc:  # a damaged file, or objects the weights-only unpickler refuses
-        reason = " ".join(str(exc).split())[:300]
-        raise CheckpointError(f"Cannot read {path} ({type(exc).__name__}: {reason}). Write it again with "
-                              f"`bigtrain export` (or `bigtrain consolidate`).") from None
+        raise CheckpointError(f"Cannot read {path} ({load_failure(exc)}). Write it again with `bigtrain export` "
+                              f"(or `bigtrain consolidate`).") from None
 
 
 def with_tied(state: dict[str, torch.Tensor], tie_embeddings: bool) -> dict[str, torch.Tensor]:
@@ -129,17 +137,16 @@ def consolidate(run_dir: Path, step: int | None = None, out: Path | None = None)
     return out
 
 
-def export_safetensors(path: Path, out: Path) -> Path:
-    """Write `out/model.safetensors` (the weights alone, for inference) and `out/config.yaml` (one device)."""
-    from safetensors.torch import save_file
-
-    raw, state = load_weights(path)
+def export_safetensors(path: Path, out: Path, step: int | None = None) -> Path:
+    """Write `out/model.safetensors` (the weights alone, for inference) and `out/config.yaml` (one device); a
+    run.dir: its checkpoint of `step` (default: the latest)."""
+    raw, state = load_weights(path, step)
     if raw.get("model", {}).get("tie_embeddings", True):
         state.pop("head.weight", None)  # shared with embed.tokens.weight; safetensors stores a tensor once
     out.mkdir(parents=True, exist_ok=True)
     with writing(out / "model.safetensors"):
-        save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
-                  metadata={"format": "bigtrain", "source": str(path)})
+        save_safetensors(out / "model.safetensors", {k: v.detach().float().contiguous() for k, v in state.items()},
+                         metadata={"format": "bigtrain", "source": str(path)})
         (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return out
 
@@ -174,11 +181,13 @@ class TensorReader:
         pass
 
 
-def weights_reader(path: Path, cfg: ModelConfig, vocab_size: int) -> LayoutFreeReader | TensorReader:
-    """The unsplit weights of a bigtrain run.dir, checkpoint (its layout-free form: box reads) or export folder,
-    checked to be `cfg`'s model (whose embedding has `vocab_size` rows)."""
-    if not _weights_folder(path):
-        checkpoint = _checkpoint_of(path)
+def weights_reader(path: Path, cfg: ModelConfig, vocab_size: int, step: int | None = None,
+                   pick: str = "--step") -> LayoutFreeReader | TensorReader:
+    """The unsplit weights of a bigtrain run.dir (its checkpoint of `step`, default the latest), checkpoint (its
+    layout-free form: box reads) or export folder, checked to be `cfg`'s model (whose embedding has `vocab_size`
+    rows); `pick`: how the user chooses another checkpoint (`find_checkpoint`)."""
+    if not _weights_folder(path, step):
+        checkpoint = _checkpoint_of(path, step, pick)
         saved = SavedCheckpoint.read(checkpoint)
         if saved.has_layout_free:
             _check_same_model(path, cfg, config_from_dict(config_to_dict(saved.config)).model)
@@ -188,7 +197,7 @@ def weights_reader(path: Path, cfg: ModelConfig, vocab_size: int) -> LayoutFreeR
                 reader.header["parameters"]["head.weight"] = reader.header["parameters"]["embed.tokens.weight"]
                 reader.pieces[("head.weight", "param")] = reader.pieces[("embed.tokens.weight", "param")]
             return reader
-    raw, state = load_weights(path)
+    raw, state = load_weights(path, step)
     _check_same_model(path, cfg, config_from_dict(raw).model)
     _check_rows(path, state["embed.tokens.weight"].shape[0], vocab_size)
     state = with_tied(state, cfg.tie_embeddings)

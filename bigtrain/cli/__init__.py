@@ -19,12 +19,12 @@ USAGE = """usage: bigtrain {train,prepare,consolidate,evaluate,export,convert,at
 [--verbose] [--debug] [section.key=value ...]
   prepare --config FILE [--workers N] [--shard-mb MB] [--verify] [--debug] [section.key=value ...]
   consolidate RUN_DIR [--step N] [--out DIR] [--debug]
-  evaluate RUN_DIR|CHECKPOINT|WEIGHTS_DIR [--debug] [section.key=value ...]
-  export RUN_DIR|CHECKPOINT --format safetensors|hf --out DIR [--debug]
-  convert RUN_DIR|CHECKPOINT [--debug]
-  attention RUN_DIR|CHECKPOINT|WEIGHTS_DIR --text TEXT --out FILE.png [--target TEXT] \
+  evaluate RUN_DIR|CHECKPOINT|WEIGHTS_DIR [--step N] [--debug] [section.key=value ...]
+  export RUN_DIR|CHECKPOINT [--step N] --format safetensors|hf --out DIR [--debug]
+  convert RUN_DIR|CHECKPOINT [--step N] [--debug]
+  attention RUN_DIR|CHECKPOINT|WEIGHTS_DIR [--step N] --text TEXT --out FILE.png [--target TEXT] \
 [--kind all|self|encoder|decoder|cross] [--layers I,J] [--heads I,J] [--dpi N] [--debug]
-  generate RUN_DIR|CHECKPOINT|WEIGHTS_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] \
+  generate RUN_DIR|CHECKPOINT|WEIGHTS_DIR [--step N] --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] \
 [--greedy | --temperature T --top-k K --top-p P | --beams B --length-penalty A] [--seed S] [--no-cache] [--debug]
   parity --config FILE --layout tensor=T,pipeline=P,data=D,zero_stage=Z [--steps N] [--shrink] \
 [--precision fp32|bf16] [--work-dir DIR] [--debug] [section.key=value ...]

@@ -58,13 +58,13 @@ def check_out(out: Path) -> None:
 
 def attention_png(path: Path, text: str, out: Path, target: str | None = None, kind: str = "all",
                   layers: list[int] | None = None, heads: list[int] | None = None, dpi: float = 100,
-                  overrides: list[str] | None = None) -> AttentionPicture:
-    """Draw the attention maps of `text` through the weights at `path` (a run.dir, checkpoint or weights
-    folder) into the PNG `out`."""
+                  overrides: list[str] | None = None, step: int | None = None) -> AttentionPicture:
+    """Draw the attention maps of `text` through the weights at `path` (a run.dir: its checkpoint of `step`,
+    default the latest; a checkpoint or weights folder) into the PNG `out`."""
     check_out(out)
     if not dpi > 0:
         raise UsageError(f"--dpi {dpi}: give a positive number of pixels per inch (100 is the default).")
-    loaded = load_model(path, overrides)
+    loaded = load_model(path, overrides, step)
     family = loaded.cfg.model.family
     kinds = _kinds(family, kind)
     if target is not None and family != "seq2seq":
@@ -136,6 +136,8 @@ def run_attention(argv: list[str]) -> int:
     parser.add_argument("checkpoint", type=Path,
                         help="a run.dir (its latest checkpoint), a checkpoint folder, or a folder written by "
                              "`bigtrain export` or `bigtrain consolidate`")
+    parser.add_argument("--step", type=int, metavar="N",
+                        help="the checkpoint of step N of a run.dir (default: the latest)")
     parser.add_argument("--text", required=True, help="the input (seq2seq: the source)")
     parser.add_argument("--out", type=Path, required=True, help="the PNG file to write (its folder must exist)")
     parser.add_argument("--target", help="seq2seq: the decoder input after bos (default: bos alone)")
@@ -151,7 +153,7 @@ def run_attention(argv: list[str]) -> int:
     def command() -> int:
         picture = attention_png(args.checkpoint, args.text, args.out, args.target, args.kind,
                                 parse_indices("--layers", args.layers), parse_indices("--heads", args.heads),
-                                args.dpi)
+                                args.dpi, step=args.step)
         print(picture.describe())
         return 0
 

@@ -34,10 +34,13 @@ class Completion:
 
 
 def generate_text(path: Path, prompts: list[str], max_new_tokens: int, decoding: Decoding, seed: int = 0,
-                  use_cache: bool = True, overrides: list[str] | None = None) -> list[Completion]:
-    """Generate from every prompt at once (one batch) with the weights at `path`: on one device, or under a
-    launcher with W ranks split W ways by tensor parallelism (every rank returns the same completions)."""
-    loaded = load_tensor_parallel(path, overrides) if detect_env().world_size > 1 else load_model(path, overrides)
+                  use_cache: bool = True, overrides: list[str] | None = None, step: int | None = None
+                  ) -> list[Completion]:
+    """Generate from every prompt at once (one batch) with the weights at `path` (a run.dir: its checkpoint of
+    `step`, default the latest): on one device, or under a launcher with W ranks split W ways by tensor
+    parallelism (every rank returns the same completions)."""
+    loaded = (load_tensor_parallel(path, overrides, step) if detect_env().world_size > 1
+              else load_model(path, overrides, step))
     tok, family = loaded.tokenizer, loaded.cfg.model.family
     if family not in ("causal", "seq2seq"):
         raise GenerationError(f"{path}: model.family={family} has no generation (a masked LM fills in blanks, it "
@@ -71,6 +74,8 @@ def run_generate(argv: list[str]) -> int:
                              "`bigtrain export` or `bigtrain consolidate`")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides (e.g. train.device=cpu)")
+    parser.add_argument("--step", type=int, metavar="N",
+                        help="the checkpoint of step N of a run.dir (default: the latest)")
     parser.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                         help="a prompt (seq2seq: a source); repeat for several, generated as one batch")
     parser.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="at most N new tokens "
@@ -103,7 +108,7 @@ def run_generate(argv: list[str]) -> int:
         if problems:
             raise UsageError(problems[0])
         completions = generate_text(args.checkpoint, args.prompt, args.max_new_tokens, Decoding(**options),
-                                    args.seed, not args.no_cache, args.overrides)
+                                    args.seed, not args.no_cache, args.overrides, args.step)
         if detect_env().is_main:  # under a launcher, every tensor-parallel rank holds the same completions
             for index, completion in enumerate(completions):
                 print(completion.describe(index, len(completions)), flush=True)

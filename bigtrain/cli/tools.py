@@ -10,32 +10,35 @@ from pathlib import Path
 from bigtrain.cli.launching import child_env, torchrun
 from bigtrain.cli.report import run_guarded
 
+STEP_HELP = "the checkpoint of step N of a run.dir (default: the latest)"
 
-def evaluate_weights(path: Path, overrides: list[str] | None = None) -> dict[str, float]:
-    """Held-out metrics, on one device, of the weights at `path`: a run.dir, a checkpoint (its layout-free form
-    read directly), or a folder written by `bigtrain export` or `bigtrain consolidate`
-    (`bigtrain.checkpoint.weights`)."""
+
+def evaluate_weights(path: Path, overrides: list[str] | None = None, step: int | None = None) -> dict[str, float]:
+    """Held-out metrics, on one device, of the weights at `path`: a run.dir (its checkpoint of `step`, default the
+    latest), a checkpoint (its layout-free form read directly), or a folder written by `bigtrain export` or
+    `bigtrain consolidate` (`bigtrain.checkpoint.weights`)."""
     from bigtrain.data import build_datasets
     from bigtrain.data.loader import heldout_batches
     from bigtrain.distributed.device import autocast
     from bigtrain.engine.evaluate import evaluate
     from bigtrain.inference.load import load_model
 
-    loaded = load_model(path, overrides)
+    loaded = load_model(path, overrides, step)
     cfg, tokenizer, device = loaded.cfg, loaded.tokenizer, loaded.device
     _, heldout = build_datasets(cfg, tokenizer)
     return evaluate(loaded.model, heldout_batches(cfg, tokenizer, heldout, device),
                     lambda: autocast(cfg.train.precision, device))
 
 
-def convert(path: Path) -> Path:
-    """Add the layout-free form to the checkpoint at `path` (a run.dir: its latest): in this process when one
-    rank wrote it, else under torchrun with as many local ranks as wrote it (`cli/convert_worker.py`)."""
+def convert(path: Path, step: int | None = None) -> Path:
+    """Add the layout-free form to the checkpoint at `path` (a run.dir: its checkpoint of `step`, default the
+    latest): in this process when one rank wrote it, else under torchrun with as many local ranks as wrote it
+    (`cli/convert_worker.py`)."""
     from bigtrain.checkpoint.convert import convert_here
     from bigtrain.checkpoint.saved import SavedCheckpoint, find_checkpoint
     from bigtrain.errors import CheckpointError
 
-    saved = SavedCheckpoint.read(find_checkpoint(path))
+    saved = SavedCheckpoint.read(find_checkpoint(path, step))
     if saved.has_layout_free:
         return saved.path
     ranks = saved.layout.world_size
@@ -53,7 +56,7 @@ def run_consolidate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bigtrain consolidate",
                                      description="Gather a (ZeRO-sharded) checkpoint into one full set of weights.")
     parser.add_argument("run_dir", type=Path, help="the run.dir of the training run")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--step", type=int, metavar="N", help="checkpoint step (default: the latest)")
     parser.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/consolidated/step_N)")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     args = parser.parse_args(argv)
@@ -71,13 +74,15 @@ def run_consolidate(argv: list[str]) -> int:
 def run_evaluate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bigtrain evaluate",
                                      description="Held-out loss of consolidated weights on one device.")
-    parser.add_argument("weights_dir", type=Path, help="a directory written by `bigtrain consolidate`")
+    parser.add_argument("weights_dir", type=Path, help="a run.dir (its latest checkpoint), a checkpoint folder, or a "
+                        "folder written by `bigtrain export` or `bigtrain consolidate`")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser.add_argument("--step", type=int, metavar="N", help=STEP_HELP)
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     def command() -> int:
-        print(json.dumps(evaluate_weights(args.weights_dir, args.overrides)))
+        print(json.dumps(evaluate_weights(args.weights_dir, args.overrides, args.step)))
         return 0
 
     return run_guarded(command, args.debug)
@@ -87,6 +92,7 @@ def run_export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bigtrain export",
                                      description="Write a checkpoint's weights alone, for inference.")
     parser.add_argument("checkpoint", type=Path, help="a run.dir (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("--step", type=int, metavar="N", help=STEP_HELP)
     parser.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
                         help="safetensors: model.safetensors + config.yaml (one-device layout); hf: a transformers "
                         "folder (config.json + model.safetensors + tokenizer.json) of GPT-2, Llama, BERT or T5")
@@ -98,12 +104,12 @@ def run_export(argv: list[str]) -> int:
         if args.format == "hf":
             from bigtrain.interop import export_hf
 
-            out = export_hf(args.checkpoint, args.out)
+            out = export_hf(args.checkpoint, args.out, args.step)
             print(f"exported: {out} (transformers: config.json + model.safetensors)")
             return 0
         from bigtrain.checkpoint.weights import export_safetensors
 
-        out = export_safetensors(args.checkpoint, args.out)
+        out = export_safetensors(args.checkpoint, args.out, args.step)
         print(f"exported: {out / 'model.safetensors'} (config: {out / 'config.yaml'})")
         return 0
 
@@ -115,11 +121,12 @@ def run_convert(argv: list[str]) -> int:
         prog="bigtrain convert", description="Add the layout-free form to a checkpoint written without it, so that "
         "it can be resumed under any layout (loads it with as many local ranks as wrote it).")
     parser.add_argument("checkpoint", type=Path, help="a run.dir (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("--step", type=int, metavar="N", help=STEP_HELP)
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     args = parser.parse_args(argv)
 
     def command() -> int:
-        checkpoint = convert(args.checkpoint)
+        checkpoint = convert(args.checkpoint, args.step)
         print(f"layout-free form: {checkpoint / 'layout_free'}")
         return 0
 

@@ -7,7 +7,8 @@ code paths for older releases were run on 2.4.1 and 2.5.1: docs/deepspeed.md, "V
     sdpa                  scaled_dot_product_attention with grouped-query heads: enable_gqa where it exists
                           (torch >= 2.5), else key/value heads repeated to the query heads
     weights_only_loading  every torch.load inside the block unpickles tensors and plain containers only, also
-                          where a library (DeepSpeed) passes weights_only=False: TORCH_FORCE_WEIGHTS_ONLY_LOAD
+                          where a library (DeepSpeed) passes weights_only=False: TORCH_FORCE_WEIGHTS_ONLY_LOAD;
+                          a failed load names its file (`bigtrain.io.LOADED_FILE` on the exception)
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from bigtrain.io import LOADED_FILE
 
 
 def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
@@ -83,14 +86,26 @@ def weights_only_loading(allowed: list[type] | tuple[type, ...] = ()) -> Iterato
     """Within the block no torch.load can run code from a file: torch's restricted unpickler is forced on every
     call (torch reads TORCH_FORCE_WEIGHTS_ONLY_LOAD at each load, 2.4 and later), and only the plain data classes
     in `allowed` may be rebuilt besides tensors and containers. A file that needs anything else fails to load
-    (`pickle.UnpicklingError`)."""
+    (`pickle.UnpicklingError`), which carries the file's path (`LOADED_FILE`: the library's message names none)."""
     if allowed:
         torch.serialization.add_safe_globals(list(allowed))
     before = os.environ.get(_FORCE)
     os.environ[_FORCE] = "1"
+    load = torch.load
+
+    def load_naming_the_file(f, *args, **kwargs):
+        try:
+            return load(f, *args, **kwargs)
+        except Exception as exc:
+            if isinstance(f, str | os.PathLike):
+                setattr(exc, LOADED_FILE, os.path.realpath(f))  # through the links zero_to_fp32 reads
+            raise
+
+    torch.load = load_naming_the_file
     try:
         yield
     finally:
+        torch.load = load
         if before is None:
             os.environ.pop(_FORCE, None)
         else:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bigtrain.errors import DataError
+from bigtrain.io import umask_mode
 
 
 def write_file(path: Path, data: bytes, source_bytes: int, dtype: np.dtype) -> None:
@@ -33,7 +34,6 @@ def write_file(path: Path, data: bytes, source_bytes: int, dtype: np.dtype) -> N
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except OSError as exc:
             raise write_error(exc, path, WriteProgress(), source_bytes, dtype) from exc
@@ -91,12 +91,15 @@ def _writer_tag() -> str:
 
 
 def temp_name(path: Path, temps: list[Path]) -> Path:
-    """A fresh temporary file beside `path` named for its writer, recorded in `temps` for cleanup."""
+    """A fresh temporary file beside `path` named for its writer, recorded in `temps` for cleanup, with the mode
+    the umask gives (mkstemp makes it 0600: teammates sharing a cache could not read it)."""
     try:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{_writer_tag()}.{os.getpid()}.",
                                     suffix=".tmp")
     except OSError as exc:
         raise DataError(f"data.cache_dir: cannot write in '{path.parent}' ({exc}). {write_fix(exc)}") from exc
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, umask_mode())
     os.close(fd)
     temps.append(Path(name))
     return temps[-1]

@@ -54,6 +54,7 @@ from bigtrain.data.shards import (
     files_present,
     open_prepared,
     read_index,
+    shard_files,
     token_dtype,
 )
 from bigtrain.data.source_units import Source
@@ -137,10 +138,10 @@ def data_ready(cfg: Config, tokenizer: Tokenizer) -> bool:
         try:
             folder, _ = corpus_folder(one, tokenizer)
             index = read_index(folder)
+            if index is None or not files_present(folder, index):
+                return False
         except DataError:
             return False  # reported when the data is loaded
-        if index is None or not files_present(folder, index):
-            return False
     return True
 
 
@@ -148,8 +149,7 @@ def _open_given(folder: Path, tokenizer: Tokenizer, setting: str) -> TokenCorpus
     """A folder given as data.source: complete, or a DataError (it cannot be rebuilt without its source)."""
     index = read_index(folder)
     assert index is not None
-    missing = [str(b if not b.is_file() else d) for b, d in
-               ((folder / f"{s['name']}.bin", folder / f"{s['name']}.docs.npy") for s in index["shards"])
+    missing = [str(b if not b.is_file() else d) for b, d in shard_files(folder, index)
                if not (b.is_file() and d.is_file())]
     if missing:
         raise DataError(f"data.source: the prepared folder '{folder}' lacks {len(missing)} of the shard files its "
@@ -170,8 +170,7 @@ def verify_checksums(folder: Path, index: dict[str, Any], rebuildable: bool = Tr
     """DataError naming the first shard whose SHA-256 differs from the index's."""
     from bigtrain.data.shards import corrupt
 
-    for shard in index["shards"]:
-        path = folder / f"{shard['name']}.bin"
+    for shard, (path, _) in zip(index["shards"], shard_files(folder, index), strict=True):
         digest = sha256_of(path)
         if digest != shard["sha256"]:
             raise corrupt(path, f"its SHA-256 is {digest[:16]}..., {INDEX} lists {shard['sha256'][:16]}...",

@@ -59,8 +59,6 @@ def build_shard(folder: Path, k: int, spec: dict[str, Any], source: Source, toke
                 out.write(json.dumps(meta) + "\n")
                 out.flush()
                 os.fsync(out.fileno())
-            for tmp in temps:
-                os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should be readable by all
             os.replace(tmp_tokens, tokens_path)
             os.replace(tmp_docs, docs_path)
             os.replace(tmp_meta, meta_path)

@@ -22,6 +22,7 @@ import numpy as np
 
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import DataError
+from bigtrain.io import confined
 
 INDEX = "index.json"
 INDEX_FORMAT = "bigtrain-tokens"
@@ -199,7 +200,16 @@ def read_index(folder: Path) -> dict[str, Any] | None:
 
 
 def shard_files(folder: Path, index: dict[str, Any]) -> list[tuple[Path, Path]]:
-    return [(folder / f"{s['name']}.bin", folder / f"{s['name']}.docs.npy") for s in index["shards"]]
+    """Each shard's (token file, document ends file), as the index names them: inside `folder`, or a DataError
+    (a crafted index could name any file on the machine)."""
+    fix = (f"Delete '{folder}' (a token cache is built again), or prepare its source again (bigtrain prepare "
+           f"--config FILE).")
+
+    def inside(shard: Any, suffix: str) -> Path:
+        name = shard.get("name") if isinstance(shard, dict) else None
+        return confined(folder, f"{name}{suffix}" if isinstance(name, str) else name, folder / INDEX, fix, DataError)
+
+    return [(inside(s, ".bin"), inside(s, ".docs.npy")) for s in index["shards"]]
 
 
 def files_present(folder: Path, index: dict[str, Any]) -> bool:

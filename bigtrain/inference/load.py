@@ -27,16 +27,16 @@ class LoadedModel:
     is_main: bool = True
 
 
-def load_model(path: Path, overrides: list[str] | None = None) -> LoadedModel:
+def load_model(path: Path, overrides: list[str] | None = None, step: int | None = None) -> LoadedModel:
     """The run's config (one-device layout, `overrides` applied), its tokenizer, and the model holding the
-    weights at `path`."""
+    weights at `path` (a run.dir: its checkpoint of `step`, default the latest)."""
     from bigtrain.checkpoint.weights import load_weights, with_tied
     from bigtrain.config.loader import config_from_dict
     from bigtrain.data import build_tokenizer
     from bigtrain.distributed.device import resolve_device
     from bigtrain.models import build_model, resolve_vocab_size
 
-    raw, state = load_weights(path)
+    raw, state = load_weights(path, step)
     cfg = config_from_dict(raw, overrides=overrides)
     device = resolve_device(cfg.train)
     tokenizer = build_tokenizer(cfg.data)
@@ -45,7 +45,7 @@ def load_model(path: Path, overrides: list[str] | None = None) -> LoadedModel:
     return LoadedModel(cfg, tokenizer, model, device)
 
 
-def load_tensor_parallel(path: Path, overrides: list[str] | None = None) -> LoadedModel:
+def load_tensor_parallel(path: Path, overrides: list[str] | None = None, step: int | None = None) -> LoadedModel:
     """Under a launcher with W ranks: the model split W ways by tensor parallelism (parallel.tensor=W, no
     pipeline, one data replica), each rank reading only its shards of the weights at `path` (box reads of a
     layout-free checkpoint). Overrides may set parallel.sequence_parallel."""
@@ -65,7 +65,7 @@ def load_tensor_parallel(path: Path, overrides: list[str] | None = None) -> Load
     env = detect_env()
     # A one-off command: no compile time (train.compile of the run is for training).
     layout = [f"parallel.tensor={env.world_size}", "parallel.pipeline=1", "parallel.data=1", "train.compile=false"]
-    cfg, resolved = config_from_dict_and_layout(weights_config(path), world_size=env.world_size,
+    cfg, resolved = config_from_dict_and_layout(weights_config(path, step), world_size=env.world_size,
                                                 overrides=[*layout, *(overrides or [])])
     tokenizer = build_tokenizer(cfg.data)
     vocab = resolve_vocab_size(cfg.model, tokenizer.vocab_size)
@@ -76,7 +76,7 @@ def load_tensor_parallel(path: Path, overrides: list[str] | None = None) -> Load
     init_process_group(env, device)
     groups = ParallelGroups(resolved, env.rank, on_gpu=device.type == "cuda")
     parallel = parallelize(build_model(cfg.model, vocab, "meta"), cfg, groups, device)
-    reader = weights_reader(path, cfg.model, vocab)
+    reader = weights_reader(path, cfg.model, vocab, step)
     try:
         weights_only = torch.optim.SGD(list(parallel.model.parameters()), lr=0.0)  # no optimizer state to read
         StateAdapter(ShardedState(parallel.model, parallel.shards, weights_only,

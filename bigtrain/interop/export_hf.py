@@ -11,18 +11,18 @@ from bigtrain.checkpoint.store import writing
 from bigtrain.errors import ConfigError
 from bigtrain.interop.hf_config import hf_kind, to_hf_config
 from bigtrain.interop.hf_weights import to_hf
+from bigtrain.io import save_safetensors
 
 
-def export_hf(path: Path, out: Path) -> Path:
-    """Write the weights at `path` (anything `bigtrain.checkpoint.weights.load_weights` reads) as a transformers
-    checkpoint in `out`; a model with an option transformers lacks is refused naming the option."""
-    from safetensors.torch import save_file
-
+def export_hf(path: Path, out: Path, step: int | None = None) -> Path:
+    """Write the weights at `path` (anything `bigtrain.checkpoint.weights.load_weights` reads; a run.dir: its
+    checkpoint of `step`, default the latest) as a transformers checkpoint in `out`; a model with an option
+    transformers lacks is refused naming the option."""
     from bigtrain.checkpoint.weights import load_weights, with_tied
     from bigtrain.config.loader import config_from_dict
     from bigtrain.data import build_tokenizer
 
-    raw, state = load_weights(path)
+    raw, state = load_weights(path, step)
     cfg = config_from_dict(raw)
     try:
         kind = hf_kind(cfg.model)
@@ -36,7 +36,7 @@ def export_hf(path: Path, out: Path) -> Path:
     tensors = to_hf(kind, cfg.model, state)
     out.mkdir(parents=True, exist_ok=True)
     with writing(out / "model.safetensors"):
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": str(path)})
+        save_safetensors(out / "model.safetensors", tensors, metadata={"format": "pt", "source": str(path)})
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if hasattr(tokenizer, "save"):  # a tokenizer.json run: with the special tokens bigtrain added
             tokenizer.save(out / "tokenizer.json")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from bigtrain.errors import CheckpointError
+from bigtrain.io import confined, load_failure
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -41,17 +42,19 @@ class HFTensors:
             self._add_file(folder / "model.safetensors")
         elif index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
+                weight_map = dict(json.loads(index.read_text())["weight_map"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{index} cannot be read ({type(exc).__name__}).") from None
-            self._where = {name: folder / file for name, file in weight_map.items()}
+            # Each file it names must be in the folder (by its name: a hub cache's files are links into its store).
+            fix = "Download the checkpoint again from where it came from."
+            self._where = {name: confined(folder, file, index, fix, follow_links=False)
+                           for name, file in weight_map.items()}
         elif (folder / "pytorch_model.bin").exists():
             try:
                 self._pickled = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True,
                                            mmap=True)
             except Exception as exc:
-                raise CheckpointError(f"{folder / 'pytorch_model.bin'} cannot be read ({type(exc).__name__}: "
-                                      f"{' '.join(str(exc).split())[:200]}).") from None
+                raise CheckpointError(f"{folder / 'pytorch_model.bin'} cannot be read ({load_failure(exc)}).") from None
             self._where = {name: folder / "pytorch_model.bin" for name in self._pickled}
         else:
             raise CheckpointError(f"{folder} has a config.json but no weights: expected model.safetensors, "

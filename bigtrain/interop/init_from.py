@@ -72,4 +72,4 @@ def init_source(cfg: ModelConfig, vocab_size: int) -> LayoutFreeReader | TensorR
                           f"folder (config.json + weights) or a bigtrain run.dir / checkpoint / export folder.")
     if is_hf_folder(path):
         return _hf_reader(path, cfg, vocab_size)
-    return weights_reader(path, cfg, vocab_size)
+    return weights_reader(path, cfg, vocab_size, pick="model.init_from")

@@ -30,6 +30,7 @@ from bigtrain.engine.base import ShardedState
 from bigtrain.engine.step import StepEngine, skips_on_device
 from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import CheckpointError, ConfigError
+from bigtrain.io import load_failure
 from bigtrain.models import count_parameters
 from bigtrain.optim import build_optimizer
 from bigtrain.parallel import ParallelModel
@@ -116,9 +117,8 @@ class DeepSpeedWrap:
                 load_path, _ = self.engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
                                                            load_optimizer_states=True, load_lr_scheduler_states=False)
         except Exception as exc:  # a refused pickle, a truncated or foreign file
-            reason = " ".join(str(exc).split())[:400]
             raise CheckpointError(
-                f"DeepSpeed could not load the checkpoint in {checkpoint} ({type(exc).__name__}: {reason}). Its "
+                f"DeepSpeed could not load the checkpoint in {checkpoint} ({load_failure(exc)}). Its "
                 f"files are damaged, were not written by bigtrain, or hold objects that are not plain data (which "
                 f"are refused). Point {checkpoint.parent / 'latest'} at an older step, or use a new run.dir.") from None
         if load_path is None:
