@@ -137,7 +137,7 @@ EXPECTED_KEYS = {
     "data.source", "data.format", "data.text_field", "data.source_field", "data.target_field", "data.tokenizer",
     "data.seq_len", "data.max_bytes", "data.holdout_fraction", "data.mask_prob", "data.task_samples",
     "data.task_min_len", "data.task_max_len", "data.cache_dir", "data.bucket_size", "data.encoding_errors",
-    "data.document_masking", "data.sources",
+    "data.document_masking", "data.sources", "data.verify_shards",
     "train.steps", "train.seed", "train.global_batch_size", "train.micro_batch_size", "train.precision",
     "train.device", "train.eval_every", "train.eval_batches", "train.early_stop_patience", "train.on_nonfinite",
     "train.sample_tokens", "train.sample_prompt", "train.threads", "train.compile", "train.max_skipped_steps",

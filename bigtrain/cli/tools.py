@@ -23,7 +23,7 @@ def evaluate_weights(path: Path, overrides: list[str] | None = None) -> dict[str
 
     loaded = load_model(path, overrides)
     cfg, tokenizer, device = loaded.cfg, loaded.tokenizer, loaded.device
-    _, heldout = build_datasets(cfg, tokenizer)
+    _, heldout = build_datasets(cfg, tokenizer, verify=True)
     return evaluate(loaded.model, heldout_batches(cfg, tokenizer, heldout, device),
                     lambda: autocast(cfg.train.precision, device))
 

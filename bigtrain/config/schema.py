@@ -166,6 +166,11 @@ class DataConfig:
     encoding_errors: Literal["strict", "replace"] = opt(
         "strict", "text that is not valid UTF-8: strict = stop, naming the file and byte offset; replace = "
         "replace undecodable bytes by U+FFFD and warn with their count")
+    verify_shards: Literal["auto", "all"] = opt(
+        "auto", "before training, compare prepared token shards with the SHA-256s of their index.json (a shard "
+        "changed in place stops the run, naming it): auto = every shard of a corpus up to 4 GiB of token files, "
+        "above that a random sample of about 4 GiB drawn anew at each start (the console states the fraction); "
+        "all = every shard")
 
 
 @dataclass

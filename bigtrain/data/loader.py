@@ -1,8 +1,8 @@
 """What a training run reads, on every rank: `TrainingData`.
 
-    build         rank 0 prepares the corpus (token shards, docs/data.md) first; the other ranks wait on a host
-                  group with a timeout of days (preparing can outlast parallel.collective_timeout), then read the
-                  shards
+    build         rank 0 prepares the corpus (token shards, docs/data.md) first, or checks the prepared shards
+                  against their SHA-256 (data.verify_shards); the other ranks wait on a host group with a timeout of
+                  days (preparing or checking can outlast parallel.collective_timeout), then read the shards
     order         the global batch of step k is a pure function of (seed, k) (`GlobalBatchSampler`, or
                   `MixtureSampler` over a mixture), the same samples under every layout
     this rank     the global batch is split into contiguous equal slices by data-parallel rank, each slice into
@@ -50,7 +50,7 @@ class TrainingData:
                 if not ready:
                     print(f"bigtrain: rank {self.rank}: waiting for rank 0 to prepare data ...", flush=True)
                 torch.distributed.barrier(group=groups.long_wait)
-        self.train_set, self.heldout_set = build_datasets(cfg, tokenizer)
+        self.train_set, self.heldout_set = build_datasets(cfg, tokenizer, verify=self.rank == 0)
         if groups is not None and self.rank == 0:
             torch.distributed.barrier(group=groups.long_wait)
         t = cfg.train
