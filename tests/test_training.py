@@ -12,7 +12,7 @@ from bigtrain.config import load_config
 from bigtrain.config.layout import Layout
 from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer
 from bigtrain.data.collate import collate
-from bigtrain.engine.evaluate import evaluate
+from bigtrain.engine.evaluate import EvalSums, evaluate
 from bigtrain.engine.local import LocalEngine
 from bigtrain.engine.step import StepEngine
 from bigtrain.errors import TrainingError
@@ -192,9 +192,7 @@ def _poison_forward(model, at_call: int, onwards: bool = False) -> None:
 
 def test_early_stopping(run_dir, monkeypatch):
     losses = iter([3.0, 2.5, 2.6, 2.7, 2.8, 2.9])
-    monkeypatch.setattr(StepEngine, "evaluate", lambda *a, **k: {
-        "eval_loss": next(losses), "eval_ppl": 1.0, "eval_accuracy": 0.0, "eval_sequence_accuracy": 0.0,
-        "eval_tokens": 1})
+    monkeypatch.setattr(StepEngine, "evaluate_sums", lambda *a, **k: EvalSums(loss_sum=next(losses), targets=1))
     result = train(tiny_config(run_dir, "causal", "train.steps=12", "train.eval_every=2",
                                "train.early_stop_patience=2"))
     assert result.stopped_early and result.state.step == 8

@@ -14,18 +14,20 @@ from bigtrain.cli.report import run_guarded
 def evaluate_weights(path: Path, overrides: list[str] | None = None) -> dict[str, float]:
     """Held-out metrics, on one device, of the weights at `path`: a run.dir, a checkpoint (its layout-free form
     read directly), or a folder written by `bigtrain export` or `bigtrain consolidate`
-    (`bigtrain.checkpoint.weights`)."""
+    (`bigtrain.checkpoint.weights`); over the held-out set training evaluates (`bigtrain.data.heldout`, from the
+    saved config and `overrides`), with `eval_sources` for a mixture."""
     from bigtrain.data import build_datasets
-    from bigtrain.data.loader import heldout_batches
+    from bigtrain.data.heldout import heldout_parts
     from bigtrain.distributed.device import autocast
-    from bigtrain.engine.evaluate import evaluate
+    from bigtrain.engine.evaluate import evaluate_sums, held_out_record
     from bigtrain.inference.load import load_model
 
     loaded = load_model(path, overrides)
     cfg, tokenizer, device = loaded.cfg, loaded.tokenizer, loaded.device
     _, heldout = build_datasets(cfg, tokenizer, verify=True)
-    return evaluate(loaded.model, heldout_batches(cfg, tokenizer, heldout, device),
-                    lambda: autocast(cfg.train.precision, device))
+    return held_out_record(lambda batches: evaluate_sums(loaded.model, batches,
+                                                         lambda: autocast(cfg.train.precision, device)),
+                           heldout_parts(cfg, tokenizer, heldout, device))
 
 
 def convert(path: Path) -> Path:

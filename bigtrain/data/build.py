@@ -57,4 +57,4 @@ def mixture_datasets(cfg: Config, tokenizer: Tokenizer, verify: bool = False) ->
         helds.append(held)
     names = [source_name(s.name, s.source) for s in cfg.data.sources]
     weights = [s.weight for s in cfg.data.sources]
-    return Mixture(trains, weights, names, cfg.train.seed), Concatenation(helds)
+    return Mixture(trains, weights, names, cfg.train.seed), Concatenation(helds, names)
