@@ -201,30 +201,6 @@ def test_sampler_bucketing_keeps_windows_and_groups_lengths() -> None:
     assert [again.indices(k) for k in (9, 2, 5)] == [bucketed.indices(k) for k in (9, 2, 5)]
 
 
-def test_the_held_out_set_is_counted_in_sequences() -> None:
-    """train.eval_samples sequences whatever the micro-batch size (the last micro-batch may be short); an old
-    config's train.eval_batches means eval_batches x micro_batch_size, as before; a mixture's sources share it."""
-    from bigtrain.config.schema import TrainConfig
-    from bigtrain.data.heldout import eval_sample_count, eval_size_note, heldout_indices
-    from bigtrain.data.mixture import Concatenation
-
-    assert heldout_indices(list(range(100)), 10) == [(None, list(range(10)))]
-    assert heldout_indices(list(range(3)), 10) == [(None, [0, 1, 2])]
-    assert eval_sample_count(TrainConfig()) == 512 and eval_size_note(TrainConfig()) is None
-    assert eval_sample_count(TrainConfig(eval_samples=10, micro_batch_size=4)) == 10
-    old = TrainConfig(eval_batches=2, micro_batch_size=4)
-    assert eval_sample_count(old) == 8 and "set train.eval_samples=8 instead" in eval_size_note(old)
-    both = TrainConfig(eval_batches=2, eval_samples=5)
-    assert eval_sample_count(both) == 5 and "train.eval_batches=2 is ignored" in eval_size_note(both)
-
-    class Split(list):
-        lengths = ()
-
-    held = Concatenation([Split(range(6)), Split(range(2)), Split(range(5))], ["a", "b", "c"])
-    assert heldout_indices(held, 10) == [("a", [0, 1, 2, 3]), ("b", [6, 7]), ("c", [8, 9, 10])]
-    assert heldout_indices(held, 2) == [("a", [0]), ("b", [6])]  # a source without a share is left out
-
-
 # --- masked -------------------------------------------------------------------------------------------
 
 def test_masked_samples_are_deterministic_and_bert_like(tmp_path: Path) -> None:
