@@ -80,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
                  f"model.n_heads={args.d_model // 64}", f"model.d_ff={4 * args.d_model}", "model.dropout=0.0",
                  "data.seq_len=128", "model.max_seq_len=128",
                  "data.max_bytes=300000", f"data.cache_dir={work / 'cache'}", "train.steps=2",
-                 "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_every=0", "train.eval_batches=1",
+                 "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_every=0", "train.eval_samples=2",
                  "train.sample_tokens=0", "checkpoint.every=0", "checkpoint.layout_free_every=0",
                  "log.tensorboard=false", "log.progress=false", "parallel.zero_stage=1", f"run.dir={work / 'run'}"]
     cfg = load_config(REPO / "configs" / "smoke.yaml", overrides, world_size=2)

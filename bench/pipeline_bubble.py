@@ -35,7 +35,7 @@ def _overrides(run_dir: Path, m: int, args: argparse.Namespace) -> list[str]:
             f"model.d_model={args.d_model}", f"model.n_layers={args.layers}", "model.n_heads=4",
             f"model.d_ff={4 * args.d_model}", "model.dropout=0.0", "parallel.partition_method=type:BlockPipe",
             f"train.steps={args.steps}", f"train.global_batch_size={m * args.micro}",
-            f"train.micro_batch_size={args.micro}", "train.eval_every=0", "train.eval_batches=1",
+            f"train.micro_batch_size={args.micro}", "train.eval_every=0", f"train.eval_samples={args.micro}",
             "train.sample_tokens=0", "train.threads=1", "checkpoint.every=0", "log.every=1",
             "log.tensorboard=false", "log.progress=false", "schedule.warmup_steps=1"]
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.dropout=0.0",
         "model.max_seq_len=64", "data.max_bytes=300000", "data.seq_len=32", "train.steps=20",
-        "train.global_batch_size=8", "train.micro_batch_size=2", "train.eval_every=0", "train.eval_batches=4",
+        "train.global_batch_size=8", "train.micro_batch_size=2", "train.eval_every=0", "train.eval_samples=8",
         "train.sample_tokens=0", "train.threads=1", "checkpoint.every=0", "log.tensorboard=false",
         "parallel.zero_stage=2"]
 

@@ -17,7 +17,6 @@ from bigtrain.data import (
     HFTokenizer,
     build_datasets,
     build_tokenizer,
-    eval_batch_indices,
 )
 from bigtrain.data.collate import collate
 from bigtrain.data.corpus import load_corpus
@@ -200,12 +199,6 @@ def test_sampler_bucketing_keeps_windows_and_groups_lengths() -> None:
     assert np.mean(spread_bucketed) < 0.5 * np.mean(spread_plain)
     again = GlobalBatchSampler(ds, g, seed=5, bucket_size=b)
     assert [again.indices(k) for k in (9, 2, 5)] == [bucketed.indices(k) for k in (9, 2, 5)]
-
-
-def test_eval_batch_indices() -> None:
-    assert eval_batch_indices(10, 4, 16) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert eval_batch_indices(100, 4, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert eval_batch_indices(3, 4, 16) == [[0, 1, 2]]
 
 
 # --- masked -------------------------------------------------------------------------------------------

@@ -142,7 +142,8 @@ def key_differences(lines: list[dict], documented: set[str], what: str) -> list[
 
 def test_a_run_writes_exactly_the_documented_metrics_fields(tiny_runs):
     """The lines a run writes have the README's fields, no more, no fewer: training lines TRAINING_FIELDS
-    (plus `sources` with its documented keys, and only, under data.sources), evaluation lines EVAL_FIELDS.
+    (plus `sources` with its documented keys, and only, under data.sources), evaluation lines EVAL_FIELDS (plus
+    `eval_sources`, one documented record per source, and only under data.sources).
     Optional keys are documented as rows of their own (mixture, config changes) and checked where they occur."""
     rows = {kind: set(fields) for kind, fields in metrics_table().items()}
     training, evaluation = records(tiny_runs["plain"])
@@ -155,7 +156,11 @@ def test_a_run_writes_exactly_the_documented_metrics_fields(tiny_runs):
     problems += key_differences(training, rows["training"] | {key}, "mixture training")
     problems += key_differences([{"step": r["step"], **source} for r in training for source in r[key].values()],
                                 {"step", *per_source}, f"per-source {key!r} of a mixture training")
-    problems += key_differences(evaluation, rows["evaluation"], "mixture evaluation")
+    key, *per_source = metrics_table()["mixture (in evaluation lines)"]  # `eval_sources`: per source `eval_loss`, ...
+    assert [r["step"] for r in evaluation] == [2] and sorted(evaluation[0][key]) == ["embedded", "extra"]
+    problems += key_differences(evaluation, rows["evaluation"] | {key}, "mixture evaluation")
+    problems += key_differences([{"step": r["step"], **source} for r in evaluation for source in r[key].values()],
+                                {"step", *per_source}, f"per-source {key!r} of a mixture evaluation")
     assert not problems, "metrics.jsonl and README's metrics table differ:\n" + "\n".join(problems)
 
 

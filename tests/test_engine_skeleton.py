@@ -25,8 +25,8 @@ from bigtrain.train.preemption import StopRequest
 
 SKELETON = ("train_step", "decide", "world_check", "global_counts", "sum_over_data")
 HOOKS = {"forward", "backward", "update", "micro_batch", "gradients_done", "measure_norm", "layer_norms",
-         "reported_norm", "update_skipped", "run_schedule", "evaluate", "sharded_state", "write_native",
-         "read_native", "memory_report", "describe", "autocast"}
+         "reported_norm", "update_skipped", "run_schedule", "evaluate", "evaluate_sums", "sharded_state",
+         "write_native", "read_native", "memory_report", "describe", "autocast"}
 
 
 def _engine_class(path: str) -> type:

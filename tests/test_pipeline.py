@@ -3,7 +3,9 @@ one device computes, in every 3D layout tested.
 
 Each run trains 20 steps (global batch 8 = data ranks × micro-batches × 2 sequences, so a 2-stage pipeline
 has 4 micro-batches in flight) and evaluates at steps 10 and 20; `loss`, `grad_norm` and `eval_loss` are
-compared with the single-process run (1e-5 relative for training, 1e-6 for evaluation).
+compared with the single-process run (1e-5 relative for training, 1e-6 for evaluation). The held-out set (15
+sequences, tests/conftest.py `EVAL_SAMPLES`) ends in a short micro-batch, which the pipeline fills up to the fixed
+activation shape of its stages.
 """
 
 from __future__ import annotations

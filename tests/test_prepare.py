@@ -387,3 +387,4 @@ def test_config_of_the_command_is_the_training_config(tmp_path: Path) -> None:
     assert not data_ready(cfg, BYTE)
     assert main(["prepare", "--workers", "1", f"data.cache_dir={tmp_path}", "data.max_bytes=40000"]) == 0
     assert data_ready(cfg, BYTE) and load_corpus(cfg.data, BYTE).from_cache
+

@@ -12,7 +12,7 @@ from bigtrain.config import load_config
 from bigtrain.config.layout import Layout
 from bigtrain.data import GlobalBatchSampler, build_datasets, build_tokenizer
 from bigtrain.data.collate import collate
-from bigtrain.engine.evaluate import evaluate
+from bigtrain.engine.evaluate import EvalSums, evaluate
 from bigtrain.engine.local import LocalEngine
 from bigtrain.engine.step import StepEngine
 from bigtrain.errors import TrainingError
@@ -161,22 +161,38 @@ def test_nonfinite_loss_skipped_when_configured(run_dir):
     assert all(math.isfinite(p.sum().item()) for p in trainer.engine.model.parameters())
 
 
-def _poison_forward(model, at_call: int) -> None:
+@pytest.mark.parametrize("extra,last", [
+    (("train.on_nonfinite=skip", "train.max_skipped_steps=3"), 4),
+    (("train.on_nonfinite=stop",), 2),
+], ids=["skip-limit", "stop"])
+def test_the_step_that_ends_the_run_has_its_metrics_line(run_dir, extra, last):
+    """Every step from the 2nd on is non-finite: the step whose error ends the run (the 3rd skip in a row, or the
+    first non-finite step under `stop`) is in metrics.jsonl like the skipped ones before it (issue 25)."""
+    trainer = Trainer(tiny_config(run_dir, "causal", "train.steps=8", *extra))
+    _poison_forward(trainer.engine.model, at_call=2, onwards=True)
+    with pytest.raises(TrainingError, match=f"step {last}|steps 2-{last}"):
+        trainer.run()
+    training = [r for r in _records(run_dir) if "loss" in r]
+    assert [r["step"] for r in training] == list(range(1, last + 1))
+    assert [r["skipped"] for r in training] == [False] + [True] * (last - 1)
+    assert training[-1]["loss"] is None  # not finite: written as null
+
+
+def _poison_forward(model, at_call: int, onwards: bool = False) -> None:
     forward, calls = model.forward, {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         out = forward(*args, **kwargs)
-        return out * float("nan") if calls["n"] == at_call else out
+        hit = calls["n"] >= at_call if onwards else calls["n"] == at_call
+        return out * float("nan") if hit else out
 
     model.forward = poisoned
 
 
 def test_early_stopping(run_dir, monkeypatch):
     losses = iter([3.0, 2.5, 2.6, 2.7, 2.8, 2.9])
-    monkeypatch.setattr(StepEngine, "evaluate", lambda *a, **k: {
-        "eval_loss": next(losses), "eval_ppl": 1.0, "eval_accuracy": 0.0, "eval_sequence_accuracy": 0.0,
-        "eval_tokens": 1})
+    monkeypatch.setattr(StepEngine, "evaluate_sums", lambda *a, **k: EvalSums(loss_sum=next(losses), targets=1))
     result = train(tiny_config(run_dir, "causal", "train.steps=12", "train.eval_every=2",
                                "train.early_stop_patience=2"))
     assert result.stopped_early and result.state.step == 8

@@ -16,18 +16,20 @@ STEP_HELP = "the checkpoint of step N of a run.dir (default: the latest)"
 def evaluate_weights(path: Path, overrides: list[str] | None = None, step: int | None = None) -> dict[str, float]:
     """Held-out metrics, on one device, of the weights at `path`: a run.dir (its checkpoint of `step`, default the
     latest), a checkpoint (its layout-free form read directly), or a folder written by `bigtrain export` or
-    `bigtrain consolidate` (`bigtrain.checkpoint.weights`)."""
+    `bigtrain consolidate` (`bigtrain.checkpoint.weights`); over the held-out set training evaluates
+    (`bigtrain.data.heldout`, from the saved config and `overrides`), with `eval_sources` for a mixture."""
     from bigtrain.data import build_datasets
-    from bigtrain.data.loader import heldout_batches
+    from bigtrain.data.heldout import heldout_parts
     from bigtrain.distributed.device import autocast
-    from bigtrain.engine.evaluate import evaluate
+    from bigtrain.engine.evaluate import evaluate_sums, held_out_record
     from bigtrain.inference.load import load_model
 
     loaded = load_model(path, overrides, step)
     cfg, tokenizer, device = loaded.cfg, loaded.tokenizer, loaded.device
-    _, heldout = build_datasets(cfg, tokenizer)
-    return evaluate(loaded.model, heldout_batches(cfg, tokenizer, heldout, device),
-                    lambda: autocast(cfg.train.precision, device))
+    _, heldout = build_datasets(cfg, tokenizer, verify=True)
+    return held_out_record(lambda batches: evaluate_sums(loaded.model, batches,
+                                                         lambda: autocast(cfg.train.precision, device)),
+                           heldout_parts(cfg, tokenizer, heldout, device))
 
 
 def convert(path: Path, step: int | None = None) -> Path:

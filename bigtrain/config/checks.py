@@ -84,7 +84,10 @@ def check_training(cfg: Config, layout: Layout) -> None:
                 f"per step. Set parallel.micro_batches={steps} or null (it follows from the batch sizes), or "
                 f"change train.micro_batch_size so that the division gives {m_b}.")
     require(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}.")
-    positive("train.eval_batches", t.eval_batches)
+    if t.eval_samples is not None:
+        positive("train.eval_samples", t.eval_samples)
+    if t.eval_batches is not None:
+        positive("train.eval_batches", t.eval_batches)
     require(t.early_stop_patience >= 0, f"train.early_stop_patience must be >= 0, got "
             f"{t.early_stop_patience}.")
     require(t.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {t.sample_tokens}.")

@@ -166,6 +166,11 @@ class DataConfig:
     encoding_errors: Literal["strict", "replace"] = opt(
         "strict", "text that is not valid UTF-8: strict = stop, naming the file and byte offset; replace = "
         "replace undecodable bytes by U+FFFD and warn with their count")
+    verify_shards: Literal["auto", "all"] = opt(
+        "auto", "before training, compare prepared token shards with the SHA-256s of their index.json (a shard "
+        "changed in place stops the run, naming it): auto = every shard of a corpus up to 4 GiB of token files, "
+        "above that a random sample of about 4 GiB drawn anew at each start (the console states the fraction); "
+        "all = every shard")
 
 
 @dataclass
@@ -178,7 +183,14 @@ class TrainConfig:
         "fp32", "fp32; bf16 autocast; fp16 autocast with dynamic loss scaling (CUDA only)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda if available, else cpu")
     eval_every: int = opt(200, "steps between evaluations; 0 = only at the end")
-    eval_batches: int = opt(16, "held-out batches per evaluation (fewer if the split is smaller)")
+    eval_samples: int | None = opt(
+        None, "held-out sequences per evaluation: the first ones of the held-out split (a mixture: an equal share "
+        "of each source's), fewer if it is smaller; the same set, and the same eval_loss, under every layout and "
+        "micro-batch size; null = 512, or train.eval_batches x train.micro_batch_size where a config sets that")
+    eval_batches: int | None = opt(
+        None, "superseded by train.eval_samples (it counted micro-batches, so the held-out set changed with "
+        "train.micro_batch_size); still read from older configs and checkpoints, where it means eval_batches x "
+        "micro_batch_size sequences; ignored when train.eval_samples is set")
     early_stop_patience: int = opt(0, "stop after this many evaluations without improvement; 0 = off")
     on_nonfinite: Literal["stop", "skip"] = opt(
         "stop", "a NaN/inf loss or gradient: stop with an error, or skip that step's update")

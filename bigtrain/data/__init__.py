@@ -19,7 +19,6 @@ _EXPORTS = {
     "Tokenizer": "bigtrain.data.tokenizer",
     "build_datasets": "bigtrain.data.build",
     "build_tokenizer": "bigtrain.data.tokenizer",
-    "eval_batch_indices": "bigtrain.data.sampler",
 }
 
 __all__ = [
@@ -29,12 +28,11 @@ __all__ = [
     "Tokenizer",
     "build_datasets",
     "build_tokenizer",
-    "eval_batch_indices",
 ]
 
 if TYPE_CHECKING:
     from bigtrain.data.build import build_datasets
-    from bigtrain.data.sampler import GlobalBatchSampler, eval_batch_indices
+    from bigtrain.data.sampler import GlobalBatchSampler
     from bigtrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
 

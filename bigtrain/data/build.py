@@ -17,8 +17,9 @@ from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import DataError
 
 
-def build_datasets(cfg: Config, tokenizer: Tokenizer) -> tuple[Dataset, Dataset]:
-    """(train, held-out) for cfg.model.family; samples are dicts of 1-D int64 tensors.
+def build_datasets(cfg: Config, tokenizer: Tokenizer, verify: bool = False) -> tuple[Dataset, Dataset]:
+    """(train, held-out) for cfg.model.family; samples are dicts of 1-D int64 tensors. With `verify`, prepared
+    shards are checked against their SHA-256 first (data.verify_shards).
 
     Every dataset has `lengths` (tokens per sample, for length bucketing).
     """
@@ -32,8 +33,8 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer) -> tuple[Dataset, Dataset]
     if family not in ("causal", "masked"):
         raise DataError(f"model.family: unknown family '{family}'; expected 'causal', 'masked' or 'seq2seq'.")
     if cfg.data.sources:
-        return mixture_datasets(cfg, tokenizer)
-    return text_datasets(load_corpus(cfg.data, tokenizer), cfg, tokenizer)
+        return mixture_datasets(cfg, tokenizer, verify)
+    return text_datasets(load_corpus(cfg.data, tokenizer, verify=verify), cfg, tokenizer)
 
 
 def text_datasets(corpus: TokenCorpus, cfg: Config, tokenizer: Tokenizer) -> tuple[Dataset, Dataset]:
@@ -42,13 +43,13 @@ def text_datasets(corpus: TokenCorpus, cfg: Config, tokenizer: Tokenizer) -> tup
     return masked_datasets(corpus, cfg, tokenizer)
 
 
-def mixture_datasets(cfg: Config, tokenizer: Tokenizer) -> tuple[Mixture, Concatenation]:
+def mixture_datasets(cfg: Config, tokenizer: Tokenizer, verify: bool = False) -> tuple[Mixture, Concatenation]:
     """Each source's own (train, held-out) split; training draws from them by weight, evaluation reads every
     source's held-out samples."""
     trains, helds = [], []
     for key, one in text_corpora(cfg.data):
         try:
-            corpus = load_corpus(one, tokenizer)
+            corpus = load_corpus(one, tokenizer, verify=verify)
         except DataError as error:  # its message names data.source: say which source of the mixture
             raise DataError(f"{key}={one.source!r}: {error}") from None
         train, held = text_datasets(corpus, cfg, tokenizer)
@@ -56,4 +57,4 @@ def mixture_datasets(cfg: Config, tokenizer: Tokenizer) -> tuple[Mixture, Concat
         helds.append(held)
     names = [source_name(s.name, s.source) for s in cfg.data.sources]
     weights = [s.weight for s in cfg.data.sources]
-    return Mixture(trains, weights, names, cfg.train.seed), Concatenation(helds)
+    return Mixture(trains, weights, names, cfg.train.seed), Concatenation(helds, names)

@@ -34,8 +34,9 @@ path and sizes, leaving no partial file (and no folder, when no shard was finish
 
 The jobs live in modules of their own: `bigtrain.data.corpus_build` (a folder built under its lock,
 `bigtrain.data.build_lock`), `bigtrain.data.shard_workers` (the worker processes), `bigtrain.data.shard_build` (one
-shard tokenized), `bigtrain.data.build_progress` (MB/s, ETA) and `bigtrain.data.cache_writes` (temporary files,
-write errors); this one keeps the entry points.
+shard tokenized), `bigtrain.data.build_progress` (MB/s, ETA), `bigtrain.data.cache_writes` (temporary files,
+write errors) and `bigtrain.data.shard_checksums` (the shards against their SHA-256, before training); this one keeps
+the entry points.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 from bigtrain.config.schema import Config, DataConfig
 from bigtrain.data.corpus_build import Prepared, build_corpus, summarize
+from bigtrain.data.shard_checksums import verify_shards
 from bigtrain.data.shards import (
     FORMAT_VERSION,
     INDEX,
@@ -61,7 +62,6 @@ from bigtrain.data.source_units import Source
 from bigtrain.data.sources import open_source, source_kind, text_corpora
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.errors import DataError
-from bigtrain.io import sha256_of
 
 __all__ = ["SHARD_BYTES", "Prepared", "TokenCorpus", "data_ready", "load_corpus", "prepare_corpus", "token_dtype"]
 
@@ -86,19 +86,29 @@ def corpus_folder(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[Path, Source |
     return Path(cfg.cache_dir) / "tokens" / f"{key}.{dtype.name}", source
 
 
-def load_corpus(cfg: DataConfig, tokenizer: Tokenizer, *, workers: int | None = None) -> TokenCorpus:
+def load_corpus(cfg: DataConfig, tokenizer: Tokenizer, *, workers: int | None = None,
+                verify: bool = False) -> TokenCorpus:
     """The prepared corpus of data.source, prepared first (with `workers` processes; default: one per CPU, at most
-    one per shard) if it is missing or incomplete."""
+    one per shard) if it is missing or incomplete. With `verify`, shards found prepared are compared with their
+    SHA-256 as data.verify_shards says (`bigtrain.data.shard_checksums`; a sampled or full check is stated on the
+    console); shards this call built were hashed as they were written."""
     folder, source = corpus_folder(cfg, tokenizer)
     if source is None:
-        return _open_given(folder, tokenizer, cfg.tokenizer)
-    corpus = _open_complete(folder, tokenizer, cfg.tokenizer)
-    if corpus is not None:
-        return corpus
-    build_corpus(folder, source, tokenizer, cfg, workers, SHARD_BYTES)
-    corpus = _open_complete(folder, tokenizer, cfg.tokenizer)
-    assert corpus is not None
-    corpus.from_cache = False
+        corpus = _open_given(folder, tokenizer, cfg.tokenizer)
+    else:
+        corpus = _open_complete(folder, tokenizer, cfg.tokenizer)
+        if corpus is None:
+            build_corpus(folder, source, tokenizer, cfg, workers, SHARD_BYTES)
+            corpus = _open_complete(folder, tokenizer, cfg.tokenizer)
+            assert corpus is not None
+            corpus.from_cache = False
+            return corpus
+    if verify:
+        index = read_index(folder)
+        assert index is not None
+        checked = verify_shards(folder, index, cfg.verify_shards, rebuildable=source is not None)
+        if checked.sampled or cfg.verify_shards == "all":
+            print(f"bigtrain: {checked.describe()}", flush=True)
     return corpus
 
 
@@ -122,7 +132,7 @@ def prepare_corpus(cfg: DataConfig, tokenizer: Tokenizer, workers: int | None = 
             index = read_index(folder)
             assert index is not None
     if verify:
-        verify_checksums(folder, index, rebuildable=source is not None)
+        verify_shards(folder, index, "all", rebuildable=source is not None)
     return result
 
 
@@ -164,14 +174,3 @@ def _open_complete(folder: Path, tokenizer: Tokenizer, setting: str) -> TokenCor
     if index is None or not files_present(folder, index):
         return None
     return open_prepared(folder, index, tokenizer, setting, rebuildable=True)
-
-
-def verify_checksums(folder: Path, index: dict[str, Any], rebuildable: bool = True) -> None:
-    """DataError naming the first shard whose SHA-256 differs from the index's."""
-    from bigtrain.data.shards import corrupt
-
-    for shard, (path, _) in zip(index["shards"], shard_files(folder, index), strict=True):
-        digest = sha256_of(path)
-        if digest != shard["sha256"]:
-            raise corrupt(path, f"its SHA-256 is {digest[:16]}..., {INDEX} lists {shard['sha256'][:16]}...",
-                          rebuildable)

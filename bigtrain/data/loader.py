@@ -1,14 +1,15 @@
 """What a training run reads, on every rank: `TrainingData`.
 
-    build         rank 0 prepares the corpus (token shards, docs/data.md) first; the other ranks wait on a host
-                  group with a timeout of days (preparing can outlast parallel.collective_timeout), then read the
-                  shards
+    build         rank 0 prepares the corpus (token shards, docs/data.md) first, or checks the prepared shards
+                  against their SHA-256 (data.verify_shards); the other ranks wait on a host group with a timeout of
+                  days (preparing or checking can outlast parallel.collective_timeout), then read the shards
     order         the global batch of step k is a pure function of (seed, k) (`GlobalBatchSampler`, or
                   `MixtureSampler` over a mixture), the same samples under every layout
     this rank     the global batch is split into contiguous equal slices by data-parallel rank, each slice into
                   micro-batches of train.micro_batch_size, collated on the host (with their target and input token
                   counts) by a background thread a few steps ahead, then copied to the device
-    held out      the first train.eval_batches held-out batches of train.micro_batch_size samples, in order
+    held out      train.eval_samples sequences, the same under every layout and batch split
+                  (`bigtrain.data.heldout`), in micro-batches of train.micro_batch_size, by source
     mixture       the input tokens each source contributed to a global batch, its samples and epochs so far
 """
 
@@ -25,9 +26,10 @@ from bigtrain.config import Config
 from bigtrain.data.build import build_datasets
 from bigtrain.data.collate import collate
 from bigtrain.data.corpus import data_ready
+from bigtrain.data.heldout import HeldOutPart, heldout_parts
 from bigtrain.data.mixture import Mixture
 from bigtrain.data.prefetch import BatchPrefetcher, prepare
-from bigtrain.data.sampler import GlobalBatchSampler, MixtureSampler, eval_batch_indices
+from bigtrain.data.sampler import GlobalBatchSampler, MixtureSampler
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.distributed.agree import on_main
 from bigtrain.distributed.groups import ParallelGroups
@@ -50,7 +52,7 @@ class TrainingData:
                 if not ready:
                     print(f"bigtrain: rank {self.rank}: waiting for rank 0 to prepare data ...", flush=True)
                 torch.distributed.barrier(group=groups.long_wait)
-        self.train_set, self.heldout_set = build_datasets(cfg, tokenizer)
+        self.train_set, self.heldout_set = build_datasets(cfg, tokenizer, verify=self.rank == 0)
         if groups is not None and self.rank == 0:
             torch.distributed.barrier(group=groups.long_wait)
         t = cfg.train
@@ -94,10 +96,14 @@ class TrainingData:
         return batches, (host.targets, host.tokens)
 
     # ---- held-out batches ----------------------------------------------------------------------------
+    def heldout_parts(self) -> list[HeldOutPart]:
+        """The held-out set by source, in micro-batches on the device (every rank evaluates all of them: ZeRO-3
+        needs every rank in each forward)."""
+        return heldout_parts(self.cfg, self.tokenizer, self.heldout_set, self.device, self.pad_multiple)
+
     def heldout_batches(self) -> list[Batch]:
-        """The held-out batches on the device (every rank evaluates all of them: ZeRO-3 needs every rank in each
-        forward)."""
-        return heldout_batches(self.cfg, self.tokenizer, self.heldout_set, self.device, self.pad_multiple)
+        """Every held-out micro-batch, the sources' one after the other."""
+        return [b for part in self.heldout_parts() for b in part.batches]
 
     # ---- a mixture's accounting ----------------------------------------------------------------------
     def source_tokens(self, step: int) -> dict[str, int]:
@@ -120,11 +126,3 @@ class TrainingData:
         return {"sources": {name: {"tokens": source_tokens.get(name, 0), "samples": int(draws[k]),
                                    "epochs": float(epochs[k])} for k, name in enumerate(self.train_set.names)}}
 
-
-def heldout_batches(cfg: Config, tokenizer: Tokenizer, heldout: Any, device: torch.device,
-                    pad_multiple: int = 1) -> list[Batch]:
-    """The first train.eval_batches held-out batches of train.micro_batch_size samples, in order, on `device`."""
-    t = cfg.train
-    groups = eval_batch_indices(len(heldout), t.micro_batch_size, t.eval_batches)
-    return [{k: v.to(device) for k, v in collate([heldout[i] for i in g], cfg.model.family, tokenizer.pad_id,
-                                                 pad_multiple).items()} for g in groups]

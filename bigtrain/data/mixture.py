@@ -117,10 +117,12 @@ class Mixture(Dataset):
 
 
 class Concatenation(Dataset):
-    """Datasets one after the other (the held-out splits of a mixture's sources), with their `lengths`."""
+    """Datasets one after the other (the held-out splits of a mixture's sources, by source name), with their
+    `lengths`; `ends[k]` is the exclusive end of dataset k."""
 
-    def __init__(self, datasets: Sequence[Dataset]) -> None:
+    def __init__(self, datasets: Sequence[Dataset], names: Sequence[str] | None = None) -> None:
         self.datasets = list(datasets)
+        self.names = list(names) if names is not None else None
         self.ends = np.cumsum([len(d) for d in self.datasets])
         self.lengths = np.concatenate([np.asarray(d.lengths) for d in self.datasets]) if self.datasets else []
 

@@ -92,13 +92,3 @@ class MixtureSampler(GlobalBatchSampler):
     def _positions(self, start: int, count: int) -> np.ndarray:
         return np.arange(start, start + count, dtype=np.int64)
 
-
-def eval_batch_indices(dataset_len: int, batch_size: int, max_batches: int) -> list[list[int]]:
-    """Consecutive held-out batches [0, B), [B, 2B), ... at most max_batches of them.
-
-    A last partial batch is dropped, unless it is the only batch (a held-out split smaller than B).
-    """
-    full = dataset_len // batch_size
-    if full == 0:
-        return [list(range(dataset_len))] if dataset_len > 0 and max_batches > 0 else []
-    return [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(min(full, max_batches))]

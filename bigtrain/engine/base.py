@@ -17,6 +17,7 @@ from torch import nn
 
 from bigtrain.compat.deepspeed import local_shape
 from bigtrain.config.layout import Layout
+from bigtrain.engine.evaluate import EvalSums
 from bigtrain.engine.result import StepResult
 from bigtrain.models.init import Shard
 
@@ -60,6 +61,9 @@ class Engine(Protocol):
 
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Held-out metrics over `batches` (every rank evaluates all of them and returns the same numbers)."""
+
+    def evaluate_sums(self, batches: list[dict[str, torch.Tensor]]) -> EvalSums:
+        """The summed loss and counts behind `evaluate` (what adds up across a mixture's sources)."""
 
     def describe(self) -> str:
         """The engine's settings as JSON (DeepSpeed's derived config, fairscale's sharding)."""

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from bigtrain.config.layout import Layout
 from bigtrain.distributed.device import autocast
 from bigtrain.distributed.groups import ParallelGroups
-from bigtrain.engine.evaluate import evaluate
+from bigtrain.engine.evaluate import EvalSums, evaluate_sums
 from bigtrain.engine.result import NO_RANK, StepResult
 from bigtrain.models.loss import Criterion, count_input_tokens, count_targets
 from bigtrain.optim import set_lr
@@ -200,8 +200,13 @@ class StepEngine:
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.layout.precision, self.device)
 
+    def evaluate_sums(self, batches: list[dict[str, torch.Tensor]]) -> EvalSums:
+        """Summed held-out loss and counts over `batches` through the engine's model (every rank runs all of them
+        and gets the same sums)."""
+        return evaluate_sums(self.model, batches, self.autocast, self.criterion)
+
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        return evaluate(self.model, batches, self.autocast, self.criterion)
+        return self.evaluate_sums(batches).record()
 
     def describe(self) -> str:
         return "{}"

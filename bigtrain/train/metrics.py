@@ -175,6 +175,13 @@ class MetricsProcessor:
         self.progress.update(step, record, print_line=True)
         self.window_tokens, self.window_t0 = 0, time.perf_counter()
 
+    def eval_line(self, step: int, record: dict[str, Any]) -> None:
+        """An evaluation line (EVAL_FIELDS, and for a mixture `eval_sources`: each source's EVAL_FIELDS but
+        `step`, also in TensorBoard as eval/<source>/...)."""
+        self.log.write({"step": step, **record})
+        for name, fields in record.get("eval_sources", {}).items():
+            self.log.scalars(f"eval/{name}", {k: v for k, v in fields.items() if isinstance(v, int | float)}, step)
+
     def skipped_line(self, step: int, lr: float, loss: float, grad_norm: float) -> None:
         """A skipped step settled after a later one: its own line, without speed."""
         self.log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": None,

@@ -3,7 +3,8 @@ already skipped on the device), and no more than `train.max_skipped_steps` skipp
 
 Steps' values stay on the device until a log line, an evaluation or a checkpoint needs them; then every pending
 step is read in one transfer (`resolve_all`) and checked in order, so a skipped step is reported even when it
-is not a log step (on a line of its own).
+is not a log step (on a line of its own). The step that ends the run (on_nonfinite=stop, or the
+max_skipped_steps-th skip in a row) gets its line too, before the error propagates.
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ class NonFiniteSteps:
 
     def settle(self, pending: list[tuple[int, float, StepResult]], state: TrainState) -> list[StepResult]:
         """Read the pending steps' values (one wait for the device) and check each in order; a skipped step that
-        is not the last one gets its own metrics line."""
+        is not the last one gets its own metrics line, and so does a step that ends the run (its update was not
+        applied either)."""
         results = resolve_all([r for _, _, r in pending])
         for index, ((step, lr, _), result) in enumerate(zip(pending, results, strict=True)):
-            if self.check(result, state, step) and index < len(pending) - 1:
+            try:
+                skipped = self.check(result, state, step)
+            except TrainingError:
+                self.metrics.skipped_line(step, lr, result.loss, result.grad_norm)
+                raise
+            if skipped and index < len(pending) - 1:
                 self.metrics.skipped_line(step, lr, result.loss, result.grad_norm)
         return results
 

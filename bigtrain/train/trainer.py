@@ -23,6 +23,7 @@ from bigtrain.checkpoint.manager import CheckpointManager, Restored
 from bigtrain.config import Config, dump_config
 from bigtrain.config.layout import Layout, resolve_layout
 from bigtrain.data import build_tokenizer
+from bigtrain.data.heldout import eval_size_note
 from bigtrain.data.loader import TrainingData
 from bigtrain.distributed import DistEnv, detect_env, init_process_group
 from bigtrain.distributed.agree import on_main
@@ -101,7 +102,9 @@ class Trainer:
         self.state = TrainState(tokenizer=self.tokenizer.name)
         self.restored = (self.checkpoints.restore(self.tokenizer.name, allow_changes) if cfg.checkpoint.resume
                          else Restored())
-        self.notes = ([self.lock.note] if self.lock.note else []) + self.restored.notes
+        eval_note = eval_size_note(cfg.train)
+        self.notes = ([self.lock.note] if self.lock.note else []) + ([eval_note] if eval_note else []) + \
+            self.restored.notes
         if self.restored.trainer_state is not None:
             self.state = TrainState(**{**self.restored.trainer_state, "tokenizer": self.tokenizer.name})
         elif cfg.model.init_from:

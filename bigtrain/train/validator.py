@@ -2,8 +2,10 @@
 for TensorBoard, and early stopping.
 
     due        every train.eval_every steps and after the last one
-    metrics    `engine.evaluate` over the held-out batches (every rank runs all of them: ZeRO-3 needs every rank
-               in each forward; the pipeline runs them stage by stage); one line in metrics.jsonl
+    metrics    the engine's sums over the held-out set of train.eval_samples sequences (`bigtrain.data.heldout`:
+               the same under every layout and batch split; every rank runs all of it: ZeRO-3 needs every rank in
+               each forward; the pipeline runs it stage by stage), one source at a time; one line in metrics.jsonl,
+               with each source's own record under `eval_sources` for a mixture
     stop       eval_loss did not improve for train.early_stop_patience evaluations in a row
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 from bigtrain.config import Config
 from bigtrain.data.loader import TrainingData
 from bigtrain.engine.base import Engine
+from bigtrain.engine.evaluate import held_out_record
 from bigtrain.train.metrics import MetricsProcessor
 from bigtrain.train.state import TrainState
 
@@ -26,15 +29,16 @@ class Validator:
         return bool(every and step % every == 0) or step == self.cfg.train.steps
 
     def run(self, state: TrainState) -> dict[str, float]:
-        result = self.engine.evaluate(self.data.heldout_batches())
-        self.metrics.log.write({"step": state.step, **result})
+        result = held_out_record(self.engine.evaluate_sums, self.data.heldout_parts())
+        self.metrics.eval_line(state.step, result)
         if self.cfg.log.tensorboard and self.cfg.log.attention_images:
             self._log_attention(state.step)
         acc = "" if self.cfg.model.family == "causal" else (
             f" | token accuracy {100 * result['eval_accuracy']:.1f}%"
             f" | sequence accuracy {100 * result['eval_sequence_accuracy']:.1f}%")
+        sources = "".join(f" | {name} {r['eval_loss']:.4f}" for name, r in result.get("eval_sources", {}).items())
         self.metrics.write(f"eval step {state.step} | eval_loss {result['eval_loss']:.4f} "
-                           f"| ppl {result['eval_ppl']:.2f}{acc}")
+                           f"| ppl {result['eval_ppl']:.2f}{acc}{sources}")
         return result
 
     def _log_attention(self, step: int) -> None:

@@ -7,6 +7,8 @@ show what bigtrain does when things go wrong):
     BIGTRAIN_TEST_KILL_SAVE=S       it SIGKILLs itself while saving the checkpoint of step S, after DeepSpeed wrote
                                     its files and before the checkpoint is complete
     BIGTRAIN_TEST_KILL_STEP=S       it SIGKILLs itself inside step S (in the middle of its forward passes)
+    BIGTRAIN_TEST_SLOW_VERIFY=T     checking the prepared shards against their SHA-256 takes T seconds longer (on
+                                    the rank that checks them, global rank 0)
 """
 
 import os
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bigtrain.checkpoint import save  # noqa: E402
 from bigtrain.cli.train import run_train  # noqa: E402
+from bigtrain.data import corpus  # noqa: E402
 from bigtrain.data.loader import TrainingData  # noqa: E402
 from bigtrain.models import loss  # noqa: E402
 
@@ -27,6 +30,7 @@ NAN_STEPS = {int(s) for s in os.environ.get("BIGTRAIN_TEST_NAN_STEPS", "").split
 SLEEP_STEP = int(os.environ.get("BIGTRAIN_TEST_SLEEP_STEP", "0"))
 KILL_SAVE = int(os.environ.get("BIGTRAIN_TEST_KILL_SAVE", "0"))
 KILL_STEP = int(os.environ.get("BIGTRAIN_TEST_KILL_STEP", "0"))
+SLOW_VERIFY = float(os.environ.get("BIGTRAIN_TEST_SLOW_VERIFY", "0"))
 NOW = {"step": 0, "me": False}
 
 _micro_batches = TrainingData.micro_batches
@@ -60,7 +64,16 @@ def write_trainer_record(folder, rank, record):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+_verify_shards = corpus.verify_shards
+
+
+def verify_shards(*args, **kwargs):
+    time.sleep(SLOW_VERIFY)  # a check that outlasts parallel.collective_timeout (a big corpus on a slow disk)
+    return _verify_shards(*args, **kwargs)
+
+
 TrainingData.micro_batches = micro_batches
+corpus.verify_shards = verify_shards
 loss.Criterion.loss_sum = loss_sum
 save.write_trainer_record = write_trainer_record
 

@@ -18,7 +18,10 @@ once per step. When DeepSpeed's own optimizer skips a non-finite gradient norm w
 (on every rank alike), the decision is made after `train_batch` instead.
 
 Evaluation runs `eval_batch` over the held-out batches; the last stage returns per micro-batch the summed
-loss and the accuracy counts, and broadcasts their totals to the other stages of its pipeline.
+loss and the accuracy counts, and broadcasts their totals to the other stages of its pipeline. The causal family's
+stages exchange activations of one fixed shape (DeepSpeed's `dynamic_shape` is off), the training micro-batch's, so
+a shorter last held-out micro-batch is filled up to train.micro_batch_size with copies of its rows whose labels are
+all ignored: they add no loss, no target and no sequence to the sums.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from bigtrain.config import Config
 from bigtrain.config.layout import Layout
 from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine.deepspeed.wrap import DeepSpeedWrap, OnDeepSpeed
-from bigtrain.models.loss import Criterion, correct_predictions, eval_metrics
+from bigtrain.engine.evaluate import EvalSums
+from bigtrain.models.loss import IGNORE_INDEX, Criterion, correct_predictions
 from bigtrain.parallel import ParallelModel
 from bigtrain.parallel.grad_norm import clip_grad_norm
 from bigtrain.parallel.pipeline import pipeline_inputs
@@ -71,7 +75,7 @@ class PipelineEngine(OnDeepSpeed):
         parallel.stage.loss_fn = self.loss_fn  # read by DeepSpeed on the last stage of every micro-batch
         self.ds = DeepSpeedWrap(cfg, layout, parallel, groups, found_inf=self._decide_in_update, mpu=False)
         self.model, self.optimizer, self.device = self.ds.engine.module, self.ds.optimizer, self.ds.engine.device
-        self.grad_clip = cfg.optim.grad_clip
+        self.grad_clip, self.micro_batch_size = cfg.optim.grad_clip, cfg.train.micro_batch_size
         self.stage = groups.get_pipeline_model_parallel_rank()
         self.last_stage = layout.pipeline - 1
         c = groups.coords
@@ -102,10 +106,11 @@ class PipelineEngine(OnDeepSpeed):
 
     # ---- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Held-out metrics through the pipeline (every rank returns the same numbers): the last stage returns
-        per micro-batch the summed loss and the accuracy counts, and broadcasts their totals to the other stages
-        of its pipeline."""
+    def evaluate_sums(self, batches: list[dict[str, torch.Tensor]]) -> EvalSums:
+        """Held-out sums through the pipeline (every rank returns the same numbers): the last stage returns per
+        micro-batch the summed loss and the accuracy counts, and broadcasts their totals to the other stages of its
+        pipeline."""
+        batches = [self._full_size(b) for b in batches]
         self.loss_fn.evaluating = True
         reset_eval_loss(self.ds.engine)
         try:
@@ -119,4 +124,16 @@ class PipelineEngine(OnDeepSpeed):
         if self.stage == self.last_stage:
             totals = torch.stack(list(outputs)).sum(0)
         dist.broadcast(totals, src=self.last_stage_rank, group=self.groups.group("pipeline"))
-        return eval_metrics(*totals.tolist())
+        loss_sum, *counts = totals.tolist()
+        return EvalSums(loss_sum, *(int(c) for c in counts))
+
+    def _full_size(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`batch` filled up to train.micro_batch_size rows with copies of its rows whose labels are all ignored
+        (module docstring); a full batch as it is."""
+        rows = batch["labels"].shape[0]
+        if rows >= self.micro_batch_size:
+            return batch
+        fill = torch.arange(self.micro_batch_size - rows, device=batch["labels"].device) % rows
+        full = {k: torch.cat([v, v[fill]]) for k, v in batch.items()}
+        full["labels"][rows:] = IGNORE_INDEX
+        return full
