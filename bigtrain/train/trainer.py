@@ -43,10 +43,7 @@ from bigtrain.train.run_dir import RunLock, prepare_run_dir
 from bigtrain.train.sample import print_sample
 from bigtrain.train.state import TrainResult, TrainState
 from bigtrain.train.validator import Validator
-from bigtrain.train.watchdog import Watchdog
-
-# Launchers whose ranks are their children: a rank whose launcher is gone stops (see watchdog.py).
-LAUNCHERS_THAT_SPAWN = ("torchrun", "deepspeed", "accelerate", "mpi", "slurm")
+from bigtrain.train.watchdog import LAUNCHERS_THAT_SPAWN, Watchdog
 
 
 class Trainer:
@@ -102,9 +99,7 @@ class Trainer:
         self.state = TrainState(tokenizer=self.tokenizer.name)
         self.restored = (self.checkpoints.restore(self.tokenizer.name, allow_changes) if cfg.checkpoint.resume
                          else Restored())
-        eval_note = eval_size_note(cfg.train)
-        self.notes = ([self.lock.note] if self.lock.note else []) + ([eval_note] if eval_note else []) + \
-            self.restored.notes
+        self.notes = [n for n in (self.lock.note, eval_size_note(cfg.train)) if n] + self.restored.notes
         if self.restored.trainer_state is not None:
             self.state = TrainState(**{**self.restored.trainer_state, "tokenizer": self.tokenizer.name})
         elif cfg.model.init_from:

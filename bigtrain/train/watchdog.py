@@ -22,6 +22,8 @@ from pathlib import Path
 
 HANG_EXIT = 4
 ORPHAN_EXIT = 5
+# Launchers whose ranks are their children: a rank whose launcher is gone stops.
+LAUNCHERS_THAT_SPAWN = ("torchrun", "deepspeed", "accelerate", "mpi", "slurm")
 
 
 class Watchdog:
