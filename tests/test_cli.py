@@ -179,3 +179,20 @@ def test_world_size_checks_a_cluster_job_without_launching(tmp_path):
     assert unreadable.returncode == 2 and "missing.jsonl" in unreadable.stderr
     indivisible = run_cli(*args[:4], "6", *args[5:])
     assert indivisible.returncode == 2 and "does not divide the world size 6" in indivisible.stderr
+
+
+def test_a_dry_run_checks_what_a_run_dir_would_resume(tmp_path):
+    """With a checkpoint in run.dir, the dry run says what a job would resume and refuses what a resume refuses
+    (a changed model section), before any cluster time is spent."""
+    from tests.conftest import run_cli, tiny_overrides
+
+    run_dir = tmp_path / "run"
+    assert run_cli("train", *tiny_overrides(run_dir, "causal", "train.steps=2")).returncode == 0
+    overrides = tiny_overrides(run_dir, "causal", "train.steps=4", "train.micro_batch_size=4")
+    args = ["train", "--world-size", "2", *overrides]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumes step 2 from step_00000002 through its layout-free form" in proc.stdout
+    assert "trains steps 3-4" in proc.stdout
+    refused = run_cli(*args, "model.dropout=0.3")
+    assert refused.returncode == 2 and "model.dropout: 0.0 -> 0.3" in refused.stderr, refused.stderr

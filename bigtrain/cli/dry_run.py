@@ -4,6 +4,8 @@ The config is loaded for N ranks with every check a job makes before its first s
 N, DeepSpeed's derived config, the pipeline stages as DeepSpeed cuts them), then:
 
     data     the tokenizer loads and every text source (data.source, or each of data.sources) is readable
+    resume   a run.dir that holds a checkpoint: the one a run would resume from fits this config (the checks a
+             resume makes: config changes, tokenizer; under another layout it needs its layout-free form)
     memory   one rank of each pipeline stage, as `bigtrain plan` models it on a GPU (parameters, gradients and
              optimizer state per the ZeRO formulas, DeepSpeed's buffers, activations of the micro-batches in
              flight, logits, a framework constant); with --gpu-memory, a stage that does not fit is an error
@@ -20,8 +22,8 @@ from bigtrain.errors import ConfigError
 GiB = 2**30
 
 
-def check_data(cfg: Config) -> list[str]:
-    """Lines naming what was checked; a DataError names the source that cannot be read."""
+def check_data(cfg: Config) -> tuple[str, list[str]]:
+    """(the tokenizer's name, lines naming what was checked); a DataError names the source that cannot be read."""
     from bigtrain.data.corpus import corpus_folder
     from bigtrain.data.seq2seq import TASKS
     from bigtrain.data.sources import text_corpora
@@ -30,11 +32,36 @@ def check_data(cfg: Config) -> list[str]:
     tokenizer = build_tokenizer(cfg.data)
     lines = [f"tokenizer {tokenizer.name} ({tokenizer.vocab_size} ids)"]
     if not cfg.data.sources and cfg.data.source in TASKS:
-        return [*lines, f"data.source '{cfg.data.source}': a generated task"]
+        return tokenizer.name, [*lines, f"data.source '{cfg.data.source}': a generated task"]
     for key, one in text_corpora(cfg.data):
         folder, _ = corpus_folder(one, tokenizer)
         lines.append(f"{key} '{one.source}' readable (its tokens go to {folder})")
-    return lines
+    return tokenizer.name, lines
+
+
+def resume_lines(cfg: Config, layout: Layout, tokenizer_name: str, allowed: set[str]) -> list[str]:
+    """What a run would resume from, checked as a resume checks it; nothing on disk is changed."""
+    from pathlib import Path
+
+    from bigtrain.checkpoint.resume import check_fits, check_tokenizer
+    from bigtrain.checkpoint.saved import SavedCheckpoint, find_checkpoint
+
+    run_dir = Path(cfg.run.dir)
+    if not (run_dir / "checkpoints").is_dir() or not cfg.checkpoint.resume:
+        return [f"run.dir {run_dir}: starts from step 0"]
+    saved = SavedCheckpoint.read(find_checkpoint(run_dir))
+    check_fits(saved, cfg, allowed)
+    check_tokenizer(saved, tokenizer_name, allowed)
+    if saved.layout != layout and not saved.has_layout_free:
+        raise ConfigError(f"run.dir {run_dir}: its checkpoint {saved.path.name} was written by "
+                          f"{saved.layout.describe_run()} without its layout-free form, so a job on "
+                          f"{layout.describe_run()} could not resume it. Use that layout, `bigtrain convert "
+                          f"{run_dir}` first, or another run.dir.")
+    how = ("its own files" if saved.layout == layout else
+           f"its layout-free form (written by {saved.layout.describe_run()})")
+    left = ("nothing left to train" if saved.step >= cfg.train.steps else
+            f"trains steps {saved.step + 1}-{cfg.train.steps}")
+    return [f"run.dir {run_dir}: resumes step {saved.step} from {saved.path.name} through {how}; {left}"]
 
 
 def memory_lines(cfg: Config, layout: Layout, gpu_memory_gib: float | None) -> list[str]:
@@ -62,9 +89,11 @@ def memory_lines(cfg: Config, layout: Layout, gpu_memory_gib: float | None) -> l
     return lines
 
 
-def dry_run(cfg: Config, layout: Layout, gpu_memory_gib: float | None = None) -> str:
-    """The report of a dry run of `cfg` on `layout` (see the module docstring)."""
-    lines = [f"dry run for {layout.world_size} rank(s): {layout.describe_run()}; config checked",
-             *check_data(cfg), *memory_lines(cfg, layout, gpu_memory_gib),
+def dry_run(cfg: Config, layout: Layout, gpu_memory_gib: float | None = None, allowed: set[str] | None = None
+            ) -> str:
+    """The report of a dry run of `cfg` on `layout` (see the module docstring); `allowed`: --allow-changes."""
+    tokenizer_name, data = check_data(cfg)
+    lines = [f"dry run for {layout.world_size} rank(s): {layout.describe_run()}; config checked", *data,
+             *resume_lines(cfg, layout, tokenizer_name, allowed or set()), *memory_lines(cfg, layout, gpu_memory_gib),
              "nothing was launched: start the job with the same config and overrides on that many ranks"]
     return "\n".join(lines)

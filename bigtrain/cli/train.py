@@ -99,7 +99,7 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> int:
         if args.world_size is not None and env.is_main:
             from bigtrain.cli.dry_run import dry_run
 
-            print(dry_run(cfg, layout, args.gpu_memory))
+            print(dry_run(cfg, layout, args.gpu_memory, allowed))
         if args.print_config or args.world_size is not None:
             return 0
         from bigtrain.train.trainer import train  # heavy imports only when training
