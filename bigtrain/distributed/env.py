@@ -168,3 +168,20 @@ def shutdown_process_group() -> None:
     gc.collect()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def stated_rank(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world size) as the launcher's variables state them, read without a rendezvous and never failing
+    (a variable that is missing or not a number counts as one process): for a message before the process group,
+    which only rank 0 prints."""
+    env = os.environ if environ is None else environ
+    pairs = [("RANK", "WORLD_SIZE"), *((rank, size) for rank, size, _ in MPI_VARS.values())]
+    if "SLURM_STEP_ID" in env:
+        pairs.append(("SLURM_PROCID", "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"))
+    for rank_var, size_var in pairs:
+        if rank_var in env:
+            rank, world = env.get(rank_var, ""), env.get(size_var or "", "")
+            if rank.isdigit() and world.isdigit() and int(rank) < int(world):
+                return int(rank), int(world)
+            return (int(rank), 2) if rank.isdigit() else (0, 1)  # PMIx states no size; more than one process
+    return 0, 1
