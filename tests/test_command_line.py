@@ -245,3 +245,14 @@ def test_a_deepspeed_section_under_fairscale_names_the_engine(tmp_path):
     message = str(error.value)
     assert "its engine is fairscale, on tensor 1 × pipeline 1 × data 4 = 4 ranks" in message
     assert "one process" not in message and "zero_stage 0" not in message
+
+
+def test_the_rank_an_argument_error_is_printed_by():
+    """Read from the launcher's variables without a rendezvous (and without torch): only rank 0 prints."""
+    from bigtrain.distributed.rendezvous import stated_rank
+
+    assert stated_rank({}) == (0, 1) and stated_rank({"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)
+    assert stated_rank({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"}) == (3, 4)
+    assert stated_rank({"SLURM_STEP_ID": "0", "SLURM_PROCID": "2", "SLURM_NTASKS": "4"}) == (2, 4)
+    assert stated_rank({"SLURM_PROCID": "2", "SLURM_NTASKS": "4"}) == (0, 1)  # a batch shell, not an srun step
+    assert stated_rank({"RANK": "garbage"}) == (0, 1)

@@ -37,7 +37,7 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         from bigtrain.cli.report import fail
-        from bigtrain.distributed.env import stated_rank
+        from bigtrain.distributed.rendezvous import stated_rank
 
         rank, world = stated_rank()
         err = UsageError(f"{self.prog}: {message}. `{self.prog} --help` lists the options.")

@@ -25,17 +25,10 @@ import torch
 from bigtrain.compat.deepspeed import release_shm_buffer
 from bigtrain.distributed.hostlist import expand_hostlist
 from bigtrain.distributed.mpi import mpi_rendezvous
-from bigtrain.distributed.rendezvous import DistEnv, free_port
+from bigtrain.distributed.rendezvous import MPI_VARS, DistEnv, free_port
 from bigtrain.errors import ConfigError
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# (rank, world size, local rank) variables of each MPI family; PMIx exports no size (mpi4py supplies it).
-MPI_VARS = {
-    "Open MPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-    "MPICH / Intel MPI": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-    "MVAPICH": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"),
-    "PMIx": ("PMIX_RANK", None, None),
-}
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000  # MASTER_PORT under srun: 15000 + job id mod 20000
 
@@ -169,19 +162,3 @@ def shutdown_process_group() -> None:
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
-
-def stated_rank(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """(rank, world size) as the launcher's variables state them, read without a rendezvous and never failing
-    (a variable that is missing or not a number counts as one process): for a message before the process group,
-    which only rank 0 prints."""
-    env = os.environ if environ is None else environ
-    pairs = [("RANK", "WORLD_SIZE"), *((rank, size) for rank, size, _ in MPI_VARS.values())]
-    if "SLURM_STEP_ID" in env:
-        pairs.append(("SLURM_PROCID", "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"))
-    for rank_var, size_var in pairs:
-        if rank_var in env:
-            rank, world = env.get(rank_var, ""), env.get(size_var or "", "")
-            if rank.isdigit() and world.isdigit() and int(rank) < int(world):
-                return int(rank), int(world)
-            return (int(rank), 2) if rank.isdigit() else (0, 1)  # PMIx states no size; more than one process
-    return 0, 1
