@@ -229,11 +229,20 @@ def test_the_override_a_list_entry_message_suggests_is_one_the_loader_takes(tmp_
     cfg = load_config(None, [*base, "data.sources[1].weight=3", "data.sources[2].source=embedded",
                              "data.sources[2].name=c"])
     assert [(s.name, s.weight) for s in cfg.data.sources] == [("a", 1.0), ("b", 3.0), ("c", 1.0)]
+    with pytest.raises(ConfigError, match=r"the 'sources' given before has 2 entries; an override changes one of them "
+                                          r"or adds entry 2"):
+        load_config(None, [*base, "data.sources[5].weight=1"])
+    config = tmp_path / "mixture.yaml"  # entries of a list the file gives
+    config.write_text("data:\n  sources:\n    - {source: embedded, name: a}\n    - {source: embedded, name: b}\n")
+    cfg = load_config(config, [*base[:-1], "data.sources[0].weight=0.5"])
+    assert [(s.name, s.weight) for s in cfg.data.sources] == [("a", 0.5), ("b", 1.0)]
     with pytest.raises(ConfigError, match=r"'data.sources' has entries 0 to 1; an override changes one of them or "
                                           r"adds data.sources\[2\]"):
-        load_config(None, [*base, "data.sources[5].weight=1"])
+        load_config(config, [*base[:-1], "data.sources[5].weight=1"])
     with pytest.raises(ConfigError, match="'model.d_model' is not a list"):
-        load_config(None, [*base, "model.d_model[0]=1"])
+        load_config(None, ["model.d_model[0]=1"])
+    with pytest.raises(ConfigError, match="sets an entry of 'd_model', which is a value"):
+        load_config(None, [*base, "model.d_model[0]=1"])  # model.d_model=32 is among them
 
 
 def test_a_deepspeed_section_under_fairscale_names_the_engine(tmp_path):

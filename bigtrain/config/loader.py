@@ -339,10 +339,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
-    """`cfg` with the overrides applied left to right (`data.sources=[...]` then `data.sources[1].weight=3`)."""
-    for item in overrides or []:
-        cfg = _merge_section(cfg, parse_overrides([item]), "")
-    return cfg
+    """`cfg` with the overrides applied (a later one wins; `data.sources=[...]` then `data.sources[1].weight=3`
+    changes the list just given)."""
+    return _merge_section(cfg, parse_overrides(overrides), "") if overrides else cfg
 
 
 def merged_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

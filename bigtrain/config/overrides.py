@@ -17,13 +17,26 @@ class EntryOverrides(dict):
     """Overrides of single entries of a list key, by index ({0: {"weight": 2}} for data.sources[0].weight=2)."""
 
 
-def _entries(node: dict[str, Any], name: str, item: str) -> EntryOverrides:
-    """The entry overrides of list key `name` under `node`."""
+def _entries(node: dict[str, Any], name: str, item: str) -> EntryOverrides | list[Any]:
+    """Where the entries of list key `name` under `node` are overridden: the list an earlier override gave whole
+    (changed in place), else the entry overrides of the config's list."""
     entries = node.setdefault(name, EntryOverrides())
-    if not isinstance(entries, EntryOverrides):
-        raise ConfigError(f"Override {show(item)} changes an entry of '{show_key(name)}', which another override "
-                          f"sets whole; give one or the other.")
+    if not isinstance(entries, (EntryOverrides, list)):
+        raise ConfigError(f"Override {show(item)} sets an entry of '{show_key(name)}', which is a value.")
     return entries
+
+
+def _entry(entries: list[Any], index: int, item: str, name: str) -> dict[str, Any]:
+    """Entry `index` of a list given whole (one past its end: a new one), as a mapping to set keys in."""
+    if index > len(entries):
+        raise ConfigError(f"Override {show(item)}: the '{show_key(name)}' given before has {len(entries)} entries; "
+                          f"an override changes one of them or adds entry {len(entries)}.")
+    if index == len(entries):
+        entries.append({})
+    if not isinstance(entries[index], dict):
+        raise ConfigError(f"Override {show(item)} sets a key inside entry {index} of '{show_key(name)}', which is "
+                          f"{show(entries[index])}, not a mapping.")
+    return entries[index]
 
 
 def place(nested: dict[str, Any], parts: list[str], value: Any, item: str) -> None:
@@ -35,15 +48,18 @@ def place(nested: dict[str, Any], parts: list[str], value: Any, item: str) -> No
         last = i == len(parts) - 1
         if indexed:
             entries, index = _entries(node, name, item), int(indexed.group(2))
+            if isinstance(entries, list):  # a list an earlier override gave whole
+                if last and index <= len(entries):
+                    entries[index:index + 1] = [value]
+                    return
+                node = _entry(entries, index, item, name)
+                continue
             if last:
                 entries[index] = value
                 return
             node = entries.setdefault(index, {})
         elif last:
-            if isinstance(node.get(name), EntryOverrides):
-                raise ConfigError(f"Override {show(item)} sets '{show_key(name)}' whole, and another override one of "
-                                  f"its entries; give one or the other.")
-            node[name] = value
+            node[name] = value  # a later override wins, over entry overrides too
             return
         else:
             node = node.setdefault(name, {})
