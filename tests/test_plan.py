@@ -3,6 +3,8 @@ over 1024 GPUs, its pipeline partition against DeepSpeed's, and its one-line err
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import random
 import subprocess
@@ -16,6 +18,7 @@ from bigtrain.planning import accelerator, make_plan, model_shape
 from bigtrain.planning.memory_model import Candidate, rank_parameters, stages
 from bigtrain.planning.partition import partition_balanced, partition_uniform
 from bigtrain.planning.search import setting
+from bigtrain.planning.splits import divisors, layout_splits
 from bigtrain.planning.time_model import Network, step_time
 from tests.conftest import REPO, run_cli
 
@@ -126,7 +129,8 @@ def test_plan_command_prints_the_ranked_table_and_json():
     (["--gpus", "6", "parallel.tensor=4"], "does not divide --gpus 6"),
     (["--gpus", "8", "--gpu", "b300x"], "is not a GPU bigtrain knows"),
     (["--gpus", "12", "--gpus-per-node", "8"], "not a whole number of nodes"),
-    (["--gpus", "8", "--gpu-memory", "40"], "--peak-tflops"),
+    (["--gpus", "8", "--peak-tflops", "300"], "--peak-tflops alone does not say whether a layout fits"),
+    (["--gpus", "8", "--efficiency", "nan"], "--efficiency: 'nan' is not a finite number"),
 ])
 def test_bad_input_gives_one_line(args, needle):
     proc = _plan("--config", "configs/smoke.yaml", *args)
@@ -140,3 +144,71 @@ def test_nothing_fits_exits_1_with_the_least_memory():
     proc = _plan("--config", "configs/gpt3-13b.yaml", "--gpus", "1", "--gpu", "a10")
     assert proc.returncode == 1
     assert "no layout fits" in proc.stderr and "GiB per rank" in proc.stderr
+
+
+def test_a_gpu_count_no_layout_uses_is_refused_naming_the_constraint():
+    """`--gpus 65536` said "no layout fits … use more GPUs" although the batch of 32 sequences cannot be split over
+    that many ranks; `--gpus 1000000000` searched 80 s for the same answer. Refused now (exit 2), naming the
+    constraint and the nearest count that works, after looking at a bounded number of splits."""
+    line = one_line(_plan("--config", "configs/smoke.yaml", "--gpus", "65536"))
+    assert "No layout of configs/smoke.yaml uses 65536 GPUs: 65536 GPUs need D >= 65536 / (4 x 6) = 2731, more " \
+           "than the 32 sequences of a step" in line
+    assert "T is one of 1, 2, 4" in line and "P at most 6" in line and "train.global_batch_size=32" in line
+    assert "Plan for --gpus 768 (the most below 65536 that some layout uses)" in line
+    assert "Plan for --gpus 768" in one_line(_plan("--config", "configs/smoke.yaml", "--gpus", "1000000000"))
+    cfg = load_config(REPO / "configs/smoke.yaml")
+    shape, parts = model_shape(cfg), {}
+    splits = layout_splits(cfg, shape, 10**9, 8, parts)
+    assert not splits.found and splits.examined <= len(shape.tensor_sizes) * len(shape.layers)
+    assert len(parts) <= len(shape.layers)  # pipeline partitions computed
+    assert make_plan(cfg, 768, 8, accelerator("h100")).considered > 0  # the count it proposes has layouts
+    # a count below the most, that no split reaches: both neighbours proposed
+    line = one_line(_plan("--config", "configs/smoke.yaml", "--gpus", "200", "train.global_batch_size=16",
+                        "train.micro_batch_size=16"))
+    assert "no T and P (dividing 200) leave a D = 200 / (T x P) that divides 16" in line
+    assert "--gpus 192 (the most below 200" in line and "--gpus 256 (the fewest above 200" in line
+
+
+def one_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bigtrain: error: ") and "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_divisors_are_found_in_bounded_steps():
+    for n in range(1, 400):
+        assert divisors(n) == [d for d in range(1, n + 1) if n % d == 0]
+        assert divisors(n, limit=12) == [d for d in range(1, 13) if n % d == 0]
+    assert divisors(2**61 - 1, limit=99) == [1]  # a prime: stops at the limit, not at its square root
+    assert divisors(10**18, limit=10) == [1, 2, 4, 5, 8, 10]
+
+
+def test_gpu_memory_alone_takes_the_nearest_known_gpus_peak_and_says_so():
+    """ROADMAP's `bigtrain plan --config FILE --gpus N [--gpu-memory GiB]`: --peak-tflops was demanded too."""
+    proc = _plan("--config", "configs/gpt2-small.yaml", "--gpus", "8", "--gpu-memory", "40", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["gpu"] == {**data["gpu"], "name": "custom", "memory_gib": 40, "peak_tflops": 312.0,
+                           "peak_from": "a100-40gb"}
+    assert any("those of the a100-40gb, the known GPU nearest in memory" in note for note in data["notes"])
+    assert all(r["peak_bytes"] <= 40 * 2**30 for r in data["ranked"])
+    text = _plan("--config", "configs/gpt2-small.yaml", "--gpus", "8", "--gpu-memory", "75", "--top", "1").stdout
+    assert "custom (75 GiB, 989 TFLOP/s bf16)" in text and "as the h100's, the known GPU nearest in memory" in text
+    both = json.loads(_plan("--config", "configs/gpt2-small.yaml", "--gpus", "8", "--gpu-memory", "40",
+                            "--peak-tflops", "300", "--json").stdout)
+    assert both["gpu"]["peak_from"] is None and not any("nearest in memory" in n for n in both["notes"])
+
+
+def test_help_shows_every_default():
+    from bigtrain.cli.plan import run_plan
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        run_plan(["--help"])
+    text = " ".join(out.getvalue().split())
+    for default in ("GPUs per node (default 8)", "(default h100 unless --gpu-memory is given)",
+                    "nearest to --gpu-memory)", "inside a node (default: the GPU's)",
+                    "between nodes (default: the GPU's)", "measured on this GPU, else 0.45)",
+                    "workspaces (default 1)", "layouts to list (default 10)"):
+        assert default in text, default

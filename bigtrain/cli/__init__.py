@@ -28,7 +28,7 @@ USAGE = """usage: bigtrain {train,prepare,consolidate,evaluate,export,convert,at
 [--greedy | --temperature T --top-k K --top-p P | --beams B --length-penalty A] [--seed S] [--no-cache] [--debug]
   parity --config FILE --layout tensor=T,pipeline=P,data=D,zero_stage=Z [--steps N] [--shrink] \
 [--precision fp32|bf16] [--work-dir DIR] [--debug] [section.key=value ...]
-  plan --config FILE --gpus N [--gpus-per-node G] [--gpu NAME | --gpu-memory GiB --peak-tflops T] \
+  plan --config FILE --gpus N [--gpus-per-node G] [--gpu NAME] [--gpu-memory GiB [--peak-tflops T]] \
 [--intra-node-gbps GB/s] [--inter-node-gbps GB/s] [--efficiency E] [--framework-gib GiB] [--top K] [--json] \
 [--debug] [section.key=value ...]"""
 
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name in COMMANDS:
-        return command(name)(rest)
+        try:
+            return command(name)(rest)
+        except SystemExit as stop:  # argparse's --help, and bad arguments (cli/arguments.py): a status like any other
+            return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
     print(f"bigtrain: error: unknown command '{name}'. Available: {', '.join(COMMANDS)}.", file=sys.stderr)
     return 2

@@ -6,16 +6,16 @@ picks one (`attention_data.KINDS`); --layers and --heads pick subsets by index."
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from bigtrain.cli.arguments import CommandParser, finite, path, text, whole
 from bigtrain.cli.report import run_guarded
 from bigtrain.errors import UsageError
 from bigtrain.inference.attention_data import KINDS, AttentionGrid, group, record, token_labels
-from bigtrain.inference.attention_plot import draw, save_png
+from bigtrain.inference.attention_plot import MAX_PIXELS, MAX_SIDE, MIN_DPI, draw, figure_size, largest_dpi, save_png
 from bigtrain.inference.load import LoadedModel, load_model
 
 
@@ -62,8 +62,8 @@ def attention_png(path: Path, text: str, out: Path, target: str | None = None, k
     """Draw the attention maps of `text` through the weights at `path` (a run.dir: its checkpoint of `step`,
     default the latest; a checkpoint or weights folder) into the PNG `out`."""
     check_out(out)
-    if not dpi > 0:
-        raise UsageError(f"--dpi {dpi}: give a positive number of pixels per inch (100 is the default).")
+    if not dpi >= MIN_DPI:
+        raise UsageError(f"--dpi {dpi:g}: give at least {MIN_DPI} pixels per inch (100 is the default).")
     loaded = load_model(path, overrides, step)
     family = loaded.cfg.model.family
     kinds = _kinds(family, kind)
@@ -73,8 +73,20 @@ def attention_png(path: Path, text: str, out: Path, target: str | None = None, k
     inputs, labels = _inputs(loaded, text, target)
     grids = [g for g in group(record(loaded.model, inputs), family, labels) if g.kind in kinds]
     grids = [_select(g, layers, heads) for g in grids]
+    _check_dpi(grids, dpi)
     size = save_png(draw(grids, _title(path, text, target)), out, dpi)
     return AttentionPicture(out, *size, grids)
+
+
+def _check_dpi(grids: list[AttentionGrid], dpi: float) -> None:
+    """The picture must be one the canvas can allocate (a huge --dpi ended in std::bad_alloc)."""
+    if dpi <= largest_dpi(grids):
+        return
+    width, height = (round(side * dpi) for side in figure_size(grids))
+    raise UsageError(f"--dpi {dpi:g} would draw a {width:,} x {height:,} pixel picture; a PNG is drawn at most "
+                     f"{MAX_SIDE:,} pixels a side and {MAX_PIXELS / 1e6:.0f} million pixels in all, which this "
+                     f"figure reaches at --dpi {int(largest_dpi(grids)):,}. Use a lower --dpi (100 is the default), "
+                     f"or fewer --layers / --heads.")
 
 
 def _kinds(family: str, kind: str) -> list[str]:
@@ -130,25 +142,25 @@ CHOICES = ("all", "self", "encoder", "decoder", "cross")
 
 
 def run_attention(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="bigtrain attention", description="Draw the attention maps (a grid of layers x heads, token labels "
         "on the axes) of a text through a trained model, on one device, as a PNG (docs/attention_maps.md).")
-    parser.add_argument("checkpoint", type=Path,
+    parser.add_argument("checkpoint", type=path,
                         help="a run.dir (its latest checkpoint), a checkpoint folder, or a folder written by "
                              "`bigtrain export` or `bigtrain consolidate`")
-    parser.add_argument("--step", type=int, metavar="N",
+    parser.add_argument("--step", type=whole, metavar="N",
                         help="the checkpoint of step N of a run.dir (default: the latest)")
-    parser.add_argument("--text", required=True, help="the input (seq2seq: the source)")
-    parser.add_argument("--out", type=Path, required=True, help="the PNG file to write (its folder must exist)")
-    parser.add_argument("--target", help="seq2seq: the decoder input after bos (default: bos alone)")
+    parser.add_argument("--text", type=text, required=True, help="the input (seq2seq: the source)")
+    parser.add_argument("--out", type=path, required=True, help="the PNG file to write (its folder must exist)")
+    parser.add_argument("--target", type=text, help="seq2seq: the decoder input after bos (default: bos alone)")
     parser.add_argument("--kind", choices=CHOICES, default="all",
                         help="causal/masked: self; seq2seq: encoder, decoder (self-attention) or cross; all "
                              "(default): every kind of the model, one block of rows each")
     parser.add_argument("--layers", metavar="I,J,...", help="layer indices to draw, e.g. 0,2 (default: all)")
     parser.add_argument("--heads", metavar="I,J,...", help="head indices to draw, e.g. 0,1 (default: all)")
-    parser.add_argument("--dpi", type=float, default=100, help="pixels per inch of the PNG (default 100)")
+    parser.add_argument("--dpi", type=finite, default=100, help="pixels per inch of the PNG (default 100)")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
 
     def command() -> int:
         picture = attention_png(args.checkpoint, args.text, args.out, args.target, args.kind,
@@ -157,4 +169,4 @@ def run_attention(argv: list[str]) -> int:
         print(picture.describe())
         return 0
 
-    return run_guarded(command, args.debug)
+    return run_guarded(command, args.debug, {"--out": args.out})

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bigtrain.cli.arguments import CommandParser, path, whole
 from bigtrain.cli.launching import child_env, torchrun
 from bigtrain.cli.report import run_guarded
 from bigtrain.errors import ConfigError
@@ -127,20 +128,19 @@ def parity(config: Path, layout_text: str, steps: int = 20, shrink: bool = False
 
 
 def run_parity(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bigtrain parity", description="Train a config under a layout and on "
-                                     "one device on the same batches (dropout off) and compare loss and grad_norm "
-                                     "step by step.")
-    parser.add_argument("--config", type=Path, required=True)
+    parser = CommandParser(prog="bigtrain parity", description="Train a config under a layout and on one device on "
+                           "the same batches (dropout off) and compare loss and grad_norm step by step.")
+    parser.add_argument("--config", type=path, required=True)
     parser.add_argument("--layout", required=True, help="e.g. tensor=2,pipeline=2,zero_stage=1 (keys: tensor, "
                         "pipeline, data, zero_stage, sequence_parallel)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=whole, default=20)
     parser.add_argument("--shrink", action="store_true", help="scale the model down, keeping the layout valid")
     parser.add_argument("--precision", default="fp32", help="fp32 (tolerance 1e-5) or bf16 (2e-2)")
-    parser.add_argument("--work-dir", type=Path, help="where the two runs go (default: a new temporary folder)")
-    parser.add_argument("--script", type=Path, help=argparse.SUPPRESS)  # tests: a training script with a fault
+    parser.add_argument("--work-dir", type=path, help="where the two runs go (default: a new temporary folder)")
+    parser.add_argument("--script", type=path, help=argparse.SUPPRESS)  # tests: a training script with a fault
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_intermixed_args(argv)
+    args = parser.parse(argv)
 
     def command() -> int:
         diffs, tolerance = parity(args.config, args.layout, args.steps, args.shrink, args.precision,
@@ -155,4 +155,4 @@ def run_parity(argv: list[str]) -> int:
               f"steps (tolerance {tolerance:.0e}, {args.layout})")
         return 0 if ok else 1
 
-    return run_guarded(command, args.debug)
+    return run_guarded(command, args.debug, {"--work-dir": args.work_dir})

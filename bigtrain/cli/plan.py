@@ -3,13 +3,14 @@ Exit 0 with the ranked table, 1 when no layout fits, 2 on bad input."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from bigtrain.cli.arguments import CommandParser, finite, path, whole
 from bigtrain.cli.report import run_guarded
+from bigtrain.planning.hardware import ACCELERATORS, ASSUMED_EFFICIENCY, DEFAULT_GPU
 
 GiB = 2**30
 
@@ -40,9 +41,10 @@ def _details(e) -> list[str]:
 
 def render(plan, config: Path, top: int) -> str:
     s, a = plan.shape, plan.accelerator
+    borrowed = f" as the {a.peak_from}'s, the known GPU nearest in memory" if a.peak_from else ""
     lines = [f"bigtrain plan: {config} on {plan.gpus} x {a.name} ({a.memory_gib:g} GiB, {a.peak_tflops:g} TFLOP/s "
              f"bf16), {plan.gpus_per_node} per node; intra-node {a.intra_node_gbps:g} GB/s, inter-node "
-             f"{a.inter_node_gbps:g} GB/s per GPU",
+             f"{a.inter_node_gbps:g} GB/s per GPU{borrowed}",
              f"model: {s.family}, {s.n_params / 1e9:.3g}B parameters, {s.n_blocks} blocks, d_model {s.d_model}, "
              f"vocabulary {s.vocab}, sequence {s.seq_len}; {s.flops_per_token() / 1e9:.4g} GFLOP per token",
              f"efficiency {plan.efficiency:g} of peak ({plan.efficiency_source})"]
@@ -77,25 +79,36 @@ def as_json(plan) -> dict:
             "ranked": [estimate(e) for e in plan.ranked], "notes": plan.notes}
 
 
-def run_plan(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bigtrain plan", description="Predict per-rank memory and step time of "
-                                     "every layout of a config over N GPUs and rank those that fit.")
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs in all")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu", help="h200, h100, a100-80gb, a100-40gb, l40s, a10, v100, 4090")
-    parser.add_argument("--gpu-memory", type=float, help="GiB per GPU (another GPU, or to override)")
-    parser.add_argument("--peak-tflops", type=float, help="dense bf16 TFLOP/s per GPU")
-    parser.add_argument("--intra-node-gbps", type=float, help="GB/s per GPU inside a node")
-    parser.add_argument("--inter-node-gbps", type=float, help="GB/s per GPU between nodes")
-    parser.add_argument("--efficiency", type=float, help="fraction of peak FLOP/s reached in compute")
-    parser.add_argument("--framework-gib", type=float, default=1.0,
-                        help="GiB per GPU outside the model (CUDA context, NCCL, workspaces)")
-    parser.add_argument("--top", type=int, default=10)
+def plan_parser() -> CommandParser:
+    parser = CommandParser(prog="bigtrain plan", description="Predict per-rank memory and step time of every layout "
+                           "of a config over N GPUs and rank those that fit.")
+    parser.add_argument("--config", type=path, required=True, metavar="FILE", help="the YAML config to plan")
+    parser.add_argument("--gpus", type=whole, required=True, metavar="N", help="GPUs in all")
+    parser.add_argument("--gpus-per-node", type=whole, default=8, metavar="G", help="GPUs per node (default 8)")
+    parser.add_argument("--gpu", metavar="NAME", help=f"{', '.join(ACCELERATORS)} (default {DEFAULT_GPU} unless "
+                        f"--gpu-memory is given)")
+    parser.add_argument("--gpu-memory", type=finite, metavar="GiB", help="GiB per GPU: another GPU (alone: the peak "
+                        "and bandwidths of the known GPU nearest in memory, said in the output), or overriding --gpu's")
+    parser.add_argument("--peak-tflops", type=finite, metavar="T", help="dense bf16 TFLOP/s per GPU (default: "
+                        "--gpu's, or that of the known GPU nearest to --gpu-memory)")
+    parser.add_argument("--intra-node-gbps", type=finite, metavar="GB/s",
+                        help="GB/s per GPU inside a node (default: the GPU's)")
+    parser.add_argument("--inter-node-gbps", type=finite, metavar="GB/s",
+                        help="GB/s per GPU between nodes (default: the GPU's)")
+    parser.add_argument("--efficiency", type=finite, metavar="E", help=f"fraction of peak FLOP/s reached in compute "
+                        f"(default: the MFU bench/throughput.py measured on this GPU, else {ASSUMED_EFFICIENCY})")
+    parser.add_argument("--framework-gib", type=finite, default=1.0, metavar="GiB",
+                        help="GiB per GPU outside the model: CUDA context, NCCL, workspaces (default 1)")
+    parser.add_argument("--top", type=whole, default=10, metavar="K", help="layouts to list (default 10)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_intermixed_args(argv)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, before, between or after the options")
+    return parser
+
+
+def run_plan(argv: list[str]) -> int:
+    args = plan_parser().parse(argv)
 
     def command() -> int:
         from bigtrain.config import load_config
@@ -104,11 +117,9 @@ def run_plan(argv: list[str]) -> int:
         from bigtrain.planning import accelerator, make_plan
         from bigtrain.planning.search import check_request
 
-        if args.gpu is None and (args.gpu_memory is not None or args.peak_tflops is not None):
-            gpu = accelerator(None, args.gpu_memory, args.peak_tflops, args.intra_node_gbps, args.inter_node_gbps)
-        else:
-            gpu = accelerator(args.gpu or "h100", args.gpu_memory, args.peak_tflops, args.intra_node_gbps,
-                              args.inter_node_gbps)
+        described = args.gpu_memory is not None or args.peak_tflops is not None  # another GPU than the default
+        named = DEFAULT_GPU if args.gpu is None and not described else args.gpu
+        gpu = accelerator(named, args.gpu_memory, args.peak_tflops, args.intra_node_gbps, args.inter_node_gbps)
         if args.framework_gib < 0:
             raise ConfigError(f"--framework-gib must be >= 0, got {args.framework_gib}.")
         if args.top < 1:
@@ -117,7 +128,8 @@ def run_plan(argv: list[str]) -> int:
         check_request(raw, args.gpus, args.gpus_per_node)  # before the checks that need a world size
         # validated as one replica of its layout: the search varies the data-parallel size and batch split
         cfg = load_config(args.config, args.overrides, world_size=raw.parallel.tensor * raw.parallel.pipeline)
-        plan = make_plan(cfg, args.gpus, args.gpus_per_node, gpu, args.efficiency, args.framework_gib)
+        plan = make_plan(cfg, args.gpus, args.gpus_per_node, gpu, args.efficiency, args.framework_gib,
+                         config_name=str(args.config))
         print(json.dumps(as_json(plan), indent=1) if args.json else render(plan, args.config, args.top))
         if not plan.ranked:
             least = plan.smallest

@@ -5,9 +5,9 @@ on bad input (one paragraph naming the key)."""
 
 from __future__ import annotations
 
-import argparse
 import time
 
+from bigtrain.cli.arguments import CommandParser, finite, path, whole
 from bigtrain.cli.report import run_guarded
 from bigtrain.cli.train import SMOKE_CONFIG
 
@@ -17,17 +17,18 @@ def plural(n: int, noun: str) -> str:
 
 
 def run_prepare(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bigtrain prepare", description="Tokenize the config's data once into "
-                                     "sharded token files with an index (docs/data.md); training reads them.")
-    parser.add_argument("--config", help=f"YAML config file (default: {SMOKE_CONFIG})")
-    parser.add_argument("--workers", type=int, help="worker processes (default: one per CPU, at most one per shard)")
-    parser.add_argument("--shard-mb", type=float, help="input megabytes per shard (default: 64 MiB); the shards "
+    parser = CommandParser(prog="bigtrain prepare", description="Tokenize the config's data once into sharded token "
+                           "files with an index (docs/data.md); training reads them.")
+    parser.add_argument("--config", type=path, help=f"YAML config file (default: {SMOKE_CONFIG})")
+    parser.add_argument("--workers", type=whole, help="worker processes (default: one per CPU, at most one per "
+                        "shard)")
+    parser.add_argument("--shard-mb", type=finite, help="input megabytes per shard (default: 64 MiB); the shards "
                         "depend on it, never on --workers")
     parser.add_argument("--verify", action="store_true", help="also check every shard against its SHA-256 in the "
                         "index")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    args = parser.parse_intermixed_args(argv)
+    args = parser.parse(argv)
 
     def command() -> int:
         from bigtrain.config import load_config

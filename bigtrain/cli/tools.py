@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 from pathlib import Path
 
+from bigtrain.cli.arguments import CommandParser, path, whole
 from bigtrain.cli.launching import child_env, torchrun
 from bigtrain.cli.report import run_guarded
 
@@ -55,13 +55,13 @@ def convert(path: Path, step: int | None = None) -> Path:
 
 
 def run_consolidate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bigtrain consolidate",
-                                     description="Gather a (ZeRO-sharded) checkpoint into one full set of weights.")
-    parser.add_argument("run_dir", type=Path, help="the run.dir of the training run")
-    parser.add_argument("--step", type=int, metavar="N", help="checkpoint step (default: the latest)")
-    parser.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/consolidated/step_N)")
+    parser = CommandParser(prog="bigtrain consolidate",
+                           description="Gather a (ZeRO-sharded) checkpoint into one full set of weights.")
+    parser.add_argument("run_dir", type=path, help="the run.dir of the training run")
+    parser.add_argument("--step", type=whole, metavar="N", help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", type=path, help="output directory (default: RUN_DIR/consolidated/step_N)")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
 
     def command() -> int:
         from bigtrain.checkpoint.weights import consolidate
@@ -70,18 +70,18 @@ def run_consolidate(argv: list[str]) -> int:
         print(f"consolidated weights: {out / 'model.pt'} (config: {out / 'config.yaml'})")
         return 0
 
-    return run_guarded(command, args.debug)
+    return run_guarded(command, args.debug, {"--out": args.out or args.run_dir / "consolidated"})
 
 
 def run_evaluate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bigtrain evaluate",
-                                     description="Held-out loss of consolidated weights on one device.")
-    parser.add_argument("weights_dir", type=Path, help="a run.dir (its latest checkpoint), a checkpoint folder, or a "
-                        "folder written by `bigtrain export` or `bigtrain consolidate`")
+    parser = CommandParser(prog="bigtrain evaluate",
+                           description="Held-out loss of consolidated weights on one device.")
+    parser.add_argument("weights_dir", help="a run.dir (its latest checkpoint), a checkpoint folder, or a folder "
+                        "written by `bigtrain export` or `bigtrain consolidate`")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    parser.add_argument("--step", type=int, metavar="N", help=STEP_HELP)
+    parser.add_argument("--step", type=whole, metavar="N", help=STEP_HELP)
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
-    args = parser.parse_intermixed_args(argv)
+    args = parser.parse(argv, path="weights_dir")
 
     def command() -> int:
         print(json.dumps(evaluate_weights(args.weights_dir, args.overrides, args.step)))
@@ -91,16 +91,15 @@ def run_evaluate(argv: list[str]) -> int:
 
 
 def run_export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bigtrain export",
-                                     description="Write a checkpoint's weights alone, for inference.")
-    parser.add_argument("checkpoint", type=Path, help="a run.dir (its latest checkpoint) or a checkpoint folder")
-    parser.add_argument("--step", type=int, metavar="N", help=STEP_HELP)
+    parser = CommandParser(prog="bigtrain export", description="Write a checkpoint's weights alone, for inference.")
+    parser.add_argument("checkpoint", type=path, help="a run.dir (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("--step", type=whole, metavar="N", help=STEP_HELP)
     parser.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
                         help="safetensors: model.safetensors + config.yaml (one-device layout); hf: a transformers "
                         "folder (config.json + model.safetensors + tokenizer.json) of GPT-2, Llama, BERT or T5")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=path, required=True, help="output folder")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
 
     def command() -> int:
         if args.format == "hf":
@@ -115,21 +114,21 @@ def run_export(argv: list[str]) -> int:
         print(f"exported: {out / 'model.safetensors'} (config: {out / 'config.yaml'})")
         return 0
 
-    return run_guarded(command, args.debug)
+    return run_guarded(command, args.debug, {"--out": args.out})
 
 
 def run_convert(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="bigtrain convert", description="Add the layout-free form to a checkpoint written without it, so that "
         "it can be resumed under any layout (loads it with as many local ranks as wrote it).")
-    parser.add_argument("checkpoint", type=Path, help="a run.dir (its latest checkpoint) or a checkpoint folder")
-    parser.add_argument("--step", type=int, metavar="N", help=STEP_HELP)
+    parser.add_argument("checkpoint", type=path, help="a run.dir (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("--step", type=whole, metavar="N", help=STEP_HELP)
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
 
     def command() -> int:
         checkpoint = convert(args.checkpoint, args.step)
         print(f"layout-free form: {checkpoint / 'layout_free'}")
         return 0
 
-    return run_guarded(command, args.debug)
+    return run_guarded(command, args.debug)  # it writes into the run.dir

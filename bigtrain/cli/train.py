@@ -9,6 +9,7 @@ import typing
 from pathlib import Path
 
 import bigtrain.config as config_package
+from bigtrain.cli.arguments import CommandParser, finite, path, whole
 from bigtrain.cli.console import resilient_stdout
 from bigtrain.cli.report import fail
 from bigtrain.config import Config, dump_config
@@ -37,15 +38,15 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
-def train_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Train a Transformer with bigtrain.")
-    parser.add_argument("--config", help=f"YAML config file (default: {SMOKE_CONFIG})")
+def train_parser(prog: str) -> CommandParser:
+    parser = CommandParser(prog=prog, description="Train a Transformer with bigtrain.")
+    parser.add_argument("--config", type=path, help=f"YAML config file (default: {SMOKE_CONFIG})")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
-    parser.add_argument("--world-size", type=int, metavar="N",
+    parser.add_argument("--world-size", type=whole, metavar="N",
                         help="check the job on N ranks without launching: the config and layout, the data paths, "
                              "each rank's memory plan (a dry run from a login node); with --print-config, print it too")
-    parser.add_argument("--gpu-memory", type=float, metavar="GiB",
+    parser.add_argument("--gpu-memory", type=finite, metavar="GiB",
                         help="with --world-size: refuse a layout whose ranks need more than this much memory")
     parser.add_argument("--allow-changes", metavar="KEY,...",
                         help="resume even though these config keys differ from the checkpoint's (e.g. train.seed); "
@@ -53,12 +54,13 @@ def train_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="print everything at start (log.verbose=true)")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, before, between or after the options")
     return parser
 
 
 def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
-    args = train_parser(prog).parse_args(argv)
+    args = train_parser(prog).parse(argv)
     if args.help_config:
         print(config_help())
         return 0
@@ -77,6 +79,7 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> int:
     from bigtrain.train.preemption import exit_status
 
     rank, world = 0, 1  # until the launcher's environment is read (no collective can be waiting before that)
+    started = False  # before training starts, every rank reads the same input and meets the same error
     try:
         from bigtrain.checkpoint.compare import parse_allowed
         from bigtrain.distributed import detect_env
@@ -104,10 +107,11 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> int:
             return 0
         from bigtrain.train.trainer import train  # heavy imports only when training
 
+        started = True
         result = train(cfg, env, stop, allowed, layout=layout)
     except Exception as err:  # every failure ends in one paragraph (and never a hang: see report.fail)
         if not stop.aborted:
-            return fail(err, rank, world, debug=args.debug)
+            return fail(err, rank, world, debug=args.debug, everywhere=not started)
         aborted = True  # the second Ctrl-C landed inside a library (a save), which turned it into its own error
     except KeyboardInterrupt:
         aborted = True

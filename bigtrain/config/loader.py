@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -20,6 +21,7 @@ import yaml
 
 from bigtrain.config.checks import INT64, validate
 from bigtrain.config.layout import Layout
+from bigtrain.config.overrides import EntryOverrides, place
 from bigtrain.config.rules import show, show_key
 from bigtrain.config.schema import Config
 from bigtrain.errors import ConfigError
@@ -100,7 +102,8 @@ def _merge_section(obj: Any, data: Any, prefix: str) -> Any:
         raise ConfigError(f"Config section '{prefix}' must be a mapping of keys to values, "
                           f"got {show(data)}.")
     hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    names = list(fields)
     updates = {}
     for key, value in data.items():
         if key not in names:
@@ -110,6 +113,9 @@ def _merge_section(obj: Any, data: Any, prefix: str) -> Any:
                               f"{_nearest(shown, names)}")
         full = f"{prefix}.{key}" if prefix else key
         current = getattr(obj, key)
+        if isinstance(value, EntryOverrides) and not isinstance(current, list):
+            raise ConfigError(f"Override {full}[{min(value)}]: '{full}' is not a list; [i] picks an entry of a "
+                              f"list key (as in data.sources[0].weight=2).")
         if isinstance(current, dict):  # free-form passthrough section (deepspeed:)
             if not isinstance(value, dict):
                 raise ConfigError(f"Config section '{full}' must be a mapping of keys to values, got {show(value)}.")
@@ -120,14 +126,36 @@ def _merge_section(obj: Any, data: Any, prefix: str) -> Any:
             updates[key] = _merge_section(current, value, full)
         elif isinstance(current, list) and get_origin(hints[key]) is list:  # a list of sections (data.sources)
             item_type = get_args(hints[key])[0]
+            if isinstance(value, EntryOverrides):  # overrides of single entries: data.sources[0].weight=2
+                updates[key] = _merge_items(current, value, item_type, full)
+                continue
             if not isinstance(value, list):
                 keys = ", ".join(f.name for f in dataclasses.fields(item_type))
                 raise ConfigError(f"Config key '{full}' must be a list of mappings with the keys {keys}, got "
                                   f"{show(value)}.")
             updates[key] = [_merge_section(item_type(), item, f"{full}[{i}]") for i, item in enumerate(value)]
         else:
-            updates[key] = _coerce(full, value, hints[key])
+            value = _coerce(full, value, hints[key])
+            if fields[key].metadata.get("path") and isinstance(value, str):
+                value = os.path.expanduser(value)  # run.dir=~/x is the home folder's x, as in a shell
+            updates[key] = value
     return dataclasses.replace(obj, **updates)
+
+
+def _merge_items(current: list[Any], items: EntryOverrides, item_type: type, key: str) -> list[Any]:
+    """`current` with the overridden entries merged in (an index one past the end adds an entry)."""
+    merged = list(current)
+    for index in sorted(items):
+        where = f"{key}[{index}]"
+        if index < len(merged):
+            merged[index] = _merge_section(merged[index], items[index], where)
+        elif index == len(merged):
+            merged.append(_merge_section(item_type(), items[index], where))
+        else:
+            have = f"entries 0 to {len(merged) - 1}" if merged else "no entries"
+            raise ConfigError(f"Override of {where}: '{key}' has {have}; an override changes one of them or adds "
+                              f"{key}[{len(merged)}].")
+    return merged
 
 
 _MAX_PLAIN_VALUES = 10_000  # values in a passthrough section, counted as a tree (aliases repeat what they name)
@@ -239,7 +267,8 @@ def _override_value(raw: str) -> Any:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ['train.steps=50', 'model.dropout=0.0'] into a nested dict (values parsed as YAML)."""
+    """Turn ['train.steps=50', 'model.dropout=0.0', 'data.sources[0].weight=2'] into a nested dict (values parsed
+    as YAML; entries of a list key by index)."""
     nested: dict[str, Any] = {}
     for item in overrides:
         if not isinstance(item, str):
@@ -251,13 +280,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         parts = dotted.strip().split(".")
         if any(not p for p in parts):
             raise ConfigError(f"Override {show(item)} has an empty key; write section.key=value.")
-        value = _override_value(raw)
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"Override {show(item)} sets a key inside '{show_key(part)}', which is a value.")
-        node[parts[-1]] = value
+        place(nested, parts, _override_value(raw), item)
     return nested
 
 
@@ -315,14 +338,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
+    """`cfg` with the overrides applied (a later one wins; `data.sources=[...]` then `data.sources[1].weight=3`
+    changes the list just given)."""
+    return _merge_section(cfg, parse_overrides(overrides), "") if overrides else cfg
+
+
 def merged_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- overrides, each key and type checked, but not yet the cross-field checks (which
     need the world size: `validate`)."""
     cfg = Config()
     if path is not None:
         cfg = _merge_section(cfg, read_yaml(path), "")
-    if overrides:
-        cfg = _merge_section(cfg, parse_overrides(overrides), "")
+    cfg = apply_overrides(cfg, overrides)
     return cfg
 
 
@@ -352,8 +380,7 @@ def config_from_dict_and_layout(data: dict[str, Any], world_size: int = 1, overr
                                 ) -> tuple[Config, Layout]:
     """`config_from_dict`, and the layout the config resolves to on `world_size` ranks."""
     cfg = _merge_section(Config(), data, "")
-    if overrides:
-        cfg = _merge_section(cfg, parse_overrides(overrides), "")
+    cfg = apply_overrides(cfg, overrides)
     return cfg, validate(cfg, world_size=world_size)
 
 

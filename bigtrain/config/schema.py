@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a help text (shown by `--help-config`)."""
-    return field(default=default, metadata={"help": help})
+def opt(default: Any, help: str, path: bool = False) -> Any:
+    """A dataclass field with a default and a help text (shown by `--help-config`); `path`: the value may be a
+    file system path, whose leading `~` the loader expands."""
+    return field(default=default, metadata={"help": help, "path": path})
 
 
 @dataclass
@@ -66,7 +67,7 @@ class ModelConfig:
     init_from: str | None = opt(
         None, "start from these weights instead of the init (fine-tuning; fresh optimizer): a local Hugging "
         "Face model directory (config.json + safetensors) of GPT-2, Llama, BERT or T5, or a bigtrain run.dir, "
-        "checkpoint or export; the model section must describe the same architecture")
+        "checkpoint or export; the model section must describe the same architecture", path=True)
 
 
 @dataclass
@@ -127,7 +128,8 @@ class SourceConfig:
 
     source: str = opt(
         "embedded", "like data.source: embedded, a .txt / .jsonl / .parquet file or directory, a folder saved by "
-        "datasets' save_to_disk, or hf:NAME[:CONFIG][@SPLIT] (through datasets' own download and cache)")
+        "datasets' save_to_disk, or hf:NAME[:CONFIG][@SPLIT] (through datasets' own download and cache)",
+        path=True)
     weight: float = opt(1.0, "share of the training samples, relative to the other sources' weights (>= 0)")
     name: str | None = opt(None, "name in the metrics; null = derived from the source")
     text_field: str | None = opt(None, "JSONL/Parquet/datasets column holding the text; null = data.text_field")
@@ -138,7 +140,7 @@ class DataConfig:
     source: str = opt(
         "embedded", "embedded: the Python standard library's source (no download); seq2seq tasks "
         "`reverse` / `sort` are generated; otherwise a path to a .txt / .jsonl / .parquet file or a "
-        "directory of them")
+        "directory of them", path=True)
     sources: list[SourceConfig] = field(default_factory=list, metadata={"help": (
         "a mixture instead of data.source: a list of {source, weight, name, text_field}; training samples are "
         "drawn from each in proportion to its weight, deterministically by global sample index (the same "
@@ -148,7 +150,8 @@ class DataConfig:
     text_field: str = opt("text", "JSONL/Parquet column holding the text")
     source_field: str = opt("source", "seq2seq files: column holding the input text")
     target_field: str = opt("target", "seq2seq files: column holding the output text")
-    tokenizer: str = opt("byte", "byte: byte-level (256 bytes + specials); or a path to a tokenizer.json")
+    tokenizer: str = opt("byte", "byte: byte-level (256 bytes + specials); or a path to a tokenizer.json",
+                         path=True)
     seq_len: int = opt(128, "tokens per training sequence (causal: block length)")
     document_masking: bool = opt(
         False, "causal only: inside a packed block, attention stops at document boundaries (block-diagonal causal "
@@ -160,7 +163,7 @@ class DataConfig:
     task_samples: int = opt(20000, "generated seq2seq tasks: number of examples")
     task_min_len: int = opt(4, "generated seq2seq tasks: shortest sequence")
     task_max_len: int = opt(16, "generated seq2seq tasks: longest sequence")
-    cache_dir: str = opt(".cache/bigtrain", "where tokenized corpora are cached as memory-mapped files")
+    cache_dir: str = opt(".cache/bigtrain", "where tokenized corpora are cached as memory-mapped files", path=True)
     bucket_size: int = opt(64, "padded families: batches are formed from windows of this many global "
                            "batches sorted by length (1 disables bucketing)")
     encoding_errors: Literal["strict", "replace"] = opt(
@@ -237,7 +240,7 @@ class LogConfig:
 @dataclass
 class RunConfig:
     dir: str = opt("runs/smoke", "where the run writes config.yaml, metrics.jsonl, checkpoints/, "
-                   "tensorboard/; re-running with the same dir resumes")
+                   "tensorboard/; re-running with the same dir resumes", path=True)
 
 
 @dataclass

@@ -27,17 +27,10 @@ import torch
 from bigtrain.compat.deepspeed import release_shm_buffer
 from bigtrain.distributed.hostlist import expand_hostlist
 from bigtrain.distributed.mpi import mpi_rendezvous
-from bigtrain.distributed.rendezvous import DistEnv, free_port
+from bigtrain.distributed.rendezvous import MPI_VARS, DistEnv, free_port
 from bigtrain.errors import ConfigError
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# (rank, world size, local rank) variables of each MPI family; PMIx exports no size (mpi4py supplies it).
-MPI_VARS = {
-    "Open MPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-    "MPICH / Intel MPI": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-    "MVAPICH": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"),
-    "PMIx": ("PMIX_RANK", None, None),
-}
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000  # MASTER_PORT under srun: 15000 + job id mod 20000
 
@@ -173,3 +166,4 @@ def shutdown_process_group() -> None:
     gc.collect()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+

@@ -1,10 +1,21 @@
 """Where this rank stands: its rank, local rank and world size, the launcher that started it and its rendezvous
-(`DistEnv`), and a free TCP port for a rendezvous this process picks itself."""
+(`DistEnv`), the rank the launcher's variables state before any rendezvous (`stated_rank`), and a free TCP port
+for a rendezvous this process picks itself. No torch: a command's argument error reads its rank here."""
 
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+# (rank, world size, local rank) variables of each MPI family; PMIx exports no size (mpi4py supplies it).
+MPI_VARS = {
+    "Open MPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    "MPICH / Intel MPI": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    "MVAPICH": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"),
+    "PMIx": ("PMIX_RANK", None, None),
+}
 
 
 @dataclass(frozen=True)
@@ -37,3 +48,20 @@ def free_port(bind: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((bind, 0))
         return s.getsockname()[1]
+
+
+def stated_rank(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world size) as the launcher's variables state them (torchrun's and the others' RANK, MPI's, an srun
+    step's), read without a rendezvous and never failing (a variable that is not a number counts as one
+    process): for a message before the process group exists, which only rank 0 prints."""
+    env = os.environ if environ is None else environ
+    pairs = [("RANK", "WORLD_SIZE"), *((rank, size) for rank, size, _ in MPI_VARS.values())]
+    if "SLURM_STEP_ID" in env:
+        pairs.append(("SLURM_PROCID", "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"))
+    for rank_var, size_var in pairs:
+        if rank_var in env:
+            rank, world = env.get(rank_var, ""), env.get(size_var or "", "")
+            if rank.isdigit() and world.isdigit() and int(rank) < int(world):
+                return int(rank), int(world)
+            return (int(rank), 2) if rank.isdigit() else (0, 1)  # PMIx states no size: more than one process
+    return 0, 1

@@ -25,6 +25,9 @@ KEY_LABELS = 0.7  # inches below each kind's last row for its key labels
 MAX_TICKS = 64  # labels per axis; longer inputs label every n-th token
 COLORMAP = "viridis"
 SCALE = 0.5  # colour = probability ** SCALE
+MIN_DPI = 10  # below, the picture collapses (constrained layout leaves no room for the panels)
+MAX_SIDE = 2**16 - 1  # pixels; Agg draws nothing larger
+MAX_PIXELS = 2**27  # 128 Mpx: 512 MiB as RGBA, which the canvas allocates at once
 
 
 def panel_inches(grids: list[AttentionGrid]) -> float:
@@ -38,6 +41,12 @@ def figure_size(grids: list[AttentionGrid]) -> tuple[float, float]:
     rows = sum(len(g.layers) for g in grids)
     cols = max(len(g.heads) for g in grids)
     return cols * panel + MARGINS[0], rows * panel + MARGINS[1] + KEY_LABELS * len(grids)
+
+
+def largest_dpi(grids: list[AttentionGrid]) -> float:
+    """The highest dpi whose picture of `grids` stays within MAX_SIDE pixels a side and MAX_PIXELS in all."""
+    width, height = figure_size(grids)
+    return min(MAX_SIDE / max(width, height), math.sqrt(MAX_PIXELS / (width * height)))
 
 
 def draw(grids: list[AttentionGrid], title: str = "") -> Figure:

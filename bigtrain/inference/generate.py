@@ -10,6 +10,7 @@ above `vocab_limit` (padding rows of the embedding) are never chosen.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from bigtrain.inference.sampling import limit_vocab, sample_tokens
 from bigtrain.models import TransformerLM
 
 Spell = Callable[[str, object], str]
+OnToken = Callable[[int, int], None]  # (prompt index, token): each new token as it is chosen
 
 
 def _as_argument(name: str, value: object) -> str:
@@ -50,6 +52,12 @@ def decoding_problems(greedy: bool = False, temperature: float | None = None, to
                         f"{spell('beams', 4)} (or more than 1 beam), or drop it.")
     if temperature is not None and not temperature > 0:
         problems.append(f"{spell('temperature', temperature)} must be > 0 (for the argmax use greedy decoding).")
+    elif temperature is not None and not math.isfinite(temperature):
+        problems.append(f"{spell('temperature', temperature)} must be a finite number (1.0 samples the model's own "
+                        f"distribution).")
+    if length_penalty is not None and not math.isfinite(length_penalty):
+        problems.append(f"{spell('length_penalty', length_penalty)} must be a finite number: hypotheses are ranked "
+                        f"by sum(log p) / length^A, which {length_penalty} leaves undefined (1.0 is the default).")
     if top_k is not None and top_k < 1:
         problems.append(f"{spell('top_k', top_k)} must be >= 1.")
     if top_p is not None and not 0 < top_p <= 1:
@@ -121,13 +129,15 @@ def _check(model: TransformerLM, prompts: list[list[int]], max_new_tokens: int, 
 def generate(model: TransformerLM, prompts: list[list[int]], max_new_tokens: int,
              decoding: Decoding | None = None, *, eos_id: int | None = None, pad_id: int = 0,
              bos_id: int | None = None, seed: int = 0, use_cache: bool = True, vocab_limit: int | None = None,
-             full_logits: FullLogits | None = None, pad_multiple: int = 1) -> list[list[int]]:
+             full_logits: FullLogits | None = None, pad_multiple: int = 1,
+             on_token: OnToken | None = None) -> list[list[int]]:
     """The new tokens of each prompt (a causal model's context, or a seq2seq model's source as the encoder
     reads it), all prompts in one batch.
 
     use_cache: keep keys and values between steps (off under sequence parallelism, pad_multiple > 1);
     full_logits: turns the model's logits into logits over the whole vocabulary (tensor parallelism gathers
-    its vocabulary shards); pad_id fills padding; bos_id starts a seq2seq decoder."""
+    its vocabulary shards); pad_id fills padding; bos_id starts a seq2seq decoder; on_token: called with each
+    token greedy decoding or sampling chooses, as it is chosen (beam search knows its tokens only at the end)."""
     decoding = decoding or Decoding()
     _check(model, prompts, max_new_tokens, bos_id)
     if max_new_tokens == 0:
@@ -147,13 +157,13 @@ def generate(model: TransformerLM, prompts: list[list[int]], max_new_tokens: int
             return beam_search(rows, len(prompts), decoding.beams, max_new_tokens,
                                1.0 if decoding.length_penalty is None else decoding.length_penalty,
                                eos_id, vocab_limit)
-        return _one_path(rows, len(prompts), decoding, max_new_tokens, eos_id, seed, vocab_limit)
+        return _one_path(rows, len(prompts), decoding, max_new_tokens, eos_id, seed, vocab_limit, on_token)
     finally:
         model.train(was_training)
 
 
 def _one_path(rows: Rows, n: int, decoding: Decoding, max_new_tokens: int, eos_id: int | None, seed: int,
-              vocab_limit: int | None) -> list[list[int]]:
+              vocab_limit: int | None, on_token: OnToken | None = None) -> list[list[int]]:
     """Greedy or sampled continuation of every row; rows leave the batch when they emit EOS."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out: list[list[int]] = [[] for _ in range(n)]
@@ -167,6 +177,8 @@ def _one_path(rows: Rows, n: int, decoding: Decoding, max_new_tokens: int, eos_i
         chosen = tokens.tolist()
         for row, token in zip(active, chosen, strict=True):
             out[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
         if step + 1 == max_new_tokens:
             break
         if eos_id is not None and eos_id in chosen:

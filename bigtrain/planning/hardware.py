@@ -22,6 +22,7 @@ class Accelerator:
     peak_tflops: float
     intra_node_gbps: float  # GB/s per GPU inside a node
     inter_node_gbps: float  # GB/s per GPU between nodes
+    peak_from: str | None = None  # the known GPU whose peak and bandwidths were taken (only its memory was given)
 
     @property
     def memory_bytes(self) -> int:
@@ -39,6 +40,9 @@ ACCELERATORS: dict[str, Accelerator] = {a.name: a for a in (
     Accelerator("4090", 23.6, 165.0, 32.0, 12.5),
 )}
 
+DEFAULT_GPU = "h100"  # `bigtrain plan` without --gpu or --gpu-memory
+ASSUMED_EFFICIENCY = 0.45  # fraction of peak reached in compute: the issue's target and Megatron-LM's 41-47% on H100
+
 # Substrings of torch.cuda.get_device_name() -> dense bf16 peak (TFLOP/s), for MFU of a running job.
 PEAK_TFLOPS_BY_DEVICE_NAME = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
                               "V100": 125.0, "4090": 165.0, "3090": 71.0}
@@ -48,15 +52,25 @@ FLAGS = {"memory_gib": "--gpu-memory", "peak_tflops": "--peak-tflops", "intra_no
          "inter_node_gbps": "--inter-node-gbps"}
 
 
+def nearest_in_memory(memory_gib: float) -> Accelerator:
+    """The known accelerator whose memory is nearest to `memory_gib` (the first of the table on a tie)."""
+    return min(ACCELERATORS.values(), key=lambda a: abs(a.memory_gib - memory_gib))
+
+
 def accelerator(name: str | None, memory_gib: float | None = None, peak_tflops: float | None = None,
                 intra_node_gbps: float | None = None, inter_node_gbps: float | None = None) -> Accelerator:
-    """A known accelerator by name (case-insensitive), or one described by its memory and peak; any given
-    figure overrides the table's."""
+    """A known accelerator by name (case-insensitive), or one described by its memory (and peak: without it, the
+    peak and bandwidths of the known accelerator nearest in memory, recorded in `peak_from`); any given figure
+    overrides the table's."""
     if name is None:
-        if memory_gib is None or peak_tflops is None:
-            raise ConfigError(f"Name the GPU with --gpu ({', '.join(ACCELERATORS)}) or describe it with both "
-                              f"--gpu-memory GiB and --peak-tflops T.")
-        base = Accelerator("custom", memory_gib, peak_tflops, 300.0, 25.0)
+        if memory_gib is None:
+            raise ConfigError(f"--peak-tflops alone does not say whether a layout fits: name the GPU with --gpu "
+                              f"({', '.join(ACCELERATORS)}) or give its memory with --gpu-memory GiB too.")
+        if peak_tflops is None:
+            near = nearest_in_memory(memory_gib)
+            base = replace(near, name="custom", peak_from=near.name)
+        else:
+            base = Accelerator("custom", memory_gib, peak_tflops, 300.0, 25.0)
     else:
         key = name.strip().lower()
         if key not in ACCELERATORS:

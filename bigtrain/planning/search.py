@@ -3,8 +3,10 @@
 The search covers tensor sizes that split the model and stay inside a node, pipeline sizes that leave no
 stage empty, the data-parallel rest, ZeRO 0-3 (0-1 with a pipeline, as the engine allows; LAMB's own
 limits), activation checkpointing none / selective / full, sequence parallelism with T > 1, and every
-micro-batch size that divides the per-replica batch. Only arithmetic runs per layout (the model is read
-once on the meta device), so 175B over 1024 GPUs takes about a second.
+micro-batch size that divides the per-replica batch (up to MAX_MICRO_BATCH sequences). Only arithmetic runs per
+layout (the model is read once on the meta device), so 175B over 1024 GPUs takes about a second. The work is
+bounded whatever is asked: a GPU count no layout uses is refused with the reason (`splits.check_splits`), and a
+search of more than MAX_CONSIDERED layouts is refused before it starts.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from pathlib import Path
 from bigtrain.config import Config
 from bigtrain.config.layout import resolve_engine
 from bigtrain.errors import ConfigError
-from bigtrain.planning.hardware import Accelerator, GiB
-from bigtrain.planning.memory_model import Candidate, Setting, StageMemory, stage_memory, stages
+from bigtrain.planning.hardware import ASSUMED_EFFICIENCY, Accelerator, GiB
+from bigtrain.planning.memory_model import Candidate, Setting, StageMemory, stage_memory
 from bigtrain.planning.shape import ModelShape, PipelineLayer, model_shape
+from bigtrain.planning.splits import Parts, Splits, check_splits, divisors
 from bigtrain.planning.time_model import Network, StepTime, step_time
 
-ASSUMED_EFFICIENCY = 0.45  # the issue's target and Megatron-LM's published 41-47% on H100
+MAX_MICRO_BATCH = 2**16  # sequences; no GPU holds the activations of more
+MAX_CONSIDERED = 50_000  # layouts (175B over 1024 GPUs: 2916); about 15 s of arithmetic
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 
 
@@ -75,10 +79,6 @@ def measured_efficiency(accelerator: Accelerator) -> tuple[float, str]:
                                 "GPU and plan again, or pass --efficiency)")
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _zero_stages(cfg: Config, pipeline: int, world: int) -> list[int]:
     if cfg.parallel.engine == "fairscale":  # OSS, OSS + ShardedDataParallel, FSDP; no pipeline
         return [1, 2, 3] if pipeline == 1 else []
@@ -90,28 +90,25 @@ def _zero_stages(cfg: Config, pipeline: int, world: int) -> list[int]:
     return allowed
 
 
-def candidates(cfg: Config, shape: ModelShape, gpus: int, gpus_per_node: int,
-               parts: dict[int, list[tuple[PipelineLayer, ...]] | None]) -> list[Candidate]:
+def candidates(cfg: Config, splits: Splits) -> list[Candidate]:
+    """Every layout of the splits (ZeRO stage, checkpointing, sequence parallelism, micro-batch size); refused
+    when there would be more than MAX_CONSIDERED."""
     global_batch = cfg.train.global_batch_size
-    out = []
-    for t in shape.tensor_sizes:
-        if t > min(gpus_per_node, gpus) or gpus % t:
-            continue
-        for p in _divisors(gpus // t):
-            if p not in parts:
-                layers = stages(shape, p, cfg.parallel.partition_method) if p <= len(shape.layers) else []
-                parts[p] = layers if layers and all(layers) else None  # a stage without layers is refused
-            if parts[p] is None:
-                continue
-            d = gpus // (t * p)
-            if global_batch % d:
-                continue
-            for zero in _zero_stages(cfg, p, gpus):
-                for ckpt in ("none", "selective", "full"):
-                    for sp in ((False, True) if t > 1 else (False,)):
-                        for mbs in _divisors(global_batch // d):
-                            out.append(Candidate(t, p, d, zero, ckpt, sp, mbs))
-    return out
+    options = []
+    for t, p, d in splits.found:
+        zeros = _zero_stages(cfg, p, splits.gpus)
+        sps = (False, True) if t > 1 else (False,)
+        options.append((t, p, d, zeros, sps, divisors(global_batch // d, limit=MAX_MICRO_BATCH)))
+    count = sum(len(zeros) * 3 * len(sps) * len(sizes) for *_, zeros, sps, sizes in options)
+    if count > MAX_CONSIDERED:
+        most = max(len(sizes) for *_, sizes in options)
+        raise ConfigError(f"--gpus {splits.gpus} with train.global_batch_size={global_batch} makes {count:,} layouts "
+                          f"to consider ({len(options)} splits into tensor x pipeline x data, up to {most} "
+                          f"micro-batch sizes each), more than the planner searches ({MAX_CONSIDERED:,}). Plan with "
+                          f"a global batch size that has fewer divisors (a power of two times a small factor), or "
+                          f"fewer GPUs.")
+    return [Candidate(t, p, d, zero, ckpt, sp, mbs) for t, p, d, zeros, sps, sizes in options for zero in zeros
+            for ckpt in ("none", "selective", "full") for sp in sps for mbs in sizes]
 
 
 def setting(cfg: Config, on_gpu: bool, framework_bytes: int) -> Setting:
@@ -162,9 +159,11 @@ def check_request(cfg: Config, gpus: int, gpus_per_node: int) -> None:
 
 
 def make_plan(cfg: Config, gpus: int, gpus_per_node: int, accelerator: Accelerator, efficiency: float | None = None,
-              framework_gib: float = 1.0, on_gpu: bool = True) -> Plan:
+              framework_gib: float = 1.0, on_gpu: bool = True, config_name: str = "this config") -> Plan:
     check_request(cfg, gpus, gpus_per_node)
     shape = model_shape(cfg)
+    parts: Parts = {}
+    splits = check_splits(cfg, shape, gpus, gpus_per_node, parts, config_name)  # before any estimate
     if efficiency is None:
         efficiency, source = measured_efficiency(accelerator)
     else:
@@ -173,8 +172,7 @@ def make_plan(cfg: Config, gpus: int, gpus_per_node: int, accelerator: Accelerat
         source = "given with --efficiency"
     net = Network(accelerator, min(gpus_per_node, gpus), efficiency)
     s = setting(cfg, on_gpu, int(framework_gib * GiB))
-    parts: dict[int, list[tuple[PipelineLayer, ...]] | None] = {}
-    found = candidates(cfg, shape, gpus, gpus_per_node, parts)
+    found = candidates(cfg, splits)
     estimates = [estimate(shape, c, s, net, gpus, parts[c.pipeline]) for c in found]
     # equal speed: the simpler engine (lower ZeRO stage), then the one with more memory to spare
     ranked = sorted((e for e in estimates if e.fits),
@@ -185,6 +183,10 @@ def make_plan(cfg: Config, gpus: int, gpus_per_node: int, accelerator: Accelerat
         given = estimate(shape, given_c, s, net, gpus)
         given.given = True
     notes = []
+    if accelerator.peak_from is not None:
+        notes.append(f"only the GPU's memory was given: its peak ({accelerator.peak_tflops:g} TFLOP/s) and bandwidths "
+                     f"are those of the {accelerator.peak_from}, the known GPU nearest in memory, and the step times "
+                     f"and MFU assume them; give --peak-tflops (and --intra-node-gbps / --inter-node-gbps) for yours")
     if shape.attention_dropout > 0:
         notes.append("attention dropout is assumed inside the fused (flash) attention kernel, which keeps no s x s "
                      "matrix; a kernel without it would save more")
