@@ -209,7 +209,7 @@ def test_an_unwritable_out_is_named_as_the_out(causal_weights, tmp_path, monkeyp
 
     out = tmp_path / "read-only"
 
-    def refuse(checkpoint, folder):
+    def refuse(checkpoint, folder, step=None):
         raise OSError(errno.EROFS, "Read-only file system", str(folder / "model.safetensors"))
 
     monkeypatch.setattr(weights, "export_safetensors", refuse)

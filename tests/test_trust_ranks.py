@@ -69,7 +69,9 @@ def test_nonfinite_stop_names_step_and_rank(tmp_path, layout):
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert "Non-finite loss or gradient at step 3" in err and "first seen on rank 1" in err, err[-3000:]
-    assert max(read_metrics(tmp_path / "run")[0]) == 2  # nothing logged past the step that stopped it
+    lines = read_metrics(tmp_path / "run")[0]
+    assert max(lines) == 3  # the step that stopped it has its line (no update applied), nothing past it
+    assert lines[3]["loss"] is None and lines[3]["skipped"] is True and lines[3]["tokens_per_s"] is None
 
 
 @pytest.mark.parametrize("layout", [("parallel.zero_stage=1",), ("parallel.zero_stage=0",),
