@@ -49,6 +49,7 @@ def test_launches_are_recognised(command):
     [PY, "-m", "pytest", "-q"], ["git", "rev-parse", "HEAD"], ["pgrep", "-P", "1"], ["bash", "install_slurm.sh"],
     "echo deepspeed torchrun", ["bash", "--norc", "-c", "echo train"], [PY, "-m", "deepspeed.env_report"],
     ["env", "A=1", PY, "-c", "pass"],
+    [PY, "-m", "bigtrain.cli.guardian", "123-abc", "/tmp/bigtrain-parity-x"],  # ends a command's processes
 ])
 def test_other_commands_are_not_launches(command):
     assert launch_reason(command) is None

@@ -29,13 +29,20 @@ def test_parity_passes_on_correct_layouts(tmp_path, layout):
     print(proc.stdout[-1500:])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "parity PASSED" in proc.stdout and proc.stdout.count("\n") >= 7  # header, 5 steps, verdict
+    ranks = 4 if layout == "tensor=2,pipeline=2" else 2
+    for progress in (f"parity: run 1 (layout {layout}, {ranks} ranks): step 5 of 5", "parity: run 2 (one device): "
+                     "step 5 of 5"):  # issue 25: nothing was printed while the runs trained
+        assert progress in proc.stderr.splitlines(), proc.stderr[-2000:]
+    assert not (tmp_path / "work" / "floor").exists()  # within the tolerance: no noise-floor run needed
 
 
 def test_parity_fails_on_a_broken_layout(tmp_path):
+    """Outside the tolerance, so the noise floor is measured too; the broken rank leaves it at step 1."""
     proc = _parity(tmp_path, "--layout", "data=2,zero_stage=1",
                    "--script", str(REPO / "tests" / "helpers" / "broken_parity.py"))
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "parity FAILED" in proc.stdout
+    assert "parity FAILED: the layout leaves 100x the noise floor" in proc.stdout and " at step 1: " in proc.stdout
+    assert "parity: run 3 (noise floor: one device, micro-batches of 2): step 5 of 5" in proc.stderr.splitlines()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -111,8 +111,10 @@ def run_guarded(command: Callable[[], int], debug: bool, outputs: dict[str, obje
     `outputs`: its output options and their paths (`fail`)."""
     try:
         return command()
-    except KeyboardInterrupt:
-        print("bigtrain: interrupted.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C; or a stop signal that ended the processes a command started
+        signum = getattr(err, "signum", None)
+        how = f" by {err} (the processes it started were ended)" if signum else ""
+        print(f"bigtrain: interrupted{how}.", file=sys.stderr)
+        return getattr(err, "status", 130)
     except Exception as err:  # every failure ends in one paragraph
         return fail(err, debug=debug, outputs=outputs)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 from bigtrain.cli.arguments import CommandParser, path, whole
-from bigtrain.cli.launching import child_env, torchrun
+from bigtrain.cli.capacity import check_local_ranks, visible_gpus
+from bigtrain.cli.launching import Launch
 from bigtrain.cli.report import run_guarded
 
 STEP_HELP = "the checkpoint of step N of a run.dir (default: the latest)"
@@ -36,7 +36,7 @@ def convert(path: Path, step: int | None = None) -> Path:
     """Add the layout-free form to the checkpoint at `path` (a run.dir: its checkpoint of `step`, default the
     latest): in this process when one rank wrote it, else under torchrun with as many local ranks as wrote it
     (`cli/convert_worker.py`)."""
-    from bigtrain.checkpoint.convert import convert_here
+    from bigtrain.checkpoint.convert import STAGING, convert_here
     from bigtrain.checkpoint.saved import SavedCheckpoint, find_checkpoint
     from bigtrain.errors import CheckpointError
 
@@ -47,10 +47,14 @@ def convert(path: Path, step: int | None = None) -> Path:
     if ranks == 1:
         convert_here(saved.path)
         return saved.path
-    proc = subprocess.run([*torchrun(ranks), "-m", "bigtrain.cli.convert_worker", str(saved.path)], env=child_env())
-    if proc.returncode != 0:
-        raise CheckpointError(f"Converting {saved.path} with {ranks} ranks failed (status {proc.returncode}; see "
-                              f"the messages above).")
+    check_local_ranks(ranks, f"{saved.path} was written by {ranks} ranks; converting it needs as many",
+                      "Convert it on a machine with room for them (e.g. where it was trained).",
+                      visible_gpus(saved.config.train.device))
+    with Launch(temporary=[saved.path / STAGING]) as launch:  # the staging folder goes too if the ranks die
+        status, _ = launch.run([*launch.torchrun(ranks), "-m", "bigtrain.cli.convert_worker", str(saved.path)])
+    if status != 0:
+        raise CheckpointError(f"Converting {saved.path} with {ranks} ranks failed (status {status}; see the "
+                              f"messages above).")
     return saved.path
 
 

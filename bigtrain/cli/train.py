@@ -10,8 +10,10 @@ from pathlib import Path
 
 import bigtrain.config as config_package
 from bigtrain.cli.arguments import CommandParser, finite, path, whole
+from bigtrain.cli.capacity import first_on_this_machine, launched_ranks_refusal
 from bigtrain.cli.console import resilient_stdout
-from bigtrain.cli.report import fail
+from bigtrain.cli.lifetime import die_with_launcher
+from bigtrain.cli.report import BAD_INPUT, fail
 from bigtrain.config import Config, dump_config
 from bigtrain.errors import UsageError
 
@@ -60,6 +62,12 @@ def train_parser(prog: str) -> CommandParser:
 
 
 def run_train(argv: list[str], prog: str = "bigtrain train") -> int:
+    die_with_launcher()  # first of all, before torch: a rank started by a launcher dies with it (cli/lifetime.py)
+    refusal = launched_ranks_refusal()  # the launcher started more ranks than this machine holds (cli/capacity.py)
+    if refusal:
+        if first_on_this_machine():  # one paragraph per machine, not one per rank
+            print(f"bigtrain: error: {refusal}", file=sys.stderr, flush=True)
+        return BAD_INPUT
     args = train_parser(prog).parse(argv)
     if args.help_config:
         print(config_help())
