@@ -40,8 +40,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-MB = 1_000_000
-BPE_VOCAB = 8192
+from bench.corpus import BPE_VOCAB, MB, head, make_corpus, train_bpe  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -60,66 +59,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary folder)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measured run, JSON on stdout
     return parser.parse_args(argv)
-
-
-# --- the corpus and the BPE tokenizer ----------------------------------------------------------------
-
-
-def embedded_text(max_bytes: int) -> list[str]:
-    from bigtrain.data.embedded import stdlib_documents, stdlib_files
-
-    return list(stdlib_documents(stdlib_files(max_bytes)))
-
-
-def make_corpus(path: Path, size: int) -> dict[str, int]:
-    """A JSONL file of about `size` bytes: documents of 0.2-20 kB cut from the embedded corpus, each prefixed by its
-    number (no two documents are the same); its bytes and documents."""
-    import numpy as np
-
-    text = "\n".join(embedded_text(32 * MB))
-    rng = np.random.default_rng(0)
-    lengths = np.clip(rng.lognormal(np.log(2500), 1.0, size=20_000), 200, 20_000).astype(int)
-    pieces, pos = [], 0
-    for n in lengths.tolist():
-        if pos + n > len(text):
-            pos = 0
-        pieces.append(text[pos:pos + n])
-        pos += n
-    written = docs = 0
-    with open(path, "w", encoding="utf-8") as out:
-        while written < size:
-            line = json.dumps({"text": f"# document {docs}\n" + pieces[docs % len(pieces)]}) + "\n"
-            out.write(line)
-            written += len(line.encode())
-            docs += 1
-    return {"bytes": written, "documents": docs}
-
-
-def train_bpe(path: Path, train_bytes: int = 8 * MB) -> float:
-    """A byte-level BPE tokenizer.json trained on the first `train_bytes` of the embedded corpus; seconds it took."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    started = time.perf_counter()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(embedded_text(train_bytes), trainer)
-    tok.save(str(path))
-    return time.perf_counter() - started
-
-
-def head(path: Path, out: Path, size: int) -> int:
-    """The first lines of `path` up to `size` bytes, into `out`; the bytes copied."""
-    copied = 0
-    with open(path, "rb") as src, open(out, "wb") as dst:
-        for line in src:
-            if copied >= size:
-                break
-            dst.write(line)
-            copied += len(line)
-    return copied
 
 
 # --- measured runs, each in a process of its own ------------------------------------------------------
