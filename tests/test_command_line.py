@@ -23,7 +23,7 @@ from bigtrain.distributed.rendezvous import free_port
 from bigtrain.errors import ConfigError
 from bigtrain.inference.generate import decoding_problems
 from tests.conftest import REPO, run_cli, tiny_overrides
-from tests.test_generation import _weights_folder
+from tests.test_generate_command import _weights_folder
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
