@@ -100,7 +100,9 @@ def run_export(argv: list[str]) -> int:
     parser.add_argument("--step", type=whole, metavar="N", help=STEP_HELP)
     parser.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
                         help="safetensors: model.safetensors + config.yaml (one-device layout); hf: a transformers "
-                        "folder (config.json + model.safetensors + tokenizer.json) of GPT-2, Llama, BERT or T5")
+                        "folder of GPT-2, Llama, GPT-NeoX, BERT or T5 (config.json, model.safetensors, "
+                        "generation_config.json, and tokenizer.json + tokenizer_config.json + "
+                        "special_tokens_map.json, built for byte-tokenizer runs)")
     parser.add_argument("--out", type=path, required=True, help="output folder")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     args = parser.parse(argv)
@@ -110,7 +112,9 @@ def run_export(argv: list[str]) -> int:
             from bigtrain.interop import export_hf
 
             out = export_hf(args.checkpoint, args.out, args.step)
-            print(f"exported: {out} (transformers: config.json + model.safetensors)")
+            files = [name for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                                       "tokenizer_config.json", "special_tokens_map.json") if (out / name).exists()]
+            print(f"exported: {out} (transformers: {', '.join(files)})")
             return 0
         from bigtrain.checkpoint.weights import export_safetensors
 

@@ -66,8 +66,8 @@ class ModelConfig:
     init_std: float = opt(0.02, "standard deviation of the normal init")
     init_from: str | None = opt(
         None, "start from these weights instead of the init (fine-tuning; fresh optimizer): a local Hugging "
-        "Face model directory (config.json + safetensors) of GPT-2, Llama, BERT or T5, or a bigtrain run.dir, "
-        "checkpoint or export; the model section must describe the same architecture", path=True)
+        "Face model directory (config.json + safetensors) of GPT-2, Llama, GPT-NeoX, BERT or T5, or a bigtrain "
+        "run.dir, checkpoint or export; the model section must describe the same architecture", path=True)
 
 
 @dataclass

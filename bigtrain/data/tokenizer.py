@@ -110,6 +110,10 @@ class HFTokenizer:
         """Write the tokenizer as bigtrain uses it (special tokens it added included) as a tokenizer.json."""
         self._tok.save(str(path))
 
+    def token(self, token_id: int) -> str | None:
+        """The text of token `token_id` (None when the vocabulary has no such id)."""
+        return self._tok.id_to_token(token_id)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

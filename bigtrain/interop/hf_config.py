@@ -1,7 +1,9 @@
-"""bigtrain's model section ↔ a Hugging Face `config.json`, for the four families that map one to one:
+"""bigtrain's model section ↔ a Hugging Face `config.json`, for the five families that map one to one:
 
-    GPT-2   causal, learned positions, pre-LN LayerNorm with biases, GELU (exact or tanh) or ReLU
-    Llama   causal, rotary, pre-norm RMSNorm, SwiGLU, grouped-query attention (biases optional)
+    GPT-2     causal, learned positions, pre-LN LayerNorm with biases, GELU (exact or tanh) or ReLU
+    Llama     causal, rotary, pre-norm RMSNorm, SwiGLU, grouped-query attention (biases optional)
+    GPT-NeoX  causal, rotary (all of each head), pre-norm LayerNorm with biases, GELU (exact or tanh) or ReLU,
+              sequential residual (use_parallel_residual false); the smoke model's family
     BERT    masked, post-LN, learned positions, embedding LayerNorm, MLM head transform (BertForMaskedLM)
     T5      seq2seq, pre-norm RMSNorm without biases, relative position bias, unscaled attention
 
@@ -12,15 +14,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from bigtrain.config.schema import ModelConfig
 from bigtrain.errors import CheckpointError
 
-KINDS = ("gpt2", "llama", "bert", "t5")
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM",
-                 "t5": "T5ForConditionalGeneration"}
-_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "bert": "BERT", "t5": "T5"}
+KINDS = ("gpt2", "llama", "gpt_neox", "bert", "t5")
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
+                 "bert": "BertForMaskedLM", "t5": "T5ForConditionalGeneration"}
+_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "gpt_neox": "GPT-NeoX", "bert": "BERT", "t5": "T5"}
 
 # HF activation names (ACT2FN) for bigtrain's; SwiGLU is Llama's MLP and T5's gated-silu.
 _ACT_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
@@ -34,6 +37,10 @@ _FIXED: dict[str, dict[str, Any]] = {
     "llama": {"positions": "rotary", "norm": "rmsnorm", "norm_position": "pre", "activation": "swiglu",
               "scale_embeddings": False, "embedding_norm": False, "type_vocab_size": 0, "head_transform": False,
               "head_bias": False, "scale_attention": True, "scale_tied_output": False},
+    # scale_embeddings is folded into the weights (`folded_scale`), so it is not fixed here.
+    "gpt_neox": {"positions": "rotary", "norm": "layernorm", "norm_position": "pre", "bias": True,
+                 "embedding_norm": False, "type_vocab_size": 0, "head_transform": False, "head_bias": False,
+                 "scale_attention": True, "scale_tied_output": False},
     "bert": {"positions": "learned", "norm": "layernorm", "norm_position": "post", "bias": True,
              "scale_embeddings": False, "embedding_norm": True, "head_transform": True, "scale_attention": True,
              "scale_tied_output": False},
@@ -50,21 +57,41 @@ def _kv_heads(cfg: ModelConfig) -> int:
 def hf_kind(cfg: ModelConfig) -> str:
     """The transformers family this model section maps to; a ValueError naming each option without a
     counterpart otherwise."""
-    kind = {"masked": "bert", "seq2seq": "t5"}.get(cfg.family) or ("llama" if cfg.positions == "rotary" else "gpt2")
+    rotary = "llama" if cfg.norm == "rmsnorm" else "gpt_neox"
+    kind = {"masked": "bert", "seq2seq": "t5"}.get(cfg.family) or (rotary if cfg.positions == "rotary" else "gpt2")
     if cfg.family == "causal" and cfg.positions not in ("learned", "rotary"):
         raise ValueError(f"model.positions={cfg.positions} has no counterpart in transformers' causal models: "
-                         f"export maps positions=learned to GPT-2 and positions=rotary to Llama.")
+                         f"export maps positions=learned to GPT-2, and positions=rotary to Llama (norm=rmsnorm) or "
+                         f"GPT-NeoX (norm=layernorm).")
     problems = [f"model.{key}={getattr(cfg, key)!r} (transformers' {_NAMES[kind]} needs {value!r})"
                 for key, value in _FIXED[kind].items() if getattr(cfg, key) != value]
-    if kind in ("gpt2", "bert") and cfg.activation not in _ACT_TO_HF:
+    if kind in ("gpt2", "gpt_neox", "bert") and cfg.activation not in _ACT_TO_HF:
         problems.append(f"model.activation={cfg.activation!r} ({_NAMES[kind]} takes relu, gelu or gelu_tanh)")
-    if kind in ("gpt2", "bert") and _kv_heads(cfg) != cfg.n_heads:
+    if kind in ("gpt2", "gpt_neox", "bert") and _kv_heads(cfg) != cfg.n_heads:
         problems.append(f"model.n_kv_heads={cfg.n_kv_heads} ({_NAMES[kind]} has no grouped-query attention)")
     if problems:
         raise ValueError(f"This model has no counterpart in transformers ({cfg.family} maps to {_NAMES[kind]}): "
                          + "; ".join(problems) + ". Train with those values to export to Hugging Face, or export "
                          "with --format safetensors (bigtrain's own).")
     return kind
+
+
+def folded_scale(cfg: ModelConfig) -> tuple[str, float]:
+    """How a GPT-NeoX export (of a `cfg` that `hf_kind` maps to gpt_neox) carries `model.scale_embeddings`
+    (x_0 = s · E[ids], s = sqrt(d_model)), which transformers' GPT-NeoX lacks, with the same logits; ("", 1.0)
+    when there is nothing to fold.
+
+    ("embedding", s), untied head: the input embedding is written as s · E (the head keeps its own matrix); the
+    same products bigtrain computes, E[ids] · s.
+    ("stream", s), tied head (the smoke model): E must stay the head's matrix unscaled, so the whole residual
+    stream is carried divided by s instead: r' = r / s starts at E[ids]; each block adds sublayer(LN(s r')) / s,
+    so the attention output and FFN down projections (weights and biases) are divided by s; and every LayerNorm
+    sees s r', where LN_eps(s r') = LN_{eps / s²}(r') exactly ((s r' - s m) / sqrt(s² v + eps)), so
+    layer_norm_eps becomes eps / d_model. The final LayerNorm's output, hence the logits, is unchanged.
+    """
+    if not cfg.scale_embeddings:
+        return "", 1.0
+    return ("embedding" if not cfg.tie_embeddings else "stream"), math.sqrt(cfg.d_model)
 
 
 def to_hf_config(cfg: ModelConfig, vocab_size: int, ids: dict[str, int | None]) -> dict[str, Any]:
@@ -87,6 +114,15 @@ def to_hf_config(cfg: ModelConfig, vocab_size: int, ids: dict[str, int | None]) 
                 "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
                 "rope_theta": cfg.rope_theta, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
                 "attention_dropout": _attention_dropout(cfg)}
+    if kind == "gpt_neox":
+        how, scale = folded_scale(cfg)
+        eps = cfg.norm_eps / scale**2 if how == "stream" else cfg.norm_eps
+        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": 1.0}
+        return {**common, "hidden_size": d, "num_hidden_layers": cfg.n_layers, "num_attention_heads": heads,
+                "intermediate_size": cfg.d_ff, "hidden_act": _ACT_TO_HF[cfg.activation],
+                "max_position_embeddings": cfg.max_seq_len, "layer_norm_eps": eps, "use_parallel_residual": False,
+                "rope_parameters": rope, "rotary_pct": 1.0, "rotary_emb_base": cfg.rope_theta,  # (older names)
+                "attention_bias": True, "hidden_dropout": cfg.dropout, "attention_dropout": _attention_dropout(cfg)}
     if kind == "bert":
         return {**common, "hidden_size": d, "num_hidden_layers": cfg.n_layers, "num_attention_heads": heads,
                 "intermediate_size": cfg.d_ff, "hidden_act": _ACT_TO_HF[cfg.activation],
@@ -153,6 +189,8 @@ def implied_model(hf: dict[str, Any], where: str) -> dict[str, Any]:
                 "norm_eps": hf.get("rms_norm_eps", 1e-6), "bias": bool(hf.get("attention_bias", False)),
                 "rope_theta": float(_get(rope, "rope_theta", default=hf.get("rope_theta", 10000.0))),
                 "tie_embeddings": hf.get("tie_word_embeddings", False)}
+    if kind == "gpt_neox":
+        return {**fixed, **_implied_neox(hf, where)}
     if kind == "bert":
         if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
             raise CheckpointError(f"{where}: position_embedding_type={hf.get('position_embedding_type')!r} / "
@@ -181,6 +219,33 @@ def implied_model(hf: dict[str, Any], where: str) -> dict[str, Any]:
             "norm_eps": hf.get("layer_norm_epsilon", 1e-6),
             # as transformers reads it: tie_word_embeddings false in config.json = no output rescale
             "scale_tied_output": hf.get("tie_word_embeddings", True) is not False}
+
+
+def _implied_neox(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """A GPT-NeoX config.json as bigtrain values; parallel residuals and partial or scaled rotary are refused.
+    Defaults are transformers' own (rotary_pct 0.25, parallel residual, untied head, biases)."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    pct = float(_get(rope, "partial_rotary_factor", default=_get(hf, "rotary_pct", default=0.25)))
+    problems = []
+    if hf.get("use_parallel_residual", True):
+        problems.append("use_parallel_residual=true (x + attn(LN1(x)) + mlp(LN2(x)); bigtrain's blocks are "
+                        "sequential: set it false only for a model trained that way)")
+    if pct != 1.0:
+        problems.append(f"partial_rotary_factor / rotary_pct={pct} (bigtrain rotates all of each head: 1.0)")
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        problems.append(f"rope_type={rope.get('rope_type', rope.get('type'))!r} (bigtrain's rotary is default)")
+    if hf.get("attention_bias", True) is False:
+        problems.append("attention_bias=false (bigtrain's model.bias=true has attention biases too)")
+    if problems:
+        raise CheckpointError(f"{where}: GPT-NeoX options without a bigtrain counterpart: " + "; ".join(problems)
+                              + ".")
+    d, heads = hf.get("hidden_size", 6144), hf.get("num_attention_heads", 64)
+    theta = _get(rope, "rope_theta", default=_get(hf, "rotary_emb_base", "rope_theta", default=10000.0))
+    return {"family": "causal", "vocab_size": hf["vocab_size"], "d_model": d,
+            "n_layers": hf.get("num_hidden_layers", 44), "n_heads": heads, "n_kv_heads": heads,
+            "d_ff": hf.get("intermediate_size", 4 * d), "activation": _activation(hf.get("hidden_act", "gelu"), where),
+            "norm_eps": hf.get("layer_norm_eps", 1e-5), "rope_theta": float(theta), "scale_embeddings": False,
+            "tie_embeddings": hf.get("tie_word_embeddings", False)}
 
 
 def _activation(name: str, where: str) -> str:

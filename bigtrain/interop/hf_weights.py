@@ -3,7 +3,9 @@
 the whole transformers state dict.
 
 Layout differences handled here: GPT-2's Conv1D stores weights as [in, out] (transposed from nn.Linear) and
-fuses Q, K, V into one `c_attn` [d, 3d]; T5 keeps its relative position bias in the first block of each stack;
+fuses Q, K, V into one `c_attn` [d, 3d]; GPT-NeoX fuses them per head into `query_key_value` [3d, d], whose rows
+are (head 0: q, k, v; head 1: q, k, v; ...), and rotates (x_i, x_{i+d/2}) pairs as bigtrain does (rotate_half), so
+no row permutation is needed; T5 keeps its relative position bias in the first block of each stack;
 BERT's output bias is `cls.predictions.bias`; a BERT without token types or output bias is written with a zero
 row / zero bias (the same function).
 """
@@ -16,16 +18,18 @@ from dataclasses import dataclass
 import torch
 
 from bigtrain.config.schema import ModelConfig
+from bigtrain.interop.hf_config import folded_scale
 
 
 @dataclass(frozen=True)
 class Rule:
-    """bigtrain tensor `ours` is HF tensor `theirs`: whole, transposed ("T"), or the part-th third of a fused
-    Conv1D QKV ("qkv")."""
+    """bigtrain tensor `ours` is HF tensor `theirs`: whole, transposed ("T"), the part-th third of a fused
+    Conv1D QKV ("qkv"), or the part-th of each of `heads` head's (q, k, v) rows of a fused linear ("heads")."""
     ours: str
     theirs: str
     how: str = ""
     part: int = 0
+    heads: int = 0
 
 
 def _linear(ours: str, theirs: str, bias: bool, how: str = "") -> list[Rule]:
@@ -67,6 +71,24 @@ def _llama(cfg: ModelConfig) -> list[Rule]:
                   Rule(f"{b}.ffn_norm.weight", f"{h}.post_attention_layernorm.weight")]
     if not cfg.tie_embeddings:
         rules.append(Rule("head.weight", "lm_head.weight"))
+    return rules
+
+
+def _gpt_neox(cfg: ModelConfig) -> list[Rule]:
+    m = "gpt_neox"
+    rules = [Rule("embed.tokens.weight", f"{m}.embed_in.weight"), *_norm("final_norm", f"{m}.final_layer_norm", True)]
+    for i in range(cfg.n_layers):
+        b, h = f"blocks.{i}", f"{m}.layers.{i}"
+        for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            rules += [Rule(f"{b}.self_attn.{proj}.{kind}", f"{h}.attention.query_key_value.{kind}", "heads", part,
+                           cfg.n_heads) for kind in ("weight", "bias")]
+        rules += [*_linear(f"{b}.self_attn.o_proj", f"{h}.attention.dense", True),
+                  *_norm(f"{b}.self_attn_norm", f"{h}.input_layernorm", True),
+                  *_norm(f"{b}.ffn_norm", f"{h}.post_attention_layernorm", True),
+                  *_linear(f"{b}.ffn.up", f"{h}.mlp.dense_h_to_4h", True),
+                  *_linear(f"{b}.ffn.down", f"{h}.mlp.dense_4h_to_h", True)]
+    if not cfg.tie_embeddings:
+        rules.append(Rule("head.weight", "embed_out.weight"))  # transformers 5 renames it lm_head.weight on load
     return rules
 
 
@@ -121,11 +143,13 @@ def _t5(cfg: ModelConfig) -> list[Rule]:
     return rules
 
 
-RULES: dict[str, Callable[[ModelConfig], list[Rule]]] = {"gpt2": _gpt2, "llama": _llama, "bert": _bert, "t5": _t5}
+RULES: dict[str, Callable[[ModelConfig], list[Rule]]] = {"gpt2": _gpt2, "llama": _llama, "gpt_neox": _gpt_neox,
+                                                          "bert": _bert, "t5": _t5}
 
 # Tensors transformers may also store under another name (tied copies, older layouts).
 ALIASES = {"shared.weight": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
-           "transformer.wte.weight": ("wte.weight",), "transformer.wpe.weight": ("wpe.weight",)}
+           "transformer.wte.weight": ("wte.weight",), "transformer.wpe.weight": ("wpe.weight",),
+           "embed_out.weight": ("lm_head.weight",)}
 
 
 def rules_for(kind: str, cfg: ModelConfig) -> dict[str, Rule]:
@@ -141,6 +165,8 @@ def from_hf(rule: Rule, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
         third = t.shape[-1] // 3
         t = t[..., rule.part * third:(rule.part + 1) * third]
         return t.t().contiguous() if t.dim() == 2 else t.contiguous()
+    if rule.how == "heads":  # [3d(, d)] as [heads, 3, head_dim(, d)]: this part of every head
+        return t.reshape(rule.heads, 3, -1, *t.shape[1:])[:, rule.part].reshape(-1, *t.shape[1:]).contiguous()
     return t
 
 
@@ -149,6 +175,7 @@ def to_hf(kind: str, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[s
     does)."""
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, list[torch.Tensor | None]] = {}
+    heads: dict[str, list[torch.Tensor | None]] = {}
     for rule in RULES[kind](cfg):
         t = state[rule.ours].detach().float()
         if rule.how == "T":
@@ -156,12 +183,32 @@ def to_hf(kind: str, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[s
         elif rule.how == "qkv":
             parts = fused.setdefault(rule.theirs, [None, None, None])
             parts[rule.part] = t.t() if t.dim() == 2 else t
+        elif rule.how == "heads":
+            heads.setdefault(rule.theirs, [None, None, None])[rule.part] = t.reshape(rule.heads, -1, *t.shape[1:])
         else:
             out[rule.theirs] = t.contiguous()
     for name, parts in fused.items():
         out[name] = torch.cat(parts, dim=-1).contiguous()  # type: ignore[arg-type]
+    for name, parts in heads.items():  # [heads, head_dim(, d)] x 3 -> [heads, 3, head_dim(, d)] -> [3d(, d)]
+        stacked = torch.stack(parts, dim=1)  # type: ignore[arg-type]
+        out[name] = stacked.reshape(-1, *stacked.shape[3:]).contiguous()
+    if kind == "gpt_neox":
+        fold_scale(cfg, out)
     if kind == "bert":
         d, vocab = cfg.d_model, state["embed.tokens.weight"].shape[0]
         out.setdefault("bert.embeddings.token_type_embeddings.weight", torch.zeros(1, d))
         out.setdefault("cls.predictions.bias", torch.zeros(vocab))
     return out
+
+
+def fold_scale(cfg: ModelConfig, out: dict[str, torch.Tensor]) -> None:
+    """Fold `model.scale_embeddings` into a GPT-NeoX state dict `out`, in place, as `folded_scale` states:
+    E · s into the untied input embedding, or (tied) the attention output and FFN down projections divided by s
+    (config.json's layer_norm_eps is eps / d_model then)."""
+    how, scale = folded_scale(cfg)
+    if how == "embedding":
+        out["gpt_neox.embed_in.weight"] = out["gpt_neox.embed_in.weight"] * scale
+    elif how == "stream":
+        for name in out:
+            if ".attention.dense." in name or ".mlp.dense_4h_to_h." in name:
+                out[name] = out[name] / scale
