@@ -136,3 +136,60 @@ def command_lines(path: Path) -> list[tuple[int, str, str]]:
 def options(text: str) -> set[str]:
     """The long options (`--name`) written in `text`."""
     return set(re.findall(r"(?<![\w-])--[a-z][\w-]*", text))
+
+
+# The programs a doc command starts with; SHELL_BLOCKS: fenced blocks whose every line is a command (or a comment).
+COMMAND_WORDS = {"bigtrain", "python", "python3", "make", "bash", "deepspeed", "torchrun", "accelerate", "mpirun",
+                 "mpiexec", "srun", "sbatch"}
+SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
+PROSE_BLOCKS = {"text", "yaml", "json", "python", "toml"}  # output, diagrams, files: no commands
+
+
+@dataclass(frozen=True)
+class DocCommand:
+    path: Path
+    line: int  # 1-based line where the command starts
+    text: str  # continuations joined, the trailing comment kept
+
+    def where(self) -> str:
+        return f"{self.path.relative_to(REPO)}:{self.line}"
+
+
+def block_commands(path: Path) -> list[DocCommand]:
+    """Every command line of the code blocks of a doc: in a fenced block marked bash/sh/shell/console every line but
+    blanks and comments; in an unmarked fenced block or an indented block each line that starts with a program of
+    COMMAND_WORDS; blocks marked text/yaml/json/python/toml hold none. Continuations are joined as `code_lines`
+    joins them. Inline code spans are not commands here (they name a command in a sentence)."""
+    found: list[DocCommand] = []
+    block: list[tuple[int, str]] = []
+    kind, in_block, previous_blank = None, False, True
+
+    def flush() -> None:
+        for n, text in _joined(block):
+            first = text.split(maxsplit=1)[0] if text.split() else ""
+            if kind in PROSE_BLOCKS or not first or first.startswith("#"):
+                continue
+            if kind in SHELL_BLOCKS or first in COMMAND_WORDS:
+                found.append(DocCommand(path, n, text))
+
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            if kind is None:
+                kind = line[3:].strip().lower()
+            else:
+                flush()
+                block, kind = [], None
+        elif kind is not None:
+            block.append((n, line))
+        elif line.startswith("    ") and (previous_blank or in_block):
+            block.append((n, line))
+            in_block = True
+        elif in_block:
+            kind = "indented"
+            flush()
+            block, kind, in_block = [], None, False
+        previous_blank = not line.strip()
+    if in_block:
+        kind = "indented"
+        flush()
+    return found
