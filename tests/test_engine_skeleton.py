@@ -113,8 +113,8 @@ def test_the_plain_engine_writes_the_one_save_sequence_and_records_its_layout(tm
 
 def test_the_plain_engines_gradient_norm_is_exact(tmp_path):
     """The smoke model's step-1 gradient norm against a float64 reference (the same gradients in float64): within
-    1e-7 (torch's foreach norm on CPU, which the plain engine once used, was 5.3e-6 off, so an exact tensor-parallel
-    run seemed to differ from one device by 5.3e-6 at step 1; `pytest -s` prints both errors)."""
+    1e-7. torch's foreach norm on CPU, which the plain engine once used, is further off (`pytest -s` prints
+    both errors), so an exact tensor-parallel run seemed to differ from one device at step 1."""
     import copy
 
     from bigtrain.config import load_config
