@@ -20,7 +20,8 @@ python bench/throughput.py --config configs/gpt2-small.yaml train.precision=bf16
 python bench/throughput.py --config configs/gpt2-small.yaml train.precision=bf16 train.compile=true
 python bench/throughput.py --config configs/gpt3-1.3b.yaml train.precision=bf16 train.compile=false
 python bench/throughput.py --config configs/gpt3-1.3b.yaml train.precision=bf16 train.compile=true
-#   (1M-token steps: 3 warm-up + 10 timed take about 5 minutes at 45% MFU; --warmup 2 --steps 4 is quicker)
+#   (1M-token steps: 3 warm-up + 10 timed, about 5 minutes if it reaches 45% MFU: an estimate from 6·N + 12·L·d·T
+#    FLOPs per token, not a measurement; --warmup 2 --steps 4 is quicker)
 torchrun --nproc_per_node=8 bench/throughput.py --config configs/gpt2-small.yaml parallel.zero_stage=1
 #   (under a launcher: rank 0 reports the job's tokens/s and MFU over all GPUs)
 python bench/scaling.py --out bench/results/scaling-gpu.json --config configs/gpt2-small.yaml \\

@@ -99,7 +99,7 @@ def test_optimizer_state_halves_with_two_ranks(runs, tmp_path):
             assert rank["optimizer"] == pytest.approx(memory["formula"]["optimizer"], rel=0.05), memory
             assert rank["params"] == memory["formula"]["params"]
         print(f"\nZeRO-{stage} equivalent: optimizer bytes per rank {[r['optimizer'] for r in memory['ranks']]} "
-              f"at DP=2, {single} at DP=1")
+              f"at DP=2, {single} at DP=1; formula {memory['formula']['optimizer']}")
 
 
 @pytest.mark.launches
