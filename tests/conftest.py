@@ -340,3 +340,16 @@ def _one_thread():
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture
+def no_process_may_start(monkeypatch):
+    """Every process start (subprocess.Popen) in this test is recorded and refused."""
+    started = []
+
+    def refuse(self, args, *rest, **kwargs):
+        started.append(args)
+        raise AssertionError(f"a process was started: {args}")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    return started

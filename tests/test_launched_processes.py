@@ -31,17 +31,6 @@ SMALL = ["train.global_batch_size=8", "train.micro_batch_size=4", "data.max_byte
 
 
 # --- refusal before anything starts --------------------------------------------------------------------------------
-@pytest.fixture
-def no_process_may_start(monkeypatch):
-    """Every process start (subprocess.Popen) in this test is recorded and refused."""
-    started = []
-
-    def refuse(self, args, *rest, **kwargs):
-        started.append(args)
-        raise AssertionError(f"a process was started: {args}")
-
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
-    return started
 
 
 def _one_paragraph(proc: subprocess.CompletedProcess) -> str:

@@ -4,8 +4,6 @@ a repeated layout key). The runs themselves: tests/test_parity_command.py."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from bigtrain.cli.parity import other_split, parse_layout, report
@@ -80,16 +78,6 @@ def test_a_layout_key_given_twice_is_refused():
         parse_layout("tensor=2,tensor=4")
 
 
-@pytest.fixture
-def no_process_may_start(monkeypatch):
-    started = []
-
-    def refuse(self, args, *rest, **kwargs):
-        started.append(args)
-        raise AssertionError(f"a process was started: {args}")
-
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
-    return started
 
 
 @pytest.mark.parametrize("layout,message", [
