@@ -11,6 +11,11 @@ timed. Prints a table and writes bench/results/pipeline_bubble.json (and a plot 
 
     python bench/pipeline_bubble.py                 # m = 1, 2, 4, 8
     python bench/pipeline_bubble.py --micro-batches 1 2 --steps 4 --d-model 64   # quick
+
+With `--schedules` it measures torch.distributed.pipelining's schedules instead (GPipe, 1F1B, interleaved 1F1B,
+zero-bubble, ZB-V, DualPipeV), per rank, next to their theory: `bench/schedule_bubble.py`, whose options follow.
+
+    python bench/pipeline_bubble.py --schedules --ranks 2 4 --micro-batches 4 8 16
 """
 
 from __future__ import annotations
@@ -68,6 +73,12 @@ def measure(m: int, args: argparse.Namespace, work: Path) -> dict[str, float]:
 
 
 def main() -> None:
+    if "--schedules" in sys.argv[1:]:
+        sys.path.insert(0, str(REPO))
+        from bench import schedule_bubble
+
+        schedule_bubble.main([a for a in sys.argv[1:] if a != "--schedules"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--micro", type=int, default=4, help="sequences per micro-batch")
