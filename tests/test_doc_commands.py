@@ -168,7 +168,7 @@ TRANSLATIONS: list[tuple[str, str, Translate, str]] = [
      "trains for minutes to weeks: the one-process dry run (--world-size 1), which must start from step 0"),
     ("prepare from the Hub", r"^bigtrain prepare .*data\.source=hf:", hub_prepare,
      "needs the Hugging Face Hub: its config and overrides checked (`bigtrain train --print-config`)"),
-    ("bigtrain COMMAND", r"^bigtrain (prepare|plan|consolidate|evaluate|export|convert|generate|attention) ",
+    ("bigtrain COMMAND", r"^bigtrain (prepare|plan|consolidate|evaluate|export|convert|generate|attention|plot) ",
      as_written, "as written (tiny data, the finished runs of the substitution table)"),
     ("GPU checks", r"^bash bench/gpu_checks\.sh$", bash_n, "needs a GPU: `bash -n` of the script"),
     ("bench report", r"^python bench/report\.py$", as_written, "as written (writes the copy's docs/performance.md)"),

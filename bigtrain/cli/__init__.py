@@ -1,5 +1,5 @@
 """The commands: `bigtrain train | prepare | consolidate | evaluate | export | convert | attention | generate | parity
-| plan` (`python launch/train.py` is `bigtrain train`). Each command lives in the module `COMMANDS` names, as
+| plan | plot` (`python launch/train.py` is `bigtrain train`). Each command lives in the module `COMMANDS` names, as
 `run_<command>(argv) -> exit status`, imported when it runs (so `bigtrain plan` never imports DeepSpeed).
 Every command ends a failure with one paragraph and an exit status (`report.py`)."""
 
@@ -12,9 +12,9 @@ from collections.abc import Callable
 COMMANDS = {"train": "bigtrain.cli.train", "prepare": "bigtrain.cli.prepare", "consolidate": "bigtrain.cli.tools",
             "evaluate": "bigtrain.cli.tools", "export": "bigtrain.cli.tools", "convert": "bigtrain.cli.tools",
             "attention": "bigtrain.cli.attention", "generate": "bigtrain.cli.generate", "parity": "bigtrain.cli.parity",
-            "plan": "bigtrain.cli.plan"}
+            "plan": "bigtrain.cli.plan", "plot": "bigtrain.cli.plot"}
 
-USAGE = """usage: bigtrain {train,prepare,consolidate,evaluate,export,convert,attention,generate,parity,plan} ...
+USAGE = """usage: bigtrain {train,prepare,consolidate,evaluate,export,convert,attention,generate,parity,plan,plot} ...
   train --config FILE [--print-config] [--help-config] [--world-size N [--gpu-memory GiB]] [--allow-changes KEY,...] \
 [--verbose] [--debug] [section.key=value ...]
   prepare --config FILE [--workers N] [--shard-mb MB] [--verify] [--debug] [section.key=value ...]
@@ -30,7 +30,8 @@ USAGE = """usage: bigtrain {train,prepare,consolidate,evaluate,export,convert,at
 [--precision fp32|bf16] [--work-dir DIR] [--debug] [section.key=value ...]
   plan --config FILE --gpus N [--gpus-per-node G] [--gpu NAME] [--gpu-memory GiB [--peak-tflops T]] \
 [--intra-node-gbps GB/s] [--inter-node-gbps GB/s] [--efficiency E] [--framework-gib GiB] [--top K] [--json] \
-[--debug] [section.key=value ...]"""
+[--debug] [section.key=value ...]
+  plot RUN_DIR [RUN_DIR ...] --out FILE.png [--x step|tokens] [--dpi N] [--debug]"""
 
 
 def command(name: str) -> Callable[[list[str]], int]:
