@@ -24,6 +24,7 @@ from tests.conftest import (
     consolidated_eval_loss,
     launch_ok,
     read_metrics,
+    single_process,
     tiny_overrides,
 )
 
@@ -117,6 +118,25 @@ def test_tensor_parallel_lamb(lamb_reference, tmp_path):
     run_dir = tmp_path / "run"
     launch_ok(4, _overrides(run_dir, *LAMB, TORCH, "parallel.zero_stage=2", "parallel.tensor=2"))
     assert_same_curve(lamb_reference, run_dir, rel=1e-5, steps=10)
+
+
+MODERN = ("model.norm_position=pre", "model.norm=rmsnorm", "model.positions=rotary", "model.activation=swiglu",
+          "model.n_kv_heads=2", "model.bias=false", "model.tie_embeddings=false")
+RELATIVE = ("model.norm_position=pre", "model.norm=rmsnorm", "model.positions=relative", "model.relative_buckets=8",
+            "model.relative_max_distance=16", "model.bias=false")
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize("family, options, stage", [("seq2seq", RELATIVE, 3), ("causal", MODERN, 2)],
+                         ids=["seq2seq-relative-zero3", "causal-rotary-swiglu-gqa-untied-zero2"])
+def test_other_models(tmp_path, family, options, stage):
+    """The encoder-decoder (two block stacks, each block its own unit; the relative position bias in the root
+    unit; greedy decoding for the sequence accuracy at the end) and the Llama-style decoder (rotary buffers,
+    grouped-query attention, an untied head): loss, grad_norm and the final eval within 1e-5 of one process."""
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    single_process(tiny_overrides(ref_dir, family, *DP_LAYOUT, *options))
+    launch_ok(2, tiny_overrides(run_dir, family, *DP_LAYOUT, *options, TORCH, f"parallel.zero_stage={stage}"))
+    assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
 
 
 @pytest.mark.launches
