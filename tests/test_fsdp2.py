@@ -1,8 +1,10 @@
 """PyTorch's FSDP2 engine (issue 27, item 1: parallel.engine=torch on several ranks) on CPU ranks over gloo, fp32,
 dropout 0, tolerance 1e-5: at zero_stage 2 and 3 equal to one device over 20 steps (loss, grad_norm, the final
-eval), also TP=2 x DP=2 with sequence parallelism and activation checkpointing; LAMB exact; parameter bytes per
-rank 4Ψ/D; exact resume from its own files; consolidation. Moving a run between FSDP2 and DeepSpeed is in
-tests/test_layout_change.py; refusals and the engine `torch` resolves to are checked at config load here."""
+eval), also TP=2 x DP=2 with sequence parallelism and activation checkpointing, and the other model families;
+LAMB exact; bf16 within rounding; parameter bytes per rank 4Ψ/D; exact resume from its own files;
+consolidation; a non-finite step skipped on every rank. Moving a run between FSDP2 and DeepSpeed is in
+tests/test_layout_change.py, train.compile in tests/test_compile.py; refusals and the engine `torch` resolves to
+are checked at config load here."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bigtrain.compat.fsdp2 import row_range
 from bigtrain.config import load_config
@@ -19,10 +22,12 @@ from bigtrain.models import build_model, count_parameters
 from tests.conftest import (
     DP_LAYOUT,
     LAMB,
+    REPO,
     assert_resume_is_exact,
     assert_same_curve,
     consolidated_eval_loss,
     launch_ok,
+    launch_ranks,
     read_metrics,
     single_process,
     tiny_overrides,
@@ -167,6 +172,30 @@ def test_resume_is_exact(tmp_path):
     assert_resume_is_exact(2, args, run_dir)
     assert (run_dir / "checkpoints" / "step_00000020" / "fsdp2_rank00001.pt").is_file()
     assert consolidated_eval_loss(run_dir) == pytest.approx(read_metrics(run_dir)[1][20]["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.launches
+def test_nonfinite_step_is_skipped_on_every_rank(tmp_path):
+    """NaN on rank 1 in step 3 with on_nonfinite=skip (tests/helpers/inject.py): every rank skips the update on
+    the device; each rank's own files of steps 2 and 3 (its rows and optimizer state) are bitwise equal; step 4
+    updates again."""
+    run_dir = tmp_path / "run"
+    proc = launch_ranks(2, _overrides(run_dir, TORCH, "parallel.zero_stage=3", "train.steps=5",
+                                      "train.on_nonfinite=skip", "checkpoint.every=1", "checkpoint.keep=10"),
+                        script=REPO / "tests" / "helpers" / "inject.py",
+                        env={"BIGTRAIN_TEST_RANK": "1", "BIGTRAIN_TEST_NAN_STEPS": "3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "update skipped, weights and optimizer state unchanged (1 in a row)" in proc.stdout
+    lines = read_metrics(run_dir)[0]
+    assert lines[3]["skipped"] is True and lines[4]["skipped"] is False
+    for rank in (0, 1):
+        before, after, later = (torch.load(run_dir / "checkpoints" / f"step_0000000{s}" / f"fsdp2_rank0000{rank}.pt",
+                                           weights_only=True) for s in (2, 3, 4))
+        assert all(torch.equal(v, after["model"][k]) for k, v in before["model"].items())
+        assert before["optimizer"]["state"].keys() == after["optimizer"]["state"].keys()
+        for index, state in before["optimizer"]["state"].items():
+            assert all(torch.equal(v, after["optimizer"]["state"][index][k]) for k, v in state.items())
+        assert not all(torch.equal(v, later["model"][k]) for k, v in after["model"].items())
 
 
 @pytest.mark.parametrize("world, extra, engine, stage", [
