@@ -1,19 +1,21 @@
-"""The two sharded engines side by side on one config: DeepSpeed's ZeRO stage and fairscale's equivalent (ZeRO-1:
-OSS, ZeRO-2: OSS + ShardedDataParallel, ZeRO-3: FullyShardedDataParallel), same ranks, same seed, same data.
+"""Sharded engines side by side on one config: DeepSpeed's ZeRO stage and fairscale's equivalent (ZeRO-1:
+OSS, ZeRO-2: OSS + ShardedDataParallel, ZeRO-3: FullyShardedDataParallel), or with `--engine torch` PyTorch's
+FSDP2 (ZeRO-2: reshard_after_forward=False, ZeRO-3: True), same ranks, same seed, same data.
 
 For each stage both engines train `--steps` steps through launch/train.py under torchrun (NCCL on GPUs, one
 rank per GPU; gloo on the CPU, one thread per rank). Reported per stage:
 
     parity       max over steps of |a − b| / |a| for loss and grad_norm (fp32: expect ≲ 1e-5; bf16 rounds)
-    throughput   median tokens/s of the whole job over the steps after `--warmup`, and fairscale / DeepSpeed
+    throughput   median tokens/s of the whole job over the steps after `--warmup`, and the engine / DeepSpeed
     model state  measured bytes per rank (parameters + gradients + optimizer, memory.json) and the formula
 
 fairscale runs FSDP on CUDA only; on a CPU the ZeRO-3 pair runs FSDP through tests/helpers/fsdp_on_cpu.py,
 which stands a host "stream" in for its CUDA streams (the result says so), so only its parity means something
 there.
 
-Run: python bench/sharded_engines.py [--stages 1,2,3] [--ranks N] [--steps 20] [--warmup 5] [--config FILE]
-     [overrides]   writes bench/results/sharded_engines-<device>.json
+Run: python bench/sharded_engines.py [--engine fairscale|torch] [--stages 1,2,3] [--ranks N] [--steps 20]
+     [--warmup 5] [--config FILE] [overrides]   writes bench/results/sharded_engines-<device>.json (fairscale) or
+     sharded_engines-torch-<device>.json
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ MODEL = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.d_ff
 QUIET = ["train.eval_every=0", "checkpoint.every=0", "train.sample_tokens=0", "checkpoint.resume=false",
          "log.tensorboard=false", "train.threads=1", "model.dropout=0.0"]
 FSDP_ON_CPU = REPO / "tests" / "helpers" / "fsdp_on_cpu.py"
-NAMES = {1: "OSS", 2: "OSS + ShardedDataParallel", 3: "FullyShardedDataParallel"}
+NAMES = {"fairscale": {1: "OSS", 2: "OSS + ShardedDataParallel", 3: "FullyShardedDataParallel"},
+         "torch": {2: "FSDP2, parameters kept gathered to backward", 3: "FSDP2"}}
 
 
 def train(engine: str, stage: int, ranks: int, run_dir: Path, args: argparse.Namespace) -> Path:
@@ -71,26 +74,27 @@ def _steps(run_dir: Path) -> dict[int, dict[str, Any]]:
     return {r["step"]: r for r in lines if "loss" in r and "step" in r}
 
 
-def compare(deepspeed: Path, fairscale: Path, warmup: int) -> dict[str, Any]:
-    a, b = _steps(deepspeed), _steps(fairscale)
+def compare(deepspeed: Path, other: Path, warmup: int, engine: str = "fairscale") -> dict[str, Any]:
+    a, b = _steps(deepspeed), _steps(other)
     steps = sorted(set(a) & set(b))
     worst = {k: max(abs(a[s][k] - b[s][k]) / max(abs(a[s][k]), 1e-12) for s in steps) for k in ("loss", "grad_norm")}
     timed = [s for s in steps if s > warmup] or steps
     speed = {name: statistics.median(r[s]["tokens_per_s"] for s in timed) for name, r in (("deepspeed", a),
-                                                                                           ("fairscale", b))}
+                                                                                           (engine, b))}
     memory = {name: json.loads((d / "memory.json").read_text()) for name, d in (("deepspeed", deepspeed),
-                                                                                 ("fairscale", fairscale))}
+                                                                                 (engine, other))}
     state = {name: max(r["params"] + r["grads"] + r["optimizer"] for r in m["ranks"]) for name, m in memory.items()}
-    formula = memory["fairscale"]["formula"]
+    formula = memory[engine]["formula"]
     return {"steps": len(steps), "max_rel_loss": worst["loss"], "max_rel_grad_norm": worst["grad_norm"],
-            "tokens_per_s": speed, "fairscale_over_deepspeed": speed["fairscale"] / speed["deepspeed"],
+            "tokens_per_s": speed, f"{engine}_over_deepspeed": speed[engine] / speed["deepspeed"],
             "model_state_bytes_per_rank": state,
             "formula_bytes_per_rank": formula["params"] + formula["grads"] + formula["optimizer"]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stages", default="1,2,3")
+    parser.add_argument("--engine", choices=sorted(NAMES), default="fairscale", help="what DeepSpeed is compared with")
+    parser.add_argument("--stages", default=None, help="default: 1,2,3 (fairscale), 2,3 (torch)")
     parser.add_argument("--ranks", type=int, default=None, help="default: the GPUs here, or 2 CPU ranks")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the tokens/s median")
@@ -104,30 +108,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.cuda.get_device_name(0) if gpus else "cpu"
     rows = []
     with tempfile.TemporaryDirectory(prefix="bigtrain-engines-") as name:
-        for stage in (int(s) for s in args.stages.split(",")):
+        other = args.engine
+        stages = args.stages or ("1,2,3" if other == "fairscale" else "2,3")
+        for stage in (int(s) for s in stages.split(",")):
             runs = {engine: train(engine, stage, ranks, Path(name) / f"{engine}{stage}" / "run", args)
-                    for engine in ("deepspeed", "fairscale")}
-            row = {"stage": stage, "fairscale": NAMES[stage], **compare(runs["deepspeed"], runs["fairscale"],
-                                                                         args.warmup)}
-            row["fsdp_on_cpu_shim"] = stage == 3 and not gpus
+                    for engine in ("deepspeed", other)}
+            row = {"stage": stage, other: NAMES[other][stage], **compare(runs["deepspeed"], runs[other],
+                                                                         args.warmup, other)}
+            row["fsdp_on_cpu_shim"] = other == "fairscale" and stage == 3 and not gpus
             rows.append(row)
             print(f"ZeRO-{stage}: loss {row['max_rel_loss']:.1e}, grad_norm {row['max_rel_grad_norm']:.1e}; "
-                  f"tokens/s DeepSpeed {row['tokens_per_s']['deepspeed']:.0f}, fairscale "
-                  f"{row['tokens_per_s']['fairscale']:.0f} ({row['fairscale_over_deepspeed']:.2f}x)", flush=True)
-    print(f"\n{ranks} rank(s) on {device}\n| ZeRO | fairscale | max rel. diff loss / grad_norm | tokens/s DeepSpeed | "
-          f"tokens/s fairscale | fairscale / DeepSpeed | model state MiB/rank DS / fs / formula |\n|---|---|---|---|"
+                  f"tokens/s DeepSpeed {row['tokens_per_s']['deepspeed']:.0f}, {other} "
+                  f"{row['tokens_per_s'][other]:.0f} ({row[f'{other}_over_deepspeed']:.2f}x)", flush=True)
+    print(f"\n{ranks} rank(s) on {device}\n| ZeRO | {other} | max rel. diff loss / grad_norm | tokens/s DeepSpeed | "
+          f"tokens/s {other} | {other} / DeepSpeed | model state MiB/rank DS / {other} / formula |\n|---|---|---|---|"
           f"---|---|---|")
     for r in rows:
         st = r["model_state_bytes_per_rank"]
-        print(f"| {r['stage']} | {r['fairscale']}{' (CPU shim)' if r['fsdp_on_cpu_shim'] else ''} | "
+        print(f"| {r['stage']} | {r[other]}{' (CPU shim)' if r['fsdp_on_cpu_shim'] else ''} | "
               f"{r['max_rel_loss']:.1e} / {r['max_rel_grad_norm']:.1e} | {r['tokens_per_s']['deepspeed']:.0f} | "
-              f"{r['tokens_per_s']['fairscale']:.0f} | {r['fairscale_over_deepspeed']:.2f} | "
-              f"{st['deepspeed'] / 2**20:.2f} / {st['fairscale'] / 2**20:.2f} / "
+              f"{r['tokens_per_s'][other]:.0f} | {r[f'{other}_over_deepspeed']:.2f} | "
+              f"{st['deepspeed'] / 2**20:.2f} / {st[other] / 2**20:.2f} / "
               f"{r['formula_bytes_per_rank'] / 2**20:.2f} |")
-    result = {"figure": "sharded_engines", "command": " ".join(["python bench/sharded_engines.py", shlex.join(
-        sys.argv[1:] if argv is None else argv)]).strip(), "machine": machine(), "ranks": ranks, "device": device,
-        "steps": args.steps, "warmup": args.warmup, "rows": rows}
-    write_json(args.out or RESULTS / f"sharded_engines-{'gpu' if gpus else 'cpu'}.json", result)
+    command = " ".join(["python bench/sharded_engines.py", shlex.join(sys.argv[1:] if argv is None else argv)])
+    result = {"figure": "sharded_engines", "engine": other, "command": command.strip(), "machine": machine(),
+              "ranks": ranks, "device": device, "steps": args.steps, "warmup": args.warmup, "rows": rows}
+    tag = "" if other == "fairscale" else f"-{other}"
+    write_json(args.out or RESULTS / f"sharded_engines{tag}-{'gpu' if gpus else 'cpu'}.json", result)
     return result
 
 

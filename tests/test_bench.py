@@ -124,17 +124,20 @@ def test_tokenize_writes_its_result(tmp_path, capsys):
 
 
 @pytest.mark.launches
-def test_sharded_engines_compares_deepspeed_and_fairscale(tmp_path):
-    """bench/sharded_engines.py at ZeRO-3 (FSDP through the CPU helper here): both engines train the same steps,
-    their curves agree (fp32), and tokens/s and model-state bytes of both are written."""
+@pytest.mark.parametrize("engine", ["fairscale", "torch"])
+def test_sharded_engines_compares_deepspeed_and_fairscale(tmp_path, engine):
+    """bench/sharded_engines.py at ZeRO-3 (fairscale's FSDP through the CPU helper here, or PyTorch's FSDP2 with
+    `--engine torch`): both engines train the same steps, their curves agree (fp32), and tokens/s and
+    model-state bytes of both are written."""
     from bench import sharded_engines
 
     out = tmp_path / "engines.json"
-    result = sharded_engines.main(["--stages", "3", "--steps", "3", "--warmup", "1", "--out", str(out),
-                                   *tiny(tmp_path)])
+    result = sharded_engines.main(["--engine", engine, "--stages", "3", "--steps", "3", "--warmup", "1", "--out",
+                                   str(out), *tiny(tmp_path)])
     saved = json.loads(out.read_text())
     row = saved["rows"][0]
     assert saved["figure"] == "sharded_engines" and result["rows"][0]["stage"] == row["stage"] == 3
+    assert saved["engine"] == engine
     assert row["steps"] == 3 and row["max_rel_loss"] < 1e-5 and row["max_rel_grad_norm"] < 1e-5
-    assert row["fsdp_on_cpu_shim"] and row["fairscale_over_deepspeed"] > 0
+    assert row["fsdp_on_cpu_shim"] == (engine == "fairscale") and row[f"{engine}_over_deepspeed"] > 0
     assert all(v > 0 for v in row["model_state_bytes_per_rank"].values())

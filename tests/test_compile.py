@@ -204,12 +204,14 @@ def references(tmp_path_factory) -> dict[tuple[str, ...], Path]:
     (["parallel.zero_stage=3"], (), "deepspeed"),
     (["parallel.pipeline=2"], RELATIVE, "torchrun"),
     (["parallel.engine=fairscale", "parallel.zero_stage=3"], (), "fsdp-on-cpu"),
-], ids=["tp2-sp-checkpointing", "dp2-zero2", "dp2-zero3", "pp2-relative", "dp2-fairscale-fsdp"])
+    (["parallel.engine=torch", "parallel.zero_stage=3"], (), "torchrun"),
+], ids=["tp2-sp-checkpointing", "dp2-zero2", "dp2-zero3", "pp2-relative", "dp2-fairscale-fsdp", "dp2-fsdp2"])
 def test_compiled_layouts_match_eager(references, tmp_path, extra, options, launcher):
     """10 steps within 1e-5 of the eager single-process run. The pipeline case sends hidden states and the
     relative position bias between stages (DeepSpeed's backward then retains the graph). fairscale's FSDP
     (run on CPU ranks by its test helper) swaps each block's parameters between shards and gathered tensors
-    around the compiled forward."""
+    around the compiled forward; FSDP2 registers its gathered parameters on the compiled block for its
+    forward and backward."""
     run_dir = tmp_path / "run"
     script = REPO / "tests" / "helpers" / "fsdp_on_cpu.py" if launcher == "fsdp-on-cpu" else None
     launch_ok(2, tiny_overrides(run_dir, "causal", *SHORT, *DP_LAYOUT, *options, *extra, "train.compile=true"),

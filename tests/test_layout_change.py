@@ -18,6 +18,7 @@ RECORD = REPO / "tests" / "helpers" / "record_samples.py"
 TOL = 1e-5
 LAMB = ("optim.name=lamb", "optim.lr=2e-2")
 FSDP = ("parallel.engine=fairscale", "parallel.zero_stage=3")
+FSDP2 = ("parallel.engine=torch", "parallel.zero_stage=3")
 FSDP_ON_CPU = REPO / "tests" / "helpers" / "fsdp_on_cpu.py"  # record_samples.py with FSDP made to run on CPU
 
 PAIRS = {
@@ -40,6 +41,10 @@ PAIRS = {
     # into and out of fairscale's FullyShardedDataParallel (run on CPU ranks by tests/helpers/fsdp_on_cpu.py)
     "dp2-zero3-deepspeed->tp2xdp2-fsdp": ((2, ("parallel.zero_stage=3",)), (4, (*FSDP, "parallel.tensor=2"))),
     "dp2-fsdp->dp2-zero1": ((2, FSDP), (2, ("parallel.zero_stage=1",))),
+    # out of and into PyTorch's FSDP2 (parallel.engine=torch on several ranks; issue 27)
+    "dp2-fsdp2->dp2-zero3": ((2, FSDP2), (2, ("parallel.zero_stage=3",))),
+    "tp2xdp2-zero1-lamb->dp2-fsdp2-zero2-lamb": ((4, ("parallel.tensor=2", "parallel.zero_stage=1", *LAMB)),
+                                                 (2, ("parallel.engine=torch", "parallel.zero_stage=2", *LAMB))),
 }
 
 

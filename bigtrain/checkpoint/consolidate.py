@@ -7,6 +7,7 @@ one reader of its own files, which returns the whole state of one tensor rank:
     deepspeed   ZeRO-0 model states, or ZeRO-1/2/3 partitions reassembled by DeepSpeed's zero_to_fp32
     pipeline    one file per layer (and tensor rank), keyed by the unsplit model's parameter names
     fairscale   data rank 0's model (OSS), or every data rank's flat shards put back together (FSDP)
+    fsdp2       every data rank's rows put back together
 
 Under tensor parallelism the tensor ranks' states are then concatenated along the dimension the split cut
 (`shard_plan`). `bigtrain consolidate` writes the result as `model.pt` (a plain state dict, loadable with
@@ -31,6 +32,10 @@ def _tensor_rank_state(saved: SavedCheckpoint, tensor_rank: int) -> dict[str, to
         from bigtrain.engine.fairscale import files as fairscale_files
 
         return fairscale_files.tensor_rank_state(checkpoint, layout, tensor_rank)
+    if layout.engine == "fsdp2":
+        from bigtrain.engine.fsdp2 import files as fsdp2_files
+
+        return fsdp2_files.tensor_rank_state(checkpoint, layout, tensor_rank)
     from bigtrain.engine.deepspeed import files as deepspeed_files
 
     return deepspeed_files.tensor_rank_state(checkpoint, layout, tensor_rank, saved.config.model.tie_embeddings)

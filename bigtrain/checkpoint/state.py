@@ -9,8 +9,9 @@ Where a rank's state lives depends on the engine:
     fragments      ZeRO-1/2 and DeepSpeed's bf16 optimizer: the fp32 master weights and the optimizer state of a
                    parameter group are one flat partition per data-parallel rank; each parameter's share of it
                    is a fragment (`_hp_mapping`: where it starts in the parameter and in the partition)
-    partitioned    ZeRO-3, and fairscale's FullyShardedDataParallel: each parameter is partitioned flat over the
-                   data-parallel ranks (`partition`: which values of it this rank holds, and where)
+    partitioned    ZeRO-3, fairscale's FullyShardedDataParallel and FSDP2: each parameter is partitioned flat over
+                   the data-parallel ranks (`partition`: which values of it this rank holds, and where; FSDP2's
+                   rows of dimension 0 are one range of the flattened parameter)
 
 A piece is written by the ranks that own it: data-parallel rank 0 where a state is replicated over data ranks,
 tensor rank 0 for parameters every tensor rank holds whole, the first pipeline stage for a tied embedding.

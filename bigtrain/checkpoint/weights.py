@@ -36,9 +36,12 @@ TRAINING_KEYS = {"dropout", "attention_dropout", "init", "init_std", "init_from"
 
 
 def one_device(raw: dict[str, Any]) -> dict[str, Any]:
-    """A config dict with the layout of one device (the weights are whole)."""
+    """A config dict with the layout of one device (the weights are whole). parallel.engine=torch is the plain
+    engine there, which shards nothing: its zero_stage (FSDP2's on several ranks) becomes 0."""
     raw = dict(raw)
     raw["parallel"] = {**raw.get("parallel", {}), **ONE_DEVICE}
+    if raw["parallel"].get("engine") == "torch":
+        raw["parallel"]["zero_stage"] = 0
     return raw
 
 

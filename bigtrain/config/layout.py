@@ -7,7 +7,9 @@
     zero_stage                                0 under the plain engine, else parallel.zero_stage
     engine                                    the engine that runs the steps (`ENGINES`); parallel.engine=auto
                                               resolves here and nowhere else: DeepSpeed when several ranks run
-                                              or ZeRO is asked for, its pipeline engine when there are stages
+                                              or ZeRO is asked for, its pipeline engine when there are stages;
+                                              parallel.engine=torch is the plain engine on one process and
+                                              PyTorch's FSDP2 (`fsdp2`) on several
     precision                                 fp32 | bf16 | fp16
 
 The command computes it once and passes it down (process groups, the engine, the checkpoint that records it);
@@ -32,10 +34,11 @@ from bigtrain.config.schema import Config
 from bigtrain.errors import ConfigError
 
 # The engines a layout can name: the plain PyTorch loop (one process), DeepSpeed data parallelism / ZeRO,
-# DeepSpeed's pipeline engine, and fairscale's sharded data parallelism.
-ENGINES = ("torch", "deepspeed", "pipeline", "fairscale")
+# DeepSpeed's pipeline engine, fairscale's sharded data parallelism, and PyTorch's FSDP2 (parallel.engine=torch on
+# several ranks).
+ENGINES = ("torch", "deepspeed", "pipeline", "fairscale", "fsdp2")
 ENGINE_NAMES = {"torch": "the plain PyTorch engine", "deepspeed": "DeepSpeed", "pipeline": "DeepSpeed's pipeline "
-                "engine", "fairscale": "fairscale"}
+                "engine", "fairscale": "fairscale", "fsdp2": "PyTorch's FSDP2"}
 
 
 @dataclass(frozen=True)
@@ -146,10 +149,13 @@ class Layout:
 
 def engine_for(requested: str, world_size: int, zero_stage: int, pipeline: int) -> str:
     """parallel.engine (`requested`) as the engine that runs: auto picks DeepSpeed when several ranks run or
-    ZeRO is asked for, else the plain engine; DeepSpeed with pipeline stages is its pipeline engine."""
+    ZeRO is asked for, else the plain engine; DeepSpeed with pipeline stages is its pipeline engine; torch is the
+    plain engine on one process and FSDP2 on several."""
     if requested == "fairscale":
         return "fairscale"
-    if requested == "torch" or (requested == "auto" and world_size == 1 and zero_stage == 0):
+    if requested == "torch":
+        return "torch" if world_size == 1 else "fsdp2"
+    if requested == "auto" and world_size == 1 and zero_stage == 0:
         return "torch"
     return "pipeline" if pipeline > 1 else "deepspeed"
 

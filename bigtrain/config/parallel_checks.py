@@ -37,6 +37,29 @@ def check_fairscale(cfg: Config) -> None:
                 "parallel.zero_stage=1 or 2, or parallel.engine=deepspeed.")
 
 
+def check_torch(cfg: Config, world_size: int) -> None:
+    """What parallel.engine=torch serves: one process without ZeRO (the plain engine), or on several ranks data
+    parallelism with PyTorch's FSDP2 (parameters, gradients and optimizer state sharded), composed with tensor
+    and sequence parallelism; no pipeline stages yet."""
+    p, t = cfg.parallel, cfg.train
+    if world_size == 1:
+        require(p.zero_stage == 0, f"parallel.engine='torch' on one process is the plain engine, which shards "
+                f"nothing: parallel.zero_stage must be 0 there, got {p.zero_stage}. Set parallel.zero_stage=0, or "
+                f"use parallel.engine=auto (DeepSpeed's ZeRO).")
+        return
+    require(p.zero_stage in (2, 3), f"parallel.engine='torch' on {world_size} ranks is PyTorch's FSDP2, which "
+            f"shards parameters, gradients and optimizer state: set parallel.zero_stage to 2 (parameters kept "
+            f"gathered from forward to backward) or 3 (parameters sharded again after each forward), not "
+            f"{p.zero_stage}; for ZeRO-0 or ZeRO-1 use parallel.engine=auto (DeepSpeed) or fairscale.")
+    require(p.pipeline == 1, f"parallel.engine='torch' has no pipeline schedule yet, but parallel.pipeline="
+            f"{p.pipeline}. Use parallel.engine=auto (DeepSpeed's pipeline engine) or parallel.pipeline=1.")
+    require(t.precision != "fp16", "parallel.engine='torch' on several ranks runs fp32 or bf16 (fp32 master "
+            "weights, FSDP2's bf16 compute); train.precision=fp16 would need a sharded loss scaler. Use "
+            "train.precision=bf16, or parallel.engine=deepspeed.")
+    require(not p.offload_optimizer, "parallel.offload_optimizer=true is DeepSpeed's: parallel.engine='torch' "
+            "keeps the optimizer state on the device. Set it to false, or use parallel.engine=deepspeed.")
+
+
 def check_parallel(cfg: Config, world_size: int) -> Layout:
     """The rules of the parallel section on `world_size` ranks; returns the resolved layout."""
     p = cfg.parallel
@@ -48,6 +71,8 @@ def check_parallel(cfg: Config, world_size: int) -> Layout:
     require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}.")
     check_tensor_parallel(cfg)
     layout = resolve_layout(cfg, world_size)  # the layout divides the world
+    if p.engine == "torch":
+        check_torch(cfg, world_size)
     if p.pipeline > 1:
         require(p.zero_stage <= 1, f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline} is "
                 f"refused: DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only (ZeRO-2/3 would shard "
@@ -59,10 +84,6 @@ def check_parallel(cfg: Config, world_size: int) -> Layout:
                 f"'type:<regex of a layer class>' (e.g. 'type:BlockPipe').")
     if p.engine == "fairscale":
         check_fairscale(cfg)
-    if p.engine == "torch":
-        require(world_size == 1 and p.zero_stage == 0,
-                f"parallel.engine='torch' runs one process without ZeRO, but the world size is {world_size} and "
-                f"parallel.zero_stage={p.zero_stage}. Use parallel.engine=auto (or deepspeed).")
     if p.offload_optimizer:
         require(p.zero_stage >= 1, "parallel.offload_optimizer=true needs ZeRO: set parallel.zero_stage to 1, 2 "
                 "or 3.")

@@ -93,7 +93,8 @@ class ParallelConfig:
         600.0, "seconds a collective (all-reduce, barrier, ...) may wait for the other ranks before it fails")
     engine: Literal["auto", "torch", "deepspeed", "fairscale"] = opt(
         "auto", "auto: DeepSpeed when several ranks run or zero_stage > 0, else plain PyTorch; deepspeed: "
-        "always DeepSpeed (also for one process); torch: plain PyTorch, one process only; fairscale: fairscale's "
+        "always DeepSpeed (also for one process); torch: plain PyTorch on one process, PyTorch's FSDP2 "
+        "(zero_stage 2 or 3) on several; fairscale: fairscale's "
         "OSS (zero_stage 1), OSS + ShardedDataParallel (2) or FullyShardedDataParallel (3, CUDA only)")
 
 

@@ -29,9 +29,9 @@ class ShardedState:
 
     optimizer: the torch optimizer bigtrain built (inside DeepSpeed's wrapper where there is one); wrapper:
     DeepSpeed's ZeRO / bf16 optimizer, or None. An engine that shards optimizer state by owner (fairscale's OSS)
-    gives `state_owner`; one that partitions parameters itself (fairscale's FSDP) gives `partition` (this rank's
-    part of a parameter), `params` (the parameters under their unwrapped names) and `shape_of` (a parameter's
-    shape before partitioning)."""
+    gives `state_owner`; one that partitions parameters itself (fairscale's FSDP, FSDP2) gives `partition` (this
+    rank's part of a parameter), `params` (the parameters under their unwrapped names; FSDP2: this rank's values
+    of each, flat) and `shape_of` (a parameter's shape before partitioning)."""
 
     model: nn.Module
     shards: dict[str, Shard]

@@ -15,13 +15,14 @@ ENGINE_CLASSES = {  # layout.engine -> the class that runs it (docs/architecture
     "deepspeed": "bigtrain.engine.deepspeed.engine.DeepSpeedEngine",
     "pipeline": "bigtrain.engine.deepspeed.pipeline.PipelineEngine",
     "fairscale": "bigtrain.engine.fairscale.engine.FairscaleEngine",
+    "fsdp2": "bigtrain.engine.fsdp2.engine.Fsdp2Engine",
 }
 
 
 def build_engine(cfg: Config, layout: Layout, parallel: ParallelModel, groups: ParallelGroups | None,
                  device: torch.device) -> Engine:
     """The plain engine on one process (no process groups); otherwise DeepSpeed's data-parallel or pipeline
-    engine, or fairscale's, as `layout.engine` says."""
+    engine, fairscale's, or PyTorch's FSDP2, as `layout.engine` says."""
     if layout.engine == "torch":
         from bigtrain.engine.local import LocalEngine
 
@@ -31,6 +32,10 @@ def build_engine(cfg: Config, layout: Layout, parallel: ParallelModel, groups: P
         from bigtrain.engine.fairscale.engine import FairscaleEngine
 
         return FairscaleEngine(cfg, layout, parallel, groups, device)
+    if layout.engine == "fsdp2":
+        from bigtrain.engine.fsdp2.engine import Fsdp2Engine
+
+        return Fsdp2Engine(cfg, layout, parallel, groups, device)
     if layout.engine == "pipeline":
         from bigtrain.engine.deepspeed.pipeline import PipelineEngine
 

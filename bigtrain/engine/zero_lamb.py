@@ -12,8 +12,9 @@ Under tensor parallelism a parameter's shards live on the ranks of the tensor gr
 whole on every rank and are not).
 
 Under fairscale's FullyShardedDataParallel every tensor the optimizer holds is this rank's flat shard of one
-parameter (zero-padded at the end: the padding's weight, gradient, moments and update all stay 0), so with
-`shard_group` the two sums of squares of each tensor are all-reduced over that (data) group first.
+parameter (zero-padded at the end: the padding's weight, gradient, moments and update all stay 0), and under
+FSDP2 this rank's rows of one parameter, so with `shard_group` the two sums of squares of each tensor are
+all-reduced over that (data) group first.
 """
 
 from __future__ import annotations

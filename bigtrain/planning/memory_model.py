@@ -3,13 +3,14 @@
 Model state, Ψ = this rank's parameters (its stage's layers; tensor-split ones / T), D data-parallel ranks:
     bigtrain's one-process engine (fp32 weights, autocast for bf16): 4Ψ + 4Ψ + 8Ψ
     the fairscale engine (fp32 weights): OSS 4Ψ + 4Ψ + 8Ψ/D; FullyShardedDataParallel (4Ψ + 4Ψ + 8Ψ)/D
+    PyTorch's FSDP2 (parallel.engine=torch on several ranks; fp32 master shards): (4Ψ + 4Ψ + 8Ψ)/D
     DeepSpeed: the ZeRO formulas of `bigtrain.planning.zero` (b = 2 in bf16/fp16, 4 in fp32;
     K = 8 bytes of Adam/LAMB moments, + 4 for the fp32 master copy of mixed precision); at ZeRO-0 in bf16
     DeepSpeed's bf16 optimizer also keeps fp32 gradients (4Ψ)
     DeepSpeed's buffers on GPUs: ZeRO-1/2 one reduction bucket (reduce_bucket_size elements of b bytes);
     ZeRO-3 the prefetch bucket and the largest gathered layer (of b bytes); fairscale's FSDP: the largest
     gathered layer and its full gradient (b bytes each: bf16 under its mixed precision) and one reduce-scatter
-    bucket shard (25 MB / D)
+    bucket shard (25 MB / D); FSDP2: the largest gathered layer and its full gradient
 
 Saved activations per micro-batch, per token (s·b tokens), e bytes per activation element (2 in bf16/fp16, 4
 in fp32), h = d_model, a heads, g = kv heads / heads, f = d_ff, T tensor ranks, h' = h/T with sequence
@@ -99,10 +100,13 @@ class Setting:
         """A dropout mask element: 1 byte from the fused GPU kernel; the CPU kernel keeps a scaled copy."""
         return 1 if self.on_gpu else self.activation_bytes
 
+    def resolved(self, c: Candidate) -> str:
+        """The engine the candidate runs on (`bigtrain.config.layout.engine_for`)."""
+        return engine_for(self.engine, c.tensor * c.pipeline * c.data, c.zero_stage, c.pipeline)
+
     def deepspeed(self, c: Candidate) -> bool:
-        """Whether the candidate runs on DeepSpeed's engines (`bigtrain.config.layout.engine_for`)."""
-        world = c.tensor * c.pipeline * c.data
-        return engine_for(self.engine, world, c.zero_stage, c.pipeline) in ("deepspeed", "pipeline")
+        """Whether the candidate runs on DeepSpeed's engines."""
+        return self.resolved(c) in ("deepspeed", "pipeline")
 
 
     def micro_batches(self, c: Candidate) -> int:
@@ -154,6 +158,8 @@ def model_state(psi: int, c: Candidate, s: Setting) -> tuple[int, int, int]:
         if c.zero_stage == 3:  # FSDP: parameters, gradients and moments sharded over the data group
             return 4 * psi // c.data, 4 * psi // c.data, 8 * psi // c.data
         return 4 * psi, 4 * psi, 8 * psi // c.data  # OSS shards the moments (whole gradients while accumulating)
+    if s.resolved(c) == "fsdp2":  # parameters, gradients and moments sharded over the data group
+        return 4 * psi // c.data, 4 * psi // c.data, 8 * psi // c.data
     if not s.deepspeed(c):
         return 4 * psi, 4 * psi, 8 * psi
     mixed = s.precision != "fp32"
@@ -167,10 +173,14 @@ def model_state(psi: int, c: Candidate, s: Setting) -> tuple[int, int, int]:
 
 
 def deepspeed_buffers(layers: tuple[PipelineLayer, ...], c: Candidate, s: Setting) -> int:
-    """The engine's communication buffers (module docstring): DeepSpeed's, or those of fairscale's FSDP."""
+    """The engine's communication buffers (module docstring): DeepSpeed's, or those of fairscale's FSDP or of
+    FSDP2."""
     if s.on_gpu and s.engine == "fairscale" and c.zero_stage == 3:
         largest = max(x.split // c.tensor + (x.params - x.split) for x in layers)
         return 2 * s.activation_bytes * largest + FSDP_BUCKET_BYTES // c.data
+    if s.on_gpu and s.resolved(c) == "fsdp2":
+        largest = max(x.split // c.tensor + (x.params - x.split) for x in layers)
+        return 2 * s.activation_bytes * largest
     if not s.on_gpu or c.zero_stage == 0 or not s.deepspeed(c):
         return 0
     b = s.activation_bytes

@@ -91,7 +91,7 @@ def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
     if c.data > 1:
         grad_bytes = 4 if s.precision == "fp32" or not s.deepspeed(c) else 2  # autocast keeps fp32 gradients
         psi = max(rank_parameters(layers, c.tensor) for layers in parts)
-        if c.zero_stage == 3 and not s.deepspeed(c):  # fairscale's FSDP: two all-gathers (bf16 under its mixed
+        if c.zero_stage == 3 and not s.deepspeed(c):  # FSDP (fairscale, FSDP2): two all-gathers (bf16 under mixed
             per_value = 2 * s.activation_bytes + 4  # precision), one fp32 reduce-scatter
         else:
             per_value = (3 if c.zero_stage == 3 else 2) * grad_bytes
