@@ -1,0 +1,145 @@
+"""Ring attention: exact softmax attention over a sequence split across the C ranks of a context group.
+
+Each rank holds the queries, keys and values of its own tokens (`sharding`: the zig-zag chunks). The K/V
+blocks travel around the ring (`exchange`: rank r sends to r + 1), so at step t rank r attends its queries to
+the block of rank (r - t) mod C; after C steps it has seen every key. The block results are merged with the
+log-sum-exp rule (online softmax): for a query row with running output o and log-normalizer ℓ, and a block
+with o_b = softmax(s_b) v_b and ℓ_b = logsumexp(s_b),
+
+    ℓ' = log(e^ℓ + e^ℓ_b),    o' = e^(ℓ - ℓ') o + e^(ℓ_b - ℓ') o_b
+
+which is exactly softmax over the union of the keys (a row that sees no key of a block has ℓ_b = -∞ and
+contributes nothing). Masks come from global positions, documents and padding (`tokens.allowed`), so causal
+attention across the zig-zag chunks, bidirectional attention, document masking and padding all hold.
+
+Backward (exact, as FlashAttention-2's): with the final ℓ saved, each block's probabilities are recomputed,
+P = exp(s - ℓ), and with D = rowsum(dO ∘ O):
+
+    dV_b += Pᵀ dO,   dS = P ∘ (dO V_bᵀ - D),   dQ += dS K_b · scale,   dK_b += dSᵀ Q · scale
+
+The K/V blocks go around the ring again together with their dK/dV accumulators; after the last step one more
+send brings every accumulator back to the rank that owns the block. Grouped-query attention (H query heads
+over H_kv key/value heads, query head h using key/value head h // (H/H_kv)) sums dK/dV over each group.
+Scores, softmax statistics, outputs and gradients accumulate in fp32; inputs may be 16-bit. No dropout.
+
+Per rank the attention keeps q, k, v, the output and ℓ for backward (O(S/C) each) and works on one
+[S/C, S/C] score block at a time: the working memory is 1/C (saved) and 1/C² (scores) of one device's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from bigtrain.parallel.context import exchange
+from bigtrain.parallel.context.tokens import Tokens, allowed, gather_tokens
+
+KV_TAG, GRAD_TAG = 1, 2  # two transfers may be in flight between the same two ranks in backward
+
+
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, H, T, d] -> [B, H_kv, H/H_kv, T, d] fp32: query head h = kv · group + g uses key/value head kv."""
+    b, h, t, d = q.shape
+    return q.float().reshape(b, kv_heads, h // kv_heads, t, d)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """s = q kᵀ · scale, -∞ where the mask forbids: q [B, Hkv, G, Tq, d], k [B, Hkv, Tk, d] -> [B, Hkv, G, Tq, Tk]."""
+    s = torch.einsum("bhgqd,bhkd->bhgqk", q, k.float()) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask[:, :, None], float("-inf"))
+    return s
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """ℓ with -∞ (a row that saw no key) replaced by 0, so that exp(s - ℓ) gives 0 there instead of NaN."""
+    return lse.masked_fill(torch.isneginf(lse), 0.0)
+
+
+def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block: (o_b = softmax(s) v [B, Hkv, G, Tq, d], ℓ_b = logsumexp(s) [B, Hkv, G, Tq]), fp32."""
+    s = _scores(q, k, mask, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - _finite(lse)[..., None])
+    return torch.einsum("bhgqk,bhkd->bhgqd", p, v.float()), lse
+
+
+def merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-sum-exp merge of a running (o, ℓ) with a block's (o_b, ℓ_b)."""
+    new = torch.logaddexp(lse, lse_b)
+    safe = _finite(new)
+    out = out * torch.exp(lse - safe)[..., None] + out_b * torch.exp(lse_b - safe)[..., None]
+    return out, new
+
+
+def block_backward(q, k, v, d_out, delta, lse, mask, scale):
+    """One block's contribution (dQ, dK_b, dV_b), fp32, from the final ℓ and D = rowsum(dO ∘ O)."""
+    p = torch.exp(_scores(q, k, mask, scale) - lse[..., None])
+    dv = torch.einsum("bhgqk,bhgqd->bhkd", p, d_out)
+    ds = p * (torch.einsum("bhgqd,bhkd->bhgqk", d_out, v.float()) - delta[..., None])
+    dq = torch.einsum("bhgqk,bhkd->bhgqd", ds, k.float()) * scale
+    dk = torch.einsum("bhgqk,bhgqd->bhkd", ds, q) * scale
+    return dq, dk, dv
+
+
+class RingAttention(torch.autograd.Function):
+    """softmax(q kᵀ · scale + mask) v over the whole sequence, with q/k/v this rank's shard (see the module)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, tokens: Tokens, group, causal: bool, scale: float):
+        size, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+        everyone = gather_tokens(tokens, group) if size > 1 else [tokens]
+        kv_heads = k.shape[1]
+        qg = _grouped(q, kv_heads)
+        out = torch.zeros_like(qg)
+        lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        block = torch.stack([k, v])
+        for step in range(size):
+            pending = exchange.start(block, group, KV_TAG) if step < size - 1 else None
+            source = (rank - step) % size
+            mask = allowed(everyone[rank], everyone[source], causal)
+            out, lse = merge(out, lse, *block_forward(qg, block[0], block[1], mask, scale))
+            if pending is not None:
+                block = pending.wait()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.everyone, ctx.group, ctx.causal, ctx.scale = everyone, group, causal, scale
+        return out.reshape(q.shape).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, everyone, scale = ctx.group, ctx.everyone, ctx.scale
+        size, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+        kv_heads = k.shape[1]
+        qg, dog = _grouped(q, kv_heads), _grouped(d_out, kv_heads)
+        delta = (dog * out).sum(-1)
+        dq = torch.zeros_like(qg)
+        block = torch.stack([k, v])
+        grads = torch.zeros(block.shape, dtype=torch.float32, device=q.device)  # dK, dV of the block held
+        for step in range(size):
+            pending = exchange.start(block, group, KV_TAG) if step < size - 1 else None
+            source = (rank - step) % size
+            mask = allowed(everyone[rank], everyone[source], ctx.causal)
+            dq_b, dk_b, dv_b = block_backward(qg, block[0], block[1], dog, delta, lse, mask, scale)
+            dq += dq_b
+            grads = grads + torch.stack([dk_b, dv_b])
+            if size > 1:  # pass the accumulators on with their block; the last send returns them to the owner
+                grads = exchange.start(grads, group, GRAD_TAG).wait()
+            if pending is not None:
+                block = pending.wait()
+        return dq.reshape(q.shape).to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None, None, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens, group, causal: bool,
+                   scale: float | None = None) -> torch.Tensor:
+    """q [B, H, T, d], k/v [B, H_kv, T, d] (H a multiple of H_kv): this rank's T = S/C tokens, described by
+    `tokens` (global positions, documents, padding) -> the attention output of those tokens [B, H, T, d].
+    scale None means 1/√d."""
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    return RingAttention.apply(q, k, v, tokens, group, causal, 1 / math.sqrt(q.shape[-1]) if scale is None
+                               else scale)
