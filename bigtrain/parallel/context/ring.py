@@ -39,15 +39,20 @@ from bigtrain.parallel.context.tokens import Tokens, allowed, gather_tokens
 KV_TAG, GRAD_TAG = 1, 2  # two transfers may be in flight between the same two ranks in backward
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """The accumulation type: fp32 (fp64 stays fp64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """[B, H, T, d] -> [B, H_kv, H/H_kv, T, d] fp32: query head h = kv · group + g uses key/value head kv."""
     b, h, t, d = q.shape
-    return q.float().reshape(b, kv_heads, h // kv_heads, t, d)
+    return _wide(q).reshape(b, kv_heads, h // kv_heads, t, d)
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """s = q kᵀ · scale, -∞ where the mask forbids: q [B, Hkv, G, Tq, d], k [B, Hkv, Tk, d] -> [B, Hkv, G, Tq, Tk]."""
-    s = torch.einsum("bhgqd,bhkd->bhgqk", q, k.float()) * scale
+    s = torch.einsum("bhgqd,bhkd->bhgqk", q, _wide(k)) * scale
     if mask is not None:
         s = s.masked_fill(~mask[:, :, None], float("-inf"))
     return s
@@ -64,7 +69,7 @@ def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     s = _scores(q, k, mask, scale)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - _finite(lse)[..., None])
-    return torch.einsum("bhgqk,bhkd->bhgqd", p, v.float()), lse
+    return torch.einsum("bhgqk,bhkd->bhgqd", p, _wide(v)), lse
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
@@ -80,8 +85,8 @@ def block_backward(q, k, v, d_out, delta, lse, mask, scale):
     """One block's contribution (dQ, dK_b, dV_b), fp32, from the final ℓ and D = rowsum(dO ∘ O)."""
     p = torch.exp(_scores(q, k, mask, scale) - lse[..., None])
     dv = torch.einsum("bhgqk,bhgqd->bhkd", p, d_out)
-    ds = p * (torch.einsum("bhgqd,bhkd->bhgqk", d_out, v.float()) - delta[..., None])
-    dq = torch.einsum("bhgqk,bhkd->bhgqd", ds, k.float()) * scale
+    ds = p * (torch.einsum("bhgqd,bhkd->bhgqk", d_out, _wide(v)) - delta[..., None])
+    dq = torch.einsum("bhgqk,bhkd->bhgqd", ds, _wide(k)) * scale
     dk = torch.einsum("bhgqk,bhgqd->bhkd", ds, q) * scale
     return dq, dk, dv
 
@@ -96,7 +101,7 @@ class RingAttention(torch.autograd.Function):
         kv_heads = k.shape[1]
         qg = _grouped(q, kv_heads)
         out = torch.zeros_like(qg)
-        lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.full(qg.shape[:-1], float("-inf"), dtype=qg.dtype, device=q.device)
         block = torch.stack([k, v])
         for step in range(size):
             pending = exchange.start(block, group, KV_TAG) if step < size - 1 else None
@@ -119,7 +124,7 @@ class RingAttention(torch.autograd.Function):
         delta = (dog * out).sum(-1)
         dq = torch.zeros_like(qg)
         block = torch.stack([k, v])
-        grads = torch.zeros(block.shape, dtype=torch.float32, device=q.device)  # dK, dV of the block held
+        grads = torch.zeros(block.shape, dtype=qg.dtype, device=q.device)  # dK, dV of the block held
         for step in range(size):
             pending = exchange.start(block, group, KV_TAG) if step < size - 1 else None
             source = (rank - step) % size

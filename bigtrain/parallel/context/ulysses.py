@@ -8,8 +8,11 @@ split across the C ranks of a context group, by trading the sequence split for a
 
 Heads are independent, so this is attention itself. The gathered sequence stands in rank-major order (rank 0's
 zig-zag chunks, then rank 1's, ...); attention is equivariant under a permutation of the tokens when the mask
-is permuted with them, so the mask is built in that order from global positions (`tokens.allowed`) and no
-token is moved twice. The all-to-all is an autograd function whose backward is the inverse all-to-all.
+is permuted with them, so the mask is built in that order from global positions (`tokens.allowed`). Plain causal
+attention (no documents, no padding) is the exception: there the heads are put in the natural order 0..S-1 and
+back (two index copies), so that the kernel runs with `is_causal` and builds no [S, S] mask, which would be as
+large as one device's and would not shrink with C. The all-to-all is an autograd function whose backward is
+the inverse all-to-all.
 
 Grouped-query attention splits the H_kv key/value heads the same way: rank r takes query heads
 [r·H/C, (r+1)·H/C) and key/value heads [r·H_kv/C, (r+1)·H_kv/C), which are exactly the ones those query heads
@@ -95,7 +98,12 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens:
     size = dist.get_world_size(group=group)
     check_ulysses_heads(q.shape[1], k.shape[1], size)
     full = concat_tokens(gather_tokens(tokens, group))
-    mask = allowed(full, full, causal)
     qh, kh, vh = (SequenceToHeads.apply(t, group) for t in (q, k, v))
-    out = sdpa(qh, kh, vh, mask, 0.0, is_causal=False, scale=scale)
+    if causal and full.document_ids is None and full.key_padding is None:
+        # plain causal: in the natural order the kernel needs no [S, S] mask (flash attention where it runs)
+        natural = torch.argsort(full.positions)
+        qh, kh, vh = (t.index_select(2, natural) for t in (qh, kh, vh))
+        out = sdpa(qh, kh, vh, None, 0.0, is_causal=True, scale=scale).index_select(2, torch.argsort(natural))
+    else:
+        out = sdpa(qh, kh, vh, allowed(full, full, causal), 0.0, is_causal=False, scale=scale)
     return HeadsToSequence.apply(out, group)
