@@ -19,7 +19,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from bigtrain.compat.torch import sdpa
 from bigtrain.models.attention import build_mask
-from bigtrain.parallel.context import Tokens, global_positions, ring_attention, shard_sequence, ulysses_attention
+from bigtrain.parallel.context import (
+    Tokens,
+    global_positions,
+    ring_attention,
+    shard_sequence,
+    ulysses_attention,
+    unshard_sequence,
+)
 from tests.helpers.saved_activations import SavedActivationMeter
 
 B, S, D = 2, 32, 16
@@ -29,6 +36,7 @@ CASES = {
     "bidirectional": (False, 4, 4, False, None, None),
     "documents": (True, 4, 4, True, None, None),
     "documents-padding": (True, 4, 4, True, 21, None),
+    "causal-padding": (True, 4, 4, False, 19, None),
     "bidirectional-padding": (False, 4, 4, False, 21, None),
     "bidirectional-unscaled": (False, 4, 4, False, 27, 1.0),
     "gqa": (True, 8, 4, False, None, None),
@@ -81,19 +89,23 @@ def shard_tokens(x: dict, context: int, rank: int) -> Tokens:
                   None if x["padding"] is None else shard_sequence(x["padding"], context, rank))
 
 
-def compare(name: str, algorithm: str, group, context: int, rank: int) -> dict:
+def compare(name: str, algorithm: str, group, context: int, rank: int, dtype: torch.dtype = torch.float32) -> dict:
+    """One case: errors of the output and of dq, dk, dv. In bf16 the reference (fp32) takes the same rounded
+    inputs, so what is left is the rounding of the outputs and gradients to bf16."""
     causal, heads, kv_heads, documents, real, scale = CASES[name]
     x = full_inputs(heads, kv_heads, documents, real)
+    x.update({n: x[n].to(dtype).float() for n in ("q", "k", "v", "d_out")})
     ref = reference(x, causal, scale)
-    local = {n: shard_sequence(x[n], context, rank, dim=2).requires_grad_() for n in "qkv"}
+    local = {n: shard_sequence(x[n], context, rank, dim=2).to(dtype).requires_grad_() for n in "qkv"}
     out = ALGORITHMS[algorithm](local["q"], local["k"], local["v"], shard_tokens(x, context, rank), group,
                                 causal, scale)
-    out.backward(shard_sequence(x["d_out"], context, rank, dim=2))
-    errors = torch.tensor([relative(out.detach(), shard_sequence(ref["out"], context, rank, dim=2))]
-                          + [relative(local[n].grad, shard_sequence(ref[n], context, rank, dim=2)) for n in "qkv"],
-                          dtype=torch.float64)
+    out.backward(shard_sequence(x["d_out"], context, rank, dim=2).to(dtype))
+    assert out.dtype == dtype and all(local[n].grad.dtype == dtype for n in "qkv")
+    got = [out.detach(), *(local[n].grad for n in "qkv")]
+    errors = torch.tensor([relative(a.float(), shard_sequence(ref[n], context, rank, dim=2))
+                           for a, n in zip(got, ["out", *"qkv"], strict=True)], dtype=torch.float64)
     dist.all_reduce(errors, op=dist.ReduceOp.MAX, group=group)
-    return {"case": name, "algorithm": algorithm, "context": context,
+    return {"case": name, "algorithm": algorithm, "context": context, "dtype": str(dtype).removeprefix("torch."),
             **dict(zip(["out", "dq", "dk", "dv"], errors.tolist(), strict=True))}
 
 
@@ -140,6 +152,11 @@ def main(rank: int, world: int, port: int, out_path: str, memory_seq: int) -> No
             if algorithm == "ulysses" and (heads % world or kv_heads % world):
                 continue
             records.append(compare(name, algorithm, group, world, rank))
+    records += [compare("gqa-documents", algorithm, group, world, rank, torch.bfloat16) for algorithm in ALGORITHMS]
+    x = torch.randn(B, S, 3, generator=torch.Generator().manual_seed(5))
+    back = unshard_sequence(shard_sequence(x, world, rank), group)
+    back_heads = unshard_sequence(shard_sequence(x.transpose(1, 2), world, rank, dim=2), group, dim=2)
+    records.append({"unshard": bool(torch.equal(back, x) and torch.equal(back_heads, x.transpose(1, 2)))})
     if memory_seq:
         for algorithm in ALGORITHMS:
             split, one = memory(algorithm, group, memory_seq, world, rank), memory(algorithm, alone, memory_seq, 1, 0)
