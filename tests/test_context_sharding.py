@@ -9,7 +9,7 @@ import torch
 from bigtrain.errors import ConfigError
 from bigtrain.models.attention import build_mask
 from bigtrain.parallel.context import check_context_split, check_ulysses_heads, global_positions, shard_sequence
-from bigtrain.parallel.context.ring import block_backward, block_forward, merge
+from bigtrain.parallel.context.ring import block_backward, block_forward, merge, visible_parts
 from bigtrain.parallel.context.sharding import rank_major_order, reorder_to_natural
 from bigtrain.parallel.context.tokens import Tokens, allowed
 
@@ -125,3 +125,23 @@ def test_ring_blocks_merged_equal_softmax_over_all_keys():
         dq += dq_b
         assert torch.allclose(dk_b, ka.grad[:, :, b], atol=1e-10) and torch.allclose(dv_b, va.grad[:, :, b], atol=1e-10)
     assert torch.allclose(dq, qa.grad, atol=1e-10)
+
+
+@pytest.mark.parametrize("context", [1, 2, 4])
+def test_ring_skips_only_hidden_chunk_pairs_and_balances_the_work(context):
+    """visible_parts under a causal mask: every allowed (query, key) pair lies in a computed sub-block, and each
+    rank computes the same 1/2 + 1/(4C) of its C blocks; without a causal mask, whole blocks."""
+    seq = 8 * context
+    t = seq // context
+    full = torch.ones(seq, seq, dtype=torch.bool).tril()
+    for r in range(context):
+        computed = 0
+        for j in range(context):
+            pr, pj = global_positions(seq, context, r), global_positions(seq, context, j)
+            covered = torch.zeros(t, t, dtype=torch.bool)
+            for rows, cols in visible_parts(pr.tolist(), pj.tolist(), causal=True):
+                covered[rows, cols] = True
+            assert not (full[pr][:, pj] & ~covered).any()
+            computed += int(covered.sum())
+            assert visible_parts(pr.tolist(), pj.tolist(), causal=False) == [(slice(0, t), slice(0, t))]
+        assert computed == (1 / 2 + 1 / (4 * context)) * context * t * t

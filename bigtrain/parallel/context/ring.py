@@ -12,6 +12,9 @@ which is exactly softmax over the union of the keys (a row that sees no key of a
 contributes nothing). Masks come from global positions, documents and padding (`tokens.allowed`), so causal
 attention across the zig-zag chunks, bidirectional attention, document masking and padding all hold.
 
+Under a causal mask a query chunk never sees a later key chunk, and whole chunk pairs are skipped
+(`visible_parts`): every rank computes 1/2 + 1/(4C) of its C blocks, the same on every rank.
+
 Backward (exact, as FlashAttention-2's): with the final ℓ saved, each block's probabilities are recomputed,
 P = exp(s - ℓ), and with D = rowsum(dO ∘ O):
 
@@ -91,6 +94,30 @@ def block_backward(q, k, v, d_out, delta, lse, mask, scale):
     return dq, dk, dv
 
 
+def visible_parts(q_positions: list[int], k_positions: list[int], causal: bool) -> list[tuple[slice, slice]]:
+    """The (query rows, key columns) sub-blocks of a block worth computing. Without a causal mask, the whole
+    block. With one, each half of the queries (a zig-zag chunk) against the key halves (chunks) whose first
+    position is not after the query half's last: a pair of chunks is either wholly visible, wholly hidden or
+    the diagonal. The zig-zag split hides one of the four chunk pairs of a rank's own block and two of the four
+    of every other block, on every rank alike: the causal work is 1/2 + 1/(4C) of the full blocks. The mask
+    still applies inside what is computed (the diagonal, documents, padding); skipping only drops exact zeros."""
+    rows_all, cols_all = slice(0, len(q_positions)), slice(0, len(k_positions))
+    if not causal:
+        return [(rows_all, cols_all)]
+    parts = []
+    for rows in _halves(len(q_positions)):
+        last = max(q_positions[rows])
+        seen = [cols for cols in _halves(len(k_positions)) if min(k_positions[cols]) <= last]
+        if seen:
+            parts.append((rows, slice(seen[0].start, seen[-1].stop)))
+    return parts
+
+
+def _halves(length: int) -> list[slice]:
+    """The two halves of a shard (its two chunks), or the whole of a one-token shard."""
+    return [slice(0, length)] if length < 2 else [slice(0, length // 2), slice(length // 2, length)]
+
+
 class RingAttention(torch.autograd.Function):
     """softmax(q kᵀ · scale + mask) v over the whole sequence, with q/k/v this rank's shard (see the module)."""
 
@@ -103,15 +130,19 @@ class RingAttention(torch.autograd.Function):
         out = torch.zeros_like(qg)
         lse = torch.full(qg.shape[:-1], float("-inf"), dtype=qg.dtype, device=q.device)
         block = torch.stack([k, v])
+        positions = [t.positions.tolist() for t in everyone]  # on the host once: which sub-blocks to compute
         for step in range(size):
             pending = exchange.start(block, group, KV_TAG) if step < size - 1 else None
             source = (rank - step) % size
             mask = allowed(everyone[rank], everyone[source], causal)
-            out, lse = merge(out, lse, *block_forward(qg, block[0], block[1], mask, scale))
+            for rows, cols in visible_parts(positions[rank], positions[source], causal):
+                o_b, lse_b = block_forward(qg[..., rows, :], block[0][..., cols, :], block[1][..., cols, :],
+                                           None if mask is None else mask[..., rows, cols], scale)
+                out[..., rows, :], lse[..., rows] = merge(out[..., rows, :], lse[..., rows], o_b, lse_b)
             if pending is not None:
                 block = pending.wait()
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.everyone, ctx.group, ctx.causal, ctx.scale = everyone, group, causal, scale
+        ctx.everyone, ctx.positions, ctx.group, ctx.causal, ctx.scale = everyone, positions, group, causal, scale
         return out.reshape(q.shape).to(q.dtype)
 
     @staticmethod
@@ -129,9 +160,13 @@ class RingAttention(torch.autograd.Function):
             pending = exchange.start(block, group, KV_TAG) if step < size - 1 else None
             source = (rank - step) % size
             mask = allowed(everyone[rank], everyone[source], ctx.causal)
-            dq_b, dk_b, dv_b = block_backward(qg, block[0], block[1], dog, delta, lse, mask, scale)
-            dq += dq_b
-            grads = grads + torch.stack([dk_b, dv_b])
+            for rows, cols in visible_parts(ctx.positions[rank], ctx.positions[source], ctx.causal):
+                dq_b, dk_b, dv_b = block_backward(qg[..., rows, :], block[0][..., cols, :], block[1][..., cols, :],
+                                                  dog[..., rows, :], delta[..., rows], lse[..., rows],
+                                                  None if mask is None else mask[..., rows, cols], scale)
+                dq[..., rows, :] += dq_b
+                grads[0][..., cols, :] += dk_b
+                grads[1][..., cols, :] += dv_b
             if size > 1:  # pass the accumulators on with their block; the last send returns them to the owner
                 grads = exchange.start(grads, group, GRAD_TAG).wait()
             if pending is not None:
