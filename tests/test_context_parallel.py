@@ -31,7 +31,8 @@ def test_ring_and_ulysses_equal_one_device(results, case):
     """Output and the gradients of q, k and v, this rank's shard against the same shard of torch's
     scaled_dot_product_attention over the full sequence (fp32), within 1e-5 relative: causal across the zig-zag
     chunks, bidirectional, documents crossing chunk boundaries, padding, unscaled scores (T5), grouped-query
-    heads. Ulysses runs where the heads split over C (8 query / 4 key-value heads do at C = 4, 6 / 2 do not)."""
+    heads. Ulysses runs where the heads split over C (8 query / 4 key-value heads do at C = 4, 6 / 2 do not).
+    In fp64 against an fp64 reference, within 1e-12."""
     context, records = results
     rows = {r["algorithm"]: r for r in records if r.get("case") == case and r["dtype"] == "float32"}
     _, heads, kv_heads, *_ = context_parity.CASES[case]
@@ -40,6 +41,13 @@ def test_ring_and_ulysses_equal_one_device(results, case):
         errors = {k: r[k] for k in ("out", "dq", "dk", "dv")}
         print(f"\nmeasured C={context} {case} {algorithm}: " + ", ".join(f"{k} {e:.1e}" for k, e in errors.items()))
         assert max(errors.values()) <= TOL, (algorithm, errors)
+    # the same in fp64 against an fp64 reference: the algorithms themselves add no error beyond rounding
+    exact = [r for r in records if r.get("case") == case and r["dtype"] == "float64"]
+    assert {r["algorithm"] for r in exact} == set(rows)
+    for r in exact:
+        worst = max(r[k] for k in ("out", "dq", "dk", "dv"))
+        print(f"measured C={context} {case} {r['algorithm']} fp64: worst {worst:.1e}")
+        assert worst <= 1e-12
 
 
 def test_bf16_inputs_accumulate_in_fp32(results):

@@ -91,10 +91,12 @@ def shard_tokens(x: dict, context: int, rank: int) -> Tokens:
 
 def compare(name: str, algorithm: str, group, context: int, rank: int, dtype: torch.dtype = torch.float32) -> dict:
     """One case: errors of the output and of dq, dk, dv. In bf16 the reference (fp32) takes the same rounded
-    inputs, so what is left is the rounding of the outputs and gradients to bf16."""
+    inputs, so what is left is the rounding of the outputs and gradients to bf16; in fp64 the reference is
+    fp64 too, so what is left is the algorithm's own error."""
     causal, heads, kv_heads, documents, real, scale = CASES[name]
     x = full_inputs(heads, kv_heads, documents, real)
-    x.update({n: x[n].to(dtype).float() for n in ("q", "k", "v", "d_out")})
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    x.update({n: x[n].to(dtype).to(wide) for n in ("q", "k", "v", "d_out")})
     ref = reference(x, causal, scale)
     local = {n: shard_sequence(x[n], context, rank, dim=2).to(dtype).requires_grad_() for n in "qkv"}
     out = ALGORITHMS[algorithm](local["q"], local["k"], local["v"], shard_tokens(x, context, rank), group,
@@ -102,7 +104,7 @@ def compare(name: str, algorithm: str, group, context: int, rank: int, dtype: to
     out.backward(shard_sequence(x["d_out"], context, rank, dim=2).to(dtype))
     assert out.dtype == dtype and all(local[n].grad.dtype == dtype for n in "qkv")
     got = [out.detach(), *(local[n].grad for n in "qkv")]
-    errors = torch.tensor([relative(a.float(), shard_sequence(ref[n], context, rank, dim=2))
+    errors = torch.tensor([relative(a.to(wide), shard_sequence(ref[n], context, rank, dim=2))
                            for a, n in zip(got, ["out", *"qkv"], strict=True)], dtype=torch.float64)
     dist.all_reduce(errors, op=dist.ReduceOp.MAX, group=group)
     return {"case": name, "algorithm": algorithm, "context": context, "dtype": str(dtype).removeprefix("torch."),
@@ -151,7 +153,7 @@ def main(rank: int, world: int, port: int, out_path: str, memory_seq: int) -> No
         for algorithm in ALGORITHMS:
             if algorithm == "ulysses" and (heads % world or kv_heads % world):
                 continue
-            records.append(compare(name, algorithm, group, world, rank))
+            records += [compare(name, algorithm, group, world, rank, dtype) for dtype in (torch.float32, torch.float64)]
     records += [compare("gqa-documents", algorithm, group, world, rank, torch.bfloat16) for algorithm in ALGORITHMS]
     x = torch.randn(B, S, 3, generator=torch.Generator().manual_seed(5))
     back = unshard_sequence(shard_sequence(x, world, rank), group)
