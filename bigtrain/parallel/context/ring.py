@@ -23,7 +23,8 @@ P = exp(s - ℓ), and with D = rowsum(dO ∘ O):
 The K/V blocks go around the ring again together with their dK/dV accumulators; after the last step one more
 send brings every accumulator back to the rank that owns the block. Grouped-query attention (H query heads
 over H_kv key/value heads, query head h using key/value head h // (H/H_kv)) sums dK/dV over each group.
-Scores, softmax statistics, outputs and gradients accumulate in fp32; inputs may be 16-bit. No dropout.
+Scores, outputs and gradients accumulate in fp32 (inputs may be 16-bit), ℓ in fp64 (a few numbers per
+query: it carries the scores' magnitude, which fp32 would round to a relative 1e-6). No dropout.
 
 Per rank the attention keeps q, k, v, the output and ℓ for backward (O(S/C) each) and works on one
 [S/C, S/C] score block at a time: the working memory is 1/C (saved) and 1/C² (scores) of one device's.
@@ -55,9 +56,9 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """s = q kᵀ · scale, -∞ where the mask forbids: q [B, Hkv, G, Tq, d], k [B, Hkv, Tk, d] -> [B, Hkv, G, Tq, Tk]."""
-    s = torch.einsum("bhgqd,bhkd->bhgqk", q, _wide(k)) * scale
+    s = torch.einsum("bhgqd,bhkd->bhgqk", q, _wide(k)).mul_(scale)  # in place: one [Tq, Tk] block alive
     if mask is not None:
-        s = s.masked_fill(~mask[:, :, None], float("-inf"))
+        s.masked_fill_(~mask[:, :, None], float("-inf"))
     return s
 
 
@@ -68,27 +69,36 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
 
 def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block: (o_b = softmax(s) v [B, Hkv, G, Tq, d], ℓ_b = logsumexp(s) [B, Hkv, G, Tq]), fp32."""
+    """One block: (o_b = softmax(s) v [B, Hkv, G, Tq, d] in the accumulation type, ℓ_b = logsumexp(s)
+    [B, Hkv, G, Tq] in fp64). ℓ_b = m + log Σ exp(s - m) with m the row maximum: the shift is exact and the
+    sum is small, so only the fp64 addition carries ℓ's magnitude (in fp32 one rounding of ℓ ≈ 16 is 2e-6, a
+    relative error every probability would inherit)."""
     s = _scores(q, k, mask, scale)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - _finite(lse)[..., None])
-    return torch.einsum("bhgqk,bhkd->bhgqd", p, _wide(v)), lse
+    top = _finite(s.amax(dim=-1))
+    p = s.sub_(top[..., None]).exp_()
+    total = p.sum(dim=-1)
+    out = torch.einsum("bhgqk,bhkd->bhgqd", p, _wide(v)) / total.masked_fill(total == 0, 1.0)[..., None]
+    return out, top.double() + torch.log(total).double()
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The log-sum-exp merge of a running (o, ℓ) with a block's (o_b, ℓ_b)."""
+    """The log-sum-exp merge of a running (o, ℓ) with a block's (o_b, ℓ_b); weights in ℓ's type (fp64)."""
     new = torch.logaddexp(lse, lse_b)
     safe = _finite(new)
-    out = out * torch.exp(lse - safe)[..., None] + out_b * torch.exp(lse_b - safe)[..., None]
-    return out, new
+    weight, weight_b = (torch.exp(x - safe).to(out.dtype)[..., None] for x in (lse, lse_b))
+    return out * weight + out_b * weight_b, new
 
 
 def block_backward(q, k, v, d_out, delta, lse, mask, scale):
-    """One block's contribution (dQ, dK_b, dV_b), fp32, from the final ℓ and D = rowsum(dO ∘ O)."""
-    p = torch.exp(_scores(q, k, mask, scale) - lse[..., None])
+    """One block's contribution (dQ, dK_b, dV_b) in the accumulation type, from the final ℓ (fp64) and
+    D = rowsum(dO ∘ O). P = exp(s - ℓ) = exp(s - m) · exp(m - ℓ), m the block's row maximum: the large
+    magnitudes cancel in fp64 (as in `block_forward`)."""
+    s = _scores(q, k, mask, scale)
+    top = _finite(s.amax(dim=-1))
+    p = s.sub_(top[..., None]).exp_().mul_(torch.exp(top.double() - lse).to(s.dtype)[..., None])
     dv = torch.einsum("bhgqk,bhgqd->bhkd", p, d_out)
-    ds = p * (torch.einsum("bhgqd,bhkd->bhgqk", d_out, _wide(v)) - delta[..., None])
+    ds = torch.einsum("bhgqd,bhkd->bhgqk", d_out, _wide(v)).sub_(delta[..., None]).mul_(p)
     dq = torch.einsum("bhgqk,bhkd->bhgqd", ds, _wide(k)) * scale
     dk = torch.einsum("bhgqk,bhgqd->bhkd", ds, q) * scale
     return dq, dk, dv
@@ -128,7 +138,7 @@ class RingAttention(torch.autograd.Function):
         kv_heads = k.shape[1]
         qg = _grouped(q, kv_heads)
         out = torch.zeros_like(qg)
-        lse = torch.full(qg.shape[:-1], float("-inf"), dtype=qg.dtype, device=q.device)
+        lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float64, device=q.device)
         block = torch.stack([k, v])
         positions = [t.positions.tolist() for t in everyone]  # on the host once: which sub-blocks to compute
         for step in range(size):
