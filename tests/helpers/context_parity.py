@@ -27,6 +27,7 @@ from bigtrain.parallel.context import (
     ulysses_attention,
     unshard_sequence,
 )
+from bigtrain.parallel.context.tokens import gather_tokens
 from tests.helpers.saved_activations import SavedActivationMeter
 
 B, S, D = 2, 32, 16
@@ -89,7 +90,8 @@ def shard_tokens(x: dict, context: int, rank: int) -> Tokens:
                   None if x["padding"] is None else shard_sequence(x["padding"], context, rank))
 
 
-def compare(name: str, algorithm: str, group, context: int, rank: int, dtype: torch.dtype = torch.float32) -> dict:
+def compare(name: str, algorithm: str, group, context: int, rank: int, dtype: torch.dtype = torch.float32,
+            pregathered: bool = False) -> dict:
     """One case: errors of the output and of dq, dk, dv. In bf16 the reference (fp32) takes the same rounded
     inputs, so what is left is the rounding of the outputs and gradients to bf16; in fp64 the reference is
     fp64 too, so what is left is the algorithm's own error."""
@@ -99,8 +101,10 @@ def compare(name: str, algorithm: str, group, context: int, rank: int, dtype: to
     x.update({n: x[n].to(dtype).to(wide) for n in ("q", "k", "v", "d_out")})
     ref = reference(x, causal, scale)
     local = {n: shard_sequence(x[n], context, rank, dim=2).to(dtype).requires_grad_() for n in "qkv"}
-    out = ALGORITHMS[algorithm](local["q"], local["k"], local["v"], shard_tokens(x, context, rank), group,
-                                causal, scale)
+    tokens = shard_tokens(x, context, rank)
+    if pregathered:  # every rank's tokens, gathered once (per batch) instead of inside each call
+        tokens = gather_tokens(tokens, group)
+    out = ALGORITHMS[algorithm](local["q"], local["k"], local["v"], tokens, group, causal, scale)
     out.backward(shard_sequence(x["d_out"], context, rank, dim=2).to(dtype))
     assert out.dtype == dtype and all(local[n].grad.dtype == dtype for n in "qkv")
     got = [out.detach(), *(local[n].grad for n in "qkv")]
@@ -108,6 +112,7 @@ def compare(name: str, algorithm: str, group, context: int, rank: int, dtype: to
                            for a, n in zip(got, ["out", *"qkv"], strict=True)], dtype=torch.float64)
     dist.all_reduce(errors, op=dist.ReduceOp.MAX, group=group)
     return {"case": name, "algorithm": algorithm, "context": context, "dtype": str(dtype).removeprefix("torch."),
+            "pregathered": pregathered,
             **dict(zip(["out", "dq", "dk", "dv"], errors.tolist(), strict=True))}
 
 
@@ -155,6 +160,8 @@ def main(rank: int, world: int, port: int, out_path: str, memory_seq: int) -> No
                 continue
             records += [compare(name, algorithm, group, world, rank, dtype) for dtype in (torch.float32, torch.float64)]
     records += [compare("gqa-documents", algorithm, group, world, rank, torch.bfloat16) for algorithm in ALGORITHMS]
+    records += [compare("documents-padding", algorithm, group, world, rank, pregathered=True)
+                for algorithm in ALGORITHMS]
     x = torch.randn(B, S, 3, generator=torch.Generator().manual_seed(5))
     back = unshard_sequence(shard_sequence(x, world, rank), group)
     back_heads = unshard_sequence(shard_sequence(x.transpose(1, 2), world, rank, dim=2), group, dim=2)

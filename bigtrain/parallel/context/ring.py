@@ -33,12 +33,13 @@ Per rank the attention keeps q, k, v, the output and ℓ for backward (O(S/C) ea
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
 from bigtrain.parallel.context import exchange
-from bigtrain.parallel.context.tokens import Tokens, allowed, gather_tokens
+from bigtrain.parallel.context.tokens import Tokens, allowed, everyone
 
 KV_TAG, GRAD_TAG = 1, 2  # two transfers may be in flight between the same two ranks in backward
 
@@ -132,19 +133,19 @@ class RingAttention(torch.autograd.Function):
     """softmax(q kᵀ · scale + mask) v over the whole sequence, with q/k/v this rank's shard (see the module)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, tokens: Tokens, group, causal: bool, scale: float):
+    def forward(ctx, q, k, v, tokens: Tokens | Sequence[Tokens], group, causal: bool, scale: float):
         size, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
-        everyone = gather_tokens(tokens, group) if size > 1 else [tokens]
+        ranks = everyone(tokens, group)
         kv_heads = k.shape[1]
         qg = _grouped(q, kv_heads)
         out = torch.zeros_like(qg)
         lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float64, device=q.device)
         block = torch.stack([k, v])
-        positions = [t.positions.tolist() for t in everyone]  # on the host once: which sub-blocks to compute
+        positions = [t.positions.tolist() for t in ranks]  # on the host once: which sub-blocks to compute
         for step in range(size):
             pending = exchange.start(block, group, KV_TAG) if step < size - 1 else None
             source = (rank - step) % size
-            mask = allowed(everyone[rank], everyone[source], causal)
+            mask = allowed(ranks[rank], ranks[source], causal)
             for rows, cols in visible_parts(positions[rank], positions[source], causal):
                 o_b, lse_b = block_forward(qg[..., rows, :], block[0][..., cols, :], block[1][..., cols, :],
                                            None if mask is None else mask[..., rows, cols], scale)
@@ -152,13 +153,13 @@ class RingAttention(torch.autograd.Function):
             if pending is not None:
                 block = pending.wait()
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.everyone, ctx.positions, ctx.group, ctx.causal, ctx.scale = everyone, positions, group, causal, scale
+        ctx.ranks, ctx.positions, ctx.group, ctx.causal, ctx.scale = ranks, positions, group, causal, scale
         return out.reshape(q.shape).to(q.dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out, lse = ctx.saved_tensors
-        group, everyone, scale = ctx.group, ctx.everyone, ctx.scale
+        group, ranks, scale = ctx.group, ctx.ranks, ctx.scale
         size, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
         kv_heads = k.shape[1]
         qg, dog = _grouped(q, kv_heads), _grouped(d_out, kv_heads)
@@ -169,7 +170,7 @@ class RingAttention(torch.autograd.Function):
         for step in range(size):
             pending = exchange.start(block, group, KV_TAG) if step < size - 1 else None
             source = (rank - step) % size
-            mask = allowed(everyone[rank], everyone[source], ctx.causal)
+            mask = allowed(ranks[rank], ranks[source], ctx.causal)
             for rows, cols in visible_parts(ctx.positions[rank], ctx.positions[source], ctx.causal):
                 dq_b, dk_b, dv_b = block_backward(qg[..., rows, :], block[0][..., cols, :], block[1][..., cols, :],
                                                   dog[..., rows, :], delta[..., rows], lse[..., rows],
@@ -184,10 +185,12 @@ class RingAttention(torch.autograd.Function):
         return dq.reshape(q.shape).to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None, None, None
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens, group, causal: bool,
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens | Sequence[Tokens], group,
+                   causal: bool,
                    scale: float | None = None) -> torch.Tensor:
     """q [B, H, T, d], k/v [B, H_kv, T, d] (H a multiple of H_kv): this rank's T = S/C tokens, described by
-    `tokens` (global positions, documents, padding) -> the attention output of those tokens [B, H, T, d].
+    `tokens` (global positions, documents, padding; or every rank's, `gather_tokens`) -> the attention output
+    of those tokens [B, H, T, d].
     scale None means 1/√d."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")

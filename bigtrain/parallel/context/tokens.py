@@ -14,6 +14,7 @@ otherwise give NaN); on unpadded rows it changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,3 +70,16 @@ def gather_tokens(local: Tokens, group) -> list[Tokens]:
 
     positions, docs, pads = gather(local.positions), gather(local.document_ids), gather(local.key_padding)
     return [Tokens(positions[r], docs[r], pads[r]) for r in range(size)]
+
+
+def everyone(tokens: Tokens | Sequence[Tokens], group) -> list[Tokens]:
+    """Every rank's `Tokens`: gathered from this rank's, or as given when already gathered (`gather_tokens`
+    once per batch spares each attention layer its three small all-gathers)."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size(group=group)
+    if isinstance(tokens, Tokens):
+        return gather_tokens(tokens, group) if size > 1 else [tokens]
+    if len(tokens) != size:
+        raise ValueError(f"{len(tokens)} ranks' tokens given for a context group of {size}")
+    return list(tokens)

@@ -26,12 +26,14 @@ rank-major order and grouped-query heads need the layout in hand, and the depend
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
 from bigtrain.compat.torch import sdpa
 from bigtrain.errors import ConfigError
-from bigtrain.parallel.context.tokens import Tokens, allowed, concat_tokens, gather_tokens
+from bigtrain.parallel.context.tokens import Tokens, allowed, concat_tokens, everyone
 
 
 def check_ulysses_heads(n_heads: int, n_kv_heads: int, context: int) -> None:
@@ -91,13 +93,14 @@ class HeadsToSequence(torch.autograd.Function):
         return _sequence_to_heads(grad, ctx.group), None
 
 
-def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens, group, causal: bool,
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens | Sequence[Tokens], group,
+                      causal: bool,
                       scale: float | None = None) -> torch.Tensor:
-    """q [B, H, T, d], k/v [B, H_kv, T, d]: this rank's T = S/C tokens, described by `tokens` -> the attention
-    output of those tokens [B, H, T, d]. scale None means 1/√d."""
+    """q [B, H, T, d], k/v [B, H_kv, T, d]: this rank's T = S/C tokens, described by `tokens` (or every rank's,
+    `gather_tokens`) -> the attention output of those tokens [B, H, T, d]. scale None means 1/√d."""
     size = dist.get_world_size(group=group)
     check_ulysses_heads(q.shape[1], k.shape[1], size)
-    full = concat_tokens(gather_tokens(tokens, group))
+    full = concat_tokens(everyone(tokens, group))
     qh, kh, vh = (SequenceToHeads.apply(t, group) for t in (q, k, v))
     if causal and full.document_ids is None and full.key_padding is None:
         # plain causal: in the natural order the kernel needs no [S, S] mask (flash attention where it runs)
