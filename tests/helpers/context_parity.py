@@ -21,13 +21,13 @@ from bigtrain.compat.torch import sdpa
 from bigtrain.models.attention import build_mask
 from bigtrain.parallel.context import (
     Tokens,
+    gather_tokens,
     global_positions,
     ring_attention,
     shard_sequence,
     ulysses_attention,
     unshard_sequence,
 )
-from bigtrain.parallel.context.tokens import gather_tokens
 from tests.helpers.saved_activations import SavedActivationMeter
 
 B, S, D = 2, 32, 16

@@ -11,8 +11,8 @@ from bigtrain.parallel.context.sharding import (
     shard_sequence,
     unshard_sequence,
 )
-from bigtrain.parallel.context.tokens import Tokens
+from bigtrain.parallel.context.tokens import Tokens, gather_tokens
 from bigtrain.parallel.context.ulysses import check_ulysses_heads, ulysses_attention
 
-__all__ = ["Tokens", "check_context_split", "check_ulysses_heads", "global_positions", "ring_attention",
-           "shard_sequence", "ulysses_attention", "unshard_sequence"]
+__all__ = ["Tokens", "check_context_split", "check_ulysses_heads", "gather_tokens", "global_positions",
+           "ring_attention", "shard_sequence", "ulysses_attention", "unshard_sequence"]
