@@ -186,13 +186,11 @@ class RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens | Sequence[Tokens], group,
-                   causal: bool,
-                   scale: float | None = None) -> torch.Tensor:
+                   causal: bool, scale: float | None = None) -> torch.Tensor:
     """q [B, H, T, d], k/v [B, H_kv, T, d] (H a multiple of H_kv): this rank's T = S/C tokens, described by
     `tokens` (global positions, documents, padding; or every rank's, `gather_tokens`) -> the attention output
-    of those tokens [B, H, T, d].
-    scale None means 1/√d."""
+    of those tokens [B, H, T, d]. scale None means 1/√d."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
-    return RingAttention.apply(q, k, v, tokens, group, causal, 1 / math.sqrt(q.shape[-1]) if scale is None
-                               else scale)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return RingAttention.apply(q, k, v, tokens, group, causal, scale)

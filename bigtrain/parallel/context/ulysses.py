@@ -94,8 +94,7 @@ class HeadsToSequence(torch.autograd.Function):
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens | Sequence[Tokens], group,
-                      causal: bool,
-                      scale: float | None = None) -> torch.Tensor:
+                      causal: bool, scale: float | None = None) -> torch.Tensor:
     """q [B, H, T, d], k/v [B, H_kv, T, d]: this rank's T = S/C tokens, described by `tokens` (or every rank's,
     `gather_tokens`) -> the attention output of those tokens [B, H, T, d]. scale None means 1/√d."""
     size = dist.get_world_size(group=group)
