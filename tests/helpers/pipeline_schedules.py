@@ -75,7 +75,7 @@ def rel(a: torch.Tensor, b: torch.Tensor, floor: float) -> float:
 
 def run_case(case: dict, group) -> dict:
     family_key, schedule, v, m = case["family"], case["schedule"], case["virtual_stages"], case["micro_batches"]
-    cfg = load_config(None, [*BASE, *FAMILIES[family_key]]).model
+    cfg = load_config(None, [*BASE, *FAMILIES[family_key], *case.get("extra", [])]).model
     full = build_model(cfg, VOCAB, "cpu", seed=SEED)
     meta = build_model(cfg, VOCAB, "meta")
     runner = PipelineRunner(meta, schedule, v, m, lambda piece: materialize(meta, "cpu", SEED, piece=piece),
@@ -101,7 +101,7 @@ def run_case(case: dict, group) -> dict:
     opt = torch.optim.AdamW(mine.values(), lr=3e-3, weight_decay=0.1)
     losses, losses_ref = [], []
     for k in range(steps):
-        batch = batch_for(cfg.family, rows, seed=100 + k)
+        batch = batch_for(cfg.family, rows, seed=100 + k, seq=12 - 2 * (k % 3))  # new shapes: new schedule
         opt_ref.zero_grad(set_to_none=True)
         loss_ref = reference_loss(full, batch)
         loss_ref.backward()
