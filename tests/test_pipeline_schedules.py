@@ -111,3 +111,88 @@ def test_adamw_steps_match_one_device(tmp_path):
         weights = {n: v for n, v in row["weights"].items() if not n.endswith(NOISE_ONLY)}
         worst = max(weights, key=weights.get)
         assert weights[worst] < 1e-4, (row["family"], row["schedule"], worst, weights[worst])
+
+
+# ---- config: what each schedule can express, refused at load naming the key --------------------------------------
+def refusal(overrides: list[str], world: int = 2) -> str:
+    from bigtrain.config import load_config
+    from bigtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["train.global_batch_size=8", "train.micro_batch_size=2", *overrides], world_size=world)
+    return str(error.value)
+
+
+def test_schedule_names_and_virtual_stages_are_checked_at_load():
+    assert "Allowed values: '1f1b', 'gpipe', 'interleaved_1f1b', 'zero_bubble', 'dualpipev'" in refusal(
+        ["parallel.pipeline=2", "parallel.pipeline_schedule=looped"])
+    assert "parallel.virtual_stages' must be positive" in refusal(["parallel.virtual_stages=0"])
+    assert "parallel.virtual_stages must be 1, got 2" in refusal(["parallel.pipeline=2", "parallel.virtual_stages=2"])
+    assert "parallel.virtual_stages must be >= 2, got 1" in refusal(
+        ["parallel.pipeline=2", "parallel.pipeline_schedule=zero_bubble"])
+    assert "parallel.virtual_stages must be 2, got 3" in refusal(
+        ["parallel.pipeline=2", "parallel.pipeline_schedule=dualpipev", "parallel.virtual_stages=3"])
+    assert "but parallel.pipeline=1" in refusal(["parallel.pipeline_schedule=gpipe"], world=1)
+
+
+def test_deepspeeds_pipeline_engine_refuses_other_schedules_naming_the_engine():
+    from bigtrain.config import load_config
+
+    message = refusal(["parallel.pipeline=2", "parallel.pipeline_schedule=interleaved_1f1b",
+                       "parallel.virtual_stages=2"])
+    assert "parallel.engine='auto'" in message and "runs 1f1b only" in message
+    assert "parallel.engine='deepspeed'" in refusal(["parallel.pipeline=2", "parallel.engine=deepspeed",
+                                                     "parallel.pipeline_schedule=gpipe"])
+    cfg = load_config(None, ["parallel.pipeline=2", "train.global_batch_size=8", "train.micro_batch_size=2"],
+                      world_size=2)
+    assert (cfg.parallel.pipeline_schedule, cfg.parallel.virtual_stages) == ("1f1b", 1)
+
+
+@pytest.mark.parametrize("schedule,p,v,m,ok", [
+    ("1f1b", 4, 1, 3, False), ("1f1b", 4, 1, 4, True), ("gpipe", 4, 1, 1, True),
+    ("interleaved_1f1b", 2, 2, 5, False), ("interleaved_1f1b", 2, 2, 6, True), ("interleaved_1f1b", 4, 2, 3, True),
+    ("zero_bubble", 2, 3, 7, False), ("zero_bubble", 4, 2, 8, True),
+    ("dualpipev", 2, 2, 3, False), ("dualpipev", 2, 2, 4, True), ("dualpipev", 4, 2, 7, False)])
+def test_micro_batch_conditions_are_torchs(schedule, p, v, m, ok):
+    """Under torch's pipelining (parallel.engine=torch, once wired) the micro-batch count m obeys torch's own
+    conditions, stated at load; each verdict agrees with torch's schedule builder."""
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+
+    from bigtrain.config import Config
+    from bigtrain.config.layout import Layout
+    from bigtrain.config.schedule_checks import check_pipeline_schedule
+    from bigtrain.errors import ConfigError
+
+    cfg = Config()
+    cfg.parallel.pipeline, cfg.parallel.pipeline_schedule, cfg.parallel.virtual_stages = p, schedule, v
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 2 * m, 2
+    layout = Layout(pipeline=p, engine="torch")
+    names = {"1f1b": "1F1B", "gpipe": "GPipe", "interleaved_1f1b": "Interleaved1F1B",
+             "zero_bubble": "InterleavedZeroBubble", "dualpipev": "DualPipeV"}
+    try:
+        get_schedule_ops(names[schedule], p, m, num_stages_per_rank=v)
+        torch_ok = True
+    except ValueError:
+        torch_ok = False
+    assert torch_ok == ok
+    if ok:
+        check_pipeline_schedule(cfg, layout)
+    else:
+        with pytest.raises(ConfigError, match="micro-batches"):
+            check_pipeline_schedule(cfg, layout)
+
+
+def test_a_stage_count_beyond_the_layers_is_refused_naming_virtual_stages():
+    """p x V stages each need a layer (bigtrain's partitioner): a 2-block causal model has 5 pipeline layers."""
+    from bigtrain.config import Config
+    from bigtrain.errors import ConfigError
+    from bigtrain.parallel.validate import check_pipeline_stages
+
+    cfg = Config()
+    cfg.model.n_layers, cfg.model.vocab_size = 2, 64
+    cfg.parallel.pipeline, cfg.parallel.pipeline_schedule, cfg.parallel.virtual_stages = 4, "interleaved_1f1b", 2
+    cfg.parallel.partition_method = "uniform"
+    with pytest.raises(ConfigError, match=r"parallel\.pipeline=4 x parallel\.virtual_stages=2 = 8 stages"):
+        check_pipeline_stages(cfg)
+    cfg.parallel.pipeline = 2
+    check_pipeline_stages(cfg)  # 4 stages of 5 layers

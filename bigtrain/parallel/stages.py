@@ -131,7 +131,7 @@ def build_rank_stages(model: TransformerLM, rank: int, pipeline: int, virtual_st
 
     specs = layer_specs(model, materialize, documents)
     n_stages = pipeline * virtual_stages
-    bounds = [int(b) for b in check_stages(specs, n_stages, partition_method)]
+    bounds = [int(b) for b in check_stages(specs, n_stages, partition_method, virtual_stages=virtual_stages)]
     mine = stage_indices(rank, pipeline, virtual_stages, schedule)
     tied: dict[str, nn.Module] = {}  # one module per tie key on this rank
 
