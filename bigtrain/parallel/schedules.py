@@ -57,13 +57,14 @@ SINGLE_STAGE = ("1f1b", "gpipe")  # one stage per rank (torch's PipelineSchedule
 
 class GlobalMeanLoss:
     """loss_fn(logits, labels) of one micro-batch = Σ_targets CE / N, N = the global batch's target count (set by
-    `pipeline_step` before each step)."""
+    `pipeline_step` before each step). `loss_sum`: the summed cross-entropy of a micro-batch (a criterion's
+    `loss_sum`; tensor parallelism's vocabulary-parallel one reads logit shards)."""
 
-    def __init__(self) -> None:
-        self.targets = 1
+    def __init__(self, loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum) -> None:
+        self.targets, self.loss_sum = 1, loss_sum
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_sum(logits, labels) / self.targets
+        return self.loss_sum(logits, labels) / self.targets
 
 
 def stage_class():
@@ -135,12 +136,15 @@ class PipelineRunner:
     """This rank's stages of `model` and the schedule that runs them, over the pipeline process `group` (ranks
     ordered by stage: group rank r is pipeline rank r). `materialize(piece)` allocates and initializes a piece of
     the meta model. `step(batch)` runs one step's forward and backward (gradients accumulate into the stage
-    parameters; zeroing them is the caller's) and returns the loss on every rank."""
+    parameters; zeroing them is the caller's) and returns the loss on every rank. `loss_sum`: the criterion's
+    summed loss (`bigtrain.models.loss.Criterion.loss_sum`, or the vocabulary-parallel one under tensor
+    parallelism)."""
 
     def __init__(self, model: TransformerLM, schedule: str, virtual_stages: int, n_microbatches: int,
                  materialize: Callable[[nn.Module], None], group: dist.ProcessGroup | None = None,
                  partition_method: str = "parameters", device: torch.device | str = "cpu",
-                 documents: bool = False, cache_size: int = 4) -> None:
+                 documents: bool = False, cache_size: int = 4,
+                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum) -> None:
         self.model, self.schedule_name, self.virtual_stages = model, schedule, virtual_stages
         self.n_microbatches, self.group, self.device = n_microbatches, group, torch.device(device)
         self.documents, self.cache_size = documents, cache_size
@@ -152,7 +156,7 @@ class PipelineRunner:
         self.first = 0 in self.stages.indices
         self.last = self.n_stages - 1 in self.stages.indices
         self.last_rank = stage_rank(self.n_stages - 1, self.pipeline, virtual_stages, schedule)
-        self.loss_fn = GlobalMeanLoss()
+        self.loss_fn = GlobalMeanLoss(loss_sum)
         self._schedules: OrderedDict[tuple, object] = OrderedDict()
 
     @property
