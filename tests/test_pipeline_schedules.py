@@ -64,7 +64,9 @@ def check_step(rows: list[dict], world: int) -> None:
         by_case.setdefault(f"{row['family']}/{row['schedule']}", []).append(row)
     for name, ranks in by_case.items():
         assert len(ranks) == world, name
-        assert sorted(s for r in ranks for s in r["stages"]) == list(range(world * ranks[0]["virtual_stages"]))
+        tensor = ranks[0].get("tensor", 1)  # each stage is held by its tensor group
+        stages = range(world // tensor * ranks[0]["virtual_stages"])
+        assert sorted(s for r in ranks for s in r["stages"]) == sorted(list(stages) * tensor), name
         assert sorted({n for r in ranks for n in r["names"]}) == ranks[0]["all_names"], name
         for r in ranks:
             assert r["init_exact"], name
@@ -94,6 +96,16 @@ def test_four_ranks_interleaved_and_dualpipev(tmp_path):
     deep = ["model.n_layers=6"]
     cases = [case("causal", "interleaved_1f1b", 2, extra=deep, partition="uniform"),
              case("causal", "dualpipev", 2, m=8, extra=deep, partition="uniform")]
+    check_step(spawn(tmp_path, 4, cases), 4)
+
+
+@pytest.mark.launches
+def test_tensor_parallel_inside_the_stages(tmp_path):
+    """TP2 x PP2 (4 ranks): each stage split over its tensor group (the model rewritten on the meta device, the
+    vocabulary-parallel loss); sharded gradients gathered and compared with the unsplit ones. Interleaved 1F1B,
+    DualPipeV with the encoder-decoder, and the zero-bubble split backward through tensor-parallel layers."""
+    cases = [case("causal", "interleaved_1f1b", 2, tensor=2), case("seq2seq", "dualpipev", 2, tensor=2),
+             case("t5", "zero_bubble", 2, tensor=2)]
     check_step(spawn(tmp_path, 4, cases), 4)
 
 

@@ -5,6 +5,8 @@ model on one process, built from the same seed on every rank:
   loss    the step's loss (on every rank) vs the unsplit model's mean over all target tokens
   grads   every parameter this rank holds (unsplit names) vs the unsplit model's gradient
   adamw   (optional) k AdamW steps of each rank's parameters vs k steps of the unsplit model: losses and weights
+  tensor  (optional, world = 2 x pipeline) tensor parallelism inside each stage: the model rewritten by
+          `apply_tensor_parallel` on the meta device, the vocabulary-parallel loss, sharded gradients gathered
 
 Every rank writes one JSON line per case to `<out>.<rank>`.
 """
@@ -73,16 +75,47 @@ def rel(a: torch.Tensor, b: torch.Tensor, floor: float) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=floor))
 
 
+def gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def tensor_split(meta, tensor: int):
+    """(shards, loss_sum, groups) of `meta` rewritten for tensor parallelism over `tensor` ranks (world = tensor x
+    pipeline, Megatron's rank order), or ({}, the plain loss, None)."""
+    if tensor == 1:
+        return {}, cross_entropy_sum, None
+    from bigtrain.config.layout import Layout
+    from bigtrain.distributed.groups import ParallelGroups
+    from bigtrain.parallel.cross_entropy import VocabParallelCriterion
+    from bigtrain.parallel.tensor import apply_tensor_parallel
+    from bigtrain.parallel.tensor_layers import TensorParallel
+
+    layout = Layout.for_world(tensor, dist.get_world_size() // tensor, dist.get_world_size(), engine="pipeline")
+    groups = ParallelGroups(layout, dist.get_rank())
+    tp = TensorParallel(groups.tensor_group, groups.get_tensor_model_parallel_rank(), tensor)
+    shards = apply_tensor_parallel(meta, tp)
+    return shards, VocabParallelCriterion(tp.group, tp.rank, tp.size).loss_sum, groups
+
+
 def run_case(case: dict, group) -> dict:
     family_key, schedule, v, m = case["family"], case["schedule"], case["virtual_stages"], case["micro_batches"]
     cfg = load_config(None, [*BASE, *FAMILIES[family_key], *case.get("extra", [])]).model
     full = build_model(cfg, VOCAB, "cpu", seed=SEED)
     meta = build_model(cfg, VOCAB, "meta")
-    runner = PipelineRunner(meta, schedule, v, m, lambda piece: materialize(meta, "cpu", SEED, piece=piece),
-                            group=group, partition_method=case.get("partition", "parameters"))
+    shards, loss_sum, groups = tensor_split(meta, case.get("tensor", 1))
+    if groups is not None:
+        group = groups.group("pipeline")
+    runner = PipelineRunner(meta, schedule, v, m, lambda piece: materialize(meta, "cpu", SEED, shards, piece=piece),
+                            group=group, partition_method=case.get("partition", "parameters"), loss_sum=loss_sum)
     mine = model_parameters(runner.modules)
     full_params = dict(full.named_parameters())
-    init_exact = all(torch.equal(p, full_params[n]) for n, p in mine.items())
+
+    def whole(name: str, t: torch.Tensor) -> torch.Tensor:
+        return gather(t, shards[name].dim, groups.tensor_group) if name in shards else t
+
+    init_exact = all(torch.equal(whole(n, p.detach()), full_params[n]) for n, p in mine.items())
     steps = case.get("adamw_steps", 0)
     rows = 2 * m
     if not steps:
@@ -91,7 +124,7 @@ def run_case(case: dict, group) -> dict:
         loss_ref.backward()
         loss = runner.step(batch)
         floor = 1e-3 * max(float(p.grad.abs().max()) for p in full_params.values())
-        grads = {n: rel(p.grad, full_params[n].grad, floor) if p.grad is not None else float("inf")
+        grads = {n: rel(whole(n, p.grad), full_params[n].grad, floor) if p.grad is not None else float("inf")
                  for n, p in mine.items()}
         return {**case, "rank": dist.get_rank(), "init_exact": init_exact, "stages": runner.stages.indices,
                 "bounds": runner.stages.bounds, "loss": float(loss), "loss_ref": float(loss_ref),
@@ -110,7 +143,7 @@ def run_case(case: dict, group) -> dict:
         losses.append(float(runner.step(batch)))
         opt.step()
         losses_ref.append(float(loss_ref))
-    weights = {n: rel(p.detach(), full_params[n].detach(), 1e-30) for n, p in mine.items()}
+    weights = {n: rel(whole(n, p.detach()), full_params[n].detach(), 1e-30) for n, p in mine.items()}
     return {**case, "rank": dist.get_rank(), "losses": losses, "losses_ref": losses_ref,
             "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, losses_ref, strict=True)),
             "weights": weights, "names": sorted(mine)}
