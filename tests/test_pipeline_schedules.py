@@ -61,7 +61,7 @@ def check_step(rows: list[dict], world: int) -> None:
     by_case: dict[str, list[dict]] = {}
     for row in rows:
         assert "error" not in row, row
-        by_case.setdefault(f"{row['family']}/{row['schedule']}", []).append(row)
+        by_case.setdefault(f"{row['family']}/{row['schedule']}/documents={row.get('documents', False)}", []).append(row)
     for name, ranks in by_case.items():
         assert len(ranks) == world, name
         tensor = ranks[0].get("tensor", 1)  # each stage is held by its tensor group
@@ -81,12 +81,15 @@ def test_every_schedule_matches_one_device_on_two_ranks(tmp_path):
     gradient equal the unsplit model's within 1e-5 relative, for each schedule and family: the causal model's
     tied embedding sits on both ranks (1f1b, gpipe, interleaved, zero_bubble) or twice on rank 0 (dualpipev);
     the padded families have micro-batches with different target counts; T5 has a relative position bias table
-    per stack (a middle stage's, under the zero-bubble split backward)."""
+    per stack (a middle stage's, under the zero-bubble split backward); document ids (`data.document_masking`)
+    cross the boundaries of causal stages."""
     cases = [case("causal", s, v) for s, v in (("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 2),
                                                 ("zero_bubble", 2), ("dualpipev", 2))]
     cases += [case("causal-untied", "dualpipev", 2), case("masked", "interleaved_1f1b", 2),
               case("masked", "1f1b", 1), case("seq2seq", "interleaved_1f1b", 2), case("seq2seq", "dualpipev", 2),
-              case("t5", "zero_bubble", 2), case("t5", "gpipe", 1)]
+              case("t5", "zero_bubble", 2), case("t5", "gpipe", 1),
+              case("causal", "zero_bubble", 2, documents=True), case("causal-untied", "interleaved_1f1b", 2,
+                                                                     documents=True)]
     check_step(spawn(tmp_path, 2, cases), 2)
 
 

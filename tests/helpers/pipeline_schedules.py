@@ -53,7 +53,10 @@ def batch_for(family: str, rows: int, seed: int, seq: int = 12) -> dict[str, tor
     mask = torch.arange(seq) < lengths[:, None]
     if family == "causal":
         labels[0, :5] = -100
-        return {"input_ids": ids, "labels": labels}
+        # packed documents (`data.document_masking`): each row cut at two random points
+        cuts = torch.randint(1, seq, (rows, 2), generator=gen)
+        docs = (torch.arange(seq) >= cuts[:, :1]).long() + (torch.arange(seq) >= cuts[:, 1:]).long()
+        return {"input_ids": ids, "labels": labels, "document_ids": docs}
     labels = labels.masked_fill(~mask, -100)
     if family == "masked":
         labels[:, ::2] = -100
@@ -99,6 +102,11 @@ def tensor_split(meta, tensor: int):
     return shards, VocabParallelCriterion(tp.group, tp.rank, tp.size).loss_sum, groups
 
 
+def for_case(batch: dict[str, torch.Tensor], case: dict) -> dict[str, torch.Tensor]:
+    """Document ids only where the case asks for document masking."""
+    return batch if case.get("documents") else {k: v for k, v in batch.items() if k != "document_ids"}
+
+
 def run_case(case: dict, group) -> dict:
     family_key, schedule, v, m = case["family"], case["schedule"], case["virtual_stages"], case["micro_batches"]
     cfg = load_config(None, [*BASE, *FAMILIES[family_key], *case.get("extra", [])]).model
@@ -108,7 +116,8 @@ def run_case(case: dict, group) -> dict:
     if groups is not None:
         group = groups.group("pipeline")
     runner = PipelineRunner(meta, schedule, v, m, lambda piece: materialize(meta, "cpu", SEED, shards, piece=piece),
-                            group=group, partition_method=case.get("partition", "parameters"), loss_sum=loss_sum)
+                            group=group, partition_method=case.get("partition", "parameters"), loss_sum=loss_sum,
+                            documents=bool(case.get("documents")))
     mine = model_parameters(runner.modules)
     full_params = dict(full.named_parameters())
 
@@ -119,7 +128,7 @@ def run_case(case: dict, group) -> dict:
     steps = case.get("adamw_steps", 0)
     rows = 2 * m
     if not steps:
-        batch = batch_for(cfg.family, rows, seed=7)
+        batch = for_case(batch_for(cfg.family, rows, seed=7), case)
         loss_ref = reference_loss(full, batch)
         loss_ref.backward()
         loss = runner.step(batch)
@@ -134,7 +143,7 @@ def run_case(case: dict, group) -> dict:
     opt = torch.optim.AdamW(mine.values(), lr=3e-3, weight_decay=0.1)
     losses, losses_ref = [], []
     for k in range(steps):
-        batch = batch_for(cfg.family, rows, seed=100 + k, seq=12 - 2 * (k % 3))  # new shapes: new schedule
+        batch = for_case(batch_for(cfg.family, rows, seed=100 + k, seq=12 - 2 * (k % 3)), case)  # new shapes
         opt_ref.zero_grad(set_to_none=True)
         loss_ref = reference_loss(full, batch)
         loss_ref.backward()
