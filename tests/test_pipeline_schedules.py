@@ -95,10 +95,12 @@ def test_every_schedule_matches_one_device_on_two_ranks(tmp_path):
 
 @pytest.mark.launches
 def test_four_ranks_interleaved_and_dualpipev(tmp_path):
-    """PP4: 8 stages of a 6-block model (interleaved V=2 with 4 micro-batches, DualPipeV with 8)."""
+    """PP4: 8 stages of a 6-block model (interleaved V=2 with 4 micro-batches, DualPipeV with 8); 1F1B with the
+    tied embedding's gradients summed over a group of its two ranks only (the middle ranks stay out)."""
     deep = ["model.n_layers=6"]
     cases = [case("causal", "interleaved_1f1b", 2, extra=deep, partition="uniform"),
-             case("causal", "dualpipev", 2, m=8, extra=deep, partition="uniform")]
+             case("causal", "dualpipev", 2, m=8, extra=deep, partition="uniform"),
+             case("causal", "1f1b", 1, extra=deep, partition="uniform", tied_group=True)]
     check_step(spawn(tmp_path, 4, cases), 4)
 
 

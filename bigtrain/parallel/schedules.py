@@ -102,14 +102,20 @@ def make_schedule(name: str, stages: list, n_microbatches: int, loss_fn: Callabl
     return cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
-def reduce_tied_grads(model: TransformerLM, rank_stages: RankStages, group: dist.ProcessGroup | None) -> None:
-    """Sum the embedding's gradients over the pipeline ranks that use it (a rank that holds none adds zeros; a
-    parameter a rank holds but did not use, e.g. the positions beside a tied head, adds zeros). One all-reduce of
-    the flattened gradients; nothing when one rank holds every use."""
+def reduce_tied_grads(model: TransformerLM, rank_stages: RankStages, group: dist.ProcessGroup | None,
+                      tied_group: dist.ProcessGroup | None = None) -> None:
+    """Sum the embedding's gradients over the pipeline ranks that use it (a parameter a rank holds but did not
+    use, e.g. the positions beside a tied head, adds zeros). One all-reduce of the flattened gradients: over
+    `tied_group` (the ranks `rank_stages.embed_ranks` of this pipeline) where given, else over the whole pipeline
+    `group`, to which a rank without the embedding adds zeros. Nothing when one rank holds every use."""
     if len(rank_stages.embed_ranks) < 2:
         return
     params = dict(model.embed.named_parameters())  # materialized on ranks that hold the embedding, else meta
     held = bool(rank_stages.embed_names)
+    if tied_group is not None:
+        if not held:
+            return
+        group = tied_group
     pieces = []
     for p in params.values():
         if held and p.grad is not None:
@@ -157,6 +163,7 @@ class PipelineRunner:
         self.last = self.n_stages - 1 in self.stages.indices
         self.last_rank = stage_rank(self.n_stages - 1, self.pipeline, virtual_stages, schedule)
         self.loss_fn = GlobalMeanLoss(loss_sum)
+        self.tied_group: dist.ProcessGroup | None = None  # optional: the ranks stages.embed_ranks, made by the caller
         self._schedules: OrderedDict[tuple, object] = OrderedDict()
 
     @property
@@ -193,7 +200,7 @@ class PipelineRunner:
         args = tuple(t.to(self.device) for t in inputs) if self.first else ()
         kwargs = {"target": labels.to(self.device), "losses": losses} if self.last else {}
         schedule.step(*args, return_outputs=False, **kwargs)
-        reduce_tied_grads(self.model, self.stages, self.group)
+        reduce_tied_grads(self.model, self.stages, self.group, self.tied_group)
         loss = (torch.stack([x.detach().float() for x in losses]).sum() if self.last
                 else torch.zeros((), dtype=torch.float32, device=self.device))
         dist.broadcast(loss, src=dist.get_global_rank(self.group, self.last_rank) if self.group is not None

@@ -118,6 +118,8 @@ def run_case(case: dict, group) -> dict:
     runner = PipelineRunner(meta, schedule, v, m, lambda piece: materialize(meta, "cpu", SEED, shards, piece=piece),
                             group=group, partition_method=case.get("partition", "parameters"), loss_sum=loss_sum,
                             documents=bool(case.get("documents")))
+    if case.get("tied_group"):  # every rank creates the group (collective), the embedding's ranks use it
+        runner.tied_group = dist.new_group(ranks=runner.stages.embed_ranks)
     mine = model_parameters(runner.modules)
     full_params = dict(full.named_parameters())
 
