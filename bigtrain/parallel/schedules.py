@@ -103,11 +103,12 @@ def make_schedule(name: str, stages: list, n_microbatches: int, loss_fn: Callabl
 
 
 def reduce_tied_grads(model: TransformerLM, rank_stages: RankStages, group: dist.ProcessGroup | None,
-                      tied_group: dist.ProcessGroup | None = None) -> None:
+                      tied_group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu") -> None:
     """Sum the embedding's gradients over the pipeline ranks that use it (a parameter a rank holds but did not
     use, e.g. the positions beside a tied head, adds zeros). One all-reduce of the flattened gradients: over
     `tied_group` (the ranks `rank_stages.embed_ranks` of this pipeline) where given, else over the whole pipeline
-    `group`, to which a rank without the embedding adds zeros. Nothing when one rank holds every use."""
+    `group`, to which a rank without the embedding adds zeros (on `device`). Nothing when one rank holds every
+    use."""
     if len(rank_stages.embed_ranks) < 2:
         return
     params = dict(model.embed.named_parameters())  # materialized on ranks that hold the embedding, else meta
@@ -122,7 +123,7 @@ def reduce_tied_grads(model: TransformerLM, rank_stages: RankStages, group: dist
             pieces.append(p.grad.reshape(-1))
         else:
             pieces.append(torch.zeros(p.numel(), dtype=torch.float32 if p.is_meta else p.dtype,
-                                      device="cpu" if p.is_meta else p.device))
+                                      device=device if p.is_meta else p.device))
     flat = torch.cat(pieces)
     dist.all_reduce(flat, group=group)
     if not held:
@@ -200,7 +201,7 @@ class PipelineRunner:
         args = tuple(t.to(self.device) for t in inputs) if self.first else ()
         kwargs = {"target": labels.to(self.device), "losses": losses} if self.last else {}
         schedule.step(*args, return_outputs=False, **kwargs)
-        reduce_tied_grads(self.model, self.stages, self.group, self.tied_group)
+        reduce_tied_grads(self.model, self.stages, self.group, self.tied_group, self.device)
         loss = (torch.stack([x.detach().float() for x in losses]).sum() if self.last
                 else torch.zeros((), dtype=torch.float32, device=self.device))
         dist.broadcast(loss, src=dist.get_global_rank(self.group, self.last_rank) if self.group is not None
