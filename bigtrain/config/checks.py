@@ -17,6 +17,7 @@ from bigtrain.config.layout import Layout
 from bigtrain.config.model_checks import check_model
 from bigtrain.config.parallel_checks import check_deepspeed_section, check_parallel
 from bigtrain.config.rules import at_most_timeout, fraction, positive, require, show
+from bigtrain.config.schedule_checks import check_pipeline_schedule
 from bigtrain.config.schema import Config
 
 INT64 = (-(2**63), 2**63, "be an integer in [-2**63, 2**63) (64 bits)")
@@ -149,6 +150,7 @@ def validate(cfg: Config, world_size: int = 1) -> Layout:
     check_paths(cfg)
     check_model(cfg)
     layout = check_parallel(cfg, world_size)
+    check_pipeline_schedule(cfg, layout)
     check_training(cfg, layout)
     check_data(cfg)
     check_deepspeed_section(cfg, layout)

@@ -80,6 +80,15 @@ class ParallelConfig:
     partition_method: str = opt(
         "parameters", "how layers are cut into pipeline stages: parameters (balance parameter counts), uniform "
         "(balance layer counts) or type:<regex> (balance layers whose class matches, e.g. type:BlockPipe)")
+    pipeline_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b", "zero_bubble", "dualpipev"] = opt(
+        "1f1b", "with pipeline > 1, the order of micro-batch forwards and backwards (torch.distributed.pipelining; "
+        "DeepSpeed's pipeline engine runs 1f1b only): 1f1b, gpipe (all forwards, then all backwards), "
+        "interleaved_1f1b (virtual_stages >= 2 stages per rank, in a loop), zero_bubble (interleaved, weight "
+        "gradients deferred into the bubble; virtual_stages >= 2), dualpipev (virtual_stages = 2 in a V: rank r "
+        "holds stages r and 2p-1-r; micro_batches >= 2p)")
+    virtual_stages: int = opt(
+        1, "pipeline stages per rank (V): the model is cut into pipeline x V stages; 1 for 1f1b and gpipe, >= 2 "
+        "for interleaved_1f1b and zero_bubble, 2 for dualpipev")
     micro_batches: int | None = opt(
         None, "micro-batches per optimizer step on each data-parallel rank (the gradient-accumulation steps; "
         "with pipeline > 1, the micro-batches in flight); null = global_batch_size / (micro_batch_size * data)")

@@ -36,14 +36,19 @@ def stage_boundaries(specs: list, stages: int, method: str) -> list[int]:
                       f"'type:<regex of a layer class>' (e.g. 'type:BlockPipe').")
 
 
-def check_stages(specs: list, stages: int, method: str) -> list[int]:
+def check_stages(specs: list, stages: int, method: str, virtual_stages: int = 1) -> list[int]:
+    """The partition of `specs` into `stages` (= parallel.pipeline x parallel.virtual_stages); ConfigError naming
+    the keys when a stage would get no layer."""
     bounds = stage_boundaries(specs, stages, method)
     sizes = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if any(size == 0 for size in sizes):
+        what = (f"parallel.pipeline={stages // virtual_stages} x parallel.virtual_stages={virtual_stages} = "
+                f"{stages} stages" if virtual_stages > 1 else f"parallel.pipeline={stages}")
         raise ConfigError(
-            f"parallel.pipeline={stages} with parallel.partition_method={method!r} leaves a stage without "
+            f"{what} with parallel.partition_method={method!r} leaves a stage without "
             f"layers (layers per stage: {sizes}; the model has {len(specs)} pipeline layers: embedding, blocks, "
-            f"norm(s), head). Use fewer stages, more model.n_layers, or partition_method=uniform.")
+            f"norm(s), head). Use fewer stages{' (or virtual stages)' if virtual_stages > 1 else ''}, more "
+            f"model.n_layers, or partition_method=uniform.")
     return bounds
 
 

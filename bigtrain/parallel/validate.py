@@ -15,7 +15,8 @@ from bigtrain.models import build_model
 
 
 def check_pipeline_stages(cfg: Config) -> None:
-    """Every stage must get at least one layer; checked with DeepSpeed's own partitioning on the meta model
+    """Every stage (parallel.pipeline x parallel.virtual_stages) must get at least one layer; checked with DeepSpeed's
+    own partitioning on the meta model
     (vocabulary as configured, or the byte tokenizer's size: the balance is re-checked at start-up)."""
     from bigtrain.parallel.pipeline import layer_specs
     from bigtrain.parallel.pipeline_module import check_stages
@@ -23,7 +24,9 @@ def check_pipeline_stages(cfg: Config) -> None:
     m = cfg.model
     vocab = m.vocab_size or -(-ByteTokenizer.vocab_size // m.vocab_multiple) * m.vocab_multiple
     model = build_model(m, vocab, "meta")
-    check_stages(layer_specs(model, lambda piece: None), cfg.parallel.pipeline, cfg.parallel.partition_method)
+    p = cfg.parallel
+    check_stages(layer_specs(model, lambda piece: None), p.pipeline * p.virtual_stages, p.partition_method,
+                 virtual_stages=p.virtual_stages)
 
 
 def check_layout(cfg: Config, layout: Layout) -> None:

@@ -1,0 +1,214 @@
+"""One training step of a bigtrain model through a `torch.distributed.pipelining` schedule
+(`parallel.pipeline_schedule`, `parallel.virtual_stages`).
+
+    1f1b              Schedule1F1B                      V = 1, loop placement
+    gpipe             ScheduleGPipe                     V = 1, loop placement
+    interleaved_1f1b  ScheduleInterleaved1F1B           V ≥ 2, loop placement (rank r: r, r + p, …)
+    zero_bubble       ScheduleInterleavedZeroBubble     V ≥ 2, loop placement (ZB1P: weight gradients fill the bubble)
+    dualpipev         ScheduleDualPipeV                 V = 2, V-shaped placement (rank r: r and 2p - 1 - r)
+
+zero_bubble is torch's interleaved zero-bubble schedule rather than its V-shaped ZBV one: it keeps the loop
+placement of interleaved_1f1b (switching between the two moves no layer) and takes any V ≥ 2; the V-shaped
+placement is DualPipeV's.
+
+The loss is every engine's: the mean over all target tokens of the global batch,
+
+    L = Σ_micro-batches Σ_targets -log p(label) / N,   N = target tokens (labels ≠ -100) of the whole batch,
+
+so each micro-batch's loss is its token sum divided by the global N (`scale_grads=False`: torch must not divide
+again by the micro-batch count), and the micro-batch losses add up to L; their gradients accumulate to ∇L. This
+is not the mean of per-micro-batch means unless all micro-batches hold equally many targets (padded families
+do not).
+
+Tied embedding: the gradient of a parameter used on several ranks is the sum of its uses' gradients
+(`reduce_tied_grads`, the all-reduce DeepSpeed's `TiedLayerSpec` does), so the copies stay equal under any
+optimizer that sees the same gradient.
+
+torch's stages infer the shapes of what crosses a boundary from the first micro-batch they run and keep them;
+padded families (masked, seq2seq) change length from batch to batch, so the stages and schedule are made per
+input shape (`PipelineRunner` keeps the last few). Every rank of the pipeline group passes the same batch (only
+the first stage reads the inputs and only the last the labels; all need the shapes).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bigtrain.models import TransformerLM
+from bigtrain.models.loss import IGNORE_INDEX, cross_entropy_sum
+from bigtrain.parallel.pipeline import pipeline_inputs
+from bigtrain.parallel.stages import RankStages, build_rank_stages, stage_rank
+
+# parallel.pipeline_schedule -> the torch.distributed.pipelining class
+SCHEDULE_CLASSES = {
+    "1f1b": "Schedule1F1B",
+    "gpipe": "ScheduleGPipe",
+    "interleaved_1f1b": "ScheduleInterleaved1F1B",
+    "zero_bubble": "ScheduleInterleavedZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
+}
+SINGLE_STAGE = ("1f1b", "gpipe")  # one stage per rank (torch's PipelineScheduleSingle)
+
+
+class GlobalMeanLoss:
+    """loss_fn(logits, labels) of one micro-batch = Σ_targets CE / N, N = the global batch's target count (set by
+    `pipeline_step` before each step). `loss_sum`: the summed cross-entropy of a micro-batch (a criterion's
+    `loss_sum`; tensor parallelism's vocabulary-parallel one reads logit shards)."""
+
+    def __init__(self, loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum) -> None:
+        self.targets, self.loss_sum = 1, loss_sum
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss_sum(logits, labels) / self.targets
+
+
+def stage_class():
+    """torch's `PipelineStage` whose shape inference feeds defined values: a stage that does not hold the first
+    stage infers its shapes by running one forward (and backward) on tensors made from the metadata it receives,
+    which torch leaves uninitialized (`torch.empty`); bigtrain's int64 inputs are token ids, masks and document
+    ids, so garbage there indexes outside the embedding. Here they are ones (a valid id, a real token, one
+    document) and floating tensors zeros. Overrides torch's private `_to_tensor` (torch >= 2.12's dynamic
+    metadata inference); real tensors pass through unchanged."""
+    from torch.distributed.pipelining import PipelineStage
+
+    class DefinedInferenceStage(PipelineStage):
+        def _to_tensor(self, arg):
+            t = super()._to_tensor(arg)
+            if isinstance(arg, torch.Tensor):
+                return t
+            with torch.no_grad():
+                t.fill_(0 if t.is_floating_point() else 1)
+            return t
+
+    return DefinedInferenceStage
+
+
+def make_schedule(name: str, stages: list, n_microbatches: int, loss_fn: Callable):
+    """The torch schedule object for `parallel.pipeline_schedule` = `name` over this rank's `PipelineStage`s."""
+    from torch.distributed.pipelining import schedules as torch_schedules
+
+    if name not in SCHEDULE_CLASSES:
+        raise ValueError(f"unknown pipeline schedule {name!r}; known: {', '.join(SCHEDULE_CLASSES)}")
+    cls = getattr(torch_schedules, SCHEDULE_CLASSES[name])
+    if name in SINGLE_STAGE:
+        if len(stages) != 1:
+            raise ValueError(f"{name} runs one stage per rank, this rank holds {len(stages)}")
+        return cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    return cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def reduce_tied_grads(model: TransformerLM, rank_stages: RankStages, group: dist.ProcessGroup | None,
+                      tied_group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu") -> None:
+    """Sum the embedding's gradients over the pipeline ranks that use it (a parameter a rank holds but did not
+    use, e.g. the positions beside a tied head, adds zeros). One all-reduce of the flattened gradients: over
+    `tied_group` (the ranks `rank_stages.embed_ranks` of this pipeline) where given, else over the whole pipeline
+    `group`, to which a rank without the embedding adds zeros (on `device`). Nothing when one rank holds every
+    use."""
+    if len(rank_stages.embed_ranks) < 2:
+        return
+    params = dict(model.embed.named_parameters())  # materialized on ranks that hold the embedding, else meta
+    held = bool(rank_stages.embed_names)
+    if tied_group is not None:
+        if not held:
+            return
+        group = tied_group
+    pieces = []
+    for p in params.values():
+        if held and p.grad is not None:
+            pieces.append(p.grad.reshape(-1))
+        else:
+            pieces.append(torch.zeros(p.numel(), dtype=torch.float32 if p.is_meta else p.dtype,
+                                      device=device if p.is_meta else p.device))
+    flat = torch.cat(pieces)
+    dist.all_reduce(flat, group=group)
+    if not held:
+        return
+    offset = 0
+    for p in params.values():
+        n = p.numel()
+        grad = flat[offset:offset + n].view_as(p)
+        if p.grad is None:
+            p.grad = grad.clone()
+        else:
+            p.grad.copy_(grad)
+        offset += n
+
+
+class PipelineRunner:
+    """This rank's stages of `model` and the schedule that runs them, over the pipeline process `group` (ranks
+    ordered by stage: group rank r is pipeline rank r). `materialize(piece)` allocates and initializes a piece of
+    the meta model. `step(batch)` runs one step's forward and backward (gradients accumulate into the stage
+    parameters; zeroing them is the caller's) and returns the loss on every rank. `loss_sum`: the criterion's
+    summed loss (`bigtrain.models.loss.Criterion.loss_sum`, or the vocabulary-parallel one under tensor
+    parallelism)."""
+
+    def __init__(self, model: TransformerLM, schedule: str, virtual_stages: int, n_microbatches: int,
+                 materialize: Callable[[nn.Module], None], group: dist.ProcessGroup | None = None,
+                 partition_method: str = "parameters", device: torch.device | str = "cpu",
+                 documents: bool = False, cache_size: int = 4,
+                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum) -> None:
+        self.model, self.schedule_name, self.virtual_stages = model, schedule, virtual_stages
+        self.n_microbatches, self.group, self.device = n_microbatches, group, torch.device(device)
+        self.documents, self.cache_size = documents, cache_size
+        self.pipeline = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.stages = build_rank_stages(model, self.rank, self.pipeline, virtual_stages, schedule,
+                                        partition_method, materialize, documents)
+        self.n_stages = self.pipeline * virtual_stages
+        self.first = 0 in self.stages.indices
+        self.last = self.n_stages - 1 in self.stages.indices
+        self.last_rank = stage_rank(self.n_stages - 1, self.pipeline, virtual_stages, schedule)
+        self.loss_fn = GlobalMeanLoss(loss_sum)
+        self.tied_group: dist.ProcessGroup | None = None  # optional: the ranks stages.embed_ranks, made by the caller
+        self._schedules: OrderedDict[tuple, object] = OrderedDict()
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return list(self.stages.modules)
+
+    def _schedule_for(self, key: tuple):
+        """The schedule for inputs of these shapes (made on first use; the least recently used beyond
+        `cache_size` is dropped)."""
+        if key in self._schedules:
+            self._schedules.move_to_end(key)
+            return self._schedules[key]
+        stages = [stage_class()(module, index, self.n_stages, self.device, group=self.group)
+                  for module, index in zip(self.stages.modules, self.stages.indices, strict=True)]
+        schedule = make_schedule(self.schedule_name, stages, self.n_microbatches, self.loss_fn)
+        self._schedules[key] = schedule
+        while len(self._schedules) > self.cache_size:
+            self._schedules.popitem(last=False)
+        return schedule
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward and backward of `batch` (the global batch of this pipeline: n_microbatches micro-batches along
+        dim 0), then the tied gradients summed; returns L (a 0-d float tensor, the same on every rank)."""
+        inputs = pipeline_inputs(batch, self.model.family)
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        labels = batch["labels"]
+        rows = labels.shape[0]
+        if rows % self.n_microbatches:
+            raise ValueError(f"a batch of {rows} rows does not split into {self.n_microbatches} micro-batches")
+        key = tuple(tuple(t.shape) for t in inputs) + (tuple(labels.shape),)
+        schedule = self._schedule_for(key)
+        self.loss_fn.targets = max(int((labels != IGNORE_INDEX).sum()), 1)
+        losses: list[torch.Tensor] = []
+        args = tuple(t.to(self.device) for t in inputs) if self.first else ()
+        kwargs = {"target": labels.to(self.device), "losses": losses} if self.last else {}
+        schedule.step(*args, return_outputs=False, **kwargs)
+        reduce_tied_grads(self.model, self.stages, self.group, self.tied_group, self.device)
+        loss = (torch.stack([x.detach().float() for x in losses]).sum() if self.last
+                else torch.zeros((), dtype=torch.float32, device=self.device))
+        dist.broadcast(loss, src=dist.get_global_rank(self.group, self.last_rank) if self.group is not None
+                       else self.last_rank, group=self.group)
+        return loss
+
+
+def pipeline_step(runner: PipelineRunner, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One training step's forward and backward through `runner`'s schedule; the loss on every rank."""
+    return runner.step(batch)
