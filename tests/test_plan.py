@@ -4,6 +4,7 @@ over 1024 GPUs, its pipeline partition against DeepSpeed's, and its one-line err
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import random
@@ -90,6 +91,22 @@ def test_time_model_bubble_and_ranking():
     assert t.pipeline_bubble / slots == pytest.approx(3 / (8 + 3), rel=0.05)  # stages nearly balanced
     plan = make_plan(cfg, gpus=8, gpus_per_node=8, accelerator=accelerator("h100"))
     assert (plan.ranked[0].candidate.tensor, plan.ranked[0].candidate.pipeline) == (1, 1)
+
+
+@pytest.mark.parametrize("schedule,v,bubble", [("1f1b", 1, 3 / 11), ("interleaved_1f1b", 2, 3 / 19),
+                                               ("interleaved_1f1b", 4, 3 / 35)])
+def test_time_model_bubble_follows_the_torch_engines_schedule(schedule, v, bubble):
+    """Under parallel.engine=torch the bubble is the schedule's (interleaved (p − 1)/(V·m + p − 1), p = 4,
+    m = 8); DeepSpeed's pipeline engine stays at 1F1B whatever the schedule key says."""
+    cfg = load_config(REPO / "configs/gpt2-small.yaml", ["train.global_batch_size=64"])
+    shape, net = model_shape(cfg), Network(accelerator("h100"), 8, 0.45)
+    c = Candidate(1, 4, 2, 1, "none", False, 4)
+    for engine, expected in (("torch", bubble), ("deepspeed", 3 / 11)):
+        s = dataclasses.replace(setting(cfg, on_gpu=True, framework_bytes=2**30), engine=engine,
+                                pipeline_schedule=schedule, virtual_stages=v)
+        t = step_time(shape, c, s, net)
+        slots = t.compute + t.tensor + t.overhead + t.pipeline_bubble
+        assert t.pipeline_bubble / slots == pytest.approx(expected, rel=0.05), engine
 
 
 def test_fairscale_plans_fully_sharded_layouts():

@@ -49,3 +49,18 @@ def test_every_schedule_runs_on_two_ranks_and_reports_per_rank_idle(tmp_path, ca
         if r["idle_formula"] is not None:
             assert r["idle_theory"] == pytest.approx([r["idle_formula"]] * 2), r
     assert (tmp_path / "bubble.json").exists() and "idle measured per rank" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 16)])
+def test_plan_bubble_per_schedule(p, m):
+    """bigtrain plan's bubble: the closed forms, and the simulated zero-bubble schedules below interleaved."""
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+
+    from bigtrain.planning.bubble import ZERO_BUBBLE_ORDERS, bubble_fraction
+
+    assert bubble_fraction("1f1b", p, m) == pytest.approx((p - 1) / (m + p - 1))
+    assert bubble_fraction("interleaved_1f1b", p, m, 2) == pytest.approx((p - 1) / (2 * m + p - 1))
+    assert bubble_fraction("1f1b", 1, m) == 0.0
+    for schedule, name in ZERO_BUBBLE_ORDERS.items():
+        ops = get_schedule_ops(name, p, m, num_stages_per_rank=2)
+        assert bubble_fraction(schedule, p, m, 2, ops) < bubble_fraction("interleaved_1f1b", p, m, 2) / 2

@@ -81,6 +81,8 @@ class Setting:
     partition_method: str = "parameters"
     checkpoint_every_n_layers: int = 1
     norm_position: str = "pre"
+    pipeline_schedule: str = "1f1b"  # parallel.pipeline_schedule; its bubble: planning/bubble.py
+    virtual_stages: int = 1
 
     @property
     def activation_bytes(self) -> int:

@@ -117,7 +117,8 @@ def setting(cfg: Config, on_gpu: bool, framework_bytes: int) -> Setting:
     p = cfg.parallel
     return Setting(precision=cfg.train.precision, global_batch_size=cfg.train.global_batch_size, engine=p.engine,
                    on_gpu=on_gpu, framework_bytes=framework_bytes, partition_method=p.partition_method,
-                   checkpoint_every_n_layers=p.checkpoint_every_n_layers, norm_position=cfg.model.norm_position)
+                   checkpoint_every_n_layers=p.checkpoint_every_n_layers, norm_position=cfg.model.norm_position,
+                   pipeline_schedule=p.pipeline_schedule, virtual_stages=p.virtual_stages)
 
 
 def estimate(shape: ModelShape, c: Candidate, s: Setting, net: Network, gpus: int,

@@ -7,8 +7,9 @@ compute     each stage's FLOPs per micro-batch, 6·N_stage + 12·L_stage·h·s p
 tensor      per block and micro-batch, 2 all-reduces forward and 2 backward (3 + 3 with cross-attention; one
             more forward set with full recomputation) of s·b·h·e bytes, ring cost 2(T−1)/T · bytes / bandwidth
             inside a node (sequence parallelism moves the same bytes as all-gather + reduce-scatter)
-pipeline    1F1B over m micro-batches: (m + p − 1) slots of the slowest stage, i.e. the bubble
-            (p − 1)/(m + p − 1); each slot also sends s·b·h·e bytes forward and back between neighbours
+pipeline    m slots of the slowest stage plus the schedule's bubble, a fraction f of the step (planning/bubble.py:
+            1F1B (p − 1)/(m + p − 1), interleaved (p − 1)/(V·m + p − 1), zero-bubble bounded by the interleaved
+            V = 2 form), i.e. m·slot·f/(1 − f); each slot also sends s·b·h·e bytes forward and back between neighbours
 data        once per step the gradients of this rank's Ψ: 2(D−1)/D · Ψ·b bytes for ZeRO 0-2 (all-reduce, or
             reduce-scatter + all-gather of the updated parameters), 3(D−1)/D · Ψ·b for ZeRO-3 (parameters
             gathered in forward and backward, gradients reduce-scattered; fairscale's FSDP gathers in e bytes
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bigtrain.planning.bubble import bubble_fraction
 from bigtrain.planning.flops import training_flops
 from bigtrain.planning.hardware import Accelerator
 from bigtrain.planning.memory_model import Candidate, Setting, rank_parameters, stages
@@ -98,6 +100,8 @@ def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
         volume = (c.data - 1) / c.data * psi * per_value
         data = volume / net.bandwidth(c.tensor * c.data)
     slot = slot_compute + slot_tensor + slot_overhead
-    return StepTime(compute=m * slot_compute, tensor=m * slot_tensor, pipeline_bubble=(c.pipeline - 1) * slot,
+    schedule = s.pipeline_schedule if s.resolved(c) == "fsdp2" else "1f1b"  # DeepSpeed's pipeline: 1F1B only
+    f = bubble_fraction(schedule, c.pipeline, m, s.virtual_stages)
+    return StepTime(compute=m * slot_compute, tensor=m * slot_tensor, pipeline_bubble=m * slot * f / (1 - f),
                     pipeline_send=(m + c.pipeline - 1) * send if c.pipeline > 1 else 0.0, data=data,
                     overhead=m * slot_overhead)
