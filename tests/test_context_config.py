@@ -54,3 +54,10 @@ def test_layout_without_context_is_unchanged() -> None:
     layout = Layout.for_world(tensor=2, pipeline=2, world_size=8)
     assert [layout.rank_of(p, d, t) for p in range(2) for d in range(2) for t in range(2)] == list(range(8))
     assert layout.gradient_groups() == layout.data_groups()
+
+
+def test_model_groups_leave_context_ranks_apart() -> None:
+    from bigtrain.config.layout import Layout
+
+    layout = Layout.for_world(tensor=2, pipeline=1, world_size=8, context=2)
+    assert layout.model_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]

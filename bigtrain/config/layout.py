@@ -161,10 +161,10 @@ class Layout:
                 for d in range(self.data) for c in range(self.context) for t in range(self.tensor)]
 
     def model_groups(self) -> list[list[int]]:
-        """All ranks that together hold one whole replica (tensor × context × pipeline, same data
-        coordinate)."""
-        return [[self.rank_of(p, d, t, c) for p in range(self.pipeline) for c in range(self.context)
-                 for t in range(self.tensor)] for d in range(self.data)]
+        """All ranks that together hold one whole replica's weights (tensor × pipeline, same data and context
+        coordinates; context ranks hold whole copies, so DeepSpeed's gradient norm must not sum over them)."""
+        return [[self.rank_of(p, d, t, c) for p in range(self.pipeline) for t in range(self.tensor)]
+                for d in range(self.data) for c in range(self.context)]
 
     def seed_offset(self, rank: int) -> int:
         """Offset of the default RNG seed: equal across tensor ranks (replicated regions draw the same
