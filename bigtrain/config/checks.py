@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from bigtrain.config.context_checks import check_context
 from bigtrain.config.data_checks import check_data
 from bigtrain.config.layout import Layout
 from bigtrain.config.model_checks import check_model
@@ -149,6 +150,7 @@ def validate(cfg: Config, world_size: int = 1) -> Layout:
     check_numbers(cfg)
     check_paths(cfg)
     check_model(cfg)
+    check_context(cfg)
     layout = check_parallel(cfg, world_size)
     check_pipeline_schedule(cfg, layout)
     check_training(cfg, layout)

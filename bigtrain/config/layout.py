@@ -2,7 +2,8 @@
 
 `resolve_layout(cfg, world_size)` is the one place where the config and the world size become a `Layout`:
 
-    tensor × pipeline × data = world size     data = world / (tensor · pipeline) unless parallel.data says it
+    tensor × context × pipeline × data = world  data = world / (tensor · context · pipeline) unless parallel.data
+                                              says it; context C: each rank holds 1/C of every sequence
     sequence_parallel                         norms and residual dropout on sequence shards (tensor > 1)
     zero_stage                                0 under the plain engine, else parallel.zero_stage
     engine                                    the engine that runs the steps (`ENGINES`); parallel.engine=auto
@@ -13,13 +14,16 @@
     precision                                 fp32 | bf16 | fp16
 
 The command computes it once and passes it down (process groups, the engine, the checkpoint that records it);
-nothing else reads parallel.engine. Ranks are numbered in Megatron's order, tensor innermost, then data, then
-pipeline:
+nothing else reads parallel.engine. Ranks are numbered in Megatron's order, tensor innermost, then context, then
+data, then pipeline:
 
-    rank = pipe · (D · T) + data · T + tensor
+    rank = ((pipe · D + data) · C + context) · T + tensor
 
-which is the order of DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model), so the pipeline
-engine sees the same coordinates. Tensor groups are consecutive ranks (one node, fast links); data groups hold
+which with C = 1 is the order of DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model), so the
+pipeline engine sees the same coordinates. Context groups are the next-nearest ranks after the tensor group (the
+ring's sends stay within a node when T · C fits one); gradients are summed over data × context
+(`gradient_groups`), since context ranks hold the same weights but different tokens.
+Tensor groups are consecutive ranks (one node, fast links); data groups hold
 the replicas of one model shard; pipeline groups the stages of one replica. This module is pure arithmetic;
 `bigtrain.distributed.groups.ParallelGroups` creates the groups once the job runs.
 """
@@ -46,6 +50,7 @@ class Coordinates:
     pipe: int
     data: int
     tensor: int
+    context: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Layout:
     tensor: int = 1
     pipeline: int = 1
     data: int = 1
+    context: int = 1
     sequence_parallel: bool = False
     zero_stage: int = 0
     engine: str = "torch"
@@ -60,7 +66,7 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.tensor * self.pipeline * self.data
+        return self.tensor * self.context * self.pipeline * self.data
 
     @property
     def distributed(self) -> bool:
@@ -73,21 +79,26 @@ class Layout:
         return self.engine in ("deepspeed", "pipeline")
 
     @classmethod
-    def for_world(cls, tensor: int, pipeline: int, world_size: int, data: int | None = None, **rest: Any) -> Layout:
-        """The layout of `world_size` ranks; data = world / (tensor · pipeline) unless given (then checked)."""
-        for name, value in (("parallel.tensor", tensor), ("parallel.pipeline", pipeline)):
+    def for_world(cls, tensor: int, pipeline: int, world_size: int, data: int | None = None, context: int = 1,
+                  **rest: Any) -> Layout:
+        """The layout of `world_size` ranks; data = world / (tensor · context · pipeline) unless given (then
+        checked)."""
+        for name, value in (("parallel.tensor", tensor), ("parallel.pipeline", pipeline),
+                            ("parallel.context", context)):
             if value < 1:
                 raise ConfigError(f"Config key '{name}' must be positive, got {value}.")
-        model_parallel = tensor * pipeline
+        model_parallel = tensor * context * pipeline
+        ctx = f" * parallel.context ({context})" if context > 1 else ""
         if world_size % model_parallel:
-            raise ConfigError(f"parallel.tensor ({tensor}) * parallel.pipeline ({pipeline}) = {model_parallel} "
+            raise ConfigError(f"parallel.tensor ({tensor}){ctx} * parallel.pipeline ({pipeline}) = {model_parallel} "
                               f"does not divide the world size {world_size}. Choose sizes whose product divides "
                               f"it (the remaining factor is the data-parallel size).")
         dp = world_size // model_parallel
         if data is not None and data != dp:
-            raise ConfigError(f"parallel.data={data} but world size {world_size} / (tensor {tensor} * pipeline "
+            ctx = f" * context {context}" if context > 1 else ""
+            raise ConfigError(f"parallel.data={data} but world size {world_size} / (tensor {tensor}{ctx} * pipeline "
                               f"{pipeline}) = {dp}. Set parallel.data={dp} or leave it null.")
-        return cls(tensor=tensor, pipeline=pipeline, data=dp, **rest)
+        return cls(tensor=tensor, pipeline=pipeline, data=dp, context=context, **rest)
 
     # ---- what a checkpoint records ------------------------------------------------------------------
     def record(self) -> dict[str, Any]:
@@ -114,31 +125,46 @@ class Layout:
     def coordinates(self, rank: int) -> Coordinates:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside a world of {self.world_size}")
-        return Coordinates(pipe=rank // (self.data * self.tensor), data=rank // self.tensor % self.data,
-                           tensor=rank % self.tensor)
+        tc = self.tensor * self.context
+        return Coordinates(pipe=rank // (self.data * tc), data=rank // tc % self.data, tensor=rank % self.tensor,
+                           context=rank // self.tensor % self.context)
 
-    def rank_of(self, pipe: int, data: int, tensor: int) -> int:
-        return pipe * self.data * self.tensor + data * self.tensor + tensor
+    def rank_of(self, pipe: int, data: int, tensor: int, context: int = 0) -> int:
+        """rank = ((pipe · D + data) · C + context) · T + tensor."""
+        return ((pipe * self.data + data) * self.context + context) * self.tensor + tensor
 
     def tensor_groups(self) -> list[list[int]]:
-        """Ranks that hold the shards of one set of layers (same pipe and data coordinates)."""
-        return [[self.rank_of(p, d, t) for t in range(self.tensor)]
-                for p in range(self.pipeline) for d in range(self.data)]
+        """Ranks that hold the shards of one set of layers (same pipe, data and context coordinates)."""
+        return [[self.rank_of(p, d, t, c) for t in range(self.tensor)]
+                for p in range(self.pipeline) for d in range(self.data) for c in range(self.context)]
+
+    def context_groups(self) -> list[list[int]]:
+        """Ranks that each hold 1/C of the same sequences (same pipe, data and tensor coordinates)."""
+        return [[self.rank_of(p, d, t, c) for c in range(self.context)]
+                for p in range(self.pipeline) for d in range(self.data) for t in range(self.tensor)]
 
     def data_groups(self) -> list[list[int]]:
-        """Ranks that hold the same shard and average their gradients (same pipe and tensor coordinates)."""
-        return [[self.rank_of(p, d, t) for d in range(self.data)]
+        """Ranks that hold the same shard and read different samples (same pipe, tensor and context
+        coordinates)."""
+        return [[self.rank_of(p, d, t, c) for d in range(self.data)]
+                for p in range(self.pipeline) for c in range(self.context) for t in range(self.tensor)]
+
+    def gradient_groups(self) -> list[list[int]]:
+        """Ranks whose gradients are summed (data × context, same pipe and tensor coordinates): context ranks
+        act as extra data ranks for the reduction although they read the same samples."""
+        return [[self.rank_of(p, d, t, c) for d in range(self.data) for c in range(self.context)]
                 for p in range(self.pipeline) for t in range(self.tensor)]
 
     def pipeline_groups(self) -> list[list[int]]:
-        """The stages of one replica (same data and tensor coordinates)."""
-        return [[self.rank_of(p, d, t) for p in range(self.pipeline)]
-                for d in range(self.data) for t in range(self.tensor)]
+        """The stages of one replica (same data, context and tensor coordinates)."""
+        return [[self.rank_of(p, d, t, c) for p in range(self.pipeline)]
+                for d in range(self.data) for c in range(self.context) for t in range(self.tensor)]
 
     def model_groups(self) -> list[list[int]]:
-        """All ranks that together hold one whole replica (tensor × pipeline, same data coordinate)."""
-        return [[self.rank_of(p, d, t) for p in range(self.pipeline) for t in range(self.tensor)]
-                for d in range(self.data)]
+        """All ranks that together hold one whole replica's weights (tensor × pipeline, same data and context
+        coordinates; context ranks hold whole copies, so DeepSpeed's gradient norm must not sum over them)."""
+        return [[self.rank_of(p, d, t, c) for p in range(self.pipeline) for t in range(self.tensor)]
+                for d in range(self.data) for c in range(self.context)]
 
     def seed_offset(self, rank: int) -> int:
         """Offset of the default RNG seed: equal across tensor ranks (replicated regions draw the same
@@ -171,5 +197,5 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
     p = cfg.parallel
     engine = resolve_engine(cfg, world_size)
     return Layout.for_world(p.tensor, p.pipeline, world_size, p.data, sequence_parallel=p.sequence_parallel,
-                            zero_stage=p.zero_stage if engine != "torch" else 0, engine=engine,
+                            context=p.context, zero_stage=p.zero_stage if engine != "torch" else 0, engine=engine,
                             precision=cfg.train.precision)

@@ -76,6 +76,11 @@ class ParallelConfig:
                       "this many ranks")
     sequence_parallel: bool = opt(
         False, "with tensor > 1: norms and residual dropout run on sequence shards (Korthikanti et al. 2022)")
+    context: int = opt(1, "context-parallel size C: each rank of a context group holds 1/C of every sequence "
+                       "(zig-zag: chunks i and 2C-1-i of 2C); data.seq_len must divide by 2C")
+    context_attention: Literal["ring", "ulysses"] = opt(
+        "ring", "with context > 1, the attention over the split sequence: ring (K/V blocks passed around the "
+        "group, online-softmax merge; any head count) or ulysses (all-to-all to a head split; heads divisible by C)")
     pipeline: int = opt(1, "pipeline-parallel size (stages, DeepSpeed's pipeline engine, 1F1B schedule)")
     partition_method: str = opt(
         "parameters", "how layers are cut into pipeline stages: parameters (balance parameter counts), uniform "

@@ -5,6 +5,9 @@ Built once per job, after the default process group exists, and passed explicitl
 group: nothing here or elsewhere is module-global, and no other module creates a group.
 
     tensor, data, pipeline, model   the layout's groups, on the default backend (nccl on GPUs, gloo on CPUs)
+    context, gradient               with parallel.context > 1 only: the ranks sharing one sequence, and the
+                                    ranks whose gradients are summed (data × context); created only then, so a
+                                    run without context parallelism makes the same groups as before
     host_data                       the data group for host tensors (token counts): the data group itself on
                                     CPUs, a gloo twin of it on GPUs, so that summing host numbers never waits for
                                     the device (and never hands NCCL a CPU tensor)
@@ -22,6 +25,7 @@ from bigtrain.config.layout import Layout
 
 LONG_WAIT = timedelta(days=2)
 KINDS = ("tensor", "data", "pipeline", "model")
+CONTEXT_KINDS = ("context", "gradient")
 
 
 class ParallelGroups:
@@ -41,15 +45,18 @@ class ParallelGroups:
         self.layout, self.rank = layout, rank
         self.coords = layout.coordinates(rank)
         self._groups: dict[str, tuple[object, list[int]]] = {}
-        for kind, all_ranks in zip(KINDS, (layout.tensor_groups(), layout.data_groups(), layout.pipeline_groups(),
-                                           layout.model_groups()), strict=True):
+        self.kinds = KINDS + (CONTEXT_KINDS if layout.context > 1 else ())
+        layouts = (layout.tensor_groups(), layout.data_groups(), layout.pipeline_groups(), layout.model_groups())
+        if layout.context > 1:
+            layouts += (layout.context_groups(), layout.gradient_groups())
+        for kind, all_ranks in zip(self.kinds, layouts, strict=True):
             for ranks in all_ranks:
                 group = dist.new_group(ranks=ranks, timeout=timeout)  # collective: every rank creates all
                 if rank in ranks:
                     self._groups[kind] = (group, ranks)
         # Connect every group now (kinds in the same order on all ranks; groups of one kind are disjoint):
         # a lazily connected group would leave a survivor waiting for a dead peer instead of failing fast.
-        for kind in KINDS:
+        for kind in self.kinds:
             dist.barrier(group=self.group(kind))
         self.host_data = self.data_group
         self.host_world = None
@@ -74,6 +81,16 @@ class ParallelGroups:
     @property
     def data_group(self):
         return self.group("data")
+
+    @property
+    def context_group(self):
+        """The ranks holding 1/C each of the same sequences (None without context parallelism)."""
+        return self.group("context") if self.layout.context > 1 else None
+
+    @property
+    def gradient_group(self):
+        """The ranks whose gradients are summed: data × context (the data group without context parallelism)."""
+        return self.group("gradient") if self.layout.context > 1 else self.group("data")
 
     # ---- host values -----------------------------------------------------------------------------------
     def sum_on_host(self, values: tuple[int, ...]) -> list[int]:
