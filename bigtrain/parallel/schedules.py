@@ -43,7 +43,7 @@ from bigtrain.models import TransformerLM
 from bigtrain.models.loss import IGNORE_INDEX, cross_entropy_sum
 from bigtrain.parallel.pipeline import pipeline_inputs
 from bigtrain.parallel.pipeline_batches import fill_eval_batches, stack_micro_batches
-from bigtrain.parallel.stages import RankStages, build_rank_stages, stage_rank
+from bigtrain.parallel.stages import RankStages, build_rank_stages, stage_indices, stage_rank
 
 # parallel.pipeline_schedule -> the torch.distributed.pipelining class
 SCHEDULE_CLASSES = {
@@ -176,16 +176,22 @@ class PipelineRunner:
     def modules(self) -> list[nn.Module]:
         return list(self.stages.modules)
 
-    def _schedule_for(self, key: tuple, n_microbatches: int | None = None, loss_fn: Callable | None = None):
+    def _schedule_for(self, key: tuple, evaluation: tuple[int, Callable] | None = None):
         """The schedule for inputs of these shapes (made on first use; the least recently used beyond
-        `cache_size` is dropped)."""
+        `cache_size` is dropped); `evaluation` = (micro-batches, metrics): a forward-only one."""
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
         stages = [stage_class()(module, index, self.n_stages, self.device, group=self.group)
                   for module, index in zip(self.stages.modules, self.stages.indices, strict=True)]
-        schedule = make_schedule(self.schedule_name, stages, n_microbatches or self.n_microbatches,
-                                 loss_fn or self.loss_fn)
+        if evaluation is None:
+            schedule = make_schedule(self.schedule_name, stages, self.n_microbatches, self.loss_fn)
+        else:
+            from bigtrain.compat.pipelining import forward_only_schedule
+
+            placement = {r: stage_indices(r, self.pipeline, self.virtual_stages, self.schedule_name)
+                         for r in range(self.pipeline)}
+            schedule = forward_only_schedule(stages, *evaluation, placement)
         self._schedules[key] = schedule
         while len(self._schedules) > self.cache_size:
             self._schedules.popitem(last=False)
@@ -227,14 +233,15 @@ class PipelineRunner:
                  torch.Tensor], width: int) -> torch.Tensor:
         """Forward only (the schedule's `eval`) of the held-out `batches` as micro-batches; `metrics(logits,
         labels)` gives a float64 vector of `width` sums per micro-batch on the last stage; returns their total on
-        every rank. The batches are filled (`fill_eval_batches`) to equal rows and a micro-batch count the
-        schedule accepts, and padded to one length; the fillers add nothing."""
-        count = eval_micro_batches(self.schedule_name, self.pipeline, self.virtual_stages, len(batches))
+        every rank. The batches are filled (`fill_eval_batches`) to equal rows and padded to one length; the
+        fillers add nothing. Every stage runs all micro-batches before the next stage of the rank (a forward-only
+        schedule for any placement, `bigtrain.compat.pipelining`)."""
+        count = len(batches)
         batch = stack_micro_batches(fill_eval_batches(batches, count))
         inputs = self._inputs(batch)
         labels = batch["labels"]
         key = ("eval", count) + tuple(tuple(t.shape) for t in inputs) + (tuple(labels.shape),)
-        schedule = self._schedule_for(key, count, metrics)
+        schedule = self._schedule_for(key, (count, metrics))
         losses: list[torch.Tensor] = []
         args = tuple(t.to(self.device) for t in inputs) if self.first else ()
         kwargs = {"target": labels.to(self.device), "losses": losses} if self.last else {}
@@ -249,20 +256,6 @@ class PipelineRunner:
                  else torch.zeros(width, dtype=torch.float64, device=self.device))
         return self._from_last(total)
 
-
-def eval_micro_batches(schedule: str, pipeline: int, virtual_stages: int, n: int) -> int:
-    """The fewest micro-batches >= n that `schedule` runs on `pipeline` ranks (its conditions as in
-    `bigtrain.config.schedule_checks`)."""
-    m = max(n, 1)
-    while True:
-        if schedule == "1f1b" and m < pipeline:
-            m = pipeline
-        elif schedule == "dualpipev" and m < pipeline * virtual_stages:
-            m = pipeline * virtual_stages
-        elif schedule in ("interleaved_1f1b", "zero_bubble") and m % max(1, m // pipeline):
-            m += 1
-        else:
-            return m
 
 
 def pipeline_step(runner: PipelineRunner, batch: dict[str, torch.Tensor]) -> torch.Tensor:
