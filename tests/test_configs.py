@@ -268,7 +268,7 @@ BAD: list[tuple[str, Any, str]] = [
      r"parallel\.tensor \(2\) \* parallel\.pipeline \(1\) = 2 does not divide the world size 1"),
     ("pipeline-zero2", {"overrides": ["parallel.pipeline=2", "parallel.zero_stage=2"], "world_size": 2},
      r"parallel\.zero_stage=2 with parallel\.pipeline=2 is refused: DeepSpeed's pipeline engine supports ZeRO "
-     r"stages 0 and 1 only.*Use parallel\.zero_stage=1\."),
+     r"stages 0 and 1 only.*Use parallel\.zero_stage=1, or parallel\.engine=torch"),
     ("pipeline-empty-stage", {"overrides": ["parallel.pipeline=8", "model.n_layers=2"], "world_size": 8},
      r"parallel\.pipeline=8 with parallel\.partition_method='parameters' leaves a stage without layers "
      r"\(layers per stage: \[1, 1, 1, 1, 1, 0, 0, 0\]; the model has 5 pipeline layers"),

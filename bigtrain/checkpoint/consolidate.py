@@ -37,10 +37,9 @@ def _tensor_rank_state(saved: SavedCheckpoint, tensor_rank: int) -> dict[str, to
 
         return fsdp2_files.tensor_rank_state(checkpoint, layout, tensor_rank)
     if layout.engine == "torch_pipeline":
-        from bigtrain.engine.torch_pipeline import files as torch_pipeline_files
+        from bigtrain.engine.torch_pipeline import files as torch_pipeline
 
-        return torch_pipeline_files.tensor_rank_state(checkpoint, layout, tensor_rank,
-                                                      saved.config.model.tie_embeddings)
+        return torch_pipeline.tensor_rank_state(checkpoint, layout, tensor_rank, saved.config.model.tie_embeddings)
     from bigtrain.engine.deepspeed import files as deepspeed_files
 
     return deepspeed_files.tensor_rank_state(checkpoint, layout, tensor_rank, saved.config.model.tie_embeddings)

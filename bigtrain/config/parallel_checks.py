@@ -41,7 +41,7 @@ def check_torch(cfg: Config, world_size: int) -> None:
     """What parallel.engine=torch serves: one process without ZeRO (the plain engine); on several ranks data
     parallelism with PyTorch's FSDP2 (parameters, gradients and optimizer state sharded), composed with tensor
     and sequence parallelism; with pipeline stages, torch.distributed.pipelining's schedules, whose data-parallel
-    ranks all-reduce gradients (zero_stage 0) or shard each stage with FSDP2 (zero_stage 2, 3)."""
+    ranks hold whole replicas of their stages and all-reduce gradients (zero_stage 0)."""
     p, t = cfg.parallel, cfg.train
     if world_size == 1:
         require(p.zero_stage == 0, f"parallel.engine='torch' on one process is the plain engine, which shards "
@@ -49,11 +49,11 @@ def check_torch(cfg: Config, world_size: int) -> None:
                 f"use parallel.engine=auto (DeepSpeed's ZeRO).")
         return
     if p.pipeline > 1:
-        require(p.zero_stage in (0, 2, 3), f"parallel.engine='torch' with parallel.pipeline={p.pipeline} runs "
-                f"torch.distributed.pipelining's schedules; its data-parallel ranks either all-reduce gradients "
-                f"(parallel.zero_stage=0) or shard each stage with FSDP2 (2 or 3), not {p.zero_stage}: FSDP2 has no "
-                f"optimizer-only sharding. Set parallel.zero_stage to 0, 2 or 3, or use parallel.engine=auto "
-                f"(DeepSpeed's pipeline engine, ZeRO-1).")
+        require(p.zero_stage == 0, f"parallel.engine='torch' with parallel.pipeline={p.pipeline} runs "
+                f"torch.distributed.pipelining's schedules, whose data-parallel ranks hold whole replicas of their "
+                f"stages and all-reduce the gradients: parallel.zero_stage must be 0, got {p.zero_stage} (sharding "
+                f"the stages with FSDP2 is not built yet). Set parallel.zero_stage=0, or use parallel.engine=auto "
+                f"(DeepSpeed's pipeline engine, ZeRO-1) for sharded optimizer state.")
     else:
         require(p.zero_stage in (2, 3), f"parallel.engine='torch' on {world_size} ranks is PyTorch's FSDP2, which "
                 f"shards parameters, gradients and optimizer state: set parallel.zero_stage to 2 (parameters kept "
@@ -83,7 +83,8 @@ def check_parallel(cfg: Config, world_size: int) -> Layout:
         require(layout.engine != "pipeline" or p.zero_stage <= 1, f"parallel.zero_stage={p.zero_stage} with "
                 f"parallel.pipeline={p.pipeline} is refused: DeepSpeed's pipeline engine supports ZeRO stages 0 and "
                 f"1 only (ZeRO-2/3 would shard gradients or parameters that the pipeline schedule keeps per "
-                f"micro-batch). Use parallel.zero_stage=1, or parallel.engine=torch (FSDP2 per stage).")
+                f"micro-batch). Use parallel.zero_stage=1, or parallel.engine=torch (torch.distributed.pipelining's "
+                f"schedules).")
         method = p.partition_method
         require(method in ("parameters", "uniform") or method.startswith("type:"),
                 f"parallel.partition_method={show(method)} is not known; use 'parameters', 'uniform' or "
