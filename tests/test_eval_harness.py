@@ -147,3 +147,26 @@ def test_tensor_parallel_scores_equal_one_device(weights, tmp_path, monkeypatch)
                 assert math.log(tp[task][name]) == pytest.approx(math.log(value), rel=1e-5), (task, name)
             else:
                 assert tp[task][name] == pytest.approx(value, rel=1e-5, abs=1e-9), (task, name)
+
+
+@pytest.mark.launches
+def test_a_run_dir_is_scored_from_its_latest_checkpoint(tmp_path, monkeypatch):
+    """A trained run.dir (its latest checkpoint, as `bigtrain generate` loads it), --limit 2: the perplexity of the
+    first two lines, by hand from the loaded model's logits."""
+    require_module("lm_eval", "lm-eval is not installed (pip install -e .[dev])")
+    from bigtrain.inference.load import load_model
+    from bigtrain.train.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    run_dir = tmp_path / "run"
+    Trainer(tiny_config(run_dir, "causal", "train.steps=3")).run()
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "results.json"
+    assert cli_main(["eval-harness", str(run_dir), "--tasks", "bigtrain_tiny_loglikelihood", "--limit", "2",
+                     "--include-path", str(FIXTURES), "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["n-samples"]["bigtrain_tiny_loglikelihood"]["effective"] == 2
+    model = load_model(run_dir).model.eval()
+    ll = [_by_hand(model, r["context"], r["continuation"]) for r in ROWS[:2]]
+    perplexity = results["results"]["bigtrain_tiny_loglikelihood"]["perplexity,none"]
+    assert math.log(perplexity) == pytest.approx(-sum(ll) / 2, rel=1e-6)

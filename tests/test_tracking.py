@@ -11,7 +11,7 @@ import pytest
 from bigtrain.checkpoint.integrity import read_latest
 from bigtrain.errors import ConfigError
 from bigtrain.train.tracking.protocol import flat_config, record_scalars
-from tests.conftest import require_module, tiny_config
+from tests.conftest import launch_ok, require_module, tiny_config, tiny_overrides
 from tests.helpers.wandb_records import run_contents
 
 TRACKED = ("log.mlflow.experiment=bigtrain-test", "log.wandb.project=bigtrain-test", "log.wandb.mode=offline",
@@ -94,6 +94,29 @@ def test_mlflow_and_wandb_offline_record_the_metrics_across_a_resume(tmp_path: P
     assert runs[0]["config"]["model"]["d_model"] == 32 and runs[1]["config"]["train"]["steps"] == 9
 
 
+@pytest.mark.launches
+def test_only_rank_0_records_under_two_ranks(tmp_path: Path) -> None:
+    """Two data-parallel ranks (DeepSpeed's engine under torchrun): one MLflow run and one W&B run, rank 0's, with
+    the values of metrics.jsonl."""
+    require_module("mlflow", "mlflow is not installed (pip install -e .[dev])")
+    require_module("wandb", "wandb is not installed (pip install -e .[dev])")
+    from mlflow.tracking import MlflowClient
+
+    from bigtrain.train.tracking.mlflow_tracker import local_store
+
+    run_dir = tmp_path / "run"
+    launch_ok(2, tiny_overrides(run_dir, "causal", "train.steps=4", "train.micro_batch_size=4", *TRACKED))
+    expected = _expected(run_dir)
+    client = MlflowClient(tracking_uri=local_store(run_dir)[0])
+    experiment = client.get_experiment_by_name("bigtrain-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and _mlflow_values(client, runs[0].info.run_id) == expected
+    wandb_runs = _wandb_runs(run_dir)
+    assert len(wandb_runs) == 1
+    assert {s: {k: v for k, v in row.items() if k in COMPARED}
+            for s, row in wandb_runs[0]["history"].items()} == expected
+
+
 def test_record_scalars_flatten_nested_numbers_and_drop_the_rest() -> None:
     record = {"step": 4, "loss": 2.5, "skipped": False, "mfu": None, "eval_sources": {"web": {"eval_loss": 1.0}},
               "note": "text", "grad_norm": float("nan")}
@@ -105,6 +128,8 @@ def test_record_scalars_flatten_nested_numbers_and_drop_the_rest() -> None:
 @pytest.mark.parametrize(("overrides", "match"), [
     (["log.mlflow.tracking_uri=http://x:5000"], r"log\.mlflow\.tracking_uri='http://x:5000' is set but "
                                                  r"log\.mlflow\.experiment is empty"),
+    (["log.mlflow.experiment=x", "log.mlflow.tracking_uri=mlruns"], r"log\.mlflow\.tracking_uri='mlruns' is not a "
+                                                                       r"URI"),
     (["log.wandb.project=a/b"], r"log\.wandb\.project='a/b' holds /, which W&B does not allow"),
     (["log.wandb.mode=cloud"], r"'log\.wandb\.mode' has value 'cloud', which is not allowed\. Allowed values: "
                                 r"'online', 'offline'"),

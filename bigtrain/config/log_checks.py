@@ -1,7 +1,8 @@
 """Rules of the experiment trackers (`log.mlflow`, `log.wandb`) at load time.
 
 A tracker is on when its name key is set (`log.mlflow.experiment`, `log.wandb.project`); its package must then be
-importable, so that a run does not fail after its first step. W&B refuses project names with / \\ # ? % : (they
+importable, so that a run does not fail after its first step. A tracking URI names a server or a database
+(MLflow 3 refuses a plain folder, its old file store). W&B refuses project names with / \\ # ? % : (they
 are path and URL separators of its server); a tracking URI without an experiment would record nothing.
 """
 
@@ -28,6 +29,10 @@ def check_log_trackers(cfg: Config) -> None:
             f"(log.mlflow.experiment=NAME) or drop the tracking URI.")
     require(mf.experiment == mf.experiment.strip(), f"log.mlflow.experiment={show(mf.experiment)} starts or ends "
             f"with white space; give the experiment's name without it.")
+    require(not mf.tracking_uri or "://" in mf.tracking_uri or mf.tracking_uri.startswith("databricks"),
+            f"log.mlflow.tracking_uri={show(mf.tracking_uri)} is not a URI: give a server (http://host:5000) or a "
+            f"database (sqlite:///path/mlflow.db), or leave it empty for a sqlite store in run.dir (a plain folder "
+            f"is MLflow's file store, which MLflow 3 refuses).")
     if mf.experiment:
         require(_installed("mlflow"), f"log.mlflow.experiment={show(mf.experiment)} records the run in MLflow, "
                 f"but the mlflow package is not installed. Install it (pip install mlflow) or set "

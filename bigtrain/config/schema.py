@@ -244,8 +244,8 @@ class MlflowConfig:
     experiment: str = opt(
         "", "MLflow experiment the run is recorded in (created when missing); empty = no MLflow recording")
     tracking_uri: str = opt(
-        "", "MLflow tracking store: a server (http://host:5000), sqlite:///path.db or a folder; empty = a sqlite "
-        "store in run.dir (run.dir/mlflow.db, artifacts in run.dir/mlartifacts)")
+        "", "MLflow tracking store: a server (http://host:5000) or a database URI (sqlite:///path/mlflow.db, "
+        "postgresql://...); empty = a sqlite store in run.dir (run.dir/mlflow.db, artifacts in run.dir/mlartifacts)")
 
 
 @dataclass
