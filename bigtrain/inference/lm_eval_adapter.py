@@ -5,7 +5,8 @@
                            token predicted once with as much context as fits (lm-eval's rolling windows),
                            the first from eos (the start of a document)
     generate_until         (context, {until, max_gen_toks}) -> greedy continuation with the KV cache
-                           (`generate.py`), cut before the first `until` string
+                           (`generate.py`; requests of equal options in one batch), cut before the first `until`
+                           string
 
 Text goes through the run's tokenizer as in training and `bigtrain generate`: context and continuation are
 encoded separately (byte-level: exactly the bytes; a BPE merge across the boundary is not formed), an empty
@@ -72,26 +73,39 @@ class BigtrainLM(LM):
         return totals
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for request in requests:
+        """Requests with the same stop strings and length are decoded together, `batch_size` prompts at a time
+        (left-padded: `decoder_rows.CausalRows`)."""
+        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
+        contexts = []
+        for index, request in enumerate(requests):
             context, kwargs = request.args
-            kwargs = dict(kwargs or {})
-            if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
-                raise GenerationError(f"generate_until asks for sampling ({kwargs}); bigtrain's lm-eval adapter "
-                                      f"decodes greedily only (do_sample: false, temperature: 0).")
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-            ids = self._context(context)[-self.max_len:]
-            loaded = self.loaded
-            new = generate(self.model, [ids], max_new, Decoding(), eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
-                           use_cache=loaded.pad_multiple == 1, vocab_limit=self.tok.vocab_size,
-                           full_logits=loaded.full_logits, pad_multiple=loaded.pad_multiple)[0]
-            if new and new[-1] == self.tok.eos_id:
-                new = new[:-1]
-            text = self.tok.decode(new)
-            cut = min((text.find(stop) for stop in until if stop and stop in text), default=len(text))
-            text = text[:cut]
-            self.cache_hook.add_partial("generate_until", request.args, text)
-            out.append(text)
+            until, max_new = self._generation_options(dict(kwargs or {}))
+            groups.setdefault((until, max_new), []).append(index)
+            contexts.append(self._context(context)[-self.max_len:])
+        out = [""] * len(requests)
+        loaded = self.loaded
+        for (until, max_new), indices in groups.items():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                new = generate(self.model, [contexts[i] for i in chunk], max_new, Decoding(), eos_id=self.tok.eos_id,
+                               pad_id=self.tok.pad_id, use_cache=loaded.pad_multiple == 1,
+                               vocab_limit=self.tok.vocab_size, full_logits=loaded.full_logits,
+                               pad_multiple=loaded.pad_multiple)
+                for i, tokens in zip(chunk, new, strict=True):
+                    if tokens and tokens[-1] == self.tok.eos_id:
+                        tokens = tokens[:-1]
+                    text = self.tok.decode(tokens)
+                    text = text[:min((text.find(stop) for stop in until if stop in text), default=len(text))]
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    out[i] = text
         return out
+
+    @staticmethod
+    def _generation_options(kwargs: dict[str, Any]) -> tuple[tuple[str, ...], int]:
+        """(stop strings, max new tokens) of a request's generation kwargs; sampling is refused."""
+        if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
+            raise GenerationError(f"generate_until asks for sampling ({kwargs}); bigtrain's lm-eval adapter "
+                                  f"decodes greedily only (do_sample: false, temperature: 0).")
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        return tuple(stop for stop in until if stop), int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
