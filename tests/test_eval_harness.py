@@ -125,15 +125,18 @@ def test_unknown_task_is_one_paragraph(weights, capsys):
 
 
 @pytest.mark.launches
-def test_tensor_parallel_scores_equal_one_device(weights, tmp_path, monkeypatch):
-    """`torchrun --nproc_per_node 2 -m bigtrain.cli eval-harness ...`: every score of the one-device model."""
+@pytest.mark.parametrize("extra", [(), ("parallel.sequence_parallel=true",)], ids=["tp2", "tp2-sp"])
+def test_tensor_parallel_scores_equal_one_device(weights, tmp_path, monkeypatch, extra):
+    """`torchrun --nproc_per_node 2 -m bigtrain.cli eval-harness ...`: every score of the one-device model (under
+    sequence parallelism too: rows padded to a multiple of the tensor size, generation recomputed)."""
     require_module("lm_eval", "lm-eval is not installed (pip install -e .[dev])")
     folder, _ = weights
     one = _evaluate(folder, tmp_path / "one.json", monkeypatch)
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_addr=127.0.0.1",
                            f"--master_port={free_port()}", "-m", "bigtrain.cli", "eval-harness", str(folder),
-                           "--tasks", TASKS, "--include-path", str(FIXTURES), "--output", str(tmp_path / "tp.json")],
+                           "--tasks", TASKS, "--include-path", str(FIXTURES), "--output", str(tmp_path / "tp.json"),
+                           *extra],
                           capture_output=True, text=True, timeout=300, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
