@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bigtrain.checkpoint.integrity import read_latest
-from bigtrain.errors import ConfigError
-from bigtrain.train.tracking.protocol import flat_config, record_scalars
+from bigtrain.errors import ConfigError, TrainingError
+from bigtrain.train.tracking.protocol import Trackers, flat_config, record_scalars
 from tests.conftest import launch_ok, require_module, tiny_config, tiny_overrides
 from tests.helpers.wandb_records import run_contents
 
@@ -138,3 +138,39 @@ def test_record_scalars_flatten_nested_numbers_and_drop_the_rest() -> None:
 def test_bad_tracker_config_is_refused_at_load(tmp_path: Path, overrides: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         tiny_config(tmp_path / "run", "causal", *overrides)
+
+
+class _Recorder:
+    def __init__(self, fail: bool) -> None:
+        self.fail, self.records = fail, []
+
+    def log_record(self, record: dict) -> None:
+        if self.fail:
+            raise ConnectionError("server gone")
+        self.records.append(record)
+
+
+def test_a_tracker_that_fails_while_training_is_left_out_with_one_warning(capsys) -> None:
+    broken, working = _Recorder(fail=True), _Recorder(fail=False)
+    trackers = Trackers([broken, working])
+    trackers.log_record({"step": 1, "loss": 2.0})
+    trackers.log_record({"step": 2, "loss": 1.0})
+    assert working.records == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}] and trackers.trackers == [working]
+    err = capsys.readouterr().err
+    assert err.count("warning: _Recorder.log_record failed (ConnectionError: server gone)") == 1
+
+
+@pytest.mark.launches
+def test_a_tracker_that_cannot_start_stops_the_run_and_frees_run_dir(tmp_path: Path, monkeypatch) -> None:
+    from bigtrain.train import trainer as trainer_module
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no API key")
+
+    monkeypatch.setattr(trainer_module, "build_tracker", refuse)
+    cfg = tiny_config(tmp_path / "run", "causal", "train.steps=1", "log.mlflow.experiment=x")
+    with pytest.raises(TrainingError, match="experiment tracker of log.mlflow / log.wandb could not start: "
+                                            "RuntimeError: no API key"):
+        trainer_module.Trainer(cfg).run()
+    monkeypatch.undo()
+    assert trainer_module.Trainer(tiny_config(tmp_path / "run", "causal", "train.steps=1")).run().state.step == 1

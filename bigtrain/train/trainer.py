@@ -32,6 +32,7 @@ from bigtrain.distributed.device import check_precision, resolve_device
 from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine import build_engine
 from bigtrain.engine.result import StepResult
+from bigtrain.errors import TrainingError
 from bigtrain.models import build_model, count_parameters, resolve_vocab_size
 from bigtrain.optim import build_schedule
 from bigtrain.parallel import parallelize
@@ -128,13 +129,29 @@ class Trainer:
             self._stop.note_checkpoint(self.state.step, path)
         return path
 
+    def _start_tracker(self) -> None:
+        """Rank 0: the trackers of log.mlflow / log.wandb, started (a resume continues their runs), with the
+        effective config; a tracker that cannot start is a TrainingError naming it."""
+        try:
+            self.tracker = build_tracker(self.cfg, self.run_dir, self.is_main,
+                                         resuming=self.restored.path is not None)
+        except Exception as exc:
+            raise TrainingError(f"the experiment tracker of log.mlflow / log.wandb could not start: "
+                                f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}. Fix it, or set "
+                                f"log.mlflow.experiment='' / log.wandb.project='' to train without it.") from exc
+        self.tracker.log_config(config_to_dict(self.cfg))
+
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, t, state = self.cfg, self.cfg.train, self.state
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        tracker = self.tracker = build_tracker(cfg, self.run_dir, self.is_main, resuming=self.restored.path is not None)
-        tracker.log_config(config_to_dict(cfg))
+        try:  # every rank stops if rank 0 cannot start its trackers
+            on_main(self.is_main, self.groups, self._start_tracker)
+        except BaseException:
+            self.lock.release()
+            raise
+        tracker = self.tracker
         peak = peak_flops(self.device, cfg.log.peak_tflops)
         metrics = self.metrics = MetricsProcessor(
             self.run_dir, cfg.log.tensorboard, cfg.log.progress, t.steps, state.step,

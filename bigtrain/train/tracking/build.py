@@ -11,7 +11,9 @@ from bigtrain.train.tracking.run_ids import RunIds
 
 def build_tracker(cfg: Config, run_dir: Path, is_main: bool, resuming: bool) -> Tracker:
     """MLflow when log.mlflow.experiment is set, W&B when log.wandb.project is set, both, or none; `resuming`: the
-    run continues from a checkpoint, so it continues the tracker runs named in run.dir/tracking.json."""
+    run continues from a checkpoint, so it continues the tracker runs named in run.dir/tracking.json. Starting a
+    tracker that fails (a server that does not answer, W&B online without a login) ends the start with its error;
+    a failure later leaves that tracker out (`Trackers`)."""
     mf, wb = cfg.log.mlflow, cfg.log.wandb
     if not is_main or not (mf.experiment or wb.project):
         return NoTracker()
@@ -28,4 +30,4 @@ def build_tracker(cfg: Config, run_dir: Path, is_main: bool, resuming: bool) -> 
     except BaseException:
         Trackers(trackers).close(finished=False)
         raise
-    return trackers[0] if len(trackers) == 1 else Trackers(trackers)
+    return Trackers(trackers)

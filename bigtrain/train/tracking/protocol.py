@@ -8,6 +8,7 @@ scalars are the numbers in it, nested keys joined by "/" (`eval_sources/web/eval
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,30 +52,37 @@ class NoTracker:
 
 
 class Trackers:
-    """Several trackers answering as one (MLflow and W&B together), in the order given."""
+    """Several trackers answering as one (MLflow and W&B together), in the order given. A tracker that fails while
+    the run trains (a server gone, a full disk) is reported once on stderr and left out from then on: the run goes
+    on, and metrics.jsonl keeps every line."""
 
     def __init__(self, trackers: list[Tracker]) -> None:
-        self.trackers = trackers
+        self.trackers = list(trackers)
+
+    def _each(self, call: str, *args: Any) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, call)(*args)
+            except Exception as exc:  # a tracker must not end a training run
+                self.trackers.remove(tracker)
+                print(f"bigtrain: warning: {type(tracker).__name__}.{call} failed ({type(exc).__name__}: "
+                      f"{' '.join(str(exc).split())[:300]}); it records nothing more in this run (metrics.jsonl "
+                      f"keeps every line)", file=sys.stderr, flush=True)
 
     def log_config(self, config: dict[str, Any]) -> None:
-        for tracker in self.trackers:
-            tracker.log_config(config)
+        self._each("log_config", config)
 
     def log_record(self, record: dict[str, Any]) -> None:
-        for tracker in self.trackers:
-            tracker.log_record(record)
+        self._each("log_record", record)
 
     def log_image(self, tag: str, image: Any, step: int) -> None:
-        for tracker in self.trackers:
-            tracker.log_image(tag, image, step)
+        self._each("log_image", tag, image, step)
 
     def log_checkpoint(self, path: Path, step: int) -> None:
-        for tracker in self.trackers:
-            tracker.log_checkpoint(path, step)
+        self._each("log_checkpoint", path, step)
 
     def close(self, finished: bool) -> None:
-        for tracker in self.trackers:
-            tracker.close(finished)
+        self._each("close", finished)
 
 
 def record_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
