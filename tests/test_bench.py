@@ -141,3 +141,20 @@ def test_sharded_engines_compares_deepspeed_and_fairscale(tmp_path, engine):
     assert row["steps"] == 3 and row["max_rel_loss"] < 1e-5 and row["max_rel_grad_norm"] < 1e-5
     assert row["fsdp_on_cpu_shim"] == (engine == "fairscale") and row[f"{engine}_over_deepspeed"] > 0
     assert all(v > 0 for v in row["model_state_bytes_per_rank"].values())
+
+
+@pytest.mark.launches
+def test_pipeline_engines_compares_deepspeed_and_torch_schedules(tmp_path):
+    """bench/pipeline_engines.py, one round of 3 steps on 2 pipeline ranks: DeepSpeed's 1F1B and torch's
+    interleaved 1F1B train the same curve (fp32) and both tokens/s are written with their ratio."""
+    from bench import pipeline_engines
+
+    out = tmp_path / "pipelines.json"
+    pipeline_engines.main(["--schedules", "interleaved_1f1b", "--steps", "3", "--warmup", "1", "--rounds", "1",
+                           "--out", str(out), *tiny(tmp_path)])
+    saved = json.loads(out.read_text())
+    assert saved["figure"] == "pipeline_engines" and [r["engine"] for r in saved["rows"]] == [
+        "deepspeed-1f1b", "interleaved_1f1b"]
+    torch_row = saved["rows"][1]
+    assert torch_row["max_rel_loss"] < 1e-5 and torch_row["max_rel_grad_norm"] < 1e-5
+    assert torch_row["tokens_per_s"] > 0 and torch_row["over_deepspeed"] > 0
