@@ -54,10 +54,6 @@ def check_torch(cfg: Config, world_size: int) -> None:
                 f"stages and all-reduce the gradients: parallel.zero_stage must be 0, got {p.zero_stage} (sharding "
                 f"the stages with FSDP2 is not built yet). Set parallel.zero_stage=0, or use parallel.engine=auto "
                 f"(DeepSpeed's pipeline engine, ZeRO-1) for sharded optimizer state.")
-        require(not p.sequence_parallel, f"parallel.sequence_parallel=true with parallel.engine='torch' and "
-                f"parallel.pipeline={p.pipeline} is refused: torch.distributed.pipelining would exchange the "
-                f"sequence shards' gradients through non-contiguous buffers, which gloo rejects (not solved yet). "
-                f"Set parallel.sequence_parallel=false, or use parallel.engine=auto (DeepSpeed's pipeline engine).")
     else:
         require(p.zero_stage in (2, 3), f"parallel.engine='torch' on {world_size} ranks is PyTorch's FSDP2, which "
                 f"shards parameters, gradients and optimizer state: set parallel.zero_stage to 2 (parameters kept "

@@ -63,6 +63,18 @@ class _Join(torch.autograd.Function):
         return grad, None
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """x, unchanged; its gradient made contiguous (what the stage sends back to the previous one)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def join_outputs(out, inputs: tuple[torch.Tensor, ...]):
     """`out` with every floating tensor joined (`_Join`) to the first floating input that requires a gradient.
 
@@ -91,9 +103,15 @@ class StageModule(nn.Module):
         self.first_layer = first_layer  # index of layers[0] in the model's layer sequence
 
     def forward(self, *tensors: torch.Tensor):
-        x = tensors[0] if len(tensors) == 1 else tuple(tensors)
+        # What crosses a boundary, both ways, is contiguous: torch receives into buffers of the sender's strides
+        # and gloo takes contiguous buffers only, while sequence parallelism's shards are transposed views (its
+        # first operation on a stage's input transposes it, so autograd's input gradient is one too).
+        inputs = tuple(_ContiguousGrad.apply(t) if t.is_floating_point() and t.requires_grad else t
+                       for t in tensors)
+        x = inputs[0] if len(inputs) == 1 else inputs
         for layer, fn in zip(self.layers, self.forward_fns, strict=True):
             x = fn(layer, x) if fn is not None else layer(x)
+        x = x.contiguous() if isinstance(x, torch.Tensor) else tuple(t.contiguous() for t in x)
         return join_outputs(x, tensors)
 
 
