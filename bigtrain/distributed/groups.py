@@ -151,3 +151,28 @@ class ParallelGroups:
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         return list(self.ranks("data"))
+
+
+class GradientMpu:
+    """DeepSpeed's `mpu` under context parallelism: `groups` with the data-parallel group widened to the gradient
+    group (data × context). DeepSpeed then averages gradients, and partitions ZeRO state, over the D·C ranks that
+    hold the same weights; its model-parallel group (tensor × pipeline) is unchanged, so its gradient norm still
+    counts each weight once."""
+
+    def __init__(self, groups: ParallelGroups) -> None:
+        self._groups = groups
+
+    def __getattr__(self, name: str):
+        return getattr(self._groups, name)
+
+    def get_data_parallel_group(self):
+        return self._groups.gradient_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self._groups.ranks("gradient").index(self._groups.rank)
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._groups.layout.data * self._groups.layout.context
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self._groups.ranks("gradient"))
