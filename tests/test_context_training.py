@@ -66,3 +66,27 @@ def test_seq2seq_context_two(tmp_path):
     single_process(tiny_overrides(ref_dir, "seq2seq", *DP_LAYOUT))
     run_dir = _run(tmp_path, 2, "seq2seq")
     assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
+
+
+RESUME_PAIRS = {
+    "cp2->1-device": ((2, CP2), (1, ())),
+    "1-device->cp2": ((1, ()), (2, CP2)),
+    "cp2xdp2-zero1->dp2-zero1": ((4, (*CP2, "parallel.zero_stage=1")), (2, ("parallel.zero_stage=1",))),
+    "dp2-zero1->cp2xdp2-zero1": ((2, ("parallel.zero_stage=1",)), (4, (*CP2, "parallel.zero_stage=1"))),
+    "cp2-fsdp2-zero3->cp2-zero3": ((2, (*CP2, "parallel.engine=torch", "parallel.zero_stage=3")),
+                                   (2, (*CP2, "parallel.zero_stage=3"))),
+}
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize("pair", list(RESUME_PAIRS))
+def test_resume_into_and_out_of_context_parallelism(tmp_path, pair):
+    """The layout-free checkpoint: 10 steps under layout A, 10 more under B equal 20 straight steps under A
+    (within 1e-5), the same global samples step by step."""
+    from tests.test_layout_change import PAIRS, test_resume_under_another_layout_continues_the_curve
+
+    PAIRS[pair] = RESUME_PAIRS[pair]
+    try:
+        test_resume_under_another_layout_continues_the_curve(tmp_path, pair)
+    finally:
+        del PAIRS[pair]

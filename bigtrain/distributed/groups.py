@@ -92,6 +92,12 @@ class ParallelGroups:
         """The ranks whose gradients are summed: data × context (the data group without context parallelism)."""
         return self.group("gradient") if self.layout.context > 1 else self.group("data")
 
+    @property
+    def gradient_rank(self) -> int:
+        """This rank's index in the gradient group (its data-parallel rank without context parallelism): the
+        rank that owns a ZeRO / FSDP partition of the state, and 0 on the one rank that writes replicated state."""
+        return self.ranks("gradient").index(self.rank) if self.layout.context > 1 else self.coords.data
+
     # ---- host values -----------------------------------------------------------------------------------
     def sum_on_host(self, values: tuple[int, ...]) -> list[int]:
         """Σ over the data-parallel ranks of small host integers, on the host data group (nothing touches a
@@ -169,7 +175,7 @@ class GradientMpu:
         return self._groups.gradient_group
 
     def get_data_parallel_rank(self) -> int:
-        return self._groups.ranks("gradient").index(self._groups.rank)
+        return self._groups.gradient_rank
 
     def get_data_parallel_world_size(self) -> int:
         return self._groups.layout.data * self._groups.layout.context

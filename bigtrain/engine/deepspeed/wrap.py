@@ -107,7 +107,7 @@ class DeepSpeedWrap:
         inner = self.optimizer if self.unwrapped else inner_optimizer(self.optimizer)
         return ShardedState(self.parallel.model, self.parallel.shards, inner, wrapper,
                             tensor_rank=self.groups.get_tensor_model_parallel_rank(),
-                            data_rank=self.groups.get_data_parallel_rank())
+                            data_rank=self.groups.gradient_rank)  # DeepSpeed's data rank: data × context
 
     def write_native(self, folder: Path) -> None:
         """DeepSpeed writes its sharded files into `folder` (every rank its own)."""

@@ -71,8 +71,7 @@ class Fsdp2Engine(StepEngine):
         # the mesh: the gradient group (data × context: context ranks hold the same weights, other tokens)
         self.group, self.context = groups.gradient_group, parallel.context
         self.dp_rank, self.dp_size = groups.get_data_parallel_rank(), layout.data
-        self.reduce_rank, self.reduce_size = groups.ranks("gradient" if layout.context > 1 else "data").index(
-            groups.rank), layout.data * layout.context
+        self.reduce_rank, self.reduce_size = groups.gradient_rank, layout.data * layout.context
         self.n_params = count_parameters(self.model)
         self.grad_clip = cfg.optim.grad_clip
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -135,7 +134,7 @@ class Fsdp2Engine(StepEngine):
 
     def sharded_state(self) -> ShardedState:
         return ShardedState(self.model, self.parallel.shards, self.optimizer, None,
-                            tensor_rank=self.groups.get_tensor_model_parallel_rank(), data_rank=self.dp_rank,
+                            tensor_rank=self.groups.get_tensor_model_parallel_rank(), data_rank=self.reduce_rank,
                             partition=self._partition, params=[(s.name, s.values) for s in self.shards],
                             shape_of=lambda values: self.of_values[id(values)].shape)
 
