@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import DP_LAYOUT, assert_same_curve, launch_ok, single_process, tiny_overrides
+from tests.conftest import (
+    BERT_OPTIONS,
+    DP_LAYOUT,
+    assert_resume_is_exact,
+    assert_same_curve,
+    launch_ok,
+    single_process,
+    tiny_overrides,
+)
 
 CP2 = ("parallel.context=2",)
 MODERN = ("model.norm_position=pre", "model.norm=rmsnorm", "model.positions=rotary", "model.activation=swiglu",
@@ -66,6 +74,48 @@ def test_seq2seq_context_two(tmp_path):
     single_process(tiny_overrides(ref_dir, "seq2seq", *DP_LAYOUT))
     run_dir = _run(tmp_path, 2, "seq2seq")
     assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
+
+
+DOCUMENTS = ("data.document_masking=true", "model.positions=rotary", "model.n_kv_heads=2")
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize("attention", ["ring", "ulysses"])
+def test_document_masking(tmp_path, attention):
+    """Packed documents crossing the chunk boundaries: each attends only within itself, positions restart per
+    document (computed on the whole sequence, then split), grouped-query heads."""
+    ref_dir = tmp_path / "ref"
+    single_process(tiny_overrides(ref_dir, "causal", *DP_LAYOUT, *DOCUMENTS))
+    run_dir = _run(tmp_path, 2, "causal", *DOCUMENTS, f"parallel.context_attention={attention}")
+    assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
+
+
+@pytest.mark.launches
+def test_masked_lm(tmp_path):
+    """The BERT-style encoder (bidirectional, learned positions, token types, padding masks) at CP2."""
+    ref_dir = tmp_path / "ref"
+    single_process(tiny_overrides(ref_dir, "masked", *DP_LAYOUT, *BERT_OPTIONS))
+    run_dir = _run(tmp_path, 2, "masked", *BERT_OPTIONS)
+    assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
+
+
+@pytest.mark.launches
+def test_tensor_sequence_parallel_and_checkpointing(causal_reference, tmp_path):
+    """CP2 × TP2 with sequence parallelism (each rank's S/C tokens split again over the tensor group) and
+    selective activation checkpointing (the ring recomputed in backward, from the same micro-batch's tokens)."""
+    run_dir = _run(tmp_path, 4, "causal", "parallel.tensor=2", "parallel.sequence_parallel=true",
+                   "parallel.activation_checkpointing=selective")
+    assert_same_curve(causal_reference, run_dir, rel=1e-5, eval_rel=1e-5)
+
+
+@pytest.mark.launches
+def test_resume_is_exact(tmp_path):
+    """CP2 × DP2 under ZeRO-1 with residual dropout 0.1 (attention dropout 0): 10 steps, resume from DeepSpeed's
+    own files, 10 more == 20 straight steps, bitwise."""
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir, "causal", *DP_LAYOUT, *CP2, "parallel.zero_stage=1", "checkpoint.every=10",
+                          "train.eval_every=10", "model.dropout=0.1", "model.attention_dropout=0")
+    assert_resume_is_exact(4, args, run_dir)
 
 
 RESUME_PAIRS = {

@@ -171,9 +171,10 @@ class Layout:
 
     def seed_offset(self, rank: int) -> int:
         """Offset of the default RNG seed: equal across tensor ranks (replicated regions draw the same
-        dropout masks there), distinct across data replicas and pipeline stages."""
+        dropout masks there), distinct across data replicas, pipeline stages and context ranks (which hold
+        different tokens); without context parallelism pipe · D + data."""
         c = self.coordinates(rank)
-        return c.pipe * self.data + c.data
+        return (c.pipe * self.data + c.data) * self.context + c.context
 
 
 def engine_for(requested: str, world_size: int, zero_stage: int, pipeline: int) -> str:
