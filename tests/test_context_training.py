@@ -140,3 +140,15 @@ def test_resume_into_and_out_of_context_parallelism(tmp_path, pair):
         test_resume_under_another_layout_continues_the_curve(tmp_path, pair)
     finally:
         del PAIRS[pair]
+
+
+@pytest.mark.launches
+def test_parity_command_takes_the_context_keys(tmp_path):
+    """`bigtrain parity --layout context=2,context_attention=ulysses --shrink` launches 2 ranks and passes (the
+    shrunk model has 2C heads per tensor rank and sequences of 32·C tokens, so every split stays valid)."""
+    from tests.test_parity_command import _parity
+
+    proc = _parity(tmp_path, "--layout", "context=2,context_attention=ulysses")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "parity PASSED" in proc.stdout
+    assert "parity: run 1 (layout context=2,context_attention=ulysses, 2 ranks): step 5 of 5" in proc.stderr
