@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import (
     BERT_OPTIONS,
     DP_LAYOUT,
+    LAMB,
     assert_resume_is_exact,
     assert_same_curve,
     launch_ok,
@@ -35,9 +36,20 @@ def _run(tmp_path, ranks: int, family: str, *extra: str):
 @pytest.mark.parametrize("attention", ["ring", "ulysses"])
 def test_context_two_equals_one_device(causal_reference, tmp_path, attention):
     """CP2 (2 ranks, DeepSpeed ZeRO-0, sinusoidal positions, tied embeddings): each rank holds chunks i and 3-i
-    of every sequence; ring attention and DeepSpeed-Ulysses."""
-    run_dir = _run(tmp_path, 2, "causal", f"parallel.context_attention={attention}")
+    of every sequence; ring attention and DeepSpeed-Ulysses. The sample at the end runs the whole model on each
+    rank (the cores attend plainly outside a training micro-batch)."""
+    run_dir = tmp_path / "run"
+    out = launch_ok(2, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *CP2, f"parallel.context_attention={attention}",
+                                      "train.sample_tokens=8"))
+    assert "context 2 × " in out and "--- sample (8 tokens" in out, out[-2000:]
     assert_same_curve(causal_reference, run_dir, rel=1e-5, eval_rel=1e-5)
+
+
+@pytest.mark.launches
+def test_lamb_over_data_and_context(lamb_reference, tmp_path):
+    """LAMB's per-tensor norms over ZeRO-1 partitions of the gradient group (CP2 × DP2): 10 steps within 1e-5."""
+    run_dir = _run(tmp_path, 4, "causal", *LAMB, "parallel.zero_stage=1")
+    assert_same_curve(lamb_reference, run_dir, rel=1e-5, steps=10)
 
 
 @pytest.mark.launches
