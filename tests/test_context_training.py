@@ -12,6 +12,7 @@ from tests.conftest import (
     BERT_OPTIONS,
     DP_LAYOUT,
     LAMB,
+    T5_OPTIONS,
     assert_resume_is_exact,
     assert_same_curve,
     launch_ok,
@@ -85,6 +86,19 @@ def test_seq2seq_context_two(tmp_path):
     ref_dir = tmp_path / "ref"
     single_process(tiny_overrides(ref_dir, "seq2seq", *DP_LAYOUT))
     run_dir = _run(tmp_path, 2, "seq2seq")
+    assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
+
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize("family, attention", [("seq2seq", "ring"), ("seq2seq", "ulysses"), ("causal", "ring")],
+                         ids=["t5-ring", "t5-ulysses", "causal-relative-ring"])
+def test_relative_position_bias(tmp_path, family, attention):
+    """T5's relative bias over global positions (the bias of the whole sequence, its table's gradient summed
+    over the context ranks): the T5-style encoder-decoder with ring and Ulysses, a causal stack with ring."""
+    ref_dir = tmp_path / "ref"
+    single_process(tiny_overrides(ref_dir, family, *DP_LAYOUT, *T5_OPTIONS))
+    run_dir = _run(tmp_path, 2, family, *T5_OPTIONS, f"parallel.context_attention={attention}")
     assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
 
 

@@ -47,8 +47,6 @@ def _check_wired(cfg: Config, c: int) -> None:
             f"runs inside one stage only). Set parallel.pipeline=1 or parallel.context=1.")
     require(p.engine != "fairscale", f"{why} with parallel.engine='fairscale' is not wired: use parallel.engine=auto "
             f"(DeepSpeed) or torch (FSDP2), or parallel.context=1.")
-    require(m.positions != "relative", f"{why} with model.positions='relative' is not wired yet (T5's relative bias "
-            f"over the split sequence). Use rotary, learned, sinusoidal or none positions, or parallel.context=1.")
     attention_dropout = m.dropout if m.attention_dropout is None else m.attention_dropout
     require(attention_dropout == 0, f"{why} runs attention without dropout on the attention weights, but "
             f"model.attention_dropout is {attention_dropout} (null means model.dropout={m.dropout}). Set "

@@ -12,6 +12,9 @@
                            padding mask is that of all ranks, in the same rank-major order (attention does not
                            depend on the order of its keys)
 
+T5's relative position bias (`ContextRelativeBias`, in place of a stack's table) gives the self-attention cores
+the bias of the whole sequence over global positions; ring and Ulysses add their parts of it.
+
 Both run the plain core on their inputs when no context-parallel micro-batch is being run (sampling, generation:
 each rank then computes its full sequence alone, with whole weights). Attention dropout and attention maps are
 refused at config load (`bigtrain.config.context_checks`): the ring has no dropout stream; attention maps
@@ -25,6 +28,7 @@ from torch import nn
 
 from bigtrain.models import TransformerLM
 from bigtrain.models.attention import Attention, attention_core
+from bigtrain.models.layers import RelativePositionBias, relative_bucket
 from bigtrain.parallel.collectives import gather_sequence
 from bigtrain.parallel.context.inputs import ContextInputs
 from bigtrain.parallel.context.ring import ring_attention
@@ -58,9 +62,9 @@ class ContextSelfAttention(_ContextCore):
                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.inputs.active:
             return attention_core(q, k, v, mask, causal, dropout, return_weights, scale, bias)
-        self._check(dropout, return_weights, bias)
-        attend = ALGORITHMS[self.algorithm]
-        return attend(q, k, v, self.inputs.of(self.stack), self.inputs.group, causal, scale), None
+        self._check(dropout, return_weights, None)
+        attend = ALGORITHMS[self.algorithm]  # a bias here is `ContextRelativeBias`'s, of the whole sequence
+        return attend(q, k, v, self.inputs.of(self.stack), self.inputs.group, causal, scale, bias), None
 
     def extra_repr(self) -> str:
         return f"{self.algorithm} over {self.inputs.size} context ranks, {self.stack} tokens"
@@ -85,14 +89,41 @@ class ContextCrossAttention(_ContextCore):
         return f"keys and values gathered over {self.inputs.size} context ranks"
 
 
+class ContextRelativeBias(RelativePositionBias):
+    """T5's relative position bias of the whole sequence while a context-parallel micro-batch runs: [1, H, S, S]
+    over every rank's global positions in rank-major order (the order ring and Ulysses address it in), from the
+    same table (its gradient flows through the lookup as on one device). Outside a micro-batch, the layer's own
+    bias. It holds S² entries per head on every rank, as one device does: it does not shrink with C."""
+
+    def __init__(self, bias: RelativePositionBias, inputs: ContextInputs, stack: str) -> None:
+        nn.Module.__init__(self)
+        self.buckets, self.max_distance, self.bidirectional = bias.buckets, bias.max_distance, bias.bidirectional
+        self.table = bias.table
+        self.inputs, self.stack = inputs, stack
+
+    def forward(self, query_len: int, key_len: int) -> torch.Tensor:
+        if not self.inputs.active:
+            return super().forward(query_len, key_len)
+        positions = torch.cat([t.positions for t in self.inputs.of(self.stack)])
+        distance = positions[None, :] - positions[:, None]
+        bucket = relative_bucket(distance, self.bidirectional, self.buckets, self.max_distance)
+        return self.table(bucket).permute(2, 0, 1).unsqueeze(0)
+
+
 def apply_context_parallel(model: TransformerLM, inputs: ContextInputs, algorithm: str) -> None:
     """Replace the core of every attention of `model` by its context-parallel form over `inputs.group`: the
     self-attention of a decoder-only / encoder-only stack reads the "self" tokens, an encoder-decoder's encoder
-    the "encoder" tokens, its decoder the "decoder" tokens, and its cross-attention the encoder's."""
+    the "encoder" tokens, its decoder the "decoder" tokens, and its cross-attention the encoder's. A relative
+    position bias table of a stack becomes `ContextRelativeBias` of the same stack."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"parallel.context_attention={algorithm!r}; known: {sorted(ALGORITHMS)}")
     stacks = model.stacks()
     names = ["self"] if len(stacks) == 1 else ["encoder", "decoder"]
+    tables = ["position_bias"] if len(stacks) == 1 else ["encoder_position_bias", "decoder_position_bias"]
+    for name, table in zip(names, tables, strict=True):
+        bias = getattr(model, table, None)
+        if isinstance(bias, RelativePositionBias):
+            setattr(model, table, ContextRelativeBias(bias, inputs, name))
     for name, stack in zip(names, stacks, strict=True):
         for block in stack:
             block.self_attn.core = ContextSelfAttention(inputs, name, algorithm)
