@@ -43,8 +43,7 @@ def test_splittable_context_loads() -> None:
     (["model.attention_dropout=0.1"], r"model.attention_dropout is 0.1"),
     (["model.attention_dropout=null", "model.dropout=0.1"], r"model.attention_dropout is 0.1 \(null means "
                                                              r"model.dropout=0.1\)"),
-    (["train.compile=true"], r"parallel.context=2 with train.compile=true"),
-], ids=["pipeline", "fairscale", "attention-dropout", "dropout", "compile"])
+], ids=["pipeline", "fairscale", "attention-dropout", "dropout"])
 def test_what_is_not_wired_is_refused_naming_the_keys(extra, keys) -> None:
     with pytest.raises(ConfigError, match=keys):
         load_config(None, [*CP2, *extra], world_size=4)

@@ -102,6 +102,19 @@ def test_relative_position_bias(tmp_path, family, attention):
     assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
 
 
+
+@pytest.mark.launches
+@pytest.mark.parametrize("attention", ["ring", "ulysses"])
+def test_compiled_blocks(tmp_path, attention):
+    """train.compile: each block compiled, the context-parallel core run eagerly inside it (a graph break): 10
+    steps within 1e-5 of one eager process."""
+    ref_dir = tmp_path / "ref"
+    single_process(tiny_overrides(ref_dir, "causal", *DP_LAYOUT, "train.steps=10"))
+    run_dir = _run(tmp_path, 2, "causal", "train.steps=10", "train.compile=true",
+                   f"parallel.context_attention={attention}")
+    assert_same_curve(ref_dir, run_dir, rel=1e-5, steps=10, eval_rel=1e-5)
+
+
 DOCUMENTS = ("data.document_masking=true", "model.positions=rotary", "model.n_kv_heads=2")
 
 

@@ -41,7 +41,7 @@ def check_context(cfg: Config) -> None:
 def _check_wired(cfg: Config, c: int) -> None:
     """What context parallelism is wired with (issue 28): DeepSpeed (ZeRO 0-3) and FSDP2, with tensor and
     sequence parallelism and activation checkpointing; refused with the keys that ask for the rest."""
-    p, m, t = cfg.parallel, cfg.model, cfg.train
+    p, m = cfg.parallel, cfg.model
     why = f"parallel.context={c}"
     require(p.pipeline == 1, f"{why} with parallel.pipeline={p.pipeline} is not wired yet (context parallelism "
             f"runs inside one stage only). Set parallel.pipeline=1 or parallel.context=1.")
@@ -51,5 +51,3 @@ def _check_wired(cfg: Config, c: int) -> None:
     require(attention_dropout == 0, f"{why} runs attention without dropout on the attention weights, but "
             f"model.attention_dropout is {attention_dropout} (null means model.dropout={m.dropout}). Set "
             f"model.attention_dropout=0 (residual and FFN dropout stay), or parallel.context=1.")
-    require(not t.compile, f"{why} with train.compile=true is not wired yet (the ring's point-to-point sends "
-            f"inside a compiled block). Set train.compile=false or parallel.context=1.")

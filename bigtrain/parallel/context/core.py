@@ -37,8 +37,18 @@ from bigtrain.parallel.context.ulysses import ulysses_attention
 ALGORITHMS = {"ring": ring_attention, "ulysses": ulysses_attention}
 
 
+def _eager(fn):
+    """`fn` excluded from torch.compile's tracing (run eagerly where a compiled region calls it)."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 class _ContextCore(nn.Module):
-    """A core that reads the current micro-batch's tokens of one stack from the shared `ContextInputs`."""
+    """A core that reads the current micro-batch's tokens of one stack from the shared `ContextInputs`. Under
+    `train.compile` it runs eagerly inside the compiled block (a graph break: its sends and per-micro-batch tokens
+    stay out of the graph); the projections, norms and feed-forward around it are compiled."""
+
+    def __call__(self, *args, **kwargs):
+        return _eager(super().__call__)(*args, **kwargs)
 
     def __init__(self, inputs: ContextInputs, stack: str) -> None:
         super().__init__()
