@@ -80,13 +80,24 @@ def test_context_rotary_gqa_fsdp2(tmp_path):
 
 
 @pytest.mark.launches
-def test_seq2seq_context_two(tmp_path):
-    """The encoder-decoder at CP2: encoder and decoder sequences both split (padded to a multiple of 2C), the
-    cross-attention's keys and values gathered from every rank's share of the encoder."""
+@pytest.mark.parametrize("ranks, extra", [(2, ()), (4, ("parallel.tensor=2", "parallel.sequence_parallel=true"))],
+                         ids=["cp2", "cp2-tp2-sp"])
+def test_seq2seq_context_two(tmp_path, ranks, extra):
+    """The encoder-decoder at CP2: encoder and decoder sequences both split (padded to a multiple of 2C; of C·T
+    with sequence parallelism), the cross-attention's keys and values gathered from every rank's share of the
+    encoder."""
     ref_dir = tmp_path / "ref"
     single_process(tiny_overrides(ref_dir, "seq2seq", *DP_LAYOUT))
-    run_dir = _run(tmp_path, 2, "seq2seq")
+    run_dir = _run(tmp_path, ranks, "seq2seq", *extra)
     assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
+
+
+@pytest.mark.launches
+def test_fsdp2_with_tensor_parallel(causal_reference, tmp_path):
+    """FSDP2 ZeRO-3 at CP2 × TP2 (4 ranks): each tensor shard sharded over the gradient group of 2 context
+    ranks."""
+    run_dir = _run(tmp_path, 4, "causal", "parallel.engine=torch", "parallel.zero_stage=3", "parallel.tensor=2")
+    assert_same_curve(causal_reference, run_dir, rel=1e-5, eval_rel=1e-5)
 
 
 
