@@ -202,3 +202,31 @@ def test_parity_command_takes_the_context_keys(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "parity PASSED" in proc.stdout
     assert "parity: run 1 (layout context=2,context_attention=ulysses, 2 ranks): step 5 of 5" in proc.stderr
+
+
+@pytest.mark.launches
+def test_activation_bytes_per_rank_are_one_cth(tmp_path):
+    """The activations a rank keeps for backward (SavedActivationMeter's peak over a micro-batch of 2 × 512
+    tokens, attention's saved tensors included) at C = 2 and 4: ring within 10% of 1/C of one device's (measured
+    1.037 / C), Ulysses within 15% (measured 1.103 / C and 1.107 / C: its saved tensors add up to the ring's, but
+    fewer of them share a storage with another saved tensor, and its reordering saves index tensors)
+    (tests/helpers/context_memory.py)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from bigtrain.distributed.rendezvous import free_port
+    from tests.helpers import context_memory
+
+    peaks = {}
+    for context in (1, 2, 4):
+        out = tmp_path / f"c{context}.jsonl"
+        mp.spawn(context_memory.main, args=(context, free_port(), str(out)), nprocs=context)
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            peaks[r["algorithm"], context] = r["peak"]
+    ratios = {(a, c): peaks[a, c] * c / peaks[a, 1] for a in ("ring", "ulysses") for c in (2, 4)}
+    for (algorithm, context), ratio in ratios.items():
+        print(f"\nmeasured {algorithm} C={context}: {peaks[algorithm, context]} B per rank, one device "
+              f"{peaks[algorithm, 1]} B: × C = {ratio:.3f} of one device's")
+    assert all(abs(r - 1) <= (0.1 if a == "ring" else 0.15) for (a, _), r in ratios.items()), ratios
