@@ -147,6 +147,7 @@ EXPECTED_KEYS = {
     "train.hang_timeout",
     "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "checkpoint.layout_free_every",
     "log.every", "log.tensorboard", "log.progress", "log.peak_tflops", "log.attention_images", "log.verbose",
+    "log.mlflow.experiment", "log.mlflow.tracking_uri", "log.wandb.project", "log.wandb.mode",
     "run.dir",
     "deepspeed",
 }
@@ -268,7 +269,7 @@ BAD: list[tuple[str, Any, str]] = [
      r"parallel\.tensor \(2\) \* parallel\.pipeline \(1\) = 2 does not divide the world size 1"),
     ("pipeline-zero2", {"overrides": ["parallel.pipeline=2", "parallel.zero_stage=2"], "world_size": 2},
      r"parallel\.zero_stage=2 with parallel\.pipeline=2 is refused: DeepSpeed's pipeline engine supports ZeRO "
-     r"stages 0 and 1 only.*Use parallel\.zero_stage=1\."),
+     r"stages 0 and 1 only.*Use parallel\.zero_stage=1, or parallel\.engine=torch"),
     ("pipeline-empty-stage", {"overrides": ["parallel.pipeline=8", "model.n_layers=2"], "world_size": 8},
      r"parallel\.pipeline=8 with parallel\.partition_method='parameters' leaves a stage without layers "
      r"\(layers per stage: \[1, 1, 1, 1, 1, 0, 0, 0\]; the model has 5 pipeline layers"),
@@ -305,7 +306,7 @@ BAD: list[tuple[str, Any, str]] = [
                                    "world_size": 2},
      r"log\.attention_images=true with parallel\.tensor=1 and parallel\.pipeline=2 is refused"),
     ("attention-images-no-tensorboard", ["log.attention_images=true", "log.tensorboard=false"],
-     r"log\.attention_images=true draws into TensorBoard, but log\.tensorboard=false\. Set log\.tensorboard=true"),
+     r"log\.attention_images=true draws into TensorBoard or an experiment tracker, but log\.tensorboard=false"),
     ("override-without-equals", ["train.steps"],
      r"Override 'train\.steps' is not of the form section\.key=value \(for example train\.steps=50\)"),
     ("override-empty-key", ["train..steps=5"], r"Override 'train\.\.steps=5' has an empty key"),

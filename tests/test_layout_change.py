@@ -19,6 +19,8 @@ TOL = 1e-5
 LAMB = ("optim.name=lamb", "optim.lr=2e-2")
 FSDP = ("parallel.engine=fairscale", "parallel.zero_stage=3")
 FSDP2 = ("parallel.engine=torch", "parallel.zero_stage=3")
+TORCH_INTERLEAVED = ("parallel.engine=torch", "parallel.pipeline=2", "parallel.pipeline_schedule=interleaved_1f1b",
+                     "parallel.virtual_stages=2")
 FSDP_ON_CPU = REPO / "tests" / "helpers" / "fsdp_on_cpu.py"  # record_samples.py with FSDP made to run on CPU
 
 PAIRS = {
@@ -45,6 +47,11 @@ PAIRS = {
     "dp2-fsdp2->dp2-zero3": ((2, FSDP2), (2, ("parallel.zero_stage=3",))),
     "tp2xdp2-zero1-lamb->dp2-fsdp2-zero2-lamb": ((4, ("parallel.tensor=2", "parallel.zero_stage=1", *LAMB)),
                                                  (2, ("parallel.engine=torch", "parallel.zero_stage=2", *LAMB))),
+    # between DeepSpeed's pipeline engine (1F1B, 2 stages) and torch's interleaved schedule (4 stages on 2 ranks)
+    "pp2-zero1-deepspeed->pp2-interleaved-torch": ((2, ("parallel.pipeline=2", "parallel.zero_stage=1")),
+                                                   (2, TORCH_INTERLEAVED)),
+    "pp2-interleaved-torch->pp2-zero1-deepspeed": ((2, TORCH_INTERLEAVED),
+                                                   (2, ("parallel.pipeline=2", "parallel.zero_stage=1"))),
 }
 
 

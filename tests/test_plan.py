@@ -123,12 +123,13 @@ def test_fairscale_plans_fully_sharded_layouts():
 
 
 def test_torch_engine_plans_fsdp2_layouts():
-    """With parallel.engine=torch on several GPUs the plan covers FSDP2 at ZeRO-2 and ZeRO-3 (what the config
-    check accepts), no pipeline; its model state is (4Ψ + 4Ψ + 8Ψ)/D at both stages."""
+    """With parallel.engine=torch on several GPUs the plan covers FSDP2 at ZeRO-2 and ZeRO-3 without stages, and
+    torch's pipeline schedules (data-parallel replicas, zero_stage 0) with stages: what the config check accepts.
+    FSDP2's model state is (4Ψ + 4Ψ + 8Ψ)/D at both stages."""
     cfg = load_config(REPO / "configs/gpt3-1.3b.yaml", ["parallel.engine=torch"])
     plan = make_plan(cfg, gpus=8, gpus_per_node=8, accelerator=accelerator("h100"))
-    assert {e.candidate.zero_stage for e in plan.ranked} == {2, 3}
-    assert all(e.candidate.pipeline == 1 for e in plan.ranked)
+    assert {e.candidate.zero_stage for e in plan.ranked if e.candidate.pipeline == 1} == {2, 3}
+    assert {e.candidate.zero_stage for e in plan.ranked if e.candidate.pipeline > 1} <= {0}
     psi = model_shape(cfg).n_params
     for stage in (2, 3):
         fsdp2 = next(e for e in plan.ranked if e.candidate.zero_stage == stage and e.candidate.tensor == 1)

@@ -36,6 +36,10 @@ def _tensor_rank_state(saved: SavedCheckpoint, tensor_rank: int) -> dict[str, to
         from bigtrain.engine.fsdp2 import files as fsdp2_files
 
         return fsdp2_files.tensor_rank_state(checkpoint, layout, tensor_rank)
+    if layout.engine == "torch_pipeline":
+        from bigtrain.engine.torch_pipeline import files as torch_pipeline
+
+        return torch_pipeline.tensor_rank_state(checkpoint, layout, tensor_rank, saved.config.model.tie_embeddings)
     from bigtrain.engine.deepspeed import files as deepspeed_files
 
     return deepspeed_files.tensor_rank_state(checkpoint, layout, tensor_rank, saved.config.model.tie_embeddings)

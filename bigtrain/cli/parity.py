@@ -33,9 +33,9 @@ from bigtrain.errors import ConfigError
 LAYOUT_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "data": "parallel.data",
                "zero_stage": "parallel.zero_stage", "sequence_parallel": "parallel.sequence_parallel",
                "context": "parallel.context", "context_attention": "parallel.context_attention"}
-# the plain engine on one process
 ONE_DEVICE = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.data=1", "parallel.context=1",
-              "parallel.zero_stage=0", "parallel.sequence_parallel=false", "parallel.engine=auto"]
+              "parallel.zero_stage=0", "parallel.sequence_parallel=false", "parallel.engine=auto",
+              "parallel.pipeline_schedule=1f1b", "parallel.virtual_stages=1"]  # the plain engine on one process
 TRAIN = ["-m", "bigtrain.cli.train"]  # a training process of this very bigtrain (python or torchrun)
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \|")  # a training process's step line (bigtrain.train.metrics.Progress)
 

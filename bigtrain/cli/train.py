@@ -33,11 +33,22 @@ def config_help() -> str:
         if not dataclasses.is_dataclass(obj):  # the free-form deepspeed: passthrough
             lines.append(f"  {section.metadata.get('help', '')}")
             continue
-        hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            lines.append(f"  {section.name}.{f.name} = {getattr(obj, f.name)!r}  [{hints[f.name]}]\n"
-                         f"      {f.metadata.get('help', '')}")
+        lines += _key_lines(obj, section.name)
     return "\n".join(lines)
+
+
+def _key_lines(obj: object, prefix: str) -> list[str]:
+    """`prefix.key = default  [type]` and its help, for every key of the section `obj` (a nested section, such as
+    log.mlflow, as its help line and then its own keys)."""
+    lines, hints = [], typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"  {prefix}.{f.name}:\n      {f.metadata.get('help', '')}")
+            lines += _key_lines(value, f"{prefix}.{f.name}")
+            continue
+        lines.append(f"  {prefix}.{f.name} = {value!r}  [{hints[f.name]}]\n      {f.metadata.get('help', '')}")
+    return lines
 
 
 def train_parser(prog: str) -> CommandParser:

@@ -173,8 +173,9 @@ def local_shape(p: torch.Tensor) -> torch.Size:
 
 
 def is_tied_copy(p: torch.Tensor) -> bool:
-    """A copy of a tied weight on a later pipeline stage (the first stage that holds it counts it)."""
-    return bool(getattr(p, "ds_pipe_replicated", False))
+    """A copy of a tied weight on a later pipeline stage (the first stage that holds it counts it): DeepSpeed's
+    mark, or bigtrain's for PyTorch's pipeline schedules (`bigtrain.parallel.stages.mark_tied_copies`)."""
+    return bool(getattr(p, "ds_pipe_replicated", False) or getattr(p, "tied_copy", False))
 
 
 # ---- where a parameter's optimizer state lives (layout-free checkpoints) -------------------------------------

@@ -15,6 +15,7 @@ import math
 from bigtrain.config.context_checks import check_context
 from bigtrain.config.data_checks import check_data
 from bigtrain.config.layout import Layout
+from bigtrain.config.log_checks import check_log_trackers
 from bigtrain.config.model_checks import check_model
 from bigtrain.config.parallel_checks import check_deepspeed_section, check_parallel
 from bigtrain.config.rules import at_most_timeout, fraction, positive, require, show
@@ -127,13 +128,15 @@ def check_training(cfg: Config, layout: Layout) -> None:
         positive("log.peak_tflops", lg.peak_tflops)
     if lg.attention_images:
         check_attention_images(cfg)
+    check_log_trackers(cfg)
 
 
 def check_attention_images(cfg: Config) -> None:
-    """log.attention_images draws whole attention layers held by one rank, into TensorBoard."""
-    p = cfg.parallel
-    require(cfg.log.tensorboard, "log.attention_images=true draws into TensorBoard, but log.tensorboard=false. "
-            "Set log.tensorboard=true, or log.attention_images=false.")
+    """log.attention_images draws whole attention layers held by one rank, into TensorBoard or a tracker."""
+    p, lg = cfg.parallel, cfg.log
+    require(lg.tensorboard or lg.mlflow.experiment or lg.wandb.project, "log.attention_images=true draws into "
+            "TensorBoard or an experiment tracker, but log.tensorboard=false and neither log.mlflow.experiment nor "
+            "log.wandb.project is set. Set log.tensorboard=true (or a tracker), or log.attention_images=false.")
     require(p.tensor == 1 and p.pipeline == 1,
             f"log.attention_images=true with parallel.tensor={p.tensor} and parallel.pipeline={p.pipeline} is "
             f"refused: the maps are drawn from whole attention layers on one rank, and tensor parallelism splits "

@@ -10,7 +10,8 @@
                                               resolves here and nowhere else: DeepSpeed when several ranks run
                                               or ZeRO is asked for, its pipeline engine when there are stages;
                                               parallel.engine=torch is the plain engine on one process and
-                                              PyTorch's FSDP2 (`fsdp2`) on several
+                                              PyTorch's FSDP2 (`fsdp2`) on several, its pipeline
+                                              schedules (`torch_pipeline`) with pipeline stages
     precision                                 fp32 | bf16 | fp16
 
 The command computes it once and passes it down (process groups, the engine, the checkpoint that records it);
@@ -38,11 +39,12 @@ from bigtrain.config.schema import Config
 from bigtrain.errors import ConfigError
 
 # The engines a layout can name: the plain PyTorch loop (one process), DeepSpeed data parallelism / ZeRO,
-# DeepSpeed's pipeline engine, fairscale's sharded data parallelism, and PyTorch's FSDP2 (parallel.engine=torch on
-# several ranks).
-ENGINES = ("torch", "deepspeed", "pipeline", "fairscale", "fsdp2")
+# DeepSpeed's pipeline engine, fairscale's sharded data parallelism, PyTorch's FSDP2 (parallel.engine=torch on
+# several ranks) and PyTorch's pipeline schedules (parallel.engine=torch with pipeline stages).
+ENGINES = ("torch", "deepspeed", "pipeline", "fairscale", "fsdp2", "torch_pipeline")
 ENGINE_NAMES = {"torch": "the plain PyTorch engine", "deepspeed": "DeepSpeed", "pipeline": "DeepSpeed's pipeline "
-                "engine", "fairscale": "fairscale", "fsdp2": "PyTorch's FSDP2"}
+                "engine", "fairscale": "fairscale", "fsdp2": "PyTorch's FSDP2",
+                "torch_pipeline": "PyTorch's pipeline schedules"}
 
 
 @dataclass(frozen=True)
@@ -180,11 +182,14 @@ class Layout:
 def engine_for(requested: str, world_size: int, zero_stage: int, pipeline: int) -> str:
     """parallel.engine (`requested`) as the engine that runs: auto picks DeepSpeed when several ranks run or
     ZeRO is asked for, else the plain engine; DeepSpeed with pipeline stages is its pipeline engine; torch is the
-    plain engine on one process and FSDP2 on several."""
+    plain engine on one process, FSDP2 on several, and torch.distributed.pipelining's schedules with pipeline
+    stages."""
     if requested == "fairscale":
         return "fairscale"
     if requested == "torch":
-        return "torch" if world_size == 1 else "fsdp2"
+        if world_size == 1:
+            return "torch"
+        return "torch_pipeline" if pipeline > 1 else "fsdp2"
     if requested == "auto" and world_size == 1 and zero_stage == 0:
         return "torch"
     return "pipeline" if pipeline > 1 else "deepspeed"

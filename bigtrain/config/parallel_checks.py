@@ -38,21 +38,31 @@ def check_fairscale(cfg: Config) -> None:
 
 
 def check_torch(cfg: Config, world_size: int) -> None:
-    """What parallel.engine=torch serves: one process without ZeRO (the plain engine), or on several ranks data
+    """What parallel.engine=torch serves: one process without ZeRO (the plain engine); on several ranks data
     parallelism with PyTorch's FSDP2 (parameters, gradients and optimizer state sharded), composed with tensor
-    and sequence parallelism; no pipeline stages yet."""
+    and sequence parallelism; with pipeline stages, torch.distributed.pipelining's schedules, whose data-parallel
+    ranks hold whole replicas of their stages and all-reduce gradients (zero_stage 0)."""
     p, t = cfg.parallel, cfg.train
     if world_size == 1:
         require(p.zero_stage == 0, f"parallel.engine='torch' on one process is the plain engine, which shards "
                 f"nothing: parallel.zero_stage must be 0 there, got {p.zero_stage}. Set parallel.zero_stage=0, or "
                 f"use parallel.engine=auto (DeepSpeed's ZeRO).")
         return
-    require(p.zero_stage in (2, 3), f"parallel.engine='torch' on {world_size} ranks is PyTorch's FSDP2, which "
-            f"shards parameters, gradients and optimizer state: set parallel.zero_stage to 2 (parameters kept "
-            f"gathered from forward to backward) or 3 (parameters sharded again after each forward), not "
-            f"{p.zero_stage}; for ZeRO-0 or ZeRO-1 use parallel.engine=auto (DeepSpeed) or fairscale.")
-    require(p.pipeline == 1, f"parallel.engine='torch' has no pipeline schedule yet, but parallel.pipeline="
-            f"{p.pipeline}. Use parallel.engine=auto (DeepSpeed's pipeline engine) or parallel.pipeline=1.")
+    if p.pipeline > 1:
+        require(p.zero_stage == 0, f"parallel.engine='torch' with parallel.pipeline={p.pipeline} runs "
+                f"torch.distributed.pipelining's schedules, whose data-parallel ranks hold whole replicas of their "
+                f"stages and all-reduce the gradients: parallel.zero_stage must be 0, got {p.zero_stage} (sharding "
+                f"the stages with FSDP2 is not built yet). Set parallel.zero_stage=0, or use parallel.engine=auto "
+                f"(DeepSpeed's pipeline engine, ZeRO-1) for sharded optimizer state.")
+        require(not p.sequence_parallel, f"parallel.sequence_parallel=true with parallel.engine='torch' and "
+                f"parallel.pipeline={p.pipeline} is refused: torch.distributed.pipelining would exchange the "
+                f"sequence shards' gradients through non-contiguous buffers, which gloo rejects (not solved yet). "
+                f"Set parallel.sequence_parallel=false, or use parallel.engine=auto (DeepSpeed's pipeline engine).")
+    else:
+        require(p.zero_stage in (2, 3), f"parallel.engine='torch' on {world_size} ranks is PyTorch's FSDP2, which "
+                f"shards parameters, gradients and optimizer state: set parallel.zero_stage to 2 (parameters kept "
+                f"gathered from forward to backward) or 3 (parameters sharded again after each forward), not "
+                f"{p.zero_stage}; for ZeRO-0 or ZeRO-1 use parallel.engine=auto (DeepSpeed) or fairscale.")
     require(t.precision != "fp16", "parallel.engine='torch' on several ranks runs fp32 or bf16 (fp32 master "
             "weights, FSDP2's bf16 compute); train.precision=fp16 would need a sharded loss scaler. Use "
             "train.precision=bf16, or parallel.engine=deepspeed.")
@@ -74,10 +84,11 @@ def check_parallel(cfg: Config, world_size: int) -> Layout:
     if p.engine == "torch":
         check_torch(cfg, world_size)
     if p.pipeline > 1:
-        require(p.zero_stage <= 1, f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline} is "
-                f"refused: DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only (ZeRO-2/3 would shard "
-                f"gradients or parameters that the pipeline schedule keeps per micro-batch). Use "
-                f"parallel.zero_stage=1.")
+        require(layout.engine != "pipeline" or p.zero_stage <= 1, f"parallel.zero_stage={p.zero_stage} with "
+                f"parallel.pipeline={p.pipeline} is refused: DeepSpeed's pipeline engine supports ZeRO stages 0 and "
+                f"1 only (ZeRO-2/3 would shard gradients or parameters that the pipeline schedule keeps per "
+                f"micro-batch). Use parallel.zero_stage=1, or parallel.engine=torch (torch.distributed.pipelining's "
+                f"schedules).")
         method = p.partition_method
         require(method in ("parameters", "uniform") or method.startswith("type:"),
                 f"parallel.partition_method={show(method)} is not known; use 'parameters', 'uniform' or "

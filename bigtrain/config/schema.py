@@ -238,6 +238,27 @@ class CheckpointConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """`log.mlflow`: where MLflow records the run (rank 0)."""
+
+    experiment: str = opt(
+        "", "MLflow experiment the run is recorded in (created when missing); empty = no MLflow recording")
+    tracking_uri: str = opt(
+        "", "MLflow tracking store: a server (http://host:5000) or a database URI (sqlite:///path/mlflow.db, "
+        "postgresql://...); empty = a sqlite store in run.dir (run.dir/mlflow.db, artifacts in run.dir/mlartifacts)")
+
+
+@dataclass
+class WandbConfig:
+    """`log.wandb`: where Weights & Biases records the run (rank 0)."""
+
+    project: str = opt("", "W&B project the run is recorded in; empty = no W&B recording")
+    mode: Literal["online", "offline"] = opt(
+        "online", "online: sent to the W&B server as the run trains; offline: written to run.dir/wandb only (no "
+        "network; `wandb sync` uploads it later)")
+
+
+@dataclass
 class LogConfig:
     every: int = opt(10, "steps between training lines (console and metrics.jsonl)")
     tensorboard: bool = opt(True, "write TensorBoard events (with per-layer gradient norms) to run.dir")
@@ -250,6 +271,13 @@ class LogConfig:
     verbose: bool = opt(
         False, "print everything at start: the engine's derived config, every rank's memory table, DeepSpeed's own "
         "messages (`bigtrain train --verbose`); by default they go to run.dir files only")
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig, metadata={"help": (
+        "record the run in MLflow: {experiment, tracking_uri}; rank 0 logs the config (params), every metrics.jsonl "
+        "line, attention images and the final checkpoint path; a resumed run continues the same MLflow run "
+        "(its id is kept in run.dir/tracking.json)")})
+    wandb: WandbConfig = field(default_factory=WandbConfig, metadata={"help": (
+        "record the run in Weights & Biases: {project, mode}; the same records as log.mlflow, the W&B run id kept "
+        "in run.dir/tracking.json so that a resumed run continues it")})
 
 
 @dataclass

@@ -16,13 +16,14 @@ ENGINE_CLASSES = {  # layout.engine -> the class that runs it (docs/architecture
     "pipeline": "bigtrain.engine.deepspeed.pipeline.PipelineEngine",
     "fairscale": "bigtrain.engine.fairscale.engine.FairscaleEngine",
     "fsdp2": "bigtrain.engine.fsdp2.engine.Fsdp2Engine",
+    "torch_pipeline": "bigtrain.engine.torch_pipeline.engine.TorchPipelineEngine",
 }
 
 
 def build_engine(cfg: Config, layout: Layout, parallel: ParallelModel, groups: ParallelGroups | None,
                  device: torch.device) -> Engine:
     """The plain engine on one process (no process groups); otherwise DeepSpeed's data-parallel or pipeline
-    engine, fairscale's, or PyTorch's FSDP2, as `layout.engine` says."""
+    engine, fairscale's, PyTorch's FSDP2 or its pipeline schedules, as `layout.engine` says."""
     if layout.engine == "torch":
         from bigtrain.engine.local import LocalEngine
 
@@ -36,6 +37,10 @@ def build_engine(cfg: Config, layout: Layout, parallel: ParallelModel, groups: P
         from bigtrain.engine.fsdp2.engine import Fsdp2Engine
 
         return Fsdp2Engine(cfg, layout, parallel, groups, device)
+    if layout.engine == "torch_pipeline":
+        from bigtrain.engine.torch_pipeline.engine import TorchPipelineEngine
+
+        return TorchPipelineEngine(cfg, layout, parallel, groups, device)
     if layout.engine == "pipeline":
         from bigtrain.engine.deepspeed.pipeline import PipelineEngine
 

@@ -83,6 +83,6 @@ def piece_grad_norms(model: nn.Module, groups: ParallelGroups) -> dict[str, floa
     for name, p in model.named_parameters():
         by_piece.setdefault(model_piece(name), []).append(p)
     keys = sorted(by_piece)
-    device = next(model.parameters()).device
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")  # a stage holds some
     squares = torch.stack([_squares(by_piece[k], groups, device) for k in keys])
     return dict(zip(keys, _sum_over_model(squares, groups).sqrt().tolist(), strict=True))

@@ -9,8 +9,10 @@ In a fixed order, as torchtitan's `parallelize_llama`:
     2. activation checkpointing          blocks or attention cores wrapped (`activation_checkpointing.py`)
     3. torch.compile (`train.compile`)   each block compiled on its own (`compile.py`), after tensor
                                          parallelism and checkpointing, before the pipeline split
-    4. pipeline split or materialize     a pipeline stage allocates and initializes only its own layers; any
-                                         other layout allocates and initializes the whole (sharded) model
+    4. pipeline split or materialize     a pipeline stage allocates and initializes only its own layers
+                                         (DeepSpeed's `PipelineModule`, or this rank's stages of a
+                                         torch.distributed.pipelining schedule); any other layout allocates and
+                                         initializes the whole (sharded) model
 
 Weights are initialized in step 4 and only there, through `bigtrain.models.materialize`, whatever the layout:
 each parameter (or its shard) is drawn from its own generator, so every layout starts from exactly the weights
@@ -36,6 +38,7 @@ from bigtrain.parallel.activation_checkpointing import apply_activation_checkpoi
 from bigtrain.parallel.compile import apply_compile
 from bigtrain.parallel.context.core import apply_context_parallel
 from bigtrain.parallel.context.inputs import ContextInputs
+from bigtrain.parallel.stages import RankStages, build_rank_stages, mark_tied_copies
 from bigtrain.parallel.tensor import apply_tensor_parallel, mark_tensor_parallel
 from bigtrain.parallel.tensor_layers import TensorParallel
 
@@ -50,6 +53,7 @@ class ParallelModel:
     pad_multiple: sequences are padded to a multiple of this (the tensor size under sequence parallelism; 2C
     under context parallelism, and C·T with both). context: the split of micro-batches over the context group
     (None without context parallelism).
+    stages: under PyTorch's pipeline schedules (engine torch_pipeline), this rank's stage modules instead.
     """
 
     model: TransformerLM
@@ -59,6 +63,7 @@ class ParallelModel:
     pad_multiple: int = 1
     stage: nn.Module | None = None
     context: ContextInputs | None = None
+    stages: RankStages | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -107,7 +112,13 @@ def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups | None
     def materialize_piece(piece: nn.Module) -> None:
         materialize(model, device, seed, result.shards, piece=piece)
 
-    if layout.pipeline > 1:
+    if layout.engine == "torch_pipeline":
+        assert groups is not None
+        result.stages = build_rank_stages(model, groups.coords.pipe, layout.pipeline, p.virtual_stages,
+                                          p.pipeline_schedule, p.partition_method, materialize_piece,
+                                          documents=cfg.data.document_masking)
+        mark_tied_copies(model, result.stages)
+    elif layout.pipeline > 1:
         from bigtrain.parallel.pipeline_module import build_pipeline_module
 
         result.stage = build_pipeline_module(model, layout, p.partition_method, materialize_piece,

@@ -42,7 +42,8 @@ from torch import nn
 from bigtrain.models import TransformerLM
 from bigtrain.models.loss import IGNORE_INDEX, cross_entropy_sum
 from bigtrain.parallel.pipeline import pipeline_inputs
-from bigtrain.parallel.stages import RankStages, build_rank_stages, stage_rank
+from bigtrain.parallel.pipeline_batches import fill_eval_batches, stack_micro_batches
+from bigtrain.parallel.stages import RankStages, build_rank_stages, stage_indices, stage_rank
 
 # parallel.pipeline_schedule -> the torch.distributed.pipelining class
 SCHEDULE_CLASSES = {
@@ -148,17 +149,21 @@ class PipelineRunner:
     parallelism)."""
 
     def __init__(self, model: TransformerLM, schedule: str, virtual_stages: int, n_microbatches: int,
-                 materialize: Callable[[nn.Module], None], group: dist.ProcessGroup | None = None,
+                 materialize: Callable[[nn.Module], None] | None, group: dist.ProcessGroup | None = None,
                  partition_method: str = "parameters", device: torch.device | str = "cpu",
                  documents: bool = False, cache_size: int = 4,
-                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum) -> None:
+                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum,
+                 stages: RankStages | None = None) -> None:
         self.model, self.schedule_name, self.virtual_stages = model, schedule, virtual_stages
         self.n_microbatches, self.group, self.device = n_microbatches, group, torch.device(device)
         self.documents, self.cache_size = documents, cache_size
         self.pipeline = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.stages = build_rank_stages(model, self.rank, self.pipeline, virtual_stages, schedule,
-                                        partition_method, materialize, documents)
+        if stages is None:  # built here (`parallelize` builds them for the torch_pipeline engine)
+            assert materialize is not None, "PipelineRunner builds its stages only with a materialize function"
+            stages = build_rank_stages(model, self.rank, self.pipeline, virtual_stages, schedule, partition_method,
+                                       materialize, documents)
+        self.stages = stages
         self.n_stages = self.pipeline * virtual_stages
         self.first = 0 in self.stages.indices
         self.last = self.n_stages - 1 in self.stages.indices
@@ -171,32 +176,43 @@ class PipelineRunner:
     def modules(self) -> list[nn.Module]:
         return list(self.stages.modules)
 
-    def _schedule_for(self, key: tuple):
+    def _schedule_for(self, key: tuple, evaluation: tuple[int, Callable] | None = None):
         """The schedule for inputs of these shapes (made on first use; the least recently used beyond
-        `cache_size` is dropped)."""
+        `cache_size` is dropped); `evaluation` = (micro-batches, metrics): a forward-only one."""
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
         stages = [stage_class()(module, index, self.n_stages, self.device, group=self.group)
                   for module, index in zip(self.stages.modules, self.stages.indices, strict=True)]
-        schedule = make_schedule(self.schedule_name, stages, self.n_microbatches, self.loss_fn)
+        if evaluation is None:
+            schedule = make_schedule(self.schedule_name, stages, self.n_microbatches, self.loss_fn)
+        else:
+            from bigtrain.compat.pipelining import forward_only_schedule
+
+            placement = {r: stage_indices(r, self.pipeline, self.virtual_stages, self.schedule_name)
+                         for r in range(self.pipeline)}
+            schedule = forward_only_schedule(stages, *evaluation, placement)
         self._schedules[key] = schedule
         while len(self._schedules) > self.cache_size:
             self._schedules.popitem(last=False)
         return schedule
 
-    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward and backward of `batch` (the global batch of this pipeline: n_microbatches micro-batches along
-        dim 0), then the tied gradients summed; returns L (a 0-d float tensor, the same on every rank)."""
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         inputs = pipeline_inputs(batch, self.model.family)
-        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+    def step(self, batch: dict[str, torch.Tensor], targets: int | None = None) -> torch.Tensor:
+        """Forward and backward of `batch` (this pipeline's share of the global batch: n_microbatches micro-batches
+        along dim 0), then the tied gradients summed; returns this pipeline's Σ ce / N (a 0-d float tensor, the
+        same on every rank). N = `targets`, the global batch's target count (default: `batch`'s own)."""
+        inputs = self._inputs(batch)
         labels = batch["labels"]
         rows = labels.shape[0]
         if rows % self.n_microbatches:
             raise ValueError(f"a batch of {rows} rows does not split into {self.n_microbatches} micro-batches")
         key = tuple(tuple(t.shape) for t in inputs) + (tuple(labels.shape),)
         schedule = self._schedule_for(key)
-        self.loss_fn.targets = max(int((labels != IGNORE_INDEX).sum()), 1)
+        self.loss_fn.targets = max(targets if targets is not None else int((labels != IGNORE_INDEX).sum()), 1)
         losses: list[torch.Tensor] = []
         args = tuple(t.to(self.device) for t in inputs) if self.first else ()
         kwargs = {"target": labels.to(self.device), "losses": losses} if self.last else {}
@@ -204,9 +220,42 @@ class PipelineRunner:
         reduce_tied_grads(self.model, self.stages, self.group, self.tied_group, self.device)
         loss = (torch.stack([x.detach().float() for x in losses]).sum() if self.last
                 else torch.zeros((), dtype=torch.float32, device=self.device))
-        dist.broadcast(loss, src=dist.get_global_rank(self.group, self.last_rank) if self.group is not None
+        return self._from_last(loss)
+
+    def _from_last(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` of the rank holding the last stage, on every rank of the pipeline (one broadcast)."""
+        dist.broadcast(t, src=dist.get_global_rank(self.group, self.last_rank) if self.group is not None
                        else self.last_rank, group=self.group)
-        return loss
+        return t
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict[str, torch.Tensor]], metrics: Callable[[torch.Tensor, torch.Tensor],
+                 torch.Tensor], width: int) -> torch.Tensor:
+        """Forward only (the schedule's `eval`) of the held-out `batches` as micro-batches; `metrics(logits,
+        labels)` gives a float64 vector of `width` sums per micro-batch on the last stage; returns their total on
+        every rank. The batches are filled (`fill_eval_batches`) to equal rows and padded to one length; the
+        fillers add nothing. Every stage runs all micro-batches before the next stage of the rank (a forward-only
+        schedule for any placement, `bigtrain.compat.pipelining`)."""
+        count = len(batches)
+        batch = stack_micro_batches(fill_eval_batches(batches, count))
+        inputs = self._inputs(batch)
+        labels = batch["labels"]
+        key = ("eval", count) + tuple(tuple(t.shape) for t in inputs) + (tuple(labels.shape),)
+        schedule = self._schedule_for(key, (count, metrics))
+        losses: list[torch.Tensor] = []
+        args = tuple(t.to(self.device) for t in inputs) if self.first else ()
+        kwargs = {"target": labels.to(self.device), "losses": losses} if self.last else {}
+        for module in self.stages.modules:
+            module.eval()
+        try:
+            schedule.eval(*args, **kwargs)
+        finally:
+            for module in self.stages.modules:
+                module.train()
+        total = (torch.stack([x.double() for x in losses]).sum(0) if self.last
+                 else torch.zeros(width, dtype=torch.float64, device=self.device))
+        return self._from_last(total)
+
 
 
 def pipeline_step(runner: PipelineRunner, batch: dict[str, torch.Tensor]) -> torch.Tensor:

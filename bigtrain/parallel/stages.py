@@ -15,7 +15,8 @@ as positional arguments (torch's pipelining sends tensors only; the int64 masks 
 The embedding is built once per rank ("embed" in DeepSpeed's `TiedLayerSpec` terms): where one rank holds several
 of its uses (the input embedding, the seq2seq decoder's, the tied head: V-shaped placement puts stage 0 and the
 last stage on rank 0), they share one set of parameters and autograd sums their gradients. Uses on different ranks
-hold equal copies whose gradients `bigtrain.parallel.schedules.reduce_tied_grads` sums.
+hold equal copies whose gradients `bigtrain.parallel.schedules.reduce_tied_grads` sums; the copies on every rank
+but the first that holds one are marked (`mark_tied_copies`), so norms and checkpoints count the embedding once.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class RankStages:
     bounds: list[int]
     embed_names: list[str]
     embed_ranks: list[int]  # pipeline ranks that hold a use of the embedding
+    rank: int = 0  # this pipeline rank
 
 
 def build_rank_stages(model: TransformerLM, rank: int, pipeline: int, virtual_stages: int, schedule: str,
@@ -152,4 +154,12 @@ def build_rank_stages(model: TransformerLM, rank: int, pipeline: int, virtual_st
                     for i, spec in enumerate(specs) if isinstance(spec, TiedLayerSpec)}
     embed_ranks = sorted({stage_rank(s, pipeline, virtual_stages, schedule) for s in embed_stages})
     embed_names = [f"embed.{n}" for n, _ in model.embed.named_parameters()] if "embed" in tied else []
-    return RankStages(mine, modules, bounds, embed_names, embed_ranks)
+    return RankStages(mine, modules, bounds, embed_names, embed_ranks, rank)
+
+
+def mark_tied_copies(model: TransformerLM, stages: RankStages) -> None:
+    """Mark the embedding's parameters as a tied copy (`tied_copy`) on a pipeline rank that holds a use of it
+    but is not the first such rank: gradient norms skip them and checkpoints are written by the first rank."""
+    if stages.embed_names and stages.embed_ranks and stages.rank != stages.embed_ranks[0]:
+        for p in model.embed.parameters():
+            p.tied_copy = True

@@ -82,8 +82,8 @@ def measured_efficiency(accelerator: Accelerator) -> tuple[float, str]:
 def _zero_stages(cfg: Config, pipeline: int, world: int) -> list[int]:
     if cfg.parallel.engine == "fairscale":  # OSS, OSS + ShardedDataParallel, FSDP; no pipeline
         return [1, 2, 3] if pipeline == 1 else []
-    if cfg.parallel.engine == "torch":  # the plain engine on one process; FSDP2 (ZeRO-2/3, no pipeline) on several
-        return [0] if world == 1 else ([2, 3] if pipeline == 1 else [])
+    if cfg.parallel.engine == "torch":  # the plain engine on one process; FSDP2 (ZeRO-2/3) on several; torch's
+        return [0] if world == 1 else ([2, 3] if pipeline == 1 else [0])  # pipeline schedules: replicas (0)
     allowed = [0, 1] if pipeline > 1 else [0, 1, 2, 3]
     if cfg.optim.name == "lamb":
         allowed = [z for z in allowed if z < 3]

@@ -100,7 +100,7 @@ def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
         volume = (c.data - 1) / c.data * psi * per_value
         data = volume / net.bandwidth(c.tensor * c.data)
     slot = slot_compute + slot_tensor + slot_overhead
-    schedule = s.pipeline_schedule if s.resolved(c) == "fsdp2" else "1f1b"  # DeepSpeed's pipeline: 1F1B only
+    schedule = s.pipeline_schedule if s.resolved(c) == "torch_pipeline" else "1f1b"  # DeepSpeed's: 1F1B only
     f = bubble_fraction(schedule, c.pipeline, m, s.virtual_stages)
     return StepTime(compute=m * slot_compute, tensor=m * slot_tensor, pipeline_bubble=m * slot * f / (1 - f),
                     pipeline_send=(m + c.pipeline - 1) * send if c.pipeline > 1 else 0.0, data=data,

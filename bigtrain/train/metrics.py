@@ -1,4 +1,5 @@
-"""Where numbers go: `metrics.jsonl` (one JSON object per line), TensorBoard, and the console."""
+"""Where numbers go: `metrics.jsonl` (one JSON object per line), TensorBoard, the experiment trackers (MLflow,
+W&B: `bigtrain.train.tracking`) and the console."""
 
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ from typing import Any
 
 from tqdm import tqdm
 
+from bigtrain.train.tracking import NoTracker, Tracker
+
 
 class MetricsLog:
-    """Appends one JSON line per record to run.dir/metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON line per record to run.dir/metrics.jsonl and mirrors scalars to TensorBoard, records and
+    images to the `tracker`."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int, enabled: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int, enabled: bool = True,
+                 tracker: Tracker | None = None) -> None:
         self.path, self.enabled = run_dir / "metrics.jsonl", enabled
+        self.tracker = tracker or NoTracker()
         self.file, self.tb = None, None
         if not enabled:  # ranks other than 0 write nothing
             return
@@ -51,6 +57,7 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
+        self.tracker.log_record(clean)
         if self.tb is not None:
             prefix = "eval" if "eval_loss" in record else "train"
             for key, value in record.items():
@@ -63,9 +70,11 @@ class MetricsLog:
                 self.tb.add_scalar(f"{tag}/{key}", value, step)
 
     def image(self, tag: str, image: Any, step: int) -> None:
-        """An RGB picture [height, width, 3] uint8 in TensorBoard."""
+        """An RGB picture [height, width, 3] uint8 in TensorBoard and the tracker."""
         if self.tb is not None:
             self.tb.add_image(tag, image, step, dataformats="HWC")
+        if self.file is not None:
+            self.tracker.log_image(tag, image, step)
 
     def close(self) -> None:
         if self.file is not None:
@@ -144,8 +153,9 @@ class MetricsProcessor:
     EVAL_FIELDS = ("step", "eval_loss", "eval_ppl", "eval_accuracy", "eval_sequence_accuracy", "eval_tokens")
 
     def __init__(self, run_dir: Path, tensorboard: bool, progress: bool, total_steps: int, start_step: int,
-                 flops_per_token: float, peak_flops: float | None, enabled: bool) -> None:
-        self.log = MetricsLog(run_dir, tensorboard, resume_step=start_step, enabled=enabled)
+                 flops_per_token: float, peak_flops: float | None, enabled: bool, tracker: Tracker | None = None
+                 ) -> None:
+        self.log = MetricsLog(run_dir, tensorboard, resume_step=start_step, enabled=enabled, tracker=tracker)
         self.progress = Progress(total_steps, start_step, progress, enabled=enabled)
         self.flops_per_token, self.peak = flops_per_token, peak_flops
         self.window_tokens, self.window_t0 = 0, time.perf_counter()

@@ -7,8 +7,9 @@
 
 Each decision lives with its owner: the layout (which engine, how ranks split) comes resolved from the command,
 the process groups from `ParallelGroups`, the data from `TrainingData`, what a checkpoint holds and whether one
-is due from `CheckpointManager`. Rank 0 writes metrics, TensorBoard and the console; every rank runs the same
-evaluation and sampling (ZeRO-3 needs all ranks in every forward).
+is due from `CheckpointManager`, which experiment trackers record the run from `build_tracker` (log.mlflow,
+log.wandb). Rank 0 writes metrics, TensorBoard, the trackers and the console; every rank runs the same evaluation
+and sampling (ZeRO-3 needs all ranks in every forward).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bigtrain.checkpoint.manager import CheckpointManager, Restored
-from bigtrain.config import Config, dump_config
+from bigtrain.config import Config, config_to_dict, dump_config
 from bigtrain.config.layout import Layout, resolve_layout
 from bigtrain.data import build_tokenizer
 from bigtrain.data.heldout import eval_size_note
@@ -31,6 +32,7 @@ from bigtrain.distributed.device import check_precision, resolve_device
 from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine import build_engine
 from bigtrain.engine.result import StepResult
+from bigtrain.errors import TrainingError
 from bigtrain.models import build_model, count_parameters, resolve_vocab_size
 from bigtrain.optim import build_schedule
 from bigtrain.parallel import parallelize
@@ -42,6 +44,7 @@ from bigtrain.train.preemption import StopRequest
 from bigtrain.train.run_dir import RunLock, prepare_run_dir
 from bigtrain.train.sample import print_sample
 from bigtrain.train.state import TrainResult, TrainState
+from bigtrain.train.tracking import NoTracker, Tracker, build_tracker
 from bigtrain.train.validator import Validator
 from bigtrain.train.watchdog import LAUNCHERS_THAT_SPAWN, Watchdog
 
@@ -61,6 +64,7 @@ class Trainer:
         check_precision(layout.precision, self.device)
         self.run_dir, self.is_main = Path(cfg.run.dir), env.is_main
         self.groups: ParallelGroups | None = None
+        self.tracker: Tracker = NoTracker()  # chosen at the start of `run`
         if layout.distributed:
             init_process_group(env, self.device, timeout_s=p.collective_timeout, quiet=not cfg.log.verbose)
             self.groups = ParallelGroups(layout, env.rank, p.collective_timeout, on_gpu=self.device.type == "cuda")
@@ -119,20 +123,40 @@ class Trainer:
     def save(self, last: bool = False) -> Path:
         """A checkpoint of the current step (collective); `last`: the end of the run, or a stop."""
         path = self.checkpoints.save(dataclasses.asdict(self.state), last)
+        if last:
+            self.tracker.log_checkpoint(path, self.state.step)
         if self._stop is not None:
             self._stop.note_checkpoint(self.state.step, path)
         return path
+
+    def _start_tracker(self) -> None:
+        """Rank 0: the trackers of log.mlflow / log.wandb, started (a resume continues their runs), with the
+        effective config; a tracker that cannot start is a TrainingError naming it."""
+        try:
+            self.tracker = build_tracker(self.cfg, self.run_dir, self.is_main,
+                                         resuming=self.restored.path is not None)
+        except Exception as exc:
+            raise TrainingError(f"the experiment tracker of log.mlflow / log.wandb could not start: "
+                                f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}. Fix it, or set "
+                                f"log.mlflow.experiment='' / log.wandb.project='' to train without it.") from exc
+        self.tracker.log_config(config_to_dict(self.cfg))
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, t, state = self.cfg, self.cfg.train, self.state
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        try:  # every rank stops if rank 0 cannot start its trackers
+            on_main(self.is_main, self.groups, self._start_tracker)
+        except BaseException:
+            self.lock.release()
+            raise
+        tracker = self.tracker
         peak = peak_flops(self.device, cfg.log.peak_tflops)
         metrics = self.metrics = MetricsProcessor(
             self.run_dir, cfg.log.tensorboard, cfg.log.progress, t.steps, state.step,
             flops_per_token(self.full_model, cfg.data.seq_len), peak * self.env.world_size if peak else None,
-            enabled=self.is_main)
+            enabled=self.is_main, tracker=tracker)
         self._report_start(metrics)
         nonfinite = NonFiniteSteps(t, self.layout.precision, metrics)
         validator = Validator(cfg, self.engine, self.data, metrics, self.is_main)
@@ -143,6 +167,7 @@ class Trainer:
         watchdog = Watchdog(t.hang_timeout, self.run_dir, self.env.rank,
                             watch_parent=self.env.launcher in LAUNCHERS_THAT_SPAWN).start()
         pending: list[tuple[int, float, StepResult]] = []  # steps whose values are still on the device
+        finished = False  # the loop ended without an exception (the trackers' run status)
         try:
             with self.data.prefetching(state.step, t.steps):
                 while state.step < t.steps:
@@ -191,6 +216,8 @@ class Trainer:
                         stopped_by = signum
                         watchdog.beat(f"the checkpoint of step {state.step}")
                         path = self.checkpoints.path_of(state.step) if saved else self.save(last=True)
+                        if saved:
+                            tracker.log_checkpoint(path, state.step)
                         metrics.write(f"stopped by {signal.Signals(stopped_by).name} after step {state.step}: "
                                       f"checkpoint {path}; the same command resumes from it")
                         break
@@ -198,12 +225,14 @@ class Trainer:
                 watchdog.beat("the final sample")
                 print_sample(cfg, self.layout, self.engine.model, self.tokenizer, self.parallel.criterion.full_logits,
                              self.parallel.pad_multiple, self.is_main)
+            finished = True
         finally:
             watchdog.stop()
             if self.stop is None:
                 stop.uninstall()
             metrics.close()
             self.lock.release()
+            tracker.close(finished)
         return TrainResult(state=state, last_eval=last_eval, run_dir=self.run_dir, stopped_early=stopped_early,
                            stopped_by=stopped_by)
 

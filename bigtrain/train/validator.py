@@ -31,7 +31,7 @@ class Validator:
     def run(self, state: TrainState) -> dict[str, float]:
         result = held_out_record(self.engine.evaluate_sums, self.data.heldout_parts())
         self.metrics.eval_line(state.step, result)
-        if self.cfg.log.tensorboard and self.cfg.log.attention_images:
+        if self.cfg.log.attention_images:  # the config checks want TensorBoard or a tracker to draw into
             self._log_attention(state.step)
         acc = "" if self.cfg.model.family == "causal" else (
             f" | token accuracy {100 * result['eval_accuracy']:.1f}%"
@@ -42,8 +42,9 @@ class Validator:
         return result
 
     def _log_attention(self, step: int) -> None:
-        """log.attention_images: the first held-out sample's attention maps as a TensorBoard image; every rank
-        runs the forward (ZeRO-3 needs all of them), rank 0 draws (config checks refuse tensor / pipeline)."""
+        """log.attention_images: the first held-out sample's attention maps as an image (TensorBoard, trackers);
+        every rank runs the forward (ZeRO-3 needs all of them), rank 0 draws (config checks refuse tensor and
+        pipeline)."""
         from bigtrain.inference.attention_log import TAG, attention_image
 
         image = attention_image(self.engine.model, self.cfg.model.family, self.data.tokenizer, self.data.heldout_set,

@@ -115,7 +115,7 @@ def _joined(block: list[tuple[int, str]]) -> list[tuple[int, str]]:
 
 
 COMMAND = re.compile(r"(-m bigtrain\.cli|(?<![\w/.-])(?<!from )(?<!import )bigtrain|launch/train\.py)"
-                     r"(?:\s+([a-z][a-z|]*))?")
+                     r"(?:\s+([a-z][a-z|-]*))?")
 
 
 def command_lines(path: Path) -> list[tuple[int, str, str]]:

@@ -1,0 +1,168 @@
+"""torch.distributed.pipelining's schedules as an engine (issue 27, item 2: parallel.engine=torch with
+parallel.pipeline > 1, `TorchPipelineEngine`) on CPU ranks over gloo, fp32, dropout 0, tolerance 1e-5: 20 steps
+equal to one device (loss, grad_norm, the final eval) under interleaved 1F1B (V=2: 4 stages on 2 ranks), zero
+bubble, DualPipeV, PP2 x TP2, PP2 x DP2 (1F1B, data replicas), the encoder-decoder and
+LAMB; an exact resume from its own files; consolidation. The step's micro-batches, padded and stacked for the
+schedule, give the loss and gradients of the micro-batches one by one (fast). Resuming between DeepSpeed's 1F1B
+pipeline and torch's interleaved schedule is in tests/test_layout_change.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigtrain.config import load_config
+from bigtrain.config.layout import resolve_layout
+from bigtrain.errors import ConfigError
+from bigtrain.models import build_model
+from bigtrain.models.loss import IGNORE_INDEX, cross_entropy_sum, model_inputs
+from bigtrain.parallel.pipeline_batches import fill_eval_batches, stack_micro_batches
+from tests.conftest import (
+    DP_LAYOUT,
+    LAMB,
+    assert_resume_is_exact,
+    assert_same_curve,
+    consolidated_eval_loss,
+    launch_ok,
+    read_metrics,
+    single_process,
+    tiny_overrides,
+)
+
+TORCH = "parallel.engine=torch"
+PP2 = (TORCH, "parallel.pipeline=2")
+INTERLEAVED = (*PP2, "parallel.pipeline_schedule=interleaved_1f1b", "parallel.virtual_stages=2")
+
+
+def _overrides(run_dir: Path, *extra: str, family: str = "causal") -> list[str]:
+    return tiny_overrides(run_dir, family, *DP_LAYOUT, *extra)
+
+
+# ---- fast: the engine the layout names, refusals, the stacked batch ---------------------------------------------
+def test_torch_with_stages_is_the_torch_pipeline_engine(tmp_path):
+    cfg = load_config(None, _overrides(tmp_path / "run", *INTERLEAVED), world_size=2)
+    layout = resolve_layout(cfg, 2)
+    assert (layout.engine, layout.pipeline, layout.zero_stage) == ("torch_pipeline", 2, 0)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("parallel.zero_stage=1",), "parallel.zero_stage must be 0, got 1"),
+    (("parallel.tensor=2", "parallel.sequence_parallel=true"), "parallel.sequence_parallel=true with "
+                                                               "parallel.engine='torch' and parallel.pipeline=2"),
+])
+def test_what_is_not_built_is_refused_naming_the_key(tmp_path, extra, needle):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, _overrides(tmp_path / "run", *INTERLEAVED, *extra), world_size=4)
+    assert needle in str(error.value) and "\n" not in str(error.value)
+
+
+def _micro_batches(family: str) -> list[dict[str, torch.Tensor]]:
+    """Two micro-batches of different lengths, padded within each (as the loader pads them)."""
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for length in (7, 11):
+        ids = torch.randint(0, 64, (2, length), generator=gen)
+        mask = torch.ones(2, length, dtype=torch.bool)
+        mask[1, length - 3:] = False
+        labels = torch.randint(0, 64, (2, length), generator=gen).masked_fill(~mask, IGNORE_INDEX)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if family == "seq2seq":
+            batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids.flip(1),
+                     "decoder_attention_mask": mask, "labels": labels}
+        out.append(batch)
+    return out
+
+
+@pytest.mark.parametrize("family", ["masked", "seq2seq"])
+def test_stacked_micro_batches_give_the_loss_and_gradients_of_each(tmp_path, family):
+    """Padding every micro-batch to the longest (masked keys, ignored targets) changes neither the summed loss nor
+    the gradient: the stacked batch against the micro-batches one by one, within 1e-6."""
+    cfg = load_config(None, _overrides(tmp_path / "run", family=family)).model
+    model = build_model(cfg, 64, "cpu", seed=5)
+    micro = _micro_batches(family)
+    one_by_one = sum(cross_entropy_sum(model(**model_inputs(b)), b["labels"]) for b in micro)
+    one_by_one.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    stacked = stack_micro_batches(micro)
+    assert stacked["labels"].shape == (4, 11) and (stacked["labels"][:2, 7:] == IGNORE_INDEX).all()
+    loss = cross_entropy_sum(model(**model_inputs(stacked)), stacked["labels"])
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(float(one_by_one.detach()), rel=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_filled_evaluation_batches_add_nothing():
+    batches = _micro_batches("masked")
+    batches[1] = {k: v[:1] for k, v in batches[1].items()}  # a short last batch
+    filled = fill_eval_batches(batches, 4)
+    assert len(filled) == 4 and all(b["labels"].shape[0] == 2 for b in filled)
+    targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    assert sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in filled) == targets
+
+
+# ---- launches: 20 steps against one device ----------------------------------------------------------------------
+@pytest.mark.launches
+def test_interleaved_equals_one_device_and_resumes_exactly(causal_reference, tmp_path):
+    """PP2 x V=2 (stages 0, 2 on rank 0 and 1, 3 on rank 1): 20 steps and the final eval within 1e-5 of one
+    process; rolled back to its step-10 checkpoint (its own files) it repeats steps 11-20 bitwise; the
+    consolidated weights (layout-free form = own files) give the final eval."""
+    run_dir = tmp_path / "run"
+    args = _overrides(run_dir, *INTERLEAVED, "checkpoint.every=10")
+    assert_resume_is_exact(2, args, run_dir)
+    assert_same_curve(causal_reference, run_dir, rel=1e-5, eval_rel=1e-5)
+    engine = json.loads((run_dir / "engine_config.json").read_text())
+    assert engine["engine"] == "torch_pipeline" and engine["schedule"] == "interleaved_1f1b"
+    assert engine["virtual_stages"] == 2 and engine["micro_batches"] == 4
+    assert consolidated_eval_loss(run_dir) == pytest.approx(read_metrics(run_dir)[1][20]["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize("schedule", ["zero_bubble", "dualpipev"])
+def test_zero_bubble_schedules_equal_one_device(causal_reference, tmp_path, schedule):
+    """zero_bubble (interleaved, weight gradients deferred) and DualPipeV (V-shaped: rank 0 holds the first and
+    the last stage, so the tied embedding's two uses share one parameter there); evaluation runs a forward-only
+    schedule over the same placement."""
+    run_dir = tmp_path / "run"
+    launch_ok(2, _overrides(run_dir, *PP2, f"parallel.pipeline_schedule={schedule}", "parallel.virtual_stages=2"))
+    assert_same_curve(causal_reference, run_dir, rel=1e-5, eval_rel=1e-5)
+
+
+@pytest.mark.launches
+def test_tensor_parallel_stages(causal_reference, tmp_path):
+    """PP2 x TP2 (4 ranks) interleaved: each stage's layers are tensor-parallel, the loss vocabulary-parallel,
+    the norm summed over tensor x pipeline with replicated parameters once."""
+    run_dir = tmp_path / "run"
+    launch_ok(4, _overrides(run_dir, *INTERLEAVED, "parallel.tensor=2"))
+    assert_same_curve(causal_reference, run_dir, rel=1e-5, eval_rel=1e-5)
+
+
+@pytest.mark.launches
+def test_data_parallel_replicas_of_the_pipeline(causal_reference, tmp_path):
+    """PP2 x DP2 (4 ranks) under 1F1B: each pipeline runs its data rank's 2 micro-batches, whose losses are
+    divided by the whole global batch's target count; the replicas sum their gradients."""
+    run_dir = tmp_path / "run"
+    launch_ok(4, _overrides(run_dir, *PP2, "parallel.data=2", "parallel.pipeline_schedule=1f1b"))
+    assert_same_curve(causal_reference, run_dir, rel=1e-5, eval_rel=1e-5)
+
+
+@pytest.mark.launches
+def test_encoder_decoder_interleaved(tmp_path):
+    """The encoder-decoder (padded batches of varying length) cut into 4 stages: the encoder's output travels
+    with the decoder's inputs; the embedding is used on the first stage and by the decoder and the tied head."""
+    ref, run_dir = tmp_path / "ref" / "run", tmp_path / "run"
+    single_process(_overrides(ref, family="seq2seq"))
+    launch_ok(2, _overrides(run_dir, *INTERLEAVED, family="seq2seq"))
+    assert_same_curve(ref, run_dir, rel=1e-5, eval_rel=1e-5)
+
+
+@pytest.mark.launches
+def test_lamb_interleaved(lamb_reference, tmp_path):
+    """LAMB's per-parameter norms are whole on each stage: 10 steps within 1e-5 of one device."""
+    run_dir = tmp_path / "run"
+    launch_ok(2, _overrides(run_dir, *LAMB, *INTERLEAVED))
+    assert_same_curve(lamb_reference, run_dir, rel=1e-5, steps=10)
