@@ -31,10 +31,11 @@ from bigtrain.cli.report import run_guarded
 from bigtrain.errors import ConfigError
 
 LAYOUT_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "data": "parallel.data",
-               "zero_stage": "parallel.zero_stage", "sequence_parallel": "parallel.sequence_parallel"}
-ONE_DEVICE = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.data=1", "parallel.zero_stage=0",
-              "parallel.sequence_parallel=false", "parallel.engine=auto", "parallel.pipeline_schedule=1f1b",
-              "parallel.virtual_stages=1"]  # the plain engine on one process
+               "zero_stage": "parallel.zero_stage", "sequence_parallel": "parallel.sequence_parallel",
+               "context": "parallel.context", "context_attention": "parallel.context_attention"}
+ONE_DEVICE = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.data=1", "parallel.context=1",
+              "parallel.zero_stage=0", "parallel.sequence_parallel=false", "parallel.engine=auto",
+              "parallel.pipeline_schedule=1f1b", "parallel.virtual_stages=1"]  # the plain engine on one process
 TRAIN = ["-m", "bigtrain.cli.train"]  # a training process of this very bigtrain (python or torchrun)
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \|")  # a training process's step line (bigtrain.train.metrics.Progress)
 
@@ -58,7 +59,7 @@ def parse_layout(text: str) -> dict[str, str]:
 
 def ranks_of(layout: dict[str, str]) -> int:
     size = 1
-    for key in ("parallel.tensor", "parallel.pipeline", "parallel.data"):
+    for key in ("parallel.tensor", "parallel.pipeline", "parallel.data", "parallel.context"):
         value = layout.get(key, "1")
         if not value.isdigit() or int(value) < 1:
             raise ConfigError(f"--layout: {key.split('.')[1]}={value} must be a positive integer.")
@@ -69,9 +70,11 @@ def ranks_of(layout: dict[str, str]) -> int:
 def shrunk(layout: dict[str, str]) -> list[str]:
     """Overrides that make the model small while every split of `layout` stays valid."""
     tensor, pipeline = int(layout.get("parallel.tensor", "1")), int(layout.get("parallel.pipeline", "1"))
-    heads = 2 * tensor
+    context = int(layout.get("parallel.context", "1"))
+    heads, seq = 2 * tensor * context, 32 * context  # Ulysses: heads per tensor rank by C; 2C chunks of 16
     return [f"model.n_layers={2 * pipeline}", f"model.n_heads={heads}", "model.n_kv_heads=null",
-            f"model.d_model={16 * heads}", f"model.d_ff={64 * heads}", "model.max_seq_len=64", "data.seq_len=32",
+            f"model.d_model={16 * heads}", f"model.d_ff={64 * heads}", f"model.max_seq_len={max(64, seq)}",
+            f"data.seq_len={seq}",
             "model.vocab_size=null", f"model.vocab_multiple={64 * tensor}", "model.n_decoder_layers=null",
             "data.source=embedded", "data.tokenizer=byte"]
 

@@ -6,6 +6,12 @@
              is the gradient of the global batch's mean token loss whatever the split (the engine scales it for
              its data-parallel reduction: `backward`)
     L      = Σ_m ℓ_m summed over the data-parallel ranks (the logged loss, the same number under any layout)
+
+Under context parallelism every rank of a context group reads its data-parallel rank's micro-batches whole and
+runs its zig-zag share of each (`local_batch`, `bigtrain.parallel.context.inputs`): N is still counted on the
+whole batches and summed over the data group alone (a context group's ranks hold the same samples), while ℓ_m is
+Σ ce over this rank's share of the targets / N, so L and the gradients are summed over data × context (the
+gradient group).
     g      = ‖∇L‖ before clipping; gradients scaled by min(1, optim.grad_clip / (g + 1e-6)) when clipping is on
     skip   = L or g not finite, or any rank's own loss not finite: the update is skipped on the device
              (`found_inf`, as under a loss scaler), weights and optimizer state untouched; the lowest such rank is
@@ -34,6 +40,7 @@ from bigtrain.engine.evaluate import EvalSums, evaluate_sums
 from bigtrain.engine.result import NO_RANK, StepResult
 from bigtrain.models.loss import Criterion, count_input_tokens, count_targets
 from bigtrain.optim import set_lr
+from bigtrain.parallel.context.inputs import ContextInputs
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class StepEngine:
     dp_size: int = 1
     config_file: str | None = None
     check: StepCheck | None = None  # the current step's decision, once made
+    context: ContextInputs | None = None  # the split of micro-batches under context parallelism
 
     # ---- what an engine supplies ---------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -140,10 +148,13 @@ class StepEngine:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         last = len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
+            batch = self.local_batch(batch)
             with self.micro_batch(last=i == last):
                 loss = self.criterion.loss_sum(self.forward(batch), batch["labels"]) / n_targets
                 self.backward(loss, last=i == last)
             total += loss.detach()
+        if self.context is not None:
+            self.context.clear()
         self.gradients_done()
         loss = self.sum_over_data(total)
         self.update(self.decide(torch.isfinite(total), loss))
@@ -189,12 +200,18 @@ class StepEngine:
         n_targets, n_tokens = self.groups.sum_on_host(local)
         return n_targets, n_tokens
 
+    def local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What this rank runs of a micro-batch: all of it, or under context parallelism its share of every
+        sequence (with global positions; the attention cores get every rank's tokens)."""
+        return batch if self.context is None else self.context.split(batch)
+
     def sum_over_data(self, total: torch.Tensor) -> torch.Tensor:
-        """Σ over the data-parallel ranks of this rank's loss, in float64, on the device."""
+        """Σ over the data-parallel ranks (× context ranks: the gradient group) of this rank's loss, in float64,
+        on the device."""
         if self.groups is None:
             return total
         t = total.detach().double().reshape(1)
-        dist.all_reduce(t, group=self.groups.data_group)
+        dist.all_reduce(t, group=self.groups.gradient_group)
         return t.reshape(())
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -203,7 +220,7 @@ class StepEngine:
     def evaluate_sums(self, batches: list[dict[str, torch.Tensor]]) -> EvalSums:
         """Summed held-out loss and counts over `batches` through the engine's model (every rank runs all of them
         and gets the same sums)."""
-        return evaluate_sums(self.model, batches, self.autocast, self.criterion)
+        return evaluate_sums(self.model, batches, self.autocast, self.criterion, self.context)
 
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         return self.evaluate_sums(batches).record()
