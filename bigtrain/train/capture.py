@@ -94,12 +94,17 @@ class StepCapture:
                 self.before[piece.name, piece.start] = piece.data.detach().clone()
                 self._param("weight", piece.name, piece_print(piece.data, piece.box, piece.start, piece.stop))
 
-    def _gradients(self, *_: Any) -> None:
-        """The optimizer's pre-step hook (DeepSpeed steps its inner optimizer once per parameter group)."""
-        for piece in self._adapter().pieces(grads=True):
-            if piece.kind == "grad" and (piece.name, piece.start) not in self.seen_grads:
-                self.seen_grads.add((piece.name, piece.start))
-                self._param("gradient", piece.name, piece_print(piece.data, piece.box, piece.start, piece.stop))
+    def _gradients(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        """The optimizer's pre-step hook. ZeRO-1/2 step the inner optimizer once per parameter group, with only
+        that group in `param_groups`: the pieces are found with all of them, then DeepSpeed's list is put back."""
+        stepping, optimizer.param_groups = optimizer.param_groups, self.param_groups
+        try:
+            for piece in self._adapter().pieces(grads=True):
+                if piece.kind == "grad" and (piece.name, piece.start) not in self.seen_grads:
+                    self.seen_grads.add((piece.name, piece.start))
+                    self._param("gradient", piece.name, piece_print(piece.data, piece.box, piece.start, piece.stop))
+        finally:
+            optimizer.param_groups = stepping
 
     def _updates(self) -> None:
         for piece in self._adapter().pieces():
@@ -140,7 +145,9 @@ class StepCapture:
             if name:
                 hook = (lambda m, i, o, name=clean_name(name): self._forward(name, m, i, o))
                 self.handles.append(module.register_forward_hook(hook))
-        self.handles.append(self.engine.sharded_state().optimizer.register_step_pre_hook(self._gradients))
+        optimizer = self.engine.sharded_state().optimizer
+        self.param_groups = optimizer.param_groups
+        self.handles.append(optimizer.register_step_pre_hook(self._gradients))
         return self
 
     def __exit__(self, kind: Any, *exc: Any) -> None:
