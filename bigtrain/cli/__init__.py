@@ -26,7 +26,7 @@ USAGE = """usage: bigtrain {train,prepare,consolidate,evaluate,export,convert,at
 [--kind all|self|encoder|decoder|cross] [--layers I,J] [--heads I,J] [--dpi N] [--debug]
   generate RUN_DIR|CHECKPOINT|WEIGHTS_DIR [--step N] --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] \
 [--greedy | --temperature T --top-k K --top-p P | --beams B --length-penalty A] [--seed S] [--no-cache] [--debug]
-  parity --config FILE --layout tensor=T,pipeline=P,data=D,zero_stage=Z [--steps N] [--shrink] \
+  parity --config FILE --layout tensor=T,pipeline=P,data=D,zero_stage=Z [--steps N] [--shrink] [--locate] \
 [--precision fp32|bf16] [--work-dir DIR] [--debug] [section.key=value ...]
   plan --config FILE --gpus N [--gpus-per-node G] [--gpu NAME] [--gpu-memory GiB [--peak-tflops T]] \
 [--intra-node-gbps GB/s] [--inter-node-gbps GB/s] [--efficiency E] [--framework-gib GiB] [--top K] [--json] \

@@ -23,6 +23,7 @@ this rank's parameter pieces (for the update) and a few numbers per tensor; noth
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -143,8 +144,7 @@ class StepCapture:
         self._weights_before()
         for name, module in self.model.named_modules():
             if name:
-                hook = (lambda m, i, o, name=clean_name(name): self._forward(name, m, i, o))
-                self.handles.append(module.register_forward_hook(hook))
+                self.handles.append(module.register_forward_hook(functools.partial(self._forward, clean_name(name))))
         optimizer = self.engine.sharded_state().optimizer
         self.param_groups = optimizer.param_groups
         self.handles.append(optimizer.register_step_pre_hook(self._gradients))
