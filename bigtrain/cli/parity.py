@@ -29,6 +29,7 @@ from bigtrain.cli.launching import Launch
 from bigtrain.cli.parity_locate import TOLERANCE as LOCATE_TOLERANCE
 from bigtrain.cli.parity_locate import Located, locate_report
 from bigtrain.cli.parity_locate import locate as locate_step
+from bigtrain.cli.parity_tensors import compare_tensors
 from bigtrain.cli.parity_verdict import NOISE_FACTOR, TOLERANCE, StepDiff, Verdict, compare, judge, within_tolerance
 from bigtrain.cli.report import run_guarded
 from bigtrain.errors import ConfigError
@@ -150,11 +151,17 @@ class Progress:
             print(file=sys.stderr)
 
 
-def _train(launch: Launch, progress: Progress, cmd: list[str], what: str, capture: int | None = None) -> None:
-    from bigtrain.train.capture import CAPTURE_ENV
+def _train(launch: Launch, progress: Progress, cmd: list[str], what: str, capture: int | None = None,
+           tensor: tuple[str, str, int] | None = None) -> None:
+    """Run one training; `capture`: the step it records as fingerprints, `tensor`: the record it also keeps whole
+    (`bigtrain.train.capture`)."""
+    from bigtrain.train.capture import CAPTURE_ENV, TENSOR_ENV
 
     progress.start(what)
-    status, lines = launch.run(cmd, progress.line, {CAPTURE_ENV: str(capture)} if capture else None)
+    env = {CAPTURE_ENV: str(capture)} if capture else {}
+    if tensor is not None:
+        env[TENSOR_ENV] = " ".join(map(str, tensor))
+    status, lines = launch.run(cmd, progress.line, env)
     if status != 0:
         tail = [line for line in lines if line.startswith("bigtrain:")][-3:]
         raise ConfigError(f"the {what} run failed (status {status}): " + (" ".join(tail) or "\n".join(lines[-10:])))
@@ -202,6 +209,16 @@ def parity(config: Path, layout_text: str, steps: int = 20, shrink: bool = False
                 _train(launch, progress, [sys.executable, *args, *checked.reference, f"train.steps={at}",
                                           f"run.dir={found[0]}"], f"locate (one device, recording step {at})", at)
             located = locate_step(*found, LOCATE_TOLERANCE[precision])
+            if located.diverged:  # the first record's tensors whole: one more run of each side, this record only
+                key = located.differences[0].key
+                _train(launch, progress, [*launch.torchrun(checked.ranks), *args, *checked.layout, f"train.steps={at}",
+                                          f"run.dir={work / 'tensors-layout'}"],
+                       f"locate (layout {layout_text}, keeping {key[1]} whole)", at, key)
+                _train(launch, progress, [sys.executable, *args, *checked.reference, f"train.steps={at}",
+                                          f"run.dir={work / 'tensors-reference'}"],
+                       f"locate (one device, keeping {key[1]} whole)", at, key)
+                located.detail = compare_tensors(work / "tensors-reference", work / "tensors-layout",
+                                                 LOCATE_TOLERANCE[precision])
         progress.done()
     return diffs, verdict, located
 

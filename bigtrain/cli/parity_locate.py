@@ -130,6 +130,7 @@ class Located:
     compared: int
     differences: list[Finding]  # beyond the tolerance, in execution order
     largest: Finding | None  # the largest difference within the tolerance (when none is beyond)
+    detail: str | None = None  # the first record's whole tensors compared (`parity_tensors`), when they were kept
 
     @property
     def diverged(self) -> bool:
@@ -165,6 +166,8 @@ def locate_report(found: Located) -> str:
     first, *rest = found.differences
     lines = [f"locate: first divergence at step {found.step} (tolerance {found.tolerance:.0e}): "
              f"{first.describe()}"]
+    if found.detail:
+        lines.append(f"  {found.detail}")
     lines += [f"  then {f.describe()}" for f in rest[:3]]
     lines.append(f"  ({len(found.differences)} of {found.compared} fingerprints beyond the tolerance)")
     return "\n".join(lines)

@@ -38,6 +38,7 @@ from bigtrain.errors import ConfigError
 from bigtrain.train.fingerprint import activation_prints, add, piece_print
 
 CAPTURE_ENV = "BIGTRAIN_CAPTURE_STEP"
+TENSOR_ENV = "BIGTRAIN_CAPTURE_TENSOR"  # "PHASE NAME MICRO": also keep that record's tensors whole (MICRO -1: none)
 WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_fpw_module.", "_orig_mod.")
 
 
@@ -50,6 +51,16 @@ def capture_step() -> int | None:
         raise ConfigError(f"{CAPTURE_ENV}={text!r}: give the 1-based step to record (e.g. {CAPTURE_ENV}=1), or "
                           f"leave it unset.")
     return int(text)
+
+
+def capture_tensor() -> tuple[str, str, int] | None:
+    """The record `BIGTRAIN_CAPTURE_TENSOR` names (phase, name, micro-batch of the global batch), or None."""
+    text = os.environ.get(TENSOR_ENV, "").split()
+    if not text:
+        return None
+    if len(text) != 3 or not text[2].lstrip("-").isdigit():
+        raise ConfigError(f"{TENSOR_ENV}={' '.join(text)!r}: give 'PHASE NAME MICRO' (e.g. 'forward blocks.0.ffn 0').")
+    return text[0], text[1], int(text[2])
 
 
 def clean_name(name: str) -> str:
@@ -76,10 +87,16 @@ class StepCapture:
         self.before: dict[tuple[str, int], torch.Tensor] = {}
         self.seen_grads: set[tuple[str, int]] = set()
         self.handles: list[Any] = []
+        self.wanted = capture_tensor()  # one record kept as this rank's tensors too (after the fingerprints)
+        self.tensors: dict[Any, torch.Tensor] = {}  # call (activations) or (box, start, stop) (parameters)
 
     # ---- parameters --------------------------------------------------------------------------------------
     def _adapter(self) -> StateAdapter:
         return StateAdapter(self.engine.sharded_state())
+
+    def _keep(self, phase: str, name: str, where: Any, t: torch.Tensor) -> None:
+        if self.wanted is not None and self.wanted[:2] == (phase, name):
+            self.tensors[where] = t.detach().to("cpu", torch.float64, copy=True)
 
     def _param(self, phase: str, name: str, values: list[float]) -> None:
         key = (phase, name)
@@ -93,6 +110,7 @@ class StepCapture:
         for piece in self._adapter().pieces():
             if piece.kind == "param":
                 self.before[piece.name, piece.start] = piece.data.detach().clone()
+                self._keep("weight", piece.name, (piece.box, piece.start, piece.stop), piece.data)
                 self._param("weight", piece.name, piece_print(piece.data, piece.box, piece.start, piece.stop))
 
     def _gradients(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
@@ -103,6 +121,7 @@ class StepCapture:
             for piece in self._adapter().pieces(grads=True):
                 if piece.kind == "grad" and (piece.name, piece.start) not in self.seen_grads:
                     self.seen_grads.add((piece.name, piece.start))
+                    self._keep("gradient", piece.name, (piece.box, piece.start, piece.stop), piece.data)
                     self._param("gradient", piece.name, piece_print(piece.data, piece.box, piece.start, piece.stop))
         finally:
             optimizer.param_groups = stepping
@@ -111,6 +130,7 @@ class StepCapture:
         for piece in self._adapter().pieces():
             if piece.kind == "param" and (piece.name, piece.start) in self.before:
                 change = piece.data.detach().double() - self.before[piece.name, piece.start].double()
+                self._keep("update", piece.name, (piece.box, piece.start, piece.stop), change)
                 self._param("update", piece.name, piece_print(change, piece.box, piece.start, piece.stop))
 
     # ---- modules -----------------------------------------------------------------------------------------
@@ -130,6 +150,7 @@ class StepCapture:
                 self.order.append(("forward", key))
             call = len(calls)
             calls.append({"shape": list(t.shape), "prints": activation_prints(t, self.tensor_rank)})
+            self._keep("forward", key, call, t)
             if t.requires_grad:
                 t.register_hook(lambda g, key=key, call=call: self._backward(key, call, g))
 
@@ -138,6 +159,7 @@ class StepCapture:
             self.grads[key] = {}
             self.order.append(("backward", key))
         self.grads[key][call] = activation_prints(grad, self.tensor_rank)
+        self._keep("backward", key, call, grad)
 
     # ---- the step ----------------------------------------------------------------------------------------
     def __enter__(self) -> StepCapture:
@@ -191,6 +213,20 @@ class StepCapture:
                   "records": self.records()}
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"rank{self.rank:05d}.json").write_text(json.dumps(record))
+        if self.wanted is not None:
+            torch.save({**{k: v for k, v in record.items() if k != "records"}, "wanted": list(self.wanted),
+                        "tensors": self._wanted_tensors()}, self.folder / f"tensors-rank{self.rank:05d}.pt")
+
+    def _wanted_tensors(self) -> list[dict[str, Any]]:
+        """The kept tensors of the wanted record: parameter pieces with their place, or this rank's activation of
+        the wanted micro-batch (its calls summed, as the fingerprints are)."""
+        phase, name, micro = self.wanted
+        if phase in ("weight", "gradient", "update"):
+            return [{"box": box, "start": a, "stop": b, "data": t} for (box, a, b), t in self.tensors.items()]
+        calls = len(self.calls.get(name, []))
+        mine = [t for call, t in sorted(self.tensors.items())
+                if self.data_rank * self.micro_batches + self._micro(call, calls) == micro]
+        return [{"data": sum(mine[1:], mine[0])}] if mine else []
 
 
 def capturing(trainer: Any, step: int, micro_batches: int) -> contextlib.AbstractContextManager:
