@@ -49,6 +49,8 @@ def test_parity_fails_on_a_broken_layout(tmp_path):
     # --locate: the last rank's first micro-batch (the global batch's second) is another step's
     assert "locate: first divergence at step 1 (tolerance 1e-04): embed.tokens: forward (its output) of " \
            "micro-batch 1: differs by" in proc.stdout, proc.stdout[-2000:]
+    # then that record's whole tensors, kept in one more run of each side: [4 samples, 32 tokens, 32 features]
+    assert "  full tensors [4, 32, 32]: largest |difference| " in proc.stdout, proc.stdout[-2000:]
     assert "parity: run 3 (noise floor: one device, micro-batches of 2): step 5 of 5" in proc.stderr.splitlines()
 
 
