@@ -7,6 +7,7 @@ same tiny model (LAMB), and compares each fault's run with its reference in this
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ import torch
 from bigtrain.cli.launching import child_env, torchrun
 from bigtrain.cli.parity import check_runs
 from bigtrain.cli.parity_locate import Located, locate, locate_report, whole_activation
-from bigtrain.train.capture import CAPTURE_ENV
+from bigtrain.errors import ConfigError
+from bigtrain.train.capture import CAPTURE_ENV, TENSOR_ENV, capture_step, capture_tensor
 from bigtrain.train.fingerprint import activation_prints, add, difference, piece_print
 from tests.conftest import REPO
 
@@ -103,3 +105,14 @@ def test_locate_names_each_planted_bug(tmp_path):
             wrong.append(f"{fault}: expected {module or 'any module'} / {phase}, got:\n{locate_report(found)}")
     print("\n".join(table))
     assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("variable,value,message", [
+    (CAPTURE_ENV, "0", "BIGTRAIN_CAPTURE_STEP='0': give the 1-based step to record"),
+    (CAPTURE_ENV, "one", "BIGTRAIN_CAPTURE_STEP='one': give the 1-based step to record"),
+    (TENSOR_ENV, "forward blocks.0", "BIGTRAIN_CAPTURE_TENSOR='forward blocks.0': give 'PHASE NAME MICRO'"),
+])
+def test_a_bad_capture_switch_is_named(monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        capture_step() if variable == CAPTURE_ENV else capture_tensor()
