@@ -199,28 +199,37 @@ def parity(config: Path, layout_text: str, steps: int = 20, shrink: bool = False
             diffs = compare(work / "reference", work / "layout", work / "floor")
         verdict = judge(diffs, TOLERANCE[precision])
         if locate:
-            at = verdict.first_out or 1
-            found = (work / "reference", work / "layout")
-            if at > 1:
-                found = (work / "locate-reference", work / "locate-layout")
-                _train(launch, progress, [*launch.torchrun(checked.ranks), *args, *checked.layout,
-                                          f"train.steps={at}", f"run.dir={found[1]}"],
-                       f"locate (layout {layout_text}, recording step {at})", at)
-                _train(launch, progress, [sys.executable, *args, *checked.reference, f"train.steps={at}",
-                                          f"run.dir={found[0]}"], f"locate (one device, recording step {at})", at)
-            located = locate_step(*found, LOCATE_TOLERANCE[precision])
-            if located.diverged:  # the first record's tensors whole: one more run of each side, this record only
-                key = located.differences[0].key
-                _train(launch, progress, [*launch.torchrun(checked.ranks), *args, *checked.layout, f"train.steps={at}",
-                                          f"run.dir={work / 'tensors-layout'}"],
-                       f"locate (layout {layout_text}, keeping {key[1]} whole)", at, key)
-                _train(launch, progress, [sys.executable, *args, *checked.reference, f"train.steps={at}",
-                                          f"run.dir={work / 'tensors-reference'}"],
-                       f"locate (one device, keeping {key[1]} whole)", at, key)
-                located.detail = compare_tensors(work / "tensors-reference", work / "tensors-layout",
-                                                 LOCATE_TOLERANCE[precision])
+            located = _locate(launch, progress, checked, args, layout_text, work, verdict.first_out or 1,
+                              LOCATE_TOLERANCE[precision])
         progress.done()
     return diffs, verdict, located
+
+
+def _both(launch: Launch, progress: Progress, checked: Runs, args: list[str], layout_text: str, work: Path,
+          name: str, step: int, what: str, key: tuple[str, str, int] | None = None) -> tuple[Path, Path]:
+    """One more run of each side trained to `step` and recording it (into work/NAME-reference, work/NAME-layout)."""
+    ref, lay = work / f"{name}-reference", work / f"{name}-layout"
+    _train(launch, progress, [*launch.torchrun(checked.ranks), *args, *checked.layout, f"train.steps={step}",
+                              f"run.dir={lay}"], f"locate (layout {layout_text}, {what})", step, key)
+    _train(launch, progress, [sys.executable, *args, *checked.reference, f"train.steps={step}", f"run.dir={ref}"],
+           f"locate (one device, {what})", step, key)
+    return ref, lay
+
+
+def _locate(launch: Launch, progress: Progress, checked: Runs, args: list[str], layout_text: str, work: Path,
+            at: int, tolerance: float) -> Located:
+    """Where the layout first differs at step `at` (recorded by runs 1 and 2 when it is step 1), and that record's
+    whole tensors (kept by one more run of each side)."""
+    found = (work / "reference", work / "layout")
+    if at > 1:
+        found = _both(launch, progress, checked, args, layout_text, work, "locate", at, f"recording step {at}")
+    located = locate_step(*found, tolerance)
+    if located.diverged:
+        key = located.differences[0].key
+        ref, lay = _both(launch, progress, checked, args, layout_text, work, "tensors", at, f"keeping {key[1]} whole",
+                         key)
+        located.detail = compare_tensors(ref, lay, tolerance)
+    return located
 
 
 def report(diffs: list[StepDiff], verdict: Verdict, layout: str, tolerance: float) -> str:
