@@ -97,6 +97,12 @@ class StepEngine:
         """Backpropagate `loss` (this micro-batch's Σ ce / N), scaled for the engine's data-parallel reduction."""
         raise NotImplementedError
 
+    @property
+    def backward_scale(self) -> float:
+        """The factor by which `backward` multiplies ℓ: D, for a data-parallel reduction that averages over the D
+        data ranks (the gradients of activations are D times one device's; `bigtrain parity --locate` divides)."""
+        return float(self.dp_size)
+
     def update(self, found_inf: torch.Tensor) -> None:
         """One optimizer update, skipped on the device when `found_inf` is 1; gradients cleared after."""
         raise NotImplementedError
