@@ -15,7 +15,9 @@ from tests.conftest import (
     T5_OPTIONS,
     assert_resume_is_exact,
     assert_same_curve,
+    consolidated_eval_loss,
     launch_ok,
+    read_metrics,
     single_process,
     tiny_overrides,
 )
@@ -38,12 +40,14 @@ def _run(tmp_path, ranks: int, family: str, *extra: str):
 def test_context_two_equals_one_device(causal_reference, tmp_path, attention):
     """CP2 (2 ranks, DeepSpeed ZeRO-0, sinusoidal positions, tied embeddings): each rank holds chunks i and 3-i
     of every sequence; ring attention and DeepSpeed-Ulysses. The sample at the end runs the whole model on each
-    rank (the cores attend plainly outside a training micro-batch)."""
+    rank (the cores attend plainly outside a training micro-batch). The checkpoint consolidates to one device's
+    weights, which give the run's final eval loss."""
     run_dir = tmp_path / "run"
     out = launch_ok(2, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *CP2, f"parallel.context_attention={attention}",
-                                      "train.sample_tokens=8"))
+                                      "train.sample_tokens=8", "checkpoint.every=20"))
     assert "context 2 × " in out and "--- sample (8 tokens" in out, out[-2000:]
     assert_same_curve(causal_reference, run_dir, rel=1e-5, eval_rel=1e-5)
+    assert consolidated_eval_loss(run_dir) == pytest.approx(read_metrics(run_dir)[1][20]["eval_loss"], rel=1e-6)
 
 
 @pytest.mark.launches
