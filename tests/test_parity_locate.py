@@ -116,3 +116,11 @@ def test_a_bad_capture_switch_is_named(monkeypatch, variable, value, message):
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=re.escape(message)):
         capture_step() if variable == CAPTURE_ENV else capture_tensor()
+
+
+def test_locate_refuses_context_parallel_layouts(tmp_path):
+    """--locate cannot rebuild zig-zag sequence shards yet: a clear error before anything is launched."""
+    from bigtrain.cli.parity import parity
+
+    with pytest.raises(ConfigError, match="--locate with --layout context=2 is refused"):
+        parity(REPO / "configs" / "smoke.yaml", "context=2", 2, True, "fp32", [], tmp_path, None, True)
