@@ -38,7 +38,8 @@ def reference(layer: MoEFeedForward, x: torch.Tensor, capacity: int | None) -> t
     for t in range(n):
         p = torch.softmax(h[t] @ layer.router.weight.t(), -1)
         top = torch.topk(p, layer.top_k)
-        choices.append([(int(e), float(w) / float(top.values.sum())) for w, e in zip(top.values, top.indices, strict=True)])
+        total = float(top.values.sum())
+        choices.append([(int(e), float(w) / total) for w, e in zip(top.values, top.indices, strict=True)])
     kept = [[True] * layer.top_k for _ in range(n)]
     if capacity is not None:
         load = [0] * len(layer.experts)
