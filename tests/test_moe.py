@@ -15,7 +15,7 @@ from bigtrain.config.schema import MoEConfig
 from bigtrain.errors import ConfigError
 from bigtrain.models.build import build_model
 from bigtrain.models.moe import MoEFeedForward, collect_router_stats, moe_layers, route
-from tests.conftest import read_metrics, single_process, tiny_overrides
+from tests.conftest import read_metrics, run_cli, single_process, tiny_overrides
 
 
 def make_layer(activation: str, experts: int = 4, top_k: int = 2, shared: int = 1, capacity_factor: float = 0.0,
@@ -199,3 +199,24 @@ def test_softmax_of_router_is_in_fp32_for_half_inputs():
     routing = route(logits, 2)
     assert routing.probs.dtype == torch.float32
     assert torch.allclose(routing.probs, F.softmax(logits.float(), -1))
+
+
+def test_flops_count_the_active_experts_only():
+    """6·N of MFU counts top_k of E routed experts: top_k=1 of 4 experts = the dense FFN plus the router."""
+    from bigtrain.planning.flops import matmul_parameters
+
+    base = dict(d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16)
+    dense = matmul_parameters(build_model(ModelConfig(**base), 64, "meta"))
+    moe = matmul_parameters(build_model(ModelConfig(**base, moe=MoEConfig(experts=4, top_k=1)), 64, "meta"))
+    assert moe == dense + 2 * 16 * 4  # + two routers of d_model × experts
+
+
+def test_plan_and_hugging_face_export_refuse_moe_models():
+    from bigtrain.interop.hf_config import hf_kind
+
+    proc = run_cli("plan", "--config", "configs/smoke.yaml", "--gpus", "1", "model.moe.experts=4")
+    assert proc.returncode != 0 and "model.moe.experts=4" in proc.stderr and "not built" in proc.stderr
+    cfg = ModelConfig(positions="learned", norm_position="pre", activation="gelu_tanh", scale_embeddings=False,
+                      moe=MoEConfig(experts=4))
+    with pytest.raises(ValueError, match="model.moe.experts=4"):
+        hf_kind(cfg)
