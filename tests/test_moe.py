@@ -5,6 +5,7 @@ training run that reports the router numbers."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -61,16 +62,17 @@ def reference(layer: MoEFeedForward, x: torch.Tensor, capacity: int | None) -> t
     return out.reshape(x.shape)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
-def test_moe_forward_equals_a_per_token_loop(activation, capacity_factor):
-    layer = make_layer(activation, capacity_factor=capacity_factor)
-    x = torch.randn(3, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+def test_moe_forward_equals_a_per_token_loop(activation, capacity_factor, dtype):
+    layer = make_layer(activation, capacity_factor=capacity_factor).to(dtype)
+    x = torch.randn(3, 7, 8, dtype=dtype, generator=torch.Generator().manual_seed(1))
     n = 21
     capacity = math.ceil(capacity_factor * n * 2 / 4) if capacity_factor else None
     got, want = layer(x), reference(layer, x, capacity)
     worst = float((got - want).abs().max().detach() / want.abs().max())
-    print(f"{activation} capacity_factor={capacity_factor}: max |moe - loop| / max |loop| = {worst:.2e}")
+    print(f"{activation} {dtype} capacity_factor={capacity_factor}: max |moe - loop| / max |loop| = {worst:.2e}")
     assert worst <= 1e-6
     dropped = float(layer.last.dropped)
     if capacity is None:
@@ -277,3 +279,20 @@ def test_the_step_adds_the_router_losses_averaged_over_micro_batches():
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-8), name
     router = model.blocks[0].ffn.router.weight.grad
     assert router is not None and router.abs().sum() > 0
+
+
+@pytest.mark.launches
+def test_a_moe_run_resumes_exactly(tmp_path):
+    """Steps 6-10 resumed from the step-5 checkpoint equal the straight run's (loss, grad_norm, router numbers)."""
+    moe = ("model.moe.experts=4", "model.moe.capacity_factor=1.0", "model.moe.z_loss_coef=0.01", "train.steps=10",
+           "checkpoint.every=5")
+    straight, resumed = tmp_path / "straight" / "run", tmp_path / "resumed" / "run"
+    single_process(tiny_overrides(straight, "causal", *moe))
+    shutil.copytree(straight, resumed)  # then forget step 10: the run resumes from step 5
+    shutil.rmtree(resumed / "checkpoints" / "step_00000010")
+    (resumed / "checkpoints" / "latest").write_text("step_00000005\n")
+    single_process(tiny_overrides(resumed, "causal", *moe))
+    (a, _), (b, _) = read_metrics(straight), read_metrics(resumed)
+    for step in range(6, 11):
+        for key in ("loss", "grad_norm", "moe_aux_loss", "moe_z_loss", "moe_dropped_fraction"):
+            assert a[step][key] == b[step][key], (step, key)

@@ -48,7 +48,7 @@ class RouterStats:
 @dataclass(frozen=True)
 class Routing:
     """The routing of N tokens: `weights` [N, K] (renormalized, 0 at a dropped assignment), `experts` [N, K]
-    (int64), `kept` [N, K] (bool), `probs` [N, E] and `logits` [N, E] (fp32)."""
+    (int64), `kept` [N, K] (bool), `probs` [N, E] and `logits` [N, E] (fp32, or fp64 for fp64 inputs)."""
 
     weights: torch.Tensor
     experts: torch.Tensor
@@ -66,7 +66,7 @@ def capacity(tokens: int, top_k: int, experts: int, capacity_factor: float) -> i
 
 def route(logits: torch.Tensor, top_k: int, capacity_factor: float = 0.0) -> Routing:
     """Top-k routing of router logits [N, E] (module docstring), with capacity dropping when capacity_factor > 0."""
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32
     n, e = logits.shape
     probs = logits.softmax(-1)
     top, experts = probs.topk(top_k, dim=-1)
@@ -92,8 +92,8 @@ def balance_loss(routing: Routing) -> torch.Tensor:
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """mean_t logsumexp(z_t)² over the router logits [N, E]."""
-    return logits.float().logsumexp(-1).pow(2).mean()
+    """mean_t logsumexp(z_t)² over the router logits [N, E] (at least fp32)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).logsumexp(-1).pow(2).mean()
 
 
 class MoEFeedForward(nn.Module):
