@@ -266,7 +266,7 @@ def test_the_step_adds_the_router_losses_averaged_over_micro_batches():
         ce = cross_entropy_sum(twin(**model_inputs(b)), b["labels"]) / n
         stats = collect_router_stats(moe_layers(twin))
         (ce + stats.loss / len(batches)).backward()
-        ce_total += float(ce)
+        ce_total += float(ce.detach())
         aux.append(float(stats.aux))
         z.append(float(stats.z))
     assert abs(float(result.loss) - ce_total) <= 1e-6 * ce_total
