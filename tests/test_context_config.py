@@ -29,9 +29,24 @@ def test_unknown_algorithm_is_refused() -> None:
         load_config(None, ["parallel.context_attention=striped"])
 
 
-def test_splittable_context_is_refused_until_wired() -> None:
-    with pytest.raises(ConfigError, match=r"parallel.context=2 .*not yet wired"):
-        load_config(None, ["parallel.context=2", "data.seq_len=64"])
+CP2 = ["parallel.context=2", "data.seq_len=64", "model.attention_dropout=0"]
+
+
+def test_splittable_context_loads() -> None:
+    cfg = load_config(None, CP2, world_size=2)
+    assert cfg.parallel.context == 2
+
+
+@pytest.mark.parametrize("extra, keys", [
+    (["parallel.pipeline=2"], r"parallel.context=2 with parallel.pipeline=2"),
+    (["parallel.engine=fairscale", "parallel.zero_stage=1"], r"parallel.context=2 with parallel.engine='fairscale'"),
+    (["model.attention_dropout=0.1"], r"model.attention_dropout is 0.1"),
+    (["model.attention_dropout=null", "model.dropout=0.1"], r"model.attention_dropout is 0.1 \(null means "
+                                                             r"model.dropout=0.1\)"),
+], ids=["pipeline", "fairscale", "attention-dropout", "dropout"])
+def test_what_is_not_wired_is_refused_naming_the_keys(extra, keys) -> None:
+    with pytest.raises(ConfigError, match=keys):
+        load_config(None, [*CP2, *extra], world_size=4)
 
 
 def test_layout_orders_tensor_then_context_then_data_then_pipe() -> None:

@@ -94,26 +94,31 @@ def test_mask_over_global_positions_is_the_models_mask(causal, context):
     assert allowed(Tokens(torch.arange(4)), Tokens(torch.arange(4)), causal=False) is None
 
 
-def test_ring_blocks_merged_equal_softmax_over_all_keys():
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_ring_blocks_merged_equal_softmax_over_all_keys(with_bias):
     """block_forward over key blocks, merged by the log-sum-exp rule, is softmax attention over all keys (a
     block a row cannot see contributes nothing); block_backward summed over the blocks is autograd's gradient.
-    Grouped-query: 4 query heads over 2 key/value heads."""
+    Grouped-query: 4 query heads over 2 key/value heads. With an additive bias (T5's relative one, [1, ...]
+    over the batch), its gradient is the blocks' dS summed over the batch."""
     torch.manual_seed(0)
     q = torch.randn(2, 2, 2, 8, 4, dtype=torch.float64)  # [B, Hkv, G, T, d]
     k, v = torch.randn(2, 2, 12, 4, dtype=torch.float64), torch.randn(2, 2, 12, 4, dtype=torch.float64)
+    bias = torch.randn(1, 2, 2, 8, 12, dtype=torch.float64) if with_bias else None
     mask = torch.rand(2, 1, 8, 12) < 0.6
     mask[..., :4] &= torch.arange(8)[:, None] < 4  # rows 4..7 see nothing of the first block
     mask[..., 0, 5] = True  # every row sees some key
     mask[..., 4:, 6] = True
     scale = 0.5
     qa, ka, va = (t.clone().requires_grad_() for t in (q, k, v))
-    s = torch.einsum("bhgqd,bhkd->bhgqk", qa, ka) * scale
+    ba = bias.clone().requires_grad_() if with_bias else None
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qa, ka) * scale + (ba if with_bias else 0)
     ref = torch.einsum("bhgqk,bhkd->bhgqd", s.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1), va)
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float64)
     blocks = [slice(0, 4), slice(4, 8), slice(8, 12)]
     for b in blocks:
-        o_b, lse_b = block_forward(q, k[:, :, b], v[:, :, b], mask[..., b], scale)
+        o_b, lse_b = block_forward(q, k[:, :, b], v[:, :, b], mask[..., b], scale,
+                                   bias[..., b] if with_bias else None)
         out, lse = merge(out, lse, o_b, lse_b)
     assert torch.allclose(out, ref, atol=1e-12)
     d_out = torch.randn_like(q)
@@ -121,9 +126,12 @@ def test_ring_blocks_merged_equal_softmax_over_all_keys():
     delta = (d_out * out).sum(-1)
     dq = torch.zeros_like(q)
     for b in blocks:
-        dq_b, dk_b, dv_b = block_backward(q, k[:, :, b], v[:, :, b], d_out, delta, lse, mask[..., b], scale)
+        dq_b, dk_b, dv_b, ds = block_backward(q, k[:, :, b], v[:, :, b], d_out, delta, lse, mask[..., b], scale,
+                                              bias[..., b] if with_bias else None)
         dq += dq_b
         assert torch.allclose(dk_b, ka.grad[:, :, b], atol=1e-10) and torch.allclose(dv_b, va.grad[:, :, b], atol=1e-10)
+        if with_bias:
+            assert torch.allclose(ds.sum(0, keepdim=True), ba.grad[..., b], atol=1e-10)
     assert torch.allclose(dq, qa.grad, atol=1e-10)
 
 

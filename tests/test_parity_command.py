@@ -23,12 +23,16 @@ def _parity(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
-@pytest.mark.parametrize("layout", ["tensor=2", "pipeline=2", "tensor=2,pipeline=2", "data=2,zero_stage=3"])
+@pytest.mark.parametrize("layout", ["tensor=2", "pipeline=2", "tensor=2,pipeline=2", "data=2,zero_stage=3",
+                                    "data=2,zero_stage=3 parallel.engine=torch"])  # the last: FSDP2
 def test_parity_passes_on_correct_layouts(tmp_path, layout):
-    proc = _parity(tmp_path, "--layout", layout)
+    """With --locate (issue 31): step 1's fingerprints of every module and parameter agree too."""
+    layout, *extra = layout.split()
+    proc = _parity(tmp_path, "--layout", layout, "--locate", *extra)
     print(proc.stdout[-1500:])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "parity PASSED" in proc.stdout and proc.stdout.count("\n") >= 7  # header, 5 steps, verdict
+    assert "parity PASSED" in proc.stdout and proc.stdout.count("\n") >= 8  # header, 5 steps, verdict, locate
+    assert "locate: no divergence at step 1: " in proc.stdout, proc.stdout[-2000:]
     ranks = 4 if layout == "tensor=2,pipeline=2" else 2
     for progress in (f"parity: run 1 (layout {layout}, {ranks} ranks): step 5 of 5", "parity: run 2 (one device): "
                      "step 5 of 5"):  # issue 25: nothing was printed while the runs trained
@@ -38,10 +42,15 @@ def test_parity_passes_on_correct_layouts(tmp_path, layout):
 
 def test_parity_fails_on_a_broken_layout(tmp_path):
     """Outside the tolerance, so the noise floor is measured too; the broken rank leaves it at step 1."""
-    proc = _parity(tmp_path, "--layout", "data=2,zero_stage=1",
+    proc = _parity(tmp_path, "--layout", "data=2,zero_stage=1", "--locate",
                    "--script", str(REPO / "tests" / "helpers" / "broken_parity.py"))
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "parity FAILED: the layout leaves 100x the noise floor" in proc.stdout and " at step 1: " in proc.stdout
+    # --locate: the last rank's first micro-batch (the global batch's second) is another step's
+    assert "locate: first divergence at step 1 (tolerance 1e-04): embed.tokens: forward (its output) of " \
+           "micro-batch 1: differs by" in proc.stdout, proc.stdout[-2000:]
+    # then that record's whole tensors, kept in one more run of each side: [4 samples, 32 tokens, 32 features]
+    assert "  full tensors [4, 32, 32]: largest |difference| " in proc.stdout, proc.stdout[-2000:]
     assert "parity: run 3 (noise floor: one device, micro-batches of 2): step 5 of 5" in proc.stderr.splitlines()
 
 

@@ -99,16 +99,18 @@ class StateAdapter:
                 return float(state["step"])
         return 0.0
 
-    def pieces(self) -> Iterator[Piece]:
+    def pieces(self, grads: bool = False) -> Iterator[Piece]:
+        """This rank's pieces of every parameter and its optimizer state; with `grads`, also of the gradient the
+        optimizer holds now (kind "grad", where it has one: `bigtrain parity --locate` reads it before a step)."""
         for name, p in self.params:
             if not self._owns(name, p):
                 continue
             box = tp_box(self.shape_of(p), self.shards.get(name))
-            for start, stop, values in self._local(p):
+            for start, stop, values in self._local(p, grads):
                 for kind, data in values.items():
                     yield Piece(name, kind, box, start, stop, data)
 
-    def _local(self, p: torch.Tensor) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    def _local(self, p: torch.Tensor, grads: bool = False) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
         """(start, stop, {kind: 1-D values}) of what this rank holds of `p` (flat range of the local shard)."""
         if self.kind == "per-parameter":
             if not self.writes_state(p):
@@ -116,6 +118,8 @@ class StateAdapter:
             state = self.optimizer.state.get(p, {})
             values = {"param": p.detach().reshape(-1)}
             values.update({k: state[k].reshape(-1) for k in STATE_KINDS if k in state})
+            if grads and p.grad is not None:
+                values["grad"] = p.grad.detach().reshape(-1)
             yield 0, p.numel(), values
         elif self.kind == "fragments":
             frag = fragment_of(p)
@@ -125,6 +129,8 @@ class StateAdapter:
             state = self.optimizer.state.get(flat, {})
             values = {"param": flat.narrow(0, frag.flat_start, frag.numel)}
             values.update({k: state[k].narrow(0, frag.flat_start, frag.numel) for k in STATE_KINDS if k in state})
+            if grads and flat.grad is not None:
+                values["grad"] = flat.grad.narrow(0, frag.flat_start, frag.numel)
             yield frag.param_start, frag.param_start + frag.numel, values
         else:
             part = self.partition(p)
@@ -133,6 +139,8 @@ class StateAdapter:
             state = self.optimizer.state.get(part.flat, {})
             values = {"param": part.flat.narrow(0, part.flat_start, part.numel)}
             values.update({k: state[k].narrow(0, part.flat_start, part.numel) for k in STATE_KINDS if k in state})
+            if grads and part.flat.grad is not None:
+                values["grad"] = part.flat.grad.narrow(0, part.flat_start, part.numel)
             yield part.param_start, part.param_start + part.numel, values
 
     # ---- loading ---------------------------------------------------------------------------------------------

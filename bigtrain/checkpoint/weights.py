@@ -29,8 +29,8 @@ from bigtrain.config.loader import config_from_dict, read_yaml
 from bigtrain.errors import CheckpointError, ConfigError, UsageError
 from bigtrain.io import load_failure, save_safetensors
 
-ONE_DEVICE = {"tensor": 1, "pipeline": 1, "data": None, "sequence_parallel": False, "pipeline_schedule": "1f1b",
-              "virtual_stages": 1}
+ONE_DEVICE = {"tensor": 1, "pipeline": 1, "data": None, "context": 1, "sequence_parallel": False,
+              "pipeline_schedule": "1f1b", "virtual_stages": 1}
 # Model keys that do not change what the weights mean (training choices): left out when a source's model
 # section is compared with a run's.
 TRAINING_KEYS = {"dropout", "attention_dropout", "init", "init_std", "init_from", "vocab_multiple", "vocab_size"}

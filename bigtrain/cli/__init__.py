@@ -30,7 +30,7 @@ USAGE = f"usage: bigtrain {{{','.join(COMMANDS)}}} ...\n" + """\
 [--greedy | --temperature T --top-k K --top-p P | --beams B --length-penalty A] [--seed S] [--no-cache] [--debug]
   eval-harness RUN_DIR|CHECKPOINT|WEIGHTS_DIR [--step N] --tasks T[,T ...] [--limit N] [--include-path DIR] \
 [--num-fewshot K] [--batch-size B] [--output FILE.json] [--debug] [section.key=value ...]
-  parity --config FILE --layout tensor=T,pipeline=P,data=D,zero_stage=Z [--steps N] [--shrink] \
+  parity --config FILE --layout tensor=T,pipeline=P,data=D,zero_stage=Z [--steps N] [--shrink] [--locate] \
 [--precision fp32|bf16] [--work-dir DIR] [--debug] [section.key=value ...]
   plan --config FILE --gpus N [--gpus-per-node G] [--gpu NAME] [--gpu-memory GiB [--peak-tflops T]] \
 [--intra-node-gbps GB/s] [--inter-node-gbps GB/s] [--efficiency E] [--framework-gib GiB] [--top K] [--json] \

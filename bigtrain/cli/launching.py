@@ -100,12 +100,13 @@ class Launch:
             raise Stopped(signum)
         self._late = self._late or signum  # while ending: raised once everything is ended
 
-    def run(self, cmd: Sequence[str], on_line: Callable[[str], None] | None = None) -> tuple[int, list[str]]:
+    def run(self, cmd: Sequence[str], on_line: Callable[[str], None] | None = None,
+            env: dict[str, str] | None = None) -> tuple[int, list[str]]:
         """Run `cmd` to its end in a process group of its own; (exit status, the last 200 lines of its output).
         With `on_line`, its output (stdout and stderr) is read line by line and handed to it; else it goes where
-        this command's does (and no lines are returned)."""
+        this command's does (and no lines are returned). `env`: variables added to its environment."""
         pipe = subprocess.PIPE if on_line else None
-        proc = subprocess.Popen(list(cmd), env=self.env(), start_new_session=True,
+        proc = subprocess.Popen(list(cmd), env={**self.env(), **(env or {})}, start_new_session=True,
                                 preexec_fn=functools.partial(die_with_parent, os.getpid()), stdout=pipe,
                                 stderr=subprocess.STDOUT if on_line else None, text=True, errors="replace")
         self.groups.append(proc.pid)

@@ -26,15 +26,20 @@ from pathlib import Path
 from bigtrain.cli.arguments import CommandParser, path, whole
 from bigtrain.cli.capacity import check_local_ranks, visible_gpus
 from bigtrain.cli.launching import Launch
+from bigtrain.cli.parity_locate import TOLERANCE as LOCATE_TOLERANCE
+from bigtrain.cli.parity_locate import Located, locate_report
+from bigtrain.cli.parity_locate import locate as locate_step
+from bigtrain.cli.parity_tensors import compare_tensors
 from bigtrain.cli.parity_verdict import NOISE_FACTOR, TOLERANCE, StepDiff, Verdict, compare, judge, within_tolerance
 from bigtrain.cli.report import run_guarded
 from bigtrain.errors import ConfigError
 
 LAYOUT_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "data": "parallel.data",
-               "zero_stage": "parallel.zero_stage", "sequence_parallel": "parallel.sequence_parallel"}
-ONE_DEVICE = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.data=1", "parallel.zero_stage=0",
-              "parallel.sequence_parallel=false", "parallel.engine=auto", "parallel.pipeline_schedule=1f1b",
-              "parallel.virtual_stages=1"]  # the plain engine on one process
+               "zero_stage": "parallel.zero_stage", "sequence_parallel": "parallel.sequence_parallel",
+               "context": "parallel.context", "context_attention": "parallel.context_attention"}
+ONE_DEVICE = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.data=1", "parallel.context=1",
+              "parallel.zero_stage=0", "parallel.sequence_parallel=false", "parallel.engine=auto",
+              "parallel.pipeline_schedule=1f1b", "parallel.virtual_stages=1"]  # the plain engine on one process
 TRAIN = ["-m", "bigtrain.cli.train"]  # a training process of this very bigtrain (python or torchrun)
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \|")  # a training process's step line (bigtrain.train.metrics.Progress)
 
@@ -58,7 +63,7 @@ def parse_layout(text: str) -> dict[str, str]:
 
 def ranks_of(layout: dict[str, str]) -> int:
     size = 1
-    for key in ("parallel.tensor", "parallel.pipeline", "parallel.data"):
+    for key in ("parallel.tensor", "parallel.pipeline", "parallel.data", "parallel.context"):
         value = layout.get(key, "1")
         if not value.isdigit() or int(value) < 1:
             raise ConfigError(f"--layout: {key.split('.')[1]}={value} must be a positive integer.")
@@ -69,9 +74,11 @@ def ranks_of(layout: dict[str, str]) -> int:
 def shrunk(layout: dict[str, str]) -> list[str]:
     """Overrides that make the model small while every split of `layout` stays valid."""
     tensor, pipeline = int(layout.get("parallel.tensor", "1")), int(layout.get("parallel.pipeline", "1"))
-    heads = 2 * tensor
+    context = int(layout.get("parallel.context", "1"))
+    heads, seq = 2 * tensor * context, 32 * context  # Ulysses: heads per tensor rank by C; 2C chunks of 16
     return [f"model.n_layers={2 * pipeline}", f"model.n_heads={heads}", "model.n_kv_heads=null",
-            f"model.d_model={16 * heads}", f"model.d_ff={64 * heads}", "model.max_seq_len=64", "data.seq_len=32",
+            f"model.d_model={16 * heads}", f"model.d_ff={64 * heads}", f"model.max_seq_len={max(64, seq)}",
+            f"data.seq_len={seq}",
             "model.vocab_size=null", f"model.vocab_multiple={64 * tensor}", "model.n_decoder_layers=null",
             "data.source=embedded", "data.tokenizer=byte"]
 
@@ -148,20 +155,30 @@ class Progress:
             print(file=sys.stderr)
 
 
-def _train(launch: Launch, progress: Progress, cmd: list[str], what: str) -> None:
+def _train(launch: Launch, progress: Progress, cmd: list[str], what: str, capture: int | None = None,
+           tensor: tuple[str, str, int] | None = None) -> None:
+    """Run one training; `capture`: the step it records as fingerprints, `tensor`: the record it also keeps whole
+    (`bigtrain.train.capture`)."""
+    from bigtrain.train.capture import CAPTURE_ENV, TENSOR_ENV
+
     progress.start(what)
-    status, lines = launch.run(cmd, progress.line)
+    env = {CAPTURE_ENV: str(capture)} if capture else {}
+    if tensor is not None:
+        env[TENSOR_ENV] = " ".join(map(str, tensor))
+    status, lines = launch.run(cmd, progress.line, env)
     if status != 0:
         tail = [line for line in lines if line.startswith("bigtrain:")][-3:]
         raise ConfigError(f"the {what} run failed (status {status}): " + (" ".join(tail) or "\n".join(lines[-10:])))
 
 
 def parity(config: Path, layout_text: str, steps: int = 20, shrink: bool = False, precision: str = "fp32",
-           overrides: list[str] | None = None, work_dir: Path | None = None,
-           script: Path | None = None) -> tuple[list[StepDiff], Verdict]:
+           overrides: list[str] | None = None, work_dir: Path | None = None, script: Path | None = None,
+           locate: bool = False) -> tuple[list[StepDiff], Verdict, Located | None]:
     """Train `steps` steps of `config` on one process and under the layout (and, when needed, the noise floor's
-    one-process run); the per-step differences and the verdict. `script`: a training script to run instead of
-    `bigtrain train` (tests)."""
+    one-process run); the per-step differences, the verdict and, with `locate`, where the layout first differs
+    (`parity_locate`: step 1 is recorded in both runs; the step the layout leaves the noise floor, when later,
+    is recorded again in one more run of each). `script`: a training script to run instead of `bigtrain train`
+    (tests)."""
     checked = check_runs(config, layout_text, steps, shrink, precision, list(overrides or []))
     check_local_ranks(checked.ranks, f"--layout {layout_text} needs {checked.ranks} ranks",
                       "Choose a layout with fewer ranks (--shrink keeps the model small, not the rank count), or "
@@ -170,19 +187,53 @@ def parity(config: Path, layout_text: str, steps: int = 20, shrink: bool = False
     program = [str(script)] if script is not None else TRAIN  # after `python`; torchrun takes `-m` the same way
     args = [*program, "--config", str(config)]
     progress = Progress()
+    first = 1 if locate else None
+    located = None
     with Launch(temporary=[] if work_dir else [work]) as launch:
         _train(launch, progress, [*launch.torchrun(checked.ranks), *args, *checked.layout,
-                                  f"run.dir={work / 'layout'}"], f"run 1 (layout {layout_text}, {checked.ranks} ranks)")
+                                  f"run.dir={work / 'layout'}"], f"run 1 (layout {layout_text}, {checked.ranks} ranks)",
+               first)
         _train(launch, progress, [sys.executable, *args, *checked.reference, f"run.dir={work / 'reference'}"],
-               "run 2 (one device)")
+               "run 2 (one device)", first)
         diffs = compare(work / "reference", work / "layout")
         if not within_tolerance(diffs, TOLERANCE[precision]) and checked.floor_micro is not None:
             _train(launch, progress, [sys.executable, *args, *checked.reference,
                                       f"train.micro_batch_size={checked.floor_micro}", f"run.dir={work / 'floor'}"],
                    f"run 3 (noise floor: one device, micro-batches of {checked.floor_micro})")
             diffs = compare(work / "reference", work / "layout", work / "floor")
+        verdict = judge(diffs, TOLERANCE[precision])
+        if locate:
+            located = _locate(launch, progress, checked, args, layout_text, work, verdict.first_out or 1,
+                              LOCATE_TOLERANCE[precision])
         progress.done()
-    return diffs, judge(diffs, TOLERANCE[precision])
+    return diffs, verdict, located
+
+
+def _both(launch: Launch, progress: Progress, checked: Runs, args: list[str], layout_text: str, work: Path,
+          name: str, step: int, what: str, key: tuple[str, str, int] | None = None) -> tuple[Path, Path]:
+    """One more run of each side trained to `step` and recording it (into work/NAME-reference, work/NAME-layout)."""
+    ref, lay = work / f"{name}-reference", work / f"{name}-layout"
+    _train(launch, progress, [*launch.torchrun(checked.ranks), *args, *checked.layout, f"train.steps={step}",
+                              f"run.dir={lay}"], f"locate (layout {layout_text}, {what})", step, key)
+    _train(launch, progress, [sys.executable, *args, *checked.reference, f"train.steps={step}", f"run.dir={ref}"],
+           f"locate (one device, {what})", step, key)
+    return ref, lay
+
+
+def _locate(launch: Launch, progress: Progress, checked: Runs, args: list[str], layout_text: str, work: Path,
+            at: int, tolerance: float) -> Located:
+    """Where the layout first differs at step `at` (recorded by runs 1 and 2 when it is step 1), and that record's
+    whole tensors (kept by one more run of each side)."""
+    found = (work / "reference", work / "layout")
+    if at > 1:
+        found = _both(launch, progress, checked, args, layout_text, work, "locate", at, f"recording step {at}")
+    located = locate_step(*found, tolerance)
+    if located.diverged:
+        key = located.differences[0].key
+        ref, lay = _both(launch, progress, checked, args, layout_text, work, "tensors", at, f"keeping {key[1]} whole",
+                         key)
+        located.detail = compare_tensors(ref, lay, tolerance)
+    return located
 
 
 def report(diffs: list[StepDiff], verdict: Verdict, layout: str, tolerance: float) -> str:
@@ -227,15 +278,19 @@ def run_parity(argv: list[str]) -> int:
     parser.add_argument("--shrink", action="store_true", help="scale the model down, keeping the layout valid")
     parser.add_argument("--precision", default="fp32", help="fp32 (tolerance 1e-5) or bf16 (2e-2)")
     parser.add_argument("--work-dir", type=path, help="where the runs go (default: a temporary folder, removed)")
+    parser.add_argument("--locate", action="store_true", help="also record one step of both runs module by "
+                        "module and print where the layout first differs (docs/parity.md)")
     parser.add_argument("--script", type=path, help=argparse.SUPPRESS)  # tests: a training script with a fault
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse(argv)
 
     def command() -> int:
-        diffs, verdict = parity(args.config, args.layout, args.steps, args.shrink, args.precision,
-                                args.overrides, args.work_dir, args.script)
+        diffs, verdict, located = parity(args.config, args.layout, args.steps, args.shrink, args.precision,
+                                         args.overrides, args.work_dir, args.script, args.locate)
         print(report(diffs, verdict, args.layout, TOLERANCE[args.precision]))
+        if located is not None:
+            print(locate_report(located))
         return 0 if verdict.passed else 1
 
     return run_guarded(command, args.debug, {"--work-dir": args.work_dir})

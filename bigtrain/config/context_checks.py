@@ -15,8 +15,8 @@ CONTEXT_ATTENTIONS = ("ring", "ulysses")
 
 
 def check_context(cfg: Config) -> None:
-    """Refuse a context-parallel config that cannot be split, naming the keys; and, until the training engines
-    are wired (issue 28), refuse parallel.context > 1 for training with a clear message."""
+    """Refuse a context-parallel config that cannot be split, or that asks for what is not wired, naming the
+    keys."""
     p, m = cfg.parallel, cfg.model
     positive("parallel.context", p.context)
     require(p.context_attention in CONTEXT_ATTENTIONS, f"parallel.context_attention={p.context_attention!r} is "
@@ -35,6 +35,19 @@ def check_context(cfg: Config) -> None:
             require(local % c == 0, f"parallel.context_attention='ulysses' with parallel.context={c} needs the "
                     f"heads on each tensor rank ({key}={heads} / parallel.tensor={p.tensor} = {local}) divisible "
                     f"by {c}. Use parallel.context_attention=ring (any head count) or change {key}.")
-    require(False, f"parallel.context={c} is accepted by the config but not yet wired into the layout, model and "
-            f"engines (issue 28, items 1-2). Set parallel.context=1; the ring and Ulysses attention exist as a "
-            f"library in bigtrain.parallel.context.")
+    _check_wired(cfg, c)
+
+
+def _check_wired(cfg: Config, c: int) -> None:
+    """What context parallelism is wired with (issue 28): DeepSpeed (ZeRO 0-3) and FSDP2, with tensor and
+    sequence parallelism and activation checkpointing; refused with the keys that ask for the rest."""
+    p, m = cfg.parallel, cfg.model
+    why = f"parallel.context={c}"
+    require(p.pipeline == 1, f"{why} with parallel.pipeline={p.pipeline} is not wired yet (context parallelism "
+            f"runs inside one stage only). Set parallel.pipeline=1 or parallel.context=1.")
+    require(p.engine != "fairscale", f"{why} with parallel.engine='fairscale' is not wired: use parallel.engine=auto "
+            f"(DeepSpeed) or torch (FSDP2), or parallel.context=1.")
+    attention_dropout = m.dropout if m.attention_dropout is None else m.attention_dropout
+    require(attention_dropout == 0, f"{why} runs attention without dropout on the attention weights, but "
+            f"model.attention_dropout is {attention_dropout} (null means model.dropout={m.dropout}). Set "
+            f"model.attention_dropout=0 (residual and FFN dropout stay), or parallel.context=1.")

@@ -45,9 +45,12 @@ ZERO3_COMMUNICATION = {
 }
 
 
-def derive_deepspeed_config(cfg: Config, dp_size: int, on_gpu: bool = False) -> dict[str, Any]:
+def derive_deepspeed_config(cfg: Config, dp_size: int, on_gpu: bool = False, context: int = 1) -> dict[str, Any]:
     """The DeepSpeed config dict for `dp_size` data-parallel ranks, passthrough keys merged in. On GPUs ZeRO
-    also gets the communication defaults above (on CPU ranks over gloo there are no streams to overlap on)."""
+    also gets the communication defaults above (on CPU ranks over gloo there are no streams to overlap on).
+    Under context parallelism DeepSpeed's data-parallel group is data × context (`GradientMpu`): each of the
+    `context` ranks of a sequence counts as a data rank holding micro_batch_size shards, so its batch size is
+    global_batch_size · context (the micro-batches per rank stay global / (micro · dp_size))."""
     t, p = cfg.train, cfg.parallel
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.offload_optimizer:
@@ -55,7 +58,7 @@ def derive_deepspeed_config(cfg: Config, dp_size: int, on_gpu: bool = False) -> 
     # bigtrain's own AdamW/LAMB then steps the CPU partitions (DeepSpeedCPUAdam would be faster, but is a
     # compiled op and not LAMB).
     derived: dict[str, Any] = {
-        "train_batch_size": t.global_batch_size,
+        "train_batch_size": t.global_batch_size * context,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp_size),
         # DeepSpeed 0.19 defaults this to 1.0: always set it from bigtrain (0 = no clipping).

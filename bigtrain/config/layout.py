@@ -113,14 +113,17 @@ class Layout:
         return cls(**{k: v for k, v in record.items() if k in names})
 
     def describe(self) -> str:
-        """How the ranks split: 'tensor 2 × pipeline 1 × data 2 = 4 ranks'."""
-        return f"tensor {self.tensor} × pipeline {self.pipeline} × data {self.data} = {self.world_size} ranks"
+        """How the ranks split: 'tensor 2 × pipeline 1 × data 2 = 4 ranks' (with 'context C × ' after the tensor
+        size under context parallelism)."""
+        ctx = f"context {self.context} × " if self.context > 1 else ""
+        return f"tensor {self.tensor} × {ctx}pipeline {self.pipeline} × data {self.data} = {self.world_size} ranks"
 
     def describe_run(self) -> str:
         """The split, the engine and the precision, as resume messages name a layout."""
         sp = " + sequence parallel" if self.sequence_parallel else ""
         zero = f", ZeRO-{self.zero_stage}" if self.engine != "torch" else ""
-        return (f"tensor {self.tensor}{sp} × pipeline {self.pipeline} × data {self.data}{zero}, "
+        ctx = f" × context {self.context}" if self.context > 1 else ""
+        return (f"tensor {self.tensor}{sp}{ctx} × pipeline {self.pipeline} × data {self.data}{zero}, "
                 f"{ENGINE_NAMES[self.engine]}, {self.precision}")
 
     # ---- rank arithmetic ----------------------------------------------------------------------------
@@ -170,9 +173,10 @@ class Layout:
 
     def seed_offset(self, rank: int) -> int:
         """Offset of the default RNG seed: equal across tensor ranks (replicated regions draw the same
-        dropout masks there), distinct across data replicas and pipeline stages."""
+        dropout masks there), distinct across data replicas, pipeline stages and context ranks (which hold
+        different tokens); without context parallelism pipe · D + data."""
         c = self.coordinates(rank)
-        return c.pipe * self.data + c.data
+        return (c.pipe * self.data + c.data) * self.context + c.context
 
 
 def engine_for(requested: str, world_size: int, zero_stage: int, pipeline: int) -> str:

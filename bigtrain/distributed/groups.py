@@ -92,6 +92,12 @@ class ParallelGroups:
         """The ranks whose gradients are summed: data × context (the data group without context parallelism)."""
         return self.group("gradient") if self.layout.context > 1 else self.group("data")
 
+    @property
+    def gradient_rank(self) -> int:
+        """This rank's index in the gradient group (its data-parallel rank without context parallelism): the
+        rank that owns a ZeRO / FSDP partition of the state, and 0 on the one rank that writes replicated state."""
+        return self.ranks("gradient").index(self.rank) if self.layout.context > 1 else self.coords.data
+
     # ---- host values -----------------------------------------------------------------------------------
     def sum_on_host(self, values: tuple[int, ...]) -> list[int]:
         """Σ over the data-parallel ranks of small host integers, on the host data group (nothing touches a
@@ -151,3 +157,28 @@ class ParallelGroups:
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         return list(self.ranks("data"))
+
+
+class GradientMpu:
+    """DeepSpeed's `mpu` under context parallelism: `groups` with the data-parallel group widened to the gradient
+    group (data × context). DeepSpeed then averages gradients, and partitions ZeRO state, over the D·C ranks that
+    hold the same weights; its model-parallel group (tensor × pipeline) is unchanged, so its gradient norm still
+    counts each weight once."""
+
+    def __init__(self, groups: ParallelGroups) -> None:
+        self._groups = groups
+
+    def __getattr__(self, name: str):
+        return getattr(self._groups, name)
+
+    def get_data_parallel_group(self):
+        return self._groups.gradient_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self._groups.gradient_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._groups.layout.data * self._groups.layout.context
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self._groups.ranks("gradient"))

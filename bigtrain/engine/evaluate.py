@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from bigtrain.models import TransformerLM
-from bigtrain.models.loss import Criterion, correct_predictions, eval_metrics, model_inputs
+from bigtrain.models.loss import IGNORE_INDEX, Criterion, correct_predictions, eval_metrics, model_inputs
+from bigtrain.parallel.context.inputs import ContextInputs
 
 Batch = dict[str, torch.Tensor]
 
@@ -42,8 +43,12 @@ class EvalSums:
 
 @torch.no_grad()
 def evaluate_sums(model: TransformerLM, batches: list[Batch], autocast: Callable[[], object],
-                  criterion: Criterion | None = None) -> EvalSums:
-    """The summed loss and counts of `model` over `batches`; the model's training mode is restored after."""
+                  criterion: Criterion | None = None, context: ContextInputs | None = None) -> EvalSums:
+    """The summed loss and counts of `model` over `batches`; the model's training mode is restored after.
+    Under context parallelism (`context`) each rank runs its share of every sequence and the sums are taken over
+    the context group (a sequence is correct when all its ranks' tokens are)."""
+    if context is not None:
+        return _context_sums(model, batches, autocast, criterion or Criterion(), context)
     criterion = criterion or Criterion()
     was_training = model.training
     model.eval()
@@ -56,6 +61,33 @@ def evaluate_sums(model: TransformerLM, batches: list[Batch], autocast: Callable
         correct, targets, seq_ok, seqs = correct + c, targets + t, seq_ok + s, seqs + n
     model.train(was_training)
     return EvalSums(loss_sum, correct, targets, seq_ok, seqs)
+
+
+def _context_sums(model: TransformerLM, batches: list[Batch], autocast: Callable[[], object], criterion: Criterion,
+                  context: ContextInputs) -> EvalSums:
+    """`evaluate_sums` with each sequence split over the context group: per sequence, the hits and targets of
+    every rank are summed before a sequence counts as correct (hits = targets > 0)."""
+    was_training = model.training
+    model.eval()
+    total = EvalSums()
+    try:
+        for batch in batches:
+            local = context.split(batch)
+            with autocast():
+                logits = model(**model_inputs(local))
+            labels = local["labels"]
+            valid = labels != IGNORE_INDEX
+            hits = ((criterion.predictions(logits) == labels) & valid).sum(-1)
+            sums = context.sum(torch.cat([criterion.loss_sum(logits, labels).double().reshape(1),
+                                          hits.double(), valid.sum(-1).double()]))
+            loss, hits, valid_per_row = sums[0], sums[1:1 + len(hits)], sums[1 + len(hits):]
+            total = total + EvalSums(float(loss), int(hits.sum()), int(valid_per_row.sum()),
+                                     int(((hits == valid_per_row) & (valid_per_row > 0)).sum()),
+                                     int((valid_per_row > 0).sum()))
+    finally:
+        context.clear()
+        model.train(was_training)
+    return total
 
 
 def evaluate(model: TransformerLM, batches: list[Batch], autocast: Callable[[], object],

@@ -10,6 +10,12 @@
              process only for now): each micro-batch backpropagates ℓ_m + R_m / M (M micro-batches), so the router
              losses enter as their mean over the micro-batches; L stays the cross-entropy, and the step reports
              the micro-batch means of Σ_layers aux, Σ_layers z and the dropped-assignment fraction (`moe`)
+
+Under context parallelism every rank of a context group reads its data-parallel rank's micro-batches whole and
+runs its zig-zag share of each (`local_batch`, `bigtrain.parallel.context.inputs`): N is still counted on the
+whole batches and summed over the data group alone (a context group's ranks hold the same samples), while ℓ_m is
+Σ ce over this rank's share of the targets / N, so L and the gradients are summed over data × context (the
+gradient group).
     g      = ‖∇L‖ before clipping; gradients scaled by min(1, optim.grad_clip / (g + 1e-6)) when clipping is on
     skip   = L or g not finite, or any rank's own loss not finite: the update is skipped on the device
              (`found_inf`, as under a loss scaler), weights and optimizer state untouched; the lowest such rank is
@@ -39,6 +45,7 @@ from bigtrain.engine.result import NO_RANK, StepResult
 from bigtrain.models.loss import Criterion, count_input_tokens, count_targets
 from bigtrain.models.moe import MoEFeedForward, RouterStats, collect_router_stats, moe_layers
 from bigtrain.optim import set_lr
+from bigtrain.parallel.context.inputs import ContextInputs
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class StepEngine:
     check: StepCheck | None = None  # the current step's decision, once made
     router_layers: list[MoEFeedForward] | None = None  # the model's MoE blocks, found at the first step
     router_steps: list[RouterStats] | None = None  # this step's router numbers, one per micro-batch
+    context: ContextInputs | None = None  # the split of micro-batches under context parallelism
 
     # ---- what an engine supplies ---------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -95,6 +103,12 @@ class StepEngine:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Backpropagate `loss` (this micro-batch's Σ ce / N), scaled for the engine's data-parallel reduction."""
         raise NotImplementedError
+
+    @property
+    def backward_scale(self) -> float:
+        """The factor by which `backward` multiplies ℓ: D, for a data-parallel reduction that averages over the D
+        data ranks (the gradients of activations are D times one device's; `bigtrain parity --locate` divides)."""
+        return float(self.dp_size)
 
     def update(self, found_inf: torch.Tensor) -> None:
         """One optimizer update, skipped on the device when `found_inf` is 1; gradients cleared after."""
@@ -148,11 +162,14 @@ class StepEngine:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         last = len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
+            batch = self.local_batch(batch)
             with self.micro_batch(last=i == last):
                 loss = self.criterion.loss_sum(self.forward(batch), batch["labels"]) / n_targets
                 router = self.router_loss(len(micro_batches))
                 self.backward(loss if router is None else loss + router, last=i == last)
             total += loss.detach()
+        if self.context is not None:
+            self.context.clear()
         self.gradients_done()
         loss = self.sum_over_data(total)
         self.update(self.decide(torch.isfinite(total), loss))
@@ -219,12 +236,18 @@ class StepEngine:
         n_targets, n_tokens = self.groups.sum_on_host(local)
         return n_targets, n_tokens
 
+    def local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What this rank runs of a micro-batch: all of it, or under context parallelism its share of every
+        sequence (with global positions; the attention cores get every rank's tokens)."""
+        return batch if self.context is None else self.context.split(batch)
+
     def sum_over_data(self, total: torch.Tensor) -> torch.Tensor:
-        """Σ over the data-parallel ranks of this rank's loss, in float64, on the device."""
+        """Σ over the data-parallel ranks (× context ranks: the gradient group) of this rank's loss, in float64,
+        on the device."""
         if self.groups is None:
             return total
         t = total.detach().double().reshape(1)
-        dist.all_reduce(t, group=self.groups.data_group)
+        dist.all_reduce(t, group=self.groups.gradient_group)
         return t.reshape(())
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -233,7 +256,7 @@ class StepEngine:
     def evaluate_sums(self, batches: list[dict[str, torch.Tensor]]) -> EvalSums:
         """Summed held-out loss and counts over `batches` through the engine's model (every rank runs all of them
         and gets the same sums)."""
-        return evaluate_sums(self.model, batches, self.autocast, self.criterion)
+        return evaluate_sums(self.model, batches, self.autocast, self.criterion, self.context)
 
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         return self.evaluate_sums(batches).record()

@@ -65,7 +65,7 @@ def load_tensor_parallel(path: Path, overrides: list[str] | None = None, step: i
     env = detect_env()
     # A one-off command: no compile time (train.compile of the run is for training).
     layout = [f"parallel.tensor={env.world_size}", "parallel.pipeline=1", "parallel.data=1", "train.compile=false",
-              "parallel.pipeline_schedule=1f1b", "parallel.virtual_stages=1"]
+              "parallel.context=1", "parallel.pipeline_schedule=1f1b", "parallel.virtual_stages=1"]
     cfg, resolved = config_from_dict_and_layout(weights_config(path, step), world_size=env.world_size,
                                                 overrides=[*layout, *(overrides or [])])
     tokenizer = build_tokenizer(cfg.data)

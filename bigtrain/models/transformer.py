@@ -176,20 +176,24 @@ class Seq2SeqLM(TransformerLM):
     def new_cache(self) -> DecodingCache:
         return DecodingCache(self.decoder_blocks, cross_attention=True)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(input_ids)
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder output [B, S, d]; position_ids [B or 1, S] the positions of the tokens (default 0..S-1:
+        a context-parallel rank gives the global positions of its share of the sequence)."""
+        x = self.embed(input_ids, position_ids)
         bias = _bias(self.encoder_position_bias, input_ids.shape[1], None)
         for block in self.encoder_blocks:
-            x = block(x, padding_mask=attention_mask, position_bias=bias)
+            x = block(x, padding_mask=attention_mask, position_bias=bias, position_ids=position_ids)
         return self.encoder_norm(x)
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor,
                attention_mask: torch.Tensor | None = None,
                decoder_attention_mask: torch.Tensor | None = None,
-               cache: DecodingCache | None = None) -> torch.Tensor:
+               cache: DecodingCache | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the decoder positions given the encoder output `memory`; with a cache, only the new
-        decoder tokens are passed (and the cross-attention keys are computed at the first step only)."""
-        position_ids = _positions(cache, None, decoder_input_ids.shape[1], decoder_input_ids.device)
+        decoder tokens are passed (and the cross-attention keys are computed at the first step only).
+        position_ids: the decoder tokens' positions (default 0..T-1, or following the cached ones)."""
+        position_ids = _positions(cache, position_ids, decoder_input_ids.shape[1], decoder_input_ids.device)
         y = self.embed(decoder_input_ids, position_ids)
         bias = _bias(self.decoder_position_bias, decoder_input_ids.shape[1], cache)
         for index, block in enumerate(self.decoder_blocks):
@@ -202,9 +206,12 @@ class Seq2SeqLM(TransformerLM):
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
-                decoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        memory = self.encode(input_ids, attention_mask)
-        return self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
+                decoder_attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                decoder_position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """position_ids / decoder_position_ids: positions of the encoder / decoder tokens (default 0..T-1)."""
+        memory = self.encode(input_ids, attention_mask, position_ids)
+        return self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask,
+                           position_ids=decoder_position_ids)
 
 
 MODEL_CLASSES: dict[str, type[TransformerLM]] = {

@@ -3,6 +3,9 @@
 In a fixed order, as torchtitan's `parallelize_llama`:
 
     1. tensor and sequence parallelism   layers replaced by their shards (`tensor.py`), vocabulary-parallel loss
+       context parallelism               attention cores replaced by ring / Ulysses cores over the context group
+                                         (`context/core.py`), which read each micro-batch's split
+                                         (`context/inputs.py`: the engines split every micro-batch by it)
     2. activation checkpointing          blocks or attention cores wrapped (`activation_checkpointing.py`)
     3. torch.compile (`train.compile`)   each block compiled on its own (`compile.py`), after tensor
                                          parallelism and checkpointing, before the pipeline split
@@ -19,6 +22,7 @@ plain PyTorch, DeepSpeed data parallelism / ZeRO, DeepSpeed's pipeline engine, o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +36,8 @@ from bigtrain.models.init import Shard
 from bigtrain.models.loss import Criterion
 from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from bigtrain.parallel.compile import apply_compile
+from bigtrain.parallel.context.core import apply_context_parallel
+from bigtrain.parallel.context.inputs import ContextInputs
 from bigtrain.parallel.stages import RankStages, build_rank_stages, mark_tied_copies
 from bigtrain.parallel.tensor import apply_tensor_parallel, mark_tensor_parallel
 from bigtrain.parallel.tensor_layers import TensorParallel
@@ -44,7 +50,9 @@ class ParallelModel:
     model: the whole model's structure with this rank's shards; under pipeline parallelism only this stage's
     layers are allocated (the rest stay on the meta device) and `stage` is the DeepSpeed `PipelineModule` that
     runs them. criterion: the loss over this rank's logits (vocabulary shards under tensor parallelism).
-    pad_multiple: sequences are padded to a multiple of this (the tensor size under sequence parallelism).
+    pad_multiple: sequences are padded to a multiple of this (the tensor size under sequence parallelism; 2C
+    under context parallelism, and C·T with both). context: the split of micro-batches over the context group
+    (None without context parallelism).
     stages: under PyTorch's pipeline schedules (engine torch_pipeline), this rank's stage modules instead.
     """
 
@@ -54,6 +62,7 @@ class ParallelModel:
     shards: dict[str, Shard] = field(default_factory=dict)
     pad_multiple: int = 1
     stage: nn.Module | None = None
+    context: ContextInputs | None = None
     stages: RankStages | None = None
 
     @property
@@ -75,7 +84,7 @@ def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups | None
     layout, rank = (groups.layout, groups.rank) if groups is not None else (Layout(), 0)
     result = ParallelModel(model=model, criterion=Criterion(), layout=layout)
 
-    # 1. tensor and sequence parallelism
+    # 1. tensor and sequence parallelism, then context parallelism
     if layout.tensor > 1:
         assert groups is not None
         tp = TensorParallel(groups.tensor_group, groups.get_tensor_model_parallel_rank(), layout.tensor,
@@ -83,6 +92,12 @@ def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups | None
         result.shards = apply_tensor_parallel(model, tp)
         result.criterion = VocabParallelCriterion(tp.group, tp.rank, tp.size)
         result.pad_multiple = tp.size if tp.sequence_parallel else 1
+    if layout.context > 1:
+        assert groups is not None
+        result.context = ContextInputs(groups.context_group, cfg.model.family)
+        apply_context_parallel(model, result.context, p.context_attention)
+        # 2C chunks; under sequence parallelism each rank's S/C tokens split again over the tensor group
+        result.pad_multiple = math.lcm(2 * layout.context, layout.context * result.pad_multiple)
 
     # 2. activation checkpointing
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n_layers)

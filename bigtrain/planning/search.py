@@ -132,9 +132,11 @@ def estimate(shape: ModelShape, c: Candidate, s: Setting, net: Network, gpus: in
 
 
 def given_candidate(cfg: Config, gpus: int) -> tuple[Candidate | None, str | None]:
-    """The config's own layout over `gpus` ranks, or the reason it is not one."""
+    """The config's own layout over `gpus` ranks, or the reason it is not one. The data-parallel size leaves out
+    the context ranks (parallel.context); the candidate does not model context parallelism otherwise (each rank
+    is estimated with whole sequences: an upper bound on its activations)."""
     p, t = cfg.parallel, cfg.train
-    model_parallel = p.tensor * p.pipeline
+    model_parallel = p.tensor * p.pipeline * p.context
     data = gpus // model_parallel
     if t.global_batch_size % (t.micro_batch_size * data):
         return None, (f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="

@@ -38,6 +38,7 @@ from bigtrain.optim import build_schedule
 from bigtrain.parallel import parallelize
 from bigtrain.planning.flops import flops_per_token, peak_flops
 from bigtrain.planning.preflight import check_memory
+from bigtrain.train.capture import capture_step, capturing
 from bigtrain.train.metrics import MetricsProcessor
 from bigtrain.train.nonfinite import NonFiniteSteps
 from bigtrain.train.preemption import StopRequest
@@ -63,6 +64,7 @@ class Trainer:
         self.device = resolve_device(t, env.local_rank)
         check_precision(layout.precision, self.device)
         self.run_dir, self.is_main = Path(cfg.run.dir), env.is_main
+        self.capture_at = capture_step()  # a diagnostic: fingerprints of this step (`bigtrain parity --locate`)
         self.groups: ParallelGroups | None = None
         self.tracker: Tracker = NoTracker()  # chosen at the start of `run`
         if layout.distributed:
@@ -175,8 +177,9 @@ class Trainer:
                     batches, counts = self.data.micro_batches(state.step)
                     lr = self.lr_at(state.step + 1)
                     log_now = (state.step + 1) % cfg.log.every == 0 or state.step + 1 == t.steps
-                    result = self.engine.train_step(batches, lr, layer_norms=log_now and cfg.log.tensorboard,
-                                                    counts=counts)
+                    with capturing(self, state.step + 1, len(batches)) as capture:
+                        result = capture.result = self.engine.train_step(
+                            batches, lr, layer_norms=log_now and cfg.log.tensorboard, counts=counts)
                     state.step += 1
                     watchdog.beat(f"what follows step {state.step}")
                     if not memory_reported:

@@ -6,7 +6,8 @@
     backward    engine.backward(ℓ_m · N_d) with DeepSpeed's division by the gradient-accumulation steps turned
                 off: its data-parallel averaging divides by N_d, so every rank's gradient is ∇(Σ_global ce / N),
                 the single-device gradient; `engine.step()` after each micro-batch (DeepSpeed counts them) updates
-                at the last
+                at the last. Under context parallelism DeepSpeed's data-parallel group is data × context
+                (`GradientMpu`) and N_d = D·C
     optimizer   bigtrain's AdamW or LAMB inside DeepSpeed's ZeRO / bf16 wrapper, which measures, clips and
                 reports the norm; without a wrapper (ZeRO-0, fp32) bigtrain measures the norm of the all-reduced
                 gradients (`parallel/grad_norm.py`) and DeepSpeed clips
@@ -42,6 +43,8 @@ class DeepSpeedEngine(OnDeepSpeed):
                  device: torch.device) -> None:
         self.layout, self.groups, self.criterion = layout, groups, parallel.criterion
         self.dp_rank, self.dp_size = groups.get_data_parallel_rank(), layout.data
+        self.context = parallel.context
+        self.reduce_size = layout.data * layout.context  # the ranks DeepSpeed averages gradients over
         self.ds = DeepSpeedWrap(cfg, layout, parallel, groups, found_inf=lambda: self.check.found_inf, mpu=True)
         self.model, self.optimizer, self.device = self.ds.engine.module, self.ds.optimizer, self.ds.engine.device
         self.last_grad_bytes: int | None = None
@@ -52,7 +55,7 @@ class DeepSpeedEngine(OnDeepSpeed):
         return self.ds.engine(**model_inputs(batch))
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
-        self.ds.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
+        self.ds.engine.backward(loss * self.reduce_size, scale_wrt_gas=False)
         if self.measure_grads:  # peak gradient bytes over the step (ZeRO-1 frees full gradients at the end)
             self.last_grad_bytes = max(self.last_grad_bytes or 0, measure_grads(self.model, self.optimizer))
         if not last:

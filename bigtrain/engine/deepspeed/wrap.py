@@ -25,7 +25,7 @@ from bigtrain.compat.deepspeed import has_zero_partitions, inner_optimizer, safe
 from bigtrain.config import Config
 from bigtrain.config.deepspeed import derive_deepspeed_config
 from bigtrain.config.layout import Layout
-from bigtrain.distributed.groups import ParallelGroups
+from bigtrain.distributed.groups import GradientMpu, ParallelGroups
 from bigtrain.engine.base import ShardedState
 from bigtrain.engine.step import StepEngine, skips_on_device
 from bigtrain.engine.zero_lamb import ZeroLamb
@@ -56,12 +56,14 @@ class DeepSpeedWrap:
         self.parallel, self.groups, self.found_inf = parallel, groups, found_inf
         model = parallel.module
         on_gpu = any(p.is_cuda for p in model.parameters())
-        self.config = derive_deepspeed_config(cfg, layout.data, on_gpu=on_gpu)
+        self.config = derive_deepspeed_config(cfg, layout.data, on_gpu=on_gpu, context=layout.context)
         self.n_params = count_parameters(model)  # before ZeRO-3 replaces parameters by empty placeholders
         tensor_group = groups.tensor_group if layout.tensor > 1 else None
         optimizer = build_optimizer(model, cfg.optim, lamb_class=functools.partial(ZeroLamb, tensor_group=tensor_group))
+        # Under context parallelism DeepSpeed's data-parallel group is the gradient group (data × context).
+        view = GradientMpu(groups) if layout.context > 1 else groups
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
-                                                                 mpu=groups if mpu else None)
+                                                                 mpu=view if mpu else None)
         # Without a ZeRO / mixed-precision wrapper DeepSpeed clips fp32 gradients but does not report the norm:
         # bigtrain measures it on the all-reduced gradients just before the update.
         self.unwrapped = self.optimizer is optimizer
@@ -71,7 +73,7 @@ class DeepSpeedWrap:
                     f"optim.name='lamb' cannot be made exact with DeepSpeed's {type(self.optimizer).__name__} "
                     f"(zero_stage={layout.zero_stage}, precision={layout.precision}). Use "
                     f"parallel.zero_stage=1 or 2, or optim.name=adamw.")
-            optimizer.attach_zero_partitions(self.optimizer, groups.data_group)
+            optimizer.attach_zero_partitions(self.optimizer, groups.gradient_group)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_update(opt))
         optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_update(opt))
@@ -105,7 +107,7 @@ class DeepSpeedWrap:
         inner = self.optimizer if self.unwrapped else inner_optimizer(self.optimizer)
         return ShardedState(self.parallel.model, self.parallel.shards, inner, wrapper,
                             tensor_rank=self.groups.get_tensor_model_parallel_rank(),
-                            data_rank=self.groups.get_data_parallel_rank())
+                            data_rank=self.groups.gradient_rank)  # DeepSpeed's data rank: data × context
 
     def write_native(self, folder: Path) -> None:
         """DeepSpeed writes its sharded files into `folder` (every rank its own)."""

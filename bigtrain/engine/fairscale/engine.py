@@ -131,9 +131,12 @@ class FairscaleEngine(StepEngine):
         with self.autocast():
             return self.wrapped(**model_inputs(batch))
 
+    @property
+    def backward_scale(self) -> float:
+        return 1.0 if self.stage == 1 else float(self.dp_size)  # ShardedDataParallel and FSDP average, ZeRO-1 sums
+
     def backward(self, loss: torch.Tensor, last: bool) -> None:
-        scale = 1 if self.stage == 1 else self.dp_size  # ShardedDataParallel and FSDP average, ZeRO-1 sums
-        (loss * scale).backward()
+        (loss * self.backward_scale).backward()
         self.last_grad_bytes = max(self.last_grad_bytes, measure_grads(self.model, self.optimizer))
 
     def gradients_done(self) -> None:

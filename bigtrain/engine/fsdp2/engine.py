@@ -12,6 +12,9 @@
     precision   fp32; bf16 is FSDP2's MixedPrecisionPolicy over fp32 master shards
     own files   fsdp2_rankNNNNN.pt (`files.py`)
 
+Under context parallelism "the data group" above is the gradient group (data × context, D·C ranks): context
+ranks hold the same weights and other tokens of the same sequences.
+
 A non-finite step is skipped on the device (`found_inf`), as in every engine.
 """
 
@@ -52,7 +55,7 @@ def _optimizer(cfg: Config, layout: Layout, groups: ParallelGroups, by_decay: li
     o = cfg.optim
     if o.name == "lamb":
         return ZeroLamb(by_decay, tensor_group=groups.tensor_group if layout.tensor > 1 else None,
-                        shard_group=groups.data_group if layout.data > 1 else None, lr=o.lr,
+                        shard_group=groups.gradient_group if layout.data * layout.context > 1 else None, lr=o.lr,
                         betas=(o.beta1, o.beta2), eps=o.eps, max_trust_ratio=o.lamb_max_trust_ratio)
     return adamw(by_decay, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
@@ -65,8 +68,10 @@ class Fsdp2Engine(StepEngine):
         self.layout, self.groups, self.device = layout, groups, device
         self.parallel, self.criterion = parallel, parallel.criterion
         self.model = parallel.model
-        self.group = groups.data_group
+        # the mesh: the gradient group (data × context: context ranks hold the same weights, other tokens)
+        self.group, self.context = groups.gradient_group, parallel.context
         self.dp_rank, self.dp_size = groups.get_data_parallel_rank(), layout.data
+        self.reduce_rank, self.reduce_size = groups.gradient_rank, layout.data * layout.context
         self.n_params = count_parameters(self.model)
         self.grad_clip = cfg.optim.grad_clip
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -74,7 +79,7 @@ class Fsdp2Engine(StepEngine):
         decay_groups = [{**g, "params": [names[id(p)] for p in g["params"]]}  # decay goes by ndim: before sharding
                         for g in param_groups(self.model, cfg.optim.weight_decay)]
         shard_model(self.model, self.group, device, RESHARD[layout.zero_stage], bf16=layout.precision == "bf16")
-        self.shards: list[LocalShard] = local_shards(self.model, shapes, self.dp_rank, self.dp_size)
+        self.shards: list[LocalShard] = local_shards(self.model, shapes, self.reduce_rank, self.reduce_size)
         by_name = {s.name: s for s in self.shards}
         for s in self.shards:
             s.values.tensor_model_parallel = s.name in parallel.shards  # norms sum these over the tensor group
@@ -90,7 +95,7 @@ class Fsdp2Engine(StepEngine):
             return self.model(**model_inputs(batch))
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
-        (loss * self.dp_size).backward()  # FSDP2 averages over the data group
+        (loss * self.reduce_size).backward()  # FSDP2 averages over its mesh (data × context)
         self.last_grad_bytes = max(self.last_grad_bytes, tensor_bytes(
             s.param.grad.to_local() for s in self.shards if s.param.grad is not None))
 
@@ -129,7 +134,7 @@ class Fsdp2Engine(StepEngine):
 
     def sharded_state(self) -> ShardedState:
         return ShardedState(self.model, self.parallel.shards, self.optimizer, None,
-                            tensor_rank=self.groups.get_tensor_model_parallel_rank(), data_rank=self.dp_rank,
+                            tensor_rank=self.groups.get_tensor_model_parallel_rank(), data_rank=self.reduce_rank,
                             partition=self._partition, params=[(s.name, s.values) for s in self.shards],
                             shape_of=lambda values: self.of_values[id(values)].shape)
 

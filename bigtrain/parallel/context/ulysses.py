@@ -94,18 +94,25 @@ class HeadsToSequence(torch.autograd.Function):
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens | Sequence[Tokens], group,
-                      causal: bool, scale: float | None = None) -> torch.Tensor:
+                      causal: bool, scale: float | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, T, d], k/v [B, H_kv, T, d]: this rank's T = S/C tokens, described by `tokens` (or every rank's,
-    `gather_tokens`) -> the attention output of those tokens [B, H, T, d]. scale None means 1/√d."""
+    `gather_tokens`) -> the attention output of those tokens [B, H, T, d]. scale None means 1/√d. bias:
+    [1 or B, H, S, S] added to the scores of the whole sequence in rank-major order, the same on every rank
+    (each rank adds its own heads' part; its gradient holds those heads only)."""
     size = dist.get_world_size(group=group)
     check_ulysses_heads(q.shape[1], k.shape[1], size)
     full = concat_tokens(everyone(tokens, group))
     qh, kh, vh = (SequenceToHeads.apply(t, group) for t in (q, k, v))
-    if causal and full.document_ids is None and full.key_padding is None:
+    if causal and full.document_ids is None and full.key_padding is None and bias is None:
         # plain causal: in the natural order the kernel needs no [S, S] mask (flash attention where it runs)
         natural = torch.argsort(full.positions)
         qh, kh, vh = (t.index_select(2, natural) for t in (qh, kh, vh))
         out = sdpa(qh, kh, vh, None, 0.0, is_causal=True, scale=scale).index_select(2, torch.argsort(natural))
     else:
-        out = sdpa(qh, kh, vh, allowed(full, full, causal), 0.0, is_causal=False, scale=scale)
+        mask = allowed(full, full, causal)
+        if bias is not None:
+            heads = qh.shape[1]
+            own = bias[:, dist.get_rank(group=group) * heads:(dist.get_rank(group=group) + 1) * heads].to(q.dtype)
+            mask = own if mask is None else own.masked_fill(~mask, float("-inf"))
+        out = sdpa(qh, kh, vh, mask, 0.0, is_causal=False, scale=scale)
     return HeadsToSequence.apply(out, group)

@@ -1,0 +1,132 @@
+"""`launch/train.py` with one planted bug, for the fault suite of `bigtrain parity --locate` (test-only: bigtrain
+itself never reads this switch). `BIGTRAIN_FAULT=NAME` (read here, and only here) chooses it; each is a bug of a
+kind found in real trainers, and each leaves one device's run as it is (the reference stays correct):
+
+    sp_norm_grad      sequence parallelism: a norm's weight and bias no longer enter the tensor region, so their
+                      gradients are this rank's sequence shard's only (the all-reduce over the tensor group is gone)
+    vocab_ce_scale    vocabulary-parallel cross-entropy: its backward scales the logits' gradient by the tensor size
+    qkv_shard         tensor parallelism: the key part of the Q/K/V projection is drawn as the next rank's shard
+                      (a fused QKV cut in the wrong place)
+    skip_reduce       ZeRO-2: the reduce-scatter of the gradients is skipped (DeepSpeed's reduction of each slice to the
+                      rank that owns it: the owner keeps its own gradient)
+    pipeline_order    pipeline parallelism: the first stage runs its micro-batches in reverse order (the last stage
+                      pairs them with the labels in the right one)
+    rotary_offset     tensor parallelism: tensor rank 1 rotates its heads' keys one position too far (its queries
+                      right), as keys from a neighbour's chunk under context parallelism with a wrong offset
+    lamb_shard        LAMB under tensor parallelism: the trust ratio ||w|| / ||r|| of a sharded parameter from this
+                      rank's shard alone
+    loss_denominator  gradient accumulation under data parallelism: each micro-batch's loss is divided by this
+                      rank's target count instead of the global batch's
+"""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from bigtrain.cli.train import run_train  # noqa: E402
+
+FAULT = os.environ.get("BIGTRAIN_FAULT", "")
+
+
+def _sp_norm_grad():
+    from bigtrain.parallel import tensor_sublayers
+
+    tensor_sublayers._enter = lambda p, tp: p
+
+
+def _vocab_ce_scale():
+    from bigtrain.parallel.cross_entropy import _VocabParallelCrossEntropy
+
+    backward = _VocabParallelCrossEntropy.backward
+
+    def scaled(ctx, grad_loss):
+        grad, *rest = backward(ctx, grad_loss)
+        return (grad * dist.get_world_size(), *rest)
+
+    _VocabParallelCrossEntropy.backward = staticmethod(scaled)
+
+
+def _qkv_shard():
+    from bigtrain.models import build
+    from bigtrain.models.init import Shard
+
+    init_weights = build.init_weights
+
+    def wrong(model, seed, shards=None, only=None):
+        shards = {name: Shard(s.dim, (s.index + 1) % s.count, s.count) if ".k_proj." in name else s
+                  for name, s in (shards or {}).items()}
+        return init_weights(model, seed, shards, only=only)
+
+    build.init_weights = wrong
+
+
+def _skip_reduce():
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    def skipped(self, bucket, communication_data_type, rank=None, log=None, divide=True, process_group=None):
+        return self.flatten(bucket)  # each slice's owner keeps its own (averaged-in-advance) gradient
+
+    DeepSpeedZeroOptimizer.allreduce_bucket = skipped  # the collective of both reduce-scatter paths of ZeRO-2
+
+
+def _pipeline_order():
+    from bigtrain.engine.deepspeed.pipeline import PipelineEngine
+
+    batches = PipelineEngine._batches
+
+    def reversed_on_first(self, micro_batches):
+        return batches(self, micro_batches[::-1] if self.stage == 0 else micro_batches)
+
+    PipelineEngine._batches = reversed_on_first
+
+
+def _rotary_offset():
+    from bigtrain.models.layers import Rotary
+
+    forward = Rotary.forward
+    calls = [0]
+
+    def shifted(self, x, position_ids=None):
+        calls[0] += 1  # attention rotates q, then k
+        keys = calls[0] % 2 == 0
+        if keys and position_ids is None and dist.is_initialized() and dist.get_rank() % 2 == 1:  # tensor rank 1
+            position_ids = torch.arange(1, x.shape[-2] + 1, device=x.device).expand(x.shape[0], -1)
+        return forward(self, x, position_ids)
+
+    Rotary.forward = shifted
+
+
+def _lamb_shard():
+    from bigtrain.engine.zero_lamb import ZeroLamb
+    from bigtrain.optim.lamb import Lamb
+
+    ZeroLamb._tensor_norms = Lamb._tensor_norms
+
+
+def _loss_denominator():
+    from bigtrain.engine.step import StepEngine
+    from bigtrain.models.loss import count_input_tokens, count_targets
+
+    def local_counts(self, micro_batches, counts):
+        return counts if counts is not None else (sum(count_targets(b) for b in micro_batches),
+                                                  sum(count_input_tokens(b) for b in micro_batches))
+
+    StepEngine.global_counts = local_counts
+
+
+FAULTS = {"sp_norm_grad": _sp_norm_grad, "vocab_ce_scale": _vocab_ce_scale, "qkv_shard": _qkv_shard,
+          "skip_reduce": _skip_reduce, "pipeline_order": _pipeline_order, "rotary_offset": _rotary_offset,
+          "lamb_shard": _lamb_shard, "loss_denominator": _loss_denominator}
+
+if FAULT:
+    if FAULT not in FAULTS:
+        sys.exit(f"BIGTRAIN_FAULT={FAULT!r}: choose one of {', '.join(FAULTS)}")
+    FAULTS[FAULT]()
+
+if __name__ == "__main__":
+    sys.exit(run_train(sys.argv[1:]))
