@@ -126,6 +126,8 @@ EXPECTED_KEYS = {
     "model.attention_dropout", "model.init", "model.init_std", "model.relative_buckets",
     "model.relative_max_distance", "model.scale_attention", "model.embedding_norm", "model.type_vocab_size",
     "model.head_transform", "model.head_bias", "model.scale_tied_output", "model.init_from",
+    "model.moe.experts", "model.moe.top_k", "model.moe.every", "model.moe.shared_experts", "model.moe.d_ff",
+    "model.moe.aux_loss_coef", "model.moe.z_loss_coef", "model.moe.capacity_factor",
     "parallel.tensor", "parallel.sequence_parallel", "parallel.context", "parallel.context_attention",
     "parallel.pipeline",
     "parallel.partition_method", "parallel.pipeline_schedule", "parallel.virtual_stages", "parallel.micro_batches",

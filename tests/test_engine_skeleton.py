@@ -24,7 +24,7 @@ from bigtrain.engine.build import ENGINE_CLASSES
 from bigtrain.engine.step import StepEngine
 from bigtrain.train.preemption import StopRequest
 
-SKELETON = ("train_step", "decide", "world_check", "global_counts", "sum_over_data")
+SKELETON = ("train_step", "decide", "world_check", "global_counts", "sum_over_data", "router_loss", "router_report")
 HOOKS = {"forward", "backward", "update", "micro_batch", "gradients_done", "measure_norm", "layer_norms",
          "reported_norm", "update_skipped", "run_schedule", "evaluate", "evaluate_sums", "sharded_state",
          "write_native", "read_native", "memory_report", "describe", "autocast"}

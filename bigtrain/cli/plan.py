@@ -128,6 +128,10 @@ def run_plan(argv: list[str]) -> int:
         check_request(raw, args.gpus, args.gpus_per_node)  # before the checks that need a world size
         # validated as one replica of its layout: the search varies the data-parallel size and batch split
         cfg = load_config(args.config, args.overrides, world_size=raw.parallel.tensor * raw.parallel.pipeline)
+        if cfg.model.moe.experts:
+            raise ConfigError(f"bigtrain plan: model.moe.experts={cfg.model.moe.experts} is not built into the "
+                              f"planner yet (its memory and time models, and the layouts it searches, are those of "
+                              f"dense blocks). Plan the dense model (model.moe.experts=0).")
         plan = make_plan(cfg, args.gpus, args.gpus_per_node, gpu, args.efficiency, args.framework_gib,
                          config_name=str(args.config))
         print(json.dumps(as_json(plan), indent=1) if args.json else render(plan, args.config, args.top))

@@ -16,7 +16,7 @@ from bigtrain.config.context_checks import check_context
 from bigtrain.config.data_checks import check_data
 from bigtrain.config.layout import Layout
 from bigtrain.config.log_checks import check_log_trackers
-from bigtrain.config.model_checks import check_model
+from bigtrain.config.model_checks import check_model, check_moe
 from bigtrain.config.parallel_checks import check_deepspeed_section, check_parallel
 from bigtrain.config.rules import at_most_timeout, fraction, positive, require, show
 from bigtrain.config.schedule_checks import check_pipeline_schedule
@@ -156,6 +156,7 @@ def validate(cfg: Config, world_size: int = 1) -> Layout:
     check_context(cfg)
     layout = check_parallel(cfg, world_size)
     check_pipeline_schedule(cfg, layout)
+    check_moe(cfg, layout)
     check_training(cfg, layout)
     check_data(cfg)
     check_deepspeed_section(cfg, layout)

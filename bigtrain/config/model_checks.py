@@ -1,7 +1,11 @@
-"""Rules of the `model` section, and whether a model splits over tensor-parallel ranks."""
+"""Rules of the `model` section (its `moe` subsection included), and whether a model splits over tensor-parallel
+ranks."""
 
 from __future__ import annotations
 
+import math
+
+from bigtrain.config.layout import Layout
 from bigtrain.config.rules import fraction, positive, require
 from bigtrain.config.schema import Config, ModelConfig
 
@@ -87,3 +91,37 @@ def check_model(cfg: Config) -> None:
     if m.family != "seq2seq":
         require(m.n_decoder_layers is None, f"model.n_decoder_layers is only used by "
                 f"model.family='seq2seq'; remove it for family '{m.family}'.")
+
+
+def check_moe(cfg: Config, layout: Layout) -> None:
+    """`model.moe`: values in range, and (for now) one process on the plain engine; expert parallelism and every
+    multi-rank layout, activation checkpointing and compiled blocks are not built for MoE yet."""
+    moe, p = cfg.model.moe, cfg.parallel
+    require(moe.experts >= 0, f"model.moe.experts must be >= 0 (0 = dense blocks), got {moe.experts}.")
+    if moe.experts == 0:
+        return
+    positive("model.moe.top_k", moe.top_k)
+    require(moe.top_k <= moe.experts, f"model.moe.top_k={moe.top_k} exceeds model.moe.experts={moe.experts}: "
+            f"each token picks top_k distinct experts. Use top_k <= {moe.experts}.")
+    positive("model.moe.every", moe.every)
+    blocks = cfg.model.n_layers if cfg.model.family != "seq2seq" else min(
+        cfg.model.n_layers, cfg.model.n_decoder_layers or cfg.model.n_layers)
+    require(moe.every <= blocks, f"model.moe.every={moe.every} exceeds the {blocks} blocks of a stack "
+            f"(model.n_layers={cfg.model.n_layers}), so no block would be MoE. Use every <= {blocks}.")
+    require(moe.shared_experts >= 0, f"model.moe.shared_experts must be >= 0, got {moe.shared_experts}.")
+    if moe.d_ff is not None:
+        positive("model.moe.d_ff", moe.d_ff)
+    for key in ("aux_loss_coef", "z_loss_coef", "capacity_factor"):
+        value = getattr(moe, key)
+        require(math.isfinite(value) and value >= 0, f"model.moe.{key} must be a finite number >= 0, got {value}.")
+    require(layout.engine == "torch" and layout.world_size == 1,
+            f"model.moe.experts={moe.experts} with {layout.describe()} on {layout.engine} is not built yet: "
+            f"mixture-of-experts blocks run on one process with the plain engine only (expert parallelism and "
+            f"parallel.tensor / parallel.pipeline / parallel.context / data parallelism / parallel.zero_stage / "
+            f"parallel.engine=deepspeed or fairscale with MoE are not built yet). Run on one process with "
+            f"parallel.engine=auto or torch and zero_stage=0, or set model.moe.experts=0.")
+    require(p.activation_checkpointing == "none",
+            f"model.moe.experts={moe.experts} with parallel.activation_checkpointing='{p.activation_checkpointing}' "
+            f"is not built yet. Set parallel.activation_checkpointing=none.")
+    require(not cfg.train.compile, f"model.moe.experts={moe.experts} with train.compile=true is not built yet "
+            f"(the router's data-dependent dispatch). Set train.compile=false.")

@@ -18,6 +18,27 @@ def opt(default: Any, help: str, path: bool = False) -> Any:
 
 
 @dataclass
+class MoEConfig:
+    """`model.moe`: mixture-of-experts feed-forward blocks (a softmax router picks top_k of `experts` per token)."""
+
+    experts: int = opt(0, "routed experts E per MoE block; 0 = dense feed-forward blocks everywhere (the default)")
+    top_k: int = opt(2, "experts each token is sent to (K <= experts); their router weights are renormalized to "
+                     "sum to 1 (Mixtral)")
+    every: int = opt(1, "every n-th block (blocks n-1, 2n-1, ... of each stack) is an MoE block; 1 = all blocks")
+    shared_experts: int = opt(0, "always-on experts S added to every token's output (DeepSeek-MoE style)")
+    d_ff: int | None = opt(None, "hidden width of each expert (routed and shared); null = model.d_ff")
+    aux_loss_coef: float = opt(
+        0.01, "weight of the load-balancing loss E * sum_e f_e * P_e (f_e: share of the top-k assignments going "
+        "to expert e, P_e: mean router probability of e; 1 when balanced) added to the training loss")
+    z_loss_coef: float = opt(
+        0.0, "weight of the router z-loss mean_tokens(logsumexp(router logits)^2) added to the training loss")
+    capacity_factor: float = opt(
+        0.0, "0 = dropless routing; > 0: each expert takes at most ceil(capacity_factor * tokens * top_k / experts) "
+        "assignments of a micro-batch (first choices first, then in token order); tokens beyond it skip that "
+        "expert and keep only the residual")
+
+
+@dataclass
 class ModelConfig:
     family: Literal["causal", "masked", "seq2seq"] = opt(
         "causal", "causal: decoder-only LM (GPT); masked: encoder-only masked LM (BERT); "
@@ -68,6 +89,9 @@ class ModelConfig:
         None, "start from these weights instead of the init (fine-tuning; fresh optimizer): a local Hugging "
         "Face model directory (config.json + safetensors) of GPT-2, Llama, GPT-NeoX, BERT or T5, or a bigtrain "
         "run.dir, checkpoint or export; the model section must describe the same architecture", path=True)
+    moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": (
+        "mixture-of-experts blocks {experts, top_k, every, shared_experts, d_ff, aux_loss_coef, z_loss_coef, "
+        "capacity_factor}; experts=0 keeps every block dense. One process on the plain engine only for now")})
 
 
 @dataclass

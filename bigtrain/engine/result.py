@@ -26,6 +26,8 @@ class StepResult:
     tokens: int = 0  # real input tokens of the whole global batch (all ranks)
     # The lowest rank whose own loss was not finite (None when none was); deferred: a tensor, NO_RANK for None.
     nonfinite_rank: int | torch.Tensor | None = None
+    # Mixture-of-experts router numbers (`moe_aux_loss`, `moe_z_loss`, `moe_dropped_fraction`); None without MoE.
+    moe: dict[str, float | torch.Tensor] | None = None
 
     def resolved(self) -> StepResult:
         """This result with Python values (waits for the device)."""
@@ -38,7 +40,7 @@ class StepResult:
 
 def _values(r: StepResult) -> tuple[float | int | bool | torch.Tensor, ...]:
     rank = NO_RANK if r.nonfinite_rank is None else r.nonfinite_rank
-    return r.loss, r.grad_norm, r.skipped, r.finite, rank
+    return r.loss, r.grad_norm, r.skipped, r.finite, rank, *(r.moe or {}).values()
 
 
 def resolve_all(results: list[StepResult]) -> list[StepResult]:
@@ -48,15 +50,16 @@ def resolve_all(results: list[StepResult]) -> list[StepResult]:
     if not pending:
         return results
     device = _device(pending)
-    rows = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
-                                     for v in _values(r)]) for r in pending])
-    values = iter(rows.cpu().tolist())
+    row = torch.cat([torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                                  for v in _values(r)]) for r in pending])
+    values = iter(row.cpu().tolist())
     out = []
     for r in results:
         if r.deferred:
-            loss, grad_norm, skipped, finite, rank = next(values)
+            loss, grad_norm, skipped, finite, rank = (next(values) for _ in range(5))
+            moe = None if r.moe is None else {k: next(values) for k in r.moe}
             r = dataclasses.replace(r, loss=loss, grad_norm=grad_norm, skipped=bool(skipped), finite=bool(finite),
-                                    nonfinite_rank=None if rank == NO_RANK else int(rank))
+                                    nonfinite_rank=None if rank == NO_RANK else int(rank), moe=moe)
         out.append(r)
     return out
 

@@ -6,6 +6,10 @@
              is the gradient of the global batch's mean token loss whatever the split (the engine scales it for
              its data-parallel reduction: `backward`)
     L      = Σ_m ℓ_m summed over the data-parallel ranks (the logged loss, the same number under any layout)
+    R_m    = Σ_layers (aux_loss_coef · aux + z_loss_coef · z) of micro-batch m's MoE blocks (`model.moe`; one
+             process only for now): each micro-batch backpropagates ℓ_m + R_m / M (M micro-batches), so the router
+             losses enter as their mean over the micro-batches; L stays the cross-entropy, and the step reports
+             the micro-batch means of Σ_layers aux, Σ_layers z and the dropped-assignment fraction (`moe`)
 
 Under context parallelism every rank of a context group reads its data-parallel rank's micro-batches whole and
 runs its zig-zag share of each (`local_batch`, `bigtrain.parallel.context.inputs`): N is still counted on the
@@ -39,6 +43,7 @@ from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine.evaluate import EvalSums, evaluate_sums
 from bigtrain.engine.result import NO_RANK, StepResult
 from bigtrain.models.loss import Criterion, count_input_tokens, count_targets
+from bigtrain.models.moe import MoEFeedForward, RouterStats, collect_router_stats, moe_layers
 from bigtrain.optim import set_lr
 from bigtrain.parallel.context.inputs import ContextInputs
 
@@ -86,6 +91,8 @@ class StepEngine:
     dp_size: int = 1
     config_file: str | None = None
     check: StepCheck | None = None  # the current step's decision, once made
+    router_layers: list[MoEFeedForward] | None = None  # the model's MoE blocks, found at the first step
+    router_steps: list[RouterStats] | None = None  # this step's router numbers, one per micro-batch
     context: ContextInputs | None = None  # the split of micro-batches under context parallelism
 
     # ---- what an engine supplies ---------------------------------------------------------------------
@@ -137,6 +144,7 @@ class StepEngine:
         set_lr(self.optimizer, lr)
         self.check, self.norm, self.piece_norms = None, None, None
         self.wants_layer_norms = layer_norms
+        self.router_steps = []
         n_targets, n_tokens = self.global_counts(micro_batches, counts)
         loss = self.run_schedule(micro_batches, n_targets)
         check = self.check
@@ -147,7 +155,7 @@ class StepEngine:
             skipped = torch.ones_like(skipped)
         return StepResult(loss=loss, grad_norm=norm, skipped=skipped,
                           finite=torch.isfinite(loss) & torch.isfinite(norm), layer_grad_norms=self.piece_norms,
-                          tokens=n_tokens, nonfinite_rank=check.first_bad)
+                          tokens=n_tokens, nonfinite_rank=check.first_bad, moe=self.router_report())
 
     def run_schedule(self, micro_batches: list[dict[str, torch.Tensor]], n_targets: int) -> torch.Tensor:
         """Forward and backward every micro-batch in order, decide, update; returns L (on the device)."""
@@ -157,7 +165,8 @@ class StepEngine:
             batch = self.local_batch(batch)
             with self.micro_batch(last=i == last):
                 loss = self.criterion.loss_sum(self.forward(batch), batch["labels"]) / n_targets
-                self.backward(loss, last=i == last)
+                router = self.router_loss(len(micro_batches))
+                self.backward(loss if router is None else loss + router, last=i == last)
             total += loss.detach()
         if self.context is not None:
             self.context.clear()
@@ -194,6 +203,27 @@ class StepEngine:
         return StepCheck(first_bad=torch.where(seen, flag, NO_RANK), found_inf=(seen | bad).float())
 
     # ---- shared pieces -------------------------------------------------------------------------------
+    def router_loss(self, micro_batches: int) -> torch.Tensor | None:
+        """R_m / M of the micro-batch just forwarded (module docstring); None for a model without MoE blocks."""
+        if self.router_layers is None:
+            self.router_layers = moe_layers(self.model)
+        stats = collect_router_stats(self.router_layers)
+        if stats is None:
+            return None
+        if self.router_steps is not None:
+            self.router_steps.append(stats)
+        return stats.loss / micro_batches
+
+    def router_report(self) -> dict[str, torch.Tensor] | None:
+        """The step's `moe_aux_loss`, `moe_z_loss` (Σ over layers) and `moe_dropped_fraction` (mean over layers),
+        each the mean over the micro-batches, on the device; None without MoE blocks."""
+        if not self.router_steps:
+            return None
+        steps = self.router_steps
+        return {"moe_aux_loss": torch.stack([s.aux for s in steps]).mean(),
+                "moe_z_loss": torch.stack([s.z for s in steps]).mean(),
+                "moe_dropped_fraction": torch.stack([s.dropped for s in steps]).mean()}
+
     def global_counts(self, micro_batches: list[dict[str, torch.Tensor]],
                       counts: tuple[int, int] | None) -> tuple[int, int]:
         """(target tokens, input tokens) of the whole global batch: this rank's `counts` (counted on the host

@@ -69,6 +69,9 @@ def hf_kind(cfg: ModelConfig) -> str:
         problems.append(f"model.activation={cfg.activation!r} ({_NAMES[kind]} takes relu, gelu or gelu_tanh)")
     if kind in ("gpt2", "gpt_neox", "bert") and _kv_heads(cfg) != cfg.n_heads:
         problems.append(f"model.n_kv_heads={cfg.n_kv_heads} ({_NAMES[kind]} has no grouped-query attention)")
+    if cfg.moe.experts:
+        problems.append(f"model.moe.experts={cfg.moe.experts} (mixture-of-experts blocks: the Mixtral mapping is not "
+                        f"built yet)")
     if problems:
         raise ValueError(f"This model has no counterpart in transformers ({cfg.family} maps to {_NAMES[kind]}): "
                          + "; ".join(problems) + ". Train with those values to export to Hugging Face, or export "

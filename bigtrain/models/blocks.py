@@ -15,14 +15,16 @@ from bigtrain.config import ModelConfig
 from bigtrain.models.attention import Attention
 from bigtrain.models.cache import BlockCache
 from bigtrain.models.layers import FeedForward, Rotary, make_norm
+from bigtrain.models.moe import MoEFeedForward
 
 
 class Block(nn.Module):
     """Encoder block (bidirectional), decoder-only block (causal) or encoder-decoder decoder block (causal +
-    cross-attention), chosen by `causal` and `cross_attention`."""
+    cross-attention), chosen by `causal` and `cross_attention`; `moe`: the feed-forward is a mixture of experts
+    (`model.moe`, `bigtrain.models.moe`)."""
 
     def __init__(self, cfg: ModelConfig, causal: bool, cross_attention: bool,
-                 rotary: Rotary | None = None) -> None:
+                 rotary: Rotary | None = None, moe: bool = False) -> None:
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
         kv_heads = cfg.n_kv_heads or cfg.n_heads
@@ -39,7 +41,13 @@ class Block(nn.Module):
             self.cross_attn = Attention(cfg.d_model, cfg.n_heads, kv_heads, cfg.bias, attn_dropout, False,
                                         scale=cfg.scale_attention)
             self.cross_attn_norm = norm()
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias, cfg.dropout)
+        if moe:
+            m = cfg.moe
+            self.ffn = MoEFeedForward(cfg.d_model, m.d_ff or cfg.d_ff, cfg.activation, cfg.bias, cfg.dropout,
+                                      m.experts, m.top_k, m.shared_experts, m.capacity_factor, m.aux_loss_coef,
+                                      m.z_loss_coef)
+        else:
+            self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias, cfg.dropout)
         self.ffn_norm = norm()
         self.dropout = nn.Dropout(cfg.dropout)
 

@@ -1,10 +1,11 @@
 """Weight initialization, deterministic from a seed.
 
 normal: every linear and embedding weight ~ N(0, σ), σ = init_std; residual output projections
-(attention o_proj, FFN down) use σ / sqrt(2 · n_blocks) as in GPT-2, so the residual stream's variance
-does not grow with depth. xavier: linears ~ U(±sqrt(6 / (fan_in + fan_out))), embeddings ~ N(0, d^-0.5)
-(the original Transformer, whose embeddings are then scaled by sqrt(d)). Biases 0, norm weights 1; the tables of
-relative position bias and token types are embeddings.
+(attention o_proj, FFN down, each expert's down) use σ / sqrt(2 · n_blocks) as in GPT-2, so the residual
+stream's variance does not grow with depth. xavier: linears ~ U(±sqrt(6 / (fan_in + fan_out))), embeddings
+~ N(0, d^-0.5) (the original Transformer, whose embeddings are then scaled by sqrt(d)). Biases 0, norm weights 1;
+the tables of relative position bias and token types are embeddings; a mixture-of-experts block's router and
+experts are linears like any other (`bigtrain.models.moe`).
 
 Every parameter draws from a CPU generator of its own, seeded from (seed, parameter name), so its values
 depend on neither the device nor the layout, and any subset of the model can be initialized on its own:

@@ -18,6 +18,7 @@ from bigtrain.models.cache import DecodingCache
 from bigtrain.models.documents import document_positions
 from bigtrain.models.embedding import Embedding
 from bigtrain.models.layers import HeadTransform, LogitBias, RelativePositionBias, Rotary, make_norm
+from bigtrain.models.moe import is_moe_block
 
 
 def _final_norm(cfg: ModelConfig) -> nn.Module:
@@ -37,6 +38,11 @@ def _position_bias(cfg: ModelConfig, bidirectional: bool) -> RelativePositionBia
     if cfg.positions != "relative":
         return None
     return RelativePositionBias(cfg.n_heads, cfg.relative_buckets, cfg.relative_max_distance, bidirectional)
+
+
+def _moe(cfg: ModelConfig, index: int) -> bool:
+    """Whether block `index` of a stack is a mixture-of-experts block (`model.moe`)."""
+    return cfg.moe.experts > 0 and is_moe_block(index, cfg.moe.every)
 
 
 def _positions(cache: DecodingCache | None, position_ids: torch.Tensor | None, length: int,
@@ -99,8 +105,8 @@ class _EncoderOrDecoderLM(TransformerLM):
         super().__init__(cfg, vocab_size)
         rotary = _rotary(cfg)
         self.position_bias = _position_bias(cfg, bidirectional=not self.causal)
-        self.blocks = nn.ModuleList(Block(cfg, causal=self.causal, cross_attention=False, rotary=rotary)
-                                    for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, causal=self.causal, cross_attention=False, rotary=rotary,
+                                          moe=_moe(cfg, i)) for i in range(cfg.n_layers))
         self.final_norm = _final_norm(cfg)
 
     def stacks(self) -> list[nn.ModuleList]:
@@ -156,12 +162,12 @@ class Seq2SeqLM(TransformerLM):
         rotary = _rotary(cfg)
         n_dec = cfg.n_decoder_layers or cfg.n_layers
         self.encoder_position_bias = _position_bias(cfg, bidirectional=True)
-        self.encoder_blocks = nn.ModuleList(Block(cfg, causal=False, cross_attention=False, rotary=rotary)
-                                            for _ in range(cfg.n_layers))
+        self.encoder_blocks = nn.ModuleList(Block(cfg, causal=False, cross_attention=False, rotary=rotary,
+                                                  moe=_moe(cfg, i)) for i in range(cfg.n_layers))
         self.encoder_norm = _final_norm(cfg)
         self.decoder_position_bias = _position_bias(cfg, bidirectional=False)
-        self.decoder_blocks = nn.ModuleList(Block(cfg, causal=True, cross_attention=True, rotary=rotary)
-                                            for _ in range(n_dec))
+        self.decoder_blocks = nn.ModuleList(Block(cfg, causal=True, cross_attention=True, rotary=rotary,
+                                                  moe=_moe(cfg, i)) for i in range(n_dec))
         self.final_norm = _final_norm(cfg)
 
     def stacks(self) -> list[nn.ModuleList]:

@@ -2,7 +2,9 @@
 
 Training FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B):  6·N + 12·L·H·Q·T
   N: parameters that take part in matrix multiplies — every parameter except the input token and
-     position tables, with the output head counted once (even when tied to the embedding);
+     position tables, with the output head counted once (even when tied to the embedding); in a
+     mixture-of-experts block only the top_k of E routed experts a token visits count (the active parameters:
+     E - top_k experts' worth is left out);
   L: blocks (encoder + decoder), H·Q = d_model (heads × head size), T = sequence length.
 6·N counts forward (2N) + backward (4N) of the dense layers; 12·L·H·Q·T the attention scores and mixing.
 MFU = achieved FLOP/s / peak FLOP/s of the device (log.peak_tflops, or the table below for known GPUs).
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from bigtrain.models import TransformerLM
+from bigtrain.models.moe import moe_layers
 from bigtrain.planning.hardware import PEAK_TFLOPS_BY_DEVICE_NAME
 
 GPU_PEAK_TFLOPS = PEAK_TFLOPS_BY_DEVICE_NAME  # dense bf16 peaks by device-name substring (planning/hardware.py)
@@ -23,7 +26,10 @@ def matmul_parameters(model: TransformerLM) -> int:
     for table in (model.embed.tokens.weight, getattr(model.embed.positions, "weight", None)):
         if table is not None:
             params.pop(id(table), None)
-    return sum(p.numel() for p in params.values()) + model.head.weight.numel() * model.cfg.tie_embeddings
+    inactive = sum(sum(p.numel() for p in layer.experts.parameters()) * (len(layer.experts) - layer.top_k)
+                   // len(layer.experts) for layer in moe_layers(model))
+    return (sum(p.numel() for p in params.values()) + model.head.weight.numel() * model.cfg.tie_embeddings
+            - inactive)
 
 
 def training_flops(matmul_params: float, n_blocks: int, d_model: int, seq_len: int) -> float:

@@ -198,7 +198,9 @@ class Trainer:
                     pending = []
                     if log_now or result.skipped:  # a skipped step is logged off-cycle
                         metrics.training_line(state.step, lr, result.loss, result.grad_norm, state.tokens,
-                                              result.skipped, self.data.source_record(state.step, state.source_tokens),
+                                              result.skipped, {**self.data.source_record(state.step,
+                                                                                         state.source_tokens),
+                                                               **(result.moe or {})},
                                               result.layer_grad_norms)
                     else:
                         metrics.advance(state.step)
