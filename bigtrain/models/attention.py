@@ -3,8 +3,10 @@
 softmax(Q Kᵀ · s + B + mask) V per head, then the output projection; s = 1/sqrt(d_k) (T5: 1) and B an optional
 position bias (T5's relative one). Q, K, V and the output are separate linears so that tensor parallelism can
 split them by heads (columns of Q/K/V, rows of the output) without touching this file: the head count is read
-from the projected width at run time. With a cache (`bigtrain.models.cache`) the layer takes only the new
-positions and attends over the cached keys as well.
+from the projected width at run time. Self-attention still runs one matrix product for all three, by the weights
+stacked on the fly (`Attention._fused_qkv`): one GEMM and one bias reduction instead of three each, forward and
+backward, for a copy of the weights (3·d² of them, small against the activations). With a cache
+(`bigtrain.models.cache`) the layer takes only the new positions and attends over the cached keys as well.
 """
 
 from __future__ import annotations
@@ -111,6 +113,14 @@ class Attention(nn.Module):
         self.record_weights = False  # set by `bigtrain.models.inspect.attention_maps`
         self.weights: torch.Tensor | None = None
 
+    def _fused_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(Q, K, V) = split of x [W_q; W_k; W_v]ᵀ + [b_q; b_k; b_v] by columns: one GEMM for the three
+        projections. The parameters stay the three linears' (their names, shards and checkpoints unchanged)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])
+        bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projections])
+        return F.linear(x, weight, bias).split([p.out_features for p in projections], dim=-1)
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
         return x.view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -126,14 +136,17 @@ class Attention(nn.Module):
         (default 0..T-1); cache: this layer's keys and values of earlier steps; document_ids: [B, T] the
         document of each token of a packed block (attention stays inside a document).
         """
-        q = self._heads(self.q_proj(x))
+        if memory is None:  # self-attention: Q, K and V in one matrix product
+            q, k, v = (self._heads(t) for t in self._fused_qkv(x))
+        else:
+            q = self._heads(self.q_proj(x))
         if self.rotary is not None:
             q = self.rotary(q, position_ids)
         if cache is not None and cache.filled:  # cross-attention: the encoder's keys, computed at step one
             k, v = cache.stored()
         else:
-            source = x if memory is None else memory
-            k, v = self._heads(self.k_proj(source)), self._heads(self.v_proj(source))
+            if memory is not None:
+                k, v = self._heads(self.k_proj(memory)), self._heads(self.v_proj(memory))
             if self.rotary is not None:
                 k = self.rotary(k, position_ids)
             if cache is not None:
