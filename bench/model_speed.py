@@ -14,7 +14,8 @@ the same batches and their losses must agree (step 0: same function; later steps
 Timing: `--rounds` rounds; in each, both models run `--warmup` untimed then `--steps` timed steps, in alternating
 order (bigtrain first in odd rounds, the reference first in even ones, so a drift of the machine hits both alike).
 Per-round ratio = bigtrain tokens/s / reference tokens/s; the figure is their median (target ≥ 1.0). Other
-processes' share of the CPU is recorded per run (bench/harness.py's ForeignLoad).
+processes' share of the CPU is recorded per run (bench/harness.py's ForeignLoad); a round during which they took
+more than --max-foreign of it is run again (the result says when disturbed rounds had to fill in).
 
 Run: python bench/model_speed.py [--config configs/smoke.yaml] [--rounds 11 --steps 20 --warmup 3]
      [--threads N] [--device cpu|cuda] [--name NAME] [section.key=value ...]
@@ -60,6 +61,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--wait-quiet", type=float, default=0.0,
                         help="before each round, wait up to this many seconds for other processes to go idle")
+    parser.add_argument("--max-foreign", type=float, default=0.1,
+                        help="a round during which other processes took more than this share of the machine's CPU "
+                             "is run again (at most 2 × --rounds rounds in all)")
     parser.add_argument("--name", help="results name (default: the device type)")
     parser.add_argument("--out", type=Path, help="JSON path (default: bench/results/model_speed-NAME.json)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -148,8 +152,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     problems = unsupported(cfg.model) + ([f"train.precision={cfg.train.precision} (allowed: fp32 or bf16)"]
                                          if cfg.train.precision not in ("fp32", "bf16") else [])
     if problems:
-        raise SystemExit(f"bench/model_speed.py compares bigtrain's model with a plain pre-norm GPT, which cannot "
-                         f"reproduce {', '.join(problems)}; change these overrides.")
+        print(f"error: bench/model_speed.py compares bigtrain's model with a plain pre-norm GPT, which cannot "
+              f"reproduce {', '.join(problems)}; change these overrides.", file=sys.stderr)
+        raise SystemExit(2)
     threads = args.threads or cfg.train.threads
     if threads:
         torch.set_num_threads(threads)
@@ -164,22 +169,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise RuntimeError(f"the two models train differently: losses {parity} (not a like-for-like comparison)")
 
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len * args.steps
-    rounds = []
+    rounds, disturbed = [], []
     step_no = PARITY_STEPS
-    for r in range(args.rounds):
+    while len(rounds) < args.rounds and len(rounds) + len(disturbed) < 2 * args.rounds:
         if args.wait_quiet > 0:
             wait_for_quiet(args.wait_quiet)
         order = [("bigtrain", ours_step), ("reference", ref_step)]
-        run = {}
-        for side, step in order if r % 2 == 0 else order[::-1]:
+        run: dict[str, Any] = {"bigtrain_first": len(rounds) % 2 == 0}
+        for side, step in order if run["bigtrain_first"] else order[::-1]:
             seconds, share = timed(step, args.warmup, args.steps, device, step_no)
             run[side] = {"tokens_per_s": tokens / seconds, "step_ms": 1e3 * seconds / args.steps,
                          "foreign_cpu_share": share}
         step_no += args.warmup + args.steps
         run["ratio"] = run["bigtrain"]["tokens_per_s"] / run["reference"]["tokens_per_s"]
-        rounds.append(run)
-        print(f"round {r + 1}: bigtrain {run['bigtrain']['tokens_per_s']:.0f} tokens/s, reference "
-              f"{run['reference']['tokens_per_s']:.0f} tokens/s, ratio {run['ratio']:.3f}", flush=True)
+        busy = max(run[s]["foreign_cpu_share"] or 0.0 for s in ("bigtrain", "reference")) > args.max_foreign
+        (disturbed if busy else rounds).append(run)
+        print(f"round {len(rounds) + len(disturbed)}: bigtrain {run['bigtrain']['tokens_per_s']:.0f} tokens/s, "
+              f"reference {run['reference']['tokens_per_s']:.0f} tokens/s, ratio {run['ratio']:.3f}"
+              + (" (other processes busy: not counted, run again)" if busy else ""), flush=True)
+    quiet = len(rounds) == args.rounds
+    if not quiet:  # the least disturbed rounds fill in, and the result says so
+        disturbed.sort(key=lambda r: max(r[s]["foreign_cpu_share"] or 0.0 for s in ("bigtrain", "reference")))
+        rounds += disturbed[:args.rounds - len(rounds)]
+        print("warning: some rounds ran while other processes were busy; the figure below includes them")
 
     ratios = [r["ratio"] for r in rounds]
     med = {side: median([r[side]["tokens_per_s"] for r in rounds]) for side in ("bigtrain", "reference")}
@@ -198,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "precision": cfg.train.precision, "threads": torch.get_num_threads(),
               "tokens_per_step": cfg.train.micro_batch_size * cfg.data.seq_len, "warmup": args.warmup,
               "steps": args.steps, "parity_losses": parity, "rounds": rounds, "ratios": ratios,
+              "quiet": quiet, "disturbed_rounds": disturbed,
               "median_tokens_per_s": med, "median_ratio": median(ratios), "target": 1.0,
               "parameters": sum(p.numel() for p in ref.parameters())}
     write_json(args.out or RESULTS / f"model_speed-{name}.json", result)

@@ -104,8 +104,7 @@ class ReferenceGPT(nn.Module):
             self.wpe.weight.copy_(model.embed.positions.weight)
         for ref, block in zip(self.blocks, model.blocks, strict=True):
             attn = block.self_attn
-            projections = [getattr(attn, name) for name in ("q_proj", "k_proj", "v_proj")] \
-                if hasattr(attn, "q_proj") else [attn.qkv_proj]
+            projections = [attn.q_proj, attn.k_proj, attn.v_proj]
             ref.c_attn.weight.copy_(torch.cat([p.weight for p in projections]))
             if ref.c_attn.bias is not None:
                 ref.c_attn.bias.copy_(torch.cat([p.bias for p in projections]))

@@ -158,3 +158,34 @@ def test_pipeline_engines_compares_deepspeed_and_torch_schedules(tmp_path):
     torch_row = saved["rows"][1]
     assert torch_row["max_rel_loss"] < 1e-5 and torch_row["max_rel_grad_norm"] < 1e-5
     assert torch_row["tokens_per_s"] > 0 and torch_row["over_deepspeed"] > 0
+
+
+MODEL_SPEED_TINY = ["model.d_model=32", "model.n_heads=4", "model.d_ff=64", "model.n_layers=2",
+                    "model.max_seq_len=16", "data.seq_len=16", "train.micro_batch_size=2", "train.global_batch_size=2"]
+
+
+def test_model_speed_compares_the_same_function(tmp_path, capsys):
+    """One tiny round: both models start from the same weights and compute the same loss at step 0 (and after
+    the same AdamW updates), so the tokens/s they are timed at belong to the same computation."""
+    from bench import model_speed
+
+    out = tmp_path / "model_speed-tiny.json"
+    result = model_speed.main(["--rounds", "1", "--steps", "1", "--warmup", "0", "--threads", "1",
+                               "--max-foreign", "1", "--out", str(out), *MODEL_SPEED_TINY])
+    saved = json.loads(out.read_text())
+    ours, ref = saved["parity_losses"]["bigtrain"], saved["parity_losses"]["reference"]
+    assert ours[0] == pytest.approx(ref[0], rel=1e-6, abs=1e-6)
+    assert ours == pytest.approx(ref, rel=1e-4)
+    assert len(saved["ratios"]) == 1 and saved["median_ratio"] == pytest.approx(result["median_ratio"])
+    assert saved["median_ratio"] > 0
+    assert saved["tokens_per_step"] == 2 * 16 and saved["threads"] == 1
+    assert "median ratio" in capsys.readouterr().out
+
+
+def test_model_speed_refuses_what_the_reference_cannot_be(capsys):
+    from bench import model_speed
+
+    with pytest.raises(SystemExit) as exit_info:
+        model_speed.main(["--rounds", "1", *MODEL_SPEED_TINY, "model.norm=rmsnorm"])
+    assert exit_info.value.code == 2
+    assert "model.norm=rmsnorm (allowed: layernorm)" in capsys.readouterr().err
