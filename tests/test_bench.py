@@ -71,7 +71,14 @@ def test_report_renders_every_section(tmp_path):
         {"command": "python bench/scaling.py", "machine": machine, "model": ["model.d_model=8"], "micro_batch": 8,
          "rows": [{"layout": "dp", "ranks": n, "tokens_per_s": 10.0 * n, "efficiency": 1.0 if n == 1 else 0.5,
                    "oversubscribed": n > 2, "device": "cpu"} for n in (1, 4)]}))
+    speed = {"tokens_per_s": 100.0, "step_ms": 1.0, "foreign_cpu_share": 0.0}
+    (results / "model_speed-cpu.json").write_text(json.dumps(
+        {"name": "cpu", "command": "python bench/model_speed.py", "machine": machine, "device": "cpu",
+         "precision": "fp32", "threads": 2, "tokens_per_step": 768, "rounds": [{"bigtrain": speed, "reference": speed}],
+         "ratios": [1.01], "median_ratio": 1.01, "median_tokens_per_s": {"bigtrain": 101.0, "reference": 100.0},
+         "target": 1.0}))
     text = report.main(["--results", str(results), "--out", str(tmp_path / "performance.md")])
+    assert "## Model speed" in text and "| 1.010 | 1.010 | met |" in text
     assert "| M1 | no GPU; CPU Test CPU, 2 cores" in text
     assert "1.50× the eager tokens/s" in text and "No GPU was available" in text
     assert "oversubscribed" in text and "python bench/step_overhead.py x" in text
