@@ -8,7 +8,7 @@ single-file implementation has, with no option it does not need.
 
 It covers the bigtrain configurations a plain GPT has (pre-norm LayerNorm, learned or no positions, unscaled
 embeddings, GELU / tanh-GELU / ReLU, dropout 0, multi-head attention, tied head); `unsupported` names what else a
-config asks for. `load_from` copies a bigtrain model's weights (Q, K and V stacked into the fused projection), so
+config asks for. `load_from` copies a bigtrain model's weights (Q, K and V rows reordered into [Q; K; V]), so
 both models compute the same function from the same numbers.
 """
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.config import ModelConfig
+from bigtrain.models.qkv import split_qkv
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
@@ -93,7 +94,7 @@ class ReferenceGPT(nn.Module):
 
     @torch.no_grad()
     def load_from(self, model: nn.Module) -> None:
-        """Copy the weights of bigtrain's CausalLM `model` (same config): Q, K, V rows stacked into c_attn."""
+        """Copy the weights of bigtrain's CausalLM `model` (same config): its Q/K/V rows as [Q; K; V] in c_attn."""
         def copy(dst: nn.Module, src: nn.Module) -> None:
             dst.weight.copy_(src.weight)
             if dst.bias is not None:
@@ -104,10 +105,9 @@ class ReferenceGPT(nn.Module):
             self.wpe.weight.copy_(model.embed.positions.weight)
         for ref, block in zip(self.blocks, model.blocks, strict=True):
             attn = block.self_attn
-            projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-            ref.c_attn.weight.copy_(torch.cat([p.weight for p in projections]))
+            ref.c_attn.weight.copy_(torch.cat(split_qkv(attn.qkv_proj.weight, attn.head_dim, attn.groups)))
             if ref.c_attn.bias is not None:
-                ref.c_attn.bias.copy_(torch.cat([p.bias for p in projections]))
+                ref.c_attn.bias.copy_(torch.cat(split_qkv(attn.qkv_proj.bias, attn.head_dim, attn.groups)))
             copy(ref.c_proj, attn.o_proj)
             copy(ref.ln_1, block.self_attn_norm)
             copy(ref.ln_2, block.ffn_norm)
