@@ -21,6 +21,7 @@ from bigtrain.compat.torch import sdpa
 from bigtrain.models.cache import AttentionCache
 from bigtrain.models.documents import same_document
 from bigtrain.models.layers import Rotary
+from bigtrain.models.qkv import join_state
 
 
 def build_mask(query_len: int, key_padding: torch.Tensor | None, causal: bool,
@@ -95,6 +96,15 @@ class AttentionCore(nn.Module):
         return attention_core(q, k, v, mask, causal, dropout, return_weights, scale, bias)
 
 
+def _join_separate_qkv(module: Attention, state: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
+    """A state dict of an earlier bigtrain (Q, K, V as `q_proj`, `k_proj`, `v_proj`; a tensor-parallel rank's
+    shards too) loads into the one `qkv_proj`: its tensors joined in place, in the projection's row layout."""
+    names = [name for name in state if name.startswith(prefix)]
+    if f"{prefix}q_proj.weight" in names:
+        joined = join_state({name: state.pop(name) for name in names}, module.head_dim, module.groups)
+        state.update(joined)
+
+
 class Attention(nn.Module):
     """Self- or cross-attention with n_heads query heads and n_kv_heads key/value heads; `scale` False leaves
     the scores unscaled (T5)."""
@@ -110,6 +120,7 @@ class Attention(nn.Module):
         self.core = AttentionCore()
         self.record_weights = False  # set by `bigtrain.models.inspect.attention_maps`
         self.weights: torch.Tensor | None = None
+        self.register_load_state_dict_pre_hook(_join_separate_qkv)
 
     def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, T, (H + 2·H_kv)·d_h] in the blocked layout -> Q [B, H, T, d_h], K and V [B, H_kv, T, d_h] (views,
