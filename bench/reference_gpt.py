@@ -2,11 +2,12 @@
 single-file implementation has, with no option it does not need.
 
     x = E[ids] + P[0..T-1]
-    per block:  x = x + W_o · attn(split(W_qkv · LN₁(x)))        one fused QKV projection, SDPA (causal)
-                x = x + W_down · act(W_up · LN₂(x))
-    logits = LN_f(x) · Eᵀ                                        head tied to the token embedding
+    per block:  x = x + W_o · attn(split(W_qkv · N₁(x)))         one fused QKV projection, SDPA (causal)
+                x = x + W_down · act(W_up · N₂(x))               N: LayerNorm or RMSNorm, as the config
+    logits = N_f(x) · Eᵀ                                         head tied to the token embedding
 
-It covers the bigtrain configurations a plain GPT has (pre-norm LayerNorm, learned or no positions, unscaled
+It covers the bigtrain configurations a plain GPT has (pre-norm LayerNorm or RMSNorm, torch's own modules; learned or
+no positions, unscaled
 embeddings, GELU / tanh-GELU / ReLU, dropout 0, multi-head attention, tied head); `unsupported` names what else a
 config asks for. `load_from` copies a bigtrain model's weights (Q, K and V rows reordered into [Q; K; V]), so
 both models compute the same function from the same numbers.
@@ -29,7 +30,7 @@ def unsupported(cfg: ModelConfig) -> list[str]:
     checks = [
         ("family", cfg.family, cfg.family == "causal", "causal"),
         ("norm_position", cfg.norm_position, cfg.norm_position == "pre", "pre"),
-        ("norm", cfg.norm, cfg.norm == "layernorm", "layernorm"),
+        ("norm", cfg.norm, cfg.norm in ("layernorm", "rmsnorm"), "layernorm or rmsnorm"),
         ("positions", cfg.positions, cfg.positions in ("learned", "none"), "learned or none"),
         ("activation", cfg.activation, cfg.activation in ACTIVATIONS, " / ".join(ACTIVATIONS)),
         ("dropout", cfg.dropout, cfg.dropout == 0 and not cfg.attention_dropout, "0"),
@@ -46,16 +47,22 @@ def unsupported(cfg: ModelConfig) -> list[str]:
     return [f"model.{key}={value} (allowed: {allowed})" for key, value, ok, allowed in checks if not ok]
 
 
+def norm(kind: str, d_model: int, eps: float, bias: bool) -> nn.Module:
+    """torch's own LayerNorm or RMSNorm (x / sqrt(mean(x²) + eps) · w)."""
+    return nn.RMSNorm(d_model, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(d_model, eps=eps, bias=bias)
+
+
 class ReferenceBlock(nn.Module):
     """One pre-norm block with a fused QKV projection."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, activation: str, bias: bool, eps: float) -> None:
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, activation: str, bias: bool, eps: float,
+                 kind: str = "layernorm") -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.ln_1 = nn.LayerNorm(d_model, eps=eps, bias=bias)
+        self.ln_1 = norm(kind, d_model, eps, bias)
         self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.c_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.ln_2 = nn.LayerNorm(d_model, eps=eps, bias=bias)
+        self.ln_2 = norm(kind, d_model, eps, bias)
         self.c_fc = nn.Linear(d_model, d_ff, bias=bias)
         self.mlp_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.act = ACTIVATIONS[activation]
@@ -70,7 +77,7 @@ class ReferenceBlock(nn.Module):
 
 
 class ReferenceGPT(nn.Module):
-    """Token + learned position embedding, `n_layers` blocks, final LayerNorm, tied head."""
+    """Token + learned position embedding, `n_layers` blocks, final norm, tied head."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
@@ -80,8 +87,8 @@ class ReferenceGPT(nn.Module):
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
         self.blocks = nn.ModuleList(ReferenceBlock(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.activation, cfg.bias,
-                                                   cfg.norm_eps) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+                                                   cfg.norm_eps, cfg.norm) for _ in range(cfg.n_layers))
+        self.ln_f = norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: [B, T] -> logits [B, T, vocab]."""
@@ -97,7 +104,7 @@ class ReferenceGPT(nn.Module):
         """Copy the weights of bigtrain's CausalLM `model` (same config): its Q/K/V rows as [Q; K; V] in c_attn."""
         def copy(dst: nn.Module, src: nn.Module) -> None:
             dst.weight.copy_(src.weight)
-            if dst.bias is not None:
+            if getattr(dst, "bias", None) is not None:
                 dst.bias.copy_(src.bias)
 
         self.wte.weight.copy_(model.embed.tokens.weight)

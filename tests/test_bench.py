@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import report, scaling, step_overhead, throughput
 
@@ -193,6 +194,28 @@ def test_model_speed_refuses_what_the_reference_cannot_be(capsys):
     from bench import model_speed
 
     with pytest.raises(SystemExit) as exit_info:
-        model_speed.main(["--rounds", "1", *MODEL_SPEED_TINY, "model.norm=rmsnorm"])
+        model_speed.main(["--rounds", "1", *MODEL_SPEED_TINY, "model.norm_position=post"])
     assert exit_info.value.code == 2
-    assert "model.norm=rmsnorm (allowed: layernorm)" in capsys.readouterr().err
+    assert "model.norm_position=post (allowed: pre)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options", [[], ["model.norm=rmsnorm", "model.activation=gelu_tanh", "model.bias=false"],
+                                     ["model.activation=relu", "model.positions=none"]])
+def test_reference_gpt_computes_bigtrain_s_logits(options):
+    """The reference GPT loaded from a bigtrain model (Q, K, V rows reordered into one [Q; K; V] projection) gives
+    the same logits: the bench times one function written two ways."""
+    from bench.model_speed import SHAPE
+    from bench.reference_gpt import ReferenceGPT
+    from bigtrain.config import load_config
+    from bigtrain.models import build_model
+
+    cfg = load_config("configs/smoke.yaml", [*SHAPE, *MODEL_SPEED_TINY, *options]).model
+    ours = build_model(cfg, 50, "cpu", seed=4).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # away from the initialization's zeros and ones
+            p.add_(0.1 * torch.randn_like(p))
+    ref = ReferenceGPT(cfg, 50).eval()
+    ref.load_from(ours)
+    ids = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids), ours(input_ids=ids), rtol=1e-5, atol=1e-5)
