@@ -3,10 +3,11 @@ recipe: training tokens/s of forward + loss + backward + AdamW step, one process
 
 bigtrain: `build_model` (the config's model, seed train.seed), the summed token loss of `bigtrain.models.loss`
 divided by the target count (as the engine does), `build_optimizer` (AdamW, weight decay on matrices only).
-reference: the same weights copied into the reference GPT (Q, K, V stacked into one fused projection, SDPA with
-is_causal, nn.LayerNorm, the same activation), `F.cross_entropy`, torch's AdamW with the same two groups, lr, betas,
-eps and weight decay (fused, as bigtrain's: on this CPU 0.6 ms a step against 2 ms for foreach). Both see the same
-batches (random token ids, one fixed pool), the same thread count and, with train.precision=bf16, the same autocast.
+reference: the same weights copied into the reference GPT (Q, K, V rows as one [Q; K; V] projection, SDPA with
+is_causal, torch's LayerNorm or RMSNorm, the same activation), `F.cross_entropy`, torch's AdamW with the same two
+groups, lr, betas, eps and weight decay (fused, as bigtrain's: on this CPU 0.6 ms a step against 2 ms for foreach).
+Both see the same batches (random token ids, one fixed pool), the same thread count and, with train.precision=bf16,
+the same autocast.
 
 Fairness is checked, not assumed: before timing, both models train `PARITY_STEPS` steps from the same weights on
 the same batches and their losses must agree (step 0: same function; later steps: same update rule).
