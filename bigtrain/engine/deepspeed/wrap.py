@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bigtrain.compat.deepspeed import has_zero_partitions, inner_optimizer, safe_checkpoint_loading
+from bigtrain.compat.deepspeed_import import import_deepspeed
 from bigtrain.config import Config
 from bigtrain.config.deepspeed import derive_deepspeed_config
 from bigtrain.config.layout import Layout
@@ -51,7 +52,7 @@ class DeepSpeedWrap:
 
     def __init__(self, cfg: Config, layout: Layout, parallel: ParallelModel, groups: ParallelGroups,
                  found_inf: Callable[[], torch.Tensor], mpu: bool) -> None:
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         self.parallel, self.groups, self.found_inf = parallel, groups, found_inf
         model = parallel.module
