@@ -241,5 +241,6 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
     p = cfg.parallel
     engine = resolve_engine(cfg, world_size)
     return Layout.for_world(p.tensor, p.pipeline, world_size, p.data, sequence_parallel=p.sequence_parallel,
-                            context=p.context, expert=p.expert, zero_stage=p.zero_stage if engine != "torch" else 0, engine=engine,
+                            context=p.context, expert=p.expert,
+                            zero_stage=p.zero_stage if engine != "torch" else 0, engine=engine,
                             precision=cfg.train.precision)

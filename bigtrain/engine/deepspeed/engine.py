@@ -12,6 +12,10 @@
                 reports the norm; without a wrapper (ZeRO-0, fp32) bigtrain measures the norm of the all-reduced
                 gradients (`parallel/grad_norm.py`) and DeepSpeed clips
     own files   DeepSpeed's model-state and ZeRO optimizer files (`mp_rank_*`, `zero_pp_rank_*`)
+
+Under expert parallelism (ZeRO-0, fp32) bigtrain reduces the gradients itself after the last backward (routed
+experts over the expert-data group, the rest over the data group, both divided by D: `parallel/expert.py`), and
+measures and clips with the norm summed over the expert group (DeepSpeed's clipping is off there).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from bigtrain.engine.memory import (
 )
 from bigtrain.models.loss import model_inputs
 from bigtrain.parallel import ParallelModel
-from bigtrain.parallel.grad_norm import global_grad_norm, piece_grad_norms
+from bigtrain.parallel.expert import reduce_gradients
+from bigtrain.parallel.grad_norm import clip_grad_norm, global_grad_norm, piece_grad_norms
 from bigtrain.planning.zero import zero_formula
 
 
@@ -49,6 +54,8 @@ class DeepSpeedEngine(OnDeepSpeed):
         self.model, self.optimizer, self.device = self.ds.engine.module, self.ds.optimizer, self.ds.engine.device
         self.last_grad_bytes: int | None = None
         self.measure_grads = True  # only for the first step, which the memory report describes
+        self.expert = layout.expert > 1  # bigtrain reduces and clips (module docstring)
+        self.grad_clip = cfg.optim.grad_clip
 
     # ---- the step ------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -61,9 +68,15 @@ class DeepSpeedEngine(OnDeepSpeed):
         if not last:
             self.ds.engine.step()  # a micro-step: DeepSpeed counts it, the update comes at the last
 
+    def gradients_done(self) -> None:
+        if self.expert:
+            reduce_gradients(self.ds.params, self.groups, self.reduce_size)
+
     def measure_norm(self) -> torch.Tensor | None:
         if not self.ds.unwrapped:
             return None  # DeepSpeed's wrapper measures it in `step`
+        if self.expert:
+            return clip_grad_norm(self.ds.params, self.grad_clip, self.groups, self.device)
         return global_grad_norm(self.model.parameters(), self.groups, self.device)
 
     def layer_norms(self) -> dict[str, float] | None:
