@@ -38,11 +38,13 @@ def _assert_same_router_numbers(ref_dir, run_dir) -> None:
 
 
 @pytest.mark.launches
-@pytest.mark.parametrize("ranks", [2, 4], ids=["ep2", "ep2-dp2"])
-def test_expert_parallel_training_equals_one_device(moe_reference, tmp_path, ranks):
-    """EP2 on 2 ranks (one expert group), and EP2 × DP2 on 4 (two expert groups, expert-data groups of 2)."""
+@pytest.mark.parametrize(("ranks", "layout"), [(2, ()), (4, ()), (4, ("parallel.tensor=2",))],
+                         ids=["ep2", "ep2-dp2", "ep2-tp2"])
+def test_expert_parallel_training_equals_one_device(moe_reference, tmp_path, ranks, layout):
+    """EP2 on 2 ranks (one expert group); EP2 × DP2 on 4 (two expert groups, expert-data groups of 2); EP2 × TP2
+    on 4 (every expert and the dense layers split over the tensor group, experts over the data ranks)."""
     run_dir = tmp_path / "run"
-    out = launch_ok(ranks, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE, "parallel.expert=2"))
+    out = launch_ok(ranks, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE, "parallel.expert=2", *layout))
     assert "(expert 2)" in out, out[-2000:]
     assert_same_curve(moe_reference, run_dir, 1e-5)
     _assert_same_router_numbers(moe_reference, run_dir)
@@ -62,7 +64,10 @@ def test_expert_and_expert_data_groups_are_carved_out_of_the_data_ranks():
     (3, ["model.moe.experts=4", "parallel.expert=2"], ["parallel.expert=2", "data-parallel size 3"]),
     (2, ["parallel.expert=2"], ["parallel.expert=2", "model.moe.experts=0"]),
     (2, ["model.moe.experts=2", "model.moe.top_k=3", "parallel.expert=2"], ["model.moe.top_k", "model.moe.experts"]),
-    (4, ["model.moe.experts=4", "parallel.expert=2", "parallel.tensor=2"], ["model.moe.experts=4", "not built yet"]),
+    (4, ["model.moe.experts=4", "parallel.expert=2", "parallel.pipeline=2"], ["parallel.pipeline", "not built yet"]),
+    (4, ["model.moe.experts=4", "parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true"],
+     ["parallel.sequence_parallel", "not built yet"]),
+    (4, ["model.moe.experts=4", "model.moe.d_ff=33", "parallel.tensor=2"], ["model.moe.d_ff=33"]),
     (2, ["model.moe.experts=4", "parallel.expert=2", "parallel.zero_stage=1"], ["ZeRO-1", "not built yet"]),
     (2, ["model.moe.experts=4", "parallel.expert=2", "train.precision=bf16"], ["bf16", "not built yet"]),
     (2, ["model.moe.experts=4", "parallel.expert=2", "optim.name=lamb"], ["parallel.expert=2", "optim.name"]),

@@ -164,11 +164,11 @@ def test_bad_moe_configs_fail_at_load_naming_the_key(tmp_path, overrides, names)
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize("layout", [["parallel.zero_stage=1"], ["parallel.tensor=2"], ["parallel.pipeline=2"],
+@pytest.mark.parametrize("layout", [["parallel.zero_stage=1"], ["parallel.context=2"], ["parallel.pipeline=2"],
                                     ["parallel.engine=torch", "parallel.zero_stage=2"]])
 def test_moe_on_several_ranks_is_refused_at_load(tmp_path, layout):
-    """Data (and expert) parallelism on DeepSpeed's ZeRO-0 is built (tests/test_expert_parallel.py); the rest
-    is refused."""
+    """Data, expert and tensor parallelism on DeepSpeed's ZeRO-0 are built (tests/test_expert_parallel.py); the
+    rest is refused."""
     with pytest.raises(ConfigError) as info:
         load_config(None, tiny_overrides(tmp_path / "run", "causal", "model.moe.experts=4", *layout),
                     world_size=2)

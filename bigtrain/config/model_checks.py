@@ -14,6 +14,8 @@ def tensor_split_problems(cfg: ModelConfig, vocab_size: int | None, tensor: int)
     """Problems that stop a model from splitting over `tensor` ranks, each naming both numbers."""
     problems = []
     sizes = [("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.n_kv_heads), ("model.d_ff", cfg.d_ff)]
+    if cfg.moe.experts:  # each expert (and shared expert) splits like the dense FFN
+        sizes.append(("model.moe.d_ff", cfg.moe.d_ff))
     for key, value in sizes:
         if value is not None and value % tensor:
             problems.append(f"{key}={value} is not divisible by parallel.tensor={tensor}")
@@ -124,15 +126,18 @@ def check_moe(cfg: Config, layout: Layout) -> None:
         require(math.isfinite(value) and value >= 0, f"model.moe.{key} must be a finite number >= 0, got {value}.")
     one_process = layout.engine == "torch" and layout.world_size == 1
     data_parallel = (layout.engine == "deepspeed" and layout.zero_stage == 0 and layout.precision == "fp32"
-                     and layout.tensor == layout.pipeline == layout.context == 1)
+                     and layout.pipeline == layout.context == 1)
     require(one_process or data_parallel,
             f"model.moe.experts={moe.experts} with {layout.describe()} on {layout.engine}, ZeRO-{layout.zero_stage}, "
             f"{layout.precision} is not built yet: mixture-of-experts blocks run on one process with the plain "
-            f"engine, or over data-parallel ranks (with parallel.expert splitting the experts) on DeepSpeed's engine "
-            f"at parallel.zero_stage=0 in train.precision=fp32. MoE with parallel.tensor, parallel.pipeline, "
-            f"parallel.context, parallel.zero_stage 1-3, bf16 / fp16 and parallel.engine=torch or fairscale on "
-            f"several ranks is not built yet. Use parallel.engine=auto, zero_stage=0, train.precision=fp32 and "
-            f"tensor = pipeline = context = 1, or set model.moe.experts=0.")
+            f"engine, or over data-parallel ranks (with parallel.expert splitting the experts, and parallel.tensor "
+            f"splitting every expert like the dense FFN) on DeepSpeed's engine at parallel.zero_stage=0 in "
+            f"train.precision=fp32. MoE with parallel.pipeline, parallel.context, parallel.zero_stage 1-3, bf16 / "
+            f"fp16 and parallel.engine=torch or fairscale on several ranks is not built yet. Use "
+            f"parallel.engine=auto, zero_stage=0, train.precision=fp32 and pipeline = context = 1, or set "
+            f"model.moe.experts=0.")
+    require(not p.sequence_parallel, f"model.moe.experts={moe.experts} with parallel.sequence_parallel=true is not "
+            f"built yet (the router would run on sequence shards). Set parallel.sequence_parallel=false.")
     require(p.expert == 1 or cfg.optim.name == "adamw", f"parallel.expert={p.expert} with optim.name="
             f"'{cfg.optim.name}' is not built yet (LAMB's trust ratios over expert-parallel ranks). Use "
             f"optim.name=adamw, or parallel.expert=1.")
