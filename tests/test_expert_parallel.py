@@ -6,12 +6,23 @@ a shared expert and both router losses on; and the invalid combinations fail at 
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
 from bigtrain.config import load_config
 from bigtrain.config.layout import Layout
 from bigtrain.errors import ConfigError
-from tests.conftest import DP_LAYOUT, assert_same_curve, launch_ok, read_metrics, single_process, tiny_overrides
+from tests.conftest import (
+    DP_LAYOUT,
+    assert_same_curve,
+    launch_ok,
+    read_metrics,
+    run_launcher,
+    single_process,
+    tiny_overrides,
+)
 
 MOE = ("model.moe.experts=4", "model.moe.top_k=2", "model.moe.shared_experts=1", "model.moe.capacity_factor=1.25",
        "model.moe.aux_loss_coef=0.01", "model.moe.z_loss_coef=0.001", "model.activation=swiglu")
@@ -38,16 +49,46 @@ def _assert_same_router_numbers(ref_dir, run_dir) -> None:
 
 
 @pytest.mark.launches
-@pytest.mark.parametrize(("ranks", "layout"), [(2, ()), (4, ()), (4, ("parallel.tensor=2",))],
-                         ids=["ep2", "ep2-dp2", "ep2-tp2"])
+@pytest.mark.parametrize(("ranks", "layout"), [(2, ()), (4, ("parallel.tensor=2",))], ids=["ep2", "ep2-tp2"])
 def test_expert_parallel_training_equals_one_device(moe_reference, tmp_path, ranks, layout):
-    """EP2 on 2 ranks (one expert group); EP2 × DP2 on 4 (two expert groups, expert-data groups of 2); EP2 × TP2
-    on 4 (every expert and the dense layers split over the tensor group, experts over the data ranks)."""
+    """EP2 on 2 ranks (one expert group); EP2 × TP2 on 4 (every expert and the dense layers split over the tensor
+    group, experts over the data ranks)."""
     run_dir = tmp_path / "run"
     out = launch_ok(ranks, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE, "parallel.expert=2", *layout))
     assert "(expert 2)" in out, out[-2000:]
     assert_same_curve(moe_reference, run_dir, 1e-5)
     _assert_same_router_numbers(moe_reference, run_dir)
+
+
+@pytest.mark.launches
+def test_expert_data_groups_train_like_one_device_and_resume_on_one_device(moe_reference, tmp_path):
+    """EP2 × DP2 on 4 ranks (two expert groups, expert-data groups of 2) equals one device over 20 steps; its
+    step-10 checkpoint's layout-free form carries every expert under its own name (each written by the first rank
+    of its expert-data group), and one process resuming it continues the one-device curve (steps 11-20)."""
+    run_dir = tmp_path / "run"
+    out = launch_ok(4, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE, "parallel.expert=2", "checkpoint.every=10"))
+    assert "(expert 2)" in out, out[-2000:]
+    assert_same_curve(moe_reference, run_dir, 1e-5)
+    _assert_same_router_numbers(moe_reference, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    index = json.loads((checkpoints / "step_00000010" / "layout_free" / "index.json").read_text())
+    pieces = {(p["name"], p["kind"]) for p in index["pieces"]}
+    assert {(f"blocks.{b}.ffn.experts.{e}.up.weight", k) for b in (0, 1) for e in range(4)
+            for k in ("param", "exp_avg", "exp_avg_sq")} <= pieces
+    shutil.rmtree(checkpoints / "step_00000020")
+    (checkpoints / "latest").write_text("step_00000010\n")
+    proc = run_launcher(tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resuming step 10 written by" in proc.stdout, proc.stdout[-2000:]
+    (ref, _), (run, _) = read_metrics(moe_reference), read_metrics(run_dir)
+    assert sorted(run) == list(range(1, 21))
+    worst = 0.0
+    for step in range(11, 21):
+        for key in ("loss", "grad_norm"):
+            a, b = ref[step][key], run[step][key]
+            assert abs(a - b) <= 1e-5 * abs(a), f"step {step} {key}: one device {a} vs resumed {b}"
+            worst = max(worst, abs(a - b) / abs(a))
+    print(f"EP2 x DP2 -> one device at step 10: steps 11-20 largest relative difference {worst:.1e}")
 
 
 def test_expert_and_expert_data_groups_are_carved_out_of_the_data_ranks():

@@ -91,6 +91,7 @@ class StepEngine:
     dp_rank: int = 0
     dp_size: int = 1
     config_file: str | None = None
+    native_state: bool = True
     check: StepCheck | None = None  # the current step's decision, once made
     router_layers: list[MoEFeedForward] | None = None  # the model's MoE blocks, found at the first step
     router_steps: list[RouterStats] | None = None  # this step's router numbers, one per micro-batch

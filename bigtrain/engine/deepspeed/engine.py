@@ -15,7 +15,9 @@
 
 Under expert parallelism (ZeRO-0, fp32) bigtrain reduces the gradients itself after the last backward (routed
 experts over the expert-data group, the rest over the data group, both divided by D: `parallel/expert.py`), and
-measures and clips with the norm summed over the expert group (DeepSpeed's clipping is off there).
+measures and clips with the norm summed over the expert group (DeepSpeed's clipping is off there). DeepSpeed's
+own files would hold data rank 0's experts only, so a checkpoint keeps the state in its layout-free form alone
+(written at every save, experts under their own names; `native_state` False).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from bigtrain.engine.memory import (
     measure_params,
     tensor_share_note,
 )
+from bigtrain.errors import CheckpointError
 from bigtrain.models.loss import model_inputs
 from bigtrain.parallel import ParallelModel
 from bigtrain.parallel.expert import reduce_gradients
@@ -55,6 +58,7 @@ class DeepSpeedEngine(OnDeepSpeed):
         self.last_grad_bytes: int | None = None
         self.measure_grads = True  # only for the first step, which the memory report describes
         self.expert = layout.expert > 1  # bigtrain reduces and clips (module docstring)
+        self.native_state = not self.expert
         self.grad_clip = cfg.optim.grad_clip
 
     # ---- the step ------------------------------------------------------------------------------------
@@ -84,6 +88,18 @@ class DeepSpeedEngine(OnDeepSpeed):
 
     def update(self, found_inf: torch.Tensor) -> None:
         self.ds.engine.step()  # the inner optimizer's pre-step hook hands it `found_inf`
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def write_native(self, folder: Path) -> None:
+        if self.native_state:  # under expert parallelism the layout-free form holds the state
+            super().write_native(folder)
+
+    def read_native(self, checkpoint: Path) -> None:
+        if not self.native_state:
+            raise CheckpointError(f"{checkpoint}: under expert parallelism (parallel.expert="
+                                  f"{self.layout.expert}) a checkpoint's state is its layout-free form; DeepSpeed's "
+                                  f"own files are not written.")
+        super().read_native(checkpoint)
 
     # ---- reports -------------------------------------------------------------------------------------
     def memory_report(self, run_dir: Path | None = None) -> str | None:

@@ -121,7 +121,14 @@ class DeepSpeedWrap:
         inner = self.optimizer if self.unwrapped else inner_optimizer(self.optimizer)
         return ShardedState(self.parallel.model, self.parallel.shards, inner, wrapper,
                             tensor_rank=self.groups.get_tensor_model_parallel_rank(),
-                            data_rank=self.groups.gradient_rank)  # DeepSpeed's data rank: data × context
+                            data_rank=self.groups.gradient_rank,  # DeepSpeed's data rank: data × context
+                            state_writer=self._state_writer() if self.groups.layout.expert > 1 else None)
+
+    def _state_writer(self) -> Callable[[torch.Tensor], bool]:
+        """Expert parallelism: data rank d < EP writes its routed experts (the first rank of their expert-data
+        group), data rank 0 everything else."""
+        data, ep = self.groups.coords.data, self.groups.layout.expert
+        return lambda p: data < ep if is_expert_parallel(p) else data == 0
 
     def write_native(self, folder: Path) -> None:
         """DeepSpeed writes its sharded files into `folder` (every rank its own)."""
