@@ -104,7 +104,8 @@ class CheckpointManager:
         every = self.layout_free_every
         self.saves += 1
         header = None
-        if not self.engine.native_state or (every != 0 and (last or (every is not None and self.saves % every == 0))):
+        own_files_hold_state = self.engine is None or self.engine.native_state
+        if not own_files_hold_state or (every != 0 and (last or (every is not None and self.saves % every == 0))):
             header = layout_free_header(self.cfg, self.layout, self.full_model, trainer_state)
         return save_checkpoint(self.directory, trainer_state["step"], self.engine, self.layout, self.rank,
                                self.barrier, trainer_state, dump_config(self.cfg), self.cfg.checkpoint.keep, header)
