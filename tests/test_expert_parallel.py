@@ -10,9 +10,11 @@ import json
 import shutil
 
 import pytest
+import torch.multiprocessing as mp
 
 from bigtrain.config import load_config
 from bigtrain.config.layout import Layout
+from bigtrain.distributed.rendezvous import free_port
 from bigtrain.errors import ConfigError
 from tests.conftest import (
     DP_LAYOUT,
@@ -23,6 +25,7 @@ from tests.conftest import (
     single_process,
     tiny_overrides,
 )
+from tests.helpers import expert_parity
 
 MOE = ("model.moe.experts=4", "model.moe.top_k=2", "model.moe.shared_experts=1", "model.moe.capacity_factor=1.25",
        "model.moe.aux_loss_coef=0.01", "model.moe.z_loss_coef=0.001", "model.activation=swiglu")
@@ -89,6 +92,22 @@ def test_expert_data_groups_train_like_one_device_and_resume_on_one_device(moe_r
             assert abs(a - b) <= 1e-5 * abs(a), f"step {step} {key}: one device {a} vs resumed {b}"
             worst = max(worst, abs(a - b) / abs(a))
     print(f"EP2 x DP2 -> one device at step 10: steps 11-20 largest relative difference {worst:.1e}")
+
+
+@pytest.mark.launches
+def test_expert_parallel_block_equals_the_one_device_block(tmp_path):
+    """One spawn of 2 gloo ranks (tests/helpers/expert_parity.py), float64: output, input gradient, router losses
+    and every parameter gradient within 1e-12 of the one-device block, dropless, with capacity dropping, top-1,
+    and with the last rank's experts never chosen (it receives no rows; both exchanges still run)."""
+    out = tmp_path / "expert.jsonl"
+    mp.spawn(expert_parity.main, args=(2, free_port(), str(out)), nprocs=2)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["case"] for r in records] == list(expert_parity.CASES)
+    for record in records:
+        print(f"{record['case']}: largest relative difference {record['max_rel']:.1e}")
+        assert record["max_rel"] <= 1e-12, record
+        assert record["local_experts"] == ["0", "1"]
+        assert (record["assignments_to_last_rank"] == 0) == (record["case"] == "last-rank-starved"), record
 
 
 def test_expert_and_expert_data_groups_are_carved_out_of_the_data_ranks():
