@@ -10,7 +10,7 @@ rank's tokens), then:
 
     1. the kept assignments (token t, choice k, expert e), sorted by expert (stable: token order within one)
     2. counts c_e per expert; an all-to-all of the counts tells each rank how many rows it receives from each
-       rank for each of its experts
+       rank for each of its experts (read on the host: the row exchange takes its splits there)
     3. dispatch: the rows x_t to the rank owning e (`exchange_rows`, uneven splits)
     4. each local expert runs its received rows (from every rank of the group)
     5. combine: the outputs back by the inverse all-to-all; y_t = Σ_k w_tk · FFN_e(x_t) + Σ_s FFN_shared_s(x_t)
@@ -36,7 +36,7 @@ class ExpertParallelMoE(MoEFeedForward):
     """An MoE block holding experts rank·E/EP .. (rank+1)·E/EP − 1 of its expert group (module docstring)."""
 
     def __init__(self, moe: MoEFeedForward, group, rank: int, size: int) -> None:
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not MoEFeedForward's: the router and experts are `moe`'s own, not built anew
         n = len(moe.experts)
         if n % size:
             raise ValueError(f"{n} experts do not split over an expert group of {size} ranks")
