@@ -4,14 +4,16 @@
     save(state, last)  the one save sequence (`save.py`) with the layout-free form every
                        checkpoint.layout_free_every-th save and always at the last one (null: every save while the
                        form is at most LAYOUT_FREE_AUTO_BYTES, else the last one only: a 175B model's form is 2.1
-                       TB, which every save would write again next to the engine's own files)
+                       TB, which every save would write again next to the engine's own files); at every save
+                       when the engine's own files do not hold its state (`native_state`: expert parallelism)
     restore(...)       the checkpoint to resume from and the state it holds:
                          1. which: rank 0 verifies the one `latest` names against its manifest and falls back to
                             older intact ones (`integrity.py`); the choice, its notes or the error reach every rank
                             in one broadcast, so all ranks resume the same step or all stop with the same message
                          2. does it fit this run (`resume.py`): config and tokenizer; the layout may differ
                          3. how: written by this very layout (`SavedCheckpoint.layout`), from the engine's own
-                            files, exact with every RNG; under any other layout from the layout-free form, with
+                            files (or its layout-free form when those hold no state), exact with every RNG;
+                            under any other layout from the layout-free form, with
                             dropout streams going on from (seed, replica, step)
     load_weights(r)    weights (not the optimizer state) from a reader of unsplit tensors (`model.init_from`)
 """
@@ -103,7 +105,8 @@ class CheckpointManager:
         every = self.layout_free_every
         self.saves += 1
         header = None
-        if every != 0 and (last or (every is not None and self.saves % every == 0)):
+        own_files_hold_state = self.engine is None or self.engine.native_state
+        if not own_files_hold_state or (every != 0 and (last or (every is not None and self.saves % every == 0))):
             header = layout_free_header(self.cfg, self.layout, self.full_model, trainer_state)
         return save_checkpoint(self.directory, trainer_state["step"], self.engine, self.layout, self.rank,
                                self.barrier, trainer_state, dump_config(self.cfg), self.cfg.checkpoint.keep, header)
@@ -124,7 +127,10 @@ class CheckpointManager:
         # partitions of DeepSpeed and fairscale depend on the parameters' shapes).
         separate = written_with_separate_qkv(saved.trainer_state)
         if saved.layout == self.layout and saved.has_native and (not separate or saved.layout.engine == "torch"):
-            self.engine.read_native(saved.path)  # exact: the engine's own files, RNG included
+            if self.engine.native_state:
+                self.engine.read_native(saved.path)  # exact: the engine's own files, RNG included
+            else:  # expert parallelism: the state is in the layout-free form alone, the RNG in the trainer files
+                restore_layout_free(StateAdapter(self.engine.sharded_state()), saved.path)
             record = saved.trainer_record(self.rank)
             set_rng_state(record["rng"])
             state = record["state"]
