@@ -20,7 +20,7 @@ from bigtrain.config.model_checks import check_model, check_moe
 from bigtrain.config.parallel_checks import check_deepspeed_section, check_parallel
 from bigtrain.config.rules import at_most_timeout, fraction, positive, require, show
 from bigtrain.config.schedule_checks import check_pipeline_schedule
-from bigtrain.config.schema import Config
+from bigtrain.config.schema import Config, key_name
 
 INT64 = (-(2**63), 2**63, "be an integer in [-2**63, 2**63) (64 bits)")
 
@@ -49,7 +49,7 @@ def check_numbers(cfg: Config) -> None:
         if not dataclasses.is_dataclass(values):
             continue
         for f in dataclasses.fields(values):
-            key, value = f"{section.name}.{f.name}", getattr(values, f.name)
+            key, value = f"{section.name}.{key_name(f)}", getattr(values, f.name)
             if isinstance(value, bool) or value is None:
                 continue
             if isinstance(value, int):

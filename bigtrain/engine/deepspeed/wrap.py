@@ -21,7 +21,12 @@ from pathlib import Path
 
 import torch
 
-from bigtrain.compat.deepspeed import has_zero_partitions, inner_optimizer, safe_checkpoint_loading
+from bigtrain.compat.deepspeed import (
+    checkpoint_files_through,
+    has_zero_partitions,
+    inner_optimizer,
+    safe_checkpoint_loading,
+)
 from bigtrain.config import Config
 from bigtrain.config.deepspeed import derive_deepspeed_config
 from bigtrain.config.layout import Layout
@@ -30,7 +35,7 @@ from bigtrain.engine.base import ShardedState
 from bigtrain.engine.step import StepEngine, skips_on_device
 from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import CheckpointError, ConfigError
-from bigtrain.io import load_failure
+from bigtrain.io import SaveFile, load_failure, save_torch
 from bigtrain.models import count_parameters
 from bigtrain.optim import build_optimizer
 from bigtrain.parallel import ParallelModel
@@ -109,9 +114,11 @@ class DeepSpeedWrap:
                             tensor_rank=self.groups.get_tensor_model_parallel_rank(),
                             data_rank=self.groups.gradient_rank)  # DeepSpeed's data rank: data × context
 
-    def write_native(self, folder: Path) -> None:
-        """DeepSpeed writes its sharded files into `folder` (every rank its own)."""
-        self.engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state={}, save_latest=False)
+    def write_native(self, folder: Path, save: SaveFile = save_torch) -> None:
+        """DeepSpeed writes its sharded files into `folder` (every rank its own); with another `save`, each file
+        DeepSpeed's checkpoint engine would write goes through it instead."""
+        with checkpoint_files_through(self.engine, None if save is save_torch else save):
+            self.engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state={}, save_latest=False)
 
     def read_native(self, checkpoint: Path) -> None:
         try:
@@ -143,8 +150,8 @@ class OnDeepSpeed(StepEngine):
     def sharded_state(self) -> ShardedState:
         return self.ds.sharded_state()
 
-    def write_native(self, folder: Path) -> None:
-        self.ds.write_native(folder)
+    def write_native(self, folder: Path, save: SaveFile = save_torch) -> None:
+        self.ds.write_native(folder, save)
 
     def read_native(self, checkpoint: Path) -> None:
         self.ds.read_native(checkpoint)
