@@ -123,6 +123,11 @@ def check_training(cfg: Config, layout: Layout) -> None:
     positive("checkpoint.keep", c.keep)
     require(c.layout_free_every is None or c.layout_free_every >= 0, f"checkpoint.layout_free_every must be >= 0 "
             f"(0 = never) or null (by the model's size), got {show(c.layout_free_every)}.")
+    legacy = cfg.deepspeed.get("checkpoint", {})
+    require(not (c.async_ and isinstance(legacy, dict) and legacy.get("checkpoint_serialization") is False),
+            "checkpoint.async=true writes DeepSpeed's files as torch.save's zip format, and "
+            "deepspeed.checkpoint.checkpoint_serialization=false asks for the legacy one. Remove that key, or set "
+            "checkpoint.async=false.")
     positive("log.every", lg.every)
     if lg.peak_tflops is not None:
         positive("log.peak_tflops", lg.peak_tflops)
