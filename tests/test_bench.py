@@ -158,3 +158,21 @@ def test_pipeline_engines_compares_deepspeed_and_torch_schedules(tmp_path):
     torch_row = saved["rows"][1]
     assert torch_row["max_rel_loss"] < 1e-5 and torch_row["max_rel_grad_norm"] < 1e-5
     assert torch_row["tokens_per_s"] > 0 and torch_row["over_deepspeed"] > 0
+
+
+@pytest.mark.launches
+def test_checkpoint_forms_measures_the_async_stall(tmp_path, capsys):
+    """bench/checkpoint_forms.py --async-stall on the smoke model: a synchronous and an asynchronous save, their
+    stall, bytes and peak memory, the background write committed while training goes on, and the table."""
+    from bench import checkpoint_forms
+
+    out = tmp_path / "checkpoint_async.json"
+    checkpoint_forms.main(["--async-stall", "--sizes", "smoke", "--steps", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    row, = saved["rows"]
+    assert row["size"] == "smoke" and row["bytes_written"] > 12 * row["n_params"]  # both forms
+    assert row["sync"]["stall_s"] > 0 and row["sync"]["peak"] >= 0
+    a = row["async"]
+    assert a["stall_s"] == pytest.approx(a["capture_s"] + a["commit_s"] + a["polls_s"]) and a["peak"] > 0
+    assert a["committed_after_s"] >= a["capture_s"] and saved["command"].startswith("python bench/checkpoint_forms")
+    assert "| smoke | " in capsys.readouterr().out
