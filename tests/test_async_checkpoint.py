@@ -181,3 +181,27 @@ def test_sigkill_during_a_background_write_resumes_from_the_previous_checkpoint(
     assert "(step 2)" in resumed.stdout
     assert _losses(straight) == _losses(killed) and sorted(_losses(killed)) == list(range(1, 11))
     assert not list(directory.glob("*.tmp"))
+
+
+def test_a_host_copy_is_saved_under_its_device_location():
+    """On GPUs the copies live in pinned host memory; torch.save records them under the device's location, as
+    it records the device tensors in a synchronous save (checked here with the meta device's tag)."""
+    import io
+    import zipfile
+
+    from bigtrain.compat.torch import forget_saved_as_device, saved_as_device
+
+    def saved(t: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        buffer = io.BytesIO()
+        torch.save(t, buffer)
+        pickled = next(zipfile.ZipFile(io.BytesIO(buffer.getvalue())).read(n) for n in
+                       zipfile.ZipFile(io.BytesIO(buffer.getvalue())).namelist() if n.endswith("data.pkl"))
+        return pickled, torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
+
+    host = torch.arange(6.0)
+    saved_as_device(host.untyped_storage(), torch.empty(6, device="meta").untyped_storage())
+    pickled, back = saved(host)
+    assert b"meta" in pickled and torch.equal(back, host)
+    forget_saved_as_device([host.untyped_storage()])
+    pickled, _ = saved(host)
+    assert b"meta" not in pickled and b"cpu" in pickled

@@ -78,7 +78,7 @@ class BackgroundSave:
         except BaseException as exc:  # surfaced on the training thread (`settle`), never lost
             self.error = exc
         finally:
-            self.copies = HostCopies()  # the host copies go as soon as they are on disk
+            self.copies.release()  # the host copies go as soon as they are on disk
             self.pieces = None
 
     def _write(self) -> None:

@@ -10,7 +10,9 @@ go on while a background thread writes it (`background.py`).
     HostCopies.save(path, o)   a `bigtrain.io.SaveFile` that records (path, copy of o) instead of writing: what the
                                engines' `write_native(folder, save)` and DeepSpeed's checkpoint engine call
     HostCopies.ready()         on a GPU the copies go into pinned host memory without blocking the device stream;
-                               the writer waits here (one CUDA event) before its first byte
+                               the writer waits here (one CUDA event) before its first byte; torch.save
+                               records such a copy under its device's location (`saved_as_device`), so the
+                               file is the one a synchronous save writes there too
 
 Memory: one copy of every storage the rank writes (parameters, optimizer state; a layout-free piece that is a
 view of a storage already copied costs nothing more), held until the writer is done.
@@ -25,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from bigtrain.compat.torch import forget_saved_as_device, saved_as_device
 
 
 class HostCopies:
@@ -81,6 +85,7 @@ class HostCopies:
             host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=True).untyped_storage()
             host.copy_(storage, non_blocking=True)
             pinned[storage._cdata] = host
+            saved_as_device(host, storage)  # the file records the device, as a synchronous save's does
             self.bytes += storage.nbytes()
             self._event = torch.cuda.Event()
             self._event.record()
@@ -88,6 +93,12 @@ class HostCopies:
         if isinstance(t, nn.Parameter):
             return nn.Parameter(out, requires_grad=t.requires_grad)
         return out.requires_grad_(t.requires_grad) if t.is_floating_point() and t.requires_grad else out
+
+    def release(self) -> None:
+        """Drop the copies (the writer is done with them)."""
+        forget_saved_as_device(self.memo.get("pinned", {}).values())
+        self.memo.clear()
+        self.files.clear()
 
     def ready(self) -> None:
         """Wait until every device-to-host copy has landed (nothing to wait for on the CPU)."""
