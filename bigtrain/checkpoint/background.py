@@ -37,7 +37,7 @@ from typing import Any
 from bigtrain.checkpoint import store
 from bigtrain.checkpoint.layout_free import FOLDER, Piece, write_index, write_pieces
 from bigtrain.checkpoint.save import write_trainer_record
-from bigtrain.checkpoint.snapshot import HostCopies
+from bigtrain.checkpoint.snapshot import HostCopies, HostPool
 from bigtrain.checkpoint.state import StateAdapter
 from bigtrain.config.layout import Layout
 from bigtrain.engine.base import Engine
@@ -103,14 +103,14 @@ class BackgroundSave:
 
 
 def capture(directory: Path, step: int, engine: Engine, layout: Layout, rank: int, barrier: Any,
-            trainer_state: dict[str, Any], layout_free: dict[str, Any] | None) -> BackgroundSave:
-    """Steps 1-3 of the module docstring (every rank calls this): the rank's checkpoint in host memory, its writer
-    started."""
+            trainer_state: dict[str, Any], layout_free: dict[str, Any] | None, pool: HostPool) -> BackgroundSave:
+    """Steps 1-3 of the module docstring (every rank calls this): the rank's checkpoint in host memory (storages
+    from `pool`), its writer started."""
     tmp = directory / (store.step_dir_name(step) + ".tmp")
     if rank == 0:
         store.begin_checkpoint(directory, step)
     barrier()
-    copies = HostCopies()
+    copies = HostCopies(pool)
     engine.write_native(tmp, copies.save)
     write_trainer_record(tmp, rank, {"state": trainer_state, "rng": store.rng_state(),
                                      "world_size": layout.world_size}, copies.save)

@@ -37,6 +37,7 @@ from bigtrain.checkpoint.integrity import choose_checkpoint
 from bigtrain.checkpoint.resume import ResumeCheck, batch_change_notes, check_fits, check_tokenizer
 from bigtrain.checkpoint.save import restore_layout_free, save_checkpoint
 from bigtrain.checkpoint.saved import SavedCheckpoint
+from bigtrain.checkpoint.snapshot import HostPool
 from bigtrain.checkpoint.state import StateAdapter
 from bigtrain.checkpoint.store import set_rng_state, step_dir_name
 from bigtrain.config import Config, config_to_dict, dump_config
@@ -86,6 +87,7 @@ class CheckpointManager:
             every = 1 if self.layout_free_bytes <= LAYOUT_FREE_AUTO_BYTES else None
         self.layout_free_every = every
         self.pending: background.BackgroundSave | None = None  # checkpoint.async: the save in flight
+        self.host_pool = HostPool()  # checkpoint.async: host memory of one save, reused by the next
         self.committed: tuple[int, Path] | None = None  # the newest checkpoint this run committed
         self.notes: list[str] = []  # for the console (`take_notes`)
 
@@ -124,7 +126,7 @@ class CheckpointManager:
         if self.pending is not None:
             self._settle(wait=True, waiting_step=step)
         self.pending = background.capture(self.directory, step, self.engine, self.layout, self.rank, self.barrier,
-                                          trainer_state, header)
+                                          trainer_state, header, self.host_pool)
         if last:
             self._settle(wait=True)
         return self.path_of(step)

@@ -15,7 +15,10 @@ go on while a background thread writes it (`background.py`).
                                file is the one a synchronous save writes there too
 
 Memory: one copy of every storage the rank writes (parameters, optimizer state; a layout-free piece that is a
-view of a storage already copied costs nothing more), held until the writer is done.
+view of a storage already copied costs nothing more). On the CPU the copies' storages go back to a `HostPool`
+when the writer is done and the next save copies into them: memory already touched copies about 2.5× faster than
+fresh memory, whose pages fault in one by one (0.6 against 1.6 s per GiB on the 2-core machine of the bench);
+pinned memory is reused by torch's caching host allocator.
 """
 
 from __future__ import annotations
@@ -31,10 +34,26 @@ from torch import nn
 from bigtrain.compat.torch import forget_saved_as_device, saved_as_device
 
 
+class HostPool:
+    """Host storages kept from one save for the next, by size."""
+
+    def __init__(self) -> None:
+        self.free: dict[int, list[torch.UntypedStorage]] = {}
+
+    def take(self, nbytes: int) -> torch.UntypedStorage:
+        stack = self.free.get(nbytes)
+        return stack.pop() if stack else torch.UntypedStorage(nbytes)
+
+    def give(self, storages: Any) -> None:
+        for storage in storages:
+            self.free.setdefault(storage.nbytes(), []).append(storage)
+
+
 class HostCopies:
     """Host copies of the objects one rank saves at one step, and the files they go to."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: HostPool | None = None) -> None:
+        self.pool = pool or HostPool()
         self.memo: dict[Any, Any] = {}  # id(object) -> its copy (copy.deepcopy's memo; storages under "torch")
         self.files: list[tuple[Path, Any, Callable[[Any, str], None] | None]] = []  # (path, copy, by_name)
         self.bytes = 0  # host bytes the copies hold
@@ -69,7 +88,9 @@ class HostCopies:
     def _tensor(self, t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "cuda":
             storage = t.untyped_storage()
-            if storage._cdata not in self.memo.get("torch", {}):  # where Tensor.__deepcopy__ keeps storages
+            copies = self.memo.setdefault("torch", {})  # where Tensor.__deepcopy__ finds a storage's copy
+            if storage._cdata not in copies:
+                copies[storage._cdata] = self.pool.take(storage.nbytes()).copy_(storage)
                 self.bytes += storage.nbytes()
             if t.grad_fn is None:
                 return copy.deepcopy(t, self.memo)
@@ -95,8 +116,9 @@ class HostCopies:
         return out.requires_grad_(t.requires_grad) if t.is_floating_point() and t.requires_grad else out
 
     def release(self) -> None:
-        """Drop the copies (the writer is done with them)."""
+        """Drop the copies (the writer is done with them); host storages go back to the pool."""
         forget_saved_as_device(self.memo.get("pinned", {}).values())
+        self.pool.give(self.memo.get("torch", {}).values())
         self.memo.clear()
         self.files.clear()
 
