@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from bigtrain.compat.deepspeed_import import import_deepspeed
 from bigtrain.errors import CheckpointError
 
 TESTED = "0.19"  # the DeepSpeed minor release these internals were read from (pyproject: >=0.19,<0.20)
@@ -244,6 +245,7 @@ def reset_eval_loss(pipeline_engine: Any) -> None:
 
 def stage_boundaries(weights: list[int], stages: int, uniform: bool) -> list[int]:
     """DeepSpeed's partition into `stages`: [b_0 = 0, ..., b_stages = len(weights)]; `uniform` balances counts."""
+    import_deepspeed()
     from deepspeed.runtime import utils as ds_utils
 
     if uniform:
@@ -261,6 +263,7 @@ def pipeline_module_class() -> type:
     - tied weights are broadcast under no_grad (outside it autograd records the in-place collective on the
       leaf and warns at every backward).
     """
+    import_deepspeed()
     from deepspeed.pipe import PipelineModule
 
     class CheckedPipelineModule(PipelineModule):
@@ -347,6 +350,7 @@ def pipeline_layer_files(tensor: int, tensor_rank: int) -> str:
 
 def fp32_state_dict_from_zero(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """The whole fp32 state dict that DeepSpeed's zero_to_fp32 reassembles from a ZeRO checkpoint."""
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)

@@ -25,6 +25,7 @@ from datetime import timedelta
 import torch
 
 from bigtrain.compat.deepspeed import release_shm_buffer
+from bigtrain.compat.deepspeed_import import import_deepspeed
 from bigtrain.distributed.hostlist import expand_hostlist
 from bigtrain.distributed.mpi import mpi_rendezvous
 from bigtrain.distributed.rendezvous import MPI_VARS, DistEnv, free_port
@@ -138,7 +139,7 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
     `detect_env` found; the variables are exported so DeepSpeed and torch read the same values. DeepSpeed is told
     the device (instead of guessing it, with a warning) and, when `quiet`, its start-up prints go nowhere."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     if torch.distributed.is_initialized():
         return

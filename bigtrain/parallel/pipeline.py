@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from bigtrain.compat.deepspeed_import import import_deepspeed
 from bigtrain.models import TransformerLM
 from bigtrain.models.documents import document_positions
 from bigtrain.models.transformer import Seq2SeqLM
@@ -198,6 +199,7 @@ def layer_specs(model: TransformerLM, materialize: Callable[[nn.Module], None], 
     """The model's layer sequence as DeepSpeed layer specs (nothing is built until a stage builds it).
     Each spec carries `n_params` (counted on the meta model) for partitioning by parameters. `documents`: causal
     batches carry document ids (`data.document_masking`), which flow after the hidden states."""
+    import_deepspeed()
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     def count(module: nn.Module) -> int:

@@ -16,6 +16,7 @@ from torch import nn
 
 from bigtrain.compat.deepspeed import pipeline_module_class
 from bigtrain.compat.deepspeed import stage_boundaries as ds_stage_boundaries
+from bigtrain.compat.deepspeed_import import import_deepspeed
 from bigtrain.config.layout import Layout
 from bigtrain.errors import ConfigError
 from bigtrain.models import TransformerLM
@@ -56,6 +57,7 @@ def build_pipeline_module(model: TransformerLM, layout: Layout, partition_method
                           materialize: Callable[[nn.Module], None], documents: bool = False) -> nn.Module:
     """This rank's stage of `model` (on the meta device; `materialize` allocates and initializes a piece).
     The engine sets its `loss_fn`. `documents`: batches carry document ids (`data.document_masking`)."""
+    import_deepspeed()
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bigtrain.compat.deepspeed_import import import_deepspeed
 from bigtrain.models import TransformerLM
 from bigtrain.parallel.pipeline import layer_specs
 from bigtrain.parallel.pipeline_module import check_stages
@@ -147,6 +148,7 @@ def build_rank_stages(model: TransformerLM, rank: int, pipeline: int, virtual_st
                       ) -> RankStages:
     """This rank's stage modules of `model` (built on the meta device; `materialize` allocates and initializes a
     piece, as for DeepSpeed's pipeline). Refuses (ConfigError, naming the keys) a cut that leaves a stage empty."""
+    import_deepspeed()
     from deepspeed.pipe import TiedLayerSpec
 
     specs = layer_specs(model, materialize, documents)

@@ -27,6 +27,7 @@ from bigtrain.compat.deepspeed import (
     inner_optimizer,
     safe_checkpoint_loading,
 )
+from bigtrain.compat.deepspeed_import import import_deepspeed
 from bigtrain.config import Config
 from bigtrain.config.deepspeed import derive_deepspeed_config
 from bigtrain.config.layout import Layout
@@ -56,7 +57,7 @@ class DeepSpeedWrap:
 
     def __init__(self, cfg: Config, layout: Layout, parallel: ParallelModel, groups: ParallelGroups,
                  found_inf: Callable[[], torch.Tensor], mpu: bool) -> None:
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         self.parallel, self.groups, self.found_inf = parallel, groups, found_inf
         model = parallel.module
