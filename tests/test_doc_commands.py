@@ -9,10 +9,16 @@ is translated by the first row of TRANSLATIONS that matches it, each row saying 
 the dry run of the same config and overrides on the ranks it would start (`--world-size N`), which must start
 from step 0 (a command that would resume the finished smoke run, or is refused, fails). A command that matches no
 row fails: nothing is skipped silently.
+
+The dry runs and config prints of `launch/train.py` (most of the commands) run in this process, in the working
+folder: the script's own code after its interpreter check (`run_train`), without a fresh interpreter's start-up
+and torch's imports (about 3 s each on 2 cores); everything else runs as a subprocess.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shlex
 import shutil
@@ -65,6 +71,25 @@ def launched(words: list[str], workspace: Path) -> tuple[int, list[str]]:
     return ranks, inner
 
 
+DRY = {"--world-size", "--print-config", "--help-config"}  # launch/train.py options that never train
+
+
+def run_in_process(argv: tuple[str, ...], workspace: Path) -> tuple[int, str] | None:
+    """(exit status, output) of a `python launch/train.py` dry run or config print, run in this process in
+    `workspace`; None for any other command."""
+    if argv[:2] != ("python", "launch/train.py") or not DRY.intersection(argv):
+        return None
+    from bigtrain.cli.train import run_train
+
+    out = io.StringIO()
+    with contextlib.chdir(workspace), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            status = run_train(list(argv[2:]), prog="launch/train.py")
+        except SystemExit as stop:  # argparse's errors
+            status = stop.code if isinstance(stop.code, int) else 2
+    return status, out.getvalue()
+
+
 def dry_run(train_words: list[str], ranks: int) -> list[Run]:
     """`python launch/train.py ... --world-size N` from a `python launch/train.py ...` or `bigtrain train ...`."""
     args = train_words[2:]
@@ -111,16 +136,18 @@ def train_dry(words: list[str], workspace: Path) -> list[Run]:
 
 
 def parity_dry(words: list[str], workspace: Path) -> list[Run]:
-    """The dry run of the config under the layout parity would launch, on its ranks (the full model: --shrink only
-    scales it down keeping the layout valid)."""
+    """The dry run of the layout run `bigtrain parity` would launch, on its ranks: the config with the layout's
+    keys, parity's shrinking overrides (--shrink) and the line's own overrides, in a run.dir of its own (parity's
+    runs go to a fresh folder)."""
+    from bigtrain.cli.parity import parse_layout, ranks_of, shrunk
+
     words = words[words.index("bigtrain"):]
-    layout = dict(kv.split("=") for kv in words[words.index("--layout") + 1].split(","))
-    ranks = 1
-    for key in ("tensor", "pipeline", "data"):
-        ranks *= int(layout.get(key, 1))
+    layout = parse_layout(words[words.index("--layout") + 1])
     config = words[words.index("--config") + 1]
-    overrides = [f"parallel.{k}={v}" for k, v in layout.items() if k != "data"]
-    return dry_run(["python", "launch/train.py", "--config", config, *overrides], ranks)
+    overrides = [w for w in words if re.match(r"^\w+\.[\w.]+=", w)]
+    args = [*(shrunk(layout) if "--shrink" in words else []), *overrides, *(f"{k}={v}" for k, v in layout.items()),
+            "run.dir=runs/parity-layout"]
+    return dry_run(["python", "launch/train.py", "--config", config, *args], ranks_of(layout))
 
 
 def hub_prepare(words: list[str], workspace: Path) -> list[Run]:
@@ -161,7 +188,10 @@ TRANSLATIONS: list[tuple[str, str, Translate, str]] = [
     ("parity on 4 ranks", r"^bigtrain parity .*--layout tensor=2,pipeline=2", parity_dry,
      "4 CPU ranks of a pipeline run for over 10 minutes on 2 cores: the dry run of the layout; "
      "tests/test_parity_command.py runs parity under TP=2 × PP=2 at test size"),
-    ("parity", r"^bigtrain parity ", as_written, "as written (2 CPU ranks, about a minute)"),
+    ("parity", r"^bigtrain parity ", parity_dry,
+     "2 CPU ranks and a reference for up to a minute each: the dry run of the layout; tests/test_parity_command.py "
+     "(data=2,zero_stage=3, tensor=2 with --locate), tests/test_parity_locate.py and tests/test_context_training.py "
+     "(context=2,context_attention=ulysses) run these parity commands at test size"),
     ("train: print or check", r"^(bigtrain train|python launch/train\.py) .*(--print-config|--help-config|"
      r"--world-size)", as_written, "as written (prints, or is the dry run itself: it must start from step 0)"),
     ("train", r"^(bigtrain train|python launch/train\.py)( |$)", train_dry,
@@ -204,12 +234,15 @@ def test_doc_command_runs_as_written(command: DocCommand, finished: Finished, tm
     words = shlex.split(command.text, comments=True)
     env = command_env()
     for run in translate(words, workspace):
-        argv = [shutil.which(run.argv[0], path=env["PATH"]) or run.argv[0], *run.argv[1:]]
-        proc = subprocess.run(argv, cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
-        output = proc.stdout + proc.stderr
+        done = run_in_process(run.argv, workspace)
+        if done is None:
+            argv = [shutil.which(run.argv[0], path=env["PATH"]) or run.argv[0], *run.argv[1:]]
+            proc = subprocess.run(argv, cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
+            done = proc.returncode, proc.stdout + proc.stderr
+        status, output = done
         said = (f"{command.where()}: `{command.text}` checked as `{shlex.join(run.argv)}` ({name}: {why}) "
-                f"exited {proc.returncode}:\n{output[-3000:]}")
-        assert proc.returncode == 0, said
+                f"exited {status}:\n{output[-3000:]}")
+        assert status == 0, said
         assert run.expect is None or run.expect in output, f"{said}\n(expected a line with {run.expect!r})"
         if translate is bench_parse:  # the options after the script
             script = next(i for i, w in enumerate(words) if w.startswith("bench/"))
