@@ -230,7 +230,8 @@ class Trainer:
                         stopped_by = signum
                         watchdog.beat(f"the checkpoint of step {state.step}")
                         path = self.checkpoints.path_of(state.step) if saved else self.save(last=True)
-                        self.checkpoints.finish()  # a save in flight (checkpoint.async) is written and committed
+                        if self.checkpoints.finish() is not None:  # a save in flight (checkpoint.async)
+                            self._note_checkpoints()
                         if saved:
                             tracker.log_checkpoint(path, state.step)
                         metrics.write(f"stopped by {signal.Signals(stopped_by).name} after step {state.step}: "
