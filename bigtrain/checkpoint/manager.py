@@ -34,6 +34,7 @@ from torch import nn
 
 from bigtrain.checkpoint import background
 from bigtrain.checkpoint.integrity import choose_checkpoint
+from bigtrain.checkpoint.joined_qkv import written_with_separate_qkv
 from bigtrain.checkpoint.resume import ResumeCheck, batch_change_notes, check_fits, check_tokenizer
 from bigtrain.checkpoint.save import restore_layout_free, save_checkpoint
 from bigtrain.checkpoint.saved import SavedCheckpoint
@@ -185,19 +186,31 @@ class CheckpointManager:
         check = check_fits(saved, self.cfg, allow_changes)
         check_tokenizer(saved, tokenizer_name, allow_changes)
         notes = list(choice.notes)
-        if saved.layout == self.layout and saved.has_native:
+        # Written while attention held Q, K, V as three parameters: the plain engine's files are read joined
+        # (`bigtrain.engine.separate_qkv`), other engines' through the layout-free form (the optimizer's flat
+        # partitions of DeepSpeed and fairscale depend on the parameters' shapes).
+        separate = written_with_separate_qkv(saved.trainer_state)
+        if saved.layout == self.layout and saved.has_native and (not separate or saved.layout.engine == "torch"):
             self.engine.read_native(saved.path)  # exact: the engine's own files, RNG included
             record = saved.trainer_record(self.rank)
             set_rng_state(record["rng"])
             state = record["state"]
         else:
+            if separate and not saved.has_layout_free:
+                raise CheckpointError(
+                    f"{saved.path} was written by an earlier bigtrain, whose attention kept Q, K and V as three "
+                    f"parameters, by {saved.layout.describe_run()} without a layout-free form; this bigtrain holds "
+                    f"them as one (`qkv_proj`) and reads such a checkpoint of the {saved.layout.engine} engine only "
+                    f"through that form. Give it the form with that bigtrain's `bigtrain convert` (then resume here), "
+                    f"or resume it with that bigtrain.")
             if not saved.has_layout_free:
                 raise CheckpointError(
                     f"{saved.path} was written by {saved.layout.describe_run()} and holds no layout-free form, so it "
                     f"can only be resumed by that layout (this run: {self.layout.describe_run()}). Resume with that "
                     f"layout, give it that form with `bigtrain convert`, or write checkpoints with "
                     f"checkpoint.layout_free_every=1.")
-            state = restore_layout_free(StateAdapter(self.engine.sharded_state()), saved.path)["trainer"]
+            state = restore_layout_free(StateAdapter(self.engine.sharded_state()), saved.path,
+                                        saved.config.model if separate else None)["trainer"]
             # Dropout streams cannot carry across layouts: they go on from (seed, replica, step).
             offset = self.layout.seed_offset(self.rank)
             torch.manual_seed(self.cfg.train.seed + offset + 1_000_003 * state["step"])
