@@ -5,6 +5,16 @@ keeps (its own shard: parameters + optimizer-state partition) and the largest si
 
 Run: python bench/checkpoint_forms.py [--d-model 512 --layers 8] [--out bench/results/checkpoint_forms.json]
 (it starts 2 ranks under torchrun itself).
+
+`--async-stall` measures instead what a save costs the training thread, synchronous (`checkpoint.async: false`)
+against asynchronous (`true`), for the smoke model and a ~300M model (d_model 1024, 24 layers), one CPU process
+each (the plain engine, fp32, both checkpoint forms): the stall per save (sync: the whole save; async: the host
+copy at the save step plus the commit at a later step boundary), the bytes written, the peak of anonymous
+resident memory above its level before the save, the time until the background write is committed, and the
+step time while it runs against the step time without one. Two asynchronous saves are measured: the first copies
+into fresh memory, the second (as every later save of a run) into the storages the first left (`HostPool`, kept
+resident between saves; the peak column is the first save's, which allocates them).
+Run: python bench/checkpoint_forms.py --async-stall [--sizes smoke,300m] [--out bench/results/checkpoint_async.json].
 """
 
 from __future__ import annotations
@@ -121,18 +131,137 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.result).write_text(json.dumps(rows))
 
 
-def main() -> None:
+SIZES = {"smoke": [], "300m": ["model.d_model=1024", "model.n_layers=24", "model.n_heads=16", "model.d_ff=4096"]}
+
+
+def one_step(trainer) -> float:
+    """One training step outside the loop (the bench drives the checkpoint manager itself); its seconds."""
+    start, step = time.perf_counter(), trainer.state.step
+    batches, counts = trainer.data.micro_batches(step)
+    trainer.engine.train_step(batches, trainer.lr_at(step + 1), counts=counts)
+    trainer.state.step += 1
+    return time.perf_counter() - start
+
+
+def stall_worker(args: argparse.Namespace) -> None:
+    """One size: a synchronous save, then an asynchronous one with training going on until it is committed."""
+    import dataclasses
+
+    from bigtrain.config import load_config
+    from bigtrain.train.trainer import Trainer
+
+    work = Path(args.work)
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+        *SIZES[args.size], "data.seq_len=128", "train.global_batch_size=1", "train.micro_batch_size=1",
+        "train.eval_every=0", "train.sample_tokens=0", "train.threads=1", "checkpoint.every=0",
+        "checkpoint.keep=5", "log.tensorboard=false", "log.progress=false", f"data.cache_dir={work / 'cache'}",
+        f"run.dir={work / 'run'}"])
+    trainer = Trainer(cfg)
+    manager = trainer.checkpoints
+    one_step(trainer)  # the optimizer state exists from here
+    _, _, step_peak = measured(lambda: one_step(trainer))  # what a step alone adds (gradients, activations)
+    baseline = [one_step(trainer) for _ in range(args.steps)]
+
+    def use(async_save: bool) -> None:
+        manager.cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, async_=async_save))
+
+    use(False)
+    path, sync_s, sync_peak = measured(lambda: manager.save(dataclasses.asdict(trainer.state), last=False))
+    written = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    one_step(trainer)
+    use(True)
+
+    def asynchronous() -> dict:
+        """One asynchronous save, training going on until it is committed (or `--max-steps` steps)."""
+        polls, during = [], []
+
+        def run() -> float:
+            start = time.perf_counter()
+            manager.save(dataclasses.asdict(trainer.state), last=False)
+            capture = time.perf_counter() - start
+            while manager.pending is not None:
+                if len(during) >= args.max_steps:  # the writer outlasts the steps: the end of a run waits for it
+                    start = time.perf_counter()
+                    manager.finish()
+                    polls.append(time.perf_counter() - start)
+                    break
+                during.append(one_step(trainer))
+                start = time.perf_counter()
+                manager.poll()
+                polls.append(time.perf_counter() - start)
+            return capture
+
+        capture_s, write_s, peak = measured(run)
+        return {"capture_s": capture_s, "commit_s": polls[-1], "polls_s": sum(polls[:-1]),
+                "stall_s": capture_s + sum(polls), "peak": peak, "committed_after_s": write_s,
+                "steps_during_write": len(during),
+                "step_s_during_write": sorted(during)[len(during) // 2] if during else None}
+
+    first = asynchronous()  # into fresh memory
+    later = asynchronous()  # into the storages the first one left in the pool, as every later save of a run
+    row = {"size": args.size, "n_params": sum(p.numel() for p in trainer.full_model.parameters()),
+           "bytes_written": written, "step_s": sorted(baseline)[len(baseline) // 2], "step_peak": step_peak,
+           "sync": {"stall_s": sync_s, "peak": sync_peak}, "async_first": first, "async": later}
+    Path(args.result).write_text(json.dumps(row))
+
+
+def async_stall(args: argparse.Namespace) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bigtrain-ckpt-async-") as work:
+        for size in args.sizes.split(","):
+            result = Path(work) / f"{size}.json"
+            cmd = [sys.executable, __file__, "--stall-worker", "--size", size, "--work", str(Path(work) / size),
+                   "--result", str(result), "--steps", str(args.steps), "--max-steps", str(args.max_steps)]
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+            rows.append(json.loads(result.read_text()))
+    mib = 2**20
+    print("| model | parameters | MiB written per save | sync stall s | async stall s: first save, later saves "
+          "(copy + commit) | stall ratio, later saves | peak MiB sync | peak MiB async, first save (a step alone) "
+          "| async committed after s (steps) | step s without / during a write |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        s, f, a = r["sync"], r["async_first"], r["async"]
+        during = f"{a['step_s_during_write']:.3f}" if a["step_s_during_write"] is not None else "-"
+        print(f"| {r['size']} | {r['n_params'] / 1e6:.1f}M | {r['bytes_written'] / mib:.1f} | {s['stall_s']:.3f} | "
+              f"{f['stall_s']:.3f}, {a['stall_s']:.3f} ({a['capture_s']:.3f} + {a['commit_s']:.3f}) | "
+              f"{s['stall_s'] / a['stall_s']:.1f}× | {s['peak'] / mib:.1f} | {f['peak'] / mib:.1f} "
+              f"({r['step_peak'] / mib:.1f}) | {a['committed_after_s']:.1f} ({a['steps_during_write']}) | "
+              f"{r['step_s']:.3f} / {during} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": "python bench/checkpoint_forms.py --async-stall --sizes "
+                                    f"{args.sizes}", "machine": {"cpus": os.cpu_count()}, "rows": rows},
+                                   indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "checkpoint_forms.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: bench/results/checkpoint_forms.json (--async-stall: checkpoint_async.json)")
+    parser.add_argument("--async-stall", action="store_true", help="sync vs async saves: the training stall")
+    parser.add_argument("--sizes", default="smoke,300m", help="--async-stall: the models (smoke, 300m)")
+    parser.add_argument("--steps", type=int, default=3, help="--async-stall: steps timed without a save")
+    parser.add_argument("--max-steps", type=int, default=200, help="--async-stall: steps at most while writing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stall-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return
+    if args.stall_worker:
+        stall_worker(args)
+        return
+    results = REPO / "bench" / "results"
+    if args.async_stall:
+        args.out = args.out or results / "checkpoint_async.json"
+        async_stall(args)
+        return
+    args.out = args.out or results / "checkpoint_forms.json"
     with tempfile.TemporaryDirectory(prefix="bigtrain-ckpt-bench-") as work:
         result = Path(work) / "rows.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",

@@ -21,8 +21,9 @@ import contextlib
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bigtrain.errors import BigtrainError, CheckpointError
 
@@ -115,12 +116,24 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def save_torch(path: Path, obj: Any) -> None:
+class SaveFile(Protocol):
+    """Writes one object into a file as `save_torch` does (or defers the writing: an asynchronous checkpoint)."""
+
+    def __call__(self, path: Path, obj: Any, by_name: Callable[[Any, str], None] | None = None) -> None: ...
+
+
+def save_torch(path: Path, obj: Any, by_name: Callable[[Any, str], None] | None = None) -> None:
     """`torch.save(obj)` into `path`, flushed to disk; a failed write is a `WriteFailed` naming the file and the
-    bytes it needed (torch reports a full disk as "unexpected pos")."""
+    bytes it needed (torch reports a full disk as "unexpected pos"). `by_name(obj, str(path))`: how a library
+    saves by file name instead (DeepSpeed's checkpoint engine; torch.save names the archive inside the file after
+    it, so the bytes differ from a save into an open file)."""
     import torch
 
     try:
+        if by_name is not None:
+            by_name(obj, str(path))
+            fsync_file(path)
+            return
         with open(path, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -168,6 +168,25 @@ def test_pipeline_engines_compares_deepspeed_and_torch_schedules(tmp_path):
     assert torch_row["tokens_per_s"] > 0 and torch_row["over_deepspeed"] > 0
 
 
+@pytest.mark.launches
+def test_checkpoint_forms_measures_the_async_stall(tmp_path, capsys):
+    """bench/checkpoint_forms.py --async-stall on the smoke model: a synchronous and an asynchronous save, their
+    stall, bytes and peak memory, the background write committed while training goes on, and the table."""
+    from bench import checkpoint_forms
+
+    out = tmp_path / "checkpoint_async.json"
+    checkpoint_forms.main(["--async-stall", "--sizes", "smoke", "--steps", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    row, = saved["rows"]
+    assert row["size"] == "smoke" and row["bytes_written"] > 12 * row["n_params"]  # both forms
+    assert row["sync"]["stall_s"] > 0 and row["sync"]["peak"] >= 0
+    a = row["async"]
+    assert a["stall_s"] == pytest.approx(a["capture_s"] + a["commit_s"] + a["polls_s"]) and a["peak"] > 0
+    assert row["async_first"]["stall_s"] > 0 and a["committed_after_s"] >= a["capture_s"]
+    assert saved["command"].startswith("python bench/checkpoint_forms")
+    assert "| smoke | " in capsys.readouterr().out
+
+
 MODEL_SPEED_TINY = ["model.d_model=32", "model.n_heads=4", "model.d_ff=64", "model.n_layers=2",
                     "model.max_seq_len=16", "data.seq_len=16", "train.micro_batch_size=2", "train.global_batch_size=2"]
 

@@ -17,6 +17,7 @@ import yaml
 
 from bigtrain.config import Config, dump_config, load_config, parse_overrides
 from bigtrain.config.loader import config_from_dict
+from bigtrain.config.schema import key_name
 from bigtrain.errors import ConfigError
 from bigtrain.models.build import build_model, count_parameters
 from bigtrain.parallel.validate import load_run_config
@@ -72,7 +73,7 @@ def test_preset_sets_only_schema_keys_and_is_commented(path: Path) -> None:
     sections = {f.name: getattr(Config(), f.name) for f in dataclasses.fields(Config)}
     for section, values in data.items():
         assert section in sections, f"{path.name}: unknown section {section}"
-        known = {f.name for f in dataclasses.fields(sections[section])}
+        known = {key_name(f) for f in dataclasses.fields(sections[section])}
         assert set(values) <= known, f"{path.name}: unknown keys {sorted(set(values) - known)} in {section}"
 
 
@@ -113,7 +114,7 @@ def _dotted_keys(obj: Any, prefix: str = "") -> set[str]:
     keys = set()
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        full = f"{prefix}{f.name}"
+        full = f"{prefix}{key_name(f)}"
         keys |= _dotted_keys(value, full + ".") if dataclasses.is_dataclass(value) else {full}
     return keys
 
@@ -147,7 +148,7 @@ EXPECTED_KEYS = {
     "train.on_nonfinite",
     "train.sample_tokens", "train.sample_prompt", "train.threads", "train.compile", "train.max_skipped_steps",
     "train.hang_timeout",
-    "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "checkpoint.layout_free_every",
+    "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "checkpoint.layout_free_every", "checkpoint.async",
     "log.every", "log.tensorboard", "log.progress", "log.peak_tflops", "log.attention_images", "log.verbose",
     "log.mlflow.experiment", "log.mlflow.tracking_uri", "log.wandb.project", "log.wandb.mode",
     "run.dir",

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from bigtrain.config.schema import Config
+from bigtrain.config.schema import Config, key_name
 from bigtrain.errors import CheckpointError, ConfigError
 
 # Keys (or whole sections, ending in ".") whose change alters what the saved state means.
@@ -50,9 +50,9 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value):
-                out.update(_flatten(value, f"{prefix}{f.name}."))
+                out.update(_flatten(value, f"{prefix}{key_name(f)}."))
             else:
-                out[f"{prefix}{f.name}"] = value
+                out[f"{prefix}{key_name(f)}"] = value
         return out
     return {prefix.rstrip("."): obj}
 

@@ -34,20 +34,23 @@ FORMAT = 1
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def manifest_for(directory: Path, step: int, layout: Layout | None = None) -> dict:
+def manifest_for(directory: Path, step: int, layout: Layout | None = None, known: dict | None = None) -> dict:
     """The manifest of every file under `directory` (relative names, sizes, SHA-256), itself excluded, with the
-    layout that wrote the checkpoint."""
+    layout that wrote the checkpoint; `known`: checksums its writers took (used where the size still matches)."""
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
-        files[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        name, size = path.relative_to(directory).as_posix(), path.stat().st_size
+        noted = (known or {}).get(name)
+        sha = noted["sha256"] if noted is not None and noted["bytes"] == size else sha256_of(path)
+        files[name] = {"bytes": size, "sha256": sha}
     layout_record = {"layout": layout.record()} if layout is not None else {}
     return {"format": FORMAT, "step": step, **layout_record, "files": files}
 
 
-def write_manifest(directory: Path, step: int, layout: Layout | None) -> None:
+def write_manifest(directory: Path, step: int, layout: Layout | None, known: dict | None = None) -> None:
     """Write `manifest.json` into a fully written checkpoint directory (flushed to disk)."""
     with open(directory / MANIFEST, "w") as f:
-        json.dump(manifest_for(directory, step, layout), f, indent=1)
+        json.dump(manifest_for(directory, step, layout, known), f, indent=1)
         f.flush()
         os.fsync(f.fileno())
 

@@ -6,6 +6,11 @@
                        form is at most LAYOUT_FREE_AUTO_BYTES, else the last one only: a 175B model's form is 2.1
                        TB, which every save would write again next to the engine's own files); at every save
                        when the engine's own files do not hold its state (`native_state`: expert parallelism)
+                       checkpoint.async: the save is captured in host memory and written by a background thread
+                       (`background.py`); it is committed by `poll` at a later step boundary, or by the next save,
+                       `finish` or a last save, which wait for it (at most one save in flight; a wait is noted)
+    poll()             at every step boundary (every rank): commit the save in flight once every writer is done
+    finish()           wait for the save in flight and commit it (the end of the run, a stop signal)
     restore(...)       the checkpoint to resume from and the state it holds:
                          1. which: rank 0 verifies the one `latest` names against its manifest and falls back to
                             older intact ones (`integrity.py`); the choice, its notes or the error reach every rank
@@ -20,6 +25,8 @@
 
 from __future__ import annotations
 
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,16 +34,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from bigtrain.checkpoint import background
 from bigtrain.checkpoint.integrity import choose_checkpoint
 from bigtrain.checkpoint.joined_qkv import written_with_separate_qkv
 from bigtrain.checkpoint.resume import ResumeCheck, batch_change_notes, check_fits, check_tokenizer
 from bigtrain.checkpoint.save import restore_layout_free, save_checkpoint
 from bigtrain.checkpoint.saved import SavedCheckpoint
+from bigtrain.checkpoint.snapshot import HostPool
 from bigtrain.checkpoint.state import StateAdapter
 from bigtrain.checkpoint.store import set_rng_state, step_dir_name
 from bigtrain.config import Config, config_to_dict, dump_config
 from bigtrain.config.layout import Layout
-from bigtrain.distributed.agree import on_main
+from bigtrain.distributed.agree import gather_on_ranks, on_main, sum_on_ranks
 from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine.base import Engine
 from bigtrain.errors import CheckpointError
@@ -80,6 +89,10 @@ class CheckpointManager:
         if every is None:  # by size: every save while small, else only the last one (0 = never; None here = last)
             every = 1 if self.layout_free_bytes <= LAYOUT_FREE_AUTO_BYTES else None
         self.layout_free_every = every
+        self.pending: background.BackgroundSave | None = None  # checkpoint.async: the save in flight
+        self.host_pool = HostPool()  # checkpoint.async: host memory of one save, reused by the next
+        self.committed: tuple[int, Path] | None = None  # the newest checkpoint this run committed
+        self.notes: list[str] = []  # for the console (`take_notes`)
 
     def describe_cost(self) -> str:
         """What the layout-free form costs on disk and how often it is written (printed at the start)."""
@@ -108,8 +121,62 @@ class CheckpointManager:
         own_files_hold_state = self.engine is None or self.engine.native_state
         if not own_files_hold_state or (every != 0 and (last or (every is not None and self.saves % every == 0))):
             header = layout_free_header(self.cfg, self.layout, self.full_model, trainer_state)
-        return save_checkpoint(self.directory, trainer_state["step"], self.engine, self.layout, self.rank,
-                               self.barrier, trainer_state, dump_config(self.cfg), self.cfg.checkpoint.keep, header)
+        step = trainer_state["step"]
+        if not self.cfg.checkpoint.async_:
+            path = save_checkpoint(self.directory, step, self.engine, self.layout, self.rank, self.barrier,
+                                   trainer_state, dump_config(self.cfg), self.cfg.checkpoint.keep, header)
+            self.committed = (step, path)
+            return path
+        if self.pending is not None:
+            self._settle(wait=True, waiting_step=step)
+        self.pending = background.capture(self.directory, step, self.engine, self.layout, self.rank, self.barrier,
+                                          trainer_state, header, self.host_pool)
+        if last:
+            self._settle(wait=True)
+        return self.path_of(step)
+
+    def poll(self) -> Path | None:
+        """At a step boundary (every rank, while a save is in flight: one all-reduce): commit the save in flight
+        when every rank's writer is done; the checkpoint committed, or None."""
+        return self._settle(wait=False) if self.pending is not None else None
+
+    def finish(self) -> Path | None:
+        """Wait for the save in flight, if any, and commit it (collective); the checkpoint committed, or None."""
+        return self._settle(wait=True) if self.pending is not None else None
+
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
+
+    def _settle(self, wait: bool, waiting_step: int | None = None) -> Path | None:
+        """Agree on the writers of the save in flight (one all-reduce: running before the wait, running now,
+        failed); commit it on rank 0 when all are done, raise on every rank when one failed."""
+        pending = self.pending
+        assert pending is not None
+        start, was_running = time.perf_counter(), pending.running
+        if wait:
+            pending.wait()
+        before, running, failed = sum_on_ranks(self.groups, [int(was_running), int(pending.running),
+                                                             int(pending.error is not None)])
+        if running:
+            return None
+        self.pending = None
+        if failed:
+            errors = gather_on_ranks(self.groups, None if pending.error is None else
+                                     (self.rank, background.describe(pending.error)))
+            if self.rank == 0:
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+            raise background.failure([e for e in errors if e is not None], pending.step)
+        if before and waiting_step is not None:
+            self.notes.append(f"checkpoint: the save of step {waiting_step} waited "
+                              f"{time.perf_counter() - start:.2f} s for the background write of step {pending.step} "
+                              f"(checkpoint.async keeps at most one save in flight; saves further apart, "
+                              f"checkpoint.every, avoid the wait)")
+        path = on_main(self.rank == 0, self.groups, lambda: background.commit(
+            pending, self.layout.world_size, dump_config(self.cfg), self.cfg.checkpoint.keep, self.layout))
+        assert path is not None
+        self.committed = (pending.step, path)
+        return path
 
     # ---- restoring -----------------------------------------------------------------------------------
     def restore(self, tokenizer_name: str, allow_changes: set[str]) -> Restored:

@@ -28,12 +28,12 @@ from bigtrain.config import ModelConfig
 from bigtrain.config.layout import Layout
 from bigtrain.engine.base import Engine
 from bigtrain.errors import CheckpointError
-from bigtrain.io import save_torch
+from bigtrain.io import SaveFile, save_torch
 
 
-def write_trainer_record(folder: Path, rank: int, record: dict[str, Any]) -> None:
+def write_trainer_record(folder: Path, rank: int, record: dict[str, Any], save: SaveFile = save_torch) -> None:
     """Rank `rank`'s trainer state and RNG."""
-    save_torch(folder / trainer_file(rank), record)
+    save(folder / trainer_file(rank), record)
 
 
 def write_layout_free(tmp: Path, adapter: StateAdapter, rank: int, world_size: int, header: dict[str, Any],

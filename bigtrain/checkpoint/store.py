@@ -81,16 +81,19 @@ def writing(where: Path) -> Iterator[None]:
             f"The previous checkpoint is intact and `latest` still names it.") from None
 
 
-def commit_checkpoint(tmp: Path, config_yaml: str, keep: int, layout: Layout) -> Path:
+def commit_checkpoint(tmp: Path, config_yaml: str, keep: int, layout: Layout,
+                      known: dict[str, dict[str, Any]] | None = None) -> Path:
     """Make a fully written temporary checkpoint visible: checksum its files into `manifest.json` (with the
-    layout that wrote it), rename it, then move the `latest` pointer."""
+    layout that wrote it), rename it, then move the `latest` pointer. `known`: sizes and SHA-256 of files already
+    fsynced and hashed by their writers (an asynchronous save), by their names in the checkpoint."""
     directory = tmp.parent
     final = directory / tmp.name.removesuffix(".tmp")
+    known = known or {}
     (tmp / "config.yaml").write_text(config_yaml)
     for path in tmp.rglob("*"):  # DeepSpeed writes its own files; make sure all of them are on disk
-        if path.is_file():
+        if path.is_file() and path.relative_to(tmp).as_posix() not in known:
             fsync_file(path)
-    write_manifest(tmp, int(final.name.removeprefix("step_")), layout)
+    write_manifest(tmp, int(final.name.removeprefix("step_")), layout, known)
     fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. a re-run); replace it
         shutil.rmtree(final)

@@ -15,6 +15,7 @@ from bigtrain.cli.console import resilient_stdout
 from bigtrain.cli.lifetime import die_with_launcher
 from bigtrain.cli.report import BAD_INPUT, fail
 from bigtrain.config import Config, dump_config
+from bigtrain.config.schema import key_name
 from bigtrain.errors import UsageError
 
 if typing.TYPE_CHECKING:
@@ -42,12 +43,12 @@ def _key_lines(obj: object, prefix: str) -> list[str]:
     log.mlflow, as its help line and then its own keys)."""
     lines, hints = [], typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
+        value, key = getattr(obj, f.name), key_name(f)
         if dataclasses.is_dataclass(value):
-            lines.append(f"  {prefix}.{f.name}:\n      {f.metadata.get('help', '')}")
-            lines += _key_lines(value, f"{prefix}.{f.name}")
+            lines.append(f"  {prefix}.{key}:\n      {f.metadata.get('help', '')}")
+            lines += _key_lines(value, f"{prefix}.{key}")
             continue
-        lines.append(f"  {prefix}.{f.name} = {value!r}  [{hints[f.name]}]\n      {f.metadata.get('help', '')}")
+        lines.append(f"  {prefix}.{key} = {value!r}  [{hints[f.name]}]\n      {f.metadata.get('help', '')}")
     return lines
 
 

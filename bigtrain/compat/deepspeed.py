@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from bigtrain.compat.deepspeed_import import import_deepspeed
+from bigtrain.errors import CheckpointError
 
 TESTED = "0.19"  # the DeepSpeed minor release these internals were read from (pyproject: >=0.19,<0.20)
 
@@ -108,6 +109,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("deepspeed.runtime.engine", "", "_model_states.pt", "text", "checkpoint files: mp_rank_XX_model_states"),
     Internal("deepspeed.runtime.engine", "", "_optim_states.pt", "text", "checkpoint files: ZeRO optimizer states"),
     Internal(_PIPE, "", "-model_states.pt", "text", "checkpoint files: layer_XX-model_states of a pipeline"),
+    Internal("deepspeed.runtime.engine", "DeepSpeedEngine", "checkpoint_engine", "instance",
+             "asynchronous checkpoints: the files DeepSpeed saves go to host memory first"),
     Internal("deepspeed.utils.mixed_precision_linkage", "", "_hp_mapping", "parameter",
              "where a parameter's fp32 fragment lives (layout-free checkpoints)"),
     *(Internal("deepspeed.utils.tensor_fragment", "tensor_fragment", name, "field", "layout-free checkpoints")
@@ -300,6 +303,40 @@ def safe_checkpoint_loading():
     from bigtrain.compat.torch import weights_only_loading
 
     return weights_only_loading(checkpoint_classes())
+
+
+class _FilesThrough:
+    """DeepSpeed's checkpoint engine with its `save(state_dict, path)` sent to another function (all else as it
+    was: directories, commit)."""
+
+    def __init__(self, original: Any, save: Callable[..., None]) -> None:
+        self._original, self._save = original, save
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self._save(Path(path), state_dict, by_name=self._original.save)  # later written as DeepSpeed writes it
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._original, name)
+
+
+@contextlib.contextmanager
+def checkpoint_files_through(engine: Any, save: Callable[..., None] | None) -> Iterator[None]:
+    """Within: every file DeepSpeed's `engine.save_checkpoint` writes through its checkpoint engine goes to
+    `save(path, obj, by_name=DeepSpeed's own save)` (None: as DeepSpeed writes it). Its collectives and directories
+    are unchanged; only the two recovery scripts rank 0 copies beside the ZeRO files bypass it (file copies)."""
+    if save is None:
+        yield
+        return
+    original = engine.checkpoint_engine
+    if not getattr(original, "zipfile_serialization", True):
+        raise CheckpointError("checkpoint.async writes DeepSpeed's files in torch's zip format; the DeepSpeed "
+                              "config asks for the legacy one (checkpoint.checkpoint_serialization: false). Remove "
+                              "that key, or set checkpoint.async=false.")
+    engine.checkpoint_engine = _FilesThrough(original, save)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = original
 
 
 def model_states_file(tensor_rank: int) -> str:

@@ -9,6 +9,9 @@ code paths for older releases were run on 2.4.1 and 2.5.1: docs/deepspeed.md, "V
     weights_only_loading  every torch.load inside the block unpickles tensors and plain containers only, also
                           where a library (DeepSpeed) passes weights_only=False: TORCH_FORCE_WEIGHTS_ONLY_LOAD;
                           a failed load names its file (`bigtrain.io.LOADED_FILE` on the exception)
+    saved_as_device       torch.save records a host copy of a device storage under the device's location (a
+                          storage tagger of torch.serialization.register_package), so the file is the one the
+                          device storage gives (asynchronous checkpoints write from pinned host copies)
 """
 
 from __future__ import annotations
@@ -16,12 +19,40 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from bigtrain.io import LOADED_FILE
+
+_DEVICE_OF_HOST_COPY: dict[int, str] = {}  # data_ptr of a host copy -> the location of the storage it copies
+_TAGGER_PRIORITY = -41  # before torch's own taggers (cpu is 10); priorities must differ (the registry is sorted)
+
+
+def _tag_host_copy(storage) -> str | None:
+    if storage.device.type != "cpu" or not _DEVICE_OF_HOST_COPY:
+        return None
+    return _DEVICE_OF_HOST_COPY.get(storage.data_ptr())
+
+
+def _restore_nothing(storage, location: str):
+    return None  # loading is torch's own business (map_location or the location's deserializer)
+
+
+def saved_as_device(host: torch.UntypedStorage, device_storage: torch.UntypedStorage) -> None:
+    """From now until `forget_saved_as_device`, torch.save records `host` (a host copy of `device_storage`)
+    under `device_storage`'s location ("cuda:0"), as if it were saving the device storage itself."""
+    from torch import serialization
+
+    if not any(entry[1] is _tag_host_copy for entry in serialization._package_registry):
+        serialization.register_package(_TAGGER_PRIORITY, _tag_host_copy, _restore_nothing)
+    _DEVICE_OF_HOST_COPY[host.data_ptr()] = serialization.location_tag(device_storage)
+
+
+def forget_saved_as_device(hosts: Iterable[torch.UntypedStorage]) -> None:
+    for host in hosts:
+        _DEVICE_OF_HOST_COPY.pop(host.data_ptr(), None)
 
 
 def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group) -> None:

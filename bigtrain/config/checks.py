@@ -20,7 +20,7 @@ from bigtrain.config.model_checks import check_model, check_moe
 from bigtrain.config.parallel_checks import check_deepspeed_section, check_parallel
 from bigtrain.config.rules import at_most_timeout, fraction, positive, require, show
 from bigtrain.config.schedule_checks import check_pipeline_schedule
-from bigtrain.config.schema import Config
+from bigtrain.config.schema import Config, key_name
 
 INT64 = (-(2**63), 2**63, "be an integer in [-2**63, 2**63) (64 bits)")
 
@@ -49,7 +49,7 @@ def check_numbers(cfg: Config) -> None:
         if not dataclasses.is_dataclass(values):
             continue
         for f in dataclasses.fields(values):
-            key, value = f"{section.name}.{f.name}", getattr(values, f.name)
+            key, value = f"{section.name}.{key_name(f)}", getattr(values, f.name)
             if isinstance(value, bool) or value is None:
                 continue
             if isinstance(value, int):
@@ -123,6 +123,11 @@ def check_training(cfg: Config, layout: Layout) -> None:
     positive("checkpoint.keep", c.keep)
     require(c.layout_free_every is None or c.layout_free_every >= 0, f"checkpoint.layout_free_every must be >= 0 "
             f"(0 = never) or null (by the model's size), got {show(c.layout_free_every)}.")
+    legacy = cfg.deepspeed.get("checkpoint", {})
+    require(not (c.async_ and isinstance(legacy, dict) and legacy.get("checkpoint_serialization") is False),
+            "checkpoint.async=true writes DeepSpeed's files as torch.save's zip format, and "
+            "deepspeed.checkpoint.checkpoint_serialization=false asks for the legacy one. Remove that key, or set "
+            "checkpoint.async=false.")
     positive("log.every", lg.every)
     if lg.peak_tflops is not None:
         positive("log.peak_tflops", lg.peak_tflops)

@@ -23,7 +23,7 @@ from bigtrain.config.checks import INT64, validate
 from bigtrain.config.layout import Layout
 from bigtrain.config.overrides import EntryOverrides, place
 from bigtrain.config.rules import show, show_key
-from bigtrain.config.schema import Config
+from bigtrain.config.schema import Config, key_name
 from bigtrain.errors import ConfigError
 
 
@@ -102,7 +102,7 @@ def _merge_section(obj: Any, data: Any, prefix: str) -> Any:
         raise ConfigError(f"Config section '{prefix}' must be a mapping of keys to values, "
                           f"got {show(data)}.")
     hints = typing.get_type_hints(type(obj))
-    fields = {f.name: f for f in dataclasses.fields(obj)}
+    fields = {key_name(f): f for f in dataclasses.fields(obj)}  # by the key's name (`async` is the field async_)
     names = list(fields)
     updates = {}
     for key, value in data.items():
@@ -111,8 +111,8 @@ def _merge_section(obj: Any, data: Any, prefix: str) -> Any:
             shown = show_key(key)
             raise ConfigError(f"Unknown config key '{prefix + '.' if prefix else ''}{shown}' in {where}."
                               f"{_nearest(shown, names)}")
-        full = f"{prefix}.{key}" if prefix else key
-        current = getattr(obj, key)
+        full, name = f"{prefix}.{key}" if prefix else key, fields[key].name
+        current = getattr(obj, name)
         if isinstance(value, EntryOverrides) and not isinstance(current, list):
             raise ConfigError(f"Override {full}[{min(value)}]: '{full}' is not a list; [i] picks an entry of a "
                               f"list key (as in data.sources[0].weight=2).")
@@ -121,24 +121,24 @@ def _merge_section(obj: Any, data: Any, prefix: str) -> Any:
                 raise ConfigError(f"Config section '{full}' must be a mapping of keys to values, got {show(value)}.")
             merged = _deep_merge(current, value)
             _check_plain(full, merged)
-            updates[key] = merged
+            updates[name] = merged
         elif dataclasses.is_dataclass(current):
-            updates[key] = _merge_section(current, value, full)
-        elif isinstance(current, list) and get_origin(hints[key]) is list:  # a list of sections (data.sources)
-            item_type = get_args(hints[key])[0]
+            updates[name] = _merge_section(current, value, full)
+        elif isinstance(current, list) and get_origin(hints[name]) is list:  # a list of sections (data.sources)
+            item_type = get_args(hints[name])[0]
             if isinstance(value, EntryOverrides):  # overrides of single entries: data.sources[0].weight=2
-                updates[key] = _merge_items(current, value, item_type, full)
+                updates[name] = _merge_items(current, value, item_type, full)
                 continue
             if not isinstance(value, list):
                 keys = ", ".join(f.name for f in dataclasses.fields(item_type))
                 raise ConfigError(f"Config key '{full}' must be a list of mappings with the keys {keys}, got "
                                   f"{show(value)}.")
-            updates[key] = [_merge_section(item_type(), item, f"{full}[{i}]") for i, item in enumerate(value)]
+            updates[name] = [_merge_section(item_type(), item, f"{full}[{i}]") for i, item in enumerate(value)]
         else:
-            value = _coerce(full, value, hints[key])
+            value = _coerce(full, value, hints[name])
             if fields[key].metadata.get("path") and isinstance(value, str):
                 value = os.path.expanduser(value)  # run.dir=~/x is the home folder's x, as in a shell
-            updates[key] = value
+            updates[name] = value
     return dataclasses.replace(obj, **updates)
 
 
@@ -368,7 +368,18 @@ def load_config_and_layout(path: str | Path | None = None, overrides: list[str] 
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, each key named as files spell it (`key_name`)."""
+    return _as_dict(cfg)
+
+
+def _as_dict(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {key_name(f): _as_dict(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return type(value)(_as_dict(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _as_dict(v) for k, v in value.items()}
+    return value
 
 
 def config_from_dict(data: dict[str, Any], world_size: int = 1, overrides: list[str] | None = None) -> Config:

@@ -7,14 +7,20 @@ these objects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field
 from typing import Any, Literal
 
 
-def opt(default: Any, help: str, path: bool = False) -> Any:
+def opt(default: Any, help: str, path: bool = False, key: str | None = None) -> Any:
     """A dataclass field with a default and a help text (shown by `--help-config`); `path`: the value may be a
-    file system path, whose leading `~` the loader expands."""
-    return field(default=default, metadata={"help": help, "path": path})
+    file system path, whose leading `~` the loader expands; `key`: the name the key has in YAML and overrides
+    when it cannot be the field's (a Python keyword: `checkpoint.async` is the field `async_`)."""
+    return field(default=default, metadata={"help": help, "path": path, **({"key": key} if key else {})})
+
+
+def key_name(f: Field) -> str:
+    """The name of a config key as files, overrides, dumps and messages spell it."""
+    return f.metadata.get("key", f.name)
 
 
 @dataclass
@@ -262,6 +268,11 @@ class CheckpointConfig:
         "as much disk as the engine's own files; resumable under any layout) with every n-th checkpoint and always "
         "with the last one (the end of the run, a stop); 0 = never (the engine's own files only); null = every "
         "checkpoint when the form is at most 16 GiB (1.4B parameters), else only with the last one")
+    async_: bool = opt(
+        False, "save without stopping training: at a save step each rank copies its state to host memory (pinned "
+        "on GPUs) and one background thread per rank writes the same files a synchronous save writes; `latest` "
+        "moves at a later step boundary once every rank's writer is done; at most one save in flight (the next "
+        "one waits for it); the end of the run and stop signals wait for the writer", key="async")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from bigtrain.compat.deepspeed import local_shape
 from bigtrain.config.layout import Layout
 from bigtrain.engine.evaluate import EvalSums
 from bigtrain.engine.result import StepResult
+from bigtrain.io import SaveFile, save_torch
 from bigtrain.models.init import Shard
 
 
@@ -79,8 +80,10 @@ class Engine(Protocol):
         """Where this rank's model and optimizer state live (the layout-free form is read from and written to
         it; `model.init_from` restores weights through it)."""
 
-    def write_native(self, folder: Path) -> None:
-        """Write this rank's own checkpoint files (the engine's native form) into `folder` (collective)."""
+    def write_native(self, folder: Path, save: SaveFile = save_torch) -> None:
+        """Write this rank's own checkpoint files (the engine's native form) into `folder` (collective); every
+        file goes through `save(path, obj)` (an asynchronous save passes one that copies `obj` to host memory and
+        writes it later, `bigtrain.checkpoint.snapshot`)."""
 
     def read_native(self, checkpoint: Path) -> None:
         """Restore model and optimizer from the native files a run of the same layout wrote into `checkpoint`."""

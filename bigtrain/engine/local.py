@@ -20,7 +20,7 @@ from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine.base import ShardedState
 from bigtrain.engine.separate_qkv import join_optimizer_state
 from bigtrain.engine.step import StepEngine, step_unless_found_inf
-from bigtrain.io import load_state, load_torch, save_torch
+from bigtrain.io import SaveFile, load_state, load_torch, save_torch
 from bigtrain.models.inspect import per_layer_grad_norms
 from bigtrain.models.loss import model_inputs
 from bigtrain.models.qkv import separate_prefixes
@@ -74,11 +74,11 @@ class LocalEngine(StepEngine):
     def sharded_state(self) -> ShardedState:
         return ShardedState(self.model, {}, self.optimizer)
 
-    def write_native(self, folder: Path) -> None:
-        save_torch(folder / "model.pt", self.model.state_dict())
-        save_torch(folder / "optimizer.pt", self.optimizer.state_dict())
+    def write_native(self, folder: Path, save: SaveFile = save_torch) -> None:
+        save(folder / "model.pt", self.model.state_dict())
+        save(folder / "optimizer.pt", self.optimizer.state_dict())
         if self.scaler is not None:
-            save_torch(folder / "scaler.pt", self.scaler.state_dict())
+            save(folder / "scaler.pt", self.scaler.state_dict())
 
     def read_native(self, checkpoint: Path) -> None:
         model = load_torch(checkpoint / "model.pt", self.device)

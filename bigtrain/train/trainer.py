@@ -127,9 +127,16 @@ class Trainer:
         path = self.checkpoints.save(dataclasses.asdict(self.state), last)
         if last:
             self.tracker.log_checkpoint(path, self.state.step)
-        if self._stop is not None:
-            self._stop.note_checkpoint(self.state.step, path)
+        self._note_checkpoints()
         return path
+
+    def _note_checkpoints(self) -> None:
+        """Tell the stop listener the newest committed checkpoint (an asynchronous save commits later), and the
+        console the checkpoint manager's notes (a save that waited for the one in flight)."""
+        for note in self.checkpoints.take_notes():
+            self.metrics.write(note)
+        if self._stop is not None and self.checkpoints.committed is not None:
+            self._stop.note_checkpoint(*self.checkpoints.committed)
 
     def _start_tracker(self) -> None:
         """Rank 0: the trackers of log.mlflow / log.wandb, started (a resume continues their runs), with the
@@ -185,6 +192,8 @@ class Trainer:
                     if not memory_reported:
                         memory_reported = True
                         self._report_memory(metrics)
+                    if self.checkpoints.poll() is not None:  # checkpoint.async: the save in flight, committed
+                        self._note_checkpoints()
                     state.tokens += result.tokens
                     state.add_source_tokens(self.data.source_tokens(state.step - 1))
                     metrics.count(result.tokens)
@@ -221,11 +230,14 @@ class Trainer:
                         stopped_by = signum
                         watchdog.beat(f"the checkpoint of step {state.step}")
                         path = self.checkpoints.path_of(state.step) if saved else self.save(last=True)
+                        if self.checkpoints.finish() is not None:  # a save in flight (checkpoint.async)
+                            self._note_checkpoints()
                         if saved:
                             tracker.log_checkpoint(path, state.step)
                         metrics.write(f"stopped by {signal.Signals(stopped_by).name} after step {state.step}: "
                                       f"checkpoint {path}; the same command resumes from it")
                         break
+            self.checkpoints.finish()  # the end of the run waits for a save in flight (none after a last save)
             if not stopped_by and state.step > first_step:  # a finished run, resumed, trains and samples nothing
                 watchdog.beat("the final sample")
                 print_sample(cfg, self.layout, self.engine.model, self.tokenizer, self.parallel.criterion.full_logits,

@@ -9,9 +9,13 @@ show what bigtrain does when things go wrong):
     BIGTRAIN_TEST_KILL_STEP=S       it SIGKILLs itself inside step S (in the middle of its forward passes)
     BIGTRAIN_TEST_SLOW_VERIFY=T     checking the prepared shards against their SHA-256 takes T seconds longer (on
                                     the rank that checks them, global rank 0)
+    BIGTRAIN_TEST_SEED_HOST_RNG=1   Python's and NumPy's generators start from seed 0 on every rank (nothing in a
+                                    step draws from them, but each checkpoint records their state: two runs then
+                                    write byte-identical trainer records)
 """
 
 import os
+import random
 import signal
 import sys
 import time
@@ -58,8 +62,8 @@ def loss_sum(self, logits, labels):
 _write_trainer_record = save.write_trainer_record
 
 
-def write_trainer_record(folder, rank, record):
-    _write_trainer_record(folder, rank, record)
+def write_trainer_record(folder, rank, record, *save):
+    _write_trainer_record(folder, rank, record, *save)
     if NOW["me"] and NOW["step"] == KILL_SAVE:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -76,6 +80,12 @@ TrainingData.micro_batches = micro_batches
 corpus.verify_shards = verify_shards
 loss.Criterion.loss_sum = loss_sum
 save.write_trainer_record = write_trainer_record
+
+if os.environ.get("BIGTRAIN_TEST_SEED_HOST_RNG"):
+    import numpy
+
+    random.seed(0)
+    numpy.random.seed(0)
 
 if __name__ == "__main__":
     sys.exit(run_train(sys.argv[1:]))

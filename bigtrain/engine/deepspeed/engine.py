@@ -39,6 +39,7 @@ from bigtrain.engine.memory import (
     tensor_share_note,
 )
 from bigtrain.errors import CheckpointError
+from bigtrain.io import SaveFile, save_torch
 from bigtrain.models.loss import model_inputs
 from bigtrain.parallel import ParallelModel
 from bigtrain.parallel.expert import reduce_gradients
@@ -90,9 +91,9 @@ class DeepSpeedEngine(OnDeepSpeed):
         self.ds.engine.step()  # the inner optimizer's pre-step hook hands it `found_inf`
 
     # ---- state ---------------------------------------------------------------------------------------
-    def write_native(self, folder: Path) -> None:
+    def write_native(self, folder: Path, save: SaveFile = save_torch) -> None:
         if self.native_state:  # under expert parallelism the layout-free form holds the state
-            super().write_native(folder)
+            super().write_native(folder, save)
 
     def read_native(self, checkpoint: Path) -> None:
         if not self.native_state:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bigtrain.compat.deepspeed import (
+    checkpoint_files_through,
     has_zero_partitions,
     inner_optimizer,
     safe_checkpoint_loading,
@@ -36,7 +37,7 @@ from bigtrain.engine.base import ShardedState
 from bigtrain.engine.step import StepEngine, skips_on_device
 from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import CheckpointError, ConfigError
-from bigtrain.io import load_failure
+from bigtrain.io import SaveFile, load_failure, save_torch
 from bigtrain.models import count_parameters
 from bigtrain.optim import build_optimizer
 from bigtrain.parallel import ParallelModel
@@ -131,9 +132,11 @@ class DeepSpeedWrap:
         data, ep = self.groups.coords.data, self.groups.layout.expert
         return lambda p: data < ep if is_expert_parallel(p) else data == 0
 
-    def write_native(self, folder: Path) -> None:
-        """DeepSpeed writes its sharded files into `folder` (every rank its own)."""
-        self.engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state={}, save_latest=False)
+    def write_native(self, folder: Path, save: SaveFile = save_torch) -> None:
+        """DeepSpeed writes its sharded files into `folder` (every rank its own); with another `save`, each file
+        DeepSpeed's checkpoint engine would write goes through it instead."""
+        with checkpoint_files_through(self.engine, None if save is save_torch else save):
+            self.engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state={}, save_latest=False)
 
     def read_native(self, checkpoint: Path) -> None:
         try:
@@ -165,8 +168,8 @@ class OnDeepSpeed(StepEngine):
     def sharded_state(self) -> ShardedState:
         return self.ds.sharded_state()
 
-    def write_native(self, folder: Path) -> None:
-        self.ds.write_native(folder)
+    def write_native(self, folder: Path, save: SaveFile = save_torch) -> None:
+        self.ds.write_native(folder, save)
 
     def read_native(self, checkpoint: Path) -> None:
         self.ds.read_native(checkpoint)

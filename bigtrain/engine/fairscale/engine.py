@@ -55,7 +55,7 @@ from bigtrain.engine.memory import (
 from bigtrain.engine.step import StepEngine, step_unless_found_inf
 from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import ConfigError
-from bigtrain.io import load_state, load_torch, save_torch
+from bigtrain.io import SaveFile, load_state, load_torch, save_torch
 from bigtrain.models import count_parameters
 from bigtrain.models.loss import model_inputs
 from bigtrain.optim import adamw_kwargs, param_groups
@@ -179,7 +179,7 @@ class FairscaleEngine(StepEngine):
         return ShardedState(self.model, self.parallel.shards, self.inner, None, tensor_rank=tensor_rank,
                             data_rank=self.dp_rank, state_owner=lambda q: id(q) in self.owned)
 
-    def write_native(self, folder: Path) -> None:
+    def write_native(self, folder: Path, save: SaveFile = save_torch) -> None:
         """Every rank its optimizer shard; data rank 0 also the model shard of its tensor rank; under FSDP every
         rank its shard of the parameters, with the shapes they were cut from (for consolidation)."""
         part: dict[str, Any] = {"optimizer": self.inner.state_dict()}
@@ -187,7 +187,7 @@ class FairscaleEngine(StepEngine):
             part.update(model=shard_state(self.model), shapes=shard_shapes(self.model))
         else:
             part["model"] = self.model.state_dict() if self.dp_rank == 0 else None
-        save_torch(folder / native_part(self.groups.rank), part)
+        save(folder / native_part(self.groups.rank), part)
 
     def read_native(self, checkpoint: Path) -> None:
         rank = self.groups.rank

@@ -37,7 +37,7 @@ from bigtrain.engine.memory import ModelStateBytes, gathered_report, measure_opt
 from bigtrain.engine.step import StepEngine, step_unless_found_inf
 from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import CheckpointError
-from bigtrain.io import load_torch, save_torch
+from bigtrain.io import SaveFile, load_torch, save_torch
 from bigtrain.models import count_parameters
 from bigtrain.models.inspect import model_piece
 from bigtrain.models.loss import model_inputs
@@ -138,9 +138,9 @@ class Fsdp2Engine(StepEngine):
                             partition=self._partition, params=[(s.name, s.values) for s in self.shards],
                             shape_of=lambda values: self.of_values[id(values)].shape)
 
-    def write_native(self, folder: Path) -> None:
+    def write_native(self, folder: Path, save: SaveFile = save_torch) -> None:
         """Every rank its rows of every parameter, the shapes they were cut from, and its optimizer state."""
-        save_torch(folder / native_part(self.groups.rank), {
+        save(folder / native_part(self.groups.rank), {
             "model": {s.name: s.values.detach() for s in self.shards},
             "shapes": {s.name: list(s.shape) for s in self.shards},
             "optimizer": self.optimizer.state_dict()})

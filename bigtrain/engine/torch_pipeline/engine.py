@@ -42,7 +42,7 @@ from bigtrain.engine.step import StepEngine, step_unless_found_inf
 from bigtrain.engine.torch_pipeline.files import native_part
 from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import CheckpointError
-from bigtrain.io import load_torch, save_torch
+from bigtrain.io import SaveFile, load_torch, save_torch
 from bigtrain.models.loss import correct_predictions
 from bigtrain.optim import param_groups
 from bigtrain.optim.build import adamw
@@ -140,9 +140,9 @@ class TorchPipelineEngine(StepEngine):
         return ShardedState(self.model, self.shards, self.optimizer, None,
                             tensor_rank=self.groups.get_tensor_model_parallel_rank(), data_rank=self.dp_rank)
 
-    def write_native(self, folder: Path) -> None:
+    def write_native(self, folder: Path, save: SaveFile = save_torch) -> None:
         """Every rank its stages' parameters (unsplit names) and its optimizer state."""
-        save_torch(folder / native_part(self.groups.rank), {
+        save(folder / native_part(self.groups.rank), {
             "model": {n: p.detach() for n, p in self.named.items()}, "optimizer": self.optimizer.state_dict()})
 
     def read_native(self, checkpoint: Path) -> None:
