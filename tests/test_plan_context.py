@@ -12,7 +12,8 @@ import pytest
 from bigtrain.config import load_config
 from bigtrain.planning import accelerator, make_plan, model_shape
 from bigtrain.planning.memory_model import Candidate, stage_memory
-from bigtrain.planning.search import given_candidate, setting
+from bigtrain.planning.search import candidates, given_candidate, setting
+from bigtrain.planning.splits import check_splits
 from bigtrain.planning.time_model import Network, step_time
 from tests.conftest import REPO, run_cli
 
@@ -98,9 +99,6 @@ def test_only_valid_context_splits_are_proposed():
     cfg = load_config(GPT2, ["data.seq_len=516", "train.global_batch_size=16"])
     plan = make_plan(cfg, 8, 8, accelerator("h100"))
     found = [e.candidate for e in plan.ranked] + [plan.smallest.candidate]
-    from bigtrain.planning.search import candidates
-    from bigtrain.planning.splits import check_splits
-
     every = candidates(cfg, check_splits(cfg, plan.shape, 8, 8, {}), plan.shape)
     assert len(every) == plan.considered
     for c in every + found:
