@@ -1,6 +1,6 @@
 """Write docs/performance.md from the benchmark results in bench/results/ (step_overhead-*.json,
-throughput-*.json, scaling*.json): every figure with the machine it was measured on and the command that
-reproduces it.
+model_speed-*.json, throughput-*.json, scaling*.json): every figure with the machine it was measured on and the
+command that reproduces it.
 
 Run: python bench/report.py [--results bench/results] [--out docs/performance.md]
 """
@@ -43,6 +43,9 @@ they time; in short:
   timed from entry to entry of each step, against a minimal hand-written PyTorch loop (`bench/minimal_loop.py`)
   of the same model, batch, optimizer and schedule. Runs alternate; each trains a few untimed warm-up steps; the
   figure is median bigtrain step / median minimal step. Evaluation and checkpoints are off in both.
+- **model speed** (`bench/model_speed.py`): bigtrain's model, loss and optimizer against a minimal reference GPT
+  written in `bench/reference_gpt.py` (one fused QKV projection, SDPA), same weights, batch and AdamW; the two
+  must compute the same losses before they are timed. Rounds alternate; the figure is the median per-round ratio.
 - **throughput** (`bench/throughput.py`): tokens/s of bigtrain's loop, model FLOPs per token = 6·N + 12·L·d·T
   (`bigtrain/planning/flops.py`; activation recomputation not counted), MFU against the device's data-sheet peak
   (H100/H200 bf16: 989 TFLOP/s; CPUs have none, so their rate is set against a dense fp32 matrix multiply
@@ -128,6 +131,29 @@ def overhead_section(rows: list[dict[str, Any]], machines: Machines) -> list[str
     return out
 
 
+def model_speed_section(rows: list[dict[str, Any]], machines: Machines) -> list[str]:
+    out = ["## Model speed (target: ratio ≥ 1.0)", "",
+           "bigtrain's model against the minimal reference GPT of `bench/reference_gpt.py` (fused QKV projection, "
+           "SDPA, same norm, activation, weights, batch and fused AdamW): training tokens/s of forward + loss + "
+           "backward + optimizer step, alternating rounds; ratio = bigtrain / reference tokens/s per round, the "
+           "figure is their median.", "",
+           "| run | device | precision | threads | tokens/step | bigtrain tokens/s | reference tokens/s "
+           "| median ratio | per-round ratios | target | others' CPU | machine (load) |", "|" + " --- |" * 12]
+    for r in rows:
+        ok = "met" if r["median_ratio"] >= r["target"] else "**not met**"
+        shares = [x for run in r["rounds"] for s in ("bigtrain", "reference")
+                  if (x := run[s]["foreign_cpu_share"]) is not None]
+        others = share(max(shares)) if shares else "?"
+        med = r["median_tokens_per_s"]
+        out.append(f"| {r['name']} | {r['device']} | {r['precision']} | {r['threads']} | {r['tokens_per_step']} | "
+                   f"{med['bigtrain']:.0f} | {med['reference']:.0f} | {r['median_ratio']:.3f} | "
+                   f"{' '.join(f'{x:.3f}' for x in r['ratios'])} | {ok} | "
+                   f"{others if r.get('quiet', True) else others + ' (**disturbed**)'} | "
+                   f"{machines.ref(r['machine'])} ({load_note(r['machine'])}) |")
+    out += ["", "Commands:", "", "```"] + [r["command"] for r in rows] + ["```", ""]
+    return out
+
+
 def throughput_section(rows: list[dict[str, Any]], machines: Machines) -> list[str]:
     rows = sorted(rows, key=lambda r: (r["name"].removesuffix("-compiled"), r["compile"]))
     out = ["## Throughput", "",
@@ -191,9 +217,12 @@ def render(results: Path) -> str:
     overhead = load(results, "step_overhead-*.json")
     throughput = load(results, "throughput-*.json")
     scaling = load(results, "scaling*.json")
+    model_speed = load(results, "model_speed-*.json")
     body: list[str] = []
     if overhead:
         body += overhead_section(overhead, machines)
+    if model_speed:
+        body += model_speed_section(model_speed, machines)
     if throughput:
         body += throughput_section(throughput, machines)
     for s in scaling:

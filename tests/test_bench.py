@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import report, scaling, step_overhead, throughput
 
@@ -71,7 +72,14 @@ def test_report_renders_every_section(tmp_path):
         {"command": "python bench/scaling.py", "machine": machine, "model": ["model.d_model=8"], "micro_batch": 8,
          "rows": [{"layout": "dp", "ranks": n, "tokens_per_s": 10.0 * n, "efficiency": 1.0 if n == 1 else 0.5,
                    "oversubscribed": n > 2, "device": "cpu"} for n in (1, 4)]}))
+    speed = {"tokens_per_s": 100.0, "step_ms": 1.0, "foreign_cpu_share": 0.0}
+    (results / "model_speed-cpu.json").write_text(json.dumps(
+        {"name": "cpu", "command": "python bench/model_speed.py", "machine": machine, "device": "cpu",
+         "precision": "fp32", "threads": 2, "tokens_per_step": 768, "rounds": [{"bigtrain": speed, "reference": speed}],
+         "ratios": [1.01], "median_ratio": 1.01, "median_tokens_per_s": {"bigtrain": 101.0, "reference": 100.0},
+         "target": 1.0}))
     text = report.main(["--results", str(results), "--out", str(tmp_path / "performance.md")])
+    assert "## Model speed" in text and "| 1.010 | 1.010 | met |" in text
     assert "| M1 | no GPU; CPU Test CPU, 2 cores" in text
     assert "1.50× the eager tokens/s" in text and "No GPU was available" in text
     assert "oversubscribed" in text and "python bench/step_overhead.py x" in text
@@ -158,3 +166,56 @@ def test_pipeline_engines_compares_deepspeed_and_torch_schedules(tmp_path):
     torch_row = saved["rows"][1]
     assert torch_row["max_rel_loss"] < 1e-5 and torch_row["max_rel_grad_norm"] < 1e-5
     assert torch_row["tokens_per_s"] > 0 and torch_row["over_deepspeed"] > 0
+
+
+MODEL_SPEED_TINY = ["model.d_model=32", "model.n_heads=4", "model.d_ff=64", "model.n_layers=2",
+                    "model.max_seq_len=16", "data.seq_len=16", "train.micro_batch_size=2", "train.global_batch_size=2"]
+
+
+def test_model_speed_compares_the_same_function(tmp_path, capsys):
+    """One tiny round: both models start from the same weights and compute the same loss at step 0 (and after
+    the same AdamW updates), so the tokens/s they are timed at belong to the same computation."""
+    from bench import model_speed
+
+    out = tmp_path / "model_speed-tiny.json"
+    result = model_speed.main(["--rounds", "1", "--steps", "1", "--warmup", "0", "--threads", "1",
+                               "--max-foreign", "1", "--out", str(out), *MODEL_SPEED_TINY])
+    saved = json.loads(out.read_text())
+    ours, ref = saved["parity_losses"]["bigtrain"], saved["parity_losses"]["reference"]
+    assert ours[0] == pytest.approx(ref[0], rel=1e-6, abs=1e-6)
+    assert ours == pytest.approx(ref, rel=1e-4)
+    assert len(saved["ratios"]) == 1 and saved["median_ratio"] == pytest.approx(result["median_ratio"])
+    assert saved["median_ratio"] > 0
+    assert saved["tokens_per_step"] == 2 * 16 and saved["threads"] == 1
+    assert "median ratio" in capsys.readouterr().out
+
+
+def test_model_speed_refuses_what_the_reference_cannot_be(capsys):
+    from bench import model_speed
+
+    with pytest.raises(SystemExit) as exit_info:
+        model_speed.main(["--rounds", "1", *MODEL_SPEED_TINY, "model.norm_position=post"])
+    assert exit_info.value.code == 2
+    assert "model.norm_position=post (allowed: pre)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options", [[], ["model.norm=rmsnorm", "model.activation=gelu_tanh", "model.bias=false"],
+                                     ["model.activation=relu", "model.positions=none"]])
+def test_reference_gpt_computes_bigtrain_s_logits(options):
+    """The reference GPT loaded from a bigtrain model (Q, K, V rows reordered into one [Q; K; V] projection) gives
+    the same logits: the bench times one function written two ways."""
+    from bench.model_speed import SHAPE
+    from bench.reference_gpt import ReferenceGPT
+    from bigtrain.config import load_config
+    from bigtrain.models import build_model
+
+    cfg = load_config("configs/smoke.yaml", [*SHAPE, *MODEL_SPEED_TINY, *options]).model
+    ours = build_model(cfg, 50, "cpu", seed=4).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # away from the initialization's zeros and ones
+            p.add_(0.1 * torch.randn_like(p))
+    ref = ReferenceGPT(cfg, 50).eval()
+    ref.load_from(ours)
+    ids = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids), ours(input_ids=ids), rtol=1e-5, atol=1e-5)

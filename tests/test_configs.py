@@ -131,7 +131,7 @@ EXPECTED_KEYS = {
     "parallel.tensor", "parallel.sequence_parallel", "parallel.context", "parallel.context_attention",
     "parallel.pipeline",
     "parallel.partition_method", "parallel.pipeline_schedule", "parallel.virtual_stages", "parallel.micro_batches",
-    "parallel.data", "parallel.zero_stage",
+    "parallel.data", "parallel.expert", "parallel.zero_stage",
     "parallel.activation_checkpointing", "parallel.checkpoint_every_n_layers", "parallel.offload_optimizer",
     "parallel.engine", "parallel.collective_timeout",
     "optim.name", "optim.lr", "optim.beta1", "optim.beta2", "optim.eps", "optim.weight_decay",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, launch_ok, read_metrics, run_launcher
+from tests.conftest import REPO, launch_ok, launch_ranks, read_metrics, run_launcher
 
 pytestmark = pytest.mark.launches
 
@@ -77,3 +77,15 @@ def test_fairscale_checkpoint_from_before_one_manager_resumes_on_one_process(tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "written by tensor 1 × pipeline 1 × data 2, ZeRO-2, fairscale" in proc.stdout, proc.stdout[-2000:]
     _assert_continues(run_dir, proc.stdout)
+
+
+def test_deepspeed_checkpoint_with_three_qkv_parameters_needs_its_layout_free_form(tmp_path):
+    """The same checkpoint without the layout-free form `bigtrain convert` gave it: DeepSpeed's flat optimizer
+    partitions of three Q, K, V parameters cannot be read into one, and the resume says what to do."""
+    run_dir, args = _copy("tp2", tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000002" / "layout_free")
+    proc = launch_ranks(2, args)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "bigtrain: rank 0: error: " in err and "kept Q, K and V as three parameters" in err, err[-2000:]
+    assert "bigtrain convert" in err

@@ -25,6 +25,7 @@ from bigtrain.engine.base import ShardedState
 from bigtrain.errors import ConfigError
 from bigtrain.interop import init_source
 from bigtrain.models import build_model
+from bigtrain.models.qkv import join_qkv, qkv_layout, split_qkv
 from tests.conftest import (
     BERT_OPTIONS,
     GPT2_OPTIONS,
@@ -105,11 +106,28 @@ def _logits(kind: str, model, hf=None) -> torch.Tensor:
 
 
 def _perturbed(cfg, seed: int = 1):
+    """The model of `seed` plus N(0, 0.05²) noise, drawn parameter by parameter in the order of the separate Q, K, V
+    linears of earlier bigtrains (q, k, v weight and bias in turn), so the perturbed model is the one it always was."""
     model = build_model(cfg.model, VOCAB, "cpu", seed=seed).eval()
     gen = torch.Generator().manual_seed(seed)
+    head_dim, groups = qkv_layout(cfg.model)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        for name, p in params.items():
+            if name.endswith("qkv_proj.bias"):
+                continue  # drawn with the weight
+            if not name.endswith("qkv_proj.weight"):
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+                continue
+            bias = params.get(name.replace(".weight", ".bias"))
+            tensors = [p] + ([bias] if bias is not None else [])
+            parts = [split_qkv(t, head_dim, groups) for t in tensors]
+            noise: list[list[torch.Tensor]] = [[], []]
+            for i in range(3):
+                for j in range(len(tensors)):
+                    noise[j].append(0.05 * torch.randn(parts[j][i].shape, generator=gen))
+            for j, t in enumerate(tensors):
+                t.add_(join_qkv(*noise[j], head_dim, groups))
     return model
 
 

@@ -11,6 +11,7 @@ import torch
 from bigtrain.config import ModelConfig
 from bigtrain.models import CausalLM, MaskedLM, Seq2SeqLM, TransformerLM, build_model, count_parameters
 from bigtrain.models.layers import Rotary, sinusoidal_table
+from bigtrain.models.qkv import split_qkv
 
 V, D, H, FF, MAX_LEN = 37, 32, 4, 64, 32
 
@@ -210,7 +211,7 @@ def test_normal_init_std(family: str) -> None:
     cfg = _cfg(family=family, d_model=64, d_ff=256, n_layers=3, init_std=0.02)
     model = build_model(cfg, 500, "cpu", seed=0)
     n_blocks = 6 if family == "seq2seq" else 3
-    q = _weights(model, "q_proj.weight")
+    q = _weights(model, "qkv_proj.weight")
     assert abs(q.mean().item()) < 1e-3
     assert q.std().item() == pytest.approx(0.02, rel=0.05)
     residual = 0.02 / math.sqrt(2 * n_blocks)
@@ -225,14 +226,20 @@ def test_normal_init_std(family: str) -> None:
 
 
 def test_xavier_init_bounds() -> None:
-    cfg = _cfg(d_model=64, d_ff=256, n_layers=2, init="xavier")
+    """Each linear within its xavier bound; Q, K and V each within their own (drawn as three linears)."""
+    cfg = _cfg(d_model=64, d_ff=256, n_layers=2, init="xavier", n_kv_heads=2)
     model = build_model(cfg, 500, "cpu", seed=0)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "head":
-            fan_out, fan_in = module.weight.shape
-            bound = math.sqrt(6 / (fan_in + fan_out))
-            w = module.weight.abs().max().item()
-            assert bound * 0.9 < w <= bound, name
+            weights = [module.weight]
+            if name.endswith("qkv_proj"):
+                attn = model.get_submodule(name.rsplit(".", 1)[0])
+                weights = split_qkv(module.weight, attn.head_dim, attn.groups)
+            for weight in weights:
+                fan_out, fan_in = weight.shape
+                bound = math.sqrt(6 / (fan_in + fan_out))
+                w = weight.abs().max().item()
+                assert bound * 0.9 < w <= bound, name
     assert model.embed.tokens.weight.std().item() == pytest.approx(64 ** -0.5, rel=0.05)
 
 

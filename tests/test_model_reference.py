@@ -15,6 +15,7 @@ from bigtrain.models import build_model
 from bigtrain.models.attention import Attention, attention_core, build_mask
 from bigtrain.models.blocks import Block
 from bigtrain.models.layers import RMSNorm, sinusoidal_table
+from bigtrain.models.qkv import split_qkv
 
 D, H, FF = 32, 4, 64
 
@@ -40,10 +41,8 @@ def _randomize_norms(module: nn.Module, gen: torch.Generator) -> None:
 
 @torch.no_grad()
 def _copy_attention(ours: Attention, theirs: nn.MultiheadAttention) -> None:
-    d = ours.q_proj.weight.shape[1]
-    for i, proj in enumerate((ours.q_proj, ours.k_proj, ours.v_proj)):
-        theirs.in_proj_weight[i * d:(i + 1) * d].copy_(proj.weight)
-        theirs.in_proj_bias[i * d:(i + 1) * d].copy_(proj.bias)
+    theirs.in_proj_weight.copy_(torch.cat(split_qkv(ours.qkv_proj.weight, ours.head_dim, ours.groups)))
+    theirs.in_proj_bias.copy_(torch.cat(split_qkv(ours.qkv_proj.bias, ours.head_dim, ours.groups)))
     theirs.out_proj.weight.copy_(ours.o_proj.weight)
     theirs.out_proj.bias.copy_(ours.o_proj.bias)
 
@@ -195,9 +194,8 @@ def _manual_attention(attn: Attention, x: torch.Tensor, n_heads: int, n_kv_heads
     """Per-head loop: query head h reads key/value head h // (n_heads / n_kv_heads). allowed: [B, T, S]."""
     batch, seq, _ = x.shape
     hd = attn.head_dim
-    q = x @ attn.q_proj.weight.T + attn.q_proj.bias
-    k = x @ attn.k_proj.weight.T + attn.k_proj.bias
-    v = x @ attn.v_proj.weight.T + attn.v_proj.bias
+    (wq, wk, wv), (bq, bk, bv) = (split_qkv(t, hd, attn.groups) for t in (attn.qkv_proj.weight, attn.qkv_proj.bias))
+    q, k, v = x @ wq.T + bq, x @ wk.T + bk, x @ wv.T + bv
     groups = n_heads // n_kv_heads
     heads = []
     for h in range(n_heads):

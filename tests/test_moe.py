@@ -152,7 +152,7 @@ def test_every_nth_block_is_moe_and_dense_is_the_default():
     (["model.moe.experts=4", "model.moe.aux_loss_coef=-0.1"], ["model.moe.aux_loss_coef"]),
     (["model.moe.experts=4", "model.moe.z_loss_coef=-1"], ["model.moe.z_loss_coef"]),
     (["model.moe.experts=4", "model.moe.capacity_factor=-1"], ["model.moe.capacity_factor"]),
-    (["model.moe.experts=4", "parallel.engine=deepspeed"], ["model.moe.experts", "not built yet"]),
+    (["model.moe.experts=4", "parallel.zero_stage=1"], ["model.moe.experts", "not built yet"]),
     (["model.moe.experts=4", "parallel.activation_checkpointing=full"],
      ["model.moe.experts", "parallel.activation_checkpointing"]),
     (["model.moe.experts=4", "train.compile=true"], ["model.moe.experts", "train.compile"]),
@@ -164,8 +164,11 @@ def test_bad_moe_configs_fail_at_load_naming_the_key(tmp_path, overrides, names)
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize("layout", [[], ["parallel.tensor=2"], ["parallel.pipeline=2"]])
+@pytest.mark.parametrize("layout", [["parallel.zero_stage=1"], ["parallel.context=2"], ["parallel.pipeline=2"],
+                                    ["parallel.engine=torch", "parallel.zero_stage=2"]])
 def test_moe_on_several_ranks_is_refused_at_load(tmp_path, layout):
+    """Data, expert and tensor parallelism on DeepSpeed's ZeRO-0 are built (tests/test_expert_parallel.py); the
+    rest is refused."""
     with pytest.raises(ConfigError) as info:
         load_config(None, tiny_overrides(tmp_path / "run", "causal", "model.moe.experts=4", *layout),
                     world_size=2)

@@ -36,7 +36,7 @@ MODEL = ["model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=null", "model.
 SUITE = {
     "sp_norm_grad": ("tensor=2,sequence_parallel=true", [], "norm", "gradient"),
     "vocab_ce_scale": ("tensor=2", [], "head", "backward"),
-    "qkv_shard": ("tensor=2", [], "k_proj", "weight"),
+    "qkv_shard": ("tensor=2", [], "qkv_proj", "weight"),
     "skip_reduce": ("data=2,zero_stage=2", [], "", "gradient"),
     "pipeline_order": ("pipeline=2", [], "embed", "forward"),
     "rotary_offset": ("tensor=2", [], "rotary", "forward"),

@@ -4,14 +4,16 @@
     save(state, last)  the one save sequence (`save.py`) with the layout-free form every
                        checkpoint.layout_free_every-th save and always at the last one (null: every save while the
                        form is at most LAYOUT_FREE_AUTO_BYTES, else the last one only: a 175B model's form is 2.1
-                       TB, which every save would write again next to the engine's own files)
+                       TB, which every save would write again next to the engine's own files); at every save
+                       when the engine's own files do not hold its state (`native_state`: expert parallelism)
     restore(...)       the checkpoint to resume from and the state it holds:
                          1. which: rank 0 verifies the one `latest` names against its manifest and falls back to
                             older intact ones (`integrity.py`); the choice, its notes or the error reach every rank
                             in one broadcast, so all ranks resume the same step or all stop with the same message
                          2. does it fit this run (`resume.py`): config and tokenizer; the layout may differ
                          3. how: written by this very layout (`SavedCheckpoint.layout`), from the engine's own
-                            files, exact with every RNG; under any other layout from the layout-free form, with
+                            files (or its layout-free form when those hold no state), exact with every RNG;
+                            under any other layout from the layout-free form, with
                             dropout streams going on from (seed, replica, step)
     load_weights(r)    weights (not the optimizer state) from a reader of unsplit tensors (`model.init_from`)
 """
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from bigtrain.checkpoint.integrity import choose_checkpoint
+from bigtrain.checkpoint.joined_qkv import written_with_separate_qkv
 from bigtrain.checkpoint.resume import ResumeCheck, batch_change_notes, check_fits, check_tokenizer
 from bigtrain.checkpoint.save import restore_layout_free, save_checkpoint
 from bigtrain.checkpoint.saved import SavedCheckpoint
@@ -102,7 +105,8 @@ class CheckpointManager:
         every = self.layout_free_every
         self.saves += 1
         header = None
-        if every != 0 and (last or (every is not None and self.saves % every == 0)):
+        own_files_hold_state = self.engine is None or self.engine.native_state
+        if not own_files_hold_state or (every != 0 and (last or (every is not None and self.saves % every == 0))):
             header = layout_free_header(self.cfg, self.layout, self.full_model, trainer_state)
         return save_checkpoint(self.directory, trainer_state["step"], self.engine, self.layout, self.rank,
                                self.barrier, trainer_state, dump_config(self.cfg), self.cfg.checkpoint.keep, header)
@@ -118,19 +122,34 @@ class CheckpointManager:
         check = check_fits(saved, self.cfg, allow_changes)
         check_tokenizer(saved, tokenizer_name, allow_changes)
         notes = list(choice.notes)
-        if saved.layout == self.layout and saved.has_native:
-            self.engine.read_native(saved.path)  # exact: the engine's own files, RNG included
+        # Written while attention held Q, K, V as three parameters: the plain engine's files are read joined
+        # (`bigtrain.engine.separate_qkv`), other engines' through the layout-free form (the optimizer's flat
+        # partitions of DeepSpeed and fairscale depend on the parameters' shapes).
+        separate = written_with_separate_qkv(saved.trainer_state)
+        if saved.layout == self.layout and saved.has_native and (not separate or saved.layout.engine == "torch"):
+            if self.engine.native_state:
+                self.engine.read_native(saved.path)  # exact: the engine's own files, RNG included
+            else:  # expert parallelism: the state is in the layout-free form alone, the RNG in the trainer files
+                restore_layout_free(StateAdapter(self.engine.sharded_state()), saved.path)
             record = saved.trainer_record(self.rank)
             set_rng_state(record["rng"])
             state = record["state"]
         else:
+            if separate and not saved.has_layout_free:
+                raise CheckpointError(
+                    f"{saved.path} was written by an earlier bigtrain, whose attention kept Q, K and V as three "
+                    f"parameters, by {saved.layout.describe_run()} without a layout-free form; this bigtrain holds "
+                    f"them as one (`qkv_proj`) and reads such a checkpoint of the {saved.layout.engine} engine only "
+                    f"through that form. Give it the form with that bigtrain's `bigtrain convert` (then resume here), "
+                    f"or resume it with that bigtrain.")
             if not saved.has_layout_free:
                 raise CheckpointError(
                     f"{saved.path} was written by {saved.layout.describe_run()} and holds no layout-free form, so it "
                     f"can only be resumed by that layout (this run: {self.layout.describe_run()}). Resume with that "
                     f"layout, give it that form with `bigtrain convert`, or write checkpoints with "
                     f"checkpoint.layout_free_every=1.")
-            state = restore_layout_free(StateAdapter(self.engine.sharded_state()), saved.path)["trainer"]
+            state = restore_layout_free(StateAdapter(self.engine.sharded_state()), saved.path,
+                                        saved.config.model if separate else None)["trainer"]
             # Dropout streams cannot carry across layouts: they go on from (seed, replica, step).
             offset = self.layout.seed_offset(self.rank)
             torch.manual_seed(self.cfg.train.seed + offset + 1_000_003 * state["step"])

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from bigtrain.checkpoint import store
+from bigtrain.checkpoint.joined_qkv import JoinedQKVReader
 from bigtrain.checkpoint.layout_free import FOLDER, LayoutFreeReader, write_index, write_pieces
 from bigtrain.checkpoint.saved import trainer_file
 from bigtrain.checkpoint.state import StateAdapter
+from bigtrain.config import ModelConfig
 from bigtrain.config.layout import Layout
 from bigtrain.engine.base import Engine
 from bigtrain.errors import CheckpointError
@@ -51,9 +53,13 @@ def write_layout_free(tmp: Path, adapter: StateAdapter, rank: int, world_size: i
             note.unlink()
 
 
-def restore_layout_free(adapter: StateAdapter, checkpoint: Path) -> dict[str, Any]:
-    """Set the engine's state from `checkpoint`'s layout-free form; returns its header (trainer state, ...)."""
-    reader = LayoutFreeReader(checkpoint / FOLDER)
+def restore_layout_free(adapter: StateAdapter, checkpoint: Path, separate_qkv: ModelConfig | None = None
+                        ) -> dict[str, Any]:
+    """Set the engine's state from `checkpoint`'s layout-free form; returns its header (trainer state, ...).
+    `separate_qkv`: the model config of a checkpoint whose Q, K, V are three parameters (read joined)."""
+    reader: Any = LayoutFreeReader(checkpoint / FOLDER)
+    if separate_qkv is not None:
+        reader = JoinedQKVReader(reader, separate_qkv)
     try:
         adapter.restore(reader, float(reader.header["optimizer"]["step"]))
     finally:

@@ -13,7 +13,9 @@ Where a rank's state lives depends on the engine:
                    the data-parallel ranks (`partition`: which values of it this rank holds, and where; FSDP2's
                    rows of dimension 0 are one range of the flattened parameter)
 
-A piece is written by the ranks that own it: data-parallel rank 0 where a state is replicated over data ranks,
+A piece is written by the ranks that own it: data-parallel rank 0 where a state is replicated over data ranks
+(under expert parallelism a routed expert's state by the first rank of its expert-data group, under the expert's
+own name),
 tensor rank 0 for parameters every tensor rank holds whole, the first pipeline stage for a tied embedding.
 On load every rank sets its own share from the pieces that overlap it, one parameter at a time. The DeepSpeed
 internals this needs are in `bigtrain.compat.deepspeed`.
@@ -70,7 +72,7 @@ class StateAdapter:
         # per-parameter state: whether this rank holds a parameter's optimizer state (by default every data rank
         # does, and data rank 0 writes it) or, under OSS, only its owner (which writes it)
         self.holds_state = state.state_owner or (lambda p: True)
-        self.writes_state = state.state_owner or (lambda p: self.data_rank == 0)
+        self.writes_state = state.state_owner or state.state_writer or (lambda p: self.data_rank == 0)
         self.params = state.params if state.params is not None else list(named_local_parameters(self.model))
         self.shape_of = state.shape_of
         partition = state.partition

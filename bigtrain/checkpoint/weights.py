@@ -7,8 +7,10 @@
     a `bigtrain export` folder    model.safetensors + config.yaml
     a `bigtrain consolidate` one  model.pt + config.yaml (read with the weights-only unpickler)
 
-The config that comes with the weights is the run's, with a one-device layout. `weights_reader` serves the same
-weights as boxes of unsplit tensors (what a layout-free restore reads), so a rank reads only its shard.
+The config that comes with the weights is the run's, with a one-device layout; the weights have today's names
+(an earlier bigtrain's three Q, K, V tensors per layer joined into `qkv_proj`, `joined_qkv.py`). `weights_reader`
+serves the same weights as boxes of unsplit tensors (what a layout-free restore reads), so a rank reads only its
+shard.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import yaml
 
 from bigtrain.checkpoint.consolidate import consolidated_state_dict
+from bigtrain.checkpoint.joined_qkv import JoinedQKVReader, joined_state
 from bigtrain.checkpoint.layout_free import FOLDER, Box, LayoutFreeReader, box_shape, whole
 from bigtrain.checkpoint.saved import SavedCheckpoint, find_checkpoint
 from bigtrain.checkpoint.store import writing
@@ -28,6 +31,7 @@ from bigtrain.config import ModelConfig, config_to_dict, dump_config
 from bigtrain.config.loader import config_from_dict, read_yaml
 from bigtrain.errors import CheckpointError, ConfigError, UsageError
 from bigtrain.io import load_failure, save_safetensors
+from bigtrain.models.qkv import separate_prefixes
 
 ONE_DEVICE = {"tensor": 1, "pipeline": 1, "data": None, "context": 1, "sequence_parallel": False,
               "pipeline_schedule": "1f1b", "virtual_stages": 1}
@@ -72,11 +76,18 @@ def load_weights(path: Path, step: int | None = None) -> tuple[dict[str, Any], d
     if _weights_folder(path, step) and (path / "model.safetensors").exists():
         from safetensors.torch import load_file
 
-        return _folder_config(path), _read(path / "model.safetensors", lambda p: load_file(str(p)))
+        raw = _folder_config(path)
+        return raw, _joined(raw, _read(path / "model.safetensors", lambda p: load_file(str(p))))
     if _weights_folder(path, step):
-        return _folder_config(path), _read(path / "model.pt", lambda p: torch.load(p, map_location="cpu",
-                                                                                    weights_only=True))
+        raw = _folder_config(path)
+        return raw, _joined(raw, _read(path / "model.pt", lambda p: torch.load(p, map_location="cpu",
+                                                                                weights_only=True)))
     return checkpoint_weights(_checkpoint_of(path, step))
+
+
+def _joined(raw: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state under today's names: an earlier bigtrain's three Q, K, V tensors joined (`joined_qkv.py`)."""
+    return joined_state(state, config_from_dict(raw).model)
 
 
 def _checkpoint_of(path: Path, step: int | None = None, pick: str = "--step") -> Path:
@@ -93,8 +104,8 @@ def checkpoint_weights(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torc
     raw = one_device(config_to_dict(saved.config))
     if saved.has_layout_free:
         reader = _verified_reader(checkpoint, "The layout-free form of")
-        return raw, {name: reader.read(name, "param") for name in reader.header["parameters"]}
-    return raw, consolidated_state_dict(saved)
+        return raw, _joined(raw, {name: reader.read(name, "param") for name in reader.header["parameters"]})
+    return raw, _joined(raw, consolidated_state_dict(saved))
 
 
 def _verified_reader(checkpoint: Path, what: str) -> LayoutFreeReader:
@@ -200,7 +211,7 @@ def weights_reader(path: Path, cfg: ModelConfig, vocab_size: int, step: int | No
             if cfg.tie_embeddings and "head.weight" not in reader.header["parameters"]:
                 reader.header["parameters"]["head.weight"] = reader.header["parameters"]["embed.tokens.weight"]
                 reader.pieces[("head.weight", "param")] = reader.pieces[("embed.tokens.weight", "param")]
-            return reader
+            return JoinedQKVReader(reader, cfg) if separate_prefixes(reader.header["parameters"]) else reader
     raw, state = load_weights(path, step)
     _check_same_model(path, cfg, config_from_dict(raw).model)
     _check_rows(path, state["embed.tokens.weight"].shape[0], vocab_size)

@@ -36,8 +36,9 @@ from bigtrain.errors import ConfigError
 
 LAYOUT_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "data": "parallel.data",
                "zero_stage": "parallel.zero_stage", "sequence_parallel": "parallel.sequence_parallel",
-               "context": "parallel.context", "context_attention": "parallel.context_attention"}
-ONE_DEVICE = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.data=1", "parallel.context=1",
+               "context": "parallel.context", "context_attention": "parallel.context_attention",
+               "expert": "parallel.expert"}
+ONE_DEVICE = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.data=1", "parallel.context=1", "parallel.expert=1",
               "parallel.zero_stage=0", "parallel.sequence_parallel=false", "parallel.engine=auto",
               "parallel.pipeline_schedule=1f1b", "parallel.virtual_stages=1"]  # the plain engine on one process
 TRAIN = ["-m", "bigtrain.cli.train"]  # a training process of this very bigtrain (python or torchrun)
@@ -62,9 +63,10 @@ def parse_layout(text: str) -> dict[str, str]:
 
 
 def ranks_of(layout: dict[str, str]) -> int:
+    """tensor × pipeline × data × context; without `data`, expert groups need expert data ranks (data = expert)."""
     size = 1
     for key in ("parallel.tensor", "parallel.pipeline", "parallel.data", "parallel.context"):
-        value = layout.get(key, "1")
+        value = layout.get(key, layout.get("parallel.expert", "1") if key == "parallel.data" else "1")
         if not value.isdigit() or int(value) < 1:
             raise ConfigError(f"--layout: {key.split('.')[1]}={value} must be a positive integer.")
         size *= int(value)
@@ -183,6 +185,10 @@ def parity(config: Path, layout_text: str, steps: int = 20, shrink: bool = False
         raise ConfigError(f"--locate with --layout {layout_text} is refused: it cannot rebuild context-parallel "
                           f"activations (each rank's zig-zag share of the sequence) yet. Leave out --locate, or "
                           f"locate with context=1 and the other sizes of the layout.")
+    if locate and parse_layout(layout_text).get("parallel.expert", "1") != "1":
+        raise ConfigError(f"--locate with --layout {layout_text} is refused: it does not gather expert-parallel "
+                          f"gradients (each rank's routed experts) yet. Leave out --locate, or locate with expert=1 "
+                          f"and the other sizes of the layout.")
     checked = check_runs(config, layout_text, steps, shrink, precision, list(overrides or []))
     check_local_ranks(checked.ranks, f"--layout {layout_text} needs {checked.ranks} ranks",
                       "Choose a layout with fewer ranks (--shrink keeps the model small, not the rank count), or "

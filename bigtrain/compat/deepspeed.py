@@ -145,6 +145,12 @@ class ZeroPartition:
     params: list[torch.Tensor]
 
 
+def take_gradient_reduction(engine: Any) -> None:
+    """Stop DeepSpeed's engine from all-reducing gradients after the last backward of a step (ZeRO-0): the caller
+    reduces them itself (expert parallelism reduces expert and other parameters over different groups)."""
+    engine.enable_backward_allreduce = False
+
+
 def has_zero_partitions(zero_optimizer: object) -> bool:
     return hasattr(zero_optimizer, "single_partition_of_fp32_groups")
 

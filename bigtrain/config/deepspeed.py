@@ -79,6 +79,10 @@ def derive_deepspeed_config(cfg: Config, dp_size: int, on_gpu: bool = False, con
             # The pipeline engine steps a plain torch optimizer here and reports no gradient norm: bigtrain
             # measures and clips in the optimizer's pre-step hook instead (same formula as DeepSpeed's).
             derived["gradient_clipping"] = 0.0
+    if p.expert > 1:
+        # Each expert-group rank holds other experts: DeepSpeed's norm would miss them. bigtrain measures the
+        # whole model's norm over the expert groups and clips (`bigtrain.parallel.grad_norm`).
+        derived["gradient_clipping"] = 0.0
     merged = _merge_passthrough(derived, cfg.deepspeed)
     if on_gpu and p.zero_stage > 0:
         defaults = {**ZERO_COMMUNICATION, **(ZERO3_COMMUNICATION if p.zero_stage == 3 else {})}

@@ -5,6 +5,8 @@
     tensor × context × pipeline × data = world  data = world / (tensor · context · pipeline) unless parallel.data
                                               says it; context C: each rank holds 1/C of every sequence
     sequence_parallel                         norms and residual dropout on sequence shards (tensor > 1)
+    expert                                    parallel.expert EP: groups of EP data ranks split the routed experts
+                                              (EP divides data; checked with model.moe at load)
     zero_stage                                0 under the plain engine, else parallel.zero_stage
     engine                                    the engine that runs the steps (`ENGINES`); parallel.engine=auto
                                               resolves here and nowhere else: DeepSpeed when several ranks run
@@ -25,7 +27,15 @@ pipeline engine sees the same coordinates. Context groups are the next-nearest r
 ring's sends stay within a node when T · C fits one); gradients are summed over data × context
 (`gradient_groups`), since context ranks hold the same weights but different tokens.
 Tensor groups are consecutive ranks (one node, fast links); data groups hold
-the replicas of one model shard; pipeline groups the stages of one replica. This module is pure arithmetic;
+the replicas of one model shard; pipeline groups the stages of one replica. Expert parallelism carves the data
+group into groups of EP consecutive data coordinates (an expert group: each holds E / EP experts of every MoE
+block), and the data ranks with the same position in their expert group form an expert-data group (D / EP ranks
+holding the same experts, over which expert gradients are summed):
+
+    expert group of data coordinate d       d − d mod EP, ..., d − d mod EP + EP − 1
+    expert-data group of d                  d mod EP, d mod EP + EP, ..., D − EP + d mod EP
+
+This module is pure arithmetic;
 `bigtrain.distributed.groups.ParallelGroups` creates the groups once the job runs.
 """
 
@@ -61,6 +71,7 @@ class Layout:
     pipeline: int = 1
     data: int = 1
     context: int = 1
+    expert: int = 1
     sequence_parallel: bool = False
     zero_stage: int = 0
     engine: str = "torch"
@@ -82,11 +93,11 @@ class Layout:
 
     @classmethod
     def for_world(cls, tensor: int, pipeline: int, world_size: int, data: int | None = None, context: int = 1,
-                  **rest: Any) -> Layout:
+                  expert: int = 1, **rest: Any) -> Layout:
         """The layout of `world_size` ranks; data = world / (tensor · context · pipeline) unless given (then
-        checked)."""
+        checked); the expert size must divide data."""
         for name, value in (("parallel.tensor", tensor), ("parallel.pipeline", pipeline),
-                            ("parallel.context", context)):
+                            ("parallel.context", context), ("parallel.expert", expert)):
             if value < 1:
                 raise ConfigError(f"Config key '{name}' must be positive, got {value}.")
         model_parallel = tensor * context * pipeline
@@ -100,7 +111,12 @@ class Layout:
             ctx = f" * context {context}" if context > 1 else ""
             raise ConfigError(f"parallel.data={data} but world size {world_size} / (tensor {tensor}{ctx} * pipeline "
                               f"{pipeline}) = {dp}. Set parallel.data={dp} or leave it null.")
-        return cls(tensor=tensor, pipeline=pipeline, data=dp, context=context, **rest)
+        if dp % expert:
+            raise ConfigError(f"parallel.expert={expert} does not divide the data-parallel size {dp} (world size "
+                              f"{world_size} / (tensor {tensor} * context {context} * pipeline {pipeline})): expert "
+                              f"groups are carved out of the data-parallel ranks. Choose parallel.expert among the "
+                              f"divisors of {dp}.")
+        return cls(tensor=tensor, pipeline=pipeline, data=dp, context=context, expert=expert, **rest)
 
     # ---- what a checkpoint records ------------------------------------------------------------------
     def record(self) -> dict[str, Any]:
@@ -116,14 +132,17 @@ class Layout:
         """How the ranks split: 'tensor 2 × pipeline 1 × data 2 = 4 ranks' (with 'context C × ' after the tensor
         size under context parallelism)."""
         ctx = f"context {self.context} × " if self.context > 1 else ""
-        return f"tensor {self.tensor} × {ctx}pipeline {self.pipeline} × data {self.data} = {self.world_size} ranks"
+        ep = f" (expert {self.expert})" if self.expert > 1 else ""
+        return (f"tensor {self.tensor} × {ctx}pipeline {self.pipeline} × data {self.data}{ep} = {self.world_size} "
+                f"ranks")
 
     def describe_run(self) -> str:
         """The split, the engine and the precision, as resume messages name a layout."""
         sp = " + sequence parallel" if self.sequence_parallel else ""
         zero = f", ZeRO-{self.zero_stage}" if self.engine != "torch" else ""
         ctx = f" × context {self.context}" if self.context > 1 else ""
-        return (f"tensor {self.tensor}{sp}{ctx} × pipeline {self.pipeline} × data {self.data}{zero}, "
+        ep = f" (expert {self.expert})" if self.expert > 1 else ""
+        return (f"tensor {self.tensor}{sp}{ctx} × pipeline {self.pipeline} × data {self.data}{ep}{zero}, "
                 f"{ENGINE_NAMES[self.engine]}, {self.precision}")
 
     # ---- rank arithmetic ----------------------------------------------------------------------------
@@ -153,6 +172,22 @@ class Layout:
         coordinates)."""
         return [[self.rank_of(p, d, t, c) for d in range(self.data)]
                 for p in range(self.pipeline) for c in range(self.context) for t in range(self.tensor)]
+
+    def expert_groups(self) -> list[list[int]]:
+        """Ranks that split the routed experts of every MoE block among them: EP consecutive data coordinates
+        (same pipe, tensor and context coordinates); tokens travel between them by all-to-all."""
+        ep = self.expert
+        return [[self.rank_of(p, g * ep + i, t, c) for i in range(ep)]
+                for p in range(self.pipeline) for c in range(self.context) for t in range(self.tensor)
+                for g in range(self.data // ep)]
+
+    def expert_data_groups(self) -> list[list[int]]:
+        """Ranks that hold the same experts and read different samples (data coordinates equal modulo EP; same
+        pipe, tensor and context coordinates): expert gradients are summed over these."""
+        ep = self.expert
+        return [[self.rank_of(p, d, t, c) for d in range(i, self.data, ep)]
+                for p in range(self.pipeline) for c in range(self.context) for t in range(self.tensor)
+                for i in range(ep)]
 
     def gradient_groups(self) -> list[list[int]]:
         """Ranks whose gradients are summed (data × context, same pipe and tensor coordinates): context ranks
@@ -206,5 +241,6 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
     p = cfg.parallel
     engine = resolve_engine(cfg, world_size)
     return Layout.for_world(p.tensor, p.pipeline, world_size, p.data, sequence_parallel=p.sequence_parallel,
-                            context=p.context, zero_stage=p.zero_stage if engine != "torch" else 0, engine=engine,
+                            context=p.context, expert=p.expert,
+                            zero_stage=p.zero_stage if engine != "torch" else 0, engine=engine,
                             precision=cfg.train.precision)

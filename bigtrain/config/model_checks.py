@@ -14,6 +14,8 @@ def tensor_split_problems(cfg: ModelConfig, vocab_size: int | None, tensor: int)
     """Problems that stop a model from splitting over `tensor` ranks, each naming both numbers."""
     problems = []
     sizes = [("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.n_kv_heads), ("model.d_ff", cfg.d_ff)]
+    if cfg.moe.experts:  # each expert (and shared expert) splits like the dense FFN
+        sizes.append(("model.moe.d_ff", cfg.moe.d_ff))
     for key, value in sizes:
         if value is not None and value % tensor:
             problems.append(f"{key}={value} is not divisible by parallel.tensor={tensor}")
@@ -94,15 +96,23 @@ def check_model(cfg: Config) -> None:
 
 
 def check_moe(cfg: Config, layout: Layout) -> None:
-    """`model.moe`: values in range, and (for now) one process on the plain engine; expert parallelism and every
-    multi-rank layout, activation checkpointing and compiled blocks are not built for MoE yet."""
+    """`model.moe`: values in range; parallel.expert divides the experts (it divides the data size: `Layout`); and
+    the layouts built for MoE: one process on the plain engine, or data (and expert) parallelism on DeepSpeed's
+    engine at ZeRO-0 in fp32. Tensor, pipeline and context parallelism, ZeRO 1-3, other engines, mixed precision,
+    activation checkpointing and compiled blocks are not built for MoE yet."""
     moe, p = cfg.model.moe, cfg.parallel
     require(moe.experts >= 0, f"model.moe.experts must be >= 0 (0 = dense blocks), got {moe.experts}.")
+    require(moe.experts > 0 or p.expert == 1, f"parallel.expert={p.expert} splits the routed experts of MoE blocks, "
+            f"but model.moe.experts=0 (dense blocks). Set parallel.expert=1, or model.moe.experts to a multiple of "
+            f"{p.expert}.")
     if moe.experts == 0:
         return
     positive("model.moe.top_k", moe.top_k)
     require(moe.top_k <= moe.experts, f"model.moe.top_k={moe.top_k} exceeds model.moe.experts={moe.experts}: "
             f"each token picks top_k distinct experts. Use top_k <= {moe.experts}.")
+    require(moe.experts % p.expert == 0, f"parallel.expert={p.expert} does not divide model.moe.experts="
+            f"{moe.experts}: each rank of an expert group holds experts / parallel.expert of them. Use a "
+            f"parallel.expert that divides {moe.experts}.")
     positive("model.moe.every", moe.every)
     blocks = cfg.model.n_layers if cfg.model.family != "seq2seq" else min(
         cfg.model.n_layers, cfg.model.n_decoder_layers or cfg.model.n_layers)
@@ -114,12 +124,23 @@ def check_moe(cfg: Config, layout: Layout) -> None:
     for key in ("aux_loss_coef", "z_loss_coef", "capacity_factor"):
         value = getattr(moe, key)
         require(math.isfinite(value) and value >= 0, f"model.moe.{key} must be a finite number >= 0, got {value}.")
-    require(layout.engine == "torch" and layout.world_size == 1,
-            f"model.moe.experts={moe.experts} with {layout.describe()} on {layout.engine} is not built yet: "
-            f"mixture-of-experts blocks run on one process with the plain engine only (expert parallelism and "
-            f"parallel.tensor / parallel.pipeline / parallel.context / data parallelism / parallel.zero_stage / "
-            f"parallel.engine=deepspeed or fairscale with MoE are not built yet). Run on one process with "
-            f"parallel.engine=auto or torch and zero_stage=0, or set model.moe.experts=0.")
+    one_process = layout.engine == "torch" and layout.world_size == 1
+    data_parallel = (layout.engine == "deepspeed" and layout.zero_stage == 0 and layout.precision == "fp32"
+                     and layout.pipeline == layout.context == 1)
+    require(one_process or data_parallel,
+            f"model.moe.experts={moe.experts} with {layout.describe()} on {layout.engine}, ZeRO-{layout.zero_stage}, "
+            f"{layout.precision} is not built yet: mixture-of-experts blocks run on one process with the plain "
+            f"engine, or over data-parallel ranks (with parallel.expert splitting the experts, and parallel.tensor "
+            f"splitting every expert like the dense FFN) on DeepSpeed's engine at parallel.zero_stage=0 in "
+            f"train.precision=fp32. MoE with parallel.pipeline, parallel.context, parallel.zero_stage 1-3, bf16 / "
+            f"fp16 and parallel.engine=torch or fairscale on several ranks is not built yet. Use "
+            f"parallel.engine=auto, zero_stage=0, train.precision=fp32 and pipeline = context = 1, or set "
+            f"model.moe.experts=0.")
+    require(not p.sequence_parallel, f"model.moe.experts={moe.experts} with parallel.sequence_parallel=true is not "
+            f"built yet (the router would run on sequence shards). Set parallel.sequence_parallel=false.")
+    require(p.expert == 1 or cfg.optim.name == "adamw", f"parallel.expert={p.expert} with optim.name="
+            f"'{cfg.optim.name}' is not built yet (LAMB's trust ratios over expert-parallel ranks). Use "
+            f"optim.name=adamw, or parallel.expert=1.")
     require(p.activation_checkpointing == "none",
             f"model.moe.experts={moe.experts} with parallel.activation_checkpointing='{p.activation_checkpointing}' "
             f"is not built yet. Set parallel.activation_checkpointing=none.")

@@ -122,6 +122,9 @@ class ParallelConfig:
         None, "micro-batches per optimizer step on each data-parallel rank (the gradient-accumulation steps; "
         "with pipeline > 1, the micro-batches in flight); null = global_batch_size / (micro_batch_size * data)")
     data: int | None = opt(None, "data-parallel size; null = world size / (tensor * pipeline)")
+    expert: int = opt(1, "expert-parallel size EP: the routed experts of every MoE block (model.moe) split over "
+                      "groups of EP data-parallel ranks, tokens sent to their experts by all-to-all; EP divides "
+                      "the data-parallel size and model.moe.experts")
     zero_stage: int = opt(0, "ZeRO optimizer sharding stage, 0-3")
     activation_checkpointing: Literal["none", "full", "selective"] = opt(
         "none", "recompute activations in backward: none, full blocks, or only the attention core")

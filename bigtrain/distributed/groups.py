@@ -8,6 +8,9 @@ group: nothing here or elsewhere is module-global, and no other module creates a
     context, gradient               with parallel.context > 1 only: the ranks sharing one sequence, and the
                                     ranks whose gradients are summed (data × context); created only then, so a
                                     run without context parallelism makes the same groups as before
+    expert, expert_data             with parallel.expert > 1 only: the EP data ranks that split the routed
+                                    experts (tokens cross them by all-to-all), and the D / EP data ranks that
+                                    hold the same experts (expert gradients are summed over them)
     host_data                       the data group for host tensors (token counts): the data group itself on
                                     CPUs, a gloo twin of it on GPUs, so that summing host numbers never waits for
                                     the device (and never hands NCCL a CPU tensor)
@@ -26,6 +29,7 @@ from bigtrain.config.layout import Layout
 LONG_WAIT = timedelta(days=2)
 KINDS = ("tensor", "data", "pipeline", "model")
 CONTEXT_KINDS = ("context", "gradient")
+EXPERT_KINDS = ("expert", "expert_data")
 
 
 class ParallelGroups:
@@ -45,10 +49,13 @@ class ParallelGroups:
         self.layout, self.rank = layout, rank
         self.coords = layout.coordinates(rank)
         self._groups: dict[str, tuple[object, list[int]]] = {}
-        self.kinds = KINDS + (CONTEXT_KINDS if layout.context > 1 else ())
+        self.kinds = (KINDS + (CONTEXT_KINDS if layout.context > 1 else ())
+                      + (EXPERT_KINDS if layout.expert > 1 else ()))
         layouts = (layout.tensor_groups(), layout.data_groups(), layout.pipeline_groups(), layout.model_groups())
         if layout.context > 1:
             layouts += (layout.context_groups(), layout.gradient_groups())
+        if layout.expert > 1:
+            layouts += (layout.expert_groups(), layout.expert_data_groups())
         for kind, all_ranks in zip(self.kinds, layouts, strict=True):
             for ranks in all_ranks:
                 group = dist.new_group(ranks=ranks, timeout=timeout)  # collective: every rank creates all
@@ -86,6 +93,21 @@ class ParallelGroups:
     def context_group(self):
         """The ranks holding 1/C each of the same sequences (None without context parallelism)."""
         return self.group("context") if self.layout.context > 1 else None
+
+    @property
+    def expert_group(self):
+        """The ranks splitting the routed experts among them (None without expert parallelism)."""
+        return self.group("expert") if self.layout.expert > 1 else None
+
+    @property
+    def expert_data_group(self):
+        """The ranks holding the same experts: the data group without expert parallelism."""
+        return self.group("expert_data") if self.layout.expert > 1 else self.group("data")
+
+    @property
+    def expert_rank(self) -> int:
+        """This rank's index in its expert group (0 without expert parallelism)."""
+        return self.ranks("expert").index(self.rank) if self.layout.expert > 1 else 0
 
     @property
     def gradient_group(self):

@@ -43,6 +43,8 @@ class ShardedState:
     partition: Callable[[torch.Tensor], Any] | None = None
     params: list[tuple[str, nn.Parameter]] | None = field(default=None)
     shape_of: Callable[[torch.Tensor], torch.Size] = local_shape
+    state_writer: Callable[[torch.Tensor], bool] | None = None  # who writes a per-parameter state (default: data
+    # rank 0; under expert parallelism a routed expert's by the first rank of its expert-data group)
 
 
 class Engine(Protocol):
@@ -51,6 +53,7 @@ class Engine(Protocol):
     dp_rank: int
     dp_size: int
     config_file: str | None  # the run.dir file `describe()` goes to; None: nothing to write
+    native_state: bool  # whether `write_native` holds the model and optimizer state (else the layout-free form does)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, layer_norms: bool = False,
                    counts: tuple[int, int] | None = None) -> StepResult:

@@ -18,10 +18,12 @@ from bigtrain.config.layout import Layout
 from bigtrain.distributed.device import grad_scaler
 from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine.base import ShardedState
+from bigtrain.engine.separate_qkv import join_optimizer_state
 from bigtrain.engine.step import StepEngine, step_unless_found_inf
 from bigtrain.io import load_state, load_torch, save_torch
 from bigtrain.models.inspect import per_layer_grad_norms
 from bigtrain.models.loss import model_inputs
+from bigtrain.models.qkv import separate_prefixes
 from bigtrain.optim import build_optimizer
 from bigtrain.parallel import ParallelModel
 from bigtrain.parallel.grad_norm import clip_grad_norm
@@ -79,7 +81,11 @@ class LocalEngine(StepEngine):
             save_torch(folder / "scaler.pt", self.scaler.state_dict())
 
     def read_native(self, checkpoint: Path) -> None:
-        load_state(self.model, load_torch(checkpoint / "model.pt", self.device), checkpoint / "model.pt")
-        self.optimizer.load_state_dict(load_torch(checkpoint / "optimizer.pt", self.device))
+        model = load_torch(checkpoint / "model.pt", self.device)
+        optimizer = load_torch(checkpoint / "optimizer.pt", self.device)
+        if separate_prefixes(model):  # an earlier bigtrain's Q, K, V parameters
+            optimizer = join_optimizer_state(optimizer, self.model, self.optimizer)
+        load_state(self.model, model, checkpoint / "model.pt")
+        self.optimizer.load_state_dict(optimizer)
         if self.scaler is not None and (checkpoint / "scaler.pt").exists():
             self.scaler.load_state_dict(load_torch(checkpoint / "scaler.pt"))

@@ -6,10 +6,11 @@
              is the gradient of the global batch's mean token loss whatever the split (the engine scales it for
              its data-parallel reduction: `backward`)
     L      = Σ_m ℓ_m summed over the data-parallel ranks (the logged loss, the same number under any layout)
-    R_m    = Σ_layers (aux_loss_coef · aux + z_loss_coef · z) of micro-batch m's MoE blocks (`model.moe`; one
-             process only for now): each micro-batch backpropagates ℓ_m + R_m / M (M micro-batches), so the router
-             losses enter as their mean over the micro-batches; L stays the cross-entropy, and the step reports
-             the micro-batch means of Σ_layers aux, Σ_layers z and the dropped-assignment fraction (`moe`)
+    R_m    = Σ_layers (aux_loss_coef · aux + z_loss_coef · z) of micro-batch m's MoE blocks (`model.moe`), each
+             over micro-batch m's tokens as one device runs it: each micro-batch backpropagates ℓ_m + R_m / (M·D)
+             (M micro-batches on each of D data ranks), so the router losses enter as their mean over the global
+             batch's micro-batches; L stays the cross-entropy, and the step reports the means over all micro-batches
+             (every data rank's) of Σ_layers aux, Σ_layers z and the dropped-assignment fraction (`moe`)
 
 Under context parallelism every rank of a context group reads its data-parallel rank's micro-batches whole and
 runs its zig-zag share of each (`local_batch`, `bigtrain.parallel.context.inputs`): N is still counted on the
@@ -90,6 +91,7 @@ class StepEngine:
     dp_rank: int = 0
     dp_size: int = 1
     config_file: str | None = None
+    native_state: bool = True
     check: StepCheck | None = None  # the current step's decision, once made
     router_layers: list[MoEFeedForward] | None = None  # the model's MoE blocks, found at the first step
     router_steps: list[RouterStats] | None = None  # this step's router numbers, one per micro-batch
@@ -204,7 +206,8 @@ class StepEngine:
 
     # ---- shared pieces -------------------------------------------------------------------------------
     def router_loss(self, micro_batches: int) -> torch.Tensor | None:
-        """R_m / M of the micro-batch just forwarded (module docstring); None for a model without MoE blocks."""
+        """R_m / (M·D) of the micro-batch just forwarded (module docstring); None for a model without MoE
+        blocks."""
         if self.router_layers is None:
             self.router_layers = moe_layers(self.model)
         stats = collect_router_stats(self.router_layers)
@@ -212,7 +215,7 @@ class StepEngine:
             return None
         if self.router_steps is not None:
             self.router_steps.append(stats)
-        return stats.loss / micro_batches
+        return stats.loss / (micro_batches * self.dp_size)
 
     def router_report(self) -> dict[str, torch.Tensor] | None:
         """The step's `moe_aux_loss`, `moe_z_loss` (Σ over layers) and `moe_dropped_fraction` (mean over layers),
@@ -220,9 +223,11 @@ class StepEngine:
         if not self.router_steps:
             return None
         steps = self.router_steps
-        return {"moe_aux_loss": torch.stack([s.aux for s in steps]).mean(),
-                "moe_z_loss": torch.stack([s.z for s in steps]).mean(),
-                "moe_dropped_fraction": torch.stack([s.dropped for s in steps]).mean()}
+        means = torch.stack([torch.stack([getattr(s, k) for s in steps]).mean() for k in ("aux", "z", "dropped")])
+        if self.groups is not None and self.dp_size > 1:  # the mean over every data rank's micro-batches
+            dist.all_reduce(means, group=self.groups.data_group)
+            means = means / self.dp_size
+        return dict(zip(("moe_aux_loss", "moe_z_loss", "moe_dropped_fraction"), means.unbind(), strict=True))
 
     def global_counts(self, micro_batches: list[dict[str, torch.Tensor]],
                       counts: tuple[int, int] | None) -> tuple[int, int]:

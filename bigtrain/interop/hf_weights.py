@@ -1,4 +1,6 @@
-"""Which Hugging Face tensor each bigtrain parameter is, per family (`rules`), and the two directions:
+"""Which Hugging Face tensor each bigtrain parameter is, per family (`rules`, which name bigtrain's Q, K, V apart as
+`q_proj`, `k_proj`, `v_proj`: the model's one `qkv_proj` is split for `to_hf` and joined by `model.init_from`,
+`bigtrain.models.qkv`), and the two directions:
 `from_hf(name)` builds one bigtrain tensor from the checkpoint's tensors (read one at a time), `to_hf` writes
 the whole transformers state dict.
 
@@ -19,6 +21,7 @@ import torch
 
 from bigtrain.config.schema import ModelConfig
 from bigtrain.interop.hf_config import folded_scale
+from bigtrain.models.qkv import qkv_layout, split_state
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ def from_hf(rule: Rule, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
 def to_hf(kind: str, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The transformers state dict of a bigtrain one-device `state` (tied heads stored once, as transformers
     does)."""
+    state = split_state(state, *qkv_layout(cfg))  # the rules name Q, K, V apart; the model joins them
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, list[torch.Tensor | None]] = {}
     heads: dict[str, list[torch.Tensor | None]] = {}

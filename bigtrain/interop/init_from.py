@@ -20,6 +20,7 @@ from bigtrain.errors import CheckpointError, ConfigError
 from bigtrain.interop.hf_config import hf_kind, implied_model, mismatches
 from bigtrain.interop.hf_files import HFTensors, is_hf_folder, read_hf_config
 from bigtrain.interop.hf_weights import ALIASES, Rule, from_hf, rules_for
+from bigtrain.models.qkv import QKV_PARTS, join_qkv, qkv_layout, separate_prefixes
 
 
 def _yaml_value(value: Any) -> str:
@@ -52,13 +53,22 @@ def _hf_reader(path: Path, cfg: ModelConfig, vocab_size: int) -> TensorReader:
         raise CheckpointError(f"{path} has no tensor {rule.theirs} (for bigtrain's {rule.ours}): it is not a "
                               f"complete {hf.get('model_type')} checkpoint.")
 
+    # The rules name Q, K, V apart (as transformers does); the model holds them as one `qkv_proj` per layer.
+    head_dim, groups = qkv_layout(cfg)
+    joined = {f"{prefix}qkv_proj.{kind}": [f"{prefix}{part}.{kind}" for part in QKV_PARTS]
+              for prefix in separate_prefixes(rules) for kind in ("weight", "bias")
+              if f"{prefix}q_proj.{kind}" in rules}
+    parts = {name for names in joined.values() for name in names}
+
     def tensor(name: str) -> torch.Tensor:
+        if name in joined:
+            return join_qkv(*(tensor(part) for part in joined[name]), head_dim, groups)
         rule = rules[name]
         return from_hf(rule, lambda _: tensors.read(source_name(rule)))
 
     for rule in rules.values():
         source_name(rule)  # every tensor is there, before any is loaded
-    shapes = {name: tuple(tensor(name).shape) for name in rules}
+    shapes = {name: tuple(tensor(name).shape) for name in [*(n for n in rules if n not in parts), *joined]}
     return TensorReader(path, shapes, tensor)
 
 

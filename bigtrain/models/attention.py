@@ -1,10 +1,12 @@
 """Multi-head and grouped-query attention.
 
 softmax(Q Kᵀ · s + B + mask) V per head, then the output projection; s = 1/sqrt(d_k) (T5: 1) and B an optional
-position bias (T5's relative one). Q, K, V and the output are separate linears so that tensor parallelism can
-split them by heads (columns of Q/K/V, rows of the output) without touching this file: the head count is read
-from the projected width at run time. With a cache (`bigtrain.models.cache`) the layer takes only the new
-positions and attends over the cached keys as well.
+position bias (T5's relative one). Q, K and V come from one linear, `qkv_proj`, whose rows are blocked by key/value
+head (`bigtrain.models.qkv`): self-attention runs one matrix product (and one bias reduction) for all three, and
+tensor parallelism splits it by heads as a plain column-parallel linear (rows), the output projection by rows of
+its input, without touching this file: the head count is read from the projected width at run time.
+Cross-attention takes Q from the decoder's rows of the weight and K, V from the encoder's memory. With a cache
+(`bigtrain.models.cache`) the layer takes only the new positions and attends over the cached keys as well.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from bigtrain.compat.torch import sdpa
 from bigtrain.models.cache import AttentionCache
 from bigtrain.models.documents import same_document
 from bigtrain.models.layers import Rotary
+from bigtrain.models.qkv import join_state
 
 
 def build_mask(query_len: int, key_padding: torch.Tensor | None, causal: bool,
@@ -93,6 +96,15 @@ class AttentionCore(nn.Module):
         return attention_core(q, k, v, mask, causal, dropout, return_weights, scale, bias)
 
 
+def _join_separate_qkv(module: Attention, state: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
+    """A state dict of an earlier bigtrain (Q, K, V as `q_proj`, `k_proj`, `v_proj`; a tensor-parallel rank's
+    shards too) loads into the one `qkv_proj`: its tensors joined in place, in the projection's row layout."""
+    names = [name for name in state if name.startswith(prefix)]
+    if f"{prefix}q_proj.weight" in names:
+        joined = join_state({name: state.pop(name) for name in names}, module.head_dim, module.groups)
+        state.update(joined)
+
+
 class Attention(nn.Module):
     """Self- or cross-attention with n_heads query heads and n_kv_heads key/value heads; `scale` False leaves
     the scores unscaled (T5)."""
@@ -100,20 +112,46 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool, dropout: float,
                  causal: bool, rotary: Rotary | None = None, scale: bool = True) -> None:
         super().__init__()
-        self.head_dim = d_model // n_heads
+        self.head_dim, self.groups = d_model // n_heads, n_heads // n_kv_heads
         self.causal, self.dropout, self.rotary = causal, dropout, rotary
         self.scale = None if scale else 1.0
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.core = AttentionCore()
         self.record_weights = False  # set by `bigtrain.models.inspect.attention_maps`
         self.weights: torch.Tensor | None = None
+        self.register_load_state_dict_pre_hook(_join_separate_qkv)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        return x.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, (H + 2·H_kv)·d_h] in the blocked layout -> Q [B, H, T, d_h], K and V [B, H_kv, T, d_h] (views,
+        but for Q when a key/value head serves several query heads)."""
+        batch, seq, _ = qkv.shape
+        d = self.head_dim
+        q, k, v = qkv.view(batch, seq, -1, (self.groups + 2) * d).split([self.groups * d, d, d], dim=-1)
+        q = q.reshape(batch, seq, -1, d) if self.groups > 1 else q
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _cross_projections(self, x: torch.Tensor, memory: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Q of the decoder's x, K and V of the encoder's memory (None: Q only, the keys are cached): the weight's
+        Q rows and K/V rows apart."""
+        d, groups = self.head_dim, self.groups
+        weight = self.qkv_proj.weight.view(-1, (groups + 2) * d, self.qkv_proj.in_features)
+        bias = self.qkv_proj.bias
+        blocks = None if bias is None else bias.view(-1, (groups + 2) * d)
+
+        def part(rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return (weight[:, rows].reshape(-1, weight.shape[-1]),
+                    None if blocks is None else blocks[:, rows].reshape(-1))
+
+        q = F.linear(x, *part(slice(0, groups * d)))
+        batch, seq, _ = q.shape
+        q = q.view(batch, seq, -1, d).transpose(1, 2)
+        if memory is None:
+            return q, None, None
+        kv = F.linear(memory, *part(slice(groups * d, None)))
+        k, v = kv.view(batch, memory.shape[1], -1, 2 * d).split([d, d], dim=-1)
+        return q, k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None, position_bias: torch.Tensor | None = None,
@@ -126,14 +164,15 @@ class Attention(nn.Module):
         (default 0..T-1); cache: this layer's keys and values of earlier steps; document_ids: [B, T] the
         document of each token of a packed block (attention stays inside a document).
         """
-        q = self._heads(self.q_proj(x))
+        if memory is None:  # self-attention: Q, K and V in one matrix product
+            q, k, v = self._split_heads(self.qkv_proj(x))
+        else:
+            q, k, v = self._cross_projections(x, None if cache is not None and cache.filled else memory)
         if self.rotary is not None:
             q = self.rotary(q, position_ids)
         if cache is not None and cache.filled:  # cross-attention: the encoder's keys, computed at step one
             k, v = cache.stored()
         else:
-            source = x if memory is None else memory
-            k, v = self._heads(self.k_proj(source)), self._heads(self.v_proj(source))
             if self.rotary is not None:
                 k = self.rotary(k, position_ids)
             if cache is not None:

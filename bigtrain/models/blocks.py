@@ -18,6 +18,10 @@ from bigtrain.models.layers import FeedForward, Rotary, make_norm
 from bigtrain.models.moe import MoEFeedForward
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class Block(nn.Module):
     """Encoder block (bidirectional), decoder-only block (causal) or encoder-decoder decoder block (causal +
     cross-attention), chosen by `causal` and `cross_attention`; `moe`: the feed-forward is a mixture of experts
@@ -53,9 +57,11 @@ class Block(nn.Module):
 
     def _residual(self, x: torch.Tensor, norm: nn.Module,
                   sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        # Dropout with p = 0 is the identity: not called (a module call per sublayer is measurable at small sizes).
+        drop = self.dropout if self.dropout.p > 0 else _identity
         if self.pre_norm:
-            return x + self.dropout(sublayer(norm(x)))
-        return norm(x + self.dropout(sublayer(x)))
+            return x + drop(sublayer(norm(x)))
+        return norm(x + drop(sublayer(x)))
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None, memory_padding_mask: torch.Tensor | None = None,

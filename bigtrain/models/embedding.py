@@ -44,7 +44,9 @@ class Embedding(nn.Module):
         seq = ids.shape[-1]
         if position_ids is None and seq > self.max_seq_len:
             raise ValueError(f"sequence of {seq} tokens exceeds model.max_seq_len={self.max_seq_len}")
-        x = self.tokens(ids) * self.scale
+        x = self.tokens(ids)
+        if self.scale != 1.0:
+            x = x * self.scale
         if self.positions is not None:
             x = x + (self.positions.weight[:seq] if position_ids is None else self.positions(position_ids))
         elif self.kind == "sinusoidal":
@@ -53,4 +55,4 @@ class Embedding(nn.Module):
             x = x + (self.token_types.weight[0] if token_type_ids is None else self.token_types(token_type_ids))
         if self.norm is not None:
             x = self.norm(x)
-        return self.dropout(x)
+        return self.dropout(x) if self.dropout.p > 0 else x

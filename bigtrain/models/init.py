@@ -5,7 +5,10 @@ normal: every linear and embedding weight ~ N(0, σ), σ = init_std; residual ou
 stream's variance does not grow with depth. xavier: linears ~ U(±sqrt(6 / (fan_in + fan_out))), embeddings
 ~ N(0, d^-0.5) (the original Transformer, whose embeddings are then scaled by sqrt(d)). Biases 0, norm weights 1;
 the tables of relative position bias and token types are embeddings; a mixture-of-experts block's router and
-experts are linears like any other (`bigtrain.models.moe`).
+experts are linears like any other (`bigtrain.models.moe`). Attention's one Q/K/V projection is drawn as its three
+parts, each as the separate linear it replaces (its own σ or xavier bound, its own generator, named
+`….q_proj.weight`, `….k_proj.weight`, `….v_proj.weight`), then joined in its row layout (`bigtrain.models.qkv`):
+the same values as when Q, K and V were three parameters.
 
 Every parameter draws from a CPU generator of its own, seeded from (seed, parameter name), so its values
 depend on neither the device nor the layout, and any subset of the model can be initialized on its own:
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bigtrain.models.attention import Attention
+from bigtrain.models.qkv import QKV_PARTS, join_qkv
 from bigtrain.models.transformer import TransformerLM
 
 RESIDUAL_PROJECTIONS = ("o_proj", "down")
@@ -66,10 +71,24 @@ def init_weights(model: TransformerLM, seed: int, shards: dict[str, Shard] | Non
     residual_std = cfg.init_std / math.sqrt(2 * n_blocks)
     seen: set[int] = set()
 
+    qkv_of = {f"{name}.qkv_proj": m for name, m in model.named_modules() if isinstance(m, Attention)}
+
     def fill(name: str, t: torch.Tensor, draw) -> None:
         shard = shards.get(name)
-        cpu = torch.empty(shard.full_shape(t.shape) if shard else t.shape, dtype=torch.float32)
-        draw(cpu, parameter_generator(seed, name))
+        shape = shard.full_shape(t.shape) if shard else t.shape
+        module = name.rsplit(".", 1)[0]
+        if module in qkv_of:  # three parts, each drawn as its own linear, joined in the projection's layout
+            attn = qkv_of[module]
+            rows = shape[0] // (attn.groups + 2)
+            parts = []
+            for part, count in zip(QKV_PARTS, (rows * attn.groups, rows, rows), strict=True):
+                part_name = f"{module.rsplit('.', 1)[0]}.{part}.weight"
+                parts.append(torch.empty(count, *shape[1:], dtype=torch.float32))
+                draw(parts[-1], parameter_generator(seed, part_name))
+            cpu = join_qkv(*parts, attn.head_dim, attn.groups)
+        else:
+            cpu = torch.empty(shape, dtype=torch.float32)
+            draw(cpu, parameter_generator(seed, name))
         t.copy_(shard.take(cpu) if shard else cpu)
 
     for name, module in model.named_modules():

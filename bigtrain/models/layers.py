@@ -147,7 +147,7 @@ class FeedForward(nn.Module):
             hidden = F.silu(self.gate(x)) * self.up(x)
         else:
             hidden = ACTIVATIONS[self.activation](self.up(x))
-        return self.down(self.dropout(hidden))
+        return self.down(self.dropout(hidden) if self.dropout.p > 0 else hidden)
 
 
 class HeadTransform(nn.Module):

@@ -124,10 +124,14 @@ class MoEFeedForward(nn.Module):
             out = out.index_add(0, token, y.to(out.dtype))
         for expert in self.shared:
             out = out + expert(h).to(out.dtype)
+        self.record(routing)
+        return out.reshape(x.shape)
+
+    def record(self, routing: Routing) -> None:
+        """Keep this forward's router losses and dropped fraction in `last` (`RouterStats`)."""
         aux, z = balance_loss(routing), z_loss(routing.logits)
         self.last = RouterStats(loss=self.aux_loss_coef * aux + self.z_loss_coef * z, aux=aux.detach(),
                                 z=z.detach(), dropped=(~routing.kept).float().mean())
-        return out.reshape(x.shape)
 
     def extra_repr(self) -> str:
         return (f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, aux_loss_coef={self.aux_loss_coef}, "

@@ -8,7 +8,7 @@ Uses torch.utils.checkpoint (non-reentrant), which restores the RNG so dropout m
 `ActivationCheckpoint` takes the place of the module it wraps (a block, or an attention core), so
 `print(model)` shows which pieces recompute. Parameter names stay those of the unwrapped model: the wrapper
 registers the wrapped module's children as its own (the wrapped module is kept as a plain attribute, not
-as a child), so `blocks.3.self_attn.q_proj.weight` is the same name with or without checkpointing and
+as a child), so `blocks.3.self_attn.qkv_proj.weight` is the same name with or without checkpointing and
 checkpoints, initialization seeds and tensor-parallel plans are unaffected.
 """
 

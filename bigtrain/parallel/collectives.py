@@ -7,6 +7,8 @@ Each forward has the backward that makes the gradient exact:
     gather_sequence             forward: all-gather (seq)    backward: reduce-scatter  (sequence parallel f)
     reduce_scatter_sequence     forward: reduce-scatter      backward: all-gather      (sequence parallel g)
     split_sequence              forward: keep own chunk      backward: all-gather
+    exchange_rows               forward: all-to-all (rows,   backward: the inverse all-to-all (expert
+                                uneven splits)                parallelism's token dispatch and combine)
 
 A replicated tensor entering a sharded computation goes through f: every rank's backward holds only its
 shards' share of the gradient, and the all-reduce sums them. Partial sums leaving it go through g.
@@ -111,6 +113,23 @@ class _SplitSequence(torch.autograd.Function):
         return _all_gather(grad, ctx.group, ctx.dim), None, None
 
 
+def _all_to_all_rows(x: torch.Tensor, send: list[int], receive: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(receive), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=receive, input_split_sizes=send, group=group)
+    return out
+
+
+class _ExchangeRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, send, receive, group):
+        ctx.send, ctx.receive, ctx.group = send, receive, group
+        return _all_to_all_rows(x, send, receive, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all_rows(grad, ctx.receive, ctx.send, ctx.group), None, None, None
+
+
 def copy_to_tensor_region(x: torch.Tensor, group) -> torch.Tensor:
     return _CopyToRegion.apply(x, group)
 
@@ -129,6 +148,13 @@ def reduce_scatter_sequence(x: torch.Tensor, group, dim: int = 1) -> torch.Tenso
 
 def split_sequence(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     return _SplitSequence.apply(x, group, dim)
+
+
+def exchange_rows(x: torch.Tensor, send: list[int], receive: list[int], group) -> torch.Tensor:
+    """Rows of `x` to the ranks of `group`: the first send[0] rows to rank 0, the next send[1] to rank 1, ...;
+    returns the rows received, receive[r] from rank r in rank order (any split may be 0). The gradient goes back
+    the same way: an all-to-all with the splits swapped."""
+    return _ExchangeRows.apply(x, send, receive, group)
 
 
 @torch.no_grad()

@@ -4,6 +4,8 @@
 
 Sharded parameters (marked `tensor_model_parallel`) are summed over every rank of the model-parallel group;
 replicated ones are identical on all tensor ranks and counted once, on tensor rank 0 (DeepSpeed's rule).
+Under expert parallelism the routed experts' squares are also summed over the expert group (each of its ranks
+holds other experts; the expert-data group's ranks hold the same ones and count them once each).
 Copies of a tied module on later pipeline stages (DeepSpeed marks them `ds_pipe_replicated`) are skipped:
 the first stage that holds it counts it.
 """
@@ -19,19 +21,21 @@ from torch import nn
 from bigtrain.compat.deepspeed import is_tied_copy
 from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.models.inspect import model_piece
+from bigtrain.parallel.expert import is_expert_parallel
 from bigtrain.parallel.tensor import is_tensor_parallel
 
 
-def _squares(parameters: Iterable[torch.Tensor], groups: ParallelGroups | None, device: torch.device
-             ) -> torch.Tensor:
+def _squares(parameters: Iterable[torch.Tensor], groups: ParallelGroups | None, device: torch.device,
+             experts: bool | None = None) -> torch.Tensor:
     """This rank's share of Σ‖g‖² (float64 scalar on `device`, summed there in parameter order): its shards,
     plus replicated parameters on tensor rank 0 (every parameter without `groups`: one process). Each tensor's
     Σ g² is a pairwise fp32 reduction, the sum over tensors float64: within 1e-7 of a float64 reference, where
-    torch's foreach norm on CPU was 5e-6 off. Nothing is read on the host."""
+    torch's foreach norm on CPU was 5e-6 off. Nothing is read on the host. `experts`: only the routed experts'
+    parameters (True), only the others (False), or all (None)."""
     count_replicated = groups is None or groups.get_tensor_model_parallel_rank() == 0
     total = torch.zeros((), dtype=torch.float64, device=device)
     for p in {id(p): p for p in parameters if p.grad is not None}.values():
-        if is_tied_copy(p):
+        if is_tied_copy(p) or (experts is not None and is_expert_parallel(p) != experts):
             continue
         if is_tensor_parallel(p) or count_replicated:
             total += p.grad.detach().float().square().sum().double().to(device)
@@ -47,7 +51,13 @@ def _sum_over_model(t: torch.Tensor, groups: ParallelGroups | None) -> torch.Ten
 def global_grad_norm(parameters: Iterable[torch.Tensor], groups: ParallelGroups | None,
                      device: torch.device) -> torch.Tensor:
     """‖g‖ of the whole model: a 0-dim float64 tensor on `device` (reading it waits for the device)."""
-    return _sum_over_model(_squares(parameters, groups, device).reshape(1), groups).sqrt().reshape(())
+    if groups is None or groups.expert_group is None:
+        return _sum_over_model(_squares(parameters, groups, device).reshape(1), groups).sqrt().reshape(())
+    parameters = list(parameters)
+    routed = _squares(parameters, groups, device, experts=True).reshape(1)
+    dist.all_reduce(routed, group=groups.expert_group)
+    squares = _squares(parameters, groups, device, experts=False).reshape(1) + routed
+    return _sum_over_model(squares, groups).sqrt().reshape(())
 
 
 def sharded_grad_norm(parameters: Iterable[torch.Tensor], groups: ParallelGroups, device: torch.device,
@@ -84,5 +94,10 @@ def piece_grad_norms(model: nn.Module, groups: ParallelGroups) -> dict[str, floa
         by_piece.setdefault(model_piece(name), []).append(p)
     keys = sorted(by_piece)
     device = next(p.device for p in model.parameters() if p.device.type != "meta")  # a stage holds some
-    squares = torch.stack([_squares(by_piece[k], groups, device) for k in keys])
+    ep = groups.expert_group is not None
+    squares = torch.stack([_squares(by_piece[k], groups, device, experts=False if ep else None) for k in keys])
+    if ep:  # the routed experts of a piece live across the expert group
+        routed = torch.stack([_squares(by_piece[k], groups, device, experts=True) for k in keys])
+        dist.all_reduce(routed, group=groups.expert_group)
+        squares = squares + routed
     return dict(zip(keys, _sum_over_model(squares, groups).sqrt().tolist(), strict=True))

@@ -6,6 +6,8 @@ In a fixed order, as torchtitan's `parallelize_llama`:
        context parallelism               attention cores replaced by ring / Ulysses cores over the context group
                                          (`context/core.py`), which read each micro-batch's split
                                          (`context/inputs.py`: the engines split every micro-batch by it)
+       expert parallelism                MoE blocks replaced by their rank's slice of the routed experts, tokens
+                                         dispatched and combined by all-to-all over the expert group (`expert.py`)
     2. activation checkpointing          blocks or attention cores wrapped (`activation_checkpointing.py`)
     3. torch.compile (`train.compile`)   each block compiled on its own (`compile.py`), after tensor
                                          parallelism and checkpointing, before the pipeline split
@@ -38,6 +40,7 @@ from bigtrain.parallel.activation_checkpointing import apply_activation_checkpoi
 from bigtrain.parallel.compile import apply_compile
 from bigtrain.parallel.context.core import apply_context_parallel
 from bigtrain.parallel.context.inputs import ContextInputs
+from bigtrain.parallel.expert import apply_expert_parallel, mark_expert_parallel
 from bigtrain.parallel.stages import RankStages, build_rank_stages, mark_tied_copies
 from bigtrain.parallel.tensor import apply_tensor_parallel, mark_tensor_parallel
 from bigtrain.parallel.tensor_layers import TensorParallel
@@ -98,6 +101,9 @@ def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups | None
         apply_context_parallel(model, result.context, p.context_attention)
         # 2C chunks; under sequence parallelism each rank's S/C tokens split again over the tensor group
         result.pad_multiple = math.lcm(2 * layout.context, layout.context * result.pad_multiple)
+    if layout.expert > 1:
+        assert groups is not None
+        apply_expert_parallel(model, groups.expert_group, groups.expert_rank, layout.expert)
 
     # 2. activation checkpointing
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n_layers)
@@ -126,4 +132,5 @@ def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups | None
     else:
         materialize(model, device, seed, result.shards)
     mark_tensor_parallel(model, result.shards)
+    mark_expert_parallel(model)
     return result

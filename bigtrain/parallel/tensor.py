@@ -2,8 +2,9 @@
 
 Each sublayer is split across the T ranks of a tensor group so that one all-reduce joins it again:
 
-    attention  Q, K, V  column-parallel: rank r holds heads [r·H/T, (r+1)·H/T) (and its share of the
-                        grouped key/value heads); attention runs on local heads only
+    attention  Q, K, V  column-parallel (one linear, rows blocked by key/value head): rank r holds heads
+                        [r·H/T, (r+1)·H/T) and its share of the grouped key/value heads, one contiguous
+                        chunk of rows; attention runs on local heads only
                out      row-parallel: y = Σ_r o_r W_oᵣᵀ (all-reduce), + b once
     FFN        up, gate column-parallel (d_ff / T hidden units each), down row-parallel
     embedding  vocabulary-parallel: rank r holds rows [r·V/T, (r+1)·V/T); ids outside give 0, all-reduce
@@ -88,7 +89,7 @@ def apply_tensor_parallel(model: TransformerLM, tp: TensorParallel) -> dict[str,
             for name, child in list(parent.named_children()):
                 if isinstance(child, Attention):
                     setattr(parent, name, TensorParallelAttention(child, tp))
-                    _plan_sublayer(plan, prefix + name, child, ("q_proj", "k_proj", "v_proj"), "o_proj", tp)
+                    _plan_sublayer(plan, prefix + name, child, ("qkv_proj",), "o_proj", tp)
                 elif isinstance(child, FeedForward):
                     setattr(parent, name, TensorParallelFeedForward(child, tp))
                     _plan_sublayer(plan, prefix + name, child, ("up", "gate"), "down", tp)

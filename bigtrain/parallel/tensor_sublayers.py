@@ -1,7 +1,7 @@
 """The model's sublayers replaced by their tensor- and sequence-parallel forms, each a subclass of the layer it
 replaces (same attribute names, so parameter names and checkpoints are those of the unsplit model).
 
-    TensorParallelAttention    Q, K, V column-parallel (heads [r·H/T, (r+1)·H/T)), the output row-parallel
+    TensorParallelAttention    Q/K/V column-parallel (heads [r·H/T, (r+1)·H/T)), the output row-parallel
     TensorParallelFeedForward  up (and gate) column-parallel (d_ff / T hidden units), down row-parallel
     TensorParallelEmbedding    a vocabulary-parallel token table; under sequence parallelism the output is cut
                                into this rank's sequence shard
@@ -41,18 +41,18 @@ from bigtrain.parallel.tensor_layers import (
 
 
 class TensorParallelAttention(Attention):
-    """Attention over this rank's heads: Q, K, V column-parallel, the output row-parallel; the input (and the
-    memory of cross-attention) enters the tensor region once for all three projections."""
+    """Attention over this rank's heads: the Q/K/V projection column-parallel (its rows are blocked by key/value
+    head, so rank r's chunk holds key/value heads [r·H_kv/T, (r+1)·H_kv/T) and their query heads), the output
+    row-parallel; the input (and the memory of cross-attention) enters the tensor region once."""
 
     def __init__(self, attn: Attention, tp: TensorParallel) -> None:
-        d = attn.q_proj.in_features
-        bias = attn.q_proj.bias is not None
-        super().__init__(d, attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim,
-                         bias, attn.dropout, attn.causal, attn.rotary, scale=attn.scale is None)
+        d = attn.qkv_proj.in_features
+        bias = attn.qkv_proj.bias is not None
+        n_heads = attn.o_proj.in_features // attn.head_dim
+        super().__init__(d, n_heads, n_heads // attn.groups, bias, attn.dropout, attn.causal, attn.rotary,
+                         scale=attn.scale is None)
         self.tp = tp
-        self.q_proj = ColumnParallelLinear(d, attn.q_proj.out_features, bias, tp)
-        self.k_proj = ColumnParallelLinear(d, attn.k_proj.out_features, bias, tp)
-        self.v_proj = ColumnParallelLinear(d, attn.v_proj.out_features, bias, tp)
+        self.qkv_proj = ColumnParallelLinear(d, attn.qkv_proj.out_features, bias, tp)
         self.o_proj = RowParallelLinear(attn.o_proj.in_features, d, bias, tp)
         self.core = ShardedAttentionCore(tp.rank)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bigtrain.checkpoint.joined_qkv import QKV_LAYOUT
+
 
 @dataclass
 class TrainState:
@@ -17,6 +19,7 @@ class TrainState:
     tokenizer: str = ""  # the tokenizer's name: ids mean the same text only with the same tokenizer
     skipped_in_a_row: int = 0  # train.on_nonfinite=skip: consecutive skipped steps
     source_tokens: dict[str, int] = field(default_factory=dict)  # data.sources: input tokens trained per source
+    qkv_layout: str = QKV_LAYOUT  # how attention holds Q, K, V (checkpoints without it hold three parameters)
 
     def add_source_tokens(self, tokens: dict[str, int]) -> None:
         for name, n in tokens.items():

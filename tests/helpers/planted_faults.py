@@ -5,8 +5,8 @@ kind found in real trainers, and each leaves one device's run as it is (the refe
     sp_norm_grad      sequence parallelism: a norm's weight and bias no longer enter the tensor region, so their
                       gradients are this rank's sequence shard's only (the all-reduce over the tensor group is gone)
     vocab_ce_scale    vocabulary-parallel cross-entropy: its backward scales the logits' gradient by the tensor size
-    qkv_shard         tensor parallelism: the key part of the Q/K/V projection is drawn as the next rank's shard
-                      (a fused QKV cut in the wrong place)
+    qkv_shard         tensor parallelism: the K rows of the Q/K/V projection (`qkv_proj`) are drawn as the next
+                      rank's K rows (a fused QKV cut in the wrong place)
     skip_reduce       ZeRO-2: the reduce-scatter of the gradients is skipped (DeepSpeed's reduction of each slice to the
                       rank that owns it: the owner keeps its own gradient)
     pipeline_order    pipeline parallelism: the first stage runs its micro-batches in reverse order (the last stage
@@ -52,14 +52,34 @@ def _vocab_ce_scale():
 
 
 def _qkv_shard():
+    from dataclasses import dataclass
+
     from bigtrain.models import build
     from bigtrain.models.init import Shard
+    from bigtrain.models.qkv import qkv_layout
 
     init_weights = build.init_weights
 
+    @dataclass(frozen=True)
+    class KFromNext(Shard):
+        """This rank's rows of the [Q; K; V] blocks (`bigtrain.models.qkv`), but the K rows of the next rank's."""
+
+        head_dim: int = 0
+        groups: int = 1
+
+        def take(self, full):
+            d, g = self.head_dim, self.groups
+            mine = super().take(full).clone()
+            theirs = Shard(self.dim, (self.index + 1) % self.count, self.count).take(full)
+            block = (g + 2) * d
+            mine.view(-1, block, *mine.shape[1:])[:, g * d:(g + 1) * d] = \
+                theirs.reshape(-1, block, *theirs.shape[1:])[:, g * d:(g + 1) * d]
+            return mine
+
     def wrong(model, seed, shards=None, only=None):
-        shards = {name: Shard(s.dim, (s.index + 1) % s.count, s.count) if ".k_proj." in name else s
-                  for name, s in (shards or {}).items()}
+        head_dim, groups = qkv_layout(model.cfg)
+        shards = {name: KFromNext(s.dim, s.index, s.count, head_dim, groups) if name.endswith(".qkv_proj.weight")
+                  else s for name, s in (shards or {}).items()}
         return init_weights(model, seed, shards, only=only)
 
     build.init_weights = wrong

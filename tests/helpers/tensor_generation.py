@@ -20,6 +20,7 @@ from bigtrain.config.layout import Layout
 from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.inference.generate import Decoding, generate
 from bigtrain.models import TransformerLM, build_model
+from bigtrain.models.qkv import join_qkv, qkv_layout, split_qkv
 from tests.helpers.tensor_parity import BASE, CASES, SEED, VOCAB, split
 
 PROMPTS = [[5, 17, 33, 2, 60, 9], [40, 41], [7, 7, 12, 50]]
@@ -33,8 +34,12 @@ def lively(model: TransformerLM, seed: int = 0, std: float = 0.4) -> Transformer
     distributions are far from uniform and greedy / beam outputs vary from step to step (ties would make
     token-for-token comparisons meaningless)."""
     gen = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.dim() > 1:
+    head_dim, groups = qkv_layout(model.cfg)
+    for name, p in model.named_parameters():
+        if name.endswith("qkv_proj.weight"):  # drawn as Q, K, V apart (the separate linears of earlier bigtrains)
+            parts = [torch.randn(t.shape, generator=gen) * std for t in split_qkv(p.detach(), head_dim, groups)]
+            p.copy_(join_qkv(*parts, head_dim, groups))
+        elif p.dim() > 1:
             p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model.eval()
 

@@ -12,6 +12,12 @@
                 reports the norm; without a wrapper (ZeRO-0, fp32) bigtrain measures the norm of the all-reduced
                 gradients (`parallel/grad_norm.py`) and DeepSpeed clips
     own files   DeepSpeed's model-state and ZeRO optimizer files (`mp_rank_*`, `zero_pp_rank_*`)
+
+Under expert parallelism (ZeRO-0, fp32) bigtrain reduces the gradients itself after the last backward (routed
+experts over the expert-data group, the rest over the data group, both divided by D: `parallel/expert.py`), and
+measures and clips with the norm summed over the expert group (DeepSpeed's clipping is off there). DeepSpeed's
+own files would hold data rank 0's experts only, so a checkpoint keeps the state in its layout-free form alone
+(written at every save, experts under their own names; `native_state` False).
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from bigtrain.engine.memory import (
     measure_params,
     tensor_share_note,
 )
+from bigtrain.errors import CheckpointError
 from bigtrain.models.loss import model_inputs
 from bigtrain.parallel import ParallelModel
-from bigtrain.parallel.grad_norm import global_grad_norm, piece_grad_norms
+from bigtrain.parallel.expert import reduce_gradients
+from bigtrain.parallel.grad_norm import clip_grad_norm, global_grad_norm, piece_grad_norms
 from bigtrain.planning.zero import zero_formula
 
 
@@ -49,6 +57,9 @@ class DeepSpeedEngine(OnDeepSpeed):
         self.model, self.optimizer, self.device = self.ds.engine.module, self.ds.optimizer, self.ds.engine.device
         self.last_grad_bytes: int | None = None
         self.measure_grads = True  # only for the first step, which the memory report describes
+        self.expert = layout.expert > 1  # bigtrain reduces and clips (module docstring)
+        self.native_state = not self.expert
+        self.grad_clip = cfg.optim.grad_clip
 
     # ---- the step ------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -61,9 +72,15 @@ class DeepSpeedEngine(OnDeepSpeed):
         if not last:
             self.ds.engine.step()  # a micro-step: DeepSpeed counts it, the update comes at the last
 
+    def gradients_done(self) -> None:
+        if self.expert:
+            reduce_gradients(self.ds.params, self.groups, self.reduce_size)
+
     def measure_norm(self) -> torch.Tensor | None:
         if not self.ds.unwrapped:
             return None  # DeepSpeed's wrapper measures it in `step`
+        if self.expert:
+            return clip_grad_norm(self.ds.params, self.grad_clip, self.groups, self.device)
         return global_grad_norm(self.model.parameters(), self.groups, self.device)
 
     def layer_norms(self) -> dict[str, float] | None:
@@ -71,6 +88,18 @@ class DeepSpeedEngine(OnDeepSpeed):
 
     def update(self, found_inf: torch.Tensor) -> None:
         self.ds.engine.step()  # the inner optimizer's pre-step hook hands it `found_inf`
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def write_native(self, folder: Path) -> None:
+        if self.native_state:  # under expert parallelism the layout-free form holds the state
+            super().write_native(folder)
+
+    def read_native(self, checkpoint: Path) -> None:
+        if not self.native_state:
+            raise CheckpointError(f"{checkpoint}: under expert parallelism (parallel.expert="
+                                  f"{self.layout.expert}) a checkpoint's state is its layout-free form; DeepSpeed's "
+                                  f"own files are not written.")
+        super().read_native(checkpoint)
 
     # ---- reports -------------------------------------------------------------------------------------
     def memory_report(self, run_dir: Path | None = None) -> str | None:

@@ -21,7 +21,12 @@ from pathlib import Path
 
 import torch
 
-from bigtrain.compat.deepspeed import has_zero_partitions, inner_optimizer, safe_checkpoint_loading
+from bigtrain.compat.deepspeed import (
+    has_zero_partitions,
+    inner_optimizer,
+    safe_checkpoint_loading,
+    take_gradient_reduction,
+)
 from bigtrain.compat.deepspeed_import import import_deepspeed
 from bigtrain.config import Config
 from bigtrain.config.deepspeed import derive_deepspeed_config
@@ -35,6 +40,7 @@ from bigtrain.io import load_failure
 from bigtrain.models import count_parameters
 from bigtrain.optim import build_optimizer
 from bigtrain.parallel import ParallelModel
+from bigtrain.parallel.expert import is_expert_parallel
 
 
 def device_norm(norm: float | torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -63,8 +69,16 @@ class DeepSpeedWrap:
         optimizer = build_optimizer(model, cfg.optim, lamb_class=functools.partial(ZeroLamb, tensor_group=tensor_group))
         # Under context parallelism DeepSpeed's data-parallel group is the gradient group (data × context).
         view = GradientMpu(groups) if layout.context > 1 else groups
+        # DeepSpeed broadcasts data rank 0's weights at start; under expert parallelism the ranks of an expert
+        # group hold different experts, which are put back afterwards.
+        routed = [(p, p.detach().clone()) for p in model.parameters() if is_expert_parallel(p)]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
                                                                  mpu=view if mpu else None)
+        with torch.no_grad():
+            for p, value in routed:
+                p.copy_(value)
+        if layout.expert > 1:
+            take_gradient_reduction(self.engine)  # the engine reduces experts and the rest over their own groups
         # Without a ZeRO / mixed-precision wrapper DeepSpeed clips fp32 gradients but does not report the norm:
         # bigtrain measures it on the all-reduced gradients just before the update.
         self.unwrapped = self.optimizer is optimizer
@@ -108,7 +122,14 @@ class DeepSpeedWrap:
         inner = self.optimizer if self.unwrapped else inner_optimizer(self.optimizer)
         return ShardedState(self.parallel.model, self.parallel.shards, inner, wrapper,
                             tensor_rank=self.groups.get_tensor_model_parallel_rank(),
-                            data_rank=self.groups.gradient_rank)  # DeepSpeed's data rank: data × context
+                            data_rank=self.groups.gradient_rank,  # DeepSpeed's data rank: data × context
+                            state_writer=self._state_writer() if self.groups.layout.expert > 1 else None)
+
+    def _state_writer(self) -> Callable[[torch.Tensor], bool]:
+        """Expert parallelism: data rank d < EP writes its routed experts (the first rank of their expert-data
+        group), data rank 0 everything else."""
+        data, ep = self.groups.coords.data, self.groups.layout.expert
+        return lambda p: data < ep if is_expert_parallel(p) else data == 0
 
     def write_native(self, folder: Path) -> None:
         """DeepSpeed writes its sharded files into `folder` (every rank its own)."""

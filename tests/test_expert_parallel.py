@@ -1,0 +1,157 @@
+"""Expert parallelism (`parallel.expert`, issue 29 item 2): the routed experts split over groups of data-parallel
+ranks, tokens dispatched and combined by all-to-all with uneven splits, expert gradients summed over the
+expert-data group. CPU ranks over gloo, fp32, dropout 0: 20 steps of loss and grad_norm within 1e-5 of one
+process on the same global batch (`pytest -s` prints the largest relative differences), with capacity dropping,
+a shared expert and both router losses on; and the invalid combinations fail at load naming their keys."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch.multiprocessing as mp
+
+from bigtrain.cli.parity import parity, parse_layout, ranks_of
+from bigtrain.config import load_config
+from bigtrain.config.layout import Layout
+from bigtrain.distributed.rendezvous import free_port
+from bigtrain.errors import ConfigError
+from tests.conftest import (
+    DP_LAYOUT,
+    REPO,
+    assert_same_curve,
+    launch_ok,
+    read_metrics,
+    run_launcher,
+    single_process,
+    tiny_overrides,
+)
+from tests.helpers import expert_parity
+
+MOE = ("model.moe.experts=4", "model.moe.top_k=2", "model.moe.shared_experts=1", "model.moe.capacity_factor=1.25",
+       "model.moe.aux_loss_coef=0.01", "model.moe.z_loss_coef=0.001", "model.activation=swiglu")
+ROUTER = ("moe_aux_loss", "moe_z_loss", "moe_dropped_fraction")
+
+
+@pytest.fixture(scope="module")
+def moe_reference(tmp_path_factory):
+    """The tiny MoE GPT on one process: global batch 8 in 4 micro-batches of 2 sequences."""
+    run_dir = tmp_path_factory.mktemp("moe-ref") / "run"
+    single_process(tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE))
+    return run_dir
+
+
+def _assert_same_router_numbers(ref_dir, run_dir) -> None:
+    (ref, _), (run, _) = read_metrics(ref_dir), read_metrics(run_dir)
+    worst = 0.0
+    for step in ref:
+        for key in ROUTER:
+            a, b = ref[step][key], run[step][key]
+            assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), f"step {step} {key}: reference {a} vs {b}"
+            worst = max(worst, abs(a - b) / max(abs(a), 1e-3))
+    print(f"router numbers: largest relative difference {worst:.2e}")
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize(("ranks", "layout"), [(2, ()), (4, ("parallel.tensor=2",))], ids=["ep2", "ep2-tp2"])
+def test_expert_parallel_training_equals_one_device(moe_reference, tmp_path, ranks, layout):
+    """EP2 on 2 ranks (one expert group); EP2 × TP2 on 4 (every expert and the dense layers split over the tensor
+    group, experts over the data ranks)."""
+    run_dir = tmp_path / "run"
+    out = launch_ok(ranks, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE, "parallel.expert=2", *layout))
+    assert "(expert 2)" in out, out[-2000:]
+    assert_same_curve(moe_reference, run_dir, 1e-5)
+    _assert_same_router_numbers(moe_reference, run_dir)
+
+
+@pytest.mark.launches
+def test_expert_data_groups_train_like_one_device_and_resume_on_one_device(moe_reference, tmp_path):
+    """EP2 × DP2 on 4 ranks (two expert groups, expert-data groups of 2) equals one device over 20 steps; its
+    step-10 checkpoint's layout-free form carries every expert under its own name (each written by the first rank
+    of its expert-data group), and one process resuming it continues the one-device curve (steps 11-20)."""
+    run_dir = tmp_path / "run"
+    out = launch_ok(4, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE, "parallel.expert=2", "checkpoint.every=10"))
+    assert "(expert 2)" in out, out[-2000:]
+    assert_same_curve(moe_reference, run_dir, 1e-5)
+    _assert_same_router_numbers(moe_reference, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    index = json.loads((checkpoints / "step_00000010" / "layout_free" / "index.json").read_text())
+    pieces = {(p["name"], p["kind"]) for p in index["pieces"]}
+    assert {(f"blocks.{b}.ffn.experts.{e}.up.weight", k) for b in (0, 1) for e in range(4)
+            for k in ("param", "exp_avg", "exp_avg_sq")} <= pieces
+    shutil.rmtree(checkpoints / "step_00000020")
+    (checkpoints / "latest").write_text("step_00000010\n")
+    proc = run_launcher(tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resuming step 10 written by" in proc.stdout, proc.stdout[-2000:]
+    (ref, _), (run, _) = read_metrics(moe_reference), read_metrics(run_dir)
+    assert sorted(run) == list(range(1, 21))
+    worst = 0.0
+    for step in range(11, 21):
+        for key in ("loss", "grad_norm"):
+            a, b = ref[step][key], run[step][key]
+            assert abs(a - b) <= 1e-5 * abs(a), f"step {step} {key}: one device {a} vs resumed {b}"
+            worst = max(worst, abs(a - b) / abs(a))
+    print(f"EP2 x DP2 -> one device at step 10: steps 11-20 largest relative difference {worst:.1e}")
+
+
+@pytest.mark.launches
+def test_expert_parallel_block_equals_the_one_device_block(tmp_path):
+    """One spawn of 2 gloo ranks (tests/helpers/expert_parity.py), float64: output, input gradient, router losses
+    and every parameter gradient within 1e-12 of the one-device block, dropless, with capacity dropping, top-1,
+    and with the last rank's experts never chosen (it receives no rows; both exchanges still run)."""
+    out = tmp_path / "expert.jsonl"
+    mp.spawn(expert_parity.main, args=(2, free_port(), str(out)), nprocs=2)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["case"] for r in records] == list(expert_parity.CASES)
+    for record in records:
+        print(f"{record['case']}: largest relative difference {record['max_rel']:.1e}")
+        assert record["max_rel"] <= 1e-12, record
+        assert record["local_experts"] == ["0", "1"]
+        assert (record["assignments_to_last_rank"] == 0) == (record["case"] == "last-rank-starved"), record
+
+
+def test_expert_and_expert_data_groups_are_carved_out_of_the_data_ranks():
+    layout = Layout.for_world(tensor=1, pipeline=1, world_size=8, expert=2)
+    assert layout.expert_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert layout.expert_data_groups() == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    layout = Layout.for_world(tensor=2, pipeline=1, world_size=8, expert=2)  # tensor innermost
+    assert layout.expert_groups() == [[0, 2], [4, 6], [1, 3], [5, 7]]
+    assert layout.expert_data_groups() == [[0, 4], [2, 6], [1, 5], [3, 7]]
+
+
+@pytest.mark.parametrize(("world", "overrides", "names"), [
+    (4, ["model.moe.experts=6", "parallel.expert=4"], ["parallel.expert=4", "model.moe.experts=6"]),
+    (3, ["model.moe.experts=4", "parallel.expert=2"], ["parallel.expert=2", "data-parallel size 3"]),
+    (2, ["parallel.expert=2"], ["parallel.expert=2", "model.moe.experts=0"]),
+    (2, ["model.moe.experts=2", "model.moe.top_k=3", "parallel.expert=2"], ["model.moe.top_k", "model.moe.experts"]),
+    (4, ["model.moe.experts=4", "parallel.expert=2", "parallel.pipeline=2"], ["parallel.pipeline", "not built yet"]),
+    (4, ["model.moe.experts=4", "parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true"],
+     ["parallel.sequence_parallel", "not built yet"]),
+    (4, ["model.moe.experts=4", "model.moe.d_ff=33", "parallel.tensor=2"], ["model.moe.d_ff=33"]),
+    (2, ["model.moe.experts=4", "parallel.expert=2", "parallel.zero_stage=1"], ["ZeRO-1", "not built yet"]),
+    (2, ["model.moe.experts=4", "parallel.expert=2", "train.precision=bf16"], ["bf16", "not built yet"]),
+    (2, ["model.moe.experts=4", "parallel.expert=2", "optim.name=lamb"], ["parallel.expert=2", "optim.name"]),
+    (2, ["model.moe.experts=4", "parallel.expert=0"], ["parallel.expert"]),
+])
+def test_invalid_expert_parallel_configs_fail_at_load_naming_the_keys(tmp_path, world, overrides, names):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, tiny_overrides(tmp_path / "run", "causal", *overrides), world_size=world)
+    for name in names:
+        assert name in str(info.value), str(info.value)
+
+
+def test_an_expert_parallel_config_loads(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", "causal", *DP_LAYOUT, *MOE, "parallel.expert=2"),
+                      world_size=4)
+    assert cfg.parallel.expert == 2
+
+
+def test_parity_takes_the_expert_key_and_refuses_to_locate_it():
+    """`bigtrain parity --layout expert=2` launches 2 ranks (data defaults to the expert size; measured: 5 steps
+    within 8.4e-8 of one device on the shrunk smoke config with 4 experts); `--locate` is refused there."""
+    assert ranks_of(parse_layout("expert=2")) == 2
+    assert ranks_of(parse_layout("data=4,expert=2,tensor=2")) == 8
+    with pytest.raises(ConfigError, match="--locate with --layout expert=2 is refused"):
+        parity(REPO / "configs" / "smoke.yaml", "expert=2", steps=1, locate=True)
