@@ -62,7 +62,7 @@ def test_shape_counts_the_models_parameters(config):
 
 
 def test_175b_over_1024_gpus_with_a_fitting_layout():
-    """The search is arithmetic over a few thousand layouts (2916 here): the count, not a duration, is what keeps
+    """The search is arithmetic over a few thousand layouts (6372 here): the count, not a duration, is what keeps
     it quick (the test's time is in `--durations`)."""
     cfg = load_config(REPO / "configs/gpt3-175b.yaml")
     plan = make_plan(cfg, gpus=1024, gpus_per_node=8, accelerator=accelerator("a100-80gb"))

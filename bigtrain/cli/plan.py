@@ -22,8 +22,10 @@ def _gib(x: float) -> str:
 def _row(rank: str, e) -> str:
     c, t = e.candidate, e.time
     bubble = t.pipeline_bubble / t.total
-    return (f"{rank:>5} {c.tensor:>3} {c.pipeline:>3} {c.data:>5} {c.zero_stage:>4}  {c.checkpointing:<9} "
-            f"{'yes' if c.sequence_parallel else 'no':<3} {c.micro_batch_size:>4} {_gib(e.peak.total):>9} "
+    attention = c.context_attention if c.context > 1 else "-"
+    return (f"{rank:>5} {c.tensor:>3} {c.context:>3} {attention:<7} {c.pipeline:>3} {c.data:>5} {c.zero_stage:>4}  "
+            f"{c.checkpointing:<9} {'yes' if c.sequence_parallel else 'no':<3} {c.micro_batch_size:>4} "
+            f"{_gib(e.peak.total):>9} "
             f"{t.total:>8.3g} {e.tokens_per_s:>10.4g} {100 * e.mfu:>5.1f}% {100 * bubble:>5.1f}%")
 
 
@@ -36,7 +38,8 @@ def _details(e) -> list[str]:
         f"{_gib(m.transient)}, framework {_gib(m.framework)} = {_gib(m.total)}",
         f"  step time: compute {t.compute:.3g} s, tensor-parallel communication {t.tensor:.3g} s, pipeline bubble "
         f"{t.pipeline_bubble:.3g} s, pipeline sends {t.pipeline_send:.3g} s, data-parallel communication "
-        f"{t.data:.3g} s, per-micro-batch overhead {t.overhead:.3g} s = {t.total:.3g} s"]
+        f"{t.data:.3g} s, context-parallel communication {t.context:.3g} s, per-micro-batch overhead "
+        f"{t.overhead:.3g} s = {t.total:.3g} s"]
 
 
 def render(plan, config: Path, top: int) -> str:
@@ -48,8 +51,8 @@ def render(plan, config: Path, top: int) -> str:
              f"model: {s.family}, {s.n_params / 1e9:.3g}B parameters, {s.n_blocks} blocks, d_model {s.d_model}, "
              f"vocabulary {s.vocab}, sequence {s.seq_len}; {s.flops_per_token() / 1e9:.4g} GFLOP per token",
              f"efficiency {plan.efficiency:g} of peak ({plan.efficiency_source})"]
-    header = (f"{'':>5} {'TP':>3} {'PP':>3} {'DP':>5} {'ZeRO':>4}  {'ckpt':<9} {'SP':<3} {'mbs':>4} {'GiB/rank':>9} "
-              f"{'step s':>8} {'tokens/s':>10} {'MFU':>6} {'bubble':>6}")
+    header = (f"{'':>5} {'TP':>3} {'CP':>3} {'CP attn':<7} {'PP':>3} {'DP':>5} {'ZeRO':>4}  {'ckpt':<9} {'SP':<3} "
+              f"{'mbs':>4} {'GiB/rank':>9} {'step s':>8} {'tokens/s':>10} {'MFU':>6} {'bubble':>6}")
     if plan.given is not None:
         fits = "fits" if plan.given.fits else f"does NOT fit in {a.memory_gib:g} GiB"
         lines += ["", f"as given ({fits}):", header, _row("given", plan.given), *_details(plan.given)]
@@ -127,7 +130,8 @@ def run_plan(argv: list[str]) -> int:
         raw = merged_config(args.config, args.overrides)
         check_request(raw, args.gpus, args.gpus_per_node)  # before the checks that need a world size
         # validated as one replica of its layout: the search varies the data-parallel size and batch split
-        cfg = load_config(args.config, args.overrides, world_size=raw.parallel.tensor * raw.parallel.pipeline)
+        p = raw.parallel
+        cfg = load_config(args.config, args.overrides, world_size=p.tensor * p.context * p.pipeline)
         if cfg.model.moe.experts:
             raise ConfigError(f"bigtrain plan: model.moe.experts={cfg.model.moe.experts} is not built into the "
                               f"planner yet (its memory and time models, and the layouts it searches, are those of "

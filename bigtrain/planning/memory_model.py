@@ -1,6 +1,8 @@
 """Per-rank memory of one layout, predicted from the model's shape (bytes; the binding pipeline stage).
 
-Model state, Ψ = this rank's parameters (its stage's layers; tensor-split ones / T), D data-parallel ranks:
+Model state, Ψ = this rank's parameters (its stage's layers; tensor-split ones / T), D ranks over which ZeRO /
+FSDP partition: the gradient group, data × context (D·C ranks: the C ranks of a context group hold the same
+weights, bigtrain/distributed/groups.py), whatever the engine:
     bigtrain's one-process engine (fp32 weights, autocast for bf16): 4Ψ + 4Ψ + 8Ψ
     the fairscale engine (fp32 weights): OSS 4Ψ + 4Ψ + 8Ψ/D; FullyShardedDataParallel (4Ψ + 4Ψ + 8Ψ)/D
     PyTorch's FSDP2 (parallel.engine=torch on several ranks; fp32 master shards): (4Ψ + 4Ψ + 8Ψ)/D
@@ -33,11 +35,21 @@ Under the 1F1B schedule stage k of p holds min(p − k, m) micro-batches in flig
 saved activations the peak has the logits of one micro-batch alive through backward with their fp32
 gradient ((e + 4)·V/T per token, last stage), the block being recomputed under full checkpointing, and a
 framework constant (CUDA context, kernels' workspaces, allocator rounding).
+
+Context parallelism (C ranks share each sequence; the zig-zag split gives every rank 2 of the 2C equal chunks):
+every term above that is per token (saved activations, the logits and their gradient, the recomputed block, the
+attention's Q, K, V, output and log-sum-exp) counts a rank's s·b/C tokens instead of s·b, so
+
+    activations(C) = activations(1) / C          (the 16-bit weight copies of autocast, e·N, excepted)
+
+Ring attention saves this rank's Q, K, V, output and log-sum-exp and passes K/V blocks again in backward;
+Ulysses saves s·b tokens × h/C heads after its all-to-all, the same bytes. Model state is unchanged but for
+its partitions over D·C ranks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bigtrain.config.deepspeed import ZERO3_COMMUNICATION, ZERO_COMMUNICATION
 from bigtrain.config.layout import engine_for
@@ -52,7 +64,8 @@ FFN_SAVED = {"relu": 1, "gelu": 2, "gelu_tanh": 2, "swiglu": 4}
 
 @dataclass(frozen=True)
 class Candidate:
-    """One layout of the search: sizes, ZeRO stage, recomputation and micro-batch."""
+    """One layout of the search: sizes, ZeRO stage, recomputation, micro-batch, and context parallelism (C ranks
+    sharing each sequence, `context_attention` ring or ulysses; ring at C = 1, where it does nothing)."""
 
     tensor: int
     pipeline: int
@@ -61,9 +74,28 @@ class Candidate:
     checkpointing: str  # none | selective | full
     sequence_parallel: bool
     micro_batch_size: int
+    context: int = 1
+    context_attention: str = "ring"
+
+    @property
+    def world(self) -> int:
+        """T·C·P·D ranks."""
+        return self.tensor * self.context * self.pipeline * self.data
+
+    @property
+    def gradient_ranks(self) -> int:
+        """D·C: the ranks whose gradients are summed, over which ZeRO / FSDP partition."""
+        return self.data * self.context
+
+    def rank_tokens(self, seq_len: int) -> float:
+        """Tokens of one micro-batch on one rank: s·b/C."""
+        return seq_len * self.micro_batch_size / self.context
 
     def overrides(self) -> list[str]:
-        return [f"parallel.tensor={self.tensor}", f"parallel.pipeline={self.pipeline}",
+        context = [f"parallel.context={self.context}"]
+        if self.context > 1:
+            context.append(f"parallel.context_attention={self.context_attention}")
+        return [f"parallel.tensor={self.tensor}", *context, f"parallel.pipeline={self.pipeline}",
                 f"parallel.zero_stage={self.zero_stage}", f"parallel.activation_checkpointing={self.checkpointing}",
                 f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
                 f"train.micro_batch_size={self.micro_batch_size}"]
@@ -104,7 +136,7 @@ class Setting:
 
     def resolved(self, c: Candidate) -> str:
         """The engine the candidate runs on (`bigtrain.config.layout.engine_for`)."""
-        return engine_for(self.engine, c.tensor * c.pipeline * c.data, c.zero_stage, c.pipeline)
+        return engine_for(self.engine, c.world, c.zero_stage, c.pipeline)
 
     def deepspeed(self, c: Candidate) -> bool:
         """Whether the candidate runs on DeepSpeed's engines."""
@@ -155,18 +187,19 @@ def rank_parameters(layers: tuple[PipelineLayer, ...], tensor: int) -> int:
 
 
 def model_state(psi: int, c: Candidate, s: Setting) -> tuple[int, int, int]:
-    """(parameters, gradients, optimizer state) bytes of Ψ parameters on one rank."""
+    """(parameters, gradients, optimizer state) bytes of Ψ parameters on one rank; D = the gradient group (D·C)."""
+    d = c.gradient_ranks
     if s.engine == "fairscale":  # fp32 weights
         if c.zero_stage == 3:  # FSDP: parameters, gradients and moments sharded over the data group
-            return 4 * psi // c.data, 4 * psi // c.data, 8 * psi // c.data
-        return 4 * psi, 4 * psi, 8 * psi // c.data  # OSS shards the moments (whole gradients while accumulating)
-    if s.resolved(c) == "fsdp2":  # parameters, gradients and moments sharded over the data group
-        return 4 * psi // c.data, 4 * psi // c.data, 8 * psi // c.data
+            return 4 * psi // d, 4 * psi // d, 8 * psi // d
+        return 4 * psi, 4 * psi, 8 * psi // d  # OSS shards the moments (whole gradients while accumulating)
+    if s.resolved(c) == "fsdp2":  # parameters, gradients and moments sharded over the gradient group
+        return 4 * psi // d, 4 * psi // d, 8 * psi // d
     if not s.deepspeed(c):
         return 4 * psi, 4 * psi, 8 * psi
     mixed = s.precision != "fp32"
     # DeepSpeed's ZeRO optimizers keep fp32 partitions of the weights whatever the precision
-    state = zero_formula(psi, c.zero_stage, c.data, s.precision, master_copy=mixed or c.zero_stage > 0)
+    state = zero_formula(psi, c.zero_stage, d, s.precision, master_copy=mixed or c.zero_stage > 0)
     params, grads, optimizer = state.params, state.grads, state.optimizer
     if mixed and c.zero_stage == 0:  # DeepSpeed's bf16/fp16 optimizer: fp32 master copy and fp32 gradients
         optimizer = 12 * psi
@@ -179,7 +212,7 @@ def deepspeed_buffers(layers: tuple[PipelineLayer, ...], c: Candidate, s: Settin
     FSDP2."""
     if s.on_gpu and s.engine == "fairscale" and c.zero_stage == 3:
         largest = max(x.split // c.tensor + (x.params - x.split) for x in layers)
-        return 2 * s.activation_bytes * largest + FSDP_BUCKET_BYTES // c.data
+        return 2 * s.activation_bytes * largest + FSDP_BUCKET_BYTES // c.gradient_ranks
     if s.on_gpu and s.resolved(c) == "fsdp2":
         largest = max(x.split // c.tensor + (x.params - x.split) for x in layers)
         return 2 * s.activation_bytes * largest
@@ -219,9 +252,9 @@ def block_bytes_per_token(shape: ModelShape, c: Candidate, s: Setting, cross: bo
 
 def stage_activation_bytes(shape: ModelShape, layers: tuple[PipelineLayer, ...], c: Candidate, s: Setting,
                            first: bool, last: bool) -> float:
-    """Saved bytes of one micro-batch on a stage holding `layers`."""
+    """Saved bytes of one micro-batch on a stage holding `layers` (this rank's s·b/C tokens)."""
     e, r, t, h = s.activation_bytes, s.residual_bytes(c), c.tensor, shape.d_model
-    tokens = shape.seq_len * c.micro_batch_size
+    tokens = c.rank_tokens(shape.seq_len)
     per_token, kept = 0.0, []  # kept: layers whose activations (and autocast's weight copies) stay
     for layer in layers:
         checkpointed = c.checkpointing == "full" and layer.index % s.checkpoint_every_n_layers == 0
@@ -246,7 +279,7 @@ def stage_memory(shape: ModelShape, c: Candidate, s: Setting,
     out = []
     parts = parts or stages(shape, c.pipeline, s.partition_method)
     m = s.micro_batches(c)
-    tokens = shape.seq_len * c.micro_batch_size
+    tokens = c.rank_tokens(shape.seq_len)
     for k, layers in enumerate(parts):
         first, last = k == 0, k == c.pipeline - 1
         params, grads, optimizer = model_state(rank_parameters(layers, c.tensor), c, s)
@@ -254,8 +287,7 @@ def stage_memory(shape: ModelShape, c: Candidate, s: Setting,
         in_flight = min(c.pipeline - k, m)
         transient = (s.activation_bytes + 4) * shape.vocab / c.tensor * tokens if last else 0
         if c.checkpointing == "full" and any(x.kind in ("block", "cross_block") for x in layers):
-            recompute = Candidate(c.tensor, c.pipeline, c.data, c.zero_stage, "none", c.sequence_parallel,
-                                  c.micro_batch_size)
+            recompute = replace(c, checkpointing="none")
             transient += block_bytes_per_token(shape, recompute, s, "cross_block" in shape.kinds, False) * tokens
         out.append(StageMemory(k, params, grads, optimizer, deepspeed_buffers(layers, c, s),
                                int(per_micro * in_flight), int(transient), s.framework_bytes, in_flight))

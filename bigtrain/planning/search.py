@@ -1,7 +1,9 @@
 """`bigtrain plan`: every layout of a config over N GPUs, with predicted per-rank memory and step time, ranked.
 
 The search covers tensor sizes that split the model and stay inside a node, pipeline sizes that leave no
-stage empty, the data-parallel rest, ZeRO 0-3 (0-1 with a pipeline, as the engine allows; LAMB's own
+stage empty, context sizes C (ranks sharing each sequence, without pipeline stages: data.seq_len divisible by 2C,
+and by 2C·T with sequence parallelism; ring attention, and Ulysses where each tensor rank's query and key/value
+heads divide by C), the data-parallel rest, ZeRO 0-3 (0-1 with a pipeline, as the engine allows; LAMB's own
 limits), activation checkpointing none / selective / full, sequence parallelism with T > 1, and every
 micro-batch size that divides the per-replica batch (up to MAX_MICRO_BATCH sequences). Only arithmetic runs per
 layout (the model is read once on the meta device), so 175B over 1024 GPUs takes about a second. The work is
@@ -21,11 +23,11 @@ from bigtrain.errors import ConfigError
 from bigtrain.planning.hardware import ASSUMED_EFFICIENCY, Accelerator, GiB
 from bigtrain.planning.memory_model import Candidate, Setting, StageMemory, stage_memory
 from bigtrain.planning.shape import ModelShape, PipelineLayer, model_shape
-from bigtrain.planning.splits import Parts, Splits, check_splits, divisors
+from bigtrain.planning.splits import Parts, Splits, check_splits, context_problem, divisors
 from bigtrain.planning.time_model import Network, StepTime, step_time
 
 MAX_MICRO_BATCH = 2**16  # sequences; no GPU holds the activations of more
-MAX_CONSIDERED = 50_000  # layouts (175B over 1024 GPUs: 2916); about 15 s of arithmetic
+MAX_CONSIDERED = 50_000  # layouts (175B over 1024 GPUs: 6372); about 15 s of arithmetic
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 
 
@@ -92,25 +94,44 @@ def _zero_stages(cfg: Config, pipeline: int, world: int) -> list[int]:
     return allowed
 
 
-def candidates(cfg: Config, splits: Splits) -> list[Candidate]:
-    """Every layout of the splits (ZeRO stage, checkpointing, sequence parallelism, micro-batch size); refused
-    when there would be more than MAX_CONSIDERED."""
+def context_attentions(shape: ModelShape, tensor: int, context: int) -> tuple[str, ...]:
+    """The attention algorithms of a context size: none to choose at C = 1 (ring stands for it); ring always,
+    Ulysses where the query and key/value heads of each tensor rank divide by C."""
+    if context == 1:
+        return ("ring",)
+    heads = (shape.n_heads // tensor, shape.n_kv_heads // tensor)
+    return ("ring", "ulysses") if all(h % context == 0 for h in heads) else ("ring",)
+
+
+def sequence_parallel_options(seq_len: int, tensor: int, context: int) -> tuple[bool, ...]:
+    """Sequence parallelism with T > 1; under context parallelism only where each rank's s/C tokens split over T
+    without padding (s divisible by 2C·T)."""
+    if tensor == 1:
+        return (False,)
+    return (False, True) if context == 1 or seq_len % (2 * context * tensor) == 0 else (False,)
+
+
+def candidates(cfg: Config, splits: Splits, shape: ModelShape) -> list[Candidate]:
+    """Every layout of the splits (context attention, ZeRO stage, checkpointing, sequence parallelism,
+    micro-batch size); refused when there would be more than MAX_CONSIDERED."""
     global_batch = cfg.train.global_batch_size
     options = []
-    for t, p, d in splits.found:
+    for t, c, p, d in splits.found:
         zeros = _zero_stages(cfg, p, splits.gpus)
-        sps = (False, True) if t > 1 else (False,)
-        options.append((t, p, d, zeros, sps, divisors(global_batch // d, limit=MAX_MICRO_BATCH)))
-    count = sum(len(zeros) * 3 * len(sps) * len(sizes) for *_, zeros, sps, sizes in options)
+        sps = sequence_parallel_options(shape.seq_len, t, c)
+        attentions = context_attentions(shape, t, c)
+        options.append((t, c, p, d, attentions, zeros, sps, divisors(global_batch // d, limit=MAX_MICRO_BATCH)))
+    count = sum(len(a) * len(zeros) * 3 * len(sps) * len(sizes) for *_, a, zeros, sps, sizes in options)
     if count > MAX_CONSIDERED:
         most = max(len(sizes) for *_, sizes in options)
         raise ConfigError(f"--gpus {splits.gpus} with train.global_batch_size={global_batch} makes {count:,} layouts "
-                          f"to consider ({len(options)} splits into tensor x pipeline x data, up to {most} "
+                          f"to consider ({len(options)} splits into tensor x context x pipeline x data, up to {most} "
                           f"micro-batch sizes each), more than the planner searches ({MAX_CONSIDERED:,}). Plan with "
                           f"a global batch size that has fewer divisors (a power of two times a small factor), or "
                           f"fewer GPUs.")
-    return [Candidate(t, p, d, zero, ckpt, sp, mbs) for t, p, d, zeros, sps, sizes in options for zero in zeros
-            for ckpt in ("none", "selective", "full") for sp in sps for mbs in sizes]
+    return [Candidate(t, p, d, zero, ckpt, sp, mbs, c, a) for t, c, p, d, attentions, zeros, sps, sizes in options
+            for a in attentions for zero in zeros for ckpt in ("none", "selective", "full") for sp in sps
+            for mbs in sizes]
 
 
 def setting(cfg: Config, on_gpu: bool, framework_bytes: int) -> Setting:
@@ -132,9 +153,8 @@ def estimate(shape: ModelShape, c: Candidate, s: Setting, net: Network, gpus: in
 
 
 def given_candidate(cfg: Config, gpus: int) -> tuple[Candidate | None, str | None]:
-    """The config's own layout over `gpus` ranks, or the reason it is not one. The data-parallel size leaves out
-    the context ranks (parallel.context); the candidate does not model context parallelism otherwise (each rank
-    is estimated with whole sequences: an upper bound on its activations)."""
+    """The config's own layout over `gpus` ranks, or the reason it is not one: data = gpus / (T·C·P), and its
+    context size and attention (parallel.context, parallel.context_attention)."""
     p, t = cfg.parallel, cfg.train
     model_parallel = p.tensor * p.pipeline * p.context
     data = gpus // model_parallel
@@ -142,7 +162,7 @@ def given_candidate(cfg: Config, gpus: int) -> tuple[Candidate | None, str | Non
         return None, (f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
                       f"{t.micro_batch_size} x {data} data-parallel ranks")
     return Candidate(p.tensor, p.pipeline, data, p.zero_stage, p.activation_checkpointing, p.sequence_parallel,
-                     t.micro_batch_size), None
+                     t.micro_batch_size, p.context, p.context_attention), None
 
 
 def check_request(cfg: Config, gpus: int, gpus_per_node: int) -> None:
@@ -154,10 +174,12 @@ def check_request(cfg: Config, gpus: int, gpus_per_node: int) -> None:
         raise ConfigError(f"--gpus {gpus} is not a whole number of nodes of --gpus-per-node {gpus_per_node}; use a "
                           f"multiple of {gpus_per_node}, or set --gpus-per-node.")
     p = cfg.parallel
-    if gpus % (p.tensor * p.pipeline):
-        raise ConfigError(f"parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline} = {p.tensor * p.pipeline} "
-                          f"does not divide --gpus {gpus}; use a GPU count that is a multiple of it, or override "
-                          f"parallel.tensor / parallel.pipeline (the search covers every layout anyway).")
+    if gpus % (p.tensor * p.pipeline * p.context):
+        ctx = f" x parallel.context={p.context}" if p.context > 1 else ""
+        raise ConfigError(f"parallel.tensor={p.tensor}{ctx} x parallel.pipeline={p.pipeline} = "
+                          f"{p.tensor * p.context * p.pipeline} does not divide --gpus {gpus}; use a GPU count that "
+                          f"is a multiple of it, or override parallel.tensor / parallel.pipeline"
+                          f"{' / parallel.context' if ctx else ''} (the search covers every layout anyway).")
     if p.tensor > min(gpus, gpus_per_node):
         raise ConfigError(f"parallel.tensor={p.tensor} spans more than one node of {gpus_per_node} GPUs; tensor "
                           f"parallelism stays inside a node: use parallel.tensor <= {min(gpus, gpus_per_node)}.")
@@ -177,7 +199,7 @@ def make_plan(cfg: Config, gpus: int, gpus_per_node: int, accelerator: Accelerat
         source = "given with --efficiency"
     net = Network(accelerator, min(gpus_per_node, gpus), efficiency)
     s = setting(cfg, on_gpu, int(framework_gib * GiB))
-    found = candidates(cfg, splits)
+    found = candidates(cfg, splits, shape)
     estimates = [estimate(shape, c, s, net, gpus, parts[c.pipeline]) for c in found]
     # equal speed: the simpler engine (lower ZeRO stage), then the one with more memory to spare
     ranked = sorted((e for e in estimates if e.fits),
@@ -197,6 +219,9 @@ def make_plan(cfg: Config, gpus: int, gpus_per_node: int, accelerator: Accelerat
                      "matrix; a kernel without it would save more")
     if resolve_engine(cfg, gpus) in ("deepspeed", "pipeline") and cfg.train.precision == "fp16":
         notes.append("fp16 is counted like bf16 (DeepSpeed's loss scaler adds no per-parameter state)")
+    problem_cp = context_problem(cfg)
+    if problem_cp is not None:
+        notes.append(f"context parallelism (parallel.context) was not searched: {problem_cp}")
     smallest = min(estimates, key=lambda e: e.peak.total, default=None)
     return Plan(shape, accelerator, gpus, min(gpus_per_node, gpus), efficiency, source, ranked, len(estimates),
                 given, problem, smallest, notes)

@@ -1,11 +1,13 @@
 """Which ways a config's model and batch split over N GPUs, and, when none does, why not.
 
-A layout splits N GPUs into tensor T x pipeline P x data D: T one of the model's tensor sizes inside a node, P
-pipeline stages that each get a layer, and D data-parallel ranks that each take whole sequences of the global batch
-(D divides train.global_batch_size). The work is bounded whatever N is: divisors come from a factorization by trial
-division that stops at a limit (`divisors`), pipeline sizes are tried only up to the number of pipeline layers, and a
-GPU count that no split reaches is refused saying which constraint it breaks (`check_splits`) instead of searching
-nothing for minutes.
+A layout splits N GPUs into tensor T x context C x pipeline P x data D: T one of the model's tensor sizes inside a
+node, C ranks sharing each sequence (`context_sizes`; C = 1 unless the config can run context parallelism, and only
+without pipeline stages, as `bigtrain.config.context_checks` allows), P pipeline stages that each get a layer, and D
+data-parallel ranks that each take whole sequences of the global batch (D divides train.global_batch_size). The
+work is bounded whatever N is: divisors come from a factorization by trial division that stops at a limit
+(`divisors`), pipeline sizes are tried only up to the number of pipeline layers (context sizes up to s / 2 /
+MIN_CONTEXT_CHUNK), and a GPU count that no split reaches is refused saying which constraint it breaks
+(`check_splits`) instead of searching nothing for minutes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from bigtrain.planning.memory_model import stages
 from bigtrain.planning.shape import ModelShape, PipelineLayer
 
 NEARBY_DATA_LIMIT = 2**20  # data-parallel sizes the suggestions of usable GPU counts go up to
+MIN_CONTEXT_CHUNK = 128  # tokens: the zig-zag chunks (s / 2C each) the search goes down to, one flash-attention tile
 
 Parts = dict[int, "list[tuple[PipelineLayer, ...]] | None"]
 
@@ -47,11 +50,33 @@ def divisors(n: int, limit: int | None = None) -> list[int]:
 
 @dataclass
 class Splits:
-    """The (T, P, D) splits of `gpus`, and how much was looked at to find them."""
+    """The (T, C, P, D) splits of `gpus`, and how much was looked at to find them."""
 
     gpus: int
-    found: list[tuple[int, int, int]] = field(default_factory=list)
-    examined: int = 0  # (T, P) pairs looked at
+    found: list[tuple[int, int, int, int]] = field(default_factory=list)
+    examined: int = 0  # (T, P) pairs looked at (each tries the context sizes at P = 1)
+
+
+def context_problem(cfg: Config) -> str | None:
+    """Why the config cannot run context parallelism at all (`bigtrain.config.context_checks` refuses it), or
+    None."""
+    p, m = cfg.parallel, cfg.model
+    attention_dropout = m.dropout if m.attention_dropout is None else m.attention_dropout
+    if p.engine == "fairscale":
+        return "parallel.engine=fairscale does not run it"
+    if attention_dropout > 0:
+        return (f"it runs attention without dropout and model.attention_dropout is {attention_dropout} (set "
+                f"model.attention_dropout=0 to plan it)")
+    return None
+
+
+def context_sizes(cfg: Config) -> list[int]:
+    """The context sizes C the search tries: 1, and where the config can run context parallelism every C with
+    data.seq_len divisible by 2C and chunks s / 2C of at least MIN_CONTEXT_CHUNK tokens."""
+    seq = cfg.data.seq_len
+    if context_problem(cfg) is not None or seq < 2 * MIN_CONTEXT_CHUNK:
+        return [1]
+    return divisors(seq // 2, limit=seq // (2 * MIN_CONTEXT_CHUNK))
 
 
 def tensor_sizes(shape: ModelShape, gpus: int, gpus_per_node: int) -> list[int]:
@@ -68,17 +93,21 @@ def pipeline_parts(cfg: Config, shape: ModelShape, p: int, parts: Parts) -> list
 
 
 def layout_splits(cfg: Config, shape: ModelShape, gpus: int, gpus_per_node: int, parts: Parts) -> Splits:
-    """Every (T, P, D) with T x P x D = gpus that the model and the global batch allow."""
+    """Every (T, C, P, D) with T x C x P x D = gpus that the model, the sequence and the global batch allow
+    (C > 1 only with P = 1)."""
     out = Splits(gpus)
     batch = cfg.train.global_batch_size
+    contexts = context_sizes(cfg)
     for t in tensor_sizes(shape, gpus, gpus_per_node):
         if gpus % t:
             continue
         for p in divisors(gpus // t, limit=len(shape.layers)):
             out.examined += 1
-            d = gpus // (t * p)
-            if batch % d == 0 and pipeline_parts(cfg, shape, p, parts) is not None:
-                out.found.append((t, p, d))
+            rest = gpus // (t * p)
+            for c in (contexts if p == 1 else [1]):
+                d = rest // c
+                if rest % c == 0 and batch % d == 0 and pipeline_parts(cfg, shape, p, parts) is not None:
+                    out.found.append((t, c, p, d))
     return out
 
 
@@ -89,11 +118,12 @@ def whole_nodes(n: int, gpus_per_node: int) -> bool:
 def nearby_counts(cfg: Config, shape: ModelShape, gpus: int, gpus_per_node: int, parts: Parts
                   ) -> tuple[int | None, int | None]:
     """The largest GPU count below `gpus` and the smallest above it that some layout uses (whole nodes; data sizes
-    up to NEARBY_DATA_LIMIT), each checked with `layout_splits`."""
+    up to NEARBY_DATA_LIMIT; pipeline sizes, or context sizes without stages), each checked with `layout_splits`."""
     batch_divisors = divisors(cfg.train.global_batch_size, limit=NEARBY_DATA_LIMIT)
     below, above = set(), set()
+    splits = [*range(1, len(shape.layers) + 1), *(c for c in context_sizes(cfg) if c > 1)]  # P, or C with P = 1
     for t in tensor_sizes(shape, gpus_per_node, gpus_per_node):
-        for p in range(1, len(shape.layers) + 1):
+        for p in splits:
             cut = bisect_right(batch_divisors, gpus // (t * p))
             lower = (t * p * d for d in reversed(batch_divisors[:cut]))
             upper = (t * p * d for d in batch_divisors[cut:])
@@ -120,17 +150,23 @@ def check_splits(cfg: Config, shape: ModelShape, gpus: int, gpus_per_node: int, 
         return splits
     batch = cfg.train.global_batch_size
     sizes = tensor_sizes(shape, gpus, gpus_per_node)
-    t_max, p_max = max(sizes), len(shape.layers)
-    need = gpus / (t_max * p_max)
+    t_max, p_max, c_max = max(sizes), len(shape.layers), max(context_sizes(cfg))
+    need = gpus / (t_max * max(p_max, c_max))
+    context = (f"; with context parallelism C ranks share each sequence (C at most {c_max}, without pipeline stages: "
+               f"data.seq_len={cfg.data.seq_len} divisible by 2C in chunks of at least {MIN_CONTEXT_CHUNK} tokens) "
+               f"and D = {gpus} / (T x C)" if c_max > 1 else "")
     rule = (f"A layout splits the GPUs into tensor T x pipeline P x data D: T is one of {', '.join(map(str, sizes))} "
             f"(inside a node of {gpus_per_node} GPUs, dividing the heads, FFN width and vocabulary), P at most "
             f"{p_max} (the model's pipeline layers: no stage without one), and D must divide "
-            f"train.global_batch_size={batch}, since each data-parallel rank takes whole sequences")
+            f"train.global_batch_size={batch}, since each data-parallel rank takes whole sequences{context}")
     if need > batch:
-        why = (f"{gpus} GPUs need D >= {gpus} / ({t_max} x {p_max}) = {need:.4g}, more than the {batch} sequences "
-               f"of a step")
+        split = f"{t_max} x {max(p_max, c_max)}"
+        why = (f"{gpus} GPUs need D >= {gpus} / ({split}) = {need:.4g}, more than the {batch} sequences of a step")
     else:
-        why = f"no T and P (dividing {gpus}) leave a D = {gpus} / (T x P) that divides {batch}"
+        if c_max > 1:
+            why = f"no T, C and P (dividing {gpus}) leave a D = {gpus} / (T x C x P) that divides {batch}"
+        else:
+            why = f"no T and P (dividing {gpus}) leave a D = {gpus} / (T x P) that divides {batch}"
     lower, upper = nearby_counts(cfg, shape, gpus, gpus_per_node, parts)
     options = [f"--gpus {n} ({what} some layout uses)" for n, what in ((lower, f"the most below {gpus} that"),
                                                                       (upper, f"the fewest above {gpus} that"))

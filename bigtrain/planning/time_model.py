@@ -10,14 +10,26 @@ tensor      per block and micro-batch, 2 all-reduces forward and 2 backward (3 +
 pipeline    m slots of the slowest stage plus the schedule's bubble, a fraction f of the step (planning/bubble.py:
             1F1B (p − 1)/(m + p − 1), interleaved (p − 1)/(V·m + p − 1), zero-bubble bounded by the interleaved
             V = 2 form), i.e. m·slot·f/(1 − f); each slot also sends s·b·h·e bytes forward and back between neighbours
-data        once per step the gradients of this rank's Ψ: 2(D−1)/D · Ψ·b bytes for ZeRO 0-2 (all-reduce, or
-            reduce-scatter + all-gather of the updated parameters), 3(D−1)/D · Ψ·b for ZeRO-3 (parameters
+data        once per step the gradients of this rank's Ψ over the gradient group (D = data × context ranks):
+            2(D−1)/D · Ψ·b bytes for ZeRO 0-2 (all-reduce, or reduce-scatter + all-gather of the updated
+            parameters), 3(D−1)/D · Ψ·b for ZeRO-3 (parameters
             gathered in forward and backward, gradients reduce-scattered; fairscale's FSDP gathers in e bytes
             and reduces in fp32: (D−1)/D · Ψ·(2e + 4)), not assumed to overlap with compute
+context     with C > 1 ranks sharing each sequence (compute, tensor and pipeline terms above count a rank's s·b/C
+            tokens), per attention layer and micro-batch, e bytes, d_kv = h·g/T (this tensor rank's key/value
+            width, g = kv heads / heads), R = 1 more forward when checkpointing (full or selective) recomputes it:
+              ring     (C−1) K/V block exchanges forward, each 2·(s/C)·b·d_kv·e bytes, twice that in backward
+                       (the K/V blocks again, and dK/dV travel back): (3 + R)·(C−1)·2·(s/C)·b·d_kv·e bytes
+              ulysses  4 all-to-alls forward (Q, K, V in, the output back), (C−1)/C of each crossing, and the
+                       same in backward: (2 + R)·(C−1)/C·(s/C)·b·(h/T)·(2 + 2g)·e bytes
+              cross-attention (encoder-decoder) all-gathers the encoder's K and V, reduce-scatters their
+                       gradients: (2 + R)·(C−1)/C·s·b·2·d_kv·e bytes
+            over the context group's bandwidth (its ranks lie within T·C consecutive ranks), not assumed to
+            overlap with the attention's compute (an upper bound, as for the other terms)
 overhead    a fixed cost per block and micro-batch (kernel launches and framework work of forward and backward,
             LAUNCH_S), which makes larger micro-batches and fewer of them cheaper, as on a real GPU
 Bandwidths are within a node when the group's ranks share one (ranks are numbered tensor innermost, then
-data, then pipeline), else across nodes.
+context, then data, then pipeline), else across nodes.
 """
 
 from __future__ import annotations
@@ -54,21 +66,41 @@ class StepTime:
     pipeline_send: float
     data: float
     overhead: float
+    context: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.compute + self.tensor + self.pipeline_bubble + self.pipeline_send + self.data + self.overhead
+        return (self.compute + self.tensor + self.pipeline_bubble + self.pipeline_send + self.data + self.overhead
+                + self.context)
+
+
+def context_bytes(shape: ModelShape, c: Candidate, e: int, recompute: bool) -> tuple[float, float]:
+    """(bytes one rank moves per self-attention layer, per cross-attention layer) for one micro-batch under
+    context parallelism (module docstring); (0, 0) at C = 1."""
+    if c.context == 1:
+        return 0.0, 0.0
+    C, T, b, s = c.context, c.tensor, c.micro_batch_size, shape.seq_len
+    g = shape.n_kv_heads / shape.n_heads
+    d_kv = shape.d_model * g / T
+    extra = 1 if recompute else 0
+    if c.context_attention == "ulysses":
+        self_attention = (2 + extra) * (C - 1) / C * (s / C) * b * (shape.d_model / T) * (2 + 2 * g) * e
+    else:
+        self_attention = (3 + extra) * (C - 1) * 2 * (s / C) * b * d_kv * e
+    cross = (2 + extra) * (C - 1) / C * s * b * 2 * d_kv * e
+    return self_attention, cross
 
 
 def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
               parts: list[tuple[PipelineLayer, ...]] | None = None) -> StepTime:
     h, seq, e = shape.d_model, shape.seq_len, s.activation_bytes
-    tokens = seq * c.micro_batch_size
+    tokens = c.rank_tokens(seq)  # s·b/C
     m = s.micro_batches(c)
     peak = net.accelerator.peak_tflops * 1e12 * net.efficiency
-    slot_compute, slot_tensor, slot_overhead = 0.0, 0.0, 0.0
+    slot_compute, slot_tensor, slot_overhead, slot_context = 0.0, 0.0, 0.0, 0.0
     cross = "cross_block" in shape.kinds
     parts = parts or stages(shape, c.pipeline, s.partition_method)
+    per_self, per_cross = context_bytes(shape, c, e, c.checkpointing != "none")
     for layers in parts:
         blocks = sum(x.kind in ("block", "cross_block") for x in layers)
         matmul = sum(x.matmul for x in layers)
@@ -84,24 +116,29 @@ def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
         if c.tensor > 1:
             tensor = reduces * 2 * (c.tensor - 1) / c.tensor * tokens * h * e / net.bandwidth(c.tensor)
         overhead = blocks * LAUNCH_S
-        if compute + tensor + overhead > slot_compute + slot_tensor + slot_overhead:
-            slot_compute, slot_tensor, slot_overhead = compute, tensor, overhead
+        context = 0.0
+        if c.context > 1:
+            crosses = sum(x.kind == "cross_block" for x in layers)
+            context = (blocks * per_self + crosses * per_cross) / net.bandwidth(c.tensor * c.context)
+        if compute + tensor + overhead + context > slot_compute + slot_tensor + slot_overhead + slot_context:
+            slot_compute, slot_tensor, slot_overhead, slot_context = compute, tensor, overhead, context
     send = 0.0
-    if c.pipeline > 1:
-        send = 2 * tokens * h * e / net.bandwidth(c.tensor * c.data * 2)  # neighbours are T·D ranks apart
+    if c.pipeline > 1:  # neighbours are T·C·D ranks apart
+        send = 2 * tokens * h * e / net.bandwidth(c.tensor * c.context * c.data * 2)
     data = 0.0
-    if c.data > 1:
+    d = c.gradient_ranks
+    if d > 1:
         grad_bytes = 4 if s.precision == "fp32" or not s.deepspeed(c) else 2  # autocast keeps fp32 gradients
         psi = max(rank_parameters(layers, c.tensor) for layers in parts)
         if c.zero_stage == 3 and not s.deepspeed(c):  # FSDP (fairscale, FSDP2): two all-gathers (bf16 under mixed
             per_value = 2 * s.activation_bytes + 4  # precision), one fp32 reduce-scatter
         else:
             per_value = (3 if c.zero_stage == 3 else 2) * grad_bytes
-        volume = (c.data - 1) / c.data * psi * per_value
-        data = volume / net.bandwidth(c.tensor * c.data)
-    slot = slot_compute + slot_tensor + slot_overhead
+        volume = (d - 1) / d * psi * per_value
+        data = volume / net.bandwidth(c.tensor * d)
+    slot = slot_compute + slot_tensor + slot_overhead + slot_context
     schedule = s.pipeline_schedule if s.resolved(c) == "torch_pipeline" else "1f1b"  # DeepSpeed's: 1F1B only
     f = bubble_fraction(schedule, c.pipeline, m, s.virtual_stages)
     return StepTime(compute=m * slot_compute, tensor=m * slot_tensor, pipeline_bubble=m * slot * f / (1 - f),
                     pipeline_send=(m + c.pipeline - 1) * send if c.pipeline > 1 else 0.0, data=data,
-                    overhead=m * slot_overhead)
+                    overhead=m * slot_overhead, context=m * slot_context)
