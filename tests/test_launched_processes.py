@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from bigtrain.cli import capacity
-from tests.conftest import REPO, run_cli, wait_for_exit
+from tests.conftest import REPO, launch_ok, run_cli, tiny_overrides, wait_for_exit
 
 BIGTRAIN = str(Path(sys.executable).parent / "bigtrain")
 HOOKS = REPO / "tests" / "helpers" / "launch_hooks"
@@ -72,6 +72,25 @@ def unconverted_checkpoint(tmp_path: Path) -> Path:
     manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("layout_free/")}
     (step / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def fresh_unconverted(tmp_path_factory) -> Path:
+    """A run.dir whose latest checkpoint (step 2) a 2-rank DeepSpeed ZeRO-1 run of this bigtrain wrote without the
+    layout-free form (the fixture's files keep Q, K, V apart, which this bigtrain's DeepSpeed cannot load)."""
+    run_dir = tmp_path_factory.mktemp("unconverted") / "run"
+    launch_ok(2, tiny_overrides(run_dir, "causal", "train.steps=2", "train.micro_batch_size=2", "checkpoint.every=2",
+                                "checkpoint.layout_free_every=0", "parallel.zero_stage=1"))
+    return run_dir
+
+
+def test_convert_refuses_a_deepspeed_checkpoint_with_separate_qkv_before_starting_anything(tmp_path,
+                                                                                           no_process_may_start):
+    """The fixture's ZeRO-1 files hold Q, K, V as three parameters; DeepSpeed's flat partitions of them cannot be
+    loaded into one `qkv_proj`: refused, naming the cause and what to do, with nothing started."""
+    line = _one_paragraph(run_cli("convert", str(unconverted_checkpoint(tmp_path))))
+    assert "whose attention kept Q, K and V as three parameters" in line, line
+    assert "Convert it with the bigtrain that wrote it" in line and no_process_may_start == []
 
 
 def test_convert_refuses_more_ranks_than_the_machine_holds_before_starting_anything(tmp_path, monkeypatch,
@@ -201,10 +220,11 @@ def test_parity_leaves_no_process_and_no_folder_behind(tmp_path, moment, signum)
 @pytest.mark.launches
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 @pytest.mark.parametrize("moment", ["start", "work"])
-def test_convert_leaves_no_process_and_no_folder_behind(tmp_path, moment, signum):
+def test_convert_leaves_no_process_and_no_folder_behind(tmp_path, fresh_unconverted, moment, signum):
     """`bigtrain convert` of a 2-rank checkpoint killed while its ranks start up or while they write the form:
     the staging folder inside the checkpoint is removed too."""
-    run_dir = unconverted_checkpoint(tmp_path)
+    run_dir = tmp_path / "run"
+    shutil.copytree(fresh_unconverted, run_dir)
     kill_and_check(tmp_path, [BIGTRAIN, "convert", str(run_dir)], moment, signum)
     step = run_dir / "checkpoints" / "step_00000002"
     assert not (step / ".converting").exists() and not (step / "layout_free").exists()

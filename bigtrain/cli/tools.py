@@ -37,6 +37,7 @@ def convert(path: Path, step: int | None = None) -> Path:
     latest): in this process when one rank wrote it, else under torchrun with as many local ranks as wrote it
     (`cli/convert_worker.py`)."""
     from bigtrain.checkpoint.convert import STAGING, convert_here
+    from bigtrain.checkpoint.joined_qkv import written_with_separate_qkv
     from bigtrain.checkpoint.saved import SavedCheckpoint, find_checkpoint
     from bigtrain.errors import CheckpointError
 
@@ -44,12 +45,20 @@ def convert(path: Path, step: int | None = None) -> Path:
     if saved.has_layout_free:
         return saved.path
     ranks = saved.layout.world_size
+    if ranks > 1:
+        check_local_ranks(ranks, f"{saved.path} was written by {ranks} ranks; converting it needs as many",
+                          "Convert it on a machine with room for them (e.g. where it was trained).",
+                          visible_gpus(saved.config.train.device))
+    if written_with_separate_qkv(saved.trainer_state) and saved.layout.engine != "torch":
+        raise CheckpointError(
+            f"{saved.path} was written by an earlier bigtrain, whose attention kept Q, K and V as three parameters, "
+            f"by {saved.layout.describe_run()}; that engine's own files (the optimizer's flat partitions) depend on "
+            f"the parameters' shapes, and this bigtrain holds them as one (`qkv_proj`), so it cannot load them. "
+            f"Convert it with the bigtrain that wrote it (then resume it here under any layout), or resume it "
+            f"with that bigtrain.")
     if ranks == 1:
         convert_here(saved.path)
         return saved.path
-    check_local_ranks(ranks, f"{saved.path} was written by {ranks} ranks; converting it needs as many",
-                      "Convert it on a machine with room for them (e.g. where it was trained).",
-                      visible_gpus(saved.config.train.device))
     with Launch(temporary=[saved.path / STAGING]) as launch:  # the staging folder goes too if the ranks die
         status, _ = launch.run([*launch.torchrun(ranks), "-m", "bigtrain.cli.convert_worker", str(saved.path)])
     if status != 0:

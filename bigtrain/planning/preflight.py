@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from bigtrain.config import Config
 from bigtrain.config.layout import Layout
 from bigtrain.errors import ConfigError
-from bigtrain.models import TransformerLM, count_parameters
+from bigtrain.models import TransformerLM, build_model, count_parameters
 from bigtrain.planning.zero import zero_formula
 
 GiB = 2**30
@@ -63,6 +64,21 @@ def needed_bytes(cfg: Config, model: TransformerLM, layout: Layout) -> dict[str,
             "buffers": buffers, "activations": activations}
 
 
+def shapes_model(cfg: Config, vocab: int, device: torch.device) -> TransformerLM:
+    """The model on the meta device (shapes only), or ConfigError where one of its tensors is too large for torch
+    to describe at all (more than 2⁶³ bytes: a 10⁹-wide model's joined Q, K, V projection is 3·10¹⁸ entries)."""
+    try:
+        return build_model(cfg.model, vocab, "meta")
+    except RuntimeError as error:
+        if "overflow" not in str(error):
+            raise
+        m = cfg.model
+        # attention's Q, K, V and output projections (4·d² per block) and the embedding, fp32: a lower bound
+        floor = 4 * (4 * m.d_model**2 * m.n_layers + vocab * m.d_model)
+        _refuse(cfg, vocab, floor, "attention projections and embedding alone, in fp32; one tensor is too large "
+                f"for torch's size arithmetic ({error})", available_bytes(device), device)
+
+
 def check_memory(cfg: Config, model: TransformerLM, layout: Layout, device: torch.device) -> None:
     """Raise ConfigError when the lower bound exceeds the free memory of `device`."""
     free = available_bytes(device)
@@ -73,9 +89,15 @@ def check_memory(cfg: Config, model: TransformerLM, layout: Layout, device: torc
     if total <= free:
         return
     detail = ", ".join(f"{name} {value / GiB:.3g}" for name, value in parts.items() if value)
+    _refuse(cfg, model.vocab_size, total, f"{detail} GiB", free, device)
+
+
+def _refuse(cfg: Config, vocab: int, total: int, detail: str, free: int | None, device: torch.device) -> NoReturn:
+    """The one message for a model that cannot fit: what it needs, what is free, and the keys that change it."""
+    room = "an unknown amount of memory is" if free is None else f"{free / GiB:.3g} GiB are"
     raise ConfigError(
-        f"The model does not fit: each rank needs at least {total / GiB:.3g} GiB ({detail} GiB; model.d_model="
+        f"The model does not fit: each rank needs at least {total / GiB:.3g} GiB ({detail}; model.d_model="
         f"{cfg.model.d_model}, n_layers={cfg.model.n_layers}, max_seq_len={cfg.model.max_seq_len}, vocabulary "
-        f"{model.vocab_size}, train.micro_batch_size={cfg.train.micro_batch_size}) but {free / GiB:.3g} GiB are "
+        f"{vocab}, train.micro_batch_size={cfg.train.micro_batch_size}) but {room} "
         f"free on {device}. Use a smaller model or micro-batch, more ranks with parallel.tensor / "
         f"parallel.pipeline / parallel.zero_stage, or parallel.activation_checkpointing=full.")

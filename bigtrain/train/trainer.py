@@ -37,7 +37,7 @@ from bigtrain.models import build_model, count_parameters, resolve_vocab_size
 from bigtrain.optim import build_schedule
 from bigtrain.parallel import parallelize
 from bigtrain.planning.flops import flops_per_token, peak_flops
-from bigtrain.planning.preflight import check_memory
+from bigtrain.planning.preflight import check_memory, shapes_model
 from bigtrain.train.capture import capture_step, capturing
 from bigtrain.train.metrics import MetricsProcessor
 from bigtrain.train.nonfinite import NonFiniteSteps
@@ -87,7 +87,7 @@ class Trainer:
         cfg, layout = self.cfg, self.layout
         self.tokenizer = build_tokenizer(cfg.data)
         vocab = resolve_vocab_size(cfg.model, self.tokenizer.vocab_size)
-        self.full_model = build_model(cfg.model, vocab, "meta")  # shapes only: parameter count, FLOPs, memory
+        self.full_model = shapes_model(cfg, vocab, self.device)  # shapes only: parameter count, FLOPs, memory
         check_memory(cfg, self.full_model, layout, self.device)  # before any allocation
         self.data = TrainingData(cfg, self.tokenizer, self.groups, self.device)
         # The one path from the single-device model to this rank's part of the layout, then its engine.
