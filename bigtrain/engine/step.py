@@ -10,7 +10,12 @@
              over micro-batch m's tokens as one device runs it: each micro-batch backpropagates ℓ_m + R_m / (M·D)
              (M micro-batches on each of D data ranks), so the router losses enter as their mean over the global
              batch's micro-batches; L stays the cross-entropy, and the step reports the means over all micro-batches
-             (every data rank's) of Σ_layers aux, Σ_layers z and the dropped-assignment fraction (`moe`)
+             (every data rank's) of Σ_layers aux, Σ_layers z and the dropped-assignment fraction (`moe`), and per
+             layer those means and the expert load summed over the global batch (`moe_layers`): one all-reduce
+             (float64) of the [layers, 3 + 2E] table over the data group, on the device (the counts are device
+             tensors until a log step reads them; a host group would wait for the device every step). Every
+             rank routes its own tokens (expert parallelism included: its expert group is part of its data
+             group, and tensor peers route the same tokens), so the sum over the data group is the global batch's
 
 Under context parallelism every rank of a context group reads its data-parallel rank's micro-batches whole and
 runs its zig-zag share of each (`local_batch`, `bigtrain.parallel.context.inputs`): N is still counted on the
@@ -42,9 +47,9 @@ from bigtrain.config.layout import Layout
 from bigtrain.distributed.device import autocast
 from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine.evaluate import EvalSums, evaluate_sums
-from bigtrain.engine.result import NO_RANK, StepResult
+from bigtrain.engine.result import LAYER_VALUES, NO_RANK, MoELayers, StepResult
 from bigtrain.models.loss import Criterion, count_input_tokens, count_targets
-from bigtrain.models.moe import MoEFeedForward, RouterStats, collect_router_stats, moe_layers
+from bigtrain.models.moe import MoEFeedForward, RouterStats, moe_layer_names, moe_layers, take_router_stats
 from bigtrain.optim import set_lr
 from bigtrain.parallel.context.inputs import ContextInputs
 
@@ -94,7 +99,8 @@ class StepEngine:
     native_state: bool = True
     check: StepCheck | None = None  # the current step's decision, once made
     router_layers: list[MoEFeedForward] | None = None  # the model's MoE blocks, found at the first step
-    router_steps: list[RouterStats] | None = None  # this step's router numbers, one per micro-batch
+    router_names: tuple[str, ...] = ()  # their blocks (`moe_layer_names`)
+    router_steps: list[list[RouterStats]] | None = None  # this step's router numbers: per micro-batch, per layer
     context: ContextInputs | None = None  # the split of micro-batches under context parallelism
 
     # ---- what an engine supplies ---------------------------------------------------------------------
@@ -155,9 +161,10 @@ class StepEngine:
         skipped = check.found_inf > 0
         if self.update_skipped():  # the optimizer's own host decision (DeepSpeed's overflow check, a loss scaler)
             skipped = torch.ones_like(skipped)
+        moe, moe_layers = self.router_report() or (None, None)
         return StepResult(loss=loss, grad_norm=norm, skipped=skipped,
                           finite=torch.isfinite(loss) & torch.isfinite(norm), layer_grad_norms=self.piece_norms,
-                          tokens=n_tokens, nonfinite_rank=check.first_bad, moe=self.router_report())
+                          tokens=n_tokens, nonfinite_rank=check.first_bad, moe=moe, moe_layers=moe_layers)
 
     def run_schedule(self, micro_batches: list[dict[str, torch.Tensor]], n_targets: int) -> torch.Tensor:
         """Forward and backward every micro-batch in order, decide, update; returns L (on the device)."""
@@ -210,24 +217,31 @@ class StepEngine:
         blocks."""
         if self.router_layers is None:
             self.router_layers = moe_layers(self.model)
-        stats = collect_router_stats(self.router_layers)
-        if stats is None:
+            self.router_names = tuple(moe_layer_names(self.model))
+        stats = take_router_stats(self.router_layers)
+        if not stats:
             return None
         if self.router_steps is not None:
             self.router_steps.append(stats)
-        return stats.loss / (micro_batches * self.dp_size)
+        return torch.stack([s.loss for s in stats]).sum() / (micro_batches * self.dp_size)
 
-    def router_report(self) -> dict[str, torch.Tensor] | None:
+    def router_report(self) -> tuple[dict[str, torch.Tensor], MoELayers] | None:
         """The step's `moe_aux_loss`, `moe_z_loss` (Σ over layers) and `moe_dropped_fraction` (mean over layers),
-        each the mean over the micro-batches, on the device; None without MoE blocks."""
+        each the mean over the micro-batches, and the same per layer with the expert load (`MoELayers`), over the
+        global batch (module docstring), on the device; None without MoE blocks."""
         if not self.router_steps:
             return None
-        steps = self.router_steps
-        means = torch.stack([torch.stack([getattr(s, k) for s in steps]).mean() for k in ("aux", "z", "dropped")])
-        if self.groups is not None and self.dp_size > 1:  # the mean over every data rank's micro-batches
-            dist.all_reduce(means, group=self.groups.data_group)
-            means = means / self.dp_size
-        return dict(zip(("moe_aux_loss", "moe_z_loss", "moe_dropped_fraction"), means.unbind(), strict=True))
+        steps = self.router_steps  # [micro-batch][layer]
+        means = torch.stack([torch.stack([torch.stack([getattr(s, k) for s in layers]) for k in LAYER_VALUES], 1)
+                             for layers in steps]).double().mean(0)  # [L, 3]
+        counts = torch.stack([torch.stack([torch.cat([s.assigned, s.kept]) for s in layers]) for layers in steps])
+        table = torch.cat([means, counts.sum(0).double()], 1)  # [L, 3 + 2E]
+        if self.groups is not None and self.dp_size > 1:  # the sums and means over every data rank's micro-batches
+            dist.all_reduce(table, group=self.groups.data_group)
+            table[:, :len(LAYER_VALUES)] /= self.dp_size
+        aux, z, dropped = table[:, :len(LAYER_VALUES)].unbind(1)
+        totals = {"moe_aux_loss": aux.sum(), "moe_z_loss": z.sum(), "moe_dropped_fraction": dropped.mean()}
+        return totals, MoELayers(self.router_names, table)
 
     def global_counts(self, micro_batches: list[dict[str, torch.Tensor]],
                       counts: tuple[int, int] | None) -> tuple[int, int]:

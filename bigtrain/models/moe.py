@@ -18,8 +18,11 @@ Auxiliary losses of one layer (the trainer adds coef · loss, summed over the Mo
     aux        = E · Σ_e f_e · P_e          (Switch / GShard load balancing; 1 when perfectly balanced)
     z          = mean_t logsumexp(z_t)²     (router z-loss, ST-MoE)
 
+The load of a layer: assigned_e = the top-k assignments to e (before any drop), kept_e = those the capacity limit
+kept (Σ_e assigned_e = N · top_k; kept_e ≤ assigned_e; dropped fraction = 1 − Σ_e kept_e / (N · top_k)).
+
 A layer keeps the values of its last forward in `last` (`RouterStats`), which the engine reads right after the
-forward of a micro-batch (`collect_router_stats`); nothing here knows about ranks or groups.
+forward of a micro-batch (`take_router_stats`); nothing here knows about ranks or groups.
 """
 
 from __future__ import annotations
@@ -35,14 +38,17 @@ from bigtrain.models.layers import FeedForward
 
 @dataclass
 class RouterStats:
-    """One forward's router numbers (0-dim tensors): `loss` = aux_loss_coef · aux + z_loss_coef · z keeps its
-    graph (what joins the training loss); `aux`, `z` (detached) and `dropped`, the fraction of top-k assignments
-    dropped by the capacity limit (0 when dropless), are reported."""
+    """One forward's router numbers: `loss` = aux_loss_coef · aux + z_loss_coef · z keeps its graph (what joins
+    the training loss); `aux`, `z` (detached) and `dropped`, the fraction of top-k assignments dropped by the
+    capacity limit (0 when dropless), are reported (0-dim tensors); `assigned` and `kept` [E] (int64) count the
+    top-k assignments per expert before and after the capacity limit."""
 
     loss: torch.Tensor
     aux: torch.Tensor
     z: torch.Tensor
     dropped: torch.Tensor
+    assigned: torch.Tensor
+    kept: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,14 @@ def route(logits: torch.Tensor, top_k: int, capacity_factor: float = 0.0) -> Rou
         position = (one_hot.cumsum(0) - 1).gather(1, order[:, None]).squeeze(1)
         kept = (position < limit).reshape(top_k, n).t()
     return Routing(weights=weights * kept, experts=experts, kept=kept, probs=probs, logits=logits)
+
+
+def expert_load(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """(assigned, kept) [E] int64: per expert, the top-k assignments before the capacity limit and those it kept."""
+    experts = routing.probs.shape[1]
+    assigned = torch.bincount(routing.experts.reshape(-1), minlength=experts)
+    kept = torch.bincount(routing.experts[routing.kept], minlength=experts)
+    return assigned, kept
 
 
 def balance_loss(routing: Routing) -> torch.Tensor:
@@ -128,10 +142,11 @@ class MoEFeedForward(nn.Module):
         return out.reshape(x.shape)
 
     def record(self, routing: Routing) -> None:
-        """Keep this forward's router losses and dropped fraction in `last` (`RouterStats`)."""
+        """Keep this forward's router losses, dropped fraction and expert load in `last` (`RouterStats`)."""
         aux, z = balance_loss(routing), z_loss(routing.logits)
+        assigned, kept = expert_load(routing)
         self.last = RouterStats(loss=self.aux_loss_coef * aux + self.z_loss_coef * z, aux=aux.detach(),
-                                z=z.detach(), dropped=(~routing.kept).float().mean())
+                                z=z.detach(), dropped=(~routing.kept).float().mean(), assigned=assigned, kept=kept)
 
     def extra_repr(self) -> str:
         return (f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, aux_loss_coef={self.aux_loss_coef}, "
@@ -148,15 +163,30 @@ def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
 
 
-def collect_router_stats(layers: list[MoEFeedForward]) -> RouterStats | None:
-    """Σ over the layers of their last forward's aux and z losses, and the mean dropped fraction; None when no
-    layer ran a forward. Each layer's record is taken (cleared), so the next micro-batch starts empty."""
+def moe_layer_names(model: nn.Module) -> list[str]:
+    """The block of each MoE layer of `model`, in `moe_layers`' order: its module path without the feed-forward's
+    own name (`blocks.1`, `decoder_blocks.0`), the same on every layout."""
+    return [name.rpartition(".")[0] or name for name, m in model.named_modules() if isinstance(m, MoEFeedForward)]
+
+
+def take_router_stats(layers: list[MoEFeedForward]) -> list[RouterStats]:
+    """Each layer's record of its last forward, in order (the layers that ran one), taken: every layer's record is
+    cleared, so the next micro-batch starts empty."""
     stats = [layer.last for layer in layers if layer.last is not None]
     for layer in layers:
         layer.last = None
+    return stats
+
+
+def collect_router_stats(layers: list[MoEFeedForward]) -> RouterStats | None:
+    """Σ over the layers of their last forward's aux and z losses and expert load, and the mean dropped fraction;
+    None when no layer ran a forward (the records are taken, as by `take_router_stats`)."""
+    stats = take_router_stats(layers)
     if not stats:
         return None
-    def total(name: str) -> torch.Tensor:
-        return torch.stack([getattr(s, name) for s in stats]).sum()
 
-    return RouterStats(loss=total("loss"), aux=total("aux"), z=total("z"), dropped=total("dropped") / len(stats))
+    def total(name: str) -> torch.Tensor:
+        return torch.stack([getattr(s, name) for s in stats]).sum(0)
+
+    return RouterStats(loss=total("loss"), aux=total("aux"), z=total("z"), dropped=total("dropped") / len(stats),
+                       assigned=total("assigned"), kept=total("kept"))

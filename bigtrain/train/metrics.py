@@ -69,11 +69,11 @@ class MetricsLog:
             for key, value in values.items():
                 self.tb.add_scalar(f"{tag}/{key}", value, step)
 
-    def image(self, tag: str, image: Any, step: int) -> None:
-        """An RGB picture [height, width, 3] uint8 in TensorBoard and the tracker."""
+    def image(self, tag: str, image: Any, step: int, trackers: bool = True) -> None:
+        """An RGB picture [height, width, 3] uint8 in TensorBoard and (`trackers`) the experiment trackers."""
         if self.tb is not None:
             self.tb.add_image(tag, image, step, dataformats="HWC")
-        if self.file is not None:
+        if self.file is not None and trackers:
             self.tracker.log_image(tag, image, step)
 
     def close(self) -> None:
@@ -182,8 +182,21 @@ class MetricsProcessor:
                   "skipped": skipped, "elapsed_s": time.perf_counter() - self.run_t0}
         self.log.write(record)
         self.log.scalars("grad_norm", layer_grad_norms or {}, step)
+        self.moe_layers(step, extra.get("moe_layers"))
         self.progress.update(step, record, print_line=True)
         self.window_tokens, self.window_t0 = 0, time.perf_counter()
+
+    def moe_layers(self, step: int, layers: dict[str, dict[str, Any]] | None) -> None:
+        """TensorBoard, for a mixture of experts: each layer's scalars as moe/<layer>/aux, z, dropped and
+        load_max_over_mean, and the expert-load heatmap (`bigtrain.train.moe_load`) as the image `moe_load`."""
+        if self.log.tb is None or not layers:
+            return
+        from bigtrain.train import moe_load  # matplotlib: only for a run that draws
+
+        for name, fields in layers.items():
+            self.log.scalars(f"moe/{name}", {k: v for k, v in fields.items() if isinstance(v, int | float)}, step)
+        self.log.image(moe_load.TAG, moe_load.load_image(moe_load.load_of("training", step, layers)), step,
+                       trackers=False)
 
     def eval_line(self, step: int, record: dict[str, Any]) -> None:
         """An evaluation line (EVAL_FIELDS, and for a mixture `eval_sources`: each source's EVAL_FIELDS but

@@ -209,7 +209,7 @@ class Trainer:
                         metrics.training_line(state.step, lr, result.loss, result.grad_norm, state.tokens,
                                               result.skipped, {**self.data.source_record(state.step,
                                                                                          state.source_tokens),
-                                                               **(result.moe or {})},
+                                                               **result.moe_record()},
                                               result.layer_grad_norms)
                     else:
                         metrics.advance(state.step)
