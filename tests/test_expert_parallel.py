@@ -13,10 +13,12 @@ import pytest
 import torch.multiprocessing as mp
 
 from bigtrain.cli.parity import parity, parse_layout, ranks_of
+from bigtrain.cli.plot import moe_load_path, plot_runs
 from bigtrain.config import load_config
 from bigtrain.config.layout import Layout
 from bigtrain.distributed.rendezvous import free_port
 from bigtrain.errors import ConfigError
+from bigtrain.train.moe_load import read_back
 from tests.conftest import (
     DP_LAYOUT,
     REPO,
@@ -43,14 +45,26 @@ def moe_reference(tmp_path_factory):
 
 
 def _assert_same_router_numbers(ref_dir, run_dir) -> None:
+    """The totals and each MoE block's aux, z and dropped fraction within 1e-5 of one device at every step; the
+    expert load (`moe_layers` assigned and kept, summed over every rank's tokens) the same integers at step 1,
+    where the weights are the same (`pytest -s` prints at how many later steps they still are)."""
     (ref, _), (run, _) = read_metrics(ref_dir), read_metrics(run_dir)
-    worst = 0.0
+    worst, same_load = 0.0, []
     for step in ref:
-        for key in ROUTER:
-            a, b = ref[step][key], run[step][key]
+        pairs = [(key, ref[step][key], run[step][key]) for key in ROUTER]
+        assert list(run[step]["moe_layers"]) == list(ref[step]["moe_layers"]) == ["blocks.0", "blocks.1"]
+        for block, want in ref[step]["moe_layers"].items():
+            got = run[step]["moe_layers"][block]
+            pairs += [(f"{block} {key}", want[key], got[key]) for key in ("aux", "z", "dropped")]
+        for key, a, b in pairs:
             assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), f"step {step} {key}: reference {a} vs {b}"
             worst = max(worst, abs(a - b) / max(abs(a), 1e-3))
-    print(f"router numbers: largest relative difference {worst:.2e}")
+        loads = [(layer["assigned"], layer["kept"]) for layer in ref[step]["moe_layers"].values()]
+        if loads == [(layer["assigned"], layer["kept"]) for layer in run[step]["moe_layers"].values()]:
+            same_load.append(step)
+    assert 1 in same_load, (ref[1]["moe_layers"], run[1]["moe_layers"])
+    print(f"router numbers: largest relative difference {worst:.2e}; expert load equal at {len(same_load)} of "
+          f"{len(ref)} steps")
 
 
 @pytest.mark.launches
@@ -63,6 +77,16 @@ def test_expert_parallel_training_equals_one_device(moe_reference, tmp_path, ran
     assert "(expert 2)" in out, out[-2000:]
     assert_same_curve(moe_reference, run_dir, 1e-5)
     _assert_same_router_numbers(moe_reference, run_dir)
+    _assert_load_picture(run_dir, tmp_path / "curves.png")
+
+
+def _assert_load_picture(run_dir, out) -> None:
+    """`bigtrain plot` draws the run's expert load at its last step beside the curves, from its counts."""
+    plot_runs([run_dir], out)
+    last = read_metrics(run_dir)[0][20]["moe_layers"]
+    shares = read_back(moe_load_path(out))["runs"][0]["shares"]
+    assert shares == [[last[block]["assigned"][e] / sum(last[block]["assigned"]) for block in last]
+                      for e in range(4)]
 
 
 @pytest.mark.launches
@@ -99,8 +123,9 @@ def test_expert_data_groups_train_like_one_device_and_resume_on_one_device(moe_r
 @pytest.mark.launches
 def test_expert_parallel_block_equals_the_one_device_block(tmp_path):
     """One spawn of 2 gloo ranks (tests/helpers/expert_parity.py), float64: output, input gradient, router losses
-    and every parameter gradient within 1e-12 of the one-device block, dropless, with capacity dropping, top-1,
-    and with the last rank's experts never chosen (it receives no rows; both exchanges still run)."""
+    and every parameter gradient within 1e-12 of the one-device block and the expert load equal to its counts,
+    dropless, with capacity dropping, top-1, and with the last rank's experts never chosen (it receives no rows;
+    both exchanges still run)."""
     out = tmp_path / "expert.jsonl"
     mp.spawn(expert_parity.main, args=(2, free_port(), str(out)), nprocs=2)
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -110,6 +135,7 @@ def test_expert_parallel_block_equals_the_one_device_block(tmp_path):
         assert record["max_rel"] <= 1e-12, record
         assert record["local_experts"] == ["0", "1"]
         assert (record["assignments_to_last_rank"] == 0) == (record["case"] == "last-rank-starved"), record
+        assert record["same_load"], record  # assigned and kept per expert: the one-device block's counts
 
 
 def test_expert_and_expert_data_groups_are_carved_out_of_the_data_ranks():

@@ -7,7 +7,8 @@ The reference runs each rank's tokens as a micro-batch of its own and sums the g
 runs this rank's micro-batch, its router and shared-expert gradients summed over the group (as the data-parallel
 reduction does), its routed experts' gradients as they are (they already hold every rank's tokens). Rank 0
 writes one JSON line per case with the largest difference of the output, the input gradient, the router
-losses and every parameter gradient, relative to the reference's largest magnitude, reduced with MAX.
+losses and every parameter gradient, relative to the reference's largest magnitude, reduced with MAX, and whether
+every rank's expert load (assigned and kept per expert) equals the reference's on the same tokens.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ def compare(name: str, group, world: int, rank: int) -> dict:
     xs = [torch.randn(2, TOKENS[r % 2], D, generator=g, dtype=torch.float64).abs() for r in range(world)]
     ups = [torch.randn(2, TOKENS[r % 2], D, generator=g, dtype=torch.float64) for r in range(world)]
     ref_x = [x.clone().requires_grad_() for x in xs]
-    ref_out, ref_aux = [], []
+    ref_out, ref_aux, ref_load = [], [], []
     for x, up in zip(ref_x, ups, strict=True):
         _loss(ref, x, up).backward()
         ref_out.append(ref(x.detach()).detach())
         ref_aux.append(ref.last.aux)
+        ref_load.append(torch.cat([ref.last.assigned, ref.last.kept]))
     x = xs[rank].clone().requires_grad_()
     _loss(block, x, ups[rank]).backward()
     out = block(x.detach()).detach()
@@ -66,10 +68,12 @@ def compare(name: str, group, world: int, rank: int) -> dict:
         errors[pname] = (grad - want).abs().max() / max(want.abs().max(), 1e-30)
     worst = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in errors.values()]).max().reshape(1)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    same_load = torch.tensor([int(torch.equal(torch.cat([block.last.assigned, block.last.kept]), ref_load[rank]))])
+    dist.all_reduce(same_load, op=dist.ReduceOp.MIN, group=group)
     last_rank = sum(int((route(ref.router(x.reshape(-1, D)), top_k).experts >= EXPERTS - EXPERTS // world).sum())
                     for x in xs)
     return {"case": name, "max_rel": float(worst), "local_experts": sorted(block.experts.keys()),
-            "assignments_to_last_rank": last_rank}
+            "assignments_to_last_rank": last_rank, "same_load": bool(same_load)}
 
 
 def main(rank: int, world: int, port: int, out_path: str) -> None:
