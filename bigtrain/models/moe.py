@@ -89,10 +89,12 @@ def route(logits: torch.Tensor, top_k: int, capacity_factor: float = 0.0) -> Rou
 
 
 def expert_load(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-    """(assigned, kept) [E] int64: per expert, the top-k assignments before the capacity limit and those it kept."""
-    experts = routing.probs.shape[1]
-    assigned = torch.bincount(routing.experts.reshape(-1), minlength=experts)
-    kept = torch.bincount(routing.experts[routing.kept], minlength=experts)
+    """(assigned, kept) [E] int64: per expert, the top-k assignments before the capacity limit and those it kept.
+    Sums by index_add (bincount and boolean indexing would wait for the device, to size their results)."""
+    chosen = routing.experts.reshape(-1)
+    zeros = torch.zeros(routing.probs.shape[1], dtype=torch.int64, device=chosen.device)
+    assigned = zeros.index_add(0, chosen, torch.ones_like(chosen))
+    kept = zeros.index_add(0, chosen, routing.kept.reshape(-1).long())
     return assigned, kept
 
 
