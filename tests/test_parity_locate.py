@@ -1,6 +1,8 @@
 """`bigtrain parity --locate` (issue 31, items 1 and 2): fingerprints add up over any cut of a tensor, and for each
 bug of the fault suite (`tests/helpers/planted_faults.py`) the comparison names the planted module and phase.
-"No divergence" on correct layouts is checked where `bigtrain parity` runs them (tests/test_parity_command.py).
+"No divergence" on correct layouts is checked where `bigtrain parity` runs them (tests/test_parity_command.py), and
+for context parallelism here (two correct layouts against the suite's reference), where the context ranks' zig-zag
+shares of the sequence are also rebuilt without a launch.
 
 The launched part records step 1 of one one-device run and of one layout run per fault, all of the
 same tiny model (LAMB), and compares each fault's run with its reference in this process."""
