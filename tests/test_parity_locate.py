@@ -1,6 +1,8 @@
 """`bigtrain parity --locate` (issue 31, items 1 and 2): fingerprints add up over any cut of a tensor, and for each
 bug of the fault suite (`tests/helpers/planted_faults.py`) the comparison names the planted module and phase.
-"No divergence" on correct layouts is checked where `bigtrain parity` runs them (tests/test_parity_command.py).
+"No divergence" on correct layouts is checked where `bigtrain parity` runs them (tests/test_parity_command.py), and
+for context parallelism here (two correct layouts against the suite's reference), where the context ranks' zig-zag
+shares of the sequence are also rebuilt without a launch.
 
 The launched part records step 1 of one one-device run and of one layout run per fault, all of the
 same tiny model (LAMB), and compares each fault's run with its reference in this process."""
@@ -18,7 +20,9 @@ import torch
 from bigtrain.cli.launching import child_env, torchrun
 from bigtrain.cli.parity import check_runs
 from bigtrain.cli.parity_locate import Located, locate, locate_report, whole_activation
+from bigtrain.cli.parity_tensors import join_activation
 from bigtrain.errors import ConfigError
+from bigtrain.parallel.context.sharding import shard_sequence
 from bigtrain.train.capture import CAPTURE_ENV, TENSOR_ENV, capture_step, capture_tensor
 from bigtrain.train.fingerprint import activation_prints, add, difference, piece_print
 from tests.conftest import REPO
@@ -40,9 +44,13 @@ SUITE = {
     "skip_reduce": ("data=2,zero_stage=2", [], "", "gradient"),
     "pipeline_order": ("pipeline=2", [], "embed", "forward"),
     "rotary_offset": ("tensor=2", [], "rotary", "forward"),
+    "rotary_context_offset": ("context=2", [], "rotary", "forward"),
     "lamb_shard": ("data=2,zero_stage=1", [], "", "update"),
     "loss_denominator": ("data=2", [], "head", "backward"),
 }
+# correct context-parallel layouts, which must say "no divergence": ring, and Ulysses with every cut of the tensor
+# ranks inside the context shares (features, heads, the sequence-parallel regions)
+CORRECT = ("context=2", "context=2,context_attention=ulysses,tensor=2,sequence_parallel=true")
 
 
 # ---- fingerprints (no launch) ---------------------------------------------------------------------------------
@@ -78,6 +86,49 @@ def test_activation_cuts_are_rebuilt(dim):
         assert difference(activation_prints(full, 0)["whole"], whole_activation(swapped, shape)) > 1e-3
 
 
+# (cut, T): how the tensor ranks hold each context rank's share of a [batch, heads, seq, head_dim] activation
+CONTEXT_CUTS = [("whole", 1), ("whole", 2), ("features", 2), ("heads", 2), ("sequence", 2)]
+CUT_DIMS = {"whole": None, "features": -1, "heads": 1, "sequence": -2}
+
+
+def _context_ranks(full: torch.Tensor, cut: str, tensor_size: int, context: int = 2, swap: bool = False
+                   ) -> list[tuple[int, int, torch.Tensor]]:
+    """(context rank, tensor rank, what it holds) of `full` split over C context ranks (zig-zag) and T tensor
+    ranks; `swap`: context rank 0 holds its two chunks in each other's place."""
+    out = []
+    for c in range(context):
+        share = shard_sequence(full, context, c, dim=2)
+        if swap and c == 0:
+            share = torch.cat(share.chunk(2, dim=2)[::-1], dim=2)
+        dim = CUT_DIMS[cut]
+        parts = [share] * tensor_size if dim is None else share.chunk(tensor_size, dim=dim)
+        out += [(c, t, part) for t, part in enumerate(parts)]
+    return out
+
+
+@pytest.mark.parametrize("cut,tensor_size", CONTEXT_CUTS)
+def test_context_parallel_shares_are_rebuilt(cut, tensor_size):
+    """Context ranks' zig-zag shares of the sequence (each perhaps cut again over the tensor ranks) add up to the
+    whole activation's fingerprint and are put back into the whole tensor; chunks in each other's place are
+    seen by the positional checksums."""
+    full = torch.randn(2, 4, 16, 8, dtype=torch.float64)
+    reference = activation_prints(full, 0)["whole"]
+
+    def prints(swap: bool) -> list[float] | None:
+        return whole_activation([({"pipe": 0, "data": 0, "tensor": t, "tensor_size": tensor_size, "context": c,
+                                   "context_size": 2}, {"shape": list(part.shape),
+                                                        "prints": activation_prints(part, t, tensor_size, c, 2)})
+                                 for c, t, part in _context_ranks(full, cut, tensor_size, swap=swap)], list(full.shape))
+
+    rebuilt = prints(False)
+    assert rebuilt is not None and difference(reference, rebuilt) < 1e-12
+    assert difference(reference, prints(True)) > 1e-3
+    ranks = [{"pipe": 0, "data": 0, "tensor": t, "context": c, "context_size": 2, "wanted": ["forward", "x", 0],
+              "backward_scale": 1.0, "tensors": [{"data": part}]} for c, t, part in _context_ranks(full, cut,
+                                                                                                  tensor_size)]
+    assert torch.equal(join_activation(ranks, list(full.shape)), full)
+
+
 # ---- the fault suite (launches) -------------------------------------------------------------------------------
 def _record(run_dir: Path, layout: str, extra: list[str], fault: str | None = None) -> None:
     """Step 1 of the layout (or, with layout None, of one device) recorded into run_dir/capture."""
@@ -92,8 +143,9 @@ def _record(run_dir: Path, layout: str, extra: list[str], fault: str | None = No
 
 @pytest.mark.launches
 def test_locate_names_each_planted_bug(tmp_path):
-    """Each fault in one layout run of 1 step against the one one-device reference; the table of
-    what --locate printed first is shown with `pytest -s`."""
+    """Each fault in one layout run of 1 step against the one one-device reference, and the correct
+    context-parallel layouts against it too (no divergence: the zig-zag shares are rebuilt); the table of what
+    --locate printed first, and the largest difference of each correct layout, are shown with `pytest -s`."""
     _record(tmp_path / "reference", None, [])
     table, wrong = [], []
     for fault, (layout, extra, module, phase) in SUITE.items():
@@ -103,6 +155,12 @@ def test_locate_names_each_planted_bug(tmp_path):
         table.append(f"| {fault} | {layout} | {first.describe() if first else 'no divergence'} |")
         if first is None or module not in first.key[1] or first.key[0] != phase:
             wrong.append(f"{fault}: expected {module or 'any module'} / {phase}, got:\n{locate_report(found)}")
+    for number, layout in enumerate(CORRECT):
+        _record(tmp_path / f"correct{number}", layout, [])
+        found = locate(tmp_path / "reference", tmp_path / f"correct{number}", 1e-4)
+        table.append(f"| (correct) | {layout} | {locate_report(found)} |")
+        if found.diverged:
+            wrong.append(f"correct {layout}: expected no divergence, got:\n{locate_report(found)}")
     print("\n".join(table))
     assert not wrong, "\n".join(wrong)
 
@@ -117,10 +175,3 @@ def test_a_bad_capture_switch_is_named(monkeypatch, variable, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         capture_step() if variable == CAPTURE_ENV else capture_tensor()
 
-
-def test_locate_refuses_context_parallel_layouts(tmp_path):
-    """--locate cannot rebuild zig-zag sequence shards yet: a clear error before anything is launched."""
-    from bigtrain.cli.parity import parity
-
-    with pytest.raises(ConfigError, match="--locate with --layout context=2 is refused"):
-        parity(REPO / "configs" / "smoke.yaml", "context=2", 2, True, "fp32", [], tmp_path, None, True)

@@ -181,10 +181,6 @@ def parity(config: Path, layout_text: str, steps: int = 20, shrink: bool = False
     (`parity_locate`: step 1 is recorded in both runs; the step the layout leaves the noise floor, when later,
     is recorded again in one more run of each). `script`: a training script to run instead of `bigtrain train`
     (tests)."""
-    if locate and int(parse_layout(layout_text).get("parallel.context", "1")) > 1:
-        raise ConfigError(f"--locate with --layout {layout_text} is refused: it cannot rebuild context-parallel "
-                          f"activations (each rank's zig-zag share of the sequence) yet. Leave out --locate, or "
-                          f"locate with context=1 and the other sizes of the layout.")
     if locate and parse_layout(layout_text).get("parallel.expert", "1") != "1":
         raise ConfigError(f"--locate with --layout {layout_text} is refused: it does not gather expert-parallel "
                           f"gradients (each rank's routed experts) yet. Leave out --locate, or locate with expert=1 "

@@ -21,6 +21,13 @@ as `TrainingData` cuts it), summed over pipeline stages (a module runs on one st
                                                                                 offset along k (last: feature
                                                                                 cut; the one before: sequence cut)
 
+Under context parallelism (C > 1) an activation whose sequence (the dimension before the last) is C times shorter
+than one device's is each context rank's zig-zag share (chunks c and 2C-1-c of 2C): within a context rank its
+tensor ranks are combined as above into the share (with the sequence cut of sequence parallelism taken inside
+the share), with positions at the tokens' global places ("ctx:" prints, `bigtrain.train.fingerprint`), and the
+shares are summed over the context ranks. One that every context rank holds whole (its sequence as long as one
+device's) is context rank 0's.
+
 A record is beyond the tolerance when `difference` (the largest relative difference of its sums, norm and
 positional checksums) exceeds it; the first such record in the order above is where the layout leaves one
 device, the next three show how it spreads.
@@ -81,27 +88,61 @@ def read_capture(run_dir: Path) -> Capture:
     return out
 
 
-def whole_activation(records: list[tuple[dict[str, Any], dict[str, Any]]], shape: list[int]) -> list[float] | None:
+Record = tuple[dict[str, Any], dict[str, Any]]  # a rank's meta and its record of one activation
+
+
+def context_share(local: list[int], shape: list[int], meta: dict[str, Any]) -> list[int] | None:
+    """One context rank's share of one device's `shape` (the sequence, the dimension before the last, over C)
+    when the ranks' `local` shape is cut along it by context parallelism; None when it is not."""
+    size = meta.get("context_size", 1)
+    if size == 1 or len(local) != len(shape) or len(shape) < 2 or local[-2] == shape[-2] or shape[-2] % size:
+        return None
+    return [*shape[:-2], shape[-2] // size, shape[-1]]
+
+
+def _tensor_ranks(held: list[Record], shape: list[int], prefix: str) -> list[float] | None:
+    """The fingerprint of `shape` (one device's, or one context rank's share of it) from its tensor ranks."""
+    held = sorted(held, key=lambda mr: mr[0]["tensor"])
+    local = held[0][1]["shape"]
+    if local == shape:
+        return held[0][1]["prints"].get(prefix + "whole")
+    size = held[0][0]["tensor_size"]
+    cut = [k for k, (a, b) in enumerate(zip(local, shape, strict=False)) if a != b]
+    if len(local) != len(shape) or len(cut) != 1 or local[cut[0]] * size != shape[cut[0]]:
+        return None
+    kind = "last" if cut[0] == len(shape) - 1 else "seq" if cut[0] == len(shape) - 2 else "whole"
+    part = None
+    for _, r in held:
+        mine = r["prints"].get(prefix + kind)
+        if mine is None:
+            return None
+        part = mine if part is None else add(part, mine)
+    return part
+
+
+def whole_activation(records: list[Record], shape: list[int]) -> list[float] | None:
     """The fingerprint of the whole activation of one device's `shape` from the layout's ranks' records (module
     docstring); None when the ranks' shapes are no cut of it."""
     total: list[float] | None = None
-    stages: dict[tuple[int, int], list[tuple[dict[str, Any], dict[str, Any]]]] = defaultdict(list)
+    stages: dict[tuple[int, int], list[Record]] = defaultdict(list)
     for meta, r in records:
         stages[meta["pipe"], meta["data"]].append((meta, r))
     for held in stages.values():
-        held.sort(key=lambda mr: mr[0]["tensor"])
-        local = held[0][1]["shape"]
-        if local == shape:
-            part = held[0][1]["prints"]["whole"]
-        else:
-            size = held[0][0]["tensor_size"]
-            cut = [k for k, (a, b) in enumerate(zip(local, shape, strict=False)) if a != b]
-            if len(local) != len(shape) or len(cut) != 1 or local[cut[0]] * size != shape[cut[0]]:
-                return None
-            kind = "last" if cut[0] == len(shape) - 1 else "seq" if cut[0] == len(shape) - 2 else "whole"
-            part = held[0][1]["prints"][kind]
-            for _, r in held[1:]:
-                part = add(part, r["prints"][kind])
+        by_context: dict[int, list[Record]] = defaultdict(list)
+        for meta, r in held:
+            by_context[meta.get("context", 0)].append((meta, r))
+        share = context_share(held[0][1]["shape"], shape, held[0][0])
+        if share is None:  # every context rank holds it whole (or there is no context parallelism)
+            part = _tensor_ranks(by_context[min(by_context)], shape, "")
+        else:  # Σ over the context ranks' zig-zag shares, each at its global positions
+            part = None
+            for mine in by_context.values():
+                got = _tensor_ranks(mine, share, "ctx:")
+                if got is None:
+                    return None
+                part = got if part is None else add(part, got)
+        if part is None:
+            return None
         total = part if total is None else add(total, part)
     return total
 

@@ -9,7 +9,9 @@ to capture/tensors-rankNNNNN.pt:
     a module's output or its gradient          this rank's tensor of the micro-batch (its calls summed): the
                                                tensor ranks' tensors joined along the dimension that one device's
                                                shape is T times larger in (or tensor rank 0's when it is whole),
-                                               the pipeline stages' summed
+                                               the pipeline stages' summed; under context parallelism each
+                                               context rank's share is so joined, and the shares, in rank-major
+                                               order, put back in the sequence's order (`reorder_to_natural`)
 
 The gradient is divided by the run's clipping coefficient, an output's gradient by the engine's backward scale,
 as for the fingerprints (`parity_locate`).
@@ -23,7 +25,9 @@ from typing import Any
 
 import torch
 
+from bigtrain.cli.parity_locate import context_share
 from bigtrain.errors import ConfigError
+from bigtrain.parallel.context.sharding import reorder_to_natural
 
 
 def _load(run_dir: Path) -> list[dict[str, Any]]:
@@ -51,23 +55,41 @@ def _parameter(ranks: list[dict[str, Any]]) -> torch.Tensor | None:
     return whole
 
 
-def _activation(ranks: list[dict[str, Any]], shape: list[int] | None) -> torch.Tensor | None:
-    held: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+def _join_tensor_ranks(parts: list[tuple[int, torch.Tensor]], shape: list[int] | None) -> torch.Tensor | None:
+    """One tensor of `shape` from its tensor ranks' parts: tensor rank 0's when it is whole, else the parts joined
+    along the one dimension they are cut in."""
+    parts = sorted(parts, key=lambda rt: rt[0])
+    local = list(parts[0][1].shape)
+    if shape is None or local == shape:
+        return parts[0][1]
+    cut = [k for k, (a, b) in enumerate(zip(local, shape, strict=False)) if a != b]
+    if len(local) != len(shape) or len(cut) != 1:
+        return None
+    return torch.cat([t for _, t in parts], dim=cut[0])
+
+
+def join_activation(ranks: list[dict[str, Any]], shape: list[int] | None) -> torch.Tensor | None:
+    """One module's output (or its gradient) of one device's `shape` from the ranks' kept tensors (module
+    docstring); None when they are no cut of it."""
+    held: dict[tuple[int, int], dict[int, list[tuple[int, torch.Tensor]]]] = defaultdict(lambda: defaultdict(list))
     for r in ranks:
         for t in r["tensors"]:
             scale = 1.0 / r["backward_scale"] if r["wanted"][0] == "backward" else 1.0
-            held[r["pipe"], r["data"]].append((r["tensor"], t["data"] * scale))
+            held[r["pipe"], r["data"]][r.get("context", 0)].append((r["tensor"], t["data"] * scale))
     total = None
-    for parts in held.values():
-        parts.sort(key=lambda rt: rt[0])
-        local = list(parts[0][1].shape)
-        if shape is None or local == shape:
-            part = parts[0][1]
-        else:
-            cut = [k for k, (a, b) in enumerate(zip(local, shape, strict=False)) if a != b]
-            if len(local) != len(shape) or len(cut) != 1:
+    for by_context in held.values():
+        first = by_context[min(by_context)]
+        share = (context_share(list(first[0][1].shape), shape, {"context_size": ranks[0].get("context_size", 1)})
+                 if shape is not None else None)
+        if share is None:  # every context rank holds it whole (or there is no context parallelism)
+            part = _join_tensor_ranks(first, shape)
+        else:  # the context ranks' zig-zag shares in rank-major order, put back in the sequence's order
+            shares = [_join_tensor_ranks(by_context[c], share) for c in sorted(by_context)]
+            if any(t is None or list(t.shape) != share for t in shares):
                 return None
-            part = torch.cat([t for _, t in parts], dim=cut[0])
+            part = reorder_to_natural(torch.cat(shares, dim=-2), len(shares), dim=len(share) - 2)
+        if part is None:
+            return None
         total = part if total is None else total + part
     return total
 
@@ -77,7 +99,7 @@ def whole_tensor(run_dir: Path, shape: list[int] | None = None) -> torch.Tensor 
     ranks = _load(run_dir)
     if ranks[0]["wanted"][0] in ("weight", "gradient", "update"):
         return _parameter(ranks)
-    return _activation(ranks, shape)
+    return join_activation(ranks, shape)
 
 
 def compare_tensors(reference_dir: Path, layout_dir: Path, tolerance: float) -> str:

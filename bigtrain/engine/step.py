@@ -114,9 +114,10 @@ class StepEngine:
 
     @property
     def backward_scale(self) -> float:
-        """The factor by which `backward` multiplies ℓ: D, for a data-parallel reduction that averages over the D
-        data ranks (the gradients of activations are D times one device's; `bigtrain parity --locate` divides)."""
-        return float(self.dp_size)
+        """The factor by which `backward` multiplies ℓ: D · C, for a reduction that averages over the D · C ranks of
+        the gradient group (data × context; the gradients of activations are D · C times one device's: `bigtrain
+        parity --locate` divides)."""
+        return float(self.dp_size * (self.context.size if self.context is not None else 1))
 
     def update(self, found_inf: torch.Tensor) -> None:
         """One optimizer update, skipped on the device when `found_inf` is 1; gradients cleared after."""

@@ -5,9 +5,10 @@ here; `bigtrain parity --locate` sets it for the runs it starts). During step S 
 (`bigtrain.train.fingerprint`) of
 
     weight    every parameter before the step                        (this rank's pieces of it)
-    forward   every module's output, per micro-batch                 (as this rank holds it)
+    forward   every module's output, per micro-batch                 (as this rank holds it: under context
+              parallelism its zig-zag share of the sequence, fingerprinted at the tokens' global positions)
     backward  the gradient of every module's output, per micro-batch (what its backward receives; the engine's
-              `backward_scale` is recorded: data-parallel engines backpropagate D · ℓ)
+              `backward_scale` is recorded: data-parallel engines backpropagate D · C · ℓ)
     gradient  every parameter's gradient as the optimizer receives it, after the layout's reductions and clipping
               (the clipping coefficient is recorded, so that the comparison can undo it)
     update    what the optimizer changed in every parameter           (after − before, of this rank's pieces)
@@ -73,11 +74,13 @@ def clean_name(name: str) -> str:
 class StepCapture:
     """Hooks for one step (a context manager); `result` (the step's StepResult) is set before it exits."""
 
-    def __init__(self, model: nn.Module, engine: Any, coords: tuple[int, int, int], tensor_size: int, rank: int,
-                 folder: Path, grad_clip: float, step: int, micro_batches: int) -> None:
+    def __init__(self, model: nn.Module, engine: Any, coords: tuple[int, int, int, int], sizes: tuple[int, int],
+                 rank: int, folder: Path, grad_clip: float, step: int, micro_batches: int) -> None:
+        """`coords`: this rank's (tensor, data, pipe, context) coordinates; `sizes`: (tensor, context) sizes."""
         self.model, self.engine = model, engine
-        self.tensor_rank, self.data_rank, self.pipe_rank = coords
-        self.tensor_size, self.rank, self.folder = tensor_size, rank, folder
+        self.tensor_rank, self.data_rank, self.pipe_rank, self.context_rank = coords
+        self.tensor_size, self.context_size = sizes
+        self.rank, self.folder = rank, folder
         self.grad_clip, self.step, self.micro_batches = grad_clip, step, micro_batches
         self.result: Any = None
         self.order: list[tuple[str, str]] = []  # (phase, name) in the order first met
@@ -149,16 +152,19 @@ class StepCapture:
             if not calls:
                 self.order.append(("forward", key))
             call = len(calls)
-            calls.append({"shape": list(t.shape), "prints": activation_prints(t, self.tensor_rank)})
+            calls.append({"shape": list(t.shape), "prints": self._prints(t)})
             self._keep("forward", key, call, t)
             if t.requires_grad:
                 t.register_hook(lambda g, key=key, call=call: self._backward(key, call, g))
+
+    def _prints(self, t: torch.Tensor) -> dict[str, list[float]]:
+        return activation_prints(t, self.tensor_rank, self.tensor_size, self.context_rank, self.context_size)
 
     def _backward(self, key: str, call: int, grad: torch.Tensor) -> None:
         if key not in self.grads:
             self.grads[key] = {}
             self.order.append(("backward", key))
-        self.grads[key][call] = activation_prints(grad, self.tensor_rank)
+        self.grads[key][call] = self._prints(grad)
         self._keep("backward", key, call, grad)
 
     # ---- the step ----------------------------------------------------------------------------------------
@@ -208,7 +214,8 @@ class StepCapture:
         norm = float(self.result.grad_norm) if self.result is not None else 0.0
         coef = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else 1.0
         record = {"step": self.step, "rank": self.rank, "tensor": self.tensor_rank, "data": self.data_rank,
-                  "pipe": self.pipe_rank, "tensor_size": self.tensor_size, "micro_batches": self.micro_batches,
+                  "pipe": self.pipe_rank, "context": self.context_rank, "tensor_size": self.tensor_size,
+                  "context_size": self.context_size, "micro_batches": self.micro_batches,
                   "grad_norm": norm, "clip_coef": coef, "backward_scale": getattr(self.engine, "backward_scale", 1.0),
                   "records": self.records()}
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -234,10 +241,10 @@ def capturing(trainer: Any, step: int, micro_batches: int) -> contextlib.Abstrac
     else a context that records nothing (its `result` is set and ignored)."""
     if trainer.capture_at != step:
         return _Nothing()
-    groups = trainer.groups
-    coords = (groups.coords.tensor, groups.coords.data, groups.coords.pipe) if groups is not None else (0, 0, 0)
-    return StepCapture(trainer.parallel.model, trainer.engine, coords, trainer.layout.tensor, trainer.env.rank,
-                       trainer.run_dir / "capture", trainer.cfg.optim.grad_clip, step, micro_batches)
+    at = trainer.groups.coords if trainer.groups is not None else None
+    coords = (at.tensor, at.data, at.pipe, at.context) if at is not None else (0, 0, 0, 0)
+    return StepCapture(trainer.parallel.model, trainer.engine, coords, (trainer.layout.tensor, trainer.layout.context),
+                       trainer.env.rank, trainer.run_dir / "capture", trainer.cfg.optim.grad_clip, step, micro_batches)
 
 
 class _Nothing(contextlib.nullcontext):

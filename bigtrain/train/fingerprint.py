@@ -18,11 +18,26 @@ gathered. For parameters the position comes from the piece's box (`bigtrain.chec
 with this rank's offset along the last dimension (a tensor-parallel cut of features), once along the one before
 (a sequence-parallel cut), once without (a tensor that every tensor rank holds whole, or one cut along a leading
 dimension, such as attention heads in [batch, heads, seq, head_dim]).
+
+Under context parallelism (C ranks of a context group, `bigtrain.parallel.context.sharding`) the dimension before
+the last holds this context rank's zig-zag share of the sequence: chunks c and 2C-1-c of 2C. The three prints are
+given again ("ctx:whole", "ctx:last", "ctx:seq") with each local sequence index s replaced by the token's position
+in the whole sequence,
+
+    ctx:whole, ctx:last     g_c(s)          = global_positions(C · L, C, c)[s]         (L the local length)
+    ctx:seq                 g_c(t · L + s)  over C · T · L tokens                      (sequence parallelism cuts
+                                                                                        the context share again:
+                                                                                        tensor rank t holds rows
+                                                                                        [t · L, (t + 1) · L) of it)
+
+so that the context ranks' prints add up to the whole sequence's, and two chunks in each other's place differ.
 """
 
 from __future__ import annotations
 
 import torch
+
+from bigtrain.parallel.context.sharding import global_positions
 
 STEPS = (0.6180339887, 0.4142135624, 0.7320508076, 0.2360679775, 0.3166247904, 0.6457513111)
 FIELDS = ("n", "sum", "sumsq", "abssum", "pos", "pos2")
@@ -52,21 +67,31 @@ def piece_print(values: torch.Tensor, box: tuple[tuple[int, int], ...], start: i
 
 
 @torch.no_grad()
-def activation_prints(t: torch.Tensor, tensor_rank: int) -> dict[str, list[float]]:
+def activation_prints(t: torch.Tensor, tensor_rank: int, tensor_size: int = 1, context_rank: int = 0,
+                      context_size: int = 1) -> dict[str, list[float]]:
     """{"whole": print, "last": print, "seq": print}: positions as held, offset by this tensor rank's share along
-    the last dimension, along the one before it."""
+    the last dimension, along the one before it; with `context_size` > 1 also "ctx:whole", "ctx:last" and
+    "ctx:seq", the same with the sequence positions of this context rank's zig-zag share (module docstring; left
+    out where the local length cannot be such a share)."""
     x = t.detach().double().cpu()
     if x.dim() == 0:
         x = x.reshape(1)
     if x.dim() == 1:
         x = x.reshape(1, -1)
     seq, width = x.shape[-2], x.shape[-1]
+    rows = torch.arange(seq, dtype=torch.int64)
+    kinds = {"whole": (0, rows), "last": (tensor_rank * width, rows), "seq": (0, rows + tensor_rank * seq)}
+    if context_size > 1 and (seq * context_size) % (2 * context_size) == 0:
+        share = global_positions(seq * context_size, context_size, context_rank)
+        kinds.update({"ctx:whole": (0, share), "ctx:last": (tensor_rank * width, share)})
+    if context_size > 1 and (seq * context_size * tensor_size) % (2 * context_size) == 0:
+        share = global_positions(seq * context_size * tensor_size, context_size, context_rank)
+        kinds["ctx:seq"] = (0, share[rows + tensor_rank * seq])
     j = torch.arange(width, dtype=torch.float64)
-    s = torch.arange(seq, dtype=torch.float64).unsqueeze(-1)
     basic = _basic(x)
     out = {}
-    for kind, (dj, ds) in {"whole": (0, 0), "last": (tensor_rank * width, 0), "seq": (0, tensor_rank * seq)}.items():
-        phase = 0.5 + STEPS[0] * (j + dj) + STEPS[1] * (s + ds)
+    for kind, (dj, positions) in kinds.items():
+        phase = 0.5 + STEPS[0] * (j + dj) + STEPS[1] * positions.double().unsqueeze(-1)
         out[kind] = basic + _weighted(x, phase)
     return out
 

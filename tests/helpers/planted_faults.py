@@ -13,6 +13,9 @@ kind found in real trainers, and each leaves one device's run as it is (the refe
                       pairs them with the labels in the right one)
     rotary_offset     tensor parallelism: tensor rank 1 rotates its heads' keys one position too far (its queries
                       right), as keys from a neighbour's chunk under context parallelism with a wrong offset
+    rotary_context_offset  context parallelism (context=2, no tensor parallelism): context rank 1 rotates the
+                      queries and keys of its second chunk one position too far (a wrong offset of the zig-zag
+                      chunk's global positions)
     lamb_shard        LAMB under tensor parallelism: the trust ratio ||w|| / ||r|| of a sharded parameter from this
                       rank's shard alone
     loss_denominator  gradient accumulation under data parallelism: each micro-batch's loss is divided by this
@@ -121,6 +124,22 @@ def _rotary_offset():
     Rotary.forward = shifted
 
 
+def _rotary_context_offset():
+    from bigtrain.models.layers import Rotary
+
+    forward = Rotary.forward
+
+    def shifted(self, x, position_ids=None):
+        # under context parallelism the model is given each token's global position; with context=2 and no
+        # tensor parallelism, context rank 1 is every odd rank. Its second chunk is the second half of its tokens.
+        if position_ids is not None and dist.is_initialized() and dist.get_rank() % 2 == 1:
+            half = position_ids.shape[-1] // 2
+            position_ids = torch.cat([position_ids[..., :half], position_ids[..., half:] + 1], dim=-1)
+        return forward(self, x, position_ids)
+
+    Rotary.forward = shifted
+
+
 def _lamb_shard():
     from bigtrain.engine.zero_lamb import ZeroLamb
     from bigtrain.optim.lamb import Lamb
@@ -141,7 +160,8 @@ def _loss_denominator():
 
 FAULTS = {"sp_norm_grad": _sp_norm_grad, "vocab_ce_scale": _vocab_ce_scale, "qkv_shard": _qkv_shard,
           "skip_reduce": _skip_reduce, "pipeline_order": _pipeline_order, "rotary_offset": _rotary_offset,
-          "lamb_shard": _lamb_shard, "loss_denominator": _loss_denominator}
+          "rotary_context_offset": _rotary_context_offset, "lamb_shard": _lamb_shard,
+          "loss_denominator": _loss_denominator}
 
 if FAULT:
     if FAULT not in FAULTS:
