@@ -109,7 +109,7 @@ def run_export(argv: list[str]) -> int:
     parser.add_argument("--step", type=whole, metavar="N", help=STEP_HELP)
     parser.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
                         help="safetensors: model.safetensors + config.yaml (one-device layout); hf: a transformers "
-                        "folder of GPT-2, Llama, GPT-NeoX, BERT or T5 (config.json, model.safetensors, "
+                        "folder of GPT-2, Llama, Mixtral, GPT-NeoX, BERT or T5 (config.json, model.safetensors, "
                         "generation_config.json, and tokenizer.json + tokenizer_config.json + "
                         "special_tokens_map.json, built for byte-tokenizer runs)")
     parser.add_argument("--out", type=path, required=True, help="output folder")

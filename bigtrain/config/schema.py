@@ -93,8 +93,8 @@ class ModelConfig:
     init_std: float = opt(0.02, "standard deviation of the normal init")
     init_from: str | None = opt(
         None, "start from these weights instead of the init (fine-tuning; fresh optimizer): a local Hugging "
-        "Face model directory (config.json + safetensors) of GPT-2, Llama, GPT-NeoX, BERT or T5, or a bigtrain "
-        "run.dir, checkpoint or export; the model section must describe the same architecture", path=True)
+        "Face model directory (config.json + safetensors) of GPT-2, Llama, Mixtral, GPT-NeoX, BERT or T5, or a "
+        "bigtrain run.dir, checkpoint or export; the model section must describe the same architecture", path=True)
     moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": (
         "mixture-of-experts blocks {experts, top_k, every, shared_experts, d_ff, aux_loss_coef, z_loss_coef, "
         "capacity_factor}; experts=0 keeps every block dense. One process on the plain engine only for now")})

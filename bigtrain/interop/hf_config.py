@@ -1,7 +1,9 @@
-"""bigtrain's model section ↔ a Hugging Face `config.json`, for the five families that map one to one:
+"""bigtrain's model section ↔ a Hugging Face `config.json`, for the six families that map one to one:
 
     GPT-2     causal, learned positions, pre-LN LayerNorm with biases, GELU (exact or tanh) or ReLU
     Llama     causal, rotary, pre-norm RMSNorm, SwiGLU, grouped-query attention (biases optional)
+    Mixtral   Llama without biases whose every feed-forward is a mixture of SwiGLU experts (`model.moe`: softmax
+              router, top-k renormalized, dropless, no shared experts)
     GPT-NeoX  causal, rotary (all of each head), pre-norm LayerNorm with biases, GELU (exact or tanh) or ReLU,
               sequential residual (use_parallel_residual false); the smoke model's family
     BERT    masked, post-LN, learned positions, embedding LayerNorm, MLM head transform (BertForMaskedLM)
@@ -20,10 +22,11 @@ from typing import Any
 from bigtrain.config.schema import ModelConfig
 from bigtrain.errors import CheckpointError
 
-KINDS = ("gpt2", "llama", "gpt_neox", "bert", "t5")
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
-                 "bert": "BertForMaskedLM", "t5": "T5ForConditionalGeneration"}
-_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "gpt_neox": "GPT-NeoX", "bert": "BERT", "t5": "T5"}
+KINDS = ("gpt2", "llama", "mixtral", "gpt_neox", "bert", "t5")
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "gpt_neox": "GPTNeoXForCausalLM", "bert": "BertForMaskedLM", "t5": "T5ForConditionalGeneration"}
+_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "mixtral": "Mixtral", "gpt_neox": "GPT-NeoX", "bert": "BERT",
+          "t5": "T5"}
 
 # HF activation names (ACT2FN) for bigtrain's; SwiGLU is Llama's MLP and T5's gated-silu.
 _ACT_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
@@ -37,6 +40,9 @@ _FIXED: dict[str, dict[str, Any]] = {
     "llama": {"positions": "rotary", "norm": "rmsnorm", "norm_position": "pre", "activation": "swiglu",
               "scale_embeddings": False, "embedding_norm": False, "type_vocab_size": 0, "head_transform": False,
               "head_bias": False, "scale_attention": True, "scale_tied_output": False},
+    "mixtral": {"positions": "rotary", "norm": "rmsnorm", "norm_position": "pre", "activation": "swiglu",
+                "bias": False, "scale_embeddings": False, "embedding_norm": False, "type_vocab_size": 0,
+                "head_transform": False, "head_bias": False, "scale_attention": True, "scale_tied_output": False},
     # scale_embeddings is folded into the weights (`folded_scale`), so it is not fixed here.
     "gpt_neox": {"positions": "rotary", "norm": "layernorm", "norm_position": "pre", "bias": True,
                  "embedding_norm": False, "type_vocab_size": 0, "head_transform": False, "head_bias": False,
@@ -56,10 +62,13 @@ def _kv_heads(cfg: ModelConfig) -> int:
 
 def hf_kind(cfg: ModelConfig) -> str:
     """The transformers family this model section maps to; a ValueError naming each option without a
-    counterpart otherwise."""
-    rotary = "llama" if cfg.norm == "rmsnorm" else "gpt_neox"
-    kind = {"masked": "bert", "seq2seq": "t5"}.get(cfg.family) or (rotary if cfg.positions == "rotary" else "gpt2")
-    if cfg.family == "causal" and cfg.positions not in ("learned", "rotary"):
+    counterpart otherwise. A causal model with mixture-of-experts blocks maps to Mixtral."""
+    if cfg.moe.experts and cfg.family == "causal":
+        kind = "mixtral"
+    else:
+        rotary = "llama" if cfg.norm == "rmsnorm" else "gpt_neox"
+        kind = {"masked": "bert", "seq2seq": "t5"}.get(cfg.family) or (rotary if cfg.positions == "rotary" else "gpt2")
+    if kind != "mixtral" and cfg.family == "causal" and cfg.positions not in ("learned", "rotary"):
         raise ValueError(f"model.positions={cfg.positions} has no counterpart in transformers' causal models: "
                          f"export maps positions=learned to GPT-2, and positions=rotary to Llama (norm=rmsnorm) or "
                          f"GPT-NeoX (norm=layernorm).")
@@ -69,14 +78,30 @@ def hf_kind(cfg: ModelConfig) -> str:
         problems.append(f"model.activation={cfg.activation!r} ({_NAMES[kind]} takes relu, gelu or gelu_tanh)")
     if kind in ("gpt2", "gpt_neox", "bert") and _kv_heads(cfg) != cfg.n_heads:
         problems.append(f"model.n_kv_heads={cfg.n_kv_heads} ({_NAMES[kind]} has no grouped-query attention)")
-    if cfg.moe.experts:
-        problems.append(f"model.moe.experts={cfg.moe.experts} (mixture-of-experts blocks: the Mixtral mapping is not "
-                        f"built yet)")
+    if kind == "mixtral":
+        problems += _mixtral_problems(cfg)
+    elif cfg.moe.experts:
+        problems.append(f"model.moe.experts={cfg.moe.experts} (transformers' {_NAMES[kind]} has no "
+                        f"mixture-of-experts blocks; they map to Mixtral, a causal model)")
     if problems:
-        raise ValueError(f"This model has no counterpart in transformers ({cfg.family} maps to {_NAMES[kind]}): "
+        moe = f" with model.moe.experts={cfg.moe.experts}" if kind == "mixtral" else ""
+        raise ValueError(f"This model has no counterpart in transformers ({cfg.family}{moe} maps to {_NAMES[kind]}): "
                          + "; ".join(problems) + ". Train with those values to export to Hugging Face, or export "
                          "with --format safetensors (bigtrain's own).")
     return kind
+
+
+def _mixtral_problems(cfg: ModelConfig) -> list[str]:
+    """The `model.moe` values transformers' Mixtral lacks: every block is an MoE block, routing is dropless, no
+    shared experts."""
+    moe, problems = cfg.moe, []
+    if moe.every != 1:
+        problems.append(f"model.moe.every={moe.every} (Mixtral has mixture-of-experts blocks in every layer: 1)")
+    if moe.shared_experts:
+        problems.append(f"model.moe.shared_experts={moe.shared_experts} (Mixtral has no shared experts: 0)")
+    if moe.capacity_factor > 0:
+        problems.append(f"model.moe.capacity_factor={moe.capacity_factor} (Mixtral's routing is dropless: 0)")
+    return problems
 
 
 def folded_scale(cfg: ModelConfig) -> tuple[str, float]:
@@ -117,6 +142,16 @@ def to_hf_config(cfg: ModelConfig, vocab_size: int, ids: dict[str, int | None]) 
                 "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
                 "rope_theta": cfg.rope_theta, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
                 "attention_dropout": _attention_dropout(cfg)}
+    if kind == "mixtral":
+        return {**common, "hidden_size": d, "num_hidden_layers": cfg.n_layers, "num_attention_heads": heads,
+                "num_key_value_heads": _kv_heads(cfg), "head_dim": d // heads,
+                "intermediate_size": cfg.moe.d_ff or cfg.d_ff, "hidden_act": "silu",
+                "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+                "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+                "rope_theta": cfg.rope_theta, "sliding_window": None, "attention_dropout": _attention_dropout(cfg),
+                "num_local_experts": cfg.moe.experts, "num_experts_per_tok": cfg.moe.top_k,
+                "router_aux_loss_coef": cfg.moe.aux_loss_coef, "router_jitter_noise": 0.0,
+                "output_router_logits": False}
     if kind == "gpt_neox":
         how, scale = folded_scale(cfg)
         eps = cfg.norm_eps / scale**2 if how == "stream" else cfg.norm_eps
@@ -155,8 +190,12 @@ def _get(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:
 
 
 def implied_model(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    """The bigtrain `model.*` values of a transformers config.json (`where` names it in errors); `vocab_size`
-    is the embedding's row count."""
+    """The bigtrain `model.*` values of a transformers config.json (`where` names it in errors; `moe.x` is
+    `model.moe.x`); `vocab_size` is the embedding's row count. Every family but Mixtral has dense blocks."""
+    return {"moe.experts": 0, **_implied_family(hf, where)}
+
+
+def _implied_family(hf: dict[str, Any], where: str) -> dict[str, Any]:
     kind = hf.get("model_type")
     if kind not in KINDS:
         raise CheckpointError(f"{where} is a transformers '{kind}' model; model.init_from reads {', '.join(KINDS)} "
@@ -173,25 +212,8 @@ def implied_model(hf: dict[str, Any], where: str) -> dict[str, Any]:
                 "n_layers": hf.get("n_layer", 12), "n_heads": hf.get("n_head", 12), "n_kv_heads": hf.get("n_head", 12),
                 "d_ff": hf.get("n_inner") or 4 * d, "max_seq_len": hf.get("n_positions", 1024), "activation": act,
                 "norm_eps": hf.get("layer_norm_epsilon", 1e-5), "tie_embeddings": hf.get("tie_word_embeddings", True)}
-    if kind == "llama":
-        d, heads = hf["hidden_size"], hf["num_attention_heads"]
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise CheckpointError(f"{where}: rope_type={rope.get('rope_type', rope.get('type'))!r} (scaled rotary "
-                                  f"embeddings) has no bigtrain counterpart; bigtrain's rotary is rope_type default.")
-        if _get(hf, "head_dim", default=d // heads) != d // heads:
-            raise CheckpointError(f"{where}: head_dim={hf['head_dim']} differs from hidden_size / "
-                                  f"num_attention_heads = {d // heads}; bigtrain's heads are d_model / n_heads wide.")
-        if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias", False) != hf.get("mlp_bias", False):
-            raise CheckpointError(f"{where}: hidden_act={hf.get('hidden_act')!r}, attention_bias="
-                                  f"{hf.get('attention_bias')}, mlp_bias={hf.get('mlp_bias')}: bigtrain's Llama has "
-                                  f"SiLU gating and one model.bias for attention and MLP.")
-        return {**fixed, "family": "causal", "vocab_size": hf["vocab_size"], "d_model": d,
-                "n_layers": hf["num_hidden_layers"], "n_heads": heads,
-                "n_kv_heads": hf.get("num_key_value_heads") or heads, "d_ff": hf["intermediate_size"],
-                "norm_eps": hf.get("rms_norm_eps", 1e-6), "bias": bool(hf.get("attention_bias", False)),
-                "rope_theta": float(_get(rope, "rope_theta", default=hf.get("rope_theta", 10000.0))),
-                "tie_embeddings": hf.get("tie_word_embeddings", False)}
+    if kind in ("llama", "mixtral"):
+        return {**fixed, **_implied_llama(hf, where, kind)}
     if kind == "gpt_neox":
         return {**fixed, **_implied_neox(hf, where)}
     if kind == "bert":
@@ -222,6 +244,40 @@ def implied_model(hf: dict[str, Any], where: str) -> dict[str, Any]:
             "norm_eps": hf.get("layer_norm_epsilon", 1e-6),
             # as transformers reads it: tie_word_embeddings false in config.json = no output rescale
             "scale_tied_output": hf.get("tie_word_embeddings", True) is not False}
+
+
+def _implied_llama(hf: dict[str, Any], where: str, kind: str) -> dict[str, Any]:
+    """A Llama or Mixtral config.json as bigtrain values; scaled rotary, a head size other than d_model / n_heads,
+    an activation other than SiLU gating and (Mixtral) sliding-window attention are refused. Defaults are
+    transformers' own (Mixtral: rms_norm_eps 1e-5, rope_theta 1e6, 8 experts, top-2)."""
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"{where}: rope_type={rope.get('rope_type', rope.get('type'))!r} (scaled rotary "
+                              f"embeddings) has no bigtrain counterpart; bigtrain's rotary is rope_type default.")
+    if _get(hf, "head_dim", default=d // heads) != d // heads:
+        raise CheckpointError(f"{where}: head_dim={hf['head_dim']} differs from hidden_size / "
+                              f"num_attention_heads = {d // heads}; bigtrain's heads are d_model / n_heads wide.")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+        raise CheckpointError(f"{where}: hidden_act={hf.get('hidden_act')!r}, attention_bias="
+                              f"{hf.get('attention_bias')}, mlp_bias={hf.get('mlp_bias')}: bigtrain's {_NAMES[kind]} "
+                              f"has SiLU gating and one model.bias for attention and MLP.")
+    mixtral = kind == "mixtral"
+    if mixtral and hf.get("sliding_window") is not None:
+        raise CheckpointError(f"{where}: sliding_window={hf['sliding_window']} (attention to the last tokens only) "
+                              f"has no bigtrain counterpart; bigtrain's causal attention sees the whole context "
+                              f"(sliding_window null).")
+    theta = float(_get(rope, "rope_theta", default=_get(hf, "rope_theta", default=1e6 if mixtral else 10000.0)))
+    out = {"family": "causal", "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": hf["num_hidden_layers"],
+           "n_heads": heads, "n_kv_heads": _get(hf, "num_key_value_heads", default=8 if mixtral else heads),
+           "norm_eps": hf.get("rms_norm_eps", 1e-5 if mixtral else 1e-6), "rope_theta": theta,
+           "tie_embeddings": hf.get("tie_word_embeddings", False)}
+    if not mixtral:
+        return {**out, "d_ff": hf["intermediate_size"], "bias": bool(hf.get("attention_bias", False))}
+    # Every block is an MoE block without shared experts; capacity_factor and the loss weights are training
+    # choices of the run (a capacity limit drops assignments: the run says so, transformers' Mixtral does not).
+    return {**out, "moe.experts": hf.get("num_local_experts", 8), "moe.top_k": hf.get("num_experts_per_tok", 2),
+            "moe.d_ff": hf.get("intermediate_size", 14336), "moe.every": 1, "moe.shared_experts": 0}
 
 
 def _implied_neox(hf: dict[str, Any], where: str) -> dict[str, Any]:
@@ -258,6 +314,10 @@ def _activation(name: str, where: str) -> str:
 
 
 def _effective(cfg: ModelConfig, key: str, vocab_size: int) -> Any:
+    if key == "moe.d_ff":
+        return cfg.moe.d_ff or cfg.d_ff
+    if key.startswith("moe."):
+        return getattr(cfg.moe, key.removeprefix("moe."))
     if key == "vocab_size":
         return vocab_size
     if key == "n_kv_heads":

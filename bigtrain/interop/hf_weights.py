@@ -9,7 +9,8 @@ fuses Q, K, V into one `c_attn` [d, 3d]; GPT-NeoX fuses them per head into `quer
 are (head 0: q, k, v; head 1: q, k, v; ...), and rotates (x_i, x_{i+d/2}) pairs as bigtrain does (rotate_half), so
 no row permutation is needed; T5 keeps its relative position bias in the first block of each stack;
 BERT's output bias is `cls.predictions.bias`; a BERT without token types or output bias is written with a zero
-row / zero bias (the same function).
+row / zero bias (the same function). Mixtral's published files keep each expert as three linears (w1 = SwiGLU's
+gate, w3 = up, w2 = down), as bigtrain holds them, and its router as `gate`.
 """
 
 from __future__ import annotations
@@ -62,19 +63,34 @@ def _gpt2(cfg: ModelConfig) -> list[Rule]:
     return rules
 
 
-def _llama(cfg: ModelConfig) -> list[Rule]:
+_MIXTRAL_EXPERT = (("gate", "w1"), ("up", "w3"), ("down", "w2"))  # SwiGLU: down(silu(gate x) * up x)
+
+
+def _llama(cfg: ModelConfig, moe: bool = False) -> list[Rule]:
+    """Llama; with `moe`, Mixtral: each block's feed-forward is `block_sparse_moe` with the router `gate` and per
+    expert w1 (SwiGLU's gate, silu'd), w3 (up) and w2 (down), as the published checkpoints and transformers'
+    save_pretrained store them (transformers fuses them into 3-D tensors on load)."""
     rules = [Rule("embed.tokens.weight", "model.embed_tokens.weight"), Rule("final_norm.weight", "model.norm.weight")]
     for i in range(cfg.n_layers):
         b, h = f"blocks.{i}", f"model.layers.{i}"
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             rules += _linear(f"{b}.self_attn.{proj}", f"{h}.self_attn.{proj}", cfg.bias)
-        for ours, theirs in (("up", "up_proj"), ("gate", "gate_proj"), ("down", "down_proj")):
-            rules += _linear(f"{b}.ffn.{ours}", f"{h}.mlp.{theirs}", cfg.bias)
+        if moe:
+            rules.append(Rule(f"{b}.ffn.router.weight", f"{h}.block_sparse_moe.gate.weight"))
+            rules += [Rule(f"{b}.ffn.experts.{e}.{ours}.weight", f"{h}.block_sparse_moe.experts.{e}.{theirs}.weight")
+                      for e in range(cfg.moe.experts) for ours, theirs in _MIXTRAL_EXPERT]
+        else:
+            for ours, theirs in (("up", "up_proj"), ("gate", "gate_proj"), ("down", "down_proj")):
+                rules += _linear(f"{b}.ffn.{ours}", f"{h}.mlp.{theirs}", cfg.bias)
         rules += [Rule(f"{b}.self_attn_norm.weight", f"{h}.input_layernorm.weight"),
                   Rule(f"{b}.ffn_norm.weight", f"{h}.post_attention_layernorm.weight")]
     if not cfg.tie_embeddings:
         rules.append(Rule("head.weight", "lm_head.weight"))
     return rules
+
+
+def _mixtral(cfg: ModelConfig) -> list[Rule]:
+    return _llama(cfg, moe=True)
 
 
 def _gpt_neox(cfg: ModelConfig) -> list[Rule]:
@@ -146,8 +162,8 @@ def _t5(cfg: ModelConfig) -> list[Rule]:
     return rules
 
 
-RULES: dict[str, Callable[[ModelConfig], list[Rule]]] = {"gpt2": _gpt2, "llama": _llama, "gpt_neox": _gpt_neox,
-                                                          "bert": _bert, "t5": _t5}
+RULES: dict[str, Callable[[ModelConfig], list[Rule]]] = {"gpt2": _gpt2, "llama": _llama, "mixtral": _mixtral,
+                                                          "gpt_neox": _gpt_neox, "bert": _bert, "t5": _t5}
 
 # Tensors transformers may also store under another name (tied copies, older layouts).
 ALIASES = {"shared.weight": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),

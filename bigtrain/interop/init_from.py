@@ -1,9 +1,10 @@
 """`model.init_from`: the weights a run starts from instead of its initialization (fine-tuning), under any layout.
 
-The source is a local Hugging Face folder (GPT-2, Llama, GPT-NeoX, BERT, T5; its config.json must describe the same
-model as the run's `model` section) or a bigtrain checkpoint, run.dir or exported folder (weights only). Either way it
-is served as a reader of boxes of the unsplit tensors, which the engine's layout-free restore uses with step 0:
-each rank reads its tensor shard (its ZeRO partition), no optimizer state is read (the optimizer starts fresh).
+The source is a local Hugging Face folder (GPT-2, Llama, Mixtral, GPT-NeoX, BERT, T5; its config.json must describe
+the same model as the run's `model` section) or a bigtrain checkpoint, run.dir or exported folder (weights only).
+Either way it is served as a reader of boxes of the unsplit tensors, which the engine's layout-free restore uses with
+step 0: each rank reads its tensor shard (its ZeRO partition), no optimizer state is read (the optimizer starts
+fresh).
 """
 
 from __future__ import annotations
