@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 # CPU build of torch; GPU users install their CUDA build first (see README), which this leaves alone.
 TORCH_SPEC ?= torch==2.13.0
+# train.precision=fp8 (docs/fp8.md): installed before the package so that its pin, not pip's choice, is what runs.
+TORCHAO_SPEC ?= torchao>=0.18,<0.19
 
 .PHONY: setup smoke test test-fast lint clean
 
@@ -25,6 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install --no-build-isolation "deepspeed>=0.19,<0.20"
+	$(PY) -c "import torchao" 2>/dev/null || $(PIP) install "$(TORCHAO_SPEC)"
 	$(PIP) install -e ".[dev,mpi,fairscale]"
 	$(PY) -c "from mpi4py import MPI" 2>/dev/null || $(PIP) install mpich  # MPICH from PyPI where no MPI is found
 	@# DeepSpeed JIT-builds its CPU shared-memory all-reduce op on the first multi-rank CPU run (~1 min, cached

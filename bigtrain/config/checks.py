@@ -14,6 +14,7 @@ import math
 
 from bigtrain.config.context_checks import check_context
 from bigtrain.config.data_checks import check_data
+from bigtrain.config.fp8_checks import check_fp8
 from bigtrain.config.layout import Layout
 from bigtrain.config.log_checks import check_log_trackers
 from bigtrain.config.model_checks import check_model, check_moe
@@ -163,6 +164,7 @@ def validate(cfg: Config, world_size: int = 1) -> Layout:
     check_pipeline_schedule(cfg, layout)
     check_moe(cfg, layout)
     check_training(cfg, layout)
+    check_fp8(cfg, layout)
     check_data(cfg)
     check_deepspeed_section(cfg, layout)
     return layout

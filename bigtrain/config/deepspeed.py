@@ -64,7 +64,7 @@ def derive_deepspeed_config(cfg: Config, dp_size: int, on_gpu: bool = False, con
         # DeepSpeed 0.19 defaults this to 1.0: always set it from bigtrain (0 = no clipping).
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": t.precision in ("bf16", "fp8")},  # fp8: bf16 around the blocks' FP8 matmuls
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,  # bigtrain hands over its own AdamW / LAMB
         "zero_force_ds_cpu_optimizer": False,

@@ -14,7 +14,8 @@
                                               parallel.engine=torch is the plain engine on one process and
                                               PyTorch's FSDP2 (`fsdp2`) on several, its pipeline
                                               schedules (`torch_pipeline`) with pipeline stages
-    precision                                 fp32 | bf16 | fp16
+    precision                                 fp32 | bf16 | fp16 (train.precision=fp8 is bf16 here: everything
+                                              but the blocks' FP8 matmuls runs as under bf16, docs/fp8.md)
 
 The command computes it once and passes it down (process groups, the engine, the checkpoint that records it);
 nothing else reads parallel.engine. Ranks are numbered in Megatron's order, tensor innermost, then context, then
@@ -235,6 +236,12 @@ def resolve_engine(cfg: Config, world_size: int) -> str:
     return engine_for(p.engine, world_size, p.zero_stage, p.pipeline)
 
 
+def compute_precision(precision: str) -> str:
+    """The precision engines run in: fp8's FP8 matmuls are a layer conversion (`bigtrain.parallel.fp8`), and the
+    rest of the model, the engines' mixed precision and the optimizer run as under bf16."""
+    return "bf16" if precision == "fp8" else precision
+
+
 def resolve_layout(cfg: Config, world_size: int) -> Layout:
     """The layout of `cfg` on `world_size` ranks (see the module docstring); ConfigError when the sizes do not
     divide the world."""
@@ -243,4 +250,4 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
     return Layout.for_world(p.tensor, p.pipeline, world_size, p.data, sequence_parallel=p.sequence_parallel,
                             context=p.context, expert=p.expert,
                             zero_stage=p.zero_stage if engine != "torch" else 0, engine=engine,
-                            precision=cfg.train.precision)
+                            precision=compute_precision(cfg.train.precision))

@@ -230,8 +230,18 @@ class TrainConfig:
     seed: int = opt(1234, "seed of weights, data order, masks and dropout")
     global_batch_size: int = opt(32, "sequences per optimizer step, over all data-parallel ranks")
     micro_batch_size: int = opt(32, "sequences per forward/backward on one rank")
-    precision: Literal["fp32", "bf16", "fp16"] = opt(
-        "fp32", "fp32; bf16 autocast; fp16 autocast with dynamic loss scaling (CUDA only)")
+    precision: Literal["fp32", "bf16", "fp16", "fp8"] = opt(
+        "fp32", "fp32; bf16 autocast; fp16 autocast with dynamic loss scaling (CUDA only); fp8: the Linear layers "
+        "of every block multiply in FP8 through torchao (emulated on CPU; CUDA needs compute capability >= 8.9), "
+        "everything else runs as under bf16 (docs/fp8.md)")
+    fp8_recipe: Literal["tensorwise", "rowwise"] = opt(
+        "tensorwise", "precision=fp8: one scale per tensor, or one per row of each operand (torchao's recipes)")
+    fp8_check_every: int = opt(
+        50, "precision=fp8: every n-th step the step's first micro-batch also runs in bf16 on the same weights "
+        "and the relative differences of the loss and of each block's update are logged; 0 = never")
+    fp8_tolerance: float = opt(
+        0.1, "precision=fp8: a block whose relative difference from bf16 exceeds this in 3 checks in a row falls "
+        "back to bf16 for the rest of the run (kept across resumes)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda if available, else cpu")
     eval_every: int = opt(200, "steps between evaluations; 0 = only at the end")
     eval_samples: int | None = opt(

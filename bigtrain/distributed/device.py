@@ -26,6 +26,12 @@ def check_precision(precision: str, device: torch.device) -> None:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision='fp16' needs a CUDA GPU (fp16 autocast and loss scaling are GPU "
                           "features). On CPU use train.precision=bf16 or fp32.")
+    if precision == "fp8" and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ConfigError(f"train.precision='fp8' needs a GPU of compute capability >= 8.9 (Ada, Hopper or "
+                              f"newer: FP8 tensor cores); {torch.cuda.get_device_name(device)} has {major}.{minor}. "
+                              f"Use train.precision=bf16 on this GPU (on a CPU, FP8 is emulated for tests).")
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -8,6 +8,8 @@ In a fixed order, as torchtitan's `parallelize_llama`:
                                          (`context/inputs.py`: the engines split every micro-batch by it)
        expert parallelism                MoE blocks replaced by their rank's slice of the routed experts, tokens
                                          dispatched and combined by all-to-all over the expert group (`expert.py`)
+       FP8 (`train.precision=fp8`)       the blocks' Linear layers, tensor-parallel ones included, replaced by
+                                         torchao-based FP8 layers (`fp8.py`), so that what follows wraps them
     2. activation checkpointing          blocks or attention cores wrapped (`activation_checkpointing.py`)
     3. torch.compile (`train.compile`)   each block compiled on its own (`compile.py`), after tensor
                                          parallelism and checkpointing, before the pipeline split
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -45,6 +48,9 @@ from bigtrain.parallel.stages import RankStages, build_rank_stages, mark_tied_co
 from bigtrain.parallel.tensor import apply_tensor_parallel, mark_tensor_parallel
 from bigtrain.parallel.tensor_layers import TensorParallel
 
+if TYPE_CHECKING:
+    from bigtrain.parallel.fp8 import Fp8Conversion
+
 
 @dataclass
 class ParallelModel:
@@ -57,6 +63,7 @@ class ParallelModel:
     under context parallelism, and C·T with both). context: the split of micro-batches over the context group
     (None without context parallelism).
     stages: under PyTorch's pipeline schedules (engine torch_pipeline), this rank's stage modules instead.
+    fp8: what `train.precision=fp8` converted (None in other precisions).
     """
 
     model: TransformerLM
@@ -67,6 +74,7 @@ class ParallelModel:
     stage: nn.Module | None = None
     context: ContextInputs | None = None
     stages: RankStages | None = None
+    fp8: Fp8Conversion | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -104,6 +112,10 @@ def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups | None
     if layout.expert > 1:
         assert groups is not None
         apply_expert_parallel(model, groups.expert_group, groups.expert_rank, layout.expert)
+    if cfg.train.precision == "fp8":
+        from bigtrain.parallel.fp8 import apply_fp8  # torchao is imported only when FP8 is asked for
+
+        result.fp8 = apply_fp8(model, cfg.train.fp8_recipe, torch.device(device))
 
     # 2. activation checkpointing
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n_layers)

@@ -203,7 +203,7 @@ def model_state(psi: int, c: Candidate, s: Setting) -> tuple[int, int, int]:
     params, grads, optimizer = state.params, state.grads, state.optimizer
     if mixed and c.zero_stage == 0:  # DeepSpeed's bf16/fp16 optimizer: fp32 master copy and fp32 gradients
         optimizer = 12 * psi
-        grads += 4 * psi if s.precision == "bf16" else 0
+        grads += 4 * psi if s.precision in ("bf16", "fp8") else 0
     return params, grads, optimizer
 
 

@@ -20,6 +20,8 @@ class TrainState:
     skipped_in_a_row: int = 0  # train.on_nonfinite=skip: consecutive skipped steps
     source_tokens: dict[str, int] = field(default_factory=dict)  # data.sources: input tokens trained per source
     qkv_layout: str = QKV_LAYOUT  # how attention holds Q, K, V (checkpoints without it hold three parameters)
+    fp8_fallback: list[str] = field(default_factory=list)  # train.precision=fp8: blocks fallen back to bf16
+    fp8_strikes: dict[str, int] = field(default_factory=dict)  # fp8: each block's failed guard checks in a row
 
     def add_source_tokens(self, tokens: dict[str, int]) -> None:
         for name, n in tokens.items():

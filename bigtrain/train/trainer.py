@@ -39,6 +39,7 @@ from bigtrain.parallel import parallelize
 from bigtrain.planning.flops import flops_per_token, peak_flops
 from bigtrain.planning.preflight import check_memory, shapes_model
 from bigtrain.train.capture import capture_step, capturing
+from bigtrain.train.fp8_guard import Fp8Guard
 from bigtrain.train.metrics import MetricsProcessor
 from bigtrain.train.nonfinite import NonFiniteSteps
 from bigtrain.train.preemption import StopRequest
@@ -62,7 +63,7 @@ class Trainer:
         if t.threads is not None:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t, env.local_rank)
-        check_precision(layout.precision, self.device)
+        check_precision(t.precision, self.device)
         self.run_dir, self.is_main = Path(cfg.run.dir), env.is_main
         self.capture_at = capture_step()  # a diagnostic: fingerprints of this step (`bigtrain parity --locate`)
         self.groups: ParallelGroups | None = None
@@ -110,6 +111,20 @@ class Trainer:
             self.state = TrainState(**{**self.restored.trainer_state, "tokenizer": self.tokenizer.name})
         elif cfg.model.init_from:
             self._init_from(vocab)
+        self.fp8_guard = self._fp8_guard()
+
+    def _fp8_guard(self) -> Fp8Guard | None:
+        """train.precision=fp8: the start notes of the conversion, and the bf16 guard (with the fallen blocks
+        and counts of a resumed run)."""
+        conversion, t = self.parallel.fp8, self.cfg.train
+        if conversion is None:
+            return None
+        from bigtrain.train.fp8_guard import Fp8Guard
+
+        self.notes += conversion.notes() + [f"fp8: blocks fallen back to bf16 before this run: "
+                                            f"{', '.join(self.state.fp8_fallback)}"] * bool(self.state.fp8_fallback)
+        return Fp8Guard(conversion, self.parallel.model, self.engine.evaluate_sums, t.fp8_check_every,
+                        t.fp8_tolerance, self.state.fp8_fallback, self.state.fp8_strikes)
 
     def _init_from(self, vocab: int) -> None:
         """Start from `model.init_from`'s weights (each rank reads its shard); the optimizer starts fresh."""
@@ -184,6 +199,8 @@ class Trainer:
                     batches, counts = self.data.micro_batches(state.step)
                     lr = self.lr_at(state.step + 1)
                     log_now = (state.step + 1) % cfg.log.every == 0 or state.step + 1 == t.steps
+                    if self.fp8_guard is not None and self.fp8_guard.due(state.step + 1):
+                        self._check_fp8(batches[0], state.step + 1)
                     with capturing(self, state.step + 1, len(batches)) as capture:
                         result = capture.result = self.engine.train_step(
                             batches, lr, layer_norms=log_now and cfg.log.tensorboard, counts=counts)
@@ -252,6 +269,16 @@ class Trainer:
             tracker.close(finished)
         return TrainResult(state=state, last_eval=last_eval, run_dir=self.run_dir, stopped_early=stopped_early,
                            stopped_by=stopped_by)
+
+    def _check_fp8(self, batch: dict[str, torch.Tensor], step: int) -> None:
+        """The bf16 guard on this step's first micro-batch (collective), into metrics.jsonl and TensorBoard."""
+        record = self.fp8_guard.check(batch, step)
+        self.metrics.log.write(record)
+        self.metrics.log.scalars("fp8_block_rel_diff", record["fp8_block_rel_diff"], step)
+        if record.get("fp8_fallback"):
+            self.metrics.write(f"fp8: blocks {', '.join(record['fp8_fallback'])} differed from bf16 by more than "
+                               f"train.fp8_tolerance={self.cfg.train.fp8_tolerance} in 3 checks in a row: bf16 "
+                               f"for the rest of the run")
 
     # ---- what the console says -------------------------------------------------------------------
     def _report_start(self, metrics: MetricsProcessor) -> None:
