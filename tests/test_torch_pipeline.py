@@ -204,9 +204,10 @@ def test_recomputed_and_compiled_stages(causal_reference, tmp_path):
 def test_fsdp2_stages_3d_equal_one_device_and_resume_across_zero_stages(causal_reference, tmp_path):
     """PP2 x FSDP2 DP2 (4 ranks), interleaved V=2, zero_stage 3: each stage sharded over the data group, gradients
     reduce-scattered once per step: 20 steps and the final eval within 1e-5 of one process; each rank's parameter
-    bytes 4Ψ_stage/D (1%). Rolled back to step 10 and resumed at zero_stage 2 (another layout, so through the
-    layout-free form into the sharded stages): steps 11-20 within 1e-5 again, and the consolidated weights of the
-    zero_stage-2 files equal the layout-free form's and give the final eval."""
+    bytes 4Ψ_stage/D (1%). Rolled back to step 10 and resumed at zero_stage 2 under zero_bubble (another layout,
+    so through the layout-free form into the sharded stages; weight gradients deferred to W actions): steps 11-20
+    within 1e-5 again, and the consolidated weights of the zero_stage-2 files equal the layout-free form's and
+    give the final eval."""
     run_dir = tmp_path / "run"
     base = _overrides(run_dir, *INTERLEAVED, "parallel.data=2", "checkpoint.every=10")
     launch_ok(4, [*base, "parallel.zero_stage=3"])
@@ -223,8 +224,9 @@ def test_fsdp2_stages_3d_equal_one_device_and_resume_across_zero_stages(causal_r
     ckpt = run_dir / "checkpoints"
     shutil.rmtree(ckpt / "step_00000020")
     (ckpt / "latest").write_text("step_00000010\n")
-    out = launch_ok(4, [*base, "parallel.zero_stage=2"])
+    out = launch_ok(4, [*base, "parallel.zero_stage=2", "parallel.pipeline_schedule=zero_bubble"])
     assert "resumed from" in out and "(step 10)" in out
     assert_same_curve(causal_reference, run_dir, rel=1e-5, eval_rel=1e-5)
-    assert json.loads((run_dir / "engine_config.json").read_text())["reshard_after_forward"] is False
+    resumed = json.loads((run_dir / "engine_config.json").read_text())
+    assert (resumed["schedule"], resumed["zero_stage"], resumed["reshard_after_forward"]) == ("zero_bubble", 2, False)
     assert consolidated_eval_loss(run_dir) == pytest.approx(read_metrics(run_dir)[1][20]["eval_loss"], rel=1e-6)
