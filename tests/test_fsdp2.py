@@ -219,8 +219,8 @@ def test_auto_is_unchanged(tmp_path):
     (2, ["parallel.zero_stage=0"], "set parallel.zero_stage to 2 (parameters kept gathered from forward to backward) "
                                    "or 3"),
     (2, ["parallel.zero_stage=1"], "not 1; for ZeRO-0 or ZeRO-1 use parallel.engine=auto"),
-    (4, ["parallel.zero_stage=2", "parallel.pipeline=2"], "parallel.zero_stage must be 0, got 2 (sharding the "
-                                                          "stages with FSDP2 is not built yet)"),
+    (4, ["parallel.zero_stage=1", "parallel.pipeline=2"], "parallel.zero_stage=1 (optimizer state alone sharded) "
+                                                          "has no FSDP2 form, got 1"),
     (2, ["parallel.zero_stage=3", "train.precision=fp16"], "train.precision=fp16 would need a sharded loss scaler"),
     (2, ["parallel.zero_stage=2", "parallel.offload_optimizer=true"], "parallel.offload_optimizer=true is DeepSpeed's"),
     (2, ["parallel.zero_stage=3", "deepspeed.steps_per_print=5"], "its engine is PyTorch's FSDP2"),

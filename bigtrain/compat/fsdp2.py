@@ -7,6 +7,7 @@
                                         group is created here
     local_values                        a sharded parameter's (a DTensor's) local rows as one flat tensor that
                                         shares their storage: writing it writes the parameter FSDP2 gathers
+    sharded_like                        a DTensor laid out as a sharded parameter, from its local part
     row_range                           which rows of a parameter a data rank holds: FSDP2 shards dimension 0 as
                                         torch.chunk does, c = ⌈n / D⌉ rows from r·c (fewer, or none, on the last
                                         ranks), so a rank's rows are one contiguous range of the flattened
@@ -54,6 +55,15 @@ def local_values(p: torch.Tensor) -> torch.Tensor:
 def local_grad(p: torch.Tensor) -> torch.Tensor | None:
     """This rank's rows of the (reduce-scattered) gradient of `p`, flat; None before a backward."""
     return None if p.grad is None else p.grad.to_local().reshape(-1)
+
+
+def sharded_like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A DTensor laid out as the sharded parameter `p` whose local part is `local` (a gradient FSDP2 did not
+    produce: a parameter its stage did not use)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local.view_as(p.to_local()), p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
 
 
 def row_range(rows: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -6,7 +6,10 @@
                             compute-only action list (every rank runs its stages in increasing order, each over
                             all micro-batches; then the backwards torch's validation asks for) lowered to sends
                             and receives by torch's `_PipelineScheduleRuntime`, which takes the placement from the
-                            actions; the backwards and their sends and receives are then dropped
+                            actions; the backwards and their sends and receives are then dropped, and FSDP2-sharded
+                            stages (parallel.zero_stage 2/3) are gathered once before the first forward and freed
+                            after the last (torch's UNSHARD/RESHARD around the backwards would pair an
+                            all-gather with no computation); stages without FSDP2 ignore both
 
 Importing this module imports torch.distributed.pipelining.
 """
@@ -28,9 +31,13 @@ class _ForwardOnly(_PipelineScheduleRuntime):
                                [_Action(s, b, mb) for s in sorted(held, reverse=True) for mb in mbs]
                                for rank, held in placement.items()}
         self._prepare_schedule_with_comms(self.pipeline_order)
-        backward = {b, _ComputationType.SEND_B, _ComputationType.RECV_B, _ComputationType.REDUCE_GRAD}
-        self.pipeline_order_with_comms = {rank: [a for a in actions if a.computation_type not in backward]
-                                          for rank, actions in self.pipeline_order_with_comms.items()}
+        unshard, reshard = _ComputationType.UNSHARD, _ComputationType.RESHARD
+        dropped = {b, _ComputationType.SEND_B, _ComputationType.RECV_B, _ComputationType.REDUCE_GRAD, unshard, reshard}
+        self.pipeline_order_with_comms = {
+            rank: [_Action(s, unshard, None) for s in sorted(placement[rank])] +
+                  [a for a in actions if a.computation_type not in dropped] +
+                  [_Action(s, reshard, None) for s in sorted(placement[rank])]
+            for rank, actions in self.pipeline_order_with_comms.items()}
 
 
 def forward_only_schedule(stages: list, n_microbatches: int, loss_fn: Callable, placement: dict[int, list[int]]):

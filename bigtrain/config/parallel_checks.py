@@ -41,7 +41,8 @@ def check_torch(cfg: Config, world_size: int) -> None:
     """What parallel.engine=torch serves: one process without ZeRO (the plain engine); on several ranks data
     parallelism with PyTorch's FSDP2 (parameters, gradients and optimizer state sharded), composed with tensor
     and sequence parallelism; with pipeline stages, torch.distributed.pipelining's schedules, whose data-parallel
-    ranks hold whole replicas of their stages and all-reduce gradients (zero_stage 0)."""
+    ranks hold whole replicas of their stages and all-reduce gradients (zero_stage 0) or shard each stage with
+    FSDP2 (zero_stage 2 or 3)."""
     p, t = cfg.parallel, cfg.train
     if world_size == 1:
         require(p.zero_stage == 0, f"parallel.engine='torch' on one process is the plain engine, which shards "
@@ -49,11 +50,19 @@ def check_torch(cfg: Config, world_size: int) -> None:
                 f"use parallel.engine=auto (DeepSpeed's ZeRO).")
         return
     if p.pipeline > 1:
-        require(p.zero_stage == 0, f"parallel.engine='torch' with parallel.pipeline={p.pipeline} runs "
-                f"torch.distributed.pipelining's schedules, whose data-parallel ranks hold whole replicas of their "
-                f"stages and all-reduce the gradients: parallel.zero_stage must be 0, got {p.zero_stage} (sharding "
-                f"the stages with FSDP2 is not built yet). Set parallel.zero_stage=0, or use parallel.engine=auto "
-                f"(DeepSpeed's pipeline engine, ZeRO-1) for sharded optimizer state.")
+        require(p.zero_stage != 1, f"parallel.engine='torch' with parallel.pipeline={p.pipeline} runs "
+                f"torch.distributed.pipelining's schedules, whose data-parallel ranks either hold whole replicas of "
+                f"their stages (parallel.zero_stage=0) or shard them with FSDP2 (2: parameters kept gathered from "
+                f"forward to backward, 3: sharded again after each forward); parallel.zero_stage=1 (optimizer "
+                f"state alone sharded) has no FSDP2 form, got 1. Set parallel.zero_stage to 0, 2 or 3, or use "
+                f"parallel.engine=auto (DeepSpeed's pipeline engine, ZeRO-1).")
+        tied = cfg.model.tie_embeddings or cfg.model.family == "seq2seq"
+        require(p.zero_stage == 0 or p.pipeline_schedule != "dualpipev" or not tied,
+                f"parallel.pipeline_schedule='dualpipev' with parallel.zero_stage={p.zero_stage} is refused: "
+                f"DualPipeV puts the first and the last stage on pipeline rank 0, so the tied embedding "
+                f"(model.tie_embeddings, or the seq2seq decoder's) would sit in two FSDP2 roots on one rank. Use "
+                f"parallel.zero_stage=0, model.tie_embeddings=false (decoder-only models), or "
+                f"parallel.pipeline_schedule=interleaved_1f1b or zero_bubble.")
     else:
         require(p.zero_stage in (2, 3), f"parallel.engine='torch' on {world_size} ranks is PyTorch's FSDP2, which "
                 f"shards parameters, gradients and optimizer state: set parallel.zero_stage to 2 (parameters kept "

@@ -101,3 +101,33 @@ def piece_grad_norms(model: nn.Module, groups: ParallelGroups) -> dict[str, floa
         dist.all_reduce(routed, group=groups.expert_group)
         squares = squares + routed
     return dict(zip(keys, _sum_over_model(squares, groups).sqrt().tolist(), strict=True))
+
+
+@torch.no_grad()
+def clip_sharded(values: list[torch.Tensor], max_norm: float, groups: ParallelGroups,
+                 device: torch.device) -> torch.Tensor:
+    """`clip_grad_norm` when each data rank holds its rows of every parameter's reduced gradient (FSDP2 stages):
+    Σ‖g‖² over this rank's rows, summed over the data group, then as `global_grad_norm` over the model-parallel
+    group; the rows are scaled by min(1, max_norm / (‖g‖ + 1e-6)) (max_norm <= 0 only measures)."""
+    norm = sharded_grad_norm(values, groups, device, groups.data_group)
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for v in values:
+            if v.grad is not None:
+                v.grad.mul_(coef.to(v.grad.dtype))
+    return norm
+
+
+def sharded_piece_norms(model: nn.Module, values: list[torch.Tensor], groups: ParallelGroups,
+                        device: torch.device) -> dict[str, float]:
+    """`piece_grad_norms` when this rank holds `values`, its rows of its stages' parameters (FSDP2 stages, named
+    by `piece_name`): each piece's squares summed over the data group, then over the model-parallel group. The
+    pieces are the whole model's (`model` lists every parameter name on every rank, meta where another rank
+    holds it)."""
+    keys = sorted({model_piece(name) for name, _ in model.named_parameters()})
+    by_piece: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    for v in values:
+        by_piece[model_piece(v.piece_name)].append(v)
+    squares = torch.stack([_squares(by_piece[k], groups, device) for k in keys])
+    dist.all_reduce(squares, group=groups.data_group)
+    return dict(zip(keys, _sum_over_model(squares, groups).sqrt().tolist(), strict=True))

@@ -57,15 +57,17 @@ SINGLE_STAGE = ("1f1b", "gpipe")  # one stage per rank (torch's PipelineSchedule
 
 
 class GlobalMeanLoss:
-    """loss_fn(logits, labels) of one micro-batch = Σ_targets CE / N, N = the global batch's target count (set by
-    `pipeline_step` before each step). `loss_sum`: the summed cross-entropy of a micro-batch (a criterion's
-    `loss_sum`; tensor parallelism's vocabulary-parallel one reads logit shards)."""
+    """loss_fn(logits, labels) of one micro-batch = Σ_targets CE / N · s, N = the global batch's target count (set
+    by `pipeline_step` before each step), s = `backward_scale`: 1, or D where the data-parallel reduction averages
+    over D ranks (FSDP2 stages), so that the averaged gradient is the sum's. `loss_sum`: the summed cross-entropy
+    of a micro-batch (a criterion's `loss_sum`; tensor parallelism's vocabulary-parallel one reads logit shards)."""
 
     def __init__(self, loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum) -> None:
-        self.targets, self.loss_sum = 1, loss_sum
+        self.targets, self.loss_sum, self.backward_scale = 1, loss_sum, 1
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss_sum(logits, labels) / self.targets
+        loss = self.loss_sum(logits, labels) / self.targets
+        return loss * self.backward_scale if self.backward_scale != 1 else loss
 
 
 def stage_class():
@@ -103,13 +105,21 @@ def make_schedule(name: str, stages: list, n_microbatches: int, loss_fn: Callabl
     return cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: itself, or this rank's part of a DTensor (an FSDP2-sharded parameter or its gradient)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def reduce_tied_grads(model: TransformerLM, rank_stages: RankStages, group: dist.ProcessGroup | None,
-                      tied_group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu") -> None:
+                      tied_group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
+                      data_shard: tuple[int, int] | None = None) -> None:
     """Sum the embedding's gradients over the pipeline ranks that use it (a parameter a rank holds but did not
     use, e.g. the positions beside a tied head, adds zeros). One all-reduce of the flattened gradients: over
     `tied_group` (the ranks `rank_stages.embed_ranks` of this pipeline) where given, else over the whole pipeline
     `group`, to which a rank without the embedding adds zeros (on `device`). Nothing when one rank holds every
-    use."""
+    use. `data_shard` = (data rank r, data size D) where the stages are FSDP2-sharded: each rank holds (and sums)
+    its rows of the reduce-scattered gradients, the same rows on every pipeline rank of data rank r (a rank
+    without the embedding adds zeros of that size: `row_range`)."""
     if len(rank_stages.embed_ranks) < 2:
         return
     params = dict(model.embed.named_parameters())  # materialized on ranks that hold the embedding, else meta
@@ -118,12 +128,22 @@ def reduce_tied_grads(model: TransformerLM, rank_stages: RankStages, group: dist
         if not held:
             return
         group = tied_group
+
+    def local_numel(p: torch.Tensor) -> int:
+        if data_shard is None:
+            return p.numel()
+        if held:
+            return _local(p).numel()
+        from bigtrain.compat.fsdp2 import row_range
+
+        return row_range(p.shape[0], *data_shard)[1] * p.shape[1:].numel()
+
     pieces = []
     for p in params.values():
         if held and p.grad is not None:
-            pieces.append(p.grad.reshape(-1))
+            pieces.append(_local(p.grad).reshape(-1))
         else:
-            pieces.append(torch.zeros(p.numel(), dtype=torch.float32 if p.is_meta else p.dtype,
+            pieces.append(torch.zeros(local_numel(p), dtype=torch.float32 if p.is_meta else p.dtype,
                                       device=device if p.is_meta else p.device))
     flat = torch.cat(pieces)
     dist.all_reduce(flat, group=group)
@@ -131,12 +151,18 @@ def reduce_tied_grads(model: TransformerLM, rank_stages: RankStages, group: dist
         return
     offset = 0
     for p in params.values():
-        n = p.numel()
-        grad = flat[offset:offset + n].view_as(p)
+        local = _local(p)
+        n = local.numel()
+        grad = flat[offset:offset + n].view_as(local)
         if p.grad is None:
-            p.grad = grad.clone()
+            if data_shard is not None:
+                from bigtrain.compat.fsdp2 import sharded_like
+
+                p.grad = sharded_like(p, grad.clone())
+            else:
+                p.grad = grad.clone()
         else:
-            p.grad.copy_(grad)
+            _local(p.grad).copy_(grad)
         offset += n
 
 
@@ -170,6 +196,7 @@ class PipelineRunner:
         self.last_rank = stage_rank(self.n_stages - 1, self.pipeline, virtual_stages, schedule)
         self.loss_fn = GlobalMeanLoss(loss_sum)
         self.tied_group: dist.ProcessGroup | None = None  # optional: the ranks stages.embed_ranks, made by the caller
+        self.data_shard: tuple[int, int] | None = None  # (data rank, data size) where the stages are FSDP2-sharded
         self._schedules: OrderedDict[tuple, object] = OrderedDict()
 
     @property
@@ -217,8 +244,8 @@ class PipelineRunner:
         args = tuple(t.to(self.device) for t in inputs) if self.first else ()
         kwargs = {"target": labels.to(self.device), "losses": losses} if self.last else {}
         schedule.step(*args, return_outputs=False, **kwargs)
-        reduce_tied_grads(self.model, self.stages, self.group, self.tied_group, self.device)
-        loss = (torch.stack([x.detach().float() for x in losses]).sum() if self.last
+        reduce_tied_grads(self.model, self.stages, self.group, self.tied_group, self.device, self.data_shard)
+        loss = (torch.stack([x.detach().float() for x in losses]).sum() / self.loss_fn.backward_scale if self.last
                 else torch.zeros((), dtype=torch.float32, device=self.device))
         return self._from_last(loss)
 

@@ -79,7 +79,8 @@ class Fsdp2Engine(StepEngine):
         decay_groups = [{**g, "params": [names[id(p)] for p in g["params"]]}  # decay goes by ndim: before sharding
                         for g in param_groups(self.model, cfg.optim.weight_decay)]
         shard_model(self.model, self.group, device, RESHARD[layout.zero_stage], bf16=layout.precision == "bf16")
-        self.shards: list[LocalShard] = local_shards(self.model, shapes, self.reduce_rank, self.reduce_size)
+        self.shards: list[LocalShard] = local_shards(self.model.named_parameters(), shapes, self.reduce_rank,
+                                                     self.reduce_size)
         by_name = {s.name: s for s in self.shards}
         for s in self.shards:
             s.values.tensor_model_parallel = s.name in parallel.shards  # norms sum these over the tensor group

@@ -21,6 +21,7 @@ see each parameter as `LocalShard.values`: this rank's rows, flat, in the parame
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +61,12 @@ def shard_model(model: TransformerLM, group: object, device: torch.device, resha
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
 
 
-def local_shards(model: nn.Module, shapes: dict[str, torch.Size], data_rank: int, data_size: int
-                 ) -> list[LocalShard]:
-    """This rank's shard of every parameter of the sharded `model` (tied ones once), by name; `shapes`: each
-    parameter's shape before sharding."""
+def local_shards(named: Iterable[tuple[str, nn.Parameter]], shapes: dict[str, torch.Size], data_rank: int,
+                 data_size: int) -> list[LocalShard]:
+    """This rank's shard of every sharded parameter in `named` (a sharded model's `named_parameters()`: tied ones
+    once), by name; `shapes`: each parameter's shape before sharding."""
     shards = []
-    for name, p in model.named_parameters():
+    for name, p in named:
         shape = shapes[name]
         values = local_values(p)
         first, rows = row_range(shape[0], data_rank, data_size)
