@@ -138,9 +138,6 @@ def check_moe(cfg: Config, layout: Layout) -> None:
             f"model.moe.experts=0.")
     require(not p.sequence_parallel, f"model.moe.experts={moe.experts} with parallel.sequence_parallel=true is not "
             f"built yet (the router would run on sequence shards). Set parallel.sequence_parallel=false.")
-    require(p.expert == 1 or cfg.optim.name == "adamw", f"parallel.expert={p.expert} with optim.name="
-            f"'{cfg.optim.name}' is not built yet (LAMB's trust ratios over expert-parallel ranks). Use "
-            f"optim.name=adamw, or parallel.expert=1.")
     require(p.activation_checkpointing == "none",
             f"model.moe.experts={moe.experts} with parallel.activation_checkpointing='{p.activation_checkpointing}' "
             f"is not built yet. Set parallel.activation_checkpointing=none.")
