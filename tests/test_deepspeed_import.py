@@ -43,3 +43,20 @@ def test_every_deepspeed_import_in_bigtrain_goes_through_import_deepspeed():
                 if not before:
                     problems.append(f"{where}: no import_deepspeed() before it")
     assert not problems, "\n".join(problems)
+
+
+def test_a_rank_loads_neither_torchinductor_nor_torchao():
+    """A DeepSpeed rank's imports (bigtrain's trainer and engines, DeepSpeed with its ZeRO optimizer's Muon check)
+    leave TorchInductor (1.7 s of CPU a rank: Muon's torch.compile at import) and torchao (1.2 s: FP8 only) out;
+    DeepSpeed's Muon classes are its own and its `compiler.compile` is torch.compile again afterwards."""
+    code = ("import sys, torch\nimport bigtrain.cli.train, bigtrain.train.trainer, bigtrain.engine.build\n"
+            "from bigtrain.compat.deepspeed_import import import_deepspeed\nimport_deepspeed()\n"
+            "import deepspeed.runtime.zero.stage_1_and_2, deepspeed.runtime.zero.stage3\n"
+            "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam\n"
+            "from deepspeed.runtime import compiler\n"
+            "print('RESULT', 'torch._inductor' in sys.modules, 'torchao' in sys.modules,\n"
+            "      MuonWithAuxAdam.__module__, compiler.compile() is torch.compile)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    assert line.split()[1:] == ["False", "False", "deepspeed.runtime.zero.muon.muon_optimizer", "True"], line

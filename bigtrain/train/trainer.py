@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,7 +40,6 @@ from bigtrain.parallel import parallelize
 from bigtrain.planning.flops import flops_per_token, peak_flops
 from bigtrain.planning.preflight import check_memory, shapes_model
 from bigtrain.train.capture import capture_step, capturing
-from bigtrain.train.fp8_guard import Fp8Guard
 from bigtrain.train.metrics import MetricsProcessor
 from bigtrain.train.nonfinite import NonFiniteSteps
 from bigtrain.train.preemption import StopRequest
@@ -49,6 +49,9 @@ from bigtrain.train.state import TrainResult, TrainState
 from bigtrain.train.tracking import NoTracker, Tracker, build_tracker
 from bigtrain.train.validator import Validator
 from bigtrain.train.watchdog import LAUNCHERS_THAT_SPAWN, Watchdog
+
+if TYPE_CHECKING:  # torchao, imported only with train.precision=fp8
+    from bigtrain.train.fp8_guard import Fp8Guard
 
 
 class Trainer:
