@@ -131,6 +131,16 @@ class ParallelGroups:
         dist.all_reduce(t, group=self.host_data)
         return t.tolist()
 
+    def max_on_host(self, values: list[float]) -> list[float]:
+        """Each host number's maximum over every rank of the world, on the host world group (gloo; nothing
+        touches a device)."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_world)
+        return t.tolist()
+
     def host_barrier(self) -> None:
         """Every rank of the world arrives here, on a host group."""
         import torch.distributed as dist

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from bigtrain.engine.evaluate import EvalSums
@@ -45,8 +44,10 @@ class Fp8Guard:
 
     def __init__(self, conversion: Fp8Conversion, model: nn.Module,
                  loss_sums: Callable[[list[dict[str, torch.Tensor]]], EvalSums], every: int, tolerance: float,
-                 fallen: list[str], strikes: dict[str, int]) -> None:
+                 fallen: list[str], strikes: dict[str, int],
+                 max_over_ranks: Callable[[list[float]], list[float]] = lambda values: values) -> None:
         self.blocks, self.model, self.loss_sums = conversion.blocks, model, loss_sums
+        self.max_over_ranks = max_over_ranks  # host numbers, reduced on a host group (`ParallelGroups.max_on_host`)
         self.every, self.tolerance = every, tolerance
         self.fallen, self.strikes = fallen, strikes  # the trainer state's own list and dict, updated in place
         fall_back(model, fallen)
@@ -63,8 +64,8 @@ class Fp8Guard:
             bf16 = self.loss_sums([batch])
         loss_fp8, loss_bf16 = fp8.loss_sum / max(fp8.targets, 1), bf16.loss_sum / max(bf16.targets, 1)
         names = sorted(block_diffs)
-        numbers = _max_over_ranks([abs(loss_fp8 - loss_bf16) / max(abs(loss_bf16), 1e-12)] +
-                                  [block_diffs[n] for n in names], self._device())
+        numbers = self.max_over_ranks([abs(loss_fp8 - loss_bf16) / max(abs(loss_bf16), 1e-12)] +
+                                      [block_diffs[n] for n in names])
         loss_diff, block_diffs = numbers[0], dict(zip(names, numbers[1:], strict=True))
         newly = []
         for name, diff in block_diffs.items():
@@ -108,14 +109,3 @@ class Fp8Guard:
             for handle in handles:
                 handle.remove()
 
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-
-def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Each value's maximum over all ranks (the values themselves on one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()

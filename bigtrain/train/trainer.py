@@ -127,7 +127,8 @@ class Trainer:
         self.notes += conversion.notes() + [f"fp8: blocks fallen back to bf16 before this run: "
                                             f"{', '.join(self.state.fp8_fallback)}"] * bool(self.state.fp8_fallback)
         return Fp8Guard(conversion, self.parallel.model, self.engine.evaluate_sums, t.fp8_check_every,
-                        t.fp8_tolerance, self.state.fp8_fallback, self.state.fp8_strikes)
+                        t.fp8_tolerance, self.state.fp8_fallback, self.state.fp8_strikes,
+                        **({"max_over_ranks": self.groups.max_on_host} if self.groups is not None else {}))
 
     def _init_from(self, vocab: int) -> None:
         """Start from `model.init_from`'s weights (each rank reads its shard); the optimizer starts fresh."""
