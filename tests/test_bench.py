@@ -96,6 +96,28 @@ def test_scaling_writes_its_result(tmp_path):
     assert rows[0]["efficiency"] == 1.0 and rows[1]["efficiency"] > 0
 
 
+
+@pytest.mark.launches
+def test_long_context_writes_its_result(tmp_path, capsys):
+    """bench/long_context.py at S = 256, C = 1 and 2 (ring): every point's fields, a rank at C = 2 keeps fewer
+    saved bytes than one device, and the planner predicts each point."""
+    from bench import long_context
+
+    out = tmp_path / "long_context.json"
+    long_context.main(["--seqs", "256", "--contexts", "1", "2", "--attention", "ring", "--repeats", "1",
+                       "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["figure"] == "long_context" and saved["command"].startswith("python bench/long_context.py")
+    points = {p["context"]: p for p in saved["points"]}
+    assert sorted(points) == [1, 2] and all(p["seq"] == 256 and p["attention"] == "ring" for p in points.values())
+    for p in points.values():
+        assert p["peak_bytes"] == max(p["peak_bytes_ranks"]) and len(p["peak_bytes_ranks"]) == p["context"]
+        assert p["tokens_per_s"] > 0 and p["seconds"] > 0 and p["predicted_bytes"] > 0
+        assert p["ratio_to_one_cth"] > 0
+    assert points[2]["peak_bytes"] < points[1]["peak_bytes"] and points[1]["ratio_to_one_cth"] == 1.0
+    assert points[2]["predicted_bytes"] < points[1]["predicted_bytes"]
+    assert "× C / C=1" in capsys.readouterr().out
+
 def test_plan_gpu_script_runs_its_path_on_the_cpu(tmp_path):
     """bench/plan_gpu.py (predicted vs measured on a GPU) runs end to end; on the CPU its figures are not
     comparable, so only the shape of the result is checked here."""

@@ -190,10 +190,9 @@ def test_parity_command_takes_the_context_keys(tmp_path):
 @pytest.mark.launches
 def test_activation_bytes_per_rank_are_one_cth(tmp_path):
     """The activations a rank keeps for backward (SavedActivationMeter's peak over a micro-batch of 2 × 512
-    tokens, attention's saved tensors included) at C = 2 and 4: ring within 10% of 1/C of one device's (measured
-    1.037 / C), Ulysses within 15% (measured 1.103 / C and 1.107 / C: its saved tensors add up to the ring's, but
-    fewer of them share a storage with another saved tensor, and its reordering saves index tensors)
-    (tests/helpers/context_memory.py)."""
+    tokens, attention's saved tensors included) at C = 2 and 4: within 10% of 1/C of one device's, ring and Ulysses
+    (measured 1.033 / C for the ring at C = 2 and 4, 0.975 / C and 0.978 / C for Ulysses; the measurement is
+    bench/long_context.py's `measure_rank`) (tests/helpers/context_memory.py)."""
     import json
 
     import torch.multiprocessing as mp
@@ -212,4 +211,4 @@ def test_activation_bytes_per_rank_are_one_cth(tmp_path):
     for (algorithm, context), ratio in ratios.items():
         print(f"\nmeasured {algorithm} C={context}: {peaks[algorithm, context]} B per rank, one device "
               f"{peaks[algorithm, 1]} B: × C = {ratio:.3f} of one device's")
-    assert all(abs(r - 1) <= (0.1 if a == "ring" else 0.15) for (a, _), r in ratios.items()), ratios
+    assert all(abs(r - 1) <= 0.1 for r in ratios.values()), ratios

@@ -28,7 +28,7 @@ from bigtrain.parallel.context import (
     ulysses_attention,
     unshard_sequence,
 )
-from tests.helpers.saved_activations import SavedActivationMeter
+from bigtrain.planning.saved_activations import SavedActivationMeter
 
 B, S, D = 2, 32, 16
 # name: (causal, query heads, key/value heads, documents, padded length of row 1 (None: no padding), scale)

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bigtrain.config import load_config  # noqa: E402
 from bigtrain.distributed import detect_env  # noqa: E402
 from bigtrain.engine.memory import measure_grads, measure_optimizer, measure_params  # noqa: E402
+from bigtrain.planning.saved_activations import SavedActivationMeter  # noqa: E402
 from bigtrain.train.trainer import Trainer  # noqa: E402
-from tests.helpers.saved_activations import SavedActivationMeter  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

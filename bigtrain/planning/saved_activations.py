@@ -26,6 +26,9 @@ class _Saved:
 
 
 class SavedActivationMeter:
+    """Within `measuring()`, counts the bytes of distinct storages autograd saves that are still alive: `current`
+    now, `peak` its largest value; `module`'s parameters and buffers are excluded."""
+
     def __init__(self, module: nn.Module) -> None:
         self.excluded = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]
                          if t.device.type != "meta" and t.numel()}
