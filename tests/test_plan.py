@@ -16,7 +16,7 @@ from bench.plan_accuracy import LAYOUTS, measure, table
 from bigtrain.config import load_config
 from bigtrain.models import build_model, count_parameters
 from bigtrain.planning import accelerator, make_plan, model_shape
-from bigtrain.planning.memory_model import Candidate, rank_parameters, stages
+from bigtrain.planning.memory_model import Candidate, rank_parameters, stage_memory, stages
 from bigtrain.planning.partition import partition_balanced, partition_uniform
 from bigtrain.planning.search import setting
 from bigtrain.planning.splits import divisors, layout_splits
@@ -124,16 +124,27 @@ def test_fairscale_plans_fully_sharded_layouts():
 
 def test_torch_engine_plans_fsdp2_layouts():
     """With parallel.engine=torch on several GPUs the plan covers FSDP2 at ZeRO-2 and ZeRO-3 without stages, and
-    torch's pipeline schedules (data-parallel replicas, zero_stage 0) with stages: what the config check accepts.
-    FSDP2's model state is (4Ψ + 4Ψ + 8Ψ)/D at both stages."""
+    torch's pipeline schedules with stages held whole (zero_stage 0) or sharded with FSDP2 over their data ranks
+    (2, 3): what the config check accepts. FSDP2's model state is (4Ψ + 4Ψ + 8Ψ)/D at both stages, each pipeline
+    stage's (4 + 4 + 8)·Ψ_stage/D; ZeRO-2 keeps the gathered stage (2Ψ_stage bytes in bf16) from forward to
+    backward, ZeRO-3 only the largest layer and its gradient."""
     cfg = load_config(REPO / "configs/gpt3-1.3b.yaml", ["parallel.engine=torch"])
     plan = make_plan(cfg, gpus=8, gpus_per_node=8, accelerator=accelerator("h100"))
     assert {e.candidate.zero_stage for e in plan.ranked if e.candidate.pipeline == 1} == {2, 3}
-    assert {e.candidate.zero_stage for e in plan.ranked if e.candidate.pipeline > 1} <= {0}
+    assert {e.candidate.zero_stage for e in plan.ranked if e.candidate.pipeline > 1} == {0, 2, 3}
+    assert all(e.candidate.data > 1 for e in plan.ranked if e.candidate.zero_stage and e.candidate.pipeline > 1)
     psi = model_shape(cfg).n_params
     for stage in (2, 3):
         fsdp2 = next(e for e in plan.ranked if e.candidate.zero_stage == stage and e.candidate.tensor == 1)
         assert fsdp2.peak.model_state == pytest.approx(16 * psi / fsdp2.candidate.data, rel=0.02)
+    shape, s = model_shape(cfg), setting(cfg, on_gpu=True, framework_bytes=2**30)
+    replicas, stage2, stage3 = (stage_memory(shape, Candidate(1, 2, 4, zero, "none", False, 1), s)
+                                for zero in (0, 2, 3))
+    for whole, sharded2, sharded3 in zip(replicas, stage2, stage3, strict=True):
+        assert sharded3.parameters == pytest.approx(whole.parameters / 4, rel=1e-6)
+        assert sharded3.optimizer == pytest.approx(whole.optimizer / 4, rel=1e-6)
+        assert sharded2.buffers == pytest.approx(whole.parameters / 2, rel=1e-6)  # the bf16 gathered stage
+        assert 0 < sharded3.buffers < sharded2.buffers
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:

@@ -5,14 +5,16 @@ FSDP partition: the gradient group, data × context (D·C ranks: the C ranks of 
 weights, bigtrain/distributed/groups.py), whatever the engine:
     bigtrain's one-process engine (fp32 weights, autocast for bf16): 4Ψ + 4Ψ + 8Ψ
     the fairscale engine (fp32 weights): OSS 4Ψ + 4Ψ + 8Ψ/D; FullyShardedDataParallel (4Ψ + 4Ψ + 8Ψ)/D
-    PyTorch's FSDP2 (parallel.engine=torch on several ranks; fp32 master shards): (4Ψ + 4Ψ + 8Ψ)/D
+    PyTorch's FSDP2 (parallel.engine=torch on several ranks, and its pipeline stages at zero_stage 2 or 3;
+    fp32 master shards): (4Ψ + 4Ψ + 8Ψ)/D
     DeepSpeed: the ZeRO formulas of `bigtrain.planning.zero` (b = 2 in bf16/fp16, 4 in fp32;
     K = 8 bytes of Adam/LAMB moments, + 4 for the fp32 master copy of mixed precision); at ZeRO-0 in bf16
     DeepSpeed's bf16 optimizer also keeps fp32 gradients (4Ψ)
     DeepSpeed's buffers on GPUs: ZeRO-1/2 one reduction bucket (reduce_bucket_size elements of b bytes);
     ZeRO-3 the prefetch bucket and the largest gathered layer (of b bytes); fairscale's FSDP: the largest
     gathered layer and its full gradient (b bytes each: bf16 under its mixed precision) and one reduce-scatter
-    bucket shard (25 MB / D); FSDP2: the largest gathered layer and its full gradient
+    bucket shard (25 MB / D); FSDP2 at zero_stage 3: the largest gathered layer and its full gradient; at
+    zero_stage 2 (reshard_after_forward=False) the whole gathered stage, e·Ψ, held from forward to backward
 
 Saved activations per micro-batch, per token (s·b tokens), e bytes per activation element (2 in bf16/fp16, 4
 in fp32), h = d_model, a heads, g = kv heads / heads, f = d_ff, T tensor ranks, h' = h/T with sequence
@@ -31,7 +33,8 @@ no s×s matrix):
     log-sum-exp (its output is also the output projection's input, so it stays)
     first stage     token ids (8 bytes); last stage the head's input e·h (+ the final norm) and the fp32
                     log-softmax of the logits 4·V/T
-Under the 1F1B schedule stage k of p holds min(p − k, m) micro-batches in flight (m per step). On top of the
+Under the 1F1B schedule stage k of p holds min(p − k, m) micro-batches in flight (m per step); the
+interleaved and zero-bubble schedules are counted alike (their warm-up is as deep), GPipe holds all m. On top of the
 saved activations the peak has the logits of one micro-batch alive through backward with their fp32
 gradient ((e + 4)·V/T per token, last stage), the block being recomputed under full checkpointing, and a
 framework constant (CUDA context, kernels' workspaces, allocator rounding).
@@ -138,6 +141,12 @@ class Setting:
         """The engine the candidate runs on (`bigtrain.config.layout.engine_for`)."""
         return engine_for(self.engine, c.world, c.zero_stage, c.pipeline)
 
+    def fsdp2(self, c: Candidate) -> bool:
+        """Whether the candidate shards with PyTorch's FSDP2: the torch engine on several ranks, or its pipeline
+        stages at parallel.zero_stage 2 or 3."""
+        engine = self.resolved(c)
+        return engine == "fsdp2" or (engine == "torch_pipeline" and c.zero_stage in (2, 3))
+
     def deepspeed(self, c: Candidate) -> bool:
         """Whether the candidate runs on DeepSpeed's engines."""
         return self.resolved(c) in ("deepspeed", "pipeline")
@@ -193,7 +202,7 @@ def model_state(psi: int, c: Candidate, s: Setting) -> tuple[int, int, int]:
         if c.zero_stage == 3:  # FSDP: parameters, gradients and moments sharded over the data group
             return 4 * psi // d, 4 * psi // d, 8 * psi // d
         return 4 * psi, 4 * psi, 8 * psi // d  # OSS shards the moments (whole gradients while accumulating)
-    if s.resolved(c) == "fsdp2":  # parameters, gradients and moments sharded over the gradient group
+    if s.fsdp2(c):  # parameters, gradients and moments sharded over the gradient group (stages too)
         return 4 * psi // d, 4 * psi // d, 8 * psi // d
     if not s.deepspeed(c):
         return 4 * psi, 4 * psi, 8 * psi
@@ -213,7 +222,9 @@ def deepspeed_buffers(layers: tuple[PipelineLayer, ...], c: Candidate, s: Settin
     if s.on_gpu and s.engine == "fairscale" and c.zero_stage == 3:
         largest = max(x.split // c.tensor + (x.params - x.split) for x in layers)
         return 2 * s.activation_bytes * largest + FSDP_BUCKET_BYTES // c.gradient_ranks
-    if s.on_gpu and s.resolved(c) == "fsdp2":
+    if s.on_gpu and s.fsdp2(c):
+        if c.zero_stage == 2:  # reshard_after_forward=False: the stage stays gathered from forward to backward
+            return s.activation_bytes * rank_parameters(layers, c.tensor)
         largest = max(x.split // c.tensor + (x.params - x.split) for x in layers)
         return 2 * s.activation_bytes * largest
     if not s.on_gpu or c.zero_stage == 0 or not s.deepspeed(c):
@@ -272,6 +283,13 @@ def stage_activation_bytes(shape: ModelShape, layers: tuple[PipelineLayer, ...],
     return per_token * tokens + weights
 
 
+def in_flight_micro_batches(s: Setting, c: Candidate, k: int, m: int) -> int:
+    """Micro-batches whose activations stage k holds at once: GPipe runs every forward first (m); the 1F1B
+    family (DeepSpeed's, torch's 1F1B, interleaved and zero-bubble schedules) at most p - k, as 1F1B's warm-up."""
+    gpipe = s.resolved(c) == "torch_pipeline" and s.pipeline_schedule == "gpipe"
+    return m if gpipe else min(c.pipeline - k, m)
+
+
 def stage_memory(shape: ModelShape, c: Candidate, s: Setting,
                  parts: list[tuple[PipelineLayer, ...]] | None = None) -> list[StageMemory]:
     """Every stage's prediction for one rank of it (ranks of one stage are alike); `parts`: the stages'
@@ -284,7 +302,7 @@ def stage_memory(shape: ModelShape, c: Candidate, s: Setting,
         first, last = k == 0, k == c.pipeline - 1
         params, grads, optimizer = model_state(rank_parameters(layers, c.tensor), c, s)
         per_micro = stage_activation_bytes(shape, layers, c, s, first, last)
-        in_flight = min(c.pipeline - k, m)
+        in_flight = in_flight_micro_batches(s, c, k, m)
         transient = (s.activation_bytes + 4) * shape.vocab / c.tensor * tokens if last else 0
         if c.checkpointing == "full" and any(x.kind in ("block", "cross_block") for x in layers):
             recompute = replace(c, checkpointing="none")

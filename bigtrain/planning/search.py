@@ -81,17 +81,27 @@ def measured_efficiency(accelerator: Accelerator) -> tuple[float, str]:
                                 "GPU and plan again, or pass --efficiency)")
 
 
-def _zero_stages(cfg: Config, pipeline: int, world: int) -> list[int]:
+def _zero_stages(cfg: Config, pipeline: int, world: int, data: int) -> list[int]:
     if cfg.parallel.engine == "fairscale":  # OSS, OSS + ShardedDataParallel, FSDP; no pipeline
         return [1, 2, 3] if pipeline == 1 else []
-    if cfg.parallel.engine == "torch":  # the plain engine on one process; FSDP2 (ZeRO-2/3) on several; torch's
-        return [0] if world == 1 else ([2, 3] if pipeline == 1 else [0])  # pipeline schedules: replicas (0)
+    if cfg.parallel.engine == "torch":  # the plain engine on one process; FSDP2 (ZeRO-2/3) on several
+        return [0] if world == 1 else ([2, 3] if pipeline == 1 else _torch_stage_sharding(cfg, data))
     allowed = [0, 1] if pipeline > 1 else [0, 1, 2, 3]
     if cfg.optim.name == "lamb":
         allowed = [z for z in allowed if z < 3]
         if cfg.train.precision != "fp32":
             allowed = [z for z in allowed if z > 0 or world == 1]
     return allowed
+
+
+def _torch_stage_sharding(cfg: Config, data: int) -> list[int]:
+    """torch.distributed.pipelining's stages: whole replicas over the data ranks (0), or each stage sharded with
+    FSDP2 (2, 3) where there are data ranks to shard over; DualPipeV with a tied embedding only as replicas
+    (`bigtrain.config.parallel_checks.check_torch`)."""
+    tied = cfg.model.tie_embeddings or cfg.model.family == "seq2seq"
+    if data == 1 or (cfg.parallel.pipeline_schedule == "dualpipev" and tied):
+        return [0]
+    return [0, 2, 3]
 
 
 def context_attentions(shape: ModelShape, tensor: int, context: int) -> tuple[str, ...]:
@@ -117,7 +127,7 @@ def candidates(cfg: Config, splits: Splits, shape: ModelShape) -> list[Candidate
     global_batch = cfg.train.global_batch_size
     options = []
     for t, c, p, d in splits.found:
-        zeros = _zero_stages(cfg, p, splits.gpus)
+        zeros = _zero_stages(cfg, p, splits.gpus, d)
         sps = sequence_parallel_options(shape.seq_len, t, c)
         attentions = context_attentions(shape, t, c)
         options.append((t, c, p, d, attentions, zeros, sps, divisors(global_batch // d, limit=MAX_MICRO_BATCH)))
