@@ -183,8 +183,8 @@ def test_guard_counts_checks_in_a_row(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("overrides", "world", "key"), [
-    (["parallel.pipeline=2"], 2, "parallel.pipeline=2"),
     (["parallel.context=2", "data.seq_len=32"], 2, "parallel.context=2"),
+    (["parallel.engine=torch", "parallel.pipeline=2"], 2, "parallel.engine=torch and parallel.pipeline=2"),
     (["parallel.engine=fairscale", "parallel.zero_stage=1"], 2, "parallel.engine=fairscale"),
     (["parallel.engine=deepspeed", "parallel.zero_stage=3"], 2, "parallel.zero_stage=3"),
     (["train.fp8_check_every=-1"], 1, "train.fp8_check_every"),
@@ -220,18 +220,21 @@ def _launch_fp8(run_dir: Path, *layout: str) -> Path:
     checks = _fp8_records(run_dir)
     assert sorted(checks) == [5, 10, 15, 20]
     assert all(0 < max(r["fp8_block_rel_diff"].values()) < 0.1 for r in checks.values())
+    assert all(set(r["fp8_block_rel_diff"]) == {"blocks.0", "blocks.1"} for r in checks.values())
     return run_dir
 
 
 @pytest.mark.launches
-def test_fp8_under_tensor_parallelism_trains_like_bf16(tmp_path):
+@pytest.mark.parametrize("layout", [TP2_SP, ("parallel.pipeline=2",)], ids=["tensor2_sp", "pipeline2"])
+def test_fp8_under_model_parallelism_trains_like_bf16(tmp_path, layout):
     """Tensor parallelism 2 with sequence parallelism (DeepSpeed; the column and row shards in FP8, the row
-    layer's reduce-scatter after its FP8 product): loss within 2% of the same layout in bf16 at every step. (The
-    layout's bf16 is DeepSpeed's bf16 weights and gradients, which drift from one device's autocast by up to 1.7%
-    over these 20 steps whatever the matmuls: so the reference is the layout itself.)"""
+    layer's reduce-scatter after its FP8 product), and 2 pipeline stages (DeepSpeed's pipeline engine; each stage
+    converts and probes its own block, the guard's numbers cover both): loss within 2% of the same layout in bf16
+    at every step. (The layout's bf16 is DeepSpeed's bf16 weights and gradients, which drift from one device's
+    autocast by up to 2% over these 20 steps whatever the matmuls: so the reference is the layout itself.)"""
     bf16 = tmp_path / "bf16" / "run"
-    launch_ok(2, tiny_overrides(bf16, "causal", *DP_LAYOUT, "train.precision=bf16", *TP2_SP))
-    assert_within_bf16(bf16, _launch_fp8(tmp_path / "fp8" / "run", *TP2_SP))
+    launch_ok(2, tiny_overrides(bf16, "causal", *DP_LAYOUT, "train.precision=bf16", *layout))
+    assert_within_bf16(bf16, _launch_fp8(tmp_path / "fp8" / "run", *layout))
 
 
 @pytest.mark.launches

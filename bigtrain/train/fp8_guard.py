@@ -13,7 +13,8 @@ Under `train.compile` the checks run the blocks eagerly (`torch.compiler.set_sta
 hooks and the bf16 switch stay out of the compiled graphs, which therefore never recompile for a check; eager
 and compiled FP8 agree to ~1e-5, three orders below FP8's own error.
 
-Each number is the maximum over the ranks (every rank takes the same decision). A block whose difference exceeds
+Each number is the maximum over the ranks (every rank takes the same decision); under pipeline parallelism each
+block's number comes from the stage that holds it. A block whose difference exceeds
 `train.fp8_tolerance` at 3 checks in a row falls back to bf16 for the rest of the run: the record says so
 (`fp8_fallback`), and the trainer state keeps the fallen blocks and the running counts, so that a resumed run
 keeps the decision (`TrainState.fp8_fallback`, `TrainState.fp8_strikes`).
@@ -68,9 +69,10 @@ class Fp8Guard:
             with bf16_only(self.model), self._probing(block_diffs):
                 bf16 = self.loss_sums([batch])
         loss_fp8, loss_bf16 = fp8.loss_sum / max(fp8.targets, 1), bf16.loss_sum / max(bf16.targets, 1)
-        names = sorted(block_diffs)
+        # every block still in FP8, whichever rank ran it: a pipeline stage probes its own blocks only (0 elsewhere)
+        names = sorted(name for name in self.blocks if name not in self.fallen)
         numbers = self.max_over_ranks([abs(loss_fp8 - loss_bf16) / max(abs(loss_bf16), 1e-12)] +
-                                      [block_diffs[n] for n in names])
+                                      [block_diffs.get(n, 0.0) for n in names])
         loss_diff, block_diffs = numbers[0], dict(zip(names, numbers[1:], strict=True))
         newly = []
         for name, diff in block_diffs.items():
