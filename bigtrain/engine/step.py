@@ -16,6 +16,8 @@
              tensors until a log step reads them; a host group would wait for the device every step). Every
              rank routes its own tokens (expert parallelism included: its expert group is part of its data
              group, and tensor peers route the same tokens), so the sum over the data group is the global batch's
+             (DeepSpeed's pipeline engine, whose last stage alone forms the loss, has each MoE layer carry its R_m
+             into backward instead, and sums the table over its stages as well: `deepspeed/pipeline.py`)
 
 Under context parallelism every rank of a context group reads its data-parallel rank's micro-batches whole and
 runs its zig-zag share of each (`local_batch`, `bigtrain.parallel.context.inputs`): N is still counted on the
