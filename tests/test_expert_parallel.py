@@ -2,8 +2,8 @@
 ranks, tokens dispatched and combined by all-to-all with uneven splits, expert gradients summed over the
 expert-data group. CPU ranks over gloo, fp32, dropout 0: 20 steps of loss and grad_norm within 1e-5 of one
 process on the same global batch (`pytest -s` prints the largest relative differences), with capacity dropping,
-a shared expert and both router losses on, with AdamW and (EP2) with LAMB; and the invalid combinations fail at
-load naming their keys."""
+a shared expert and both router losses on, with AdamW and (EP2) with LAMB, also over pipeline stages (EP2 × PP2 on
+DeepSpeed's pipeline engine); and the invalid combinations fail at load naming their keys."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from tests.conftest import (
     REPO,
     assert_same_curve,
     launch_ok,
+    launch_ranks,
     read_metrics,
     run_launcher,
     single_process,
@@ -120,12 +121,39 @@ def test_expert_data_groups_train_like_one_device_and_resume_on_one_device(moe_r
     pieces = {(p["name"], p["kind"]) for p in index["pieces"]}
     assert {(f"blocks.{b}.ffn.experts.{e}.up.weight", k) for b in (0, 1) for e in range(4)
             for k in ("param", "exp_avg", "exp_avg_sq")} <= pieces
+    worst = _resume_at_step_10(moe_reference, run_dir, 1)
+    print(f"EP2 x DP2 -> one device at step 10: steps 11-20 largest relative difference {worst:.1e}")
+
+
+@pytest.mark.launches
+def test_expert_parallel_pipeline_stages_train_like_one_device_and_resume_without_expert_parallelism(
+        moe_reference, tmp_path):
+    """EP2 × PP2 on 4 ranks (DeepSpeed's pipeline engine; one MoE block per stage, an expert group of 2 on each
+    stage; each block's router losses carried into backward, the router table summed over the stages) equals one
+    device over 20 steps, router numbers and expert load included; its step-10 checkpoint resumed at PP2 without
+    expert parallelism on 2 ranks (every expert on its stage, 4 micro-batches on one data rank) continues the
+    one-device curve (steps 11-20)."""
+    run_dir = tmp_path / "run"
+    out = launch_ok(4, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE, "parallel.expert=2", "parallel.pipeline=2",
+                                      "checkpoint.every=10"))
+    assert "pipeline 2 × data 2 (expert 2)" in out, out[-2000:]
+    assert_same_curve(moe_reference, run_dir, 1e-5)
+    _assert_same_router_numbers(moe_reference, run_dir)
+    worst = _resume_at_step_10(moe_reference, run_dir, 2, "parallel.pipeline=2")
+    print(f"EP2 x PP2 -> EP1 x PP2 at step 10: steps 11-20 largest relative difference {worst:.1e}")
+
+
+def _resume_at_step_10(ref_dir, run_dir, ranks: int, *layout: str) -> float:
+    """Roll `run_dir` back to its step-10 checkpoint and resume it on `ranks` ranks (1: one process) under `layout`:
+    steps 11-20 of loss and grad_norm within 1e-5 of one device; returns the largest relative difference."""
+    checkpoints = run_dir / "checkpoints"
     shutil.rmtree(checkpoints / "step_00000020")
     (checkpoints / "latest").write_text("step_00000010\n")
-    proc = run_launcher(tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE))
+    overrides = tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE, *layout)
+    proc = run_launcher(overrides) if ranks == 1 else launch_ranks(ranks, overrides)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "resuming step 10 written by" in proc.stdout, proc.stdout[-2000:]
-    (ref, _), (run, _) = read_metrics(moe_reference), read_metrics(run_dir)
+    (ref, _), (run, _) = read_metrics(ref_dir), read_metrics(run_dir)
     assert sorted(run) == list(range(1, 21))
     worst = 0.0
     for step in range(11, 21):
@@ -133,7 +161,7 @@ def test_expert_data_groups_train_like_one_device_and_resume_on_one_device(moe_r
             a, b = ref[step][key], run[step][key]
             assert abs(a - b) <= 1e-5 * abs(a), f"step {step} {key}: one device {a} vs resumed {b}"
             worst = max(worst, abs(a - b) / abs(a))
-    print(f"EP2 x DP2 -> one device at step 10: steps 11-20 largest relative difference {worst:.1e}")
+    return worst
 
 
 @pytest.mark.launches
@@ -168,7 +196,10 @@ def test_expert_and_expert_data_groups_are_carved_out_of_the_data_ranks():
     (3, ["model.moe.experts=4", "parallel.expert=2"], ["parallel.expert=2", "data-parallel size 3"]),
     (2, ["parallel.expert=2"], ["parallel.expert=2", "model.moe.experts=0"]),
     (2, ["model.moe.experts=2", "model.moe.top_k=3", "parallel.expert=2"], ["model.moe.top_k", "model.moe.experts"]),
-    (4, ["model.moe.experts=4", "parallel.expert=2", "parallel.pipeline=2"], ["parallel.pipeline", "not built yet"]),
+    (8, ["model.moe.experts=4", "parallel.expert=2", "parallel.pipeline=2", "parallel.tensor=2"],
+     ["parallel.tensor > 1 and parallel.pipeline > 1", "not built yet"]),
+    (4, ["model.moe.experts=4", "parallel.expert=2", "parallel.pipeline=2", "parallel.zero_stage=1"],
+     ["ZeRO-1", "not built yet"]),
     (4, ["model.moe.experts=4", "parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true"],
      ["parallel.sequence_parallel", "not built yet"]),
     (4, ["model.moe.experts=4", "model.moe.d_ff=33", "parallel.tensor=2"], ["model.moe.d_ff=33"]),
@@ -183,11 +214,11 @@ def test_invalid_expert_parallel_configs_fail_at_load_naming_the_keys(tmp_path, 
         assert name in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("optimizer", [(), MOE_LAMB], ids=["adamw", "lamb"])
+@pytest.mark.parametrize("optimizer", [(), MOE_LAMB, ("parallel.pipeline=2",)], ids=["adamw", "lamb", "pp2"])
 def test_an_expert_parallel_config_loads(tmp_path, optimizer):
     cfg = load_config(None, tiny_overrides(tmp_path / "run", "causal", *DP_LAYOUT, *MOE, "parallel.expert=2",
                                            *optimizer), world_size=4)
-    assert (cfg.parallel.expert, cfg.optim.name) == (2, "lamb" if optimizer else "adamw")
+    assert (cfg.parallel.expert, cfg.optim.name) == (2, "lamb" if optimizer == MOE_LAMB else "adamw")
 
 
 def test_parity_takes_the_expert_key_and_refuses_to_locate_it():

@@ -164,14 +164,15 @@ def test_bad_moe_configs_fail_at_load_naming_the_key(tmp_path, overrides, names)
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize("layout", [["parallel.zero_stage=1"], ["parallel.context=2"], ["parallel.pipeline=2"],
-                                    ["parallel.engine=torch", "parallel.zero_stage=2"]])
-def test_moe_on_several_ranks_is_refused_at_load(tmp_path, layout):
-    """Data, expert and tensor parallelism on DeepSpeed's ZeRO-0 are built (tests/test_expert_parallel.py); the
-    rest is refused."""
+@pytest.mark.parametrize(("world", "layout"), [
+    (2, ["parallel.zero_stage=1"]), (2, ["parallel.context=2"]), (2, ["parallel.pipeline=2", "parallel.zero_stage=1"]),
+    (4, ["parallel.pipeline=2", "parallel.tensor=2"]), (2, ["parallel.engine=torch", "parallel.zero_stage=2"])])
+def test_moe_on_several_ranks_is_refused_at_load(tmp_path, world, layout):
+    """Data, expert and tensor parallelism on DeepSpeed's ZeRO-0, and pipeline stages with data and expert
+    parallelism on its pipeline engine, are built (tests/test_expert_parallel.py); the rest is refused."""
     with pytest.raises(ConfigError) as info:
         load_config(None, tiny_overrides(tmp_path / "run", "causal", "model.moe.experts=4", *layout),
-                    world_size=2)
+                    world_size=world)
     message = str(info.value)
     assert "model.moe.experts=4" in message and "not built yet" in message
     assert "parallel.tensor" in message and "parallel.pipeline" in message and "parallel.zero_stage" in message
@@ -284,6 +285,31 @@ def test_the_step_adds_the_router_losses_averaged_over_micro_batches():
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-8), name
     router = model.blocks[0].ffn.router.weight.grad
     assert router is not None and router.abs().sum() > 0
+
+
+def test_a_router_loss_carried_into_backward_gets_the_gradient_of_its_scaled_term():
+    """With `router_loss_scale` = s (what the pipeline engine sets: only its last stage forms a loss), backward of the
+    layer's output alone gives every parameter and the input the gradient of (out · up).sum() + s · loss; the
+    output is unchanged, and without a gradient (evaluation) nothing is carried."""
+    layer, twin = make_layer("swiglu", capacity_factor=1.0), make_layer("swiglu", capacity_factor=1.0)
+    g = torch.Generator().manual_seed(3)
+    x, up = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 5, 8, generator=g,
+                                                                              dtype=torch.float64)
+    layer.router_loss_scale = 0.25
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = layer(xa)
+    (out * up).sum().backward()
+    want = twin(xb)
+    ((want * up).sum() + 0.25 * twin.last.loss).backward()
+    assert torch.equal(out.detach(), want.detach())
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-12, atol=1e-14)
+    for (name, p), q in zip(layer.named_parameters(), twin.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-12, atol=1e-14), name
+    assert layer.router.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
 
 
 @pytest.mark.launches

@@ -150,8 +150,11 @@ class ZeroPartition:
 
 def take_gradient_reduction(engine: Any) -> None:
     """Stop DeepSpeed's engine from all-reducing gradients after the last backward of a step (ZeRO-0): the caller
-    reduces them itself (expert parallelism reduces expert and other parameters over different groups)."""
+    reduces them itself (expert parallelism reduces expert and other parameters over different groups). The pipeline
+    engine keeps its own switch (its `enable_backward_allreduce` is always off)."""
     engine.enable_backward_allreduce = False
+    if hasattr(engine, "pipeline_enable_backward_allreduce"):
+        engine.pipeline_enable_backward_allreduce = False
 
 
 def has_zero_partitions(zero_optimizer: object) -> bool:

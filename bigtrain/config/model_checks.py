@@ -97,9 +97,10 @@ def check_model(cfg: Config) -> None:
 
 def check_moe(cfg: Config, layout: Layout) -> None:
     """`model.moe`: values in range; parallel.expert divides the experts (it divides the data size: `Layout`); and
-    the layouts built for MoE: one process on the plain engine, or data (and expert) parallelism on DeepSpeed's
-    engine at ZeRO-0 in fp32. Tensor, pipeline and context parallelism, ZeRO 1-3, other engines, mixed precision,
-    activation checkpointing and compiled blocks are not built for MoE yet."""
+    the layouts built for MoE: one process on the plain engine; data (and expert, and tensor) parallelism on
+    DeepSpeed's engine; pipeline stages with data (and expert) parallelism on DeepSpeed's pipeline engine; each at
+    ZeRO-0 in fp32. Tensor with pipeline parallelism, context parallelism, ZeRO 1-3, other engines, mixed
+    precision, activation checkpointing and compiled blocks are not built for MoE yet."""
     moe, p = cfg.model.moe, cfg.parallel
     require(moe.experts >= 0, f"model.moe.experts must be >= 0 (0 = dense blocks), got {moe.experts}.")
     require(moe.experts > 0 or p.expert == 1, f"parallel.expert={p.expert} splits the routed experts of MoE blocks, "
@@ -125,17 +126,19 @@ def check_moe(cfg: Config, layout: Layout) -> None:
         value = getattr(moe, key)
         require(math.isfinite(value) and value >= 0, f"model.moe.{key} must be a finite number >= 0, got {value}.")
     one_process = layout.engine == "torch" and layout.world_size == 1
-    data_parallel = (layout.engine == "deepspeed" and layout.zero_stage == 0 and layout.precision == "fp32"
-                     and layout.pipeline == layout.context == 1)
-    require(one_process or data_parallel,
+    zero0_fp32 = layout.zero_stage == 0 and layout.precision == "fp32" and layout.context == 1
+    data_parallel = layout.engine == "deepspeed" and zero0_fp32 and layout.pipeline == 1
+    pipelined = layout.engine == "pipeline" and zero0_fp32 and layout.tensor == 1
+    require(one_process or data_parallel or pipelined,
             f"model.moe.experts={moe.experts} with {layout.describe()} on {layout.engine}, ZeRO-{layout.zero_stage}, "
             f"{layout.precision} is not built yet: mixture-of-experts blocks run on one process with the plain "
-            f"engine, or over data-parallel ranks (with parallel.expert splitting the experts, and parallel.tensor "
-            f"splitting every expert like the dense FFN) on DeepSpeed's engine at parallel.zero_stage=0 in "
-            f"train.precision=fp32. MoE with parallel.pipeline, parallel.context, parallel.zero_stage 1-3, bf16 / "
-            f"fp16 and parallel.engine=torch or fairscale on several ranks is not built yet. Use "
-            f"parallel.engine=auto, zero_stage=0, train.precision=fp32 and pipeline = context = 1, or set "
-            f"model.moe.experts=0.")
+            f"engine, over data-parallel ranks (with parallel.expert splitting the experts, and parallel.tensor "
+            f"splitting every expert like the dense FFN) on DeepSpeed's engine, or over parallel.pipeline stages "
+            f"(with data and expert parallelism, parallel.tensor=1) on DeepSpeed's pipeline engine, each at "
+            f"parallel.zero_stage=0 in train.precision=fp32. MoE with parallel.tensor > 1 and parallel.pipeline > 1 "
+            f"together, parallel.context, parallel.zero_stage 1-3, bf16 / fp16 and parallel.engine=torch or "
+            f"fairscale on several ranks is not built yet. Use parallel.engine=auto, zero_stage=0, "
+            f"train.precision=fp32, context = 1 and tensor = 1 or pipeline = 1, or set model.moe.experts=0.")
     require(not p.sequence_parallel, f"model.moe.experts={moe.experts} with parallel.sequence_parallel=true is not "
             f"built yet (the router would run on sequence shards). Set parallel.sequence_parallel=false.")
     require(p.activation_checkpointing == "none",

@@ -16,6 +16,8 @@
              tensors until a log step reads them; a host group would wait for the device every step). Every
              rank routes its own tokens (expert parallelism included: its expert group is part of its data
              group, and tensor peers route the same tokens), so the sum over the data group is the global batch's
+             (DeepSpeed's pipeline engine, whose last stage alone forms the loss, has each MoE layer carry its R_m
+             into backward instead, and sums the table over its stages as well: `deepspeed/pipeline.py`)
 
 Under context parallelism every rank of a context group reads its data-parallel rank's micro-batches whole and
 runs its zig-zag share of each (`local_batch`, `bigtrain.parallel.context.inputs`): N is still counted on the
@@ -52,6 +54,15 @@ from bigtrain.models.loss import Criterion, count_input_tokens, count_targets
 from bigtrain.models.moe import MoEFeedForward, RouterStats, moe_layer_names, moe_layers, take_router_stats
 from bigtrain.optim import set_lr
 from bigtrain.parallel.context.inputs import ContextInputs
+
+
+def router_rows(steps: list[list[RouterStats]]) -> torch.Tensor:
+    """[layers, 3 + 2E] float64 of one rank's step, from its router numbers per micro-batch and layer: each layer's
+    aux, z and dropped fraction averaged over the micro-batches, then its `assigned` and `kept` summed over them."""
+    means = torch.stack([torch.stack([torch.stack([getattr(s, k) for s in layers]) for k in LAYER_VALUES], 1)
+                         for layers in steps]).double().mean(0)  # [L, 3]
+    counts = torch.stack([torch.stack([torch.cat([s.assigned, s.kept]) for s in layers]) for layers in steps])
+    return torch.cat([means, counts.sum(0).double()], 1)
 
 
 @dataclass(frozen=True)
@@ -230,19 +241,24 @@ class StepEngine:
         """The step's `moe_aux_loss`, `moe_z_loss` (Σ over layers) and `moe_dropped_fraction` (mean over layers),
         each the mean over the micro-batches, and the same per layer with the expert load (`MoELayers`), over the
         global batch (module docstring), on the device; None without MoE blocks."""
-        if not self.router_steps:
+        table = self.router_table()
+        if table is None:
             return None
-        steps = self.router_steps  # [micro-batch][layer]
-        means = torch.stack([torch.stack([torch.stack([getattr(s, k) for s in layers]) for k in LAYER_VALUES], 1)
-                             for layers in steps]).double().mean(0)  # [L, 3]
-        counts = torch.stack([torch.stack([torch.cat([s.assigned, s.kept]) for s in layers]) for layers in steps])
-        table = torch.cat([means, counts.sum(0).double()], 1)  # [L, 3 + 2E]
-        if self.groups is not None and self.dp_size > 1:  # the sums and means over every data rank's micro-batches
-            dist.all_reduce(table, group=self.groups.data_group)
-            table[:, :len(LAYER_VALUES)] /= self.dp_size
+        table = self.sum_router_table(table)
         aux, z, dropped = table[:, :len(LAYER_VALUES)].unbind(1)
         totals = {"moe_aux_loss": aux.sum(), "moe_z_loss": z.sum(), "moe_dropped_fraction": dropped.mean()}
         return totals, MoELayers(self.router_names, table)
+
+    def router_table(self) -> torch.Tensor | None:
+        """This rank's [layers, 3 + 2E] table of the step (`router_rows`); None without MoE blocks."""
+        return router_rows(self.router_steps) if self.router_steps else None
+
+    def sum_router_table(self, table: torch.Tensor) -> torch.Tensor:
+        """The table's sums and means over every data rank's micro-batches: one all-reduce over the data group."""
+        if self.groups is not None and self.dp_size > 1:
+            dist.all_reduce(table, group=self.groups.data_group)
+            table[:, :len(LAYER_VALUES)] /= self.dp_size
+        return table
 
     def global_counts(self, micro_batches: list[dict[str, torch.Tensor]],
                       counts: tuple[int, int] | None) -> tuple[int, int]:

@@ -23,6 +23,12 @@ kept (Σ_e assigned_e = N · top_k; kept_e ≤ assigned_e; dropped fraction = 1 
 
 A layer keeps the values of its last forward in `last` (`RouterStats`), which the engine reads right after the
 forward of a micro-batch (`take_router_stats`); nothing here knows about ranks or groups.
+
+Where the training loss is formed away from the MoE layers (a pipeline stage: only the last one computes a loss),
+an engine sets `router_loss_scale` = s on a layer instead of adding `last.loss` itself: the layer's output then
+carries s · loss into the backward pass (`RouterLossInBackward`: the output unchanged in forward; in backward the
+router loss also gets the gradient s), so ∇ of every layer's router loss reaches the weights as if s · loss had
+been added to the training loss, with no stage passing it along.
 """
 
 from __future__ import annotations
@@ -112,6 +118,20 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32)).logsumexp(-1).pow(2).mean()
 
 
+class RouterLossInBackward(torch.autograd.Function):
+    """y = out in forward; in backward ∂/∂out = the incoming gradient and ∂/∂loss = `scale`: the 0-dim router
+    `loss` backpropagates as if `scale` · loss were a term of the training loss."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale, ctx.loss_dtype = scale, loss.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.full((), ctx.scale, dtype=ctx.loss_dtype, device=grad.device), None
+
+
 class MoEFeedForward(nn.Module):
     """A mixture of `experts` feed-forward networks (each as the dense block's FFN: the model's activation,
     SwiGLU included) behind a linear router, plus `shared` always-on experts."""
@@ -126,6 +146,8 @@ class MoEFeedForward(nn.Module):
         self.experts = nn.ModuleList(FeedForward(d_model, d_ff, activation, bias, dropout) for _ in range(experts))
         self.shared = nn.ModuleList(FeedForward(d_model, d_ff, activation, bias, dropout) for _ in range(shared))
         self.last: RouterStats | None = None
+        # None: the engine adds `last.loss` to its loss; s: the output carries s · loss into backward (module docstring)
+        self.router_loss_scale: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., d] -> [..., d]; each token through its kept experts, weighted, plus the shared experts."""
@@ -140,15 +162,19 @@ class MoEFeedForward(nn.Module):
             out = out.index_add(0, token, y.to(out.dtype))
         for expert in self.shared:
             out = out + expert(h).to(out.dtype)
-        self.record(routing)
-        return out.reshape(x.shape)
+        return self.record(routing, out).reshape(x.shape)
 
-    def record(self, routing: Routing) -> None:
-        """Keep this forward's router losses, dropped fraction and expert load in `last` (`RouterStats`)."""
+    def record(self, routing: Routing, out: torch.Tensor) -> torch.Tensor:
+        """Keep this forward's router losses, dropped fraction and expert load in `last` (`RouterStats`); returns
+        `out`, carrying the router loss into backward when `router_loss_scale` is set (module docstring)."""
         aux, z = balance_loss(routing), z_loss(routing.logits)
         assigned, kept = expert_load(routing)
-        self.last = RouterStats(loss=self.aux_loss_coef * aux + self.z_loss_coef * z, aux=aux.detach(),
-                                z=z.detach(), dropped=(~routing.kept).float().mean(), assigned=assigned, kept=kept)
+        loss = self.aux_loss_coef * aux + self.z_loss_coef * z
+        self.last = RouterStats(loss=loss, aux=aux.detach(), z=z.detach(), dropped=(~routing.kept).float().mean(),
+                                assigned=assigned, kept=kept)
+        if self.router_loss_scale is not None and loss.requires_grad and torch.is_grad_enabled():
+            return RouterLossInBackward.apply(out, loss, self.router_loss_scale)
+        return out
 
     def extra_repr(self) -> str:
         return (f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, aux_loss_coef={self.aux_loss_coef}, "

@@ -44,6 +44,7 @@ class ExpertParallelMoE(MoEFeedForward):
         self.aux_loss_coef, self.z_loss_coef = moe.aux_loss_coef, moe.z_loss_coef
         self.group, self.rank, self.size = group, rank, size
         self.n_experts, self.local = n, n // size
+        self.router_loss_scale = moe.router_loss_scale
         self.router, self.shared = moe.router, moe.shared
         first = rank * self.local
         self.experts = nn.ModuleDict({str(e): moe.experts[e] for e in range(first, first + self.local)})
@@ -74,8 +75,7 @@ class ExpertParallelMoE(MoEFeedForward):
         out = torch.zeros_like(h).index_add(0, token, (back * routing.weights[token, slot, None]).to(h.dtype))
         for expert in self.shared:
             out = out + expert(h).to(out.dtype)
-        self.record(routing)
-        return out.reshape(x.shape)
+        return self.record(routing, out).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, experts {self.rank * self.local}..{(self.rank + 1) * self.local - 1} of "

@@ -38,8 +38,6 @@ from bigtrain.engine.memory import (
     measure_params,
     tensor_share_note,
 )
-from bigtrain.errors import CheckpointError
-from bigtrain.io import SaveFile, save_torch
 from bigtrain.models.loss import model_inputs
 from bigtrain.parallel import ParallelModel
 from bigtrain.parallel.expert import reduce_gradients
@@ -89,18 +87,6 @@ class DeepSpeedEngine(OnDeepSpeed):
 
     def update(self, found_inf: torch.Tensor) -> None:
         self.ds.engine.step()  # the inner optimizer's pre-step hook hands it `found_inf`
-
-    # ---- state ---------------------------------------------------------------------------------------
-    def write_native(self, folder: Path, save: SaveFile = save_torch) -> None:
-        if self.native_state:  # under expert parallelism the layout-free form holds the state
-            super().write_native(folder, save)
-
-    def read_native(self, checkpoint: Path) -> None:
-        if not self.native_state:
-            raise CheckpointError(f"{checkpoint}: under expert parallelism (parallel.expert="
-                                  f"{self.layout.expert}) a checkpoint's state is its layout-free form; DeepSpeed's "
-                                  f"own files are not written.")
-        super().read_native(checkpoint)
 
     # ---- reports -------------------------------------------------------------------------------------
     def memory_report(self, run_dir: Path | None = None) -> str | None:

@@ -12,6 +12,17 @@
     optimizer   as in the data-parallel engine; with a plain optimizer (ZeRO-0, fp32) bigtrain measures and clips
                 the norm just before the update
 
+Mixture of experts (`model.moe`): only the last stage forms a loss, so each MoE layer carries its own router loss
+R into the backward pass (`router_loss_scale` = 1/m, `bigtrain.models.moe.RouterLossInBackward`): after the data
+ranks' average, the gradients are ∇(Σ_global ce / N + Σ_micro-batches R / (m·N_d)), the step skeleton's. The
+reported loss stays the cross-entropy, as on one device. A forward hook on the stage takes its layers' router
+numbers after each training micro-batch; the step's table (`router_report`) holds a row for every MoE layer of
+the model, zeros for those of other stages, and is summed over the data group and then the pipeline group, so
+every rank reports every layer. Under expert parallelism (`parallel.expert`) DeepSpeed's gradient all-reduce is
+off and bigtrain reduces in the update's pre-step hook, before measuring the norm (routed experts over the
+expert-data group, the rest over the data group, both divided by N_d: `bigtrain.parallel.expert`), and a checkpoint
+keeps the state in its layout-free form alone (`native_state` False), as the data-parallel engine does.
+
 The step's non-finite decision needs every micro-batch's loss and must precede the update, so it is made inside
 the update, in the inner optimizer's pre-step hook (`_decide_in_update`), where every rank of every stage arrives
 once per step. When DeepSpeed's own optimizer skips a non-finite gradient norm without stepping the inner one
@@ -35,8 +46,12 @@ from bigtrain.config.layout import Layout
 from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine.deepspeed.wrap import DeepSpeedWrap, OnDeepSpeed
 from bigtrain.engine.evaluate import EvalSums
+from bigtrain.engine.result import LAYER_VALUES
+from bigtrain.engine.step import router_rows
 from bigtrain.models.loss import IGNORE_INDEX, Criterion, correct_predictions
+from bigtrain.models.moe import moe_layer_names, moe_layers, take_router_stats
 from bigtrain.parallel import ParallelModel
+from bigtrain.parallel.expert import reduce_gradients
 from bigtrain.parallel.grad_norm import clip_grad_norm
 from bigtrain.parallel.pipeline import pipeline_inputs
 
@@ -80,6 +95,25 @@ class PipelineEngine(OnDeepSpeed):
         self.last_stage = layout.pipeline - 1
         c = groups.coords
         self.last_stage_rank = layout.rank_of(self.last_stage, c.data, c.tensor)
+        self.expert = layout.expert > 1  # bigtrain reduces the gradients (module docstring)
+        self.native_state = not self.expert
+        self._find_router_layers(parallel, cfg.model.moe.experts)
+
+    def _find_router_layers(self, parallel: ParallelModel, experts: int) -> None:
+        """Every MoE layer of the model by name (`router_names`), this stage's layers and their rows among them."""
+        self.router_experts = experts
+        self.router_names = tuple(moe_layer_names(parallel.model))
+        row = {id(m): i for i, m in enumerate(moe_layers(parallel.model))}
+        self.router_layers = moe_layers(self.ds.engine.module)
+        self.router_rows = [row[id(m)] for m in self.router_layers]
+        if self.router_layers:
+            self.ds.engine.module.register_forward_hook(self._take_router_stats)
+
+    def _take_router_stats(self, module, args, output) -> None:
+        """After each forward of the stage: its MoE layers' numbers, kept for the step in training."""
+        stats = take_router_stats(self.router_layers)
+        if stats and self.router_steps is not None and not self.loss_fn.evaluating:
+            self.router_steps.append(stats)
 
     def _batches(self, micro_batches: list[dict[str, torch.Tensor]]):
         return iter([(pipeline_inputs(b, self.family), b["labels"]) for b in micro_batches])
@@ -87,6 +121,8 @@ class PipelineEngine(OnDeepSpeed):
     # ---- the step ------------------------------------------------------------------------------------
     def run_schedule(self, micro_batches: list[dict[str, torch.Tensor]], n_targets: int) -> torch.Tensor:
         self.loss_fn.start_step(self.dp_size * len(micro_batches) / n_targets, self.device)
+        for layer in self.router_layers:  # DeepSpeed divides the last stage's loss by m: so is each router loss
+            layer.router_loss_scale = 1.0 / len(micro_batches)
         loss = self.ds.engine.train_batch(self._batches(micro_batches)).detach().reshape(())
         if self.check is None:  # DeepSpeed skipped the update without stepping the inner optimizer (all ranks)
             self.decide(self.loss_fn.finite, None, measure=False)
@@ -96,6 +132,8 @@ class PipelineEngine(OnDeepSpeed):
         """The step's decision, made at the first inner optimizer step of the step (every rank arrives there once
         all its micro-batches are done): the last stages' loss flags and the norm measured here."""
         if self.check is None:
+            if self.expert:
+                reduce_gradients(self.ds.params, self.groups, self.dp_size)
             self.decide(self.loss_fn.finite, None)
         return self.check.found_inf
 
@@ -103,6 +141,23 @@ class PipelineEngine(OnDeepSpeed):
         if not self.ds.unwrapped:
             return None
         return clip_grad_norm(self.ds.params, self.grad_clip, self.groups, self.device)
+
+    # ---- mixture of experts ------------------------------------------------------------------------------
+    def router_table(self) -> torch.Tensor | None:
+        """A row for every MoE layer of the model: this stage's from its micro-batches, zeros for the others'."""
+        if not self.router_names:
+            return None
+        width = len(LAYER_VALUES) + 2 * self.router_experts
+        table = torch.zeros(len(self.router_names), width, dtype=torch.float64, device=self.device)
+        if self.router_steps:
+            table[self.router_rows] = router_rows(self.router_steps)
+        return table
+
+    def sum_router_table(self, table: torch.Tensor) -> torch.Tensor:
+        """Summed over the data group (`StepEngine`), then over the pipeline group: each layer lives on one stage."""
+        table = super().sum_router_table(table)
+        dist.all_reduce(table, group=self.groups.group("pipeline"))
+        return table
 
     # ---- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -154,7 +154,8 @@ class DeepSpeedWrap:
 
 class OnDeepSpeed(StepEngine):
     """What both DeepSpeed engines answer the same way, from the `DeepSpeedWrap` they hold (`self.ds`): the norm
-    and skip DeepSpeed's optimizer reports, where the state lives, DeepSpeed's own files, the derived config."""
+    and skip DeepSpeed's optimizer reports, where the state lives, DeepSpeed's own files (none under expert
+    parallelism: `native_state` False, the layout-free form holds the state), the derived config."""
 
     ds: DeepSpeedWrap
     config_file = "deepspeed_config.json"
@@ -169,9 +170,14 @@ class OnDeepSpeed(StepEngine):
         return self.ds.sharded_state()
 
     def write_native(self, folder: Path, save: SaveFile = save_torch) -> None:
-        self.ds.write_native(folder, save)
+        if self.native_state:  # under expert parallelism the layout-free form holds the state
+            self.ds.write_native(folder, save)
 
     def read_native(self, checkpoint: Path) -> None:
+        if not self.native_state:
+            raise CheckpointError(f"{checkpoint}: under expert parallelism (parallel.expert="
+                                  f"{self.ds.groups.layout.expert}) a checkpoint's state is its layout-free form; "
+                                  f"DeepSpeed's own files are not written.")
         self.ds.read_native(checkpoint)
 
     def describe(self) -> str:
