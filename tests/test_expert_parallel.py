@@ -81,13 +81,16 @@ def _assert_same_router_numbers(ref_dir, run_dir) -> None:
 
 
 @pytest.mark.launches
-@pytest.mark.parametrize(("ranks", "layout", "reference"), [(2, MOE_LAMB, "moe_lamb_reference"),
-                                                           (4, ("parallel.tensor=2",), "moe_reference")],
-                         ids=["ep2-lamb", "ep2-tp2"])
+@pytest.mark.parametrize(("ranks", "layout", "reference"), [
+    (2, MOE_LAMB, "moe_lamb_reference"),
+    (4, ("parallel.tensor=2", "parallel.activation_checkpointing=full"), "moe_reference"),
+], ids=["ep2-lamb", "ep2-tp2-recomputed"])
 def test_expert_parallel_training_equals_one_device(request, tmp_path, ranks, layout, reference):
     """EP2 with LAMB on 2 ranks (one expert group; each rank's trust ratios from the whole experts it holds, against
-    one device with LAMB); EP2 × TP2 on 4 with AdamW (every expert and the dense layers split over the tensor group,
-    experts over the data ranks). EP2 with AdamW is the EP2 × DP2 test's."""
+    one device with LAMB); EP2 × TP2 on 4 with AdamW and every block recomputed in backward (every expert and the
+    dense layers split over the tensor group, experts over the data ranks; the recomputation routes again and
+    repeats the dispatch and combine all-to-alls, in the same order on every rank). EP2 with AdamW is the EP2 × DP2
+    test's."""
     ref_dir = request.getfixturevalue(reference)
     run_dir = tmp_path / "run"
     out = launch_ok(ranks, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE, "parallel.expert=2", *layout))

@@ -19,7 +19,8 @@ from bigtrain.errors import ConfigError
 from bigtrain.models.build import build_model
 from bigtrain.models.loss import Criterion, cross_entropy_sum, model_inputs
 from bigtrain.models.moe import MoEFeedForward, collect_router_stats, moe_layers, route
-from tests.conftest import read_metrics, run_cli, single_process, tiny_overrides
+from bigtrain.train.trainer import train
+from tests.conftest import read_metrics, run_cli, single_process, tiny_config, tiny_overrides
 
 
 def make_layer(activation: str, experts: int = 4, top_k: int = 2, shared: int = 1, capacity_factor: float = 0.0,
@@ -153,8 +154,6 @@ def test_every_nth_block_is_moe_and_dense_is_the_default():
     (["model.moe.experts=4", "model.moe.z_loss_coef=-1"], ["model.moe.z_loss_coef"]),
     (["model.moe.experts=4", "model.moe.capacity_factor=-1"], ["model.moe.capacity_factor"]),
     (["model.moe.experts=4", "parallel.zero_stage=1"], ["model.moe.experts", "not built yet"]),
-    (["model.moe.experts=4", "parallel.activation_checkpointing=full"],
-     ["model.moe.experts", "parallel.activation_checkpointing"]),
     (["model.moe.experts=4", "train.compile=true"], ["model.moe.experts", "train.compile"]),
 ])
 def test_bad_moe_configs_fail_at_load_naming_the_key(tmp_path, overrides, names):
@@ -181,6 +180,26 @@ def test_moe_on_several_ranks_is_refused_at_load(tmp_path, world, layout):
 def test_a_moe_config_loads_on_one_process(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path / "run", "causal", "model.moe.experts=4", "model.moe.top_k=1"))
     assert cfg.model.moe.experts == 4 and cfg.model.moe.top_k == 1
+
+
+def test_recomputed_moe_blocks_train_like_stored_ones(tmp_path):
+    """Activation checkpointing, full (each block recomputed in backward: routing again, the same choices) and
+    selective: 4 steps with capacity dropping give the losses, gradient norms and router numbers (per block too) of
+    the run that stores every activation, to fp32 rounding (measured: equal)."""
+    moe = ("model.moe.experts=4", "model.moe.top_k=2", "model.moe.capacity_factor=1.25", "model.moe.z_loss_coef=0.01",
+           "model.moe.shared_experts=1", "train.steps=4", "train.global_batch_size=8", "train.micro_batch_size=4")
+    runs = {}
+    for mode in ("none", "full", "selective"):
+        train(tiny_config(tmp_path / mode, "causal", *moe, f"parallel.activation_checkpointing={mode}"))
+        runs[mode] = read_metrics(tmp_path / mode)[0]
+    for mode in ("full", "selective"):
+        for step in range(1, 5):
+            want, got = runs["none"][step], runs[mode][step]
+            for key in ("loss", "grad_norm", "moe_aux_loss", "moe_z_loss", "moe_dropped_fraction"):
+                assert got[key] == pytest.approx(want[key], rel=1e-6), (mode, step, key)
+            for block, numbers in want["moe_layers"].items():
+                for key, value in numbers.items():
+                    assert got["moe_layers"][block][key] == pytest.approx(value, rel=1e-6), (mode, step, block, key)
 
 
 @pytest.mark.launches

@@ -99,8 +99,10 @@ def check_moe(cfg: Config, layout: Layout) -> None:
     """`model.moe`: values in range; parallel.expert divides the experts (it divides the data size: `Layout`); and
     the layouts built for MoE: one process on the plain engine; data (and expert, and tensor) parallelism on
     DeepSpeed's engine; pipeline stages with data (and expert) parallelism on DeepSpeed's pipeline engine; each at
-    ZeRO-0 in fp32. Tensor with pipeline parallelism, context parallelism, ZeRO 1-3, other engines, mixed
-    precision, activation checkpointing and compiled blocks are not built for MoE yet."""
+    ZeRO-0 in fp32; activation checkpointing with any of them (a recomputed MoE block routes again, the same
+    tokens to the same experts, and repeats its all-to-alls in the order of the forward). Tensor with pipeline
+    parallelism, context parallelism, ZeRO 1-3, other engines, mixed precision and compiled blocks are not built for
+    MoE yet."""
     moe, p = cfg.model.moe, cfg.parallel
     require(moe.experts >= 0, f"model.moe.experts must be >= 0 (0 = dense blocks), got {moe.experts}.")
     require(moe.experts > 0 or p.expert == 1, f"parallel.expert={p.expert} splits the routed experts of MoE blocks, "
@@ -141,8 +143,5 @@ def check_moe(cfg: Config, layout: Layout) -> None:
             f"train.precision=fp32, context = 1 and tensor = 1 or pipeline = 1, or set model.moe.experts=0.")
     require(not p.sequence_parallel, f"model.moe.experts={moe.experts} with parallel.sequence_parallel=true is not "
             f"built yet (the router would run on sequence shards). Set parallel.sequence_parallel=false.")
-    require(p.activation_checkpointing == "none",
-            f"model.moe.experts={moe.experts} with parallel.activation_checkpointing='{p.activation_checkpointing}' "
-            f"is not built yet. Set parallel.activation_checkpointing=none.")
     require(not cfg.train.compile, f"model.moe.experts={moe.experts} with train.compile=true is not built yet "
             f"(the router's data-dependent dispatch). Set train.compile=false.")
