@@ -176,6 +176,22 @@ def test_resume_into_and_out_of_context_parallelism(tmp_path, pair):
 
 
 @pytest.mark.launches
+def test_context_with_pipeline_stages_then_one_device(causal_reference, tmp_path):
+    """CP2 × PP2 (4 ranks, DeepSpeed's pipeline engine, 1F1B over 4 micro-batches, ring): each stage's attention
+    runs over its rank's context group, the activations between stages are the rank's zig-zag tokens and every
+    stage rebuilds the micro-batch's global positions; 20 steps and the final evaluation within 1e-5 of one
+    device. Then its step-10 checkpoint resumes on one device (the layout-free form): steps 11-20 within 1e-5 of
+    the straight run, the same samples."""
+    from tests.test_layout_change import _train, resume_at_ten_under
+
+    run_dir = tmp_path / "run"
+    out = _train(4, run_dir, (*CP2, "parallel.pipeline=2"))
+    assert "context 2 × " in out and "pipeline 2" in out, out[-2000:]
+    assert_same_curve(causal_reference, run_dir, rel=1e-5, eval_rel=1e-5)
+    resume_at_ten_under(run_dir, 1, (), "cp2xpp2->1-device")
+
+
+@pytest.mark.launches
 def test_parity_command_takes_the_context_keys(tmp_path):
     """`bigtrain parity --layout context=2,context_attention=ulysses --shrink` launches 2 ranks and passes (the
     shrunk model has 2C heads per tensor rank and sequences of 32·C tokens, so every split stays valid)."""
