@@ -21,6 +21,10 @@ block rebuilds its mask and positions from them) as int64 tensors (DeepSpeed sen
 tensor, and bool tensors only in one special position). Pipeline layers register their module under the
 model's attribute path (`blocks.3`, `embed`, `final_norm`, ...), so each layer's state dict uses the
 parameter names of the unsplit model: checkpoints consolidate by taking the union of the layer files.
+
+Under context parallelism (causal and masked stacks) hidden states hold this rank's S/C tokens, while document
+ids and padding masks travel whole; each embedding and block layer rebuilds the micro-batch's global positions and
+every rank's tokens from them (`stage_view`), since a pipeline schedule interleaves micro-batches on a stage.
 """
 
 from __future__ import annotations
