@@ -136,7 +136,7 @@ def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups | None
         assert groups is not None
         result.stages = build_rank_stages(model, groups.coords.pipe, layout.pipeline, p.virtual_stages,
                                           p.pipeline_schedule, p.partition_method, materialize_piece,
-                                          documents=cfg.data.document_masking)
+                                          documents=cfg.data.document_masking, context=result.context)
         mark_tied_copies(model, result.stages)
     elif layout.pipeline > 1:
         from bigtrain.parallel.pipeline_module import build_pipeline_module
