@@ -18,6 +18,10 @@ loss of a rank is Σ ce over its own targets and Σ over the context group is th
 count N is taken on the host over the whole (unsplit) batch and summed over the data group only, never counted
 once per context rank (`bigtrain.engine.step`).
 
+A pipeline stage holds only hidden states of this rank's tokens: `enter` rebuilds the same tokens and position
+inputs from its S/C tokens and the whole document ids and padding that travel with them, before each layer runs
+(a pipeline schedule interleaves the micro-batches on a stage).
+
 The tokens stay set from `split` until `clear` (after the micro-batches' backward: recomputed attention cores
 read them again); with none set the cores run plain attention on what they are given, so sampling and
 generation through the same model run on one rank's full sequence.
