@@ -37,13 +37,21 @@ def test_splittable_context_loads() -> None:
     assert cfg.parallel.context == 2
 
 
+def test_pipeline_stages_load_on_deepspeeds_pipeline_engine() -> None:
+    cfg = load_config(None, [*CP2, "parallel.pipeline=2"], world_size=4)
+    assert (cfg.parallel.context, cfg.parallel.pipeline) == (2, 2)
+
+
 @pytest.mark.parametrize("extra, keys", [
-    (["parallel.pipeline=2"], r"parallel.context=2 with parallel.pipeline=2"),
+    (["parallel.pipeline=2", "parallel.engine=torch", "parallel.zero_stage=2"],
+     r"parallel.context=2 with parallel.pipeline=2, parallel.engine='torch' .* and parallel.zero_stage=2"),
+    (["parallel.pipeline=2", "model.family=seq2seq", "data.source=reverse"],
+     r"parallel.context=2 with parallel.pipeline=2 .*model.family='seq2seq'"),
     (["parallel.engine=fairscale", "parallel.zero_stage=1"], r"parallel.context=2 with parallel.engine='fairscale'"),
     (["model.attention_dropout=0.1"], r"model.attention_dropout is 0.1"),
     (["model.attention_dropout=null", "model.dropout=0.1"], r"model.attention_dropout is 0.1 \(null means "
                                                              r"model.dropout=0.1\)"),
-], ids=["pipeline", "fairscale", "attention-dropout", "dropout"])
+], ids=["torch-pipeline-fsdp2", "seq2seq-pipeline", "fairscale", "attention-dropout", "dropout"])
 def test_what_is_not_wired_is_refused_naming_the_keys(extra, keys) -> None:
     with pytest.raises(ConfigError, match=keys):
         load_config(None, [*CP2, *extra], world_size=4)

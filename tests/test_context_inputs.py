@@ -85,3 +85,61 @@ def test_cores_replace_every_attention_core_and_run_plain_attention_outside_a_mi
     assert "ContextSelfAttention(ring over 2 context ranks, encoder tokens)" in text
     assert "ContextCrossAttention(keys and values gathered over 2 context ranks)" in text
     assert torch.equal(model(x, y), before)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_pipeline_stage_rebuilds_what_split_gives(monkeypatch, rank):
+    """`enter` (a pipeline stage, from its S/C hidden tokens and the whole document ids and padding that travel
+    with them) sets the same tokens and gives the same positions and shares as `split` of the whole micro-batch."""
+    ids = torch.arange(16).reshape(2, 8)
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2], [0, 0, 0, 0, 0, 1, 1, -1]])
+    ctx = _inputs(monkeypatch, "causal", 2, rank)
+    local = ctx.split({"input_ids": ids, "labels": ids, "document_ids": docs})
+    split_tokens = ctx.of("self")
+    view = ctx.enter(4, docs)
+    assert torch.equal(view["position_ids"], local["position_ids"])
+    assert torch.equal(view["document_ids"], local["document_ids"])
+    for a, b in zip(ctx.of("self"), split_tokens, strict=True):
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.document_ids, b.document_ids)
+    masked = _inputs(monkeypatch, "masked", 2, rank)
+    mask = torch.tensor([[True] * 6 + [False] * 2])
+    local = masked.split({"input_ids": ids[:1], "labels": ids[:1], "attention_mask": mask})
+    split_tokens = masked.of("self")
+    view = masked.enter(4, key_padding=mask.long())
+    assert torch.equal(view["position_ids"], local["position_ids"])
+    assert torch.equal(view["attention_mask"], local["attention_mask"])
+    assert [t.key_padding.tolist() for t in masked.of("self")] == [t.key_padding.tolist() for t in split_tokens]
+
+
+def test_recompute_runs_with_the_tokens_of_its_forward(monkeypatch):
+    """Under a pipeline schedule a later micro-batch's forward sets its tokens before an earlier one's backward:
+    a checkpointed piece recomputes with the tokens its forward saw, and the current ones are put back after."""
+    from torch import nn
+
+    from bigtrain.parallel.activation_checkpointing import ActivationCheckpoint
+
+    ctx = _inputs(monkeypatch, "causal", 2, 0)
+
+    class Reads(nn.Module):
+        """y = x² · (first token's global position + 1), reading the tokens when it runs."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Identity()
+            self.seen: list[int] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            factor = int(ctx.of("self")[0].positions[0]) + 1
+            self.seen.append(factor)
+            return self.inner(x) * x * factor
+
+    reads = Reads()
+    piece = ActivationCheckpoint(reads, ctx)
+    x = torch.ones(3, requires_grad=True)
+    ctx.tokens = {"self": [inputs.Tokens(torch.tensor([4, 5]))]}  # micro-batch 0
+    y = piece(x).sum()
+    later = {"self": [inputs.Tokens(torch.tensor([9, 9]))]}  # micro-batch 1's forward comes first
+    ctx.tokens = later
+    y.backward()
+    assert reads.seen == [5, 5] and torch.equal(x.grad, torch.full((3,), 10.0))
+    assert ctx.tokens is later

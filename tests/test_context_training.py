@@ -175,6 +175,33 @@ def test_resume_into_and_out_of_context_parallelism(tmp_path, pair):
         del PAIRS[pair]
 
 
+TORCH_INTERLEAVED_ULYSSES = ("parallel.engine=torch", "parallel.pipeline_schedule=interleaved_1f1b",
+                             "parallel.virtual_stages=2", "parallel.context_attention=ulysses",
+                             "parallel.activation_checkpointing=full")
+
+
+@pytest.mark.launches
+def test_context_with_pipeline_stages(causal_reference, tmp_path):
+    """CP2 × PP2 (4 ranks) on DeepSpeed's pipeline engine (1F1B over 4 micro-batches, ring): each stage's
+    attention runs over its rank's context group, the activations between stages are the rank's zig-zag tokens
+    and every stage rebuilds the micro-batch's global positions; 20 steps and the final evaluation within 1e-5 of
+    one device. Its step-10 checkpoint then resumes (the layout-free form) on PyTorch's interleaved 1F1B schedule
+    (2 stages per rank) with Ulysses and full activation checkpointing (a block recomputes with its own
+    micro-batch's tokens while the schedule interleaves them): steps 11-20 within 1e-5 of the straight run, the
+    same samples, and the final evaluation within 1e-5 of one device."""
+    from tests.test_layout_change import _train, resume_at_ten_under
+
+    run_dir = tmp_path / "run"
+    out = _train(4, run_dir, (*CP2, "parallel.pipeline=2"))
+    assert "context 2 × " in out and "pipeline 2" in out, out[-2000:]
+    assert_same_curve(causal_reference, run_dir, rel=1e-5, eval_rel=1e-5)
+    resume_at_ten_under(run_dir, 4, (*CP2, "parallel.pipeline=2", *TORCH_INTERLEAVED_ULYSSES),
+                        "cp2xpp2-deepspeed->cp2xpp2-interleaved-torch-ulysses")
+    final, reference = read_metrics(run_dir)[1][20]["eval_loss"], read_metrics(causal_reference)[1][20]["eval_loss"]
+    print(f"resumed on PyTorch's schedule: final eval_loss relative difference {abs(final / reference - 1):.1e}")
+    assert final == pytest.approx(reference, rel=1e-5)
+
+
 @pytest.mark.launches
 def test_parity_command_takes_the_context_keys(tmp_path):
     """`bigtrain parity --layout context=2,context_attention=ulysses --shrink` launches 2 ranks and passes (the

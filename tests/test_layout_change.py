@@ -73,6 +73,12 @@ def test_resume_under_another_layout_continues_the_curve(tmp_path, pair):
     (ranks_a, layout_a), (ranks_b, layout_b) = PAIRS[pair]
     run_dir = tmp_path / "run"
     _train(ranks_a, run_dir, layout_a)  # 20 straight steps under A, checkpoints at 10 and 20
+    resume_at_ten_under(run_dir, ranks_b, layout_b, pair)
+
+
+def resume_at_ten_under(run_dir: Path, ranks_b: int, layout_b: tuple[str, ...], name: str) -> None:
+    """Given 20 straight steps in `run_dir` (`_train`): resume its step-10 checkpoint under layout B; steps 11-20
+    within TOL of the straight run's, the same global samples step by step."""
     straight, straight_samples = read_metrics(run_dir)[0], _samples(run_dir)
     checkpoints = run_dir / "checkpoints"
     shutil.rmtree(checkpoints / "step_00000020")
@@ -91,5 +97,5 @@ def test_resume_under_another_layout_continues_the_curve(tmp_path, pair):
     samples = _samples(run_dir)
     assert sorted(samples) == list(range(11, 21))
     assert all(samples[s] == straight_samples[s] for s in samples)  # the same global samples, step by step
-    print(f"\n{pair}: steps 11-20 max relative difference loss {worst['loss']:.1e}, grad_norm "
+    print(f"\n{name}: steps 11-20 max relative difference loss {worst['loss']:.1e}, grad_norm "
           f"{worst['grad_norm']:.1e}; sample indices of steps 11-20 equal the straight run's")

@@ -39,12 +39,19 @@ def check_context(cfg: Config) -> None:
 
 
 def _check_wired(cfg: Config, c: int) -> None:
-    """What context parallelism is wired with (issue 28): DeepSpeed (ZeRO 0-3) and FSDP2, with tensor and
+    """What context parallelism is wired with (issue 28): DeepSpeed (ZeRO 0-3), FSDP2, and pipeline stages for the
+    causal and masked families (DeepSpeed's pipeline engine; PyTorch's schedules without FSDP2), with tensor and
     sequence parallelism and activation checkpointing; refused with the keys that ask for the rest."""
     p, m = cfg.parallel, cfg.model
     why = f"parallel.context={c}"
-    require(p.pipeline == 1, f"{why} with parallel.pipeline={p.pipeline} is not wired yet (context parallelism "
-            f"runs inside one stage only). Set parallel.pipeline=1 or parallel.context=1.")
+    if p.pipeline > 1:
+        require(p.engine != "torch" or p.zero_stage < 2, f"{why} with parallel.pipeline={p.pipeline}, "
+                f"parallel.engine='torch' (PyTorch's pipeline schedules) and parallel.zero_stage={p.zero_stage} "
+                f"(FSDP2 stages) is not wired yet: use parallel.zero_stage=0, parallel.engine=auto (DeepSpeed's "
+                f"pipeline engine), parallel.pipeline=1, or parallel.context=1.")
+        require(m.family != "seq2seq", f"{why} with parallel.pipeline={p.pipeline} is wired for "
+                f"model.family=causal and masked, not model.family='seq2seq' (its stages carry two sequences): use "
+                f"parallel.pipeline=1 or parallel.context=1.")
     require(p.engine != "fairscale", f"{why} with parallel.engine='fairscale' is not wired: use parallel.engine=auto "
             f"(DeepSpeed) or torch (FSDP2), or parallel.context=1.")
     attention_dropout = m.dropout if m.attention_dropout is None else m.attention_dropout

@@ -118,7 +118,9 @@ def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups | None
         result.fp8 = apply_fp8(model, cfg.train.fp8_recipe, torch.device(device))
 
     # 2. activation checkpointing
-    apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n_layers)
+    # (a pipeline schedule runs later micro-batches' forwards before a recompute: it gets its own tokens back)
+    apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n_layers,
+                                   context=result.context if layout.pipeline > 1 else None)
 
     # 3. torch.compile of each block (regional; a checkpointed block is compiled whole)
     if cfg.train.compile:
@@ -134,13 +136,13 @@ def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups | None
         assert groups is not None
         result.stages = build_rank_stages(model, groups.coords.pipe, layout.pipeline, p.virtual_stages,
                                           p.pipeline_schedule, p.partition_method, materialize_piece,
-                                          documents=cfg.data.document_masking)
+                                          documents=cfg.data.document_masking, context=result.context)
         mark_tied_copies(model, result.stages)
     elif layout.pipeline > 1:
         from bigtrain.parallel.pipeline_module import build_pipeline_module
 
         result.stage = build_pipeline_module(model, layout, p.partition_method, materialize_piece,
-                                             documents=cfg.data.document_masking)
+                                             documents=cfg.data.document_masking, context=result.context)
     else:
         materialize(model, device, seed, result.shards)
     mark_tensor_parallel(model, result.shards)

@@ -21,6 +21,10 @@ block rebuilds its mask and positions from them) as int64 tensors (DeepSpeed sen
 tensor, and bool tensors only in one special position). Pipeline layers register their module under the
 model's attribute path (`blocks.3`, `embed`, `final_norm`, ...), so each layer's state dict uses the
 parameter names of the unsplit model: checkpoints consolidate by taking the union of the layer files.
+
+Under context parallelism (causal and masked stacks) hidden states hold this rank's S/C tokens, while document
+ids and padding masks travel whole; each embedding and block layer rebuilds the micro-batch's global positions and
+every rank's tokens from them (`stage_view`), since a pipeline schedule interleaves micro-batches on a stage.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from bigtrain.compat.deepspeed_import import import_deepspeed
 from bigtrain.models import TransformerLM
 from bigtrain.models.documents import document_positions
 from bigtrain.models.transformer import Seq2SeqLM
+from bigtrain.parallel.context.inputs import ContextInputs
 
 
 def _mask(t: torch.Tensor) -> torch.Tensor:
@@ -50,15 +55,32 @@ def _drop(out: torch.Tensor, *dropped: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def stage_view(context: ContextInputs | None, hidden: torch.Tensor, documents: torch.Tensor | None = None,
+               padding: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+    """What a causal or masked stage layer gives the model beside `hidden` [B, T, ...]: position ids, document ids
+    and the padding mask. Without context parallelism these are the micro-batch's own (positions within each
+    document, or None: 0..T-1). Under context parallelism `hidden` holds this rank's T = S/C tokens while
+    `documents` and `padding` travel whole [B, S]: every rank's tokens are set for the attention cores from them
+    (`ContextInputs.enter`, at every layer, so that each micro-batch of an interleaved schedule runs with its
+    own) and this rank's global positions and shares are returned."""
+    if context is None:
+        return {"position_ids": None if documents is None else document_positions(documents),
+                "document_ids": documents, "attention_mask": padding}
+    view = context.enter(hidden.shape[1], documents, padding, hidden.device)
+    return {"position_ids": view["position_ids"], "document_ids": view.get("document_ids"),
+            "attention_mask": view.get("attention_mask")}
+
+
 class EmbedPipe(nn.Module):
     """The input embedding (and, when tied, the head that shares its weight)."""
 
-    def __init__(self, model: TransformerLM, materialize: Callable[[nn.Module], None], documents: bool = False
-                 ) -> None:
+    def __init__(self, model: TransformerLM, materialize: Callable[[nn.Module], None], documents: bool = False,
+                 context: ContextInputs | None = None) -> None:
         super().__init__()
         self.seq2seq = isinstance(model, Seq2SeqLM)
         self.with_mask = model.family != "causal"
         self.documents = documents
+        self.context = context
         self.embed = model.embed
         materialize(self.embed)
         self.output_scale = model.output_scale
@@ -68,12 +90,12 @@ class EmbedPipe(nn.Module):
 
     def forward(self, inputs):
         """First stage: ids -> hidden states (masks, decoder ids and document ids pass along as int64, a position
-        bias as it is); with document ids, positions restart at each document."""
+        bias as it is); with document ids, positions restart at each document. Under context parallelism the ids
+        are this rank's share, the document ids whole, and positions global (`stage_view`)."""
         if isinstance(inputs, torch.Tensor):
-            return self.embed(inputs)
-        if self.documents:
-            return (self.embed(inputs[0], document_positions(inputs[1])), *inputs[1:])
-        return (self.embed(inputs[0]), *inputs[1:])
+            return self.embed(inputs, stage_view(self.context, inputs)["position_ids"])
+        docs = inputs[1] if self.documents else None
+        return (self.embed(inputs[0], stage_view(self.context, inputs[0], docs)["position_ids"]), *inputs[1:])
 
     def embed_decoder(self, inputs):
         memory, mask, dec_ids, *rest = inputs
@@ -87,14 +109,17 @@ class PositionBiasPipe(nn.Module):
     """A stack's relative position bias [1, H, T, T], computed from the ids' length and appended to what
     flows (before the embedding of its stack, where the full length is still known)."""
 
-    def __init__(self, name: str, bias: nn.Module, decoder: bool, materialize: Callable[[nn.Module], None]) -> None:
+    def __init__(self, name: str, bias: nn.Module, decoder: bool, materialize: Callable[[nn.Module], None],
+                 context: ContextInputs | None = None) -> None:
         super().__init__()
-        self.name, self.decoder = name, decoder
+        self.name, self.decoder, self.context = name, decoder, context
         materialize(bias)
         setattr(self, name, bias)
 
     def forward(self, inputs):
         ids = inputs if isinstance(inputs, torch.Tensor) else inputs[2 if self.decoder else 0]
+        if self.context is not None:  # `ContextRelativeBias`: the whole sequence's bias over global positions
+            self.context.enter(ids.shape[1], device=ids.device)
         bias = getattr(self, self.name)(ids.shape[1], ids.shape[1]).contiguous()  # sent between stages
         return (inputs, bias) if isinstance(inputs, torch.Tensor) else (*inputs, bias)
 
@@ -103,10 +128,12 @@ class BlockPipe(nn.Module):
     """One block of a stack; registered as `<stack>.<index>` so parameter names are the model's."""
 
     def __init__(self, stack: str, index: int, block: nn.Module, role: str,
-                 materialize: Callable[[nn.Module], None], documents: bool = False) -> None:
+                 materialize: Callable[[nn.Module], None], documents: bool = False,
+                 context: ContextInputs | None = None) -> None:
         super().__init__()
         self.role = role  # "causal", "masked", "seq2seq-encoder" or "seq2seq-decoder": what flows through
         self.documents = documents  # causal: document ids follow the hidden states
+        self.context = context  # causal and masked stacks split over a context group
         self.stack, self.index = stack, str(index)
         materialize(block)
         setattr(self, stack, nn.ModuleDict({self.index: block}))
@@ -118,17 +145,20 @@ class BlockPipe(nn.Module):
     def forward(self, inputs):
         if self.role == "causal":
             if isinstance(inputs, torch.Tensor):
-                return self.block(inputs)
+                return self.block(inputs, position_ids=stage_view(self.context, inputs)["position_ids"])
             if self.documents:
                 h, docs, *bias = inputs
-                h = self.block(h, position_bias=bias[0] if bias else None, document_ids=docs,
-                               position_ids=document_positions(docs))
+                view = stage_view(self.context, h, docs)
+                h = self.block(h, position_bias=bias[0] if bias else None, document_ids=view["document_ids"],
+                               position_ids=view["position_ids"])
                 return (h, docs, *bias)
             h, bias = inputs
-            return self.block(h, position_bias=bias), bias
+            return self.block(h, position_bias=bias, position_ids=stage_view(self.context, h)["position_ids"]), bias
         if self.role == "masked":
             h, mask, *bias = inputs
-            return (self.block(h, padding_mask=_mask(mask), position_bias=bias[0] if bias else None), mask, *bias)
+            view = stage_view(self.context, h, padding=_mask(mask))
+            return (self.block(h, padding_mask=view["attention_mask"], position_bias=bias[0] if bias else None,
+                               position_ids=view["position_ids"]), mask, *bias)
         if self.role == "seq2seq-encoder":
             h, mask, dec_ids, dec_mask, *bias = inputs
             h = self.block(h, padding_mask=_mask(mask), position_bias=bias[0] if bias else None)
@@ -184,21 +214,25 @@ class ModulePipe(nn.Module):
         return getattr(self, self.name)(x)
 
 
-def pipeline_inputs(batch: dict[str, torch.Tensor], family: str):
+def pipeline_inputs(batch: dict[str, torch.Tensor], family: str, context: ContextInputs | None = None):
     """What the first stage receives for one micro-batch (masks as int64; document ids where the batch has them,
-    see `layer_specs`)."""
+    see `layer_specs`). Under context parallelism (causal and masked) the ids are this rank's share and the
+    document ids and padding mask whole (`stage_view`)."""
+    ids = batch["input_ids"] if context is None or family == "seq2seq" else context.shard(batch["input_ids"])
     if family == "causal":
-        return batch["input_ids"] if "document_ids" not in batch else (batch["input_ids"], batch["document_ids"])
+        return ids if "document_ids" not in batch else (ids, batch["document_ids"])
     if family == "masked":
-        return batch["input_ids"], batch["attention_mask"].long()
+        return ids, batch["attention_mask"].long()
     return (batch["input_ids"], batch["attention_mask"].long(), batch["decoder_input_ids"],
             batch["decoder_attention_mask"].long())
 
 
-def layer_specs(model: TransformerLM, materialize: Callable[[nn.Module], None], documents: bool = False) -> list:
+def layer_specs(model: TransformerLM, materialize: Callable[[nn.Module], None], documents: bool = False,
+                context: ContextInputs | None = None) -> list:
     """The model's layer sequence as DeepSpeed layer specs (nothing is built until a stage builds it).
     Each spec carries `n_params` (counted on the meta model) for partitioning by parameters. `documents`: causal
-    batches carry document ids (`data.document_masking`), which flow after the hidden states."""
+    batches carry document ids (`data.document_masking`), which flow after the hidden states. `context`: the
+    causal or masked stack is split over a context group (hidden states hold this rank's tokens)."""
     import_deepspeed()
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
@@ -211,18 +245,19 @@ def layer_specs(model: TransformerLM, materialize: Callable[[nn.Module], None], 
         return s
 
     def embed(**kwargs):
-        return spec(TiedLayerSpec, "embed", EmbedPipe, model, materialize, documents,
+        return spec(TiedLayerSpec, "embed", EmbedPipe, model, materialize, documents, context,
                     n_params=count(model.embed), tied_weight_attr=["embed.tokens.weight"], **kwargs)
 
     def blocks(stack: str, role: str) -> list:
-        return [spec(LayerSpec, BlockPipe, stack, i, b, role, materialize, documents, n_params=count(b))
+        return [spec(LayerSpec, BlockPipe, stack, i, b, role, materialize, documents, context, n_params=count(b))
                 for i, b in enumerate(getattr(model, stack))]
 
     def position_bias(name: str, decoder: bool = False) -> list:
         table = getattr(model, name)
         if table is None:
             return []
-        return [spec(LayerSpec, PositionBiasPipe, name, table, decoder, materialize, n_params=count(table))]
+        return [spec(LayerSpec, PositionBiasPipe, name, table, decoder, materialize, context,
+                     n_params=count(table))]
 
     def output_module(name: str) -> list:
         module = getattr(model, name)
@@ -233,6 +268,9 @@ def layer_specs(model: TransformerLM, materialize: Callable[[nn.Module], None], 
     family = model.family
     if documents and family != "causal":
         raise ValueError(f"document ids separate the packed blocks of the causal family, not {family}")
+    if context is not None and isinstance(model, Seq2SeqLM):
+        raise ValueError("context parallelism under DeepSpeed's pipeline splits one stack (causal, masked); "
+                         "refused for seq2seq at config load")
     specs: list = []
     if isinstance(model, Seq2SeqLM):
         specs += position_bias("encoder_position_bias")

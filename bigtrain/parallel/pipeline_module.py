@@ -20,6 +20,7 @@ from bigtrain.compat.deepspeed_import import import_deepspeed
 from bigtrain.config.layout import Layout
 from bigtrain.errors import ConfigError
 from bigtrain.models import TransformerLM
+from bigtrain.parallel.context.inputs import ContextInputs
 from bigtrain.parallel.pipeline import layer_specs
 
 
@@ -54,13 +55,21 @@ def check_stages(specs: list, stages: int, method: str, virtual_stages: int = 1)
 
 
 def build_pipeline_module(model: TransformerLM, layout: Layout, partition_method: str,
-                          materialize: Callable[[nn.Module], None], documents: bool = False) -> nn.Module:
+                          materialize: Callable[[nn.Module], None], documents: bool = False,
+                          context: ContextInputs | None = None) -> nn.Module:
     """This rank's stage of `model` (on the meta device; `materialize` allocates and initializes a piece).
-    The engine sets its `loss_fn`. `documents`: batches carry document ids (`data.document_masking`)."""
+    The engine sets its `loss_fn`. `documents`: batches carry document ids (`data.document_masking`).
+
+    Under context parallelism DeepSpeed's data axis is data × context (D·C ranks that hold the same weights):
+    rank = ((pipe · D + data) · C + context) · T + tensor is DeepSpeed's (pipe · D·C + data·C + context) · T +
+    model, so its data-parallel groups are bigtrain's gradient groups and each rank's neighbouring stages are
+    those of its own context rank (the activations it sends are its own tokens)."""
     import_deepspeed()
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
-    return pipeline_module_class()(layer_specs(model, materialize, documents), topology=topology, loss_fn=None,
+    topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor,
+                                             num_dp=layout.data * layout.context)
+    return pipeline_module_class()(layer_specs(model, materialize, documents, context), topology=topology,
+                                   loss_fn=None,
                                    partition_method=partition_method, dynamic_shape=model.family != "causal",
                                    check_partition=check_stages)

@@ -41,6 +41,7 @@ from torch import nn
 
 from bigtrain.models import TransformerLM
 from bigtrain.models.loss import IGNORE_INDEX, cross_entropy_sum
+from bigtrain.parallel.context.inputs import ContextInputs
 from bigtrain.parallel.pipeline import pipeline_inputs
 from bigtrain.parallel.pipeline_batches import fill_eval_batches, stack_micro_batches
 from bigtrain.parallel.stages import RankStages, build_rank_stages, stage_indices, stage_rank
@@ -172,23 +173,24 @@ class PipelineRunner:
     the meta model. `step(batch)` runs one step's forward and backward (gradients accumulate into the stage
     parameters; zeroing them is the caller's) and returns the loss on every rank. `loss_sum`: the criterion's
     summed loss (`bigtrain.models.loss.Criterion.loss_sum`, or the vocabulary-parallel one under tensor
-    parallelism)."""
+    parallelism). `context`: under context parallelism the first stage gets this rank's share of the ids (document
+    ids and padding whole, `pipeline_inputs`) and the last stage this rank's share of the labels."""
 
     def __init__(self, model: TransformerLM, schedule: str, virtual_stages: int, n_microbatches: int,
                  materialize: Callable[[nn.Module], None] | None, group: dist.ProcessGroup | None = None,
                  partition_method: str = "parameters", device: torch.device | str = "cpu",
                  documents: bool = False, cache_size: int = 4,
                  loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum,
-                 stages: RankStages | None = None) -> None:
+                 stages: RankStages | None = None, context: ContextInputs | None = None) -> None:
         self.model, self.schedule_name, self.virtual_stages = model, schedule, virtual_stages
         self.n_microbatches, self.group, self.device = n_microbatches, group, torch.device(device)
-        self.documents, self.cache_size = documents, cache_size
+        self.documents, self.cache_size, self.context = documents, cache_size, context
         self.pipeline = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         if stages is None:  # built here (`parallelize` builds them for the torch_pipeline engine)
             assert materialize is not None, "PipelineRunner builds its stages only with a materialize function"
             stages = build_rank_stages(model, self.rank, self.pipeline, virtual_stages, schedule, partition_method,
-                                       materialize, documents)
+                                       materialize, documents, context)
         self.stages = stages
         self.n_stages = self.pipeline * virtual_stages
         self.first = 0 in self.stages.indices
@@ -225,15 +227,26 @@ class PipelineRunner:
         return schedule
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        inputs = pipeline_inputs(batch, self.model.family)
+        inputs = pipeline_inputs(batch, self.model.family, self.context)
         return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+    def _labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["labels"] if self.context is None else self.context.shard(batch["labels"])
+
+    def _run(self, run: Callable[[], object]) -> None:
+        """`run()`, the context-parallel tokens of the last micro-batch cleared after."""
+        try:
+            run()
+        finally:
+            if self.context is not None:
+                self.context.clear()
 
     def step(self, batch: dict[str, torch.Tensor], targets: int | None = None) -> torch.Tensor:
         """Forward and backward of `batch` (this pipeline's share of the global batch: n_microbatches micro-batches
         along dim 0), then the tied gradients summed; returns this pipeline's Σ ce / N (a 0-d float tensor, the
         same on every rank). N = `targets`, the global batch's target count (default: `batch`'s own)."""
         inputs = self._inputs(batch)
-        labels = batch["labels"]
+        labels = self._labels(batch)
         rows = labels.shape[0]
         if rows % self.n_microbatches:
             raise ValueError(f"a batch of {rows} rows does not split into {self.n_microbatches} micro-batches")
@@ -243,7 +256,7 @@ class PipelineRunner:
         losses: list[torch.Tensor] = []
         args = tuple(t.to(self.device) for t in inputs) if self.first else ()
         kwargs = {"target": labels.to(self.device), "losses": losses} if self.last else {}
-        schedule.step(*args, return_outputs=False, **kwargs)
+        self._run(lambda: schedule.step(*args, return_outputs=False, **kwargs))
         reduce_tied_grads(self.model, self.stages, self.group, self.tied_group, self.device, self.data_shard)
         loss = (torch.stack([x.detach().float() for x in losses]).sum() / self.loss_fn.backward_scale if self.last
                 else torch.zeros((), dtype=torch.float32, device=self.device))
@@ -266,7 +279,7 @@ class PipelineRunner:
         count = len(batches)
         batch = stack_micro_batches(fill_eval_batches(batches, count))
         inputs = self._inputs(batch)
-        labels = batch["labels"]
+        labels = self._labels(batch)
         key = ("eval", count) + tuple(tuple(t.shape) for t in inputs) + (tuple(labels.shape),)
         schedule = self._schedule_for(key, (count, metrics))
         losses: list[torch.Tensor] = []
@@ -275,7 +288,7 @@ class PipelineRunner:
         for module in self.stages.modules:
             module.eval()
         try:
-            schedule.eval(*args, **kwargs)
+            self._run(lambda: schedule.eval(*args, **kwargs))
         finally:
             for module in self.stages.modules:
                 module.train()

@@ -29,6 +29,7 @@ from torch import nn
 
 from bigtrain.compat.deepspeed_import import import_deepspeed
 from bigtrain.models import TransformerLM
+from bigtrain.parallel.context.inputs import ContextInputs
 from bigtrain.parallel.pipeline import layer_specs
 from bigtrain.parallel.pipeline_module import check_stages
 
@@ -144,14 +145,15 @@ class RankStages:
 
 
 def build_rank_stages(model: TransformerLM, rank: int, pipeline: int, virtual_stages: int, schedule: str,
-                      partition_method: str, materialize: Callable[[nn.Module], None], documents: bool = False
-                      ) -> RankStages:
+                      partition_method: str, materialize: Callable[[nn.Module], None], documents: bool = False,
+                      context: ContextInputs | None = None) -> RankStages:
     """This rank's stage modules of `model` (built on the meta device; `materialize` allocates and initializes a
-    piece, as for DeepSpeed's pipeline). Refuses (ConfigError, naming the keys) a cut that leaves a stage empty."""
+    piece, as for DeepSpeed's pipeline). Refuses (ConfigError, naming the keys) a cut that leaves a stage empty.
+    `context`: the causal or masked stack is split over a context group (`layer_specs`)."""
     import_deepspeed()
     from deepspeed.pipe import TiedLayerSpec
 
-    specs = layer_specs(model, materialize, documents)
+    specs = layer_specs(model, materialize, documents, context)
     n_stages = pipeline * virtual_stages
     bounds = [int(b) for b in check_stages(specs, n_stages, partition_method, virtual_stages=virtual_stages)]
     mine = stage_indices(rank, pipeline, virtual_stages, schedule)

@@ -28,8 +28,15 @@ the update, in the inner optimizer's pre-step hook (`_decide_in_update`), where 
 once per step. When DeepSpeed's own optimizer skips a non-finite gradient norm without stepping the inner one
 (on every rank alike), the decision is made after `train_batch` instead.
 
+Under context parallelism (causal and masked families) each rank feeds its share of every sequence
+(`pipeline_inputs`, with the document ids and padding whole, from which every stage rebuilds the tokens of its
+micro-batch), its DeepSpeed data-parallel group is the gradient group (data × context, `build_pipeline_module`),
+and the loss scale is Σ ce · (N_d · C · m) / N, so that DeepSpeed's average over the D·C ranks gives the same
+gradients and reported loss.
+
 Evaluation runs `eval_batch` over the held-out batches; the last stage returns per micro-batch the summed
-loss and the accuracy counts, and broadcasts their totals to the other stages of its pipeline. The causal family's
+loss and, per row, the hits and targets, sums them over its context group (a sequence is correct when every
+rank's share is), and broadcasts the totals to the other stages of its pipeline. The causal family's
 stages exchange activations of one fixed shape (DeepSpeed's `dynamic_shape` is off), the training micro-batch's, so
 a shorter last held-out micro-batch is filled up to train.micro_batch_size with copies of its rows whose labels are
 all ignored: they add no loss, no target and no sequence to the sums.
@@ -48,7 +55,7 @@ from bigtrain.engine.deepspeed.wrap import DeepSpeedWrap, OnDeepSpeed
 from bigtrain.engine.evaluate import EvalSums
 from bigtrain.engine.result import LAYER_VALUES
 from bigtrain.engine.step import router_rows
-from bigtrain.models.loss import IGNORE_INDEX, Criterion, correct_predictions
+from bigtrain.models.loss import IGNORE_INDEX, Criterion
 from bigtrain.models.moe import moe_layer_names, moe_layers, take_router_stats
 from bigtrain.parallel import ParallelModel
 from bigtrain.parallel.expert import reduce_gradients
@@ -74,8 +81,9 @@ class PipelineLoss:
         if not self.evaluating:
             self.finite = self.finite & torch.isfinite(loss_sum.detach())  # on the device: nothing is read
             return loss_sum * self.scale
-        counts = correct_predictions(self.criterion.predictions(logits), labels)
-        return torch.tensor([float(loss_sum), *counts], dtype=torch.float64, device=logits.device)
+        valid = labels != IGNORE_INDEX
+        hits = ((self.criterion.predictions(logits) == labels) & valid).sum(-1)
+        return torch.cat([loss_sum.detach().double().reshape(1), hits.double(), valid.sum(-1).double()])
 
 
 class PipelineEngine(OnDeepSpeed):
@@ -85,7 +93,7 @@ class PipelineEngine(OnDeepSpeed):
             raise ValueError("the pipeline engine runs a pipeline stage: parallelize with parallel.pipeline > 1")
         self.layout, self.groups, self.criterion = layout, groups, parallel.criterion
         self.dp_rank, self.dp_size = groups.get_data_parallel_rank(), layout.data
-        self.family = parallel.model.family
+        self.family, self.context = parallel.model.family, parallel.context
         self.loss_fn = PipelineLoss(parallel.criterion)
         parallel.stage.loss_fn = self.loss_fn  # read by DeepSpeed on the last stage of every micro-batch
         self.ds = DeepSpeedWrap(cfg, layout, parallel, groups, found_inf=self._decide_in_update, mpu=False)
@@ -94,7 +102,7 @@ class PipelineEngine(OnDeepSpeed):
         self.stage = groups.get_pipeline_model_parallel_rank()
         self.last_stage = layout.pipeline - 1
         c = groups.coords
-        self.last_stage_rank = layout.rank_of(self.last_stage, c.data, c.tensor)
+        self.last_stage_rank = layout.rank_of(self.last_stage, c.data, c.tensor, c.context)
         self.expert = layout.expert > 1  # bigtrain reduces the gradients (module docstring)
         self.native_state = not self.expert
         self._find_router_layers(parallel, cfg.model.moe.experts)
@@ -116,14 +124,21 @@ class PipelineEngine(OnDeepSpeed):
             self.router_steps.append(stats)
 
     def _batches(self, micro_batches: list[dict[str, torch.Tensor]]):
-        return iter([(pipeline_inputs(b, self.family), b["labels"]) for b in micro_batches])
+        """(first stage's inputs, last stage's labels) per micro-batch: under context parallelism this rank's
+        share of the ids and labels."""
+        shard = (lambda t: t) if self.context is None else self.context.shard
+        return iter([(pipeline_inputs(b, self.family, self.context), shard(b["labels"])) for b in micro_batches])
 
     # ---- the step ------------------------------------------------------------------------------------
     def run_schedule(self, micro_batches: list[dict[str, torch.Tensor]], n_targets: int) -> torch.Tensor:
-        self.loss_fn.start_step(self.dp_size * len(micro_batches) / n_targets, self.device)
+        self.loss_fn.start_step(self.backward_scale * len(micro_batches) / n_targets, self.device)
         for layer in self.router_layers:  # DeepSpeed divides the last stage's loss by m: so is each router loss
             layer.router_loss_scale = 1.0 / len(micro_batches)
-        loss = self.ds.engine.train_batch(self._batches(micro_batches)).detach().reshape(())
+        try:
+            loss = self.ds.engine.train_batch(self._batches(micro_batches)).detach().reshape(())
+        finally:
+            if self.context is not None:
+                self.context.clear()
         if self.check is None:  # DeepSpeed skipped the update without stepping the inner optimizer (all ranks)
             self.decide(self.loss_fn.finite, None, measure=False)
         return loss
@@ -175,12 +190,26 @@ class PipelineEngine(OnDeepSpeed):
             self.loss_fn.evaluating = False
             reset_eval_loss(self.ds.engine)
             self.ds.engine.module.train()
+            if self.context is not None:
+                self.context.clear()
         totals = torch.zeros(5, dtype=torch.float64, device=self.device)
         if self.stage == self.last_stage:
-            totals = torch.stack(list(outputs)).sum(0)
+            totals = self._totals(list(outputs))
         dist.broadcast(totals, src=self.last_stage_rank, group=self.groups.group("pipeline"))
         loss_sum, *counts = totals.tolist()
         return EvalSums(loss_sum, *(int(c) for c in counts))
+
+    def _totals(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """[loss, correct, targets, correct sequences, sequences] from the last stage's per micro-batch
+        [loss, hits per row, targets per row], summed over the context group first (per row: a sequence is
+        correct when the hits of every rank's share add up to its targets)."""
+        per_batch = torch.stack(outputs)  # [m, 1 + 2B]
+        if self.context is not None:
+            per_batch = self.context.sum(per_batch)
+        rows = (per_batch.shape[1] - 1) // 2
+        loss, hits, valid = per_batch[:, 0], per_batch[:, 1:1 + rows], per_batch[:, 1 + rows:]
+        return torch.stack([loss.sum(), hits.sum(), valid.sum(), ((hits == valid) & (valid > 0)).sum().double(),
+                            (valid > 0).sum().double()])
 
     def _full_size(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`batch` filled up to train.micro_batch_size rows with copies of its rows whose labels are all ignored

@@ -20,6 +20,9 @@
                 this rank's rows (flat views of the sharded parameters' storage)
     evaluation  forward only through the same stages (the schedule's `eval`); the last stage sums the loss and
                 the accuracy counts, broadcast to the pipeline
+    context     under context parallelism (zero_stage 0) each rank runs its share of every sequence
+                (`PipelineRunner`'s `context`), the gradients are summed over data × context (the gradient
+                group), and the last stage sums each held-out row's hits and targets over the context group
     own files   torch_pipeline_rankNNNNN.pt (`files.py`); under FSDP2 each rank's rows, flat, and their shapes
 
 A non-finite step is skipped on the device (`found_inf`), as in every engine.
@@ -51,7 +54,7 @@ from bigtrain.engine.torch_pipeline.sharding import check_tied_stages, stage_sha
 from bigtrain.engine.zero_lamb import ZeroLamb
 from bigtrain.errors import CheckpointError
 from bigtrain.io import SaveFile, load_torch, save_torch
-from bigtrain.models.loss import correct_predictions
+from bigtrain.models.loss import IGNORE_INDEX, correct_predictions
 from bigtrain.optim import param_groups
 from bigtrain.optim.build import adamw
 from bigtrain.parallel import ParallelModel
@@ -83,13 +86,14 @@ class TorchPipelineEngine(StepEngine):
         self.layout, self.groups, self.device = layout, groups, device
         self.model, self.criterion, self.tp_shards = parallel.model, parallel.criterion, parallel.shards
         self.dp_rank, self.dp_size = groups.get_data_parallel_rank(), layout.data
+        self.context = parallel.context
         p = cfg.parallel
         self.m = micro_batches(cfg, layout)
         assert self.m is not None, "check_training refuses batch sizes that do not divide"
         self.runner = PipelineRunner(self.model, p.pipeline_schedule, p.virtual_stages, self.m, None,
                                      group=groups.group("pipeline"), device=device,
                                      documents=cfg.data.document_masking, loss_sum=parallel.criterion.loss_sum,
-                                     stages=parallel.stages)
+                                     stages=parallel.stages, context=parallel.context)
         self.stage_modules = nn.ModuleList(self.runner.modules)
         self.grad_clip = cfg.optim.grad_clip
         self.sharded = layout.zero_stage >= 2  # FSDP2 over the data group, per stage
@@ -124,18 +128,19 @@ class TorchPipelineEngine(StepEngine):
         return loss
 
     def gradients_done(self) -> None:
-        """zero_stage 0 with D > 1: Σ over the data-parallel replicas of every gradient (one flat all-reduce);
-        under FSDP2 the schedule has reduce-scattered them: the optimizer reads this rank's rows."""
+        """zero_stage 0 with D·C > 1: Σ over the gradient group (the data-parallel replicas × the context ranks)
+        of every gradient (one flat all-reduce); under FSDP2 the schedule has reduce-scattered them: the optimizer
+        reads this rank's rows."""
         if self.sharded:
             self.last_grad_bytes = tensor_bytes(local_grad(s.param) for s in self.shards)
             for s in self.shards:
                 s.link_grad()
             return
-        if self.dp_size == 1:
+        if self.dp_size * self.layout.context == 1:
             return
         grads = [p.grad for p in self.params if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.groups.data_group)
+        dist.all_reduce(flat, group=self.groups.gradient_group)
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -159,10 +164,20 @@ class TorchPipelineEngine(StepEngine):
 
     # ---- evaluation ----------------------------------------------------------------------------------
     def _metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed loss and accuracy counts of one micro-batch (the last stage's loss function in evaluation)."""
-        counts = correct_predictions(self.criterion.predictions(logits), labels)
-        return torch.tensor([float(self.criterion.loss_sum(logits, labels)), *counts], dtype=torch.float64,
-                            device=logits.device)
+        """Summed loss and accuracy counts of one micro-batch (the last stage's loss function in evaluation); under
+        context parallelism the loss and each row's hits and targets summed over the context group first."""
+        if self.context is None:
+            counts = correct_predictions(self.criterion.predictions(logits), labels)
+            return torch.tensor([float(self.criterion.loss_sum(logits, labels)), *counts], dtype=torch.float64,
+                                device=logits.device)
+        valid = labels != IGNORE_INDEX
+        hits = ((self.criterion.predictions(logits) == labels) & valid).sum(-1)
+        sums = self.context.sum(torch.cat([self.criterion.loss_sum(logits, labels).double().reshape(1),
+                                           hits.double(), valid.sum(-1).double()]))
+        rows = hits.numel()
+        hits, valid_rows = sums[1:1 + rows], sums[1 + rows:]
+        return torch.stack([sums[0], hits.sum(), valid_rows.sum(), ((hits == valid_rows) & (valid_rows > 0)).sum(),
+                            (valid_rows > 0).sum()]).double()
 
     def evaluate_sums(self, batches: list[dict[str, torch.Tensor]]) -> EvalSums:
         """Held-out sums through the pipeline (every rank of every data replica runs all of them)."""

@@ -18,6 +18,10 @@ loss of a rank is Σ ce over its own targets and Σ over the context group is th
 count N is taken on the host over the whole (unsplit) batch and summed over the data group only, never counted
 once per context rank (`bigtrain.engine.step`).
 
+A pipeline stage holds only hidden states of this rank's tokens: `enter` rebuilds the same tokens and position
+inputs from its S/C tokens and the whole document ids and padding that travel with them, before each layer runs
+(a pipeline schedule interleaves the micro-batches on a stage).
+
 The tokens stay set from `split` until `clear` (after the micro-batches' backward: recomputed attention cores
 read them again); with none set the cores run plain attention on what they are given, so sampling and
 generation through the same model run on one rank's full sequence.
@@ -89,6 +93,31 @@ class ContextInputs:
         return Tokens(global_positions(length, self.size, rank, device),
                       None if documents is None else shard_sequence(documents, self.size, rank),
                       None if padding is None else shard_sequence(padding, self.size, rank).bool())
+
+    def shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens of a whole-sequence tensor [B, S, ...]."""
+        return shard_sequence(t, self.size, self.rank)
+
+    def enter(self, local_length: int, document_ids: torch.Tensor | None = None,
+              key_padding: torch.Tensor | None = None, device: torch.device | None = None) -> Batch:
+        """A pipeline stage's view of the micro-batch it is about to run (one stack, "self": the causal and
+        masked families). The stage holds this rank's `local_length` = S/C tokens and, whole, the document ids
+        [B, S] and padding mask [B, S] that travel with them between stages; every rank's `Tokens` are set for
+        the attention cores (computed locally, no communication) and this rank's position inputs returned:
+        {"position_ids" (global, or within its document), "document_ids" and "attention_mask" (this rank's
+        share; where given)}."""
+        full = local_length * self.size
+        docs = None if document_ids is None else document_ids.to(torch.int64)
+        padding = None if key_padding is None else key_padding.bool()
+        where = next((t.device for t in (docs, padding) if t is not None), device)
+        self.tokens = {"self": [self._tokens(full, r, docs, padding, where) for r in range(self.size)]}
+        local: Batch = {"position_ids": self.tokens["self"][self.rank].positions[None, :]}
+        if docs is not None:
+            local["position_ids"] = self.shard(document_positions(docs))
+            local["document_ids"] = self.shard(docs)
+        if padding is not None:
+            local["attention_mask"] = self.shard(padding)
+        return local
 
     def of(self, stack: str) -> list[Tokens]:
         """Every rank's tokens of `stack` in the micro-batch being run."""
