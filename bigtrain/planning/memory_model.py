@@ -39,6 +39,11 @@ saved activations the peak has the logits of one micro-batch alive through backw
 gradient ((e + 4)·V/T per token, last stage), the block being recomputed under full checkpointing, and a
 framework constant (CUDA context, kernels' workspaces, allocator rounding).
 
+Mixture-of-experts blocks (`bigtrain.planning.experts`): each rank holds E/EP of the routed experts (EP =
+parallel.expert), whose state ZeRO would partition over the expert-data group (D/EP ranks), the rest over D; an MoE
+block saves its router's logits and probabilities and, per token, the top_k (capacity-limited) experts' inputs,
+hidden values and outputs in place of the dense FFN's.
+
 Context parallelism (C ranks share each sequence; the zig-zag split gives every rank 2 of the 2C equal chunks):
 every term above that is per token (saved activations, the logits and their gradient, the recomputed block, the
 attention's Q, K, V, output and log-sum-exp) counts a rank's s·b/C tokens instead of s·b, so
@@ -56,19 +61,19 @@ from dataclasses import dataclass, replace
 
 from bigtrain.config.deepspeed import ZERO3_COMMUNICATION, ZERO_COMMUNICATION
 from bigtrain.config.layout import engine_for
+from bigtrain.planning.experts import FFN_SAVED, layer_rank_parameters, moe_ffn_bytes_per_token
 from bigtrain.planning.partition import stage_boundaries
 from bigtrain.planning.shape import ModelShape, PipelineLayer
 from bigtrain.planning.zero import zero_formula
 
 FSDP_BUCKET_BYTES = 25 * 2**20  # fairscale FSDP's reduce-scatter bucket (bucket_cap_mb=25, its default)
 
-FFN_SAVED = {"relu": 1, "gelu": 2, "gelu_tanh": 2, "swiglu": 4}
-
 
 @dataclass(frozen=True)
 class Candidate:
-    """One layout of the search: sizes, ZeRO stage, recomputation, micro-batch, and context parallelism (C ranks
-    sharing each sequence, `context_attention` ring or ulysses; ring at C = 1, where it does nothing)."""
+    """One layout of the search: sizes, ZeRO stage, recomputation, micro-batch, context parallelism (C ranks
+    sharing each sequence, `context_attention` ring or ulysses; ring at C = 1, where it does nothing), and for a
+    mixture-of-experts model (`moe`) the expert size EP (ranks of an expert group, out of the data ranks)."""
 
     tensor: int
     pipeline: int
@@ -79,6 +84,8 @@ class Candidate:
     micro_batch_size: int
     context: int = 1
     context_attention: str = "ring"
+    expert: int = 1
+    moe: bool = False  # a layout of an MoE model: its overrides name parallel.expert
 
     @property
     def world(self) -> int:
@@ -90,6 +97,11 @@ class Candidate:
         """D·C: the ranks whose gradients are summed, over which ZeRO / FSDP partition."""
         return self.data * self.context
 
+    @property
+    def expert_data_ranks(self) -> int:
+        """D·C / EP: the ranks holding the same experts, over which their gradients are summed."""
+        return self.gradient_ranks // self.expert
+
     def rank_tokens(self, seq_len: int) -> float:
         """Tokens of one micro-batch on one rank: s·b/C."""
         return seq_len * self.micro_batch_size / self.context
@@ -98,7 +110,8 @@ class Candidate:
         context = [f"parallel.context={self.context}"]
         if self.context > 1:
             context.append(f"parallel.context_attention={self.context_attention}")
-        return [f"parallel.tensor={self.tensor}", *context, f"parallel.pipeline={self.pipeline}",
+        expert = [f"parallel.expert={self.expert}"] if self.moe else []
+        return [f"parallel.tensor={self.tensor}", *context, f"parallel.pipeline={self.pipeline}", *expert,
                 f"parallel.zero_stage={self.zero_stage}", f"parallel.activation_checkpointing={self.checkpointing}",
                 f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
                 f"train.micro_batch_size={self.micro_batch_size}"]
@@ -167,6 +180,7 @@ class StageMemory:
     transient: int  # logits and their gradient, the recomputed block
     framework: int
     in_flight: int
+    expert_state: int = 0  # of the model state, the routed experts' parameters, gradients and optimizer state
 
     @property
     def model_state(self) -> int:
@@ -182,22 +196,35 @@ def stages(shape: ModelShape, pipeline: int, method: str) -> list[tuple[Pipeline
     return [shape.layers[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def rank_parameters(layers: tuple[PipelineLayer, ...], tensor: int) -> int:
-    """Ψ of one rank holding `layers`: split parameters / T, the rest whole; the tied embedding once."""
+def rank_split_parameters(layers: tuple[PipelineLayer, ...], tensor: int, expert: int = 1) -> tuple[int, int]:
+    """(dense, routed-expert) parameters of one rank holding `layers`: split parameters / T, the rest whole, the
+    routed experts / EP (`bigtrain.planning.experts`); the tied embedding once."""
     seen_tied = False
-    total = 0
+    dense = routed = 0
     for x in layers:
         if x.tied:
             if seen_tied:
                 continue
             seen_tied = True
-        total += x.split // tensor + (x.params - x.split)
-    return total
+        mine, experts = layer_rank_parameters(x, tensor, expert)
+        dense, routed = dense + mine, routed + experts
+    return dense, routed
 
 
-def model_state(psi: int, c: Candidate, s: Setting) -> tuple[int, int, int]:
-    """(parameters, gradients, optimizer state) bytes of Ψ parameters on one rank; D = the gradient group (D·C)."""
-    d = c.gradient_ranks
+def rank_parameters(layers: tuple[PipelineLayer, ...], tensor: int, expert: int = 1) -> int:
+    """Ψ of one rank holding `layers` (`rank_split_parameters`, both kinds)."""
+    return sum(rank_split_parameters(layers, tensor, expert))
+
+
+def largest_layer(layers: tuple[PipelineLayer, ...], c: Candidate) -> int:
+    """The most parameters one rank holds of a single layer (what ZeRO-3 / FSDP gather at once)."""
+    return max(sum(layer_rank_parameters(x, c.tensor, c.expert)) for x in layers)
+
+
+def model_state(psi: int, c: Candidate, s: Setting, ranks: int | None = None) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer state) bytes of Ψ parameters on one rank; D = `ranks` that partition
+    them, by default the gradient group (D·C)."""
+    d = c.gradient_ranks if ranks is None else ranks
     if s.engine == "fairscale":  # fp32 weights
         if c.zero_stage == 3:  # FSDP: parameters, gradients and moments sharded over the data group
             return 4 * psi // d, 4 * psi // d, 8 * psi // d
@@ -220,24 +247,26 @@ def deepspeed_buffers(layers: tuple[PipelineLayer, ...], c: Candidate, s: Settin
     """The engine's communication buffers (module docstring): DeepSpeed's, or those of fairscale's FSDP or of
     FSDP2."""
     if s.on_gpu and s.engine == "fairscale" and c.zero_stage == 3:
-        largest = max(x.split // c.tensor + (x.params - x.split) for x in layers)
+        largest = largest_layer(layers, c)
         return 2 * s.activation_bytes * largest + FSDP_BUCKET_BYTES // c.gradient_ranks
     if s.on_gpu and s.fsdp2(c):
         if c.zero_stage == 2:  # reshard_after_forward=False: the stage stays gathered from forward to backward
-            return s.activation_bytes * rank_parameters(layers, c.tensor)
-        largest = max(x.split // c.tensor + (x.params - x.split) for x in layers)
+            return s.activation_bytes * rank_parameters(layers, c.tensor, c.expert)
+        largest = largest_layer(layers, c)
         return 2 * s.activation_bytes * largest
     if not s.on_gpu or c.zero_stage == 0 or not s.deepspeed(c):
         return 0
     b = s.activation_bytes
     if c.zero_stage in (1, 2):
         return ZERO_COMMUNICATION["reduce_bucket_size"] * b
-    largest = max(x.split // c.tensor + (x.params - x.split) for x in layers)
+    largest = largest_layer(layers, c)
     return (ZERO3_COMMUNICATION["stage3_prefetch_bucket_size"] + largest) * b
 
 
-def block_bytes_per_token(shape: ModelShape, c: Candidate, s: Setting, cross: bool, checkpointed: bool) -> float:
-    """Bytes one block saves for backward per token of a micro-batch (module docstring)."""
+def block_bytes_per_token(shape: ModelShape, c: Candidate, s: Setting, cross: bool, checkpointed: bool,
+                          moe: bool = False) -> float:
+    """Bytes one block saves for backward per token of a micro-batch (module docstring); `moe`: its feed-forward
+    is a mixture of experts (`bigtrain.planning.experts.moe_ffn_bytes_per_token`)."""
     e, r, t, h = s.activation_bytes, s.residual_bytes(c), c.tensor, shape.d_model
     h_local = h / t if c.sequence_parallel else h
     if checkpointed:
@@ -251,13 +280,16 @@ def block_bytes_per_token(shape: ModelShape, c: Candidate, s: Setting, cross: bo
     lse = 0.0 if c.checkpointing == "selective" else 4 * shape.n_heads / t
     attention = e * h * (2 + 2 * g) / t + lse
     f = shape.d_ff / t
-    ffn = e * f * FFN_SAVED[shape.activation]
+    ffn = e * h * ffn_in + e * f * FFN_SAVED[shape.activation]
+    if moe:
+        ffn = moe_ffn_bytes_per_token(shape, c.rank_tokens(shape.seq_len), e, r, t, casts, s.mask_bytes())
     n_sublayers = 3 if cross else 2
-    total = n_sublayers * norm + e * h * (attention_in + ffn_in) + (2 if cross else 1) * attention + ffn
+    total = n_sublayers * norm + e * h * attention_in + (2 if cross else 1) * attention + ffn
     if cross:  # the query's input, and the encoder output's keys and values (s encoder positions assumed)
         total += e * h * (1 + 2 * g / t)
-    if shape.dropout > 0:
-        total += s.mask_bytes() * (n_sublayers * h_local + f) + (e * f if shape.activation == "relu" else 0)
+    if shape.dropout > 0:  # (an MoE block's feed-forward counts its own masks)
+        total += s.mask_bytes() * (n_sublayers * h_local + (0 if moe else f))
+        total += e * f if shape.activation == "relu" and not moe else 0
     return total
 
 
@@ -270,7 +302,8 @@ def stage_activation_bytes(shape: ModelShape, layers: tuple[PipelineLayer, ...],
     for layer in layers:
         checkpointed = c.checkpointing == "full" and layer.index % s.checkpoint_every_n_layers == 0
         if layer.kind in ("block", "cross_block"):
-            per_token += block_bytes_per_token(shape, c, s, layer.kind == "cross_block", checkpointed)
+            per_token += block_bytes_per_token(shape, c, s, layer.kind == "cross_block", checkpointed,
+                                               layer.routed > 0)
         if not (checkpointed and layer.kind in ("block", "cross_block")):
             kept.append(layer)
     weights = e * sum(x.matmul for x in kept) if s.autocast(c) else 0  # 16-bit copies of the weights
@@ -300,13 +333,18 @@ def stage_memory(shape: ModelShape, c: Candidate, s: Setting,
     tokens = c.rank_tokens(shape.seq_len)
     for k, layers in enumerate(parts):
         first, last = k == 0, k == c.pipeline - 1
-        params, grads, optimizer = model_state(rank_parameters(layers, c.tensor), c, s)
+        dense, routed = rank_split_parameters(layers, c.tensor, c.expert)
+        experts = model_state(routed, c, s, c.expert_data_ranks)  # gradients summed over D·C / EP ranks
+        params, grads, optimizer = (a + b for a, b in zip(model_state(dense, c, s), experts, strict=True))
         per_micro = stage_activation_bytes(shape, layers, c, s, first, last)
         in_flight = in_flight_micro_batches(s, c, k, m)
         transient = (s.activation_bytes + 4) * shape.vocab / c.tensor * tokens if last else 0
         if c.checkpointing == "full" and any(x.kind in ("block", "cross_block") for x in layers):
             recompute = replace(c, checkpointing="none")
-            transient += block_bytes_per_token(shape, recompute, s, "cross_block" in shape.kinds, False) * tokens
+            block = max((x for x in layers if x.kind in ("block", "cross_block")), key=lambda x: x.routed)
+            transient += block_bytes_per_token(shape, recompute, s, "cross_block" in shape.kinds, False,
+                                               block.routed > 0) * tokens
         out.append(StageMemory(k, params, grads, optimizer, deepspeed_buffers(layers, c, s),
-                               int(per_micro * in_flight), int(transient), s.framework_bytes, in_flight))
+                               int(per_micro * in_flight), int(transient), s.framework_bytes, in_flight,
+                               sum(experts)))
     return out
