@@ -23,7 +23,9 @@ def _row(rank: str, e) -> str:
     c, t = e.candidate, e.time
     bubble = t.pipeline_bubble / t.total
     attention = c.context_attention if c.context > 1 else "-"
-    return (f"{rank:>5} {c.tensor:>3} {c.context:>3} {attention:<7} {c.pipeline:>3} {c.data:>5} {c.zero_stage:>4}  "
+    expert = f" {c.expert:>3}" if c.moe else ""
+    return (f"{rank:>5} {c.tensor:>3} {c.context:>3} {attention:<7} {c.pipeline:>3} {c.data:>5}{expert} "
+            f"{c.zero_stage:>4}  "
             f"{c.checkpointing:<9} {'yes' if c.sequence_parallel else 'no':<3} {c.micro_batch_size:>4} "
             f"{_gib(e.peak.total):>9} "
             f"{t.total:>8.3g} {e.tokens_per_s:>10.4g} {100 * e.mfu:>5.1f}% {100 * bubble:>5.1f}%")
@@ -31,15 +33,27 @@ def _row(rank: str, e) -> str:
 
 def _details(e) -> list[str]:
     m, t = e.peak, e.time
+    experts = (f" (of the model state, the routed experts / EP {e.candidate.expert}: {_gib(m.expert_state)})"
+               if e.candidate.moe else "")
+    all_to_all = f", expert-parallel all-to-all {t.expert:.3g} s" if e.candidate.moe else ""
     return [
-        f"  memory per rank in GiB (stage {m.stage} of {e.candidate.pipeline}): parameters {_gib(m.parameters)}, "
+        f"  memory per rank in GiB (stage {m.stage} of {e.candidate.pipeline}){experts}: parameters "
+        f"{_gib(m.parameters)}, "
         f"gradients {_gib(m.gradients)}, optimizer state {_gib(m.optimizer)}, DeepSpeed buffers {_gib(m.buffers)}, "
         f"activations {_gib(m.activations)} ({m.in_flight} micro-batch(es) in flight), logits and recomputation "
         f"{_gib(m.transient)}, framework {_gib(m.framework)} = {_gib(m.total)}",
         f"  step time: compute {t.compute:.3g} s, tensor-parallel communication {t.tensor:.3g} s, pipeline bubble "
         f"{t.pipeline_bubble:.3g} s, pipeline sends {t.pipeline_send:.3g} s, data-parallel communication "
-        f"{t.data:.3g} s, context-parallel communication {t.context:.3g} s, per-micro-batch overhead "
+        f"{t.data:.3g} s, context-parallel communication {t.context:.3g} s{all_to_all}, per-micro-batch overhead "
         f"{t.overhead:.3g} s = {t.total:.3g} s"]
+
+
+def _parameters(s) -> str:
+    """'1.3B parameters', or for a mixture-of-experts model the total and the active per token."""
+    if not s.experts:
+        return f"{s.n_params / 1e9:.3g}B parameters"
+    return (f"{s.n_params / 1e9:.3g}B parameters in all, {s.active_params / 1e9:.3g}B active per token (top_k "
+            f"{s.top_k} of {s.experts} routed experts, d_ff {s.expert_d_ff}, in {s.moe_blocks} MoE blocks)")
 
 
 def render(plan, config: Path, top: int) -> str:
@@ -48,10 +62,11 @@ def render(plan, config: Path, top: int) -> str:
     lines = [f"bigtrain plan: {config} on {plan.gpus} x {a.name} ({a.memory_gib:g} GiB, {a.peak_tflops:g} TFLOP/s "
              f"bf16), {plan.gpus_per_node} per node; intra-node {a.intra_node_gbps:g} GB/s, inter-node "
              f"{a.inter_node_gbps:g} GB/s per GPU{borrowed}",
-             f"model: {s.family}, {s.n_params / 1e9:.3g}B parameters, {s.n_blocks} blocks, d_model {s.d_model}, "
+             f"model: {s.family}, {_parameters(s)}, {s.n_blocks} blocks, d_model {s.d_model}, "
              f"vocabulary {s.vocab}, sequence {s.seq_len}; {s.flops_per_token() / 1e9:.4g} GFLOP per token",
              f"efficiency {plan.efficiency:g} of peak ({plan.efficiency_source})"]
-    header = (f"{'':>5} {'TP':>3} {'CP':>3} {'CP attn':<7} {'PP':>3} {'DP':>5} {'ZeRO':>4}  {'ckpt':<9} {'SP':<3} "
+    ep = f" {'EP':>3}" if s.experts else ""
+    header = (f"{'':>5} {'TP':>3} {'CP':>3} {'CP attn':<7} {'PP':>3} {'DP':>5}{ep} {'ZeRO':>4}  {'ckpt':<9} {'SP':<3} "
               f"{'mbs':>4} {'GiB/rank':>9} {'step s':>8} {'tokens/s':>10} {'MFU':>6} {'bubble':>6}")
     if plan.given is not None:
         fits = "fits" if plan.given.fits else f"does NOT fit in {a.memory_gib:g} GiB"
@@ -77,9 +92,18 @@ def as_json(plan) -> dict:
 
     return {"gpus": plan.gpus, "gpus_per_node": plan.gpus_per_node, "gpu": dataclasses.asdict(plan.accelerator),
             "efficiency": plan.efficiency, "efficiency_source": plan.efficiency_source,
-            "n_params": plan.shape.n_params, "considered": plan.considered,
+            "n_params": plan.shape.n_params, "active_params": plan.shape.active_params, "moe": _moe(plan.shape),
+            "considered": plan.considered,
             "given": estimate(plan.given) if plan.given else None, "given_problem": plan.given_problem,
             "ranked": [estimate(e) for e in plan.ranked], "notes": plan.notes}
+
+
+def _moe(s) -> dict | None:
+    """The mixture-of-experts numbers of the JSON (None for a dense model)."""
+    if not s.experts:
+        return None
+    return {"experts": s.experts, "top_k": s.top_k, "d_ff": s.expert_d_ff, "shared_experts": s.shared_experts,
+            "capacity_factor": s.capacity_factor, "moe_blocks": s.moe_blocks, "routed_params": s.routed_params}
 
 
 def plan_parser() -> CommandParser:
@@ -129,13 +153,10 @@ def run_plan(argv: list[str]) -> int:
             raise ConfigError(f"--top is how many layouts to list, at least 1; got {args.top}.")
         raw = merged_config(args.config, args.overrides)
         check_request(raw, args.gpus, args.gpus_per_node)  # before the checks that need a world size
-        # validated as one replica of its layout: the search varies the data-parallel size and batch split
+        # validated as one replica of its layout (with its expert group): the search varies the data-parallel size
+        # and batch split
         p = raw.parallel
-        cfg = load_config(args.config, args.overrides, world_size=p.tensor * p.context * p.pipeline)
-        if cfg.model.moe.experts:
-            raise ConfigError(f"bigtrain plan: model.moe.experts={cfg.model.moe.experts} is not built into the "
-                              f"planner yet (its memory and time models, and the layouts it searches, are those of "
-                              f"dense blocks). Plan the dense model (model.moe.experts=0).")
+        cfg = load_config(args.config, args.overrides, world_size=p.tensor * p.context * p.pipeline * p.expert)
         plan = make_plan(cfg, args.gpus, args.gpus_per_node, gpu, args.efficiency, args.framework_gib,
                          config_name=str(args.config))
         print(json.dumps(as_json(plan), indent=1) if args.json else render(plan, args.config, args.top))

@@ -4,8 +4,11 @@ The search covers tensor sizes that split the model and stay inside a node, pipe
 stage empty, context sizes C (ranks sharing each sequence, without pipeline stages: data.seq_len divisible by 2C,
 and by 2C·T with sequence parallelism; ring attention, and Ulysses where each tensor rank's query and key/value
 heads divide by C), the data-parallel rest, ZeRO 0-3 (0-1 with a pipeline, as the engine allows; LAMB's own
-limits), activation checkpointing none / selective / full, sequence parallelism with T > 1, and every
-micro-batch size that divides the per-replica batch (up to MAX_MICRO_BATCH sequences). Only arithmetic runs per
+limits), activation checkpointing none / selective / full, sequence parallelism with T > 1, every
+micro-batch size that divides the per-replica batch (up to MAX_MICRO_BATCH sequences), and for a
+mixture-of-experts model every expert size EP dividing both model.moe.experts and D, keeping only the layouts
+training runs for MoE: each is put to the config check (`bigtrain.config.model_checks.check_moe`) with its sizes
+and choices, so the search follows that check as it grows. Only arithmetic runs per
 layout (the model is read once on the meta device), so 175B over 1024 GPUs takes about a second. The work is
 bounded whatever is asked: a GPU count no layout uses is refused with the reason (`splits.check_splits`), and a
 search of more than MAX_CONSIDERED layouts is refused before it starts.
@@ -14,11 +17,13 @@ search of more than MAX_CONSIDERED layouts is refused before it starts.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from math import gcd
 from pathlib import Path
 
 from bigtrain.config import Config
-from bigtrain.config.layout import resolve_engine
+from bigtrain.config.layout import resolve_engine, resolve_layout
+from bigtrain.config.model_checks import check_moe
 from bigtrain.errors import ConfigError
 from bigtrain.planning.hardware import ASSUMED_EFFICIENCY, Accelerator, GiB
 from bigtrain.planning.memory_model import Candidate, Setting, StageMemory, stage_memory
@@ -121,17 +126,55 @@ def sequence_parallel_options(seq_len: int, tensor: int, context: int) -> tuple[
     return (False, True) if context == 1 or seq_len % (2 * context * tensor) == 0 else (False,)
 
 
+def expert_sizes(shape: ModelShape, data: int) -> list[int]:
+    """EP: the divisors of both model.moe.experts and the data size D (1 for a dense model)."""
+    return divisors(gcd(shape.experts, data)) if shape.experts else [1]
+
+
+def moe_problem(cfg: Config, c: Candidate) -> str | None:
+    """Why training refuses layout `c` for the config's mixture-of-experts model: the config check
+    (`bigtrain.config.model_checks.check_moe`) asked with the candidate's sizes, ZeRO stage, recomputation and
+    sequence parallelism on its world size; None when it runs."""
+    p = replace(cfg.parallel, tensor=c.tensor, pipeline=c.pipeline, context=c.context, data=c.data,
+                expert=c.expert, zero_stage=c.zero_stage, activation_checkpointing=c.checkpointing,
+                sequence_parallel=c.sequence_parallel, context_attention=c.context_attention)
+    layout_cfg = replace(cfg, parallel=p)
+    try:
+        check_moe(layout_cfg, resolve_layout(layout_cfg, c.world))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def built_for_moe(cfg: Config, found: list[Candidate]) -> tuple[list[Candidate], list[str]]:
+    """(the layouts of `found` that training runs for the MoE model, the refusals of the others); the check runs
+    once per layout apart from its micro-batch size."""
+    problems: dict[Candidate, str | None] = {}
+    kept, refused = [], []
+    for c in found:
+        key = replace(c, micro_batch_size=1)
+        if key not in problems:
+            problems[key] = moe_problem(cfg, c)
+            if problems[key] is not None:
+                refused.append(problems[key])
+        if problems[key] is None:
+            kept.append(c)
+    return kept, refused
+
+
 def candidates(cfg: Config, splits: Splits, shape: ModelShape) -> list[Candidate]:
     """Every layout of the splits (context attention, ZeRO stage, checkpointing, sequence parallelism,
-    micro-batch size); refused when there would be more than MAX_CONSIDERED."""
+    micro-batch size, expert size); refused when there would be more than MAX_CONSIDERED."""
     global_batch = cfg.train.global_batch_size
     options = []
     for t, c, p, d in splits.found:
         zeros = _zero_stages(cfg, p, splits.gpus, d)
         sps = sequence_parallel_options(shape.seq_len, t, c)
         attentions = context_attentions(shape, t, c)
-        options.append((t, c, p, d, attentions, zeros, sps, divisors(global_batch // d, limit=MAX_MICRO_BATCH)))
-    count = sum(len(a) * len(zeros) * 3 * len(sps) * len(sizes) for *_, a, zeros, sps, sizes in options)
+        options.append((t, c, p, d, expert_sizes(shape, d), attentions, zeros, sps,
+                        divisors(global_batch // d, limit=MAX_MICRO_BATCH)))
+    count = sum(len(eps) * len(a) * len(zeros) * 3 * len(sps) * len(sizes)
+                for *_, eps, a, zeros, sps, sizes in options)
     if count > MAX_CONSIDERED:
         most = max(len(sizes) for *_, sizes in options)
         raise ConfigError(f"--gpus {splits.gpus} with train.global_batch_size={global_batch} makes {count:,} layouts "
@@ -139,9 +182,21 @@ def candidates(cfg: Config, splits: Splits, shape: ModelShape) -> list[Candidate
                           f"micro-batch sizes each), more than the planner searches ({MAX_CONSIDERED:,}). Plan with "
                           f"a global batch size that has fewer divisors (a power of two times a small factor), or "
                           f"fewer GPUs.")
-    return [Candidate(t, p, d, zero, ckpt, sp, mbs, c, a) for t, c, p, d, attentions, zeros, sps, sizes in options
+    moe = shape.experts > 0
+    return [Candidate(t, p, d, zero, ckpt, sp, mbs, c, a, ep, moe)
+            for t, c, p, d, eps, attentions, zeros, sps, sizes in options for ep in eps
             for a in attentions for zero in zeros for ckpt in ("none", "selective", "full") for sp in sps
             for mbs in sizes]
+
+
+def moe_note(shape: ModelShape, searched: int, kept: int) -> str:
+    """What the plan of a mixture-of-experts model counts, for the notes."""
+    left_out = (f"; {searched - kept} of the {searched} layouts searched were left out, training refuses them for "
+                f"MoE (bigtrain/config/model_checks.py)" if kept < searched else "")
+    return (f"mixture of experts: {shape.n_params / 1e6:,.1f}M parameters in all, {shape.active_params / 1e6:,.1f}M "
+            f"active per token (top_k={shape.top_k} of {shape.experts} routed experts in {shape.moe_blocks} MoE "
+            f"blocks); memory holds the routed experts / EP per rank, time adds the all-to-alls of expert "
+            f"parallelism (the expert load assumed balanced){left_out}")
 
 
 def setting(cfg: Config, on_gpu: bool, framework_bytes: int) -> Setting:
@@ -164,7 +219,7 @@ def estimate(shape: ModelShape, c: Candidate, s: Setting, net: Network, gpus: in
 
 def given_candidate(cfg: Config, gpus: int) -> tuple[Candidate | None, str | None]:
     """The config's own layout over `gpus` ranks, or the reason it is not one: data = gpus / (T·C·P), and its
-    context size and attention (parallel.context, parallel.context_attention)."""
+    context size and attention (parallel.context, parallel.context_attention) and expert size (parallel.expert)."""
     p, t = cfg.parallel, cfg.train
     model_parallel = p.tensor * p.pipeline * p.context
     data = gpus // model_parallel
@@ -172,7 +227,7 @@ def given_candidate(cfg: Config, gpus: int) -> tuple[Candidate | None, str | Non
         return None, (f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
                       f"{t.micro_batch_size} x {data} data-parallel ranks")
     return Candidate(p.tensor, p.pipeline, data, p.zero_stage, p.activation_checkpointing, p.sequence_parallel,
-                     t.micro_batch_size, p.context, p.context_attention), None
+                     t.micro_batch_size, p.context, p.context_attention, p.expert, cfg.model.moe.experts > 0), None
 
 
 def check_request(cfg: Config, gpus: int, gpus_per_node: int) -> None:
@@ -210,11 +265,20 @@ def make_plan(cfg: Config, gpus: int, gpus_per_node: int, accelerator: Accelerat
     net = Network(accelerator, min(gpus_per_node, gpus), efficiency)
     s = setting(cfg, on_gpu, int(framework_gib * GiB))
     found = candidates(cfg, splits, shape)
+    searched = len(found)
+    if shape.experts:
+        found, refused = built_for_moe(cfg, found)
+        if not found:
+            raise ConfigError(f"None of the {searched} layouts of {config_name} over {gpus} GPUs runs its "
+                              f"mixture-of-experts model (model.moe.experts={shape.experts}): the config check "
+                              f"refuses each, the first saying: {refused[0]}")
     estimates = [estimate(shape, c, s, net, gpus, parts[c.pipeline]) for c in found]
     # equal speed: the simpler engine (lower ZeRO stage), then the one with more memory to spare
     ranked = sorted((e for e in estimates if e.fits),
                     key=lambda e: (-round(e.tokens_per_s, 6), e.candidate.zero_stage, e.peak.total))
     given_c, problem = given_candidate(cfg, gpus)
+    if given_c is not None and shape.experts and (moe_refusal := moe_problem(cfg, given_c)) is not None:
+        given_c, problem = None, f"training refuses it for this mixture-of-experts model: {moe_refusal}"
     given = None
     if given_c is not None:
         given = estimate(shape, given_c, s, net, gpus)
@@ -232,6 +296,8 @@ def make_plan(cfg: Config, gpus: int, gpus_per_node: int, accelerator: Accelerat
     problem_cp = context_problem(cfg)
     if problem_cp is not None:
         notes.append(f"context parallelism (parallel.context) was not searched: {problem_cp}")
+    if shape.experts:
+        notes.append(moe_note(shape, searched, len(found)))
     smallest = min(estimates, key=lambda e: e.peak.total, default=None)
     return Plan(shape, accelerator, gpus, min(gpus_per_node, gpus), efficiency, source, ranked, len(estimates),
                 given, problem, smallest, notes)

@@ -1,6 +1,7 @@
 """Predicted step time of one layout (seconds), its tokens/s and MFU.
 
-compute     each stage's FLOPs per micro-batch, 6·N_stage + 12·L_stage·h·s per token (PaLM), plus the
+compute     each stage's FLOPs per micro-batch, 6·N_stage + 12·L_stage·h·s per token (PaLM; N the active
+            matmul parameters: of an MoE block's routed experts only the top_k of E a token visits), plus the
             recomputed forward (full checkpointing: 2·N + 4·L·h·s; selective: the attention core, 4·L·h·s),
             split over T tensor ranks, at peak × efficiency (the efficiency measured by bench/throughput.py
             on a GPU, or an assumed one that the report names)
@@ -14,7 +15,14 @@ data        once per step the gradients of this rank's Ψ over the gradient grou
             2(D−1)/D · Ψ·b bytes for ZeRO 0-2 (all-reduce, or reduce-scatter + all-gather of the updated
             parameters), 3(D−1)/D · Ψ·b for ZeRO-3 (parameters
             gathered in forward and backward, gradients reduce-scattered; fairscale's FSDP gathers in e bytes
-            and reduces in fp32: (D−1)/D · Ψ·(2e + 4)), not assumed to overlap with compute
+            and reduces in fp32: (D−1)/D · Ψ·(2e + 4)), not assumed to overlap with compute; under expert
+            parallelism the routed experts' Ψ_e (E/EP of them) over their expert-data group of D/EP ranks,
+            the rest over D, one after the other
+expert      per MoE block and micro-batch 4 all-to-alls (dispatch and combine forward, their gradients backward;
+            6 with full recomputation) of n·a rows (n = s·b tokens, a = top_k, or fewer under a capacity factor)
+            of h values in e bytes, (EP−1)/EP of each crossing: 4·n·a·h·e·(EP−1)/EP bytes
+            (`bigtrain.planning.experts`), over the bandwidth of the expert group (EP data ranks, T·C·EP
+            consecutive ranks), not assumed to overlap with the experts' compute
 context     with C > 1 ranks sharing each sequence (compute, tensor and pipeline terms above count a rank's s·b/C
             tokens), per attention layer and micro-batch, e bytes, d_kv = h·g/T (this tensor rank's key/value
             width, g = kv heads / heads), R = 1 more forward when checkpointing (full or selective) recomputes it:
@@ -37,9 +45,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bigtrain.planning.bubble import bubble_fraction
+from bigtrain.planning.experts import all_to_all_bytes
 from bigtrain.planning.flops import training_flops
 from bigtrain.planning.hardware import Accelerator
-from bigtrain.planning.memory_model import Candidate, Setting, rank_parameters, stages
+from bigtrain.planning.memory_model import Candidate, Setting, rank_split_parameters, stages
 from bigtrain.planning.shape import ModelShape, PipelineLayer
 
 LAUNCH_S = 3e-4  # per block and micro-batch: ~60 kernels of forward + backward at ~5 µs each
@@ -67,11 +76,12 @@ class StepTime:
     data: float
     overhead: float
     context: float = 0.0
+    expert: float = 0.0  # the all-to-alls of expert parallelism
 
     @property
     def total(self) -> float:
         return (self.compute + self.tensor + self.pipeline_bubble + self.pipeline_send + self.data + self.overhead
-                + self.context)
+                + self.context + self.expert)
 
 
 def context_bytes(shape: ModelShape, c: Candidate, e: int, recompute: bool) -> tuple[float, float]:
@@ -97,14 +107,15 @@ def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
     tokens = c.rank_tokens(seq)  # s·b/C
     m = s.micro_batches(c)
     peak = net.accelerator.peak_tflops * 1e12 * net.efficiency
-    slot_compute, slot_tensor, slot_overhead, slot_context = 0.0, 0.0, 0.0, 0.0
+    slot_compute, slot_tensor, slot_overhead, slot_context, slot_expert = 0.0, 0.0, 0.0, 0.0, 0.0
     cross = "cross_block" in shape.kinds
     parts = parts or stages(shape, c.pipeline, s.partition_method)
     per_self, per_cross = context_bytes(shape, c, e, c.checkpointing != "none")
+    per_moe = all_to_all_bytes(shape, tokens, e, c.expert, c.checkpointing == "full")
     for layers in parts:
         blocks = sum(x.kind in ("block", "cross_block") for x in layers)
-        matmul = sum(x.matmul for x in layers)
-        block_matmul = sum(x.matmul for x in layers if x.kind in ("block", "cross_block"))
+        matmul = sum(x.active for x in layers)
+        block_matmul = sum(x.active for x in layers if x.kind in ("block", "cross_block"))
         flops = training_flops(matmul, blocks, h, seq)
         if c.checkpointing == "full":
             flops += 2 * block_matmul + 4 * blocks * h * seq
@@ -120,25 +131,30 @@ def step_time(shape: ModelShape, c: Candidate, s: Setting, net: Network,
         if c.context > 1:
             crosses = sum(x.kind == "cross_block" for x in layers)
             context = (blocks * per_self + crosses * per_cross) / net.bandwidth(c.tensor * c.context)
-        if compute + tensor + overhead + context > slot_compute + slot_tensor + slot_overhead + slot_context:
+        expert = sum(x.routed > 0 for x in layers) * per_moe / net.bandwidth(c.tensor * c.context * c.expert)
+        if (compute + tensor + overhead + context + expert
+                > slot_compute + slot_tensor + slot_overhead + slot_context + slot_expert):
             slot_compute, slot_tensor, slot_overhead, slot_context = compute, tensor, overhead, context
+            slot_expert = expert
     send = 0.0
     if c.pipeline > 1:  # neighbours are T·C·D ranks apart
         send = 2 * tokens * h * e / net.bandwidth(c.tensor * c.context * c.data * 2)
     data = 0.0
-    d = c.gradient_ranks
+    d, d_expert = c.gradient_ranks, c.expert_data_ranks
     if d > 1:
         grad_bytes = 4 if s.precision == "fp32" or not s.deepspeed(c) else 2  # autocast keeps fp32 gradients
-        psi = max(rank_parameters(layers, c.tensor) for layers in parts)
         if c.zero_stage == 3 and not s.deepspeed(c):  # FSDP (fairscale, FSDP2): two all-gathers (bf16 under mixed
             per_value = 2 * s.activation_bytes + 4  # precision), one fp32 reduce-scatter
         else:
             per_value = (3 if c.zero_stage == 3 else 2) * grad_bytes
-        volume = (d - 1) / d * psi * per_value
-        data = volume / net.bandwidth(c.tensor * d)
-    slot = slot_compute + slot_tensor + slot_overhead + slot_context
+        volumes = []  # per stage: the dense parameters over D ranks, the routed experts over D/EP
+        for layers in parts:
+            dense, routed = rank_split_parameters(layers, c.tensor, c.expert)
+            volumes.append((d - 1) / d * dense * per_value + (d_expert - 1) / d_expert * routed * per_value)
+        data = max(volumes) / net.bandwidth(c.tensor * d)
+    slot = slot_compute + slot_tensor + slot_overhead + slot_context + slot_expert
     schedule = s.pipeline_schedule if s.resolved(c) == "torch_pipeline" else "1f1b"  # DeepSpeed's: 1F1B only
     f = bubble_fraction(schedule, c.pipeline, m, s.virtual_stages)
     return StepTime(compute=m * slot_compute, tensor=m * slot_tensor, pipeline_bubble=m * slot * f / (1 - f),
                     pipeline_send=(m + c.pipeline - 1) * send if c.pipeline > 1 else 0.0, data=data,
-                    overhead=m * slot_overhead, context=m * slot_context)
+                    overhead=m * slot_overhead, context=m * slot_context, expert=m * slot_expert)
