@@ -97,7 +97,8 @@ def test_moe_activations_match_the_bytes_autograd_saves():
         cfg = load_config(SMOKE, [*tiny, *extra])
         shape = model_shape(cfg)
         model = build_model(cfg.model, shape.vocab, seed=0)
-        meter, ids = SavedActivationMeter(model), torch.randint(0, shape.vocab, (2, 32))
+        meter = SavedActivationMeter(model)
+        ids = torch.randint(0, shape.vocab, (2, 32), generator=torch.Generator().manual_seed(0))
         bf16 = cfg.train.precision == "bf16"
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with meter.measuring(), autocast:
