@@ -3,7 +3,8 @@ ranks, tokens dispatched and combined by all-to-all with uneven splits, expert g
 expert-data group. CPU ranks over gloo, fp32, dropout 0: 20 steps of loss and grad_norm within 1e-5 of one
 process on the same global batch (`pytest -s` prints the largest relative differences), with capacity dropping,
 a shared expert and both router losses on, with AdamW and (EP2) with LAMB, also over pipeline stages (EP2 × PP2 on
-DeepSpeed's pipeline engine); and the invalid combinations fail at load naming their keys."""
+DeepSpeed's pipeline engine) and on FSDP2 at ZeRO-3 (EP2 × DP2: experts sharded over the expert-data groups); and
+the invalid combinations fail at load naming their keys."""
 
 from __future__ import annotations
 

@@ -85,7 +85,10 @@ class Fsdp2Engine(StepEngine):
         self.group, self.context = groups.gradient_group, parallel.context
         self.dp_rank, self.dp_size = groups.get_data_parallel_rank(), layout.data
         self.reduce_rank, self.reduce_size = groups.gradient_rank, layout.data * layout.context
-        self.n_params = count_parameters(self.model)
+        # Ψ of the whole model: this rank holds E / EP routed experts of each block; a rank keeps Ψ / D at rest
+        # either way (its experts' rows are 1 / (D / EP) of E / EP experts)
+        self.n_params = count_parameters(self.model) + (layout.expert - 1) * sum(
+            p.numel() for p in self.model.parameters() if is_expert_parallel(p))
         self.grad_clip = cfg.optim.grad_clip
         self.expert, self.native_state = layout.expert, layout.expert == 1  # module docstring
         names = {id(p): n for n, p in self.model.named_parameters()}
