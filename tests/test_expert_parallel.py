@@ -3,7 +3,8 @@ ranks, tokens dispatched and combined by all-to-all with uneven splits, expert g
 expert-data group. CPU ranks over gloo, fp32, dropout 0: 20 steps of loss and grad_norm within 1e-5 of one
 process on the same global batch (`pytest -s` prints the largest relative differences), with capacity dropping,
 a shared expert and both router losses on, with AdamW and (EP2) with LAMB, also over pipeline stages (EP2 × PP2 on
-DeepSpeed's pipeline engine); and the invalid combinations fail at load naming their keys."""
+DeepSpeed's pipeline engine) and on FSDP2 at ZeRO-3 (EP2 × DP2: experts sharded over the expert-data groups); and
+the invalid combinations fail at load naming their keys."""
 
 from __future__ import annotations
 
@@ -133,13 +134,21 @@ def _assert_load_picture(run_dir, out) -> None:
 
 
 @pytest.mark.launches
-def test_expert_data_groups_train_like_one_device_and_resume_on_one_device(moe_reference, tmp_path):
-    """EP2 × DP2 on 4 ranks (two expert groups, expert-data groups of 2) equals one device over 20 steps; its
-    step-10 checkpoint's layout-free form carries every expert under its own name (each written by the first rank
-    of its expert-data group), and one process resuming it continues the one-device curve (steps 11-20)."""
+@pytest.mark.parametrize("engine", [(), ("parallel.engine=torch", "parallel.zero_stage=3")],
+                         ids=["deepspeed", "fsdp2-zero3"])
+def test_expert_data_groups_train_like_one_device_and_resume_on_one_device(moe_reference, tmp_path, engine):
+    """EP2 × DP2 on 4 ranks (two expert groups, expert-data groups of 2) equals one device over 20 steps, on
+    DeepSpeed's ZeRO-0 and on FSDP2's ZeRO-3 (each block's experts sharded over the expert-data group, the rest
+    over the data group); its step-10 checkpoint's layout-free form carries every expert under its own name
+    (written by the first rank of its expert-data group; under FSDP2 each rank its rows of its experts), and one
+    process resuming it continues the one-device curve (steps 11-20)."""
     run_dir = tmp_path / "run"
-    out = launch_ok(4, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE, "parallel.expert=2", "checkpoint.every=10"))
+    out = launch_ok(4, tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE, "parallel.expert=2", "checkpoint.every=10",
+                                      *engine))
     assert "(expert 2)" in out, out[-2000:]
+    if engine:
+        described = json.loads((run_dir / "engine_config.json").read_text())
+        assert (described["engine"], described["zero_stage"], described["expert_parallel_size"]) == ("fsdp2", 3, 2)
     assert_same_curve(moe_reference, run_dir, 1e-5)
     _assert_same_router_numbers(moe_reference, run_dir)
     checkpoints = run_dir / "checkpoints"
@@ -148,7 +157,8 @@ def test_expert_data_groups_train_like_one_device_and_resume_on_one_device(moe_r
     assert {(f"blocks.{b}.ffn.experts.{e}.up.weight", k) for b in (0, 1) for e in range(4)
             for k in ("param", "exp_avg", "exp_avg_sq")} <= pieces
     worst = _resume_at_step_10(moe_reference, run_dir, 1)
-    print(f"EP2 x DP2 -> one device at step 10: steps 11-20 largest relative difference {worst:.1e}")
+    print(f"EP2 x DP2 ({engine or 'deepspeed'}) -> one device at step 10: steps 11-20 largest relative difference "
+          f"{worst:.1e}")
 
 
 @pytest.mark.launches
@@ -232,6 +242,10 @@ def test_expert_and_expert_data_groups_are_carved_out_of_the_data_ranks():
     (2, ["model.moe.experts=4", "parallel.expert=2", "parallel.zero_stage=1"], ["ZeRO-1", "not built yet"]),
     (2, ["model.moe.experts=4", "parallel.expert=2", "train.precision=bf16"], ["bf16", "not built yet"]),
     (2, ["model.moe.experts=4", "parallel.expert=0"], ["parallel.expert"]),
+    (2, ["model.moe.experts=4", "parallel.expert=2", "parallel.engine=torch", "parallel.zero_stage=3", *MOE_LAMB],
+     ["parallel.expert=2", "optim.name=lamb", "not built yet"]),
+    (4, ["model.moe.experts=4", "parallel.expert=2", "parallel.engine=torch", "parallel.zero_stage=2",
+         "parallel.tensor=2"], ["parallel.tensor > 1 on FSDP2", "not built yet"]),
 ])
 def test_invalid_expert_parallel_configs_fail_at_load_naming_the_keys(tmp_path, world, overrides, names):
     with pytest.raises(ConfigError) as info:
@@ -240,7 +254,9 @@ def test_invalid_expert_parallel_configs_fail_at_load_naming_the_keys(tmp_path, 
         assert name in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("optimizer", [(), MOE_LAMB, ("parallel.pipeline=2",)], ids=["adamw", "lamb", "pp2"])
+@pytest.mark.parametrize("optimizer", [(), MOE_LAMB, ("parallel.pipeline=2",),
+                                       ("parallel.engine=torch", "parallel.zero_stage=2")],
+                         ids=["adamw", "lamb", "pp2", "fsdp2"])
 def test_an_expert_parallel_config_loads(tmp_path, optimizer):
     cfg = load_config(None, tiny_overrides(tmp_path / "run", "causal", *DP_LAYOUT, *MOE, "parallel.expert=2",
                                            *optimizer), world_size=4)

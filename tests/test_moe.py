@@ -165,10 +165,13 @@ def test_bad_moe_configs_fail_at_load_naming_the_key(tmp_path, overrides, names)
 
 @pytest.mark.parametrize(("world", "layout"), [
     (2, ["parallel.zero_stage=1"]), (2, ["parallel.context=2"]), (2, ["parallel.pipeline=2", "parallel.zero_stage=1"]),
-    (4, ["parallel.pipeline=2", "parallel.tensor=2"]), (2, ["parallel.engine=torch", "parallel.zero_stage=2"])])
+    (4, ["parallel.pipeline=2", "parallel.tensor=2"]),
+    (4, ["parallel.engine=torch", "parallel.zero_stage=2", "parallel.tensor=2"]),
+    (2, ["parallel.engine=torch", "parallel.zero_stage=3", "train.precision=bf16"])])
 def test_moe_on_several_ranks_is_refused_at_load(tmp_path, world, layout):
-    """Data, expert and tensor parallelism on DeepSpeed's ZeRO-0, and pipeline stages with data and expert
-    parallelism on its pipeline engine, are built (tests/test_expert_parallel.py); the rest is refused."""
+    """Data, expert and tensor parallelism on DeepSpeed's ZeRO-0, pipeline stages with data and expert
+    parallelism on its pipeline engine, and data and expert parallelism on FSDP2 (fp32) are built
+    (tests/test_expert_parallel.py); the rest is refused."""
     with pytest.raises(ConfigError) as info:
         load_config(None, tiny_overrides(tmp_path / "run", "causal", "model.moe.experts=4", *layout),
                     world_size=world)

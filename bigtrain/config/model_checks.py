@@ -99,10 +99,11 @@ def check_moe(cfg: Config, layout: Layout) -> None:
     """`model.moe`: values in range; parallel.expert divides the experts (it divides the data size: `Layout`); and
     the layouts built for MoE: one process on the plain engine; data (and expert, and tensor) parallelism on
     DeepSpeed's engine; pipeline stages with data (and expert) parallelism on DeepSpeed's pipeline engine; each at
-    ZeRO-0 in fp32; activation checkpointing with any of them (a recomputed MoE block routes again, the same
-    tokens to the same experts, and repeats its all-to-alls in the order of the forward). Tensor with pipeline
-    parallelism, context parallelism, ZeRO 1-3, other engines, mixed precision and compiled blocks are not built for
-    MoE yet."""
+    ZeRO-0 in fp32; data (and expert) parallelism on PyTorch's FSDP2 (parallel.engine=torch, zero_stage 2 or 3,
+    fp32, parallel.tensor=1; LAMB only with parallel.expert=1); activation checkpointing with any of them (a
+    recomputed MoE block routes again, the same tokens to the same experts, and repeats its all-to-alls in the
+    order of the forward). Tensor with pipeline parallelism, context parallelism, ZeRO 1, ZeRO 2-3 on DeepSpeed,
+    fairscale, mixed precision and compiled blocks are not built for MoE yet."""
     moe, p = cfg.model.moe, cfg.parallel
     require(moe.experts >= 0, f"model.moe.experts must be >= 0 (0 = dense blocks), got {moe.experts}.")
     require(moe.experts > 0 or p.expert == 1, f"parallel.expert={p.expert} splits the routed experts of MoE blocks, "
@@ -131,16 +132,26 @@ def check_moe(cfg: Config, layout: Layout) -> None:
     zero0_fp32 = layout.zero_stage == 0 and layout.precision == "fp32" and layout.context == 1
     data_parallel = layout.engine == "deepspeed" and zero0_fp32 and layout.pipeline == 1
     pipelined = layout.engine == "pipeline" and zero0_fp32 and layout.tensor == 1
-    require(one_process or data_parallel or pipelined,
+    sharded = (layout.engine == "fsdp2" and layout.precision == "fp32" and layout.context == 1
+               and layout.tensor == 1)
+    require(one_process or data_parallel or pipelined or sharded,
             f"model.moe.experts={moe.experts} with {layout.describe()} on {layout.engine}, ZeRO-{layout.zero_stage}, "
             f"{layout.precision} is not built yet: mixture-of-experts blocks run on one process with the plain "
             f"engine, over data-parallel ranks (with parallel.expert splitting the experts, and parallel.tensor "
             f"splitting every expert like the dense FFN) on DeepSpeed's engine, or over parallel.pipeline stages "
             f"(with data and expert parallelism, parallel.tensor=1) on DeepSpeed's pipeline engine, each at "
-            f"parallel.zero_stage=0 in train.precision=fp32. MoE with parallel.tensor > 1 and parallel.pipeline > 1 "
-            f"together, parallel.context, parallel.zero_stage 1-3, bf16 / fp16 and parallel.engine=torch or "
-            f"fairscale on several ranks is not built yet. Use parallel.engine=auto, zero_stage=0, "
-            f"train.precision=fp32, context = 1 and tensor = 1 or pipeline = 1, or set model.moe.experts=0.")
+            f"parallel.zero_stage=0 in train.precision=fp32, or over data-parallel ranks (with parallel.expert, "
+            f"parallel.tensor=1) on PyTorch's FSDP2 (parallel.engine=torch, zero_stage 2 or 3, fp32). MoE with "
+            f"parallel.tensor > 1 and parallel.pipeline > 1 together, parallel.context, parallel.zero_stage 1, "
+            f"zero_stage 2-3 on DeepSpeed, bf16 / fp16, parallel.tensor > 1 on FSDP2, and fairscale is not built "
+            f"yet. Use parallel.engine=auto with zero_stage=0 (context = 1, tensor = 1 or pipeline = 1), or "
+            f"parallel.engine=torch with zero_stage 2 or 3 (tensor = 1), in train.precision=fp32, or set "
+            f"model.moe.experts=0.")
+    require(not (layout.engine == "fsdp2" and layout.expert > 1 and cfg.optim.name == "lamb"),
+            f"model.moe.experts={moe.experts} with parallel.expert={layout.expert} on PyTorch's FSDP2 and "
+            f"optim.name=lamb is not built yet (LAMB's per-parameter norms would be summed over every data rank, "
+            f"whose experts differ). Use optim.name=adamw, parallel.expert=1, or parallel.engine=auto with "
+            f"zero_stage=0.")
     require(not p.sequence_parallel, f"model.moe.experts={moe.experts} with parallel.sequence_parallel=true is not "
             f"built yet (the router would run on sequence shards). Set parallel.sequence_parallel=false.")
     require(not cfg.train.compile, f"model.moe.experts={moe.experts} with train.compile=true is not built yet "

@@ -110,6 +110,11 @@ class ParallelGroups:
         return self.ranks("expert").index(self.rank) if self.layout.expert > 1 else 0
 
     @property
+    def expert_data_rank(self) -> int:
+        """This rank's index in its expert-data group (its data-parallel rank without expert parallelism)."""
+        return self.ranks("expert_data").index(self.rank) if self.layout.expert > 1 else self.coords.data
+
+    @property
     def gradient_group(self):
         """The ranks whose gradients are summed: data × context (the data group without context parallelism)."""
         return self.group("gradient") if self.layout.context > 1 else self.group("data")

@@ -19,6 +19,12 @@ The gradient of an expert's weights on its rank is then Σ over the group's toke
 it over the expert-data group (the D / EP ranks holding the same experts), which together with the expert group
 covers every data rank's tokens once. Every rank of a group must run every forward and backward together (both
 exchanges run even when a rank sends or receives no rows).
+
+Step 4 is one module, `LocalExperts` (the rank's experts, `experts.<e>` as before): every local expert runs on its
+received rows, none included, so each gets a gradient (zeros when it had no rows) on every rank. FSDP2 shards that
+module over the expert-data group and reduce-scatters the gradients that exist: the same set on every rank. Under
+FSDP2 this form is used with EP = 1 too (an expert group of one: no exchange, the group is None), so that experts
+unused by one data rank's tokens still reduce with the other ranks'.
 """
 
 from __future__ import annotations
@@ -32,10 +38,25 @@ from bigtrain.models.moe import MoEFeedForward, route
 from bigtrain.parallel.collectives import exchange_rows
 
 
+class LocalExperts(nn.ModuleDict):
+    """A rank's routed experts under their global indices, run together: rows r of `rows` go through local expert
+    `local_of_row[r]` (module docstring, step 4)."""
+
+    def forward(self, rows: torch.Tensor, local_of_row: torch.Tensor) -> torch.Tensor:
+        """rows [R, d], local_of_row [R] (index into this dict's order) -> [R, d]; every expert runs, on no rows
+        when none came to it, so its weights get a gradient (zeros) whatever the routing."""
+        outputs = rows * 0  # in the graph even when this rank received nothing: its backward exchange must run
+        for index, expert in enumerate(self.values()):
+            mine = torch.nonzero(local_of_row == index).squeeze(1)
+            outputs = outputs.index_copy(0, mine, expert(rows[mine]).to(outputs.dtype))
+        return outputs
+
+
 class ExpertParallelMoE(MoEFeedForward):
     """An MoE block holding experts rank·E/EP .. (rank+1)·E/EP − 1 of its expert group (module docstring)."""
 
     def __init__(self, moe: MoEFeedForward, group, rank: int, size: int) -> None:
+        """`group`: the expert group of `size` ranks (None when `size` is 1: no exchange)."""
         nn.Module.__init__(self)  # not MoEFeedForward's: the router and experts are `moe`'s own, not built anew
         n = len(moe.experts)
         if n % size:
@@ -47,7 +68,7 @@ class ExpertParallelMoE(MoEFeedForward):
         self.router_loss_scale = moe.router_loss_scale
         self.router, self.shared = moe.router, moe.shared
         first = rank * self.local
-        self.experts = nn.ModuleDict({str(e): moe.experts[e] for e in range(first, first + self.local)})
+        self.experts = LocalExperts({str(e): moe.experts[e] for e in range(first, first + self.local)})
         self.last = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,20 +79,18 @@ class ExpertParallelMoE(MoEFeedForward):
         chosen = routing.experts[token, slot]
         order = torch.argsort(chosen, stable=True)
         token, slot, chosen = token[order], slot[order], chosen[order]
-        counts = torch.bincount(chosen, minlength=self.n_experts)
-        received = torch.empty_like(counts)
-        dist.all_to_all_single(received, counts, group=self.group)  # [source rank, local expert]
-        received = received.reshape(self.size, self.local)
-        send, receive = counts.reshape(self.size, self.local).sum(1).tolist(), received.sum(1).tolist()
-        rows = exchange_rows(h[token], send, receive, self.group)
-        local_of_row = torch.arange(self.local, device=h.device).repeat(self.size).repeat_interleave(
-            received.reshape(-1))
-        outputs = rows * 0  # in the graph even when this rank received nothing: its backward exchange must run
-        for index, expert in enumerate(self.experts.values()):
-            mine = torch.nonzero(local_of_row == index).squeeze(1)
-            if mine.numel():
-                outputs = outputs.index_copy(0, mine, expert(rows[mine]).to(outputs.dtype))
-        back = exchange_rows(outputs, receive, send, self.group)
+        if self.size == 1:  # every expert here: the sorted rows are this rank's own
+            back = self.experts(h[token], chosen)
+        else:
+            counts = torch.bincount(chosen, minlength=self.n_experts)
+            received = torch.empty_like(counts)
+            dist.all_to_all_single(received, counts, group=self.group)  # [source rank, local expert]
+            received = received.reshape(self.size, self.local)
+            send, receive = counts.reshape(self.size, self.local).sum(1).tolist(), received.sum(1).tolist()
+            rows = exchange_rows(h[token], send, receive, self.group)
+            local_of_row = torch.arange(self.local, device=h.device).repeat(self.size).repeat_interleave(
+                received.reshape(-1))
+            back = exchange_rows(self.experts(rows, local_of_row), receive, send, self.group)
         out = torch.zeros_like(h).index_add(0, token, (back * routing.weights[token, slot, None]).to(h.dtype))
         for expert in self.shared:
             out = out + expert(h).to(out.dtype)

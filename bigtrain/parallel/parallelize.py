@@ -7,7 +7,8 @@ In a fixed order, as torchtitan's `parallelize_llama`:
                                          (`context/core.py`), which read each micro-batch's split
                                          (`context/inputs.py`: the engines split every micro-batch by it)
        expert parallelism                MoE blocks replaced by their rank's slice of the routed experts, tokens
-                                         dispatched and combined by all-to-all over the expert group (`expert.py`)
+                                         dispatched and combined by all-to-all over the expert group (`expert.py`;
+                                         under FSDP2 also with parallel.expert=1: every expert, no exchange)
        FP8 (`train.precision=fp8`)       the blocks' Linear layers, tensor-parallel ones included, replaced by
                                          torchao-based FP8 layers (`fp8.py`), so that what follows wraps them
     2. activation checkpointing          blocks or attention cores wrapped (`activation_checkpointing.py`)
@@ -109,7 +110,7 @@ def parallelize(model: TransformerLM, cfg: Config, groups: ParallelGroups | None
         apply_context_parallel(model, result.context, p.context_attention)
         # 2C chunks; under sequence parallelism each rank's S/C tokens split again over the tensor group
         result.pad_multiple = math.lcm(2 * layout.context, layout.context * result.pad_multiple)
-    if layout.expert > 1:
+    if layout.expert > 1 or layout.engine == "fsdp2":  # FSDP2 shards each block's experts as one unit
         assert groups is not None
         apply_expert_parallel(model, groups.expert_group, groups.expert_rank, layout.expert)
     if cfg.train.precision == "fp8":

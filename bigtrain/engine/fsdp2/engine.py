@@ -15,6 +15,17 @@
 Under context parallelism "the data group" above is the gradient group (data × context, D·C ranks): context
 ranks hold the same weights and other tokens of the same sequences.
 
+Mixture of experts (`model.moe`; `parallel.expert` = EP, expert groups carved out of the D data ranks): each MoE
+block's routed experts (this rank's E / EP) are sharded over the expert-data group of D / EP ranks, the rest over
+the data group (`sharding.py`). An expert's gradient on one rank already holds its expert group's tokens (the
+all-to-all brings them), scaled by D like every loss here; FSDP2 averages it over the D / EP expert-data ranks,
+so the engine divides it by EP more: Σ over every data rank's tokens / N, the single-device gradient. Router
+losses join the loss in the step skeleton (`bigtrain.engine.step`). The norm needs no expert group of its own:
+the data group is expert × expert-data, and its ranks' rows of all parameters cover every expert once, so the
+squares summed over the data group are ‖g‖². Under EP > 1 the engine's own files would not say which rank held
+which expert rows, so a checkpoint keeps the state in its layout-free form alone (experts under their own names;
+`native_state` False), which any layout resumes.
+
 A non-finite step is skipped on the device (`found_inf`), as in every engine.
 """
 
@@ -41,9 +52,11 @@ from bigtrain.io import SaveFile, load_torch, save_torch
 from bigtrain.models import count_parameters
 from bigtrain.models.inspect import model_piece
 from bigtrain.models.loss import model_inputs
+from bigtrain.models.moe import moe_layers
 from bigtrain.optim import param_groups
 from bigtrain.optim.build import adamw
 from bigtrain.parallel import ParallelModel
+from bigtrain.parallel.expert import is_expert_parallel
 from bigtrain.parallel.grad_norm import sharded_grad_norm
 from bigtrain.planning.zero import zero_formula
 
@@ -72,15 +85,24 @@ class Fsdp2Engine(StepEngine):
         self.group, self.context = groups.gradient_group, parallel.context
         self.dp_rank, self.dp_size = groups.get_data_parallel_rank(), layout.data
         self.reduce_rank, self.reduce_size = groups.gradient_rank, layout.data * layout.context
-        self.n_params = count_parameters(self.model)
+        # Ψ of the whole model: this rank holds E / EP routed experts of each block; a rank keeps Ψ / D at rest
+        # either way (its experts' rows are 1 / (D / EP) of E / EP experts)
+        self.n_params = count_parameters(self.model) + (layout.expert - 1) * sum(
+            p.numel() for p in self.model.parameters() if is_expert_parallel(p))
         self.grad_clip = cfg.optim.grad_clip
+        self.expert, self.native_state = layout.expert, layout.expert == 1  # module docstring
         names = {id(p): n for n, p in self.model.named_parameters()}
         shapes = {n: p.shape for n, p in self.model.named_parameters()}
+        routed = {n for n, p in self.model.named_parameters() if is_expert_parallel(p)}  # marks go with sharding
         decay_groups = [{**g, "params": [names[id(p)] for p in g["params"]]}  # decay goes by ndim: before sharding
                         for g in param_groups(self.model, cfg.optim.weight_decay)]
-        shard_model(self.model, self.group, device, RESHARD[layout.zero_stage], bf16=layout.precision == "bf16")
-        self.shards: list[LocalShard] = local_shards(self.model.named_parameters(), shapes, self.reduce_rank,
-                                                     self.reduce_size)
+        shard_model(self.model, self.group, device, RESHARD[layout.zero_stage], bf16=layout.precision == "bf16",
+                    expert_group=groups.expert_data_group)
+        expert_data = (groups.expert_data_rank, layout.data // layout.expert)
+        self.shards: list[LocalShard] = local_shards(
+            self.model.named_parameters(), shapes,
+            lambda n: expert_data if n in routed else (self.reduce_rank, self.reduce_size))
+        self.routed = [s for s in self.shards if s.name in routed]
         by_name = {s.name: s for s in self.shards}
         for s in self.shards:
             s.values.tensor_model_parallel = s.name in parallel.shards  # norms sum these over the tensor group
@@ -103,6 +125,10 @@ class Fsdp2Engine(StepEngine):
     def gradients_done(self) -> None:
         for s in self.shards:
             s.link_grad()
+        if self.expert > 1:  # FSDP2 divided them by D / EP, the expert-data group's size: ÷ D in all
+            for s in self.routed:
+                if s.values.grad is not None:
+                    s.values.grad.div_(self.expert)
 
     def measure_norm(self) -> torch.Tensor:
         """Each rank's rows of every parameter, summed over the data group, then the tensor group; clipped."""
@@ -140,13 +166,20 @@ class Fsdp2Engine(StepEngine):
                             shape_of=lambda values: self.of_values[id(values)].shape)
 
     def write_native(self, folder: Path, save: SaveFile = save_torch) -> None:
-        """Every rank its rows of every parameter, the shapes they were cut from, and its optimizer state."""
+        """Every rank its rows of every parameter, the shapes they were cut from, and its optimizer state (nothing
+        under expert parallelism: the layout-free form holds the state)."""
+        if not self.native_state:
+            return
         save(folder / native_part(self.groups.rank), {
             "model": {s.name: s.values.detach() for s in self.shards},
             "shapes": {s.name: list(s.shape) for s in self.shards},
             "optimizer": self.optimizer.state_dict()})
 
     def read_native(self, checkpoint: Path) -> None:
+        if not self.native_state:
+            raise CheckpointError(f"{checkpoint}: under expert parallelism (parallel.expert={self.expert}) a "
+                                  f"checkpoint's state is its layout-free form; the engine's own files are not "
+                                  f"written.")
         path = checkpoint / native_part(self.groups.rank)
         own = load_torch(path, self.device)
         mine = {s.name: s for s in self.shards}
@@ -181,6 +214,7 @@ class Fsdp2Engine(StepEngine):
     def describe(self) -> str:
         return json.dumps({"engine": "fsdp2", "zero_stage": self.layout.zero_stage,
                            "reshard_after_forward": RESHARD[self.layout.zero_stage],
-                           "data_parallel_size": self.dp_size, "units": 1 + sum(len(s) for s in self.model.stacks()),
+                           "data_parallel_size": self.dp_size, "expert_parallel_size": self.expert,
+                           "units": 1 + sum(len(s) for s in self.model.stacks()) + len(moe_layers(self.model)),
                            "precision": self.layout.precision, "parameters": len(self.shards)}, indent=2)
 

@@ -69,7 +69,7 @@ def stage_shards(stages: list[StageModule], group: object, device_type: str, zer
     shapes = {name: p.shape for name, p in before.items()}
     tied = {name for name, p in before.items() if is_tied_copy(p)}
     shard_stages(stages, group, device_type, zero_stage == 3, bf16)
-    shards = local_shards(model_parameters(stages).items(), shapes, data_rank, data_size)
+    shards = local_shards(model_parameters(stages).items(), shapes, lambda _: (data_rank, data_size))
     for s in shards:
         s.values.tensor_model_parallel = s.name in tensor_parallel
         s.values.tied_copy = s.name in tied
