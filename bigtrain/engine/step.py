@@ -112,6 +112,10 @@ class StepEngine:
     router_layers: list[MoEFeedForward] | None = None  # the model's MoE blocks, found at the first step
     router_names: tuple[str, ...] = ()  # their blocks (`moe_layer_names`)
     router_steps: list[list[RouterStats]] | None = None  # this step's router numbers: per micro-batch, per layer
+    # under pipeline stages: this stage's rows among `router_names` (every MoE block of the model; the other
+    # stages' rows stay 0 here) and the experts per block, so that the table is summed over the pipeline group too
+    router_stage_rows: list[int] | None = None
+    router_experts: int = 0
     context: ContextInputs | None = None  # the split of micro-batches under context parallelism
 
     # ---- what an engine supplies ---------------------------------------------------------------------
@@ -250,14 +254,26 @@ class StepEngine:
         return totals, MoELayers(self.router_names, table)
 
     def router_table(self) -> torch.Tensor | None:
-        """This rank's [layers, 3 + 2E] table of the step (`router_rows`); None without MoE blocks."""
-        return router_rows(self.router_steps) if self.router_steps else None
+        """This rank's [layers, 3 + 2E] table of the step (`router_rows`); None without MoE blocks. Under pipeline
+        stages a row for every MoE block of the model: this stage's from its micro-batches, zeros for the others'."""
+        if self.router_stage_rows is None:
+            return router_rows(self.router_steps) if self.router_steps else None
+        if not self.router_names:
+            return None
+        width = len(LAYER_VALUES) + 2 * self.router_experts
+        table = torch.zeros(len(self.router_names), width, dtype=torch.float64, device=self.device)
+        if self.router_steps:
+            table[self.router_stage_rows] = router_rows(self.router_steps)
+        return table
 
     def sum_router_table(self, table: torch.Tensor) -> torch.Tensor:
-        """The table's sums and means over every data rank's micro-batches: one all-reduce over the data group."""
+        """The table's sums and means over every data rank's micro-batches: one all-reduce over the data group;
+        under pipeline stages then one over the pipeline group (each block lives on one stage)."""
         if self.groups is not None and self.dp_size > 1:
             dist.all_reduce(table, group=self.groups.data_group)
             table[:, :len(LAYER_VALUES)] /= self.dp_size
+        if self.router_stage_rows is not None:
+            dist.all_reduce(table, group=self.groups.group("pipeline"))
         return table
 
     def global_counts(self, micro_batches: list[dict[str, torch.Tensor]],

@@ -53,8 +53,6 @@ from bigtrain.config.layout import Layout
 from bigtrain.distributed.groups import ParallelGroups
 from bigtrain.engine.deepspeed.wrap import DeepSpeedWrap, OnDeepSpeed
 from bigtrain.engine.evaluate import EvalSums
-from bigtrain.engine.result import LAYER_VALUES
-from bigtrain.engine.step import router_rows
 from bigtrain.models.loss import IGNORE_INDEX, Criterion
 from bigtrain.models.moe import moe_layer_names, moe_layers, take_router_stats
 from bigtrain.parallel import ParallelModel
@@ -113,7 +111,7 @@ class PipelineEngine(OnDeepSpeed):
         self.router_names = tuple(moe_layer_names(parallel.model))
         row = {id(m): i for i, m in enumerate(moe_layers(parallel.model))}
         self.router_layers = moe_layers(self.ds.engine.module)
-        self.router_rows = [row[id(m)] for m in self.router_layers]
+        self.router_stage_rows = [row[id(m)] for m in self.router_layers]
         if self.router_layers:
             self.ds.engine.module.register_forward_hook(self._take_router_stats)
 
@@ -156,23 +154,6 @@ class PipelineEngine(OnDeepSpeed):
         if not self.ds.unwrapped:
             return None
         return clip_grad_norm(self.ds.params, self.grad_clip, self.groups, self.device)
-
-    # ---- mixture of experts ------------------------------------------------------------------------------
-    def router_table(self) -> torch.Tensor | None:
-        """A row for every MoE layer of the model: this stage's from its micro-batches, zeros for the others'."""
-        if not self.router_names:
-            return None
-        width = len(LAYER_VALUES) + 2 * self.router_experts
-        table = torch.zeros(len(self.router_names), width, dtype=torch.float64, device=self.device)
-        if self.router_steps:
-            table[self.router_rows] = router_rows(self.router_steps)
-        return table
-
-    def sum_router_table(self, table: torch.Tensor) -> torch.Tensor:
-        """Summed over the data group (`StepEngine`), then over the pipeline group: each layer lives on one stage."""
-        table = super().sum_router_table(table)
-        dist.all_reduce(table, group=self.groups.group("pipeline"))
-        return table
 
     # ---- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
