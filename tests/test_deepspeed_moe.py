@@ -49,7 +49,7 @@ def gate_routes(twin: deepspeed_moe.DeepSpeedFFN) -> tuple[int, torch.Tensor]:
 @pytest.mark.parametrize("top_k", [2, 3])
 def test_one_forward_and_backward_equal_deepspeeds_where_the_routing_coincides(top_k):
     """Dropless top-2 (DeepSpeed's `top2gating`) and top-3 (`topkgating`): output, input gradient, router and every
-    expert gradient within 1e-6 (measured 2e-8 / 1e-7); l_aux = E · Σ f¹_e P_e at top-2, bigtrain's aux at top-3."""
+    expert gradient within 1e-6 (measured: largest 2.1e-7 / 8.9e-8); l_aux = E · Σ f¹_e P_e at top-2, bigtrain's aux at top-3."""
     ours = block(top_k)
     twin = deepspeed_twin(ours)
     up = torch.randn(X.shape, generator=torch.Generator().manual_seed(4))
@@ -93,7 +93,8 @@ def test_expert_parallel_layer_equals_deepspeeds_at_ep2(tmp_path):
     """One spawn of 2 gloo ranks (tests/helpers/deepspeed_moe.py `main`): DeepSpeed's layer with ep_size=2 (its own
     expert group and all-to-all) against bigtrain's `ExpertParallelMoE` on each rank's tokens. The block, dropless
     top-2 and top-3: output, input and parameter gradients within 1e-6 (measured 1e-7 / 2e-7) and l_aux by the
-    formulas; the tiny LM, 15 steps, gradients averaged over the ranks: the curves within 1e-5."""
+    formulas; the tiny LM, 15 steps, gradients averaged over the ranks: the curves within 1e-5 (measured 7e-8 /
+    1.4e-7)."""
     out = tmp_path / "ep2.jsonl"
     mp.spawn(deepspeed_moe.main, args=(2, free_port(), str(out), 15), nprocs=2)
     records = {r["case"]: r for r in map(json.loads, out.read_text().splitlines())}
