@@ -49,7 +49,8 @@ def gate_routes(twin: deepspeed_moe.DeepSpeedFFN) -> tuple[int, torch.Tensor]:
 @pytest.mark.parametrize("top_k", [2, 3])
 def test_one_forward_and_backward_equal_deepspeeds_where_the_routing_coincides(top_k):
     """Dropless top-2 (DeepSpeed's `top2gating`) and top-3 (`topkgating`): output, input gradient, router and every
-    expert gradient within 1e-6 (measured: largest 2.1e-7 / 8.9e-8); l_aux = E · Σ f¹_e P_e at top-2, bigtrain's aux at top-3."""
+    expert gradient within 1e-6 (measured: largest 2.1e-7 / 8.9e-8); l_aux = E · Σ f¹_e P_e at top-2, bigtrain's
+    aux at top-3."""
     ours = block(top_k)
     twin = deepspeed_twin(ours)
     up = torch.randn(X.shape, generator=torch.Generator().manual_seed(4))
