@@ -74,8 +74,12 @@ def train(name: str, config: str, overrides: list[str], run_dir: Path, timeout: 
     """One run of launch/train.py; its last evaluation and training line, and its wall-clock seconds."""
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", config, *overrides, f"run.dir={run_dir}"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"the {name} run took more than --timeout {timeout:.0f} s (a loaded CPU?); give a larger "
+                         f"--timeout or fewer --steps:\n{shlex.join(cmd)}") from None
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"the {name} run failed:\n{shlex.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300, help="train.steps of both runs")
-    parser.add_argument("--timeout", type=float, default=1200, help="seconds per run")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--out", type=Path, default=RESULTS / "moe_vs_dense.json")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="applied to both runs, after the config and MODEL")
