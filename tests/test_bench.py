@@ -262,14 +262,14 @@ def test_reference_gpt_computes_bigtrain_s_logits(options):
         torch.testing.assert_close(ref(ids), ours(input_ids=ids), rtol=1e-5, atol=1e-5)
 
 
-TINY_MOE = ["--steps", "20", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64",
+TINY_MOE = ["--steps", "10", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64",
             "model.max_seq_len=32", "data.seq_len=32", "data.max_bytes=300000", "train.global_batch_size=8",
             "train.micro_batch_size=8", "train.eval_samples=16", "train.threads=1"]
 
 
 @pytest.mark.launches
 def test_moe_vs_dense_writes_its_result(tmp_path, capsys):
-    """bench/moe_vs_dense.py at a tiny scale (d_model 32, 20 steps; two one-process runs): both runs' eval losses
+    """bench/moe_vs_dense.py at a tiny scale (d_model 32, 10 steps; two one-process runs): both runs' eval losses
     after the same steps, the MoE's active parameters the dense model's plus its routers' and one more
     down-projection bias per block, and the table. The comparison itself is docs/expert_parallel.md's."""
     from bench import moe_vs_dense
@@ -279,7 +279,7 @@ def test_moe_vs_dense_writes_its_result(tmp_path, capsys):
     saved = json.loads(out.read_text())
     dense, moe = saved["runs"]["dense"], saved["runs"]["moe"]
     assert saved["figure"] == "moe_vs_dense" and saved["command"].startswith("python bench/moe_vs_dense.py")
-    assert saved["steps"] == 20 and dense["eval_step"] == moe["eval_step"] == 20
+    assert saved["steps"] == 10 and dense["eval_step"] == moe["eval_step"] == 10
     assert dense["eval_tokens"] == moe["eval_tokens"] > 0
     assert saved["dense_minus_moe_eval_loss"] == pytest.approx(dense["eval_loss"] - moe["eval_loss"])
     assert "moe_aux_loss" in moe and "moe_aux_loss" not in dense
