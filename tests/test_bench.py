@@ -260,3 +260,40 @@ def test_reference_gpt_computes_bigtrain_s_logits(options):
     ids = torch.randint(0, 50, (3, 16))
     with torch.no_grad():
         torch.testing.assert_close(ref(ids), ours(input_ids=ids), rtol=1e-5, atol=1e-5)
+
+
+TINY_MOE = ["--steps", "10", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64",
+            "model.max_seq_len=32", "data.seq_len=32", "data.max_bytes=300000", "train.global_batch_size=8",
+            "train.micro_batch_size=8", "train.eval_samples=16", "train.threads=1"]
+
+
+@pytest.mark.launches
+def test_moe_vs_dense_writes_its_result(tmp_path, capsys):
+    """bench/moe_vs_dense.py at a tiny scale (d_model 32, 10 steps; two one-process runs): both runs' eval losses
+    after the same steps, the MoE's active parameters the dense model's plus its routers' and one more
+    down-projection bias per block, and the table. The comparison itself is docs/expert_parallel.md's."""
+    from bench import moe_vs_dense
+
+    out = tmp_path / "moe_vs_dense.json"
+    moe_vs_dense.main(["--out", str(out), *TINY_MOE, f"data.cache_dir={tmp_path / 'cache'}"])
+    saved = json.loads(out.read_text())
+    dense, moe = saved["runs"]["dense"], saved["runs"]["moe"]
+    assert saved["figure"] == "moe_vs_dense" and saved["command"].startswith("python bench/moe_vs_dense.py")
+    assert saved["steps"] == 10 and dense["eval_step"] == moe["eval_step"] == 10
+    assert dense["eval_tokens"] == moe["eval_tokens"] > 0
+    assert saved["dense_minus_moe_eval_loss"] == pytest.approx(dense["eval_loss"] - moe["eval_loss"])
+    assert "moe_aux_loss" in moe and "moe_aux_loss" not in dense
+    # 2 blocks: routers 32 x 8 each, and the second expert's down bias (32) each
+    assert moe["active_matmul_parameters"] - dense["active_matmul_parameters"] == 2 * (32 * 8 + 32)
+    assert moe["parameters"] > 1.9 * dense["parameters"]
+    assert "MoE 8x2 (expert d_ff 32)" in capsys.readouterr().out
+
+
+def test_the_shipped_moe_config_is_smoke_with_the_bench_overrides():
+    """configs/moe_8x2.yaml is configs/smoke.yaml with bench/moe_vs_dense.py's MoE overrides (8 experts, top-2)."""
+    from bench.moe_vs_dense import moe_overrides
+    from bigtrain.config import load_config
+
+    smoke = load_config("configs/smoke.yaml")
+    derived = load_config("configs/smoke.yaml", [*moe_overrides(smoke, 8, 2), "run.dir=runs/moe_8x2"])
+    assert load_config("configs/moe_8x2.yaml") == derived
