@@ -44,9 +44,10 @@ MOE_LAMB = ("optim.name=lamb", "optim.lr=2e-2")
 
 @pytest.fixture(scope="module")
 def moe_reference(tmp_path_factory):
-    """The tiny MoE GPT on one process: global batch 8 in 4 micro-batches of 2 sequences."""
+    """The tiny MoE GPT on one process: global batch 8 in 4 micro-batches of 2 sequences (a checkpoint at step 10,
+    which `test_one_device_resumes_under_expert_parallelism` resumes)."""
     run_dir = tmp_path_factory.mktemp("moe-ref") / "run"
-    single_process(tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE))
+    single_process(tiny_overrides(run_dir, "causal", *DP_LAYOUT, *MOE, "checkpoint.every=10"))
     return run_dir
 
 
@@ -159,6 +160,17 @@ def test_expert_data_groups_train_like_one_device_and_resume_on_one_device(moe_r
     worst = _resume_at_step_10(moe_reference, run_dir, 1)
     print(f"EP2 x DP2 ({engine or 'deepspeed'}) -> one device at step 10: steps 11-20 largest relative difference "
           f"{worst:.1e}")
+
+
+@pytest.mark.launches
+def test_one_device_resumes_under_expert_parallelism(moe_reference, tmp_path):
+    """EP1 -> EP2: the one-device run's step-10 checkpoint (every expert whole, by name) resumed on 2 ranks with
+    parallel.expert=2 (each rank takes its 2 of the 4 experts and their AdamW moments from the layout-free form)
+    continues the one-device curve over steps 11-20 within 1e-5."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(moe_reference, run_dir)
+    worst = _resume_at_step_10(moe_reference, run_dir, 2, "parallel.expert=2")
+    print(f"one device -> EP2 at step 10: steps 11-20 largest relative difference {worst:.1e}")
 
 
 @pytest.mark.launches
