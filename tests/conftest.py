@@ -118,20 +118,49 @@ def lamb_reference(one_device) -> Path:
 
 
 ZERO_LAUNCHERS = {0: "torchrun", 1: "deepspeed-hostfile", 2: "torchrun", 3: "torchrun"}
+# launch/train.py that also writes run.dir/samples.jsonl: the global sample indices of every step (rank 0)
+RECORD_SAMPLES = REPO / "tests" / "helpers" / "record_samples.py"
+SHM = Path("/dev/shm")
+
+
+class ZeroRuns(dict):
+    """{stage: (run.dir, stdout)}; `shm_left`: the DeepSpeed all-reduce segments /dev/shm gained while they ran."""
+
+    shm_left: set[Path]
 
 
 @pytest.fixture(scope="session")
-def deepspeed_zero_runs(tmp_path_factory) -> dict[int, tuple[Path, str]]:
-    """2-rank DeepSpeed runs of the tiny GPT (DP_LAYOUT) at ZeRO-1 (DeepSpeed's launcher with a hostfile),
-    ZeRO-2 and ZeRO-3 (torchrun): {stage: (run.dir, stdout)}, shared by tests/test_deepspeed.py and
-    tests/test_fairscale.py."""
-    runs = {}
+def deepspeed_zero_runs(tmp_path_factory) -> ZeroRuns:
+    """2-rank DeepSpeed runs of the tiny GPT (DP_LAYOUT) at ZeRO-1 (DeepSpeed's launcher with a hostfile,
+    log.verbose=true), ZeRO-2 and ZeRO-3 (torchrun): {stage: (run.dir, stdout)}, shared by tests/test_deepspeed.py,
+    tests/test_fairscale.py and, as the straight runs of their layouts, tests/test_layout_change.py (so with a
+    checkpoint at step 10 and samples.jsonl: `RECORD_SAMPLES`)."""
+    runs, before = ZeroRuns(), set(SHM.glob("deepspeed_allreduce_buffer_*"))
     for stage in (1, 2, 3):
         run_dir = tmp_path_factory.mktemp(f"zero{stage}") / "run"
-        out = launch_ok(2, tiny_overrides(run_dir, "causal", *DP_LAYOUT, f"parallel.zero_stage={stage}"),
-                        launcher=ZERO_LAUNCHERS[stage])
+        verbose = ("log.verbose=true",) if stage == 1 else ()
+        out = launch_ok(2, tiny_overrides(run_dir, "causal", *DP_LAYOUT, f"parallel.zero_stage={stage}",
+                                          "checkpoint.every=10", *verbose),
+                        launcher=ZERO_LAUNCHERS[stage], script=RECORD_SAMPLES)
         runs[stage] = (run_dir, out)
+    runs.shm_left = set(SHM.glob("deepspeed_allreduce_buffer_*")) - before
     return runs
+
+
+@pytest.fixture(scope="session")
+def session_run(request) -> Callable[[int, tuple[str, ...]], Path | None]:
+    """`session_run(ranks, layout)`: the run.dir of a run the session makes for other tests anyway that is
+    `tiny_overrides(run_dir, "causal", *DP_LAYOUT, "checkpoint.every=10", *layout)` on `ranks` ranks under
+    `RECORD_SAMPLES` (20 steps, checkpoints at 10 and 20, samples.jsonl), or None. Tests copy it before they
+    change it."""
+
+    def find(ranks: int, layout: tuple[str, ...]) -> Path | None:
+        stages = {("parallel.zero_stage=1",): 1, ("parallel.zero_stage=3",): 3}
+        if ranks != 2 or tuple(layout) not in stages:
+            return None
+        return request.getfixturevalue("deepspeed_zero_runs")[stages[tuple(layout)]][0]
+
+    return find
 
 
 LAUNCH_STEPS = 16

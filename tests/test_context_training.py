@@ -157,14 +157,14 @@ RESUME_PAIRS = {
 
 @pytest.mark.launches
 @pytest.mark.parametrize("pair", list(RESUME_PAIRS))
-def test_resume_into_and_out_of_context_parallelism(tmp_path, pair):
+def test_resume_into_and_out_of_context_parallelism(session_run, tmp_path, pair):
     """The layout-free checkpoint: 10 steps under layout A, 10 more under B equal 20 straight steps under A
     (within 1e-5), the same global samples step by step."""
     from tests.test_layout_change import PAIRS, test_resume_under_another_layout_continues_the_curve
 
     PAIRS[pair] = RESUME_PAIRS[pair]
     try:
-        test_resume_under_another_layout_continues_the_curve(tmp_path, pair)
+        test_resume_under_another_layout_continues_the_curve(session_run, tmp_path, pair)
     finally:
         del PAIRS[pair]
 
