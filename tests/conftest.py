@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,37 +87,80 @@ LAMB = ("optim.name=lamb", "train.steps=10", "optim.lr=2e-2")
 
 
 @pytest.fixture(scope="session")
-def causal_reference(tmp_path_factory) -> Path:
-    """The single-process tiny GPT (DP_LAYOUT, tied embeddings) that the ZeRO and tensor-parallel layouts are
-    compared with (tests/test_deepspeed.py, tests/test_tensor_parallel.py)."""
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    single_process(tiny_overrides(run_dir, "causal", *DP_LAYOUT))
-    return run_dir
+def one_device(tmp_path_factory) -> Callable[..., Path]:
+    """`one_device(family, *extra)`: the run.dir of the single-process run of `tiny_overrides(run_dir, family,
+    *extra)`, trained once per session per config (`single_process`) and shared by every test that compares a
+    layout with it. Tests only read it."""
+    made: dict[tuple[str, ...], Path] = {}
+
+    def reference(family: str, *extra: str) -> Path:
+        key = (family, *extra)
+        if key not in made:
+            run_dir = tmp_path_factory.mktemp("one_device") / "run"
+            single_process(tiny_overrides(run_dir, family, *extra))
+            made[key] = run_dir
+        return made[key]
+
+    return reference
 
 
 @pytest.fixture(scope="session")
-def lamb_reference(tmp_path_factory) -> Path:
+def causal_reference(one_device) -> Path:
+    """The single-process tiny GPT (DP_LAYOUT, tied embeddings) that the ZeRO and tensor-parallel layouts are
+    compared with (tests/test_deepspeed.py, tests/test_tensor_parallel.py)."""
+    return one_device("causal", *DP_LAYOUT)
+
+
+@pytest.fixture(scope="session")
+def lamb_reference(one_device) -> Path:
     """The same with LAMB for 10 steps."""
-    run_dir = tmp_path_factory.mktemp("lamb") / "run"
-    single_process(tiny_overrides(run_dir, "causal", *DP_LAYOUT, *LAMB))
-    return run_dir
+    return one_device("causal", *DP_LAYOUT, *LAMB)
 
 
 ZERO_LAUNCHERS = {0: "torchrun", 1: "deepspeed-hostfile", 2: "torchrun", 3: "torchrun"}
+# launch/train.py that also writes run.dir/samples.jsonl: the global sample indices of every step (rank 0)
+RECORD_SAMPLES = REPO / "tests" / "helpers" / "record_samples.py"
+SHM = Path("/dev/shm")
+
+
+class ZeroRuns(dict):
+    """{stage: (run.dir, stdout)}; `shm_left`: the DeepSpeed all-reduce segments /dev/shm gained while they ran."""
+
+    shm_left: set[Path]
 
 
 @pytest.fixture(scope="session")
-def deepspeed_zero_runs(tmp_path_factory) -> dict[int, tuple[Path, str]]:
-    """2-rank DeepSpeed runs of the tiny GPT (DP_LAYOUT) at ZeRO-1 (DeepSpeed's launcher with a hostfile),
-    ZeRO-2 and ZeRO-3 (torchrun): {stage: (run.dir, stdout)}, shared by tests/test_deepspeed.py and
-    tests/test_fairscale.py."""
-    runs = {}
+def deepspeed_zero_runs(tmp_path_factory) -> ZeroRuns:
+    """2-rank DeepSpeed runs of the tiny GPT (DP_LAYOUT) at ZeRO-1 (DeepSpeed's launcher with a hostfile,
+    log.verbose=true), ZeRO-2 and ZeRO-3 (torchrun): {stage: (run.dir, stdout)}, shared by tests/test_deepspeed.py,
+    tests/test_fairscale.py and, as the straight runs of their layouts, tests/test_layout_change.py (so with a
+    checkpoint at step 10 and samples.jsonl: `RECORD_SAMPLES`)."""
+    runs, before = ZeroRuns(), set(SHM.glob("deepspeed_allreduce_buffer_*"))
     for stage in (1, 2, 3):
         run_dir = tmp_path_factory.mktemp(f"zero{stage}") / "run"
-        out = launch_ok(2, tiny_overrides(run_dir, "causal", *DP_LAYOUT, f"parallel.zero_stage={stage}"),
-                        launcher=ZERO_LAUNCHERS[stage])
+        verbose = ("log.verbose=true",) if stage == 1 else ()
+        out = launch_ok(2, tiny_overrides(run_dir, "causal", *DP_LAYOUT, f"parallel.zero_stage={stage}",
+                                          "checkpoint.every=10", *verbose),
+                        launcher=ZERO_LAUNCHERS[stage], script=RECORD_SAMPLES)
         runs[stage] = (run_dir, out)
+    runs.shm_left = set(SHM.glob("deepspeed_allreduce_buffer_*")) - before
     return runs
+
+
+@pytest.fixture(scope="session")
+def session_run(request) -> Callable[[int, tuple[str, ...]], Path | None]:
+    """`session_run(ranks, layout)`: the run.dir of a run the session makes for other tests anyway that is
+    `tiny_overrides(run_dir, "causal", *DP_LAYOUT, "checkpoint.every=10", *layout)` on `ranks` ranks under
+    `RECORD_SAMPLES` (20 steps, checkpoints at 10 and 20, samples.jsonl), or None. Tests copy it before they
+    change it."""
+
+    def find(ranks: int, layout: tuple[str, ...]) -> Path | None:
+        stages = {("parallel.zero_stage=1",): 1, ("parallel.zero_stage=3",): 3}
+        if ranks != 2 or tuple(layout) not in stages:
+            return None
+        return request.getfixturevalue("deepspeed_zero_runs")[stages[tuple(layout)]][0]
+
+    return find
 
 
 LAUNCH_STEPS = 16
@@ -211,9 +254,23 @@ def launch_ok(n: int, overrides: list[str], **kwargs) -> str:
 
 
 def single_process(overrides: list[str]) -> None:
-    """`python launch/train.py …` without a launcher: the plain PyTorch engine, same CLI path as the ranks."""
-    proc = run_launcher(overrides)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    """`python launch/train.py …` without a launcher: the plain PyTorch engine, same CLI path as the ranks
+    (`run_train`), run in this process: the same metrics bit for bit as a fresh interpreter's, without its start-up
+    and torch's imports (about 5 CPU-seconds a run). A compiled run (train.compile=true) gets a process of its
+    own, so that dynamo's caches of the block code never carry over from one test's model to another's."""
+    import contextlib
+    import io
+
+    if "train.compile=true" in overrides:
+        proc = run_launcher(overrides)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return
+    from bigtrain.cli.train import run_train
+
+    out = io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        status = run_train(list(overrides), prog="launch/train.py")
+    assert status == 0, out.getvalue()[-4000:]
 
 
 def assert_same_curve(ref_dir: Path, run_dir: Path, rel: float, steps: int = 20,
@@ -263,16 +320,16 @@ def assert_resume_is_exact(n: int, args: list[str], run_dir: Path, **launch: Any
 
 
 def consolidated_eval_loss(run_dir: Path) -> float:
-    """`bigtrain consolidate RUN_DIR`, then the held-out loss of the one-device weights. The weights come from the
-    checkpoint's layout-free form; they must equal, bitwise, what the engine's own files reassemble to."""
+    """`bigtrain consolidate RUN_DIR` (run in this process), then the held-out loss of the one-device weights. The
+    weights come from the checkpoint's layout-free form; they must equal, bitwise, what the engine's own files
+    reassemble to."""
     import torch
 
     from bigtrain.checkpoint.consolidate import consolidated_state_dict
     from bigtrain.checkpoint.saved import SavedCheckpoint
     from bigtrain.cli.tools import evaluate_weights
 
-    proc = subprocess.run([str(Path(sys.executable).parent / "bigtrain"), "consolidate", str(run_dir)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = run_cli("consolidate", str(run_dir))  # in this process: the console script's code, no start-up
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = run_dir / "consolidated" / "step_00000020"
     layout_free = torch.load(out / "model.pt", weights_only=True)

@@ -18,7 +18,6 @@ from tests.conftest import (
     consolidated_eval_loss,
     launch_ok,
     read_metrics,
-    single_process,
     tiny_overrides,
 )
 
@@ -66,22 +65,20 @@ def test_context_with_data_parallel_zero1(causal_reference, tmp_path):
 
 
 @pytest.mark.launches
-def test_context_rotary_gqa_fsdp2(tmp_path):
+def test_context_rotary_gqa_fsdp2(one_device, tmp_path):
     """The Llama-style decoder (rotary on global positions, grouped-query attention, untied head) under FSDP2's
     mesh of data × context, ZeRO-2 (parallel.engine=torch)."""
-    ref_dir = tmp_path / "ref"
-    single_process(tiny_overrides(ref_dir, "causal", *DP_LAYOUT, *MODERN))
+    ref_dir = one_device("causal", *DP_LAYOUT, *MODERN)
     run_dir = _run(tmp_path, 2, "causal", *MODERN, "parallel.engine=torch", "parallel.zero_stage=2")
     assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
 
 
 @pytest.mark.launches
-def test_seq2seq_context_two_with_tensor_sequence_parallel(tmp_path):
+def test_seq2seq_context_two_with_tensor_sequence_parallel(one_device, tmp_path):
     """The encoder-decoder at CP2 × TP2 with sequence parallelism (4 ranks): encoder and decoder sequences both
     split (padded to a multiple of 2C·T), the cross-attention's keys and values gathered from every rank's share
     of the encoder. (CP2 alone: the T5-style runs of test_relative_position_bias.)"""
-    ref_dir = tmp_path / "ref"
-    single_process(tiny_overrides(ref_dir, "seq2seq", *DP_LAYOUT))
+    ref_dir = one_device("seq2seq", *DP_LAYOUT)
     run_dir = _run(tmp_path, 4, "seq2seq", "parallel.tensor=2", "parallel.sequence_parallel=true")
     assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
 
@@ -98,11 +95,10 @@ def test_fsdp2_with_tensor_parallel(causal_reference, tmp_path):
 @pytest.mark.launches
 @pytest.mark.parametrize("family, attention", [("seq2seq", "ring"), ("seq2seq", "ulysses"), ("causal", "ring")],
                          ids=["t5-ring", "t5-ulysses", "causal-relative-ring"])
-def test_relative_position_bias(tmp_path, family, attention):
+def test_relative_position_bias(one_device, tmp_path, family, attention):
     """T5's relative bias over global positions (the bias of the whole sequence, its table's gradient summed
     over the context ranks): the T5-style encoder-decoder with ring and Ulysses, a causal stack with ring."""
-    ref_dir = tmp_path / "ref"
-    single_process(tiny_overrides(ref_dir, family, *DP_LAYOUT, *T5_OPTIONS))
+    ref_dir = one_device(family, *DP_LAYOUT, *T5_OPTIONS)
     run_dir = _run(tmp_path, 2, family, *T5_OPTIONS, f"parallel.context_attention={attention}")
     assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
 
@@ -113,23 +109,21 @@ DOCUMENTS = ("data.document_masking=true", "model.positions=rotary", "model.n_kv
 
 @pytest.mark.launches
 @pytest.mark.parametrize("attention", ["ring", "ulysses"])
-def test_document_masking_compiled(tmp_path, attention):
+def test_document_masking_compiled(one_device, tmp_path, attention):
     """Packed documents crossing the chunk boundaries: each attends only within itself, positions restart per
     document (computed on the whole sequence, then split), grouped-query heads; with train.compile (each block
     compiled, the context-parallel core run eagerly inside it: a graph break): 10 steps within 1e-5 of one eager
     process."""
-    ref_dir = tmp_path / "ref"
-    single_process(tiny_overrides(ref_dir, "causal", *DP_LAYOUT, *DOCUMENTS, "train.steps=10"))
+    ref_dir = one_device("causal", *DP_LAYOUT, *DOCUMENTS, "train.steps=10")
     run_dir = _run(tmp_path, 2, "causal", *DOCUMENTS, "train.steps=10", "train.compile=true",
                    f"parallel.context_attention={attention}")
     assert_same_curve(ref_dir, run_dir, rel=1e-5, steps=10, eval_rel=1e-5)
 
 
 @pytest.mark.launches
-def test_masked_lm(tmp_path):
+def test_masked_lm(one_device, tmp_path):
     """The BERT-style encoder (bidirectional, learned positions, token types, padding masks) at CP2."""
-    ref_dir = tmp_path / "ref"
-    single_process(tiny_overrides(ref_dir, "masked", *DP_LAYOUT, *BERT_OPTIONS))
+    ref_dir = one_device("masked", *DP_LAYOUT, *BERT_OPTIONS)
     run_dir = _run(tmp_path, 2, "masked", *BERT_OPTIONS)
     assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
 
@@ -163,14 +157,14 @@ RESUME_PAIRS = {
 
 @pytest.mark.launches
 @pytest.mark.parametrize("pair", list(RESUME_PAIRS))
-def test_resume_into_and_out_of_context_parallelism(tmp_path, pair):
+def test_resume_into_and_out_of_context_parallelism(session_run, tmp_path, pair):
     """The layout-free checkpoint: 10 steps under layout A, 10 more under B equal 20 straight steps under A
     (within 1e-5), the same global samples step by step."""
     from tests.test_layout_change import PAIRS, test_resume_under_another_layout_continues_the_curve
 
     PAIRS[pair] = RESUME_PAIRS[pair]
     try:
-        test_resume_under_another_layout_continues_the_curve(tmp_path, pair)
+        test_resume_under_another_layout_continues_the_curve(session_run, tmp_path, pair)
     finally:
         del PAIRS[pair]
 

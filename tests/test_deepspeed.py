@@ -15,6 +15,7 @@ from tests.conftest import (
     DP_LAYOUT,
     LAMB,
     REPO,
+    SHM,
     ZERO_LAUNCHERS,
     assert_resume_is_exact,
     assert_same_curve,
@@ -23,7 +24,6 @@ from tests.conftest import (
     launch_ranks,
     read_metrics,
     run_launcher,
-    single_process,
     tiny_overrides,
 )
 
@@ -59,9 +59,8 @@ def test_activation_checkpointing_under_zero3(causal_reference, tmp_path):
     assert_same_curve(causal_reference, run_dir, rel=1e-5)
 
 
-def test_untied_embeddings_selective_checkpointing_zero2(tmp_path):
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    single_process(_overrides(ref_dir, "model.tie_embeddings=false"))
+def test_untied_embeddings_selective_checkpointing_zero2(one_device, tmp_path):
+    ref_dir, run_dir = one_device("causal", *DP_LAYOUT, "model.tie_embeddings=false"), tmp_path / "run"
     launch_ok(2, _overrides(run_dir, "model.tie_embeddings=false", "parallel.zero_stage=2",
                              "parallel.activation_checkpointing=selective"))
     assert_same_curve(ref_dir, run_dir, rel=1e-5)
@@ -117,18 +116,18 @@ def test_resume_at_two_ranks_and_consolidate(tmp_path, stage):
             assert rank[key] == pytest.approx(memory["formula"][key], rel=0.05), (key, memory)
 
 
-def test_optimizer_state_halves_with_two_ranks(tmp_path, stage=1):
+def test_optimizer_state_halves_with_two_ranks(deepspeed_zero_runs, tmp_path, stage=1):
     """ZeRO-1: optimizer-state bytes per rank with 2 ranks are half the 1-rank figure (within 5%), and every
     measured figure is within 5% of the ZeRO formula (fp32: b = 4, K = 12). The table is in memory.txt, on the
     console with log.verbose (`--verbose`) only, like the derived DeepSpeed config; DeepSpeed's start-up banners
-    never."""
-    one, two = tmp_path / "one", tmp_path / "two"
+    never. (2 ranks: the session's ZeRO-1 run, with log.verbose=true.)"""
+    one = tmp_path / "one"
     proc = launch_ranks(1, _overrides(one, f"parallel.zero_stage={stage}", "train.steps=2"))
     quiet = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "memory.txt" in quiet, quiet[-3000:]
     for noise in ("optim MiB", '"zero_optimization"', "built successfully", "Setting accelerator"):
         assert noise not in quiet, noise
-    out = launch_ok(2, _overrides(two, f"parallel.zero_stage={stage}", "train.steps=2", "log.verbose=true"))
+    two, out = deepspeed_zero_runs[stage]
     assert "formula" in out and "optim MiB" in out and '"zero_optimization"' in out
     assert "optim MiB" in (one / "memory.txt").read_text()
     m1, m2 = (json.loads((d / "memory.json").read_text()) for d in (one, two))
@@ -187,12 +186,10 @@ def test_gpu_zero_gets_communication_overlap_and_buckets():
     assert gpu3["reduce_bucket_size"] == 1000 and gpu3["stage3_prefetch_bucket_size"] > 0
 
 
-def test_cpu_runs_leave_no_shared_memory_behind(tmp_path):
+def test_cpu_runs_leave_no_shared_memory_behind(deepspeed_zero_runs):
     """DeepSpeed's CPU all-reduce maps a ~67 MB /dev/shm segment per rank and never unlinks it; bigtrain unlinks
-    each rank's once all ranks have mapped them, so a finished run leaves none (a test suite used to fill RAM)."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
+    each rank's once all ranks have mapped them, so finished runs leave none (a test suite used to fill RAM): the
+    session's three 2-rank runs (ZeRO-1, 2, 3) added no segment."""
+    if not SHM.is_dir():
         pytest.skip("no /dev/shm on this system")
-    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
-    launch_ok(2, _overrides(tmp_path / "run", "parallel.zero_stage=1", "train.steps=2"))
-    assert set(shm.glob("deepspeed_allreduce_buffer_*")) - before == set()
+    assert deepspeed_zero_runs.shm_left == set()

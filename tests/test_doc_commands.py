@@ -10,9 +10,11 @@ the dry run of the same config and overrides on the ranks it would start (`--wor
 from step 0 (a command that would resume the finished smoke run, or is refused, fails). A command that matches no
 row fails: nothing is skipped silently.
 
-The dry runs and config prints of `launch/train.py` (most of the commands) run in this process, in the working
-folder: the script's own code after its interpreter check (`run_train`), without a fresh interpreter's start-up
-and torch's imports (about 3 s each on 2 cores); everything else runs as a subprocess.
+The dry runs and config prints of `launch/train.py` and `bigtrain train` (most of the commands), and the `bigtrain`
+commands that start no process (plan, consolidate, evaluate, export, convert, plot, attention, generate, any
+`--help`) run in this process, in the working folder: the script's own code after its interpreter check
+(`run_train`, `bigtrain.cli.main`), without a fresh interpreter's start-up and torch's imports (about 3-5 CPU-s
+each on 2 cores); everything else runs as a subprocess.
 """
 
 from __future__ import annotations
@@ -74,17 +76,32 @@ def launched(words: list[str], workspace: Path) -> tuple[int, list[str]]:
 DRY = {"--world-size", "--print-config", "--help-config"}  # launch/train.py options that never train
 
 
-def run_in_process(argv: tuple[str, ...], workspace: Path) -> tuple[int, str] | None:
-    """(exit status, output) of a `python launch/train.py` dry run or config print, run in this process in
-    `workspace`; None for any other command."""
-    if argv[:2] != ("python", "launch/train.py") or not DRY.intersection(argv):
-        return None
-    from bigtrain.cli.train import run_train
+# `bigtrain` commands that start no process and train nothing: run in this process (`bigtrain.cli.main`, the console
+# script's code); `prepare` (worker processes) and anything a launcher starts run as subprocesses.
+IN_PROCESS = {"plan", "consolidate", "evaluate", "export", "convert", "plot", "attention", "generate"}
 
+
+def run_in_process(argv: tuple[str, ...], workspace: Path) -> tuple[int, str] | None:
+    """(exit status, output) of a `python launch/train.py` / `bigtrain train` dry run or config print, a `bigtrain`
+    command of IN_PROCESS or any `bigtrain COMMAND --help`, run in this process in `workspace`; None for any
+    other command."""
+    if argv[:2] == ("python", "launch/train.py") and DRY.intersection(argv):
+        from bigtrain.cli.train import run_train
+
+        def command() -> int:
+            return run_train(list(argv[2:]), prog="launch/train.py")
+    elif argv[:1] == ("bigtrain",) and len(argv) > 1 and (
+            argv[1] in IN_PROCESS or "--help" in argv or (argv[1] == "train" and DRY.intersection(argv))):
+        from bigtrain.cli import main
+
+        def command() -> int:
+            return main(list(argv[1:]))
+    else:
+        return None
     out = io.StringIO()
     with contextlib.chdir(workspace), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
-            status = run_train(list(argv[2:]), prog="launch/train.py")
+            status = command()
         except SystemExit as stop:  # argparse's errors
             status = stop.code if isinstance(stop.code, int) else 2
     return status, out.getvalue()

@@ -24,7 +24,6 @@ from tests.conftest import (
     launch_ok,
     launch_ranks,
     read_metrics,
-    single_process,
     tiny_overrides,
 )
 
@@ -166,13 +165,12 @@ RELATIVE = ("model.norm_position=pre", "model.norm=rmsnorm", "model.positions=re
 @pytest.mark.launches
 @pytest.mark.parametrize("family, options", [("seq2seq", RELATIVE), ("causal", MODERN)],
                          ids=["seq2seq-relative", "causal-rotary-swiglu-gqa-untied"])
-def test_fully_sharded_other_models(tmp_path, family, options):
+def test_fully_sharded_other_models(one_device, tmp_path, family, options):
     """Under FSDP, the encoder-decoder (two block stacks, each block its own unit; cross-attention to the
     encoder's output; the relative position bias in the root unit) and the Llama-style decoder (rotary
     buffers, grouped-query attention, an untied head): loss, grad_norm and the final eval within 1e-5 of one
     process."""
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    single_process(tiny_overrides(ref_dir, family, *DP_LAYOUT, *options))
+    ref_dir, run_dir = one_device(family, *DP_LAYOUT, *options), tmp_path / "run"
     launch_ok(2, tiny_overrides(run_dir, family, *DP_LAYOUT, *options, *FSDP), script=FSDP_ON_CPU)
     assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
 

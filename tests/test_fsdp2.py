@@ -29,7 +29,6 @@ from tests.conftest import (
     launch_ok,
     launch_ranks,
     read_metrics,
-    single_process,
     tiny_overrides,
 )
 
@@ -134,12 +133,11 @@ RELATIVE = ("model.norm_position=pre", "model.norm=rmsnorm", "model.positions=re
 @pytest.mark.launches
 @pytest.mark.parametrize("family, options, stage", [("seq2seq", RELATIVE, 3), ("causal", MODERN, 2)],
                          ids=["seq2seq-relative-zero3", "causal-rotary-swiglu-gqa-untied-zero2"])
-def test_other_models(tmp_path, family, options, stage):
+def test_other_models(one_device, tmp_path, family, options, stage):
     """The encoder-decoder (two block stacks, each block its own unit; the relative position bias in the root
     unit; greedy decoding for the sequence accuracy at the end) and the Llama-style decoder (rotary buffers,
     grouped-query attention, an untied head): loss, grad_norm and the final eval within 1e-5 of one process."""
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    single_process(tiny_overrides(ref_dir, family, *DP_LAYOUT, *options))
+    ref_dir, run_dir = one_device(family, *DP_LAYOUT, *options), tmp_path / "run"
     launch_ok(2, tiny_overrides(run_dir, family, *DP_LAYOUT, *options, TORCH, f"parallel.zero_stage={stage}"))
     assert_same_curve(ref_dir, run_dir, rel=1e-5, eval_rel=1e-5)
 

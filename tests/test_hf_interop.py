@@ -29,11 +29,11 @@ from bigtrain.models.qkv import join_qkv, qkv_layout, split_qkv
 from tests.conftest import (
     BERT_OPTIONS,
     GPT2_OPTIONS,
-    REPO,
     T5_OPTIONS,
     TINY_MODEL,
     launch_ok,
     require,
+    run_cli,
     single_process,
     tiny_overrides,
 )
@@ -156,8 +156,9 @@ def _load_bigtrain(path: Path):
 
 
 def _export(source: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([BIGTRAIN, "export", str(source), "--format", "hf", "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    """`bigtrain export SOURCE --format hf --out OUT`, run in this process (`run_cli`: no interpreter start-up,
+    no second import of torch and transformers)."""
+    return run_cli("export", str(source), "--format", "hf", "--out", str(out))
 
 
 @pytest.mark.parametrize("kind", list(FAMILIES))

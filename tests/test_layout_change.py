@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DP_LAYOUT, REPO, launch_ranks, read_metrics, run_launcher, tiny_overrides
+from tests.conftest import DP_LAYOUT, RECORD_SAMPLES, REPO, launch_ranks, read_metrics, run_launcher, tiny_overrides
 
 pytestmark = pytest.mark.launches
 
-RECORD = REPO / "tests" / "helpers" / "record_samples.py"
 TOL = 1e-5
 LAMB = ("optim.name=lamb", "optim.lr=2e-2")
 FSDP = ("parallel.engine=fairscale", "parallel.zero_stage=3")
@@ -57,7 +56,8 @@ PAIRS = {
 
 def _train(ranks: int, run_dir: Path, layout: tuple[str, ...]) -> str:
     args = tiny_overrides(run_dir, "causal", *DP_LAYOUT, "checkpoint.every=10", *layout)
-    script = FSDP_ON_CPU if "parallel.zero_stage=3" in layout and "parallel.engine=fairscale" in layout else RECORD
+    fsdp = "parallel.zero_stage=3" in layout and "parallel.engine=fairscale" in layout
+    script = FSDP_ON_CPU if fsdp else RECORD_SAMPLES
     proc = launch_ranks(ranks, args, script=script) if ranks > 1 else run_launcher([*args], script=script)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
@@ -69,10 +69,14 @@ def _samples(run_dir: Path) -> dict[int, list[int]]:
 
 
 @pytest.mark.parametrize("pair", list(PAIRS))
-def test_resume_under_another_layout_continues_the_curve(tmp_path, pair):
+def test_resume_under_another_layout_continues_the_curve(session_run, tmp_path, pair):
     (ranks_a, layout_a), (ranks_b, layout_b) = PAIRS[pair]
     run_dir = tmp_path / "run"
-    _train(ranks_a, run_dir, layout_a)  # 20 straight steps under A, checkpoints at 10 and 20
+    made = session_run(ranks_a, layout_a)  # the session's run of that layout and config, if it makes one
+    if made is not None:
+        shutil.copytree(made, run_dir)
+    else:
+        _train(ranks_a, run_dir, layout_a)  # 20 straight steps under A, checkpoints at 10 and 20
     resume_at_ten_under(run_dir, ranks_b, layout_b, pair)
 
 

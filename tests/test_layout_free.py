@@ -17,7 +17,7 @@ from bigtrain.checkpoint.layout_free import LayoutFreeReader, Piece, write_index
 from bigtrain.cli.tools import evaluate_weights
 from bigtrain.errors import CheckpointError
 from bigtrain.train.trainer import train
-from tests.conftest import REPO, launch_ok, read_metrics, run_launcher, tiny_config, tiny_overrides
+from tests.conftest import REPO, launch_ok, read_metrics, run_cli, run_launcher, tiny_config, tiny_overrides
 
 FIXTURE = REPO / "tests" / "fixtures" / "layout_free_v1"
 BIGTRAIN = Path(sys.executable).parent / "bigtrain"
@@ -117,11 +117,10 @@ def test_evaluate_export_and_consolidate_read_the_same_weights(run_dir, tmp_path
     result = train(tiny_config(run_dir, "causal", "train.steps=4"))
     expected = result.last_eval["eval_loss"]
     out = tmp_path / "export"
-    proc = subprocess.run([str(BIGTRAIN), "export", str(run_dir), "--format", "safetensors", "--out", str(out)],
-                          capture_output=True, text=True)
+    proc = run_cli("export", str(run_dir), "--format", "safetensors", "--out", str(out))  # in this process
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors"]
-    consolidated = subprocess.run([str(BIGTRAIN), "consolidate", str(run_dir)], capture_output=True, text=True)
+    consolidated = run_cli("consolidate", str(run_dir))
     assert consolidated.returncode == 0, consolidated.stderr
     for where in (run_dir, run_dir / "checkpoints" / "step_00000004", out, run_dir / "consolidated" / "step_00000004"):
         assert evaluate_weights(where)["eval_loss"] == pytest.approx(expected, rel=1e-6), where
@@ -136,7 +135,7 @@ def test_convert_adds_the_layout_free_form(run_dir):
     train(tiny_config(run_dir, "causal", "train.steps=2", "checkpoint.layout_free_every=0"))
     step = run_dir / "checkpoints" / "step_00000002"
     assert not (step / "layout_free").exists()
-    proc = subprocess.run([str(BIGTRAIN), "convert", str(run_dir)], capture_output=True, text=True)
+    proc = run_cli("convert", str(run_dir))  # a plain-engine checkpoint: no ranks to start, so in this process
     assert proc.returncode == 0, proc.stderr
     assert verify(step) is None and (step / "layout_free" / "index.json").exists()
     reader = LayoutFreeReader(step / "layout_free")

@@ -33,12 +33,10 @@ TOL, EVAL_TOL = 1e-5, 1e-6
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def reference(one_device) -> Path:
     """GPT with tied embeddings: in a pipeline the embedding (stage 0) and the head (last stage) are one
     TiedLayerSpec whose copies DeepSpeed keeps equal."""
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    single_process(tiny_overrides(run_dir, "causal", *LAYOUT))
-    return run_dir
+    return one_device("causal", *LAYOUT)
 
 
 @pytest.mark.parametrize("ranks,extra,launcher", [
@@ -61,15 +59,14 @@ def test_pipeline_matches_single_device(reference, tmp_path, ranks, extra, launc
     ("causal", [*GPT2_OPTIONS, "model.positions=relative", "model.relative_buckets=8",
                 "model.relative_max_distance=16"]),
 ], ids=["seq2seq", "masked-untied-checkpointing", "t5", "bert", "gpt2-relative"])
-def test_pipeline_families(tmp_path, family, extra):
+def test_pipeline_families(one_device, tmp_path, family, extra):
     """Encoder-decoder: the encoder output and the decoder stream cross stages together, and the embedding is
     used on two stages (encoder and decoder input) besides the head. Encoder-only with padding masks crossing
     stages as int64, an untied head, and activation checkpointing inside the stages. The published
     architectures: T5 (relative position bias crossing stages with the hidden states; cut between the
     norms, so the second stage starts with the encoder norm that drops the encoder's bias), BERT (token types,
     embedding norm, head transform and logit bias), a GPT-2 with a relative position bias."""
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    single_process(tiny_overrides(ref_dir, family, *LAYOUT, *extra))
+    ref_dir, run_dir = one_device(family, *LAYOUT, *extra), tmp_path / "run"
     launch_ok(2, tiny_overrides(run_dir, family, *LAYOUT, *extra, "parallel.pipeline=2"))
     assert_same_curve(ref_dir, run_dir, TOL, eval_rel=EVAL_TOL)
 

@@ -25,7 +25,6 @@ from tests.conftest import (
     consolidated_eval_loss,
     launch_ok,
     run_launcher,
-    single_process,
     tiny_overrides,
 )
 
@@ -125,11 +124,10 @@ def test_training_matches_single_device(causal_reference, tmp_path, ranks, extra
     assert_same_curve(causal_reference, run_dir, TOL, eval_rel=TOL)
 
 
-def test_seq2seq_sequence_parallel_matches_single_device(tmp_path):
+def test_seq2seq_sequence_parallel_matches_single_device(one_device, tmp_path):
     """Encoder-decoder with padded, variable-length batches: sequence parallelism pads them to a multiple
     of the tensor size (padding is masked and ignored by the loss), so the curve is unchanged."""
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    single_process(tiny_overrides(ref_dir, "seq2seq", *DP_LAYOUT))
+    ref_dir, run_dir = one_device("seq2seq", *DP_LAYOUT), tmp_path / "run"
     launch_ok(2, tiny_overrides(run_dir, "seq2seq", *DP_LAYOUT, "parallel.tensor=2", "parallel.sequence_parallel=true"))
     assert_same_curve(ref_dir, run_dir, TOL)
 

@@ -29,7 +29,6 @@ from tests.conftest import (
     consolidated_eval_loss,
     launch_ok,
     read_metrics,
-    single_process,
     tiny_overrides,
 )
 
@@ -174,11 +173,10 @@ def test_data_parallel_replicas_of_the_pipeline(causal_reference, tmp_path):
 
 
 @pytest.mark.launches
-def test_encoder_decoder_interleaved(tmp_path):
+def test_encoder_decoder_interleaved(one_device, tmp_path):
     """The encoder-decoder (padded batches of varying length) cut into 4 stages: the encoder's output travels
     with the decoder's inputs; the embedding is used on the first stage and by the decoder and the tied head."""
-    ref, run_dir = tmp_path / "ref" / "run", tmp_path / "run"
-    single_process(_overrides(ref, family="seq2seq"))
+    ref, run_dir = one_device("seq2seq", *DP_LAYOUT), tmp_path / "run"
     launch_ok(2, _overrides(run_dir, *INTERLEAVED, family="seq2seq"))
     assert_same_curve(ref, run_dir, rel=1e-5, eval_rel=1e-5)
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,15 @@ import torch
 from bigtrain.checkpoint.integrity import manifest_for
 from bigtrain.errors import CheckpointError
 from bigtrain.train.trainer import Trainer, train
-from tests.conftest import REPO, launch_ok, launch_ranks, read_metrics, run_launcher, tiny_config, tiny_overrides
+from tests.conftest import (
+    launch_ok,
+    launch_ranks,
+    read_metrics,
+    run_cli,
+    run_launcher,
+    tiny_config,
+    tiny_overrides,
+)
 
 
 class Payload:
@@ -232,8 +238,7 @@ def test_deepspeed_files_run_no_code(tmp_path, case):
     # consolidate reads a checkpoint's layout-free form when it has one: without it, it reads the planted file
     shutil.rmtree(tmp_path / files[0] / "checkpoints" / "step_00000002" / "layout_free")
     plant(tmp_path / files[0] / "checkpoints" / "step_00000002" / files[0], marker)
-    consolidate = subprocess.run([str(Path(sys.executable).parent / "bigtrain"), "consolidate",
-                                  str(tmp_path / files[0])], capture_output=True, text=True, cwd=REPO)
+    consolidate = run_cli("consolidate", str(tmp_path / files[0]))  # in this process
     assert consolidate.returncode == 2 and "Cannot read the checkpoint" in consolidate.stderr, consolidate.stderr
     _assert_refusal_named(consolidate.stderr, files[0])
     assert not marker.exists()
