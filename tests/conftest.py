@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -336,45 +336,6 @@ def consolidated_eval_loss(run_dir: Path) -> float:
     native = consolidated_state_dict(SavedCheckpoint.read(run_dir / "checkpoints" / "step_00000020"))
     assert layout_free and all(torch.equal(value, native[name]) for name, value in layout_free.items())
     return evaluate_weights(out)["eval_loss"]
-
-
-def signal_after_step(monkeypatch: pytest.MonkeyPatch, step: int, signum: int, times: int = 1) -> None:
-    """For a run in this process: send `signum` to this process `times` times in a row as soon as metrics.jsonl has
-    the line of training step `step` (or a later one), from the training thread right after it writes that line.
-    The signal lands at a known point of the run (the end of that step, before the next begins) instead of
-    whenever a watcher thread polling the file gets to it; each Python handler has run before the next signal."""
-    from bigtrain.train.metrics import MetricsLog
-
-    write, sent = MetricsLog.write, []
-
-    def write_then_signal(self: MetricsLog, record: dict[str, Any]) -> None:
-        write(self, record)
-        if not sent and "loss" in record and record["step"] >= step:
-            sent.append(record["step"])
-            for _ in range(times):
-                os.kill(os.getpid(), signum)
-
-    monkeypatch.setattr(MetricsLog, "write", write_then_signal)
-
-
-def wait_for_exit(pids: Sequence[int], timeout: float) -> list[int]:
-    """Wait until every process in `pids` has ended, whoever its parent (a pidfd per process: woken by the exit
-    itself, no polling), at most `timeout` seconds in all; returns the pids still running then."""
-    import select
-    import time
-
-    deadline, running = time.monotonic() + timeout, []
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:  # already gone
-            continue
-        try:
-            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                running.append(pid)
-        finally:
-            os.close(fd)
-    return running
 
 
 def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from bigtrain.cli import capacity
-from tests.conftest import REPO, launch_ok, run_cli, tiny_overrides, wait_for_exit
+from tests.conftest import REPO, launch_ok, run_cli, tiny_overrides
+from tests.helpers.processes import wait_for_exit
 
 BIGTRAIN = str(Path(sys.executable).parent / "bigtrain")
 HOOKS = REPO / "tests" / "helpers" / "launch_hooks"

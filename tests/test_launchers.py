@@ -23,9 +23,9 @@ from tests.conftest import (
     read_metrics,
     require,
     require_module,
-    signal_after_step,
     tiny_overrides,
 )
+from tests.helpers.processes import signal_after_step
 
 BIN = Path(sys.executable).parent
 

@@ -26,7 +26,8 @@ from bigtrain.data.corpus import data_ready, load_corpus, prepare_corpus
 from bigtrain.data.masked import chunk_table
 from bigtrain.data.shards import ShardedTokens
 from bigtrain.errors import DataError
-from tests.conftest import DP_LAYOUT, REPO, launch_ranks, tiny_overrides, wait_for_exit
+from tests.conftest import DP_LAYOUT, REPO, launch_ranks, tiny_overrides
+from tests.helpers.processes import wait_for_exit
 from tests.test_data import _tiny_hf_tokenizer
 
 BYTE = ByteTokenizer()

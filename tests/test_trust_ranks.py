@@ -17,15 +17,8 @@ import torch
 
 from bigtrain.compat.deepspeed import safe_checkpoint_loading
 from bigtrain.distributed.rendezvous import free_port
-from tests.conftest import (
-    DP_LAYOUT,
-    REPO,
-    launch_ok,
-    launch_ranks,
-    read_metrics,
-    tiny_overrides,
-    wait_for_exit,
-)
+from tests.conftest import DP_LAYOUT, REPO, launch_ok, launch_ranks, read_metrics, tiny_overrides
+from tests.helpers.processes import wait_for_exit
 
 pytestmark = pytest.mark.launches
 

@@ -16,7 +16,8 @@ from bigtrain.cli.train import run_train
 from bigtrain.errors import ConfigError, RunDirError
 from bigtrain.train.run_dir import RunLock
 from bigtrain.train.trainer import Trainer, train
-from tests.conftest import REPO, read_metrics, run_cli, run_launcher, signal_after_step, tiny_config, tiny_overrides
+from tests.conftest import REPO, read_metrics, run_cli, run_launcher, tiny_config, tiny_overrides
+from tests.helpers.processes import signal_after_step
 
 
 def _one_paragraph(proc: subprocess.CompletedProcess, status: int = 2) -> str:
