@@ -1,13 +1,14 @@
-"""Process helpers of the tests: a signal sent at a known point of an in-process run, and waiting on processes
-that are not this one's children."""
+"""Process helpers of the tests: a signal sent at a known point of an in-process run; waiting on processes that
+are not this one's children is the CLI's own `wait_for_exit`."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
+
+from bigtrain.cli.lifetime import wait_for_exit  # noqa: F401  (the tests wait on ranks as the CLI does)
 
 
 def signal_after_step(monkeypatch: pytest.MonkeyPatch, step: int, signum: int, times: int = 1) -> None:
@@ -27,23 +28,3 @@ def signal_after_step(monkeypatch: pytest.MonkeyPatch, step: int, signum: int, t
                 os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(MetricsLog, "write", write_then_signal)
-
-
-def wait_for_exit(pids: Sequence[int], timeout: float) -> list[int]:
-    """Wait until every process in `pids` has ended, whoever its parent (a pidfd per process: woken by the exit
-    itself, no polling), at most `timeout` seconds in all; returns the pids still running then."""
-    import select
-    import time
-
-    deadline, running = time.monotonic() + timeout, []
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:  # already gone
-            continue
-        try:
-            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                running.append(pid)
-        finally:
-            os.close(fd)
-    return running
